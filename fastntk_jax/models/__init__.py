@@ -1,0 +1,1 @@
+"""Flax models whose trainable (PEFT) parameters live in their own `trainable` collection."""
