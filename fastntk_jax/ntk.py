@@ -1,0 +1,298 @@
+"""Empirical NTK, Jacobians and Gram matrices over the trainable (PEFT) collection only.
+
+Everything here takes `apply_fn(params, x) -> logits [n, C]` where `params` is the
+*trainable* pytree only (frozen weights and BatchNorm statistics are closed over by the
+caller, BatchNorm in inference mode), so every sample's logits depend on that sample alone.
+That per-sample independence is what makes `vmap_axes=0` in neural-tangents and the
+per-sample `vmap(jacrev)` below valid.
+
+Conventions (shared with `fastntk_jax.unlearn`):
+  * p      = total number of scalars in `params` (ravelled with `ravel_pytree`).
+  * Rows of a Jacobian are sample-major: row `i * C + c` is d logit[i, c] / d params.
+  * Kernel blocks are (n1, n2, C, C) from neural-tangents; `kernel_to_matrix` reshapes them
+    to the (n1*C, n2*C) sample-major matrix that the solvers invert.
+
+All functions are pure and jit-able; row batching uses fixed-size, padded blocks so a
+whole data set compiles once, whatever its size.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from typing import Any, Callable, Optional
+
+import jax
+import jax.numpy as jnp
+from jax.flatten_util import ravel_pytree
+
+ApplyFn = Callable[[Any, jnp.ndarray], jnp.ndarray]
+PyTree = Any
+
+__all__ = [
+    "KernelImplementation",
+    "empirical_kernel",
+    "reference_kernel",
+    "kernel_to_matrix",
+    "jacobian",
+    "gram",
+    "apply_rows",
+    "jvp_rows",
+    "vjp_rows",
+    "num_params",
+]
+
+
+class KernelImplementation(str, enum.Enum):
+  """How `empirical_kernel` contracts Jacobians.
+
+  NEURAL_TANGENTS: `neural_tangents.empirical_ntk_fn` with JACOBIAN_CONTRACTION (the
+    default; neural-tangents 0.6.5 needs jax 0.5.x).
+  NEURAL_TANGENTS_NTK_VECTOR_PRODUCTS: neural-tangents' NTK-vector-product implementation
+    (less memory for wide outputs, slower for small p).
+  JAX: this module's own `vmap(jacrev)` + einsum; needs no neural-tangents, so it also runs
+    on JAX versions neural-tangents does not import on (e.g. a GPU image with jax >= 0.6).
+  """
+
+  NEURAL_TANGENTS = "neural_tangents"
+  NEURAL_TANGENTS_NTK_VECTOR_PRODUCTS = "neural_tangents_ntk_vector_products"
+  JAX = "jax"
+
+
+def num_params(params: PyTree) -> int:
+  """Number of scalars in a pytree (the `p` of the design notes)."""
+  return int(sum(math.prod(jnp.shape(l)) for l in jax.tree_util.tree_leaves(params)))
+
+
+def _pad_to_blocks(x: jnp.ndarray, block_size: int) -> tuple[jnp.ndarray, jnp.ndarray]:
+  """Pads axis 0 of `x` to a multiple of `block_size` and splits it into blocks.
+
+  Padding repeats the first row (a valid input, so no NaNs/inf appear in padded rows) and
+  a 0/1 mask marks real rows; callers zero the padded rows' contributions with it.
+
+  Returns:
+    blocks: [num_blocks, block_size, *x.shape[1:]].
+    mask:   [num_blocks, block_size] float mask of real rows.
+  """
+  n = x.shape[0]
+  num_blocks = max(1, -(-n // block_size))
+  pad = num_blocks * block_size - n
+  if pad:
+    x = jnp.concatenate([x, jnp.repeat(x[:1], pad, axis=0)], axis=0)
+  mask = (jnp.arange(num_blocks * block_size) < n).astype(jnp.float32)
+  return (x.reshape((num_blocks, block_size) + x.shape[1:]),
+          mask.reshape(num_blocks, block_size))
+
+
+def _block_size(n: int, batch_size: Optional[int]) -> int:
+  return n if not batch_size or batch_size >= n else int(batch_size)
+
+
+def _nt_kernel_fn(apply_fn: ApplyFn, implementation: KernelImplementation):
+  """The neural-tangents kernel function `(x1, x2, params) -> [n1, n2, C, C]`."""
+  try:
+    import neural_tangents as nt  # pylint: disable=g-import-not-at-top
+  except Exception as e:  # ImportError, or AttributeError on an unsupported JAX
+    raise ImportError(
+        "neural-tangents could not be imported (it needs jax/jaxlib 0.5.3 and tf2jax 0.3.6: "
+        f"see BUILD.md); pass implementation='jax' to use the built-in kernel. Cause: {e!r}"
+    ) from e
+  nt_impl = {
+      KernelImplementation.NEURAL_TANGENTS: nt.NtkImplementation.JACOBIAN_CONTRACTION,
+      KernelImplementation.NEURAL_TANGENTS_NTK_VECTOR_PRODUCTS:
+          nt.NtkImplementation.NTK_VECTOR_PRODUCTS,
+  }[implementation]
+  # trace_axes=() keeps the full C x C block per sample pair (the update needs the
+  # cross-class entries); vmap_axes=0 is valid because BN runs in inference mode.
+  return nt.empirical_ntk_fn(
+      apply_fn, trace_axes=(), vmap_axes=0, implementation=nt_impl)
+
+
+def reference_kernel(apply_fn: ApplyFn, params: PyTree, x1: jnp.ndarray,
+                     x2: Optional[jnp.ndarray] = None) -> jnp.ndarray:
+  """Independent reference NTK: per-sample `jacrev` and an explicit einsum.
+
+  Deliberately the simplest correct computation (no batching, whole Jacobians in memory);
+  the tests compare neural-tangents and every solver against it.
+
+  Args:
+    apply_fn: `(params, x) -> logits [n, C]`.
+    params: trainable pytree (the linearisation point).
+    x1: inputs [n1, ...].
+    x2: inputs [n2, ...]; defaults to `x1`.
+
+  Returns:
+    Kernel [n1, n2, C, C] with entry [i, j, a, b] = <d f_a(x1_i), d f_b(x2_j)>.
+  """
+  j1 = _per_sample_jacobian(apply_fn, params, x1)
+  j2 = j1 if x2 is None else _per_sample_jacobian(apply_fn, params, x2)
+  return jnp.einsum("iap,jbp->ijab", j1, j2)
+
+
+def _per_sample_jacobian(apply_fn: ApplyFn, params: PyTree, x: jnp.ndarray) -> jnp.ndarray:
+  """[n, C, p] Jacobian of each sample's logits w.r.t. the ravelled params."""
+  flat, unravel = ravel_pytree(params)
+
+  def logits_one(w, xi):
+    return apply_fn(unravel(w), xi[None])[0]
+
+  return jax.vmap(jax.jacrev(logits_one), in_axes=(None, 0))(flat, x)
+
+
+def empirical_kernel(apply_fn: ApplyFn, params: PyTree, x1: jnp.ndarray,
+                     x2: Optional[jnp.ndarray] = None, *, batch_size: Optional[int] = 256,
+                     implementation: KernelImplementation | str =
+                     KernelImplementation.NEURAL_TANGENTS) -> jnp.ndarray:
+  """Empirical NTK over `params` only, in row/column blocks of `batch_size`.
+
+  Memory beyond the output is bounded by two blocks' Jacobians (2 * batch_size * C * p).
+
+  Args:
+    apply_fn: `(params, x) -> logits [n, C]`, params = the trainable pytree.
+    params: trainable pytree at which the kernel is taken.
+    x1: inputs [n1, ...].
+    x2: inputs [n2, ...]; defaults to `x1`.
+    batch_size: rows per block (None: one block).
+    implementation: a `KernelImplementation` (or its string value).
+
+  Returns:
+    Kernel [n1, n2, C, C], dtype of the logits.
+  """
+  implementation = KernelImplementation(implementation)
+  x2_ = x1 if x2 is None else x2
+  if implementation == KernelImplementation.JAX:
+    block_fn = lambda a, b: reference_kernel(apply_fn, params, a, b)
+  else:
+    nt_fn = _nt_kernel_fn(apply_fn, implementation)
+    block_fn = lambda a, b: nt_fn(a, b, params)
+
+  n1, n2 = x1.shape[0], x2_.shape[0]
+  b1, b2 = _block_size(n1, batch_size), _block_size(n2, batch_size)
+  if b1 == n1 and b2 == n2:
+    return block_fn(x1, x2_)
+  blocks1, _ = _pad_to_blocks(x1, b1)
+  blocks2, _ = _pad_to_blocks(x2_, b2)
+  # lax.map (not a Python loop) so the block computation compiles once.
+  rows = jax.lax.map(
+      lambda a: jax.lax.map(lambda b: block_fn(a, b), blocks2), blocks1)
+  # rows: [nb1, nb2, b1, b2, C, C] -> [nb1*b1, nb2*b2, C, C], then drop the padding.
+  nb1, nb2, _, _, c, _ = rows.shape
+  k = rows.transpose(0, 2, 1, 3, 4, 5).reshape(nb1 * b1, nb2 * b2, c, c)
+  return k[:n1, :n2]
+
+
+def kernel_to_matrix(kernel: jnp.ndarray) -> jnp.ndarray:
+  """[n1, n2, C, C] kernel -> [n1*C, n2*C] sample-major matrix."""
+  n1, n2, c1, c2 = kernel.shape
+  return kernel.transpose(0, 2, 1, 3).reshape(n1 * c1, n2 * c2)
+
+
+def jacobian(apply_fn: ApplyFn, params: PyTree, x: jnp.ndarray) -> jnp.ndarray:
+  """Full Jacobian of the logits w.r.t. the ravelled params, sample-major.
+
+  Holds n*C*p numbers: meant for small problems and tests; the solvers stream instead.
+
+  Returns:
+    J [n*C, p].
+  """
+  j = _per_sample_jacobian(apply_fn, params, x)
+  return j.reshape(-1, j.shape[-1])
+
+
+def gram(apply_fn: ApplyFn, params: PyTree, x: jnp.ndarray, residuals: jnp.ndarray,
+         *, batch_size: Optional[int] = 256,
+         dtype: Optional[jnp.dtype] = None) -> tuple[jnp.ndarray, jnp.ndarray]:
+  """Streams G = JᵀJ [p, p] and b = Jᵀ r [p] over row blocks, never holding all of J.
+
+  Args:
+    apply_fn: `(params, x) -> logits [n, C]`.
+    params: trainable pytree (the linearisation point).
+    x: inputs [n, ...].
+    residuals: [n, C] (e.g. targets minus logits), contracted with J to give b.
+    batch_size: samples per block; the last block is padded and masked.
+    dtype: accumulation dtype (e.g. float64 for a float64 solve); default: logits dtype.
+
+  Returns:
+    (G [p, p], b [p]).
+  """
+  n = x.shape[0]
+  blocks, mask = _pad_to_blocks(x, _block_size(n, batch_size))
+  r_blocks, _ = _pad_to_blocks(residuals, _block_size(n, batch_size))
+  p = num_params(params)
+  acc_dtype = dtype or jnp.result_type(*jax.tree_util.tree_leaves(params))
+
+  def step(carry, inputs):
+    g, b = carry
+    xb, rb, mb = inputs
+    jb = _per_sample_jacobian(apply_fn, params, xb).astype(acc_dtype)  # [bs, C, p]
+    jb = jb * mb[:, None, None].astype(acc_dtype)
+    jb2 = jb.reshape(-1, p)
+    g = g + jb2.T @ jb2
+    b = b + jnp.einsum("icp,ic->p", jb, rb.astype(acc_dtype))
+    return (g, b), None
+
+  init = (jnp.zeros((p, p), acc_dtype), jnp.zeros((p,), acc_dtype))
+  (g, b), _ = jax.lax.scan(step, init, (blocks, r_blocks, mask))
+  return g, b
+
+
+def apply_rows(apply_fn: ApplyFn, params: PyTree, x: jnp.ndarray,
+               *, batch_size: Optional[int] = 256) -> jnp.ndarray:
+  """`apply_fn(params, x)` evaluated in fixed-size blocks (bounded memory, one compile).
+
+  Returns:
+    logits [n, C].
+  """
+  n = x.shape[0]
+  blocks, _ = _pad_to_blocks(x, _block_size(n, batch_size))
+  out = jax.lax.map(lambda xb: apply_fn(params, xb), blocks)
+  return out.reshape((-1,) + out.shape[2:])[:n]
+
+
+def jvp_rows(apply_fn: ApplyFn, params: PyTree, x: jnp.ndarray, tangent: PyTree,
+             *, batch_size: Optional[int] = 256) -> jnp.ndarray:
+  """J v: the change of the logits along a parameter-space direction.
+
+  Args:
+    tangent: pytree like `params`.
+
+  Returns:
+    [n, C] = (J tangent) reshaped sample-major.
+  """
+  n = x.shape[0]
+  blocks, _ = _pad_to_blocks(x, _block_size(n, batch_size))
+
+  # jvp needs the tangent in the primal's dtypes (a float64 solve may hand float64 here).
+  tangent = jax.tree_util.tree_map(lambda t, w: t.astype(w.dtype), tangent, params)
+
+  def one(xb):
+    return jax.jvp(lambda w: apply_fn(w, xb), (params,), (tangent,))[1]
+
+  out = jax.lax.map(one, blocks)
+  return out.reshape((-1,) + out.shape[2:])[:n]
+
+
+def vjp_rows(apply_fn: ApplyFn, params: PyTree, x: jnp.ndarray, cotangent: jnp.ndarray,
+             *, batch_size: Optional[int] = 256) -> PyTree:
+  """Jᵀ u: pulls an output-space vector back to parameter space.
+
+  Args:
+    cotangent: [n, C].
+
+  Returns:
+    Pytree like `params` = Jᵀ cotangent.
+  """
+  n = x.shape[0]
+  bs = _block_size(n, batch_size)
+  blocks, mask = _pad_to_blocks(x, bs)
+  u_blocks, _ = _pad_to_blocks(cotangent, bs)
+
+  def step(acc, inputs):
+    xb, ub, mb = inputs
+    out, pull = jax.vjp(lambda w: apply_fn(w, xb), params)
+    (g,) = pull((ub * mb[:, None]).astype(out.dtype))
+    return jax.tree_util.tree_map(jnp.add, acc, g), None
+
+  zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
+  out, _ = jax.lax.scan(step, zeros, (blocks, u_blocks, mask))
+  return out

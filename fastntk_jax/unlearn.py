@@ -1,0 +1,621 @@
+"""The Fast-NTK unlearning update (the paper's Eq. (1), sign as in DESIGN.md §1).
+
+The model is linearised at `w0` (trainable params before fine-tuning). With
+`J_a = d f(w0, X_a) / d w` (sample-major rows), `Θ_ab = J_a J_bᵀ`, `E_a = Y_a - f(w0, X_a)` and
+damping λ, kernel ridge regression gives `w_D = w0 + Jᵀ(Θ+λI)⁻¹E` on D = D_r ∪ D_f and
+`w_r = w0 + J_rᵀ(Θ_rr+λI)⁻¹E_r` on D_r alone. The update is their difference,
+
+    Δ = w_r - w_D = P J_fᵀ M V,
+    P = I - J_rᵀ(Θ_rr+λI)⁻¹J_r,   M = (Θ_ff+λI - Θ_fr(Θ_rr+λI)⁻¹Θ_rf)⁻¹,
+    V = (f(w0, X_f) - Y_f) + Θ_fr(Θ_rr+λI)⁻¹E_r,
+
+added to the fine-tuned params. Three solvers compute the same Δ:
+
+  * dual:   Eq. (1) literally: neural-tangents kernel blocks, Cholesky, Schur complement;
+            P and J_fᵀ applied matrix-free with jvp/vjp. Memory ~ (n·C)².
+  * primal: push-through identity Jᵀ(JJᵀ+λI)⁻¹ = (JᵀJ+λI)⁻¹Jᵀ, so
+            Δ = (G_r+λI)⁻¹ J_rᵀE_r - (G_r+G_f+λI)⁻¹ (J_rᵀE_r + J_fᵀE_f), G_a = J_aᵀJ_a
+            streamed in row blocks. Memory ~ p².
+  * cg:     the same two ridge solves by conjugate gradients with jvp/vjp matvecs, in
+            whichever space (parameters or outputs) is smaller. Memory ~ p + n·C.
+
+Public API: `ntk_forget` (pure, jit-able) and `ntk_forget_with_diagnostics` (eager,
+timed, returns a `Diagnostics`). Inputs are validated before any heavy work.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import logging
+import math
+import time
+from typing import Any, Callable, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.flatten_util import ravel_pytree
+
+from fastntk_jax import ntk
+
+PyTree = Any
+ApplyFn = Callable[[PyTree, jnp.ndarray], jnp.ndarray]
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "Solver",
+    "Diagnostics",
+    "InsufficientMemoryError",
+    "SolverCost",
+    "estimate_costs",
+    "choose_solver",
+    "available_memory_bytes",
+    "ntk_forget",
+    "ntk_forget_with_diagnostics",
+    "ridge_update",
+]
+
+
+class Solver(str, enum.Enum):
+  """Which linear-algebra route computes Δ (all give the same result up to round-off)."""
+  DUAL = "dual"
+  PRIMAL = "primal"
+  CG = "cg"
+  AUTO = "auto"
+
+
+class LinearizationPoint(str, enum.Enum):
+  """Where the model is linearised.
+
+  INIT (default, DESIGN.md §1): at `params_init` (w0), where the residuals are non-zero.
+  TRAINED: at the fine-tuned `params`. For an interpolating model the residuals are then ~0
+    and the update nearly vanishes; the public reference code compensates with a heuristic
+    step scale (`step_scale`). Offered for comparison only.
+  """
+  INIT = "init"
+  TRAINED = "trained"
+
+
+class InsufficientMemoryError(ValueError):
+  """The predicted memory of the requested computation exceeds what is available."""
+
+
+@dataclasses.dataclass(frozen=True)
+class SolverCost:
+  """Predicted cost of one solver. `bytes` is peak working memory, `flops` arithmetic."""
+  solver: str
+  bytes: int
+  flops: float
+
+
+@dataclasses.dataclass
+class Diagnostics:
+  """What `ntk_forget_with_diagnostics` measured.
+
+  Attributes:
+    solver: the solver that ran ("dual" | "primal" | "cg").
+    reason: why it was chosen (the auto rule, or "requested").
+    num_params: p, scalars in the trainable pytree.
+    num_outputs: n·C over D (retain + forget), the dual dimension.
+    condition_number: 2-norm condition number of the matrix the solver inverts
+      (dual: Θ_rr+λI; primal: G+λI over D); None for cg.
+    cg_relative_residual: cg only: ||A x - b|| / ||b|| of the last solve.
+    estimated_bytes: predicted peak working memory of the chosen solver.
+    measured_bytes: peak device memory (accelerators) or growth of the process's peak
+      resident memory (CPU) during the call; None where it cannot be read.
+    seconds: wall-clock seconds of the update, compilation included.
+    update_norm: ||Δ||₂ of the (scaled) update.
+    costs: predicted cost of every solver, for the record.
+  """
+  solver: str
+  reason: str
+  num_params: int
+  num_outputs: int
+  condition_number: Optional[float]
+  cg_relative_residual: Optional[float]
+  estimated_bytes: int
+  measured_bytes: Optional[int]
+  seconds: float
+  update_norm: float
+  costs: dict
+
+  def as_dict(self) -> dict:
+    return dataclasses.asdict(self)
+
+
+# --------------------------------------------------------------------------------------
+# Cost model and solver choice.
+# --------------------------------------------------------------------------------------
+
+_CG_DEFAULT_MAXITER_CAP = 2000
+
+
+def estimate_costs(num_params: int, num_retain: int, num_forget: int, num_classes: int,
+                   *, batch_size: int = 256, dtype_bytes: int = 4,
+                   cg_maxiter: Optional[int] = None) -> dict[str, SolverCost]:
+  """Predicted peak memory and FLOPs of each solver (a model, not a measurement).
+
+  The Jacobian cost of the network itself is proxied by that of a linear model (2 FLOPs
+  per Jacobian entry); the proxy is the same for all solvers, so the comparison holds.
+
+  Args:
+    num_params: p.
+    num_retain, num_forget: n_r, n_f (samples).
+    num_classes: C.
+    batch_size: rows per streamed block.
+    dtype_bytes: bytes per number in the solve (4 or 8).
+    cg_maxiter: cg iteration cap (default min(2·dim, 2000)).
+
+  Returns:
+    {"dual" | "primal" | "cg": SolverCost}.
+  """
+  p, c, b = num_params, num_classes, dtype_bytes
+  mr, mf = num_retain * c, num_forget * c
+  m = mr + mf
+  bs = min(batch_size, num_retain + num_forget)
+  jac_block = bs * c * p  # one block's Jacobian
+  # dual: Θ_rr, Θ_rf, Θ_ff, the Cholesky factor of Θ_rr, Θ_rr⁻¹Θ_rf and the Schur block,
+  # plus the two Jacobian blocks neural-tangents contracts at a time.
+  dual_bytes = b * (2 * mr * mr + 2 * mr * mf + 2 * mf * mf + 2 * jac_block + (bs * c) ** 2)
+  n_blocks = math.ceil((num_retain + num_forget) / bs)
+  dual_flops = (2.0 * m * m * p + 2.0 * n_blocks * m * p * 2
+                + mr ** 3 / 3 + 2.0 * mr * mr * mf + mf ** 3 / 3)
+  # primal: G_r, G_f, one Cholesky factor at a time plus a copy, and one Jacobian block.
+  primal_bytes = b * (4 * p * p + jac_block)
+  primal_flops = 2.0 * m * p * p + 2 * p ** 3 / 3 + 2.0 * m * p
+  # cg: a handful of vectors in the smaller space, plus one block's vjp/jvp working set
+  # (proxied by a per-sample gradient per row of the block).
+  dim = min(p, m)
+  iters = cg_maxiter or min(2 * dim, _CG_DEFAULT_MAXITER_CAP)
+  cg_bytes = b * (8 * (p + m) + bs * p)
+  cg_flops = 2 * iters * 4.0 * m * p
+  return {
+      "dual": SolverCost("dual", int(dual_bytes), float(dual_flops)),
+      "primal": SolverCost("primal", int(primal_bytes), float(primal_flops)),
+      "cg": SolverCost("cg", int(cg_bytes), float(cg_flops)),
+  }
+
+
+def available_memory_bytes() -> int:
+  """Memory the solve may use: free accelerator memory, or the host's available RAM."""
+  device = jax.devices()[0]
+  if device.platform != "cpu":
+    stats = device.memory_stats() or {}
+    if "bytes_limit" in stats:
+      return int(stats["bytes_limit"] - stats.get("bytes_in_use", 0))
+  import psutil  # pylint: disable=g-import-not-at-top
+  return int(psutil.virtual_memory().available)
+
+
+def _gib(n: float) -> str:
+  return f"{n / 2**30:.2f} GiB"
+
+
+def choose_solver(costs: dict[str, SolverCost], memory_budget: int,
+                  requested: Solver | str = Solver.AUTO) -> tuple[str, str]:
+  """Picks a solver, or refuses with a message naming one that fits.
+
+  `auto` takes the cheapest (fewest predicted FLOPs) of the solvers that fit in memory.
+
+  Returns:
+    (solver name, human-readable reason).
+
+  Raises:
+    InsufficientMemoryError: the requested (or every) solver is predicted not to fit.
+  """
+  requested = Solver(requested)
+  fitting = {k: v for k, v in costs.items() if v.bytes <= memory_budget}
+  summary = ", ".join(f"{k}: {_gib(v.bytes)}, {v.flops:.2e} FLOP" for k, v in costs.items())
+  if requested != Solver.AUTO:
+    cost = costs[requested.value]
+    if cost.bytes > memory_budget:
+      alternatives = (
+          "solver=" + " or ".join(f"'{k}' ({_gib(v.bytes)})" for k, v in fitting.items())
+          + " fits" if fitting else "no solver fits at this batch size; lower batch_size")
+      raise InsufficientMemoryError(
+          f"solver='{requested.value}' needs about {_gib(cost.bytes)} but only "
+          f"{_gib(memory_budget)} is available; {alternatives}.")
+    return requested.value, "requested"
+  if not fitting:
+    raise InsufficientMemoryError(
+        f"no solver fits in {_gib(memory_budget)} (predicted {summary}); lower batch_size "
+        "or the number of samples, or use a machine with more memory.")
+  best = min(fitting.values(), key=lambda v: v.flops)
+  reason = (f"auto: '{best.solver}' has the fewest predicted FLOPs among those fitting in "
+            f"{_gib(memory_budget)} ({summary})")
+  return best.solver, reason
+
+
+# --------------------------------------------------------------------------------------
+# Validation (before any heavy work).
+# --------------------------------------------------------------------------------------
+
+
+def _is_concrete(x) -> bool:
+  return not isinstance(x, jax.core.Tracer)
+
+
+def _check_split(name: str, split) -> tuple[jnp.ndarray, jnp.ndarray]:
+  if not isinstance(split, (tuple, list)) or len(split) != 2:
+    raise TypeError(f"{name} must be a pair (x, y) of inputs and integer labels, "
+                    f"got {type(split).__name__}")
+  x, y = split
+  if not hasattr(x, "shape") or not hasattr(y, "shape"):
+    raise TypeError(f"{name}: x and y must be arrays, got {type(x).__name__}, "
+                    f"{type(y).__name__}")
+  if y.ndim != 1:
+    raise ValueError(f"{name}: labels y must be 1-D integer class ids, got shape {y.shape}")
+  if not jnp.issubdtype(y.dtype, jnp.integer):
+    raise TypeError(f"{name}: labels y must be integers (class ids), got dtype {y.dtype}")
+  if x.shape[0] != y.shape[0]:
+    raise ValueError(f"{name}: x has {x.shape[0]} samples but y has {y.shape[0]} labels")
+  if x.shape[0] == 0:
+    raise ValueError(f"{name} set is empty: nothing to "
+                     + ("forget" if name == "forget" else "retain (forget set = all data?)"))
+  return x, y
+
+
+def _check_finite(name: str, tree) -> None:
+  for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+    if _is_concrete(leaf) and jnp.issubdtype(jnp.asarray(leaf).dtype, jnp.inexact):
+      if not bool(jnp.all(jnp.isfinite(leaf))):
+        raise ValueError(f"{name} contains non-finite values (NaN/inf) at "
+                         f"{jax.tree_util.keystr(path) or 'the array'}")
+
+
+def _check_params_match(params_init: PyTree, params: PyTree) -> None:
+  s_init, s_trained = jax.tree_util.tree_structure(params_init), jax.tree_util.tree_structure(params)
+  if s_init != s_trained:
+    raise ValueError("params and params_init have different pytree structure:\n"
+                     f"  params_init: {s_init}\n  params:      {s_trained}")
+  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(params_init),
+                          jax.tree_util.tree_leaves(params)):
+    if jnp.shape(a) != jnp.shape(b):
+      raise ValueError(f"params and params_init differ in shape at "
+                       f"{jax.tree_util.keystr(path)}: {jnp.shape(b)} vs {jnp.shape(a)}")
+  if not jax.tree_util.tree_leaves(params):
+    raise ValueError("params is an empty pytree: there is nothing trainable to update")
+
+
+def _validate(apply_fn, params_init, params, retain, forget, num_classes, damping, solver,
+              solve_dtype) -> tuple:
+  if not callable(apply_fn):
+    raise TypeError(f"apply_fn must be callable (params, x) -> logits, got {type(apply_fn)}")
+  if isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)) \
+      or num_classes < 1:
+    raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+  try:
+    solver = Solver(solver)
+  except ValueError:
+    raise ValueError(f"unknown solver {solver!r}; choose one of "
+                     f"{[s.value for s in Solver]}") from None
+  if _is_concrete(damping):
+    if not np.isfinite(float(damping)) or float(damping) < 0:
+      raise ValueError(f"damping must be a finite number >= 0, got {damping!r}")
+  x_r, y_r = _check_split("retain", retain)
+  x_f, y_f = _check_split("forget", forget)
+  if x_r.shape[1:] != x_f.shape[1:]:
+    raise ValueError(f"retain and forget inputs differ in per-sample shape: "
+                     f"{x_r.shape[1:]} vs {x_f.shape[1:]}")
+  for name, y in (("retain", y_r), ("forget", y_f)):
+    if _is_concrete(y) and y.size:
+      lo, hi = int(jnp.min(y)), int(jnp.max(y))
+      if lo < 0 or hi >= num_classes:
+        raise ValueError(f"{name} labels must lie in [0, {num_classes}), found range "
+                         f"[{lo}, {hi}]")
+  _check_params_match(params_init, params)
+  _check_finite("params", params)
+  _check_finite("params_init", params_init)
+  _check_finite("retain inputs", x_r)
+  _check_finite("forget inputs", x_f)
+  if solve_dtype is not None:
+    solve_dtype = jnp.dtype(solve_dtype)
+    if solve_dtype == jnp.float64 and not jax.config.read("jax_enable_x64"):
+      raise ValueError("solve_dtype=float64 needs 64-bit JAX: set JAX_ENABLE_X64=1 or "
+                       "jax.config.update('jax_enable_x64', True) before creating arrays")
+  out = jax.eval_shape(apply_fn, params_init, jax.ShapeDtypeStruct((1,) + x_r.shape[1:], x_r.dtype))
+  if out.shape != (1, num_classes):
+    raise ValueError(f"apply_fn(params, x[:1]) returned shape {out.shape}; expected "
+                     f"(1, num_classes={num_classes}): logits must be [n, C]")
+  p = ntk.num_params(params)
+  n = x_r.shape[0] + x_f.shape[0]
+  if _is_concrete(damping) and float(damping) == 0.0:
+    if p < n * num_classes:
+      raise ValueError(
+          f"damping=0 makes the system singular: p={p} trainable parameters < "
+          f"n*C={n * num_classes} outputs, so the kernel has rank <= p; use damping > 0")
+    if solver == Solver.PRIMAL and p > x_r.shape[0] * num_classes:
+      raise ValueError(f"solver='primal' with damping=0 needs p <= n_r*C but p={p} > "
+                       f"{x_r.shape[0] * num_classes} (J_rᵀJ_r is singular); use "
+                       "solver='dual' or damping > 0")
+  return solver, x_r, y_r, x_f, y_f, solve_dtype
+
+
+# --------------------------------------------------------------------------------------
+# The three solvers. Each returns (Δ pytree like params, aux dict of jnp scalars).
+# --------------------------------------------------------------------------------------
+
+
+def _chol_solve(a: jnp.ndarray, b: jnp.ndarray) -> jnp.ndarray:
+  factor = jax.scipy.linalg.cho_factor(a, lower=True)
+  return jax.scipy.linalg.cho_solve(factor, b)
+
+
+def _cond(a: jnp.ndarray) -> jnp.ndarray:
+  eig = jnp.linalg.eigvalsh(a)
+  return eig[-1] / eig[0]
+
+
+def _delta_dual(apply_fn, w_lin, x_r, e_r, x_f, e_f, lam, *, batch_size, kernel_impl,
+                solve_dtype, with_aux):
+  c = e_r.shape[1]
+  kern = lambda a, b: ntk.kernel_to_matrix(ntk.empirical_kernel(
+      apply_fn, w_lin, a, b, batch_size=batch_size, implementation=kernel_impl)).astype(solve_dtype)
+  k_rr = kern(x_r, x_r)
+  k_rf = kern(x_r, x_f)
+  k_ff = kern(x_f, x_f)
+  mr, mf = k_rr.shape[0], k_ff.shape[0]
+  k_rr = k_rr + lam * jnp.eye(mr, dtype=solve_dtype)
+  k_ff = k_ff + lam * jnp.eye(mf, dtype=solve_dtype)
+  er = e_r.reshape(-1).astype(solve_dtype)
+  ef = e_f.reshape(-1).astype(solve_dtype)
+  rr_factor = jax.scipy.linalg.cho_factor(k_rr, lower=True)
+  a = jax.scipy.linalg.cho_solve(rr_factor, k_rf)            # (Θ_rr+λI)⁻¹ Θ_rf
+  schur = k_ff - k_rf.T @ a                                  # M⁻¹
+  schur = 0.5 * (schur + schur.T)
+  v = -ef + a.T @ er                                         # (f0_f - Y_f) + Θ_fr(Θ_rr+λI)⁻¹E_r
+  z = _chol_solve(schur, v)                                  # M V
+  u = ntk.vjp_rows(apply_fn, w_lin, x_f, z.reshape(-1, c), batch_size=batch_size)  # J_fᵀ M V
+  ju = ntk.jvp_rows(apply_fn, w_lin, x_r, u, batch_size=batch_size).reshape(-1)
+  s = jax.scipy.linalg.cho_solve(rr_factor, ju.astype(solve_dtype))
+  back = ntk.vjp_rows(apply_fn, w_lin, x_r, s.reshape(-1, c), batch_size=batch_size)
+  delta = jax.tree_util.tree_map(lambda x, y: x - y, u, back)  # P J_fᵀ M V
+  aux = {"condition_number": _cond(k_rr)} if with_aux else {}
+  return delta, aux
+
+
+def _delta_primal(apply_fn, w_lin, x_r, e_r, x_f, e_f, lam, *, batch_size, solve_dtype,
+                  with_aux):
+  _, unravel = ravel_pytree(w_lin)
+  g_r, b_r = ntk.gram(apply_fn, w_lin, x_r, e_r, batch_size=batch_size, dtype=solve_dtype)
+  g_f, b_f = ntk.gram(apply_fn, w_lin, x_f, e_f, batch_size=batch_size, dtype=solve_dtype)
+  eye = lam * jnp.eye(g_r.shape[0], dtype=solve_dtype)
+  g_all = g_r + g_f + eye
+  w_retrain = _chol_solve(g_r + eye, b_r)        # (G_r+λI)⁻¹ J_rᵀE_r   = w_r - w0
+  w_full = _chol_solve(g_all, b_r + b_f)         # (G+λI)⁻¹ JᵀE         = w_D - w0
+  aux = {"condition_number": _cond(g_all)} if with_aux else {}
+  return unravel(w_retrain - w_full), aux
+
+
+def _delta_cg(apply_fn, w_lin, x_r, e_r, x_f, e_f, lam, *, batch_size, solve_dtype, tol,
+              maxiter, with_aux):
+  flat, unravel = ravel_pytree(w_lin)
+  p, c = flat.shape[0], e_r.shape[1]
+  n_r, n_f = x_r.shape[0], x_f.shape[0]
+  cast = lambda t: jax.tree_util.tree_map(lambda l: l.astype(solve_dtype), t)
+  ravel = lambda t: ravel_pytree(cast(t))[0]
+  jv = lambda x, v: ntk.jvp_rows(apply_fn, w_lin, x, unravel(v.astype(flat.dtype)),
+                                 batch_size=batch_size).astype(solve_dtype)
+  jtu = lambda x, u: ravel(ntk.vjp_rows(apply_fn, w_lin, x, u, batch_size=batch_size))
+  er, ef = e_r.astype(solve_dtype), e_f.astype(solve_dtype)
+  residuals = []
+
+  def solve(matvec, rhs):
+    dim = rhs.size
+    iters = maxiter or min(2 * dim, _CG_DEFAULT_MAXITER_CAP)
+    x, _ = jax.scipy.sparse.linalg.cg(matvec, rhs, tol=tol, maxiter=iters)
+    if with_aux:
+      residuals.append(jnp.linalg.norm(matvec(x) - rhs) / jnp.maximum(jnp.linalg.norm(rhs), 1e-300))
+    return x
+
+  if p <= (n_r + n_f) * c:
+    # Parameter space: (J_rᵀJ_r + λI) x = J_rᵀE_r and (JᵀJ + λI) x = JᵀE.
+    gr = lambda v: jtu(x_r, jv(x_r, v))
+    gf = lambda v: jtu(x_f, jv(x_f, v))
+    b_r, b_f = jtu(x_r, er), jtu(x_f, ef)
+    w_retrain = solve(lambda v: gr(v) + lam * v, b_r)
+    w_full = solve(lambda v: gr(v) + gf(v) + lam * v, b_r + b_f)
+    delta = w_retrain - w_full
+  else:
+    # Output space: (Θ_rr + λI) α_r = E_r and (Θ + λI) α = E; Δ = J_rᵀα_r - Jᵀα.
+    def theta(u):  # u: [n_r + n_f, C] -> Θ u
+      v = jtu(x_r, u[:n_r]) + jtu(x_f, u[n_r:])
+      return jnp.concatenate([jv(x_r, v), jv(x_f, v)], axis=0)
+    alpha_r = solve(lambda u: jv(x_r, jtu(x_r, u)) + lam * u, er)
+    alpha = solve(lambda u: theta(u) + lam * u, jnp.concatenate([er, ef], axis=0))
+    delta = jtu(x_r, alpha_r) - jtu(x_r, alpha[:n_r]) - jtu(x_f, alpha[n_r:])
+  aux = {"cg_relative_residual": jnp.max(jnp.stack(residuals))} if with_aux else {}
+  return unravel(delta.astype(flat.dtype)), aux
+
+
+def _one_hot_residuals(apply_fn, w_lin, x, y, num_classes, batch_size):
+  logits = ntk.apply_rows(apply_fn, w_lin, x, batch_size=batch_size)
+  return jax.nn.one_hot(y, num_classes, dtype=logits.dtype) - logits
+
+
+def ridge_update(apply_fn: ApplyFn, w_lin: PyTree, retain, forget, *, num_classes: int,
+                 damping: float, solver: str, batch_size: Optional[int] = 256,
+                 kernel_impl: str = "neural_tangents", solve_dtype=None,
+                 cg_tol: Optional[float] = None, cg_maxiter: Optional[int] = None,
+                 with_aux: bool = False) -> tuple[PyTree, dict]:
+  """Δ = w_r - w_D of kernel ridge regression linearised at `w_lin` (no validation).
+
+  The building block of `ntk_forget`; `solver` must be a concrete "dual"|"primal"|"cg".
+
+  Returns:
+    (Δ pytree like `w_lin`, aux dict of scalar diagnostics when `with_aux`).
+  """
+  (x_r, y_r), (x_f, y_f) = retain, forget
+  leaves = jax.tree_util.tree_leaves(w_lin)
+  sdtype = jnp.dtype(solve_dtype) if solve_dtype is not None else jnp.result_type(*leaves)
+  e_r = _one_hot_residuals(apply_fn, w_lin, x_r, y_r, num_classes, batch_size)
+  e_f = _one_hot_residuals(apply_fn, w_lin, x_f, y_f, num_classes, batch_size)
+  lam = jnp.asarray(damping, sdtype)
+  if solver == "dual":
+    return _delta_dual(apply_fn, w_lin, x_r, e_r, x_f, e_f, lam, batch_size=batch_size,
+                       kernel_impl=kernel_impl, solve_dtype=sdtype, with_aux=with_aux)
+  if solver == "primal":
+    return _delta_primal(apply_fn, w_lin, x_r, e_r, x_f, e_f, lam, batch_size=batch_size,
+                         solve_dtype=sdtype, with_aux=with_aux)
+  if solver == "cg":
+    tol = cg_tol if cg_tol is not None else (1e-12 if sdtype == jnp.float64 else 1e-6)
+    return _delta_cg(apply_fn, w_lin, x_r, e_r, x_f, e_f, lam, batch_size=batch_size,
+                     solve_dtype=sdtype, tol=tol, maxiter=cg_maxiter, with_aux=with_aux)
+  raise ValueError(f"ridge_update needs a concrete solver, got {solver!r}")
+
+
+# --------------------------------------------------------------------------------------
+# Public entry points.
+# --------------------------------------------------------------------------------------
+
+
+def _prepare(apply_fn, params_init, params, retain, forget, num_classes, damping, solver,
+             batch_size, solve_dtype, memory_limit_bytes, cg_maxiter, linearize_at):
+  solver, x_r, y_r, x_f, y_f, solve_dtype = _validate(
+      apply_fn, params_init, params, retain, forget, num_classes, damping, solver, solve_dtype)
+  try:
+    linearize_at = LinearizationPoint(linearize_at)
+  except ValueError:
+    raise ValueError(f"unknown linearize_at {linearize_at!r}; choose 'init' or 'trained'") from None
+  if batch_size is not None and (not isinstance(batch_size, (int, np.integer)) or batch_size < 1):
+    raise ValueError(f"batch_size must be a positive int or None, got {batch_size!r}")
+  p = ntk.num_params(params)
+  leaves_dtype = jnp.result_type(*jax.tree_util.tree_leaves(params))
+  dtype_bytes = jnp.dtype(solve_dtype or leaves_dtype).itemsize
+  costs = estimate_costs(p, x_r.shape[0], x_f.shape[0], num_classes,
+                         batch_size=batch_size or (x_r.shape[0] + x_f.shape[0]),
+                         dtype_bytes=dtype_bytes, cg_maxiter=cg_maxiter)
+  budget = int(memory_limit_bytes if memory_limit_bytes is not None
+               else 0.8 * available_memory_bytes())
+  name, reason = choose_solver(costs, budget, solver)
+  log.info("ntk_forget: solver=%s (%s); p=%d, n*C=%d", name, reason, p,
+           (x_r.shape[0] + x_f.shape[0]) * num_classes)
+  w_lin = params_init if linearize_at == LinearizationPoint.INIT else params
+  return name, reason, costs, w_lin, (x_r, y_r), (x_f, y_f), solve_dtype
+
+
+def ntk_forget(apply_fn: ApplyFn, params_init: PyTree, params: PyTree, *, retain, forget,
+               num_classes: int, damping: float = 1e-2, solver: str = "auto",
+               batch_size: Optional[int] = 256, kernel_impl: str = "neural_tangents",
+               solve_dtype=None, linearize_at: str = "init", step_scale: float = 1.0,
+               cg_tol: Optional[float] = None, cg_maxiter: Optional[int] = None,
+               memory_limit_bytes: Optional[int] = None) -> PyTree:
+  """Forgets `forget` from `params` with the Fast-NTK update (Eq. (1), DESIGN.md §1).
+
+  Pure and jit-able (shapes drive every choice; value checks run when inputs are concrete).
+
+  Args:
+    apply_fn: `(params, x) -> logits [n, C]`; params is the trainable pytree only, frozen
+      weights and BatchNorm statistics closed over, BatchNorm in inference mode.
+    params_init: w0, the trainable params before fine-tuning (the linearisation point).
+    params: w_D, the trainable params after fine-tuning on D = D_r ∪ D_f.
+    retain: (x_r [n_r, ...], y_r [n_r] int labels in [0, C)).
+    forget: (x_f [n_f, ...], y_f [n_f] int labels in [0, C)).
+    num_classes: C; targets are one_hot(y, C).
+    damping: λ >= 0 added to the diagonal of every inverted kernel block (0 only when
+      p >= n·C).
+    solver: "dual" | "primal" | "cg" | "auto" (cheapest that fits in memory; logged).
+    batch_size: rows per streamed block (bounds memory; None = all at once).
+    kernel_impl: "neural_tangents" (default) | "neural_tangents_ntk_vector_products" |
+      "jax" (dual solver's kernel; see `ntk.KernelImplementation`).
+    solve_dtype: dtype of kernels/Grams in the solve (e.g. jnp.float64, needs x64);
+      default: the params' dtype.
+    linearize_at: "init" (default, w0) | "trained" (w_D; see `LinearizationPoint`).
+    step_scale: multiplies Δ (1.0 = the exact update; other values are a heuristic).
+    cg_tol, cg_maxiter: cg relative tolerance (default 1e-12 in float64, 1e-6 otherwise)
+      and iteration cap (default min(2·dim, 2000)).
+    memory_limit_bytes: memory budget for the solver choice/refusal (default 80% of the
+      available device or host memory).
+
+  Returns:
+    Pytree with exactly the structure, shapes and dtypes of `params`: w_D + step_scale·Δ.
+
+  Raises:
+    ValueError / TypeError: bad input (named in the message), before any heavy work.
+    InsufficientMemoryError: predicted memory beyond the budget (names what would fit).
+  """
+  name, _, _, w_lin, retain, forget, solve_dtype = _prepare(
+      apply_fn, params_init, params, retain, forget, num_classes, damping, solver,
+      batch_size, solve_dtype, memory_limit_bytes, cg_maxiter, linearize_at)
+  delta, _ = ridge_update(apply_fn, w_lin, retain, forget, num_classes=num_classes,
+                          damping=damping, solver=name, batch_size=batch_size,
+                          kernel_impl=kernel_impl, solve_dtype=solve_dtype, cg_tol=cg_tol,
+                          cg_maxiter=cg_maxiter)
+  return _apply_delta(params, delta, step_scale)
+
+
+def _apply_delta(params, delta, step_scale):
+  return jax.tree_util.tree_map(
+      lambda w, d: (w + step_scale * d.astype(w.dtype)).astype(w.dtype), params, delta)
+
+
+def _peak_memory_probe():
+  """Returns a function giving the peak memory growth (bytes) since this call, or None."""
+  device = jax.devices()[0]
+  if device.platform != "cpu":
+    stats = device.memory_stats() or {}
+    if "peak_bytes_in_use" in stats:
+      base = stats.get("bytes_in_use", 0)
+      return lambda: int((device.memory_stats() or {}).get("peak_bytes_in_use", 0) - base)
+    return lambda: None
+  import resource  # pylint: disable=g-import-not-at-top
+  base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+  return lambda: int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base)
+
+
+def ntk_forget_with_diagnostics(apply_fn: ApplyFn, params_init: PyTree, params: PyTree, *,
+                                retain, forget, num_classes: int, damping: float = 1e-2,
+                                solver: str = "auto", batch_size: Optional[int] = 256,
+                                kernel_impl: str = "neural_tangents", solve_dtype=None,
+                                linearize_at: str = "init", step_scale: float = 1.0,
+                                cg_tol: Optional[float] = None,
+                                cg_maxiter: Optional[int] = None,
+                                memory_limit_bytes: Optional[int] = None,
+                                check_finite: bool = True) -> tuple[PyTree, Diagnostics]:
+  """`ntk_forget` run eagerly (jitted inside), timed, with a `Diagnostics` record.
+
+  Same arguments as `ntk_forget`; additionally `check_finite` raises a ValueError naming the
+  remedy if the update comes out non-finite (an ill-conditioned or singular system).
+
+  Returns:
+    (new params like `params`, Diagnostics).
+  """
+  name, reason, costs, w_lin, retain, forget, solve_dtype = _prepare(
+      apply_fn, params_init, params, retain, forget, num_classes, damping, solver,
+      batch_size, solve_dtype, memory_limit_bytes, cg_maxiter, linearize_at)
+  probe = _peak_memory_probe()
+  start = time.perf_counter()
+
+  @jax.jit
+  def run(w_lin, params, retain, forget, damping):
+    delta, aux = ridge_update(apply_fn, w_lin, retain, forget, num_classes=num_classes,
+                              damping=damping, solver=name, batch_size=batch_size,
+                              kernel_impl=kernel_impl, solve_dtype=solve_dtype,
+                              cg_tol=cg_tol, cg_maxiter=cg_maxiter, with_aux=True)
+    new = _apply_delta(params, delta, step_scale)
+    norm = step_scale * jnp.sqrt(sum(jnp.vdot(d, d) for d in jax.tree_util.tree_leaves(delta)))
+    return new, aux, norm
+
+  new, aux, norm = run(w_lin, params, retain, forget, damping)
+  new = jax.block_until_ready(new)
+  seconds = time.perf_counter() - start
+  measured = probe()
+  norm = float(norm)
+  if check_finite and not np.isfinite(norm):
+    raise ValueError(
+        f"the Fast-NTK update is non-finite (solver={name}, damping={damping}): the system "
+        "is singular or too ill-conditioned in this precision; increase damping or pass "
+        "solve_dtype=jnp.float64 (with JAX_ENABLE_X64=1)")
+  cond = aux.get("condition_number")
+  resid = aux.get("cg_relative_residual")
+  diag = Diagnostics(
+      solver=name, reason=reason, num_params=ntk.num_params(params),
+      num_outputs=(retain[0].shape[0] + forget[0].shape[0]) * num_classes,
+      condition_number=None if cond is None else float(cond),
+      cg_relative_residual=None if resid is None else float(resid),
+      estimated_bytes=costs[name].bytes, measured_bytes=measured, seconds=seconds,
+      update_norm=norm, costs={k: dataclasses.asdict(v) for k, v in costs.items()})
+  log.info("ntk_forget: %s", diag)
+  return new, diag
