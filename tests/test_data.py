@@ -1,0 +1,342 @@
+"""Tests for fastntk_jax.data: splits, determinism, config validation, TFDS loaders (mocked)."""
+
+import numpy as np
+import pytest
+from sklearn.datasets import load_digits
+
+from fastntk_jax import data as D
+
+DIGITS = load_digits()
+
+
+def _all_indices(data):
+    return np.concatenate([s.index for s in data.splits().values() if s is not None])
+
+
+# --------------------------------------------------------------------------------------------------
+# digits
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def digits_default():
+    return D.load_unlearning_data()
+
+
+def test_digits_default_shapes_dtypes_counts(digits_default):
+    d = digits_default
+    assert d.num_classes == 10 and d.class_names == tuple(str(i) for i in range(10))
+    assert d.image_shape == (16, 16, 3)
+    for name, s in d.splits().items():
+        assert s.x.dtype == np.float32 and s.x.shape[1:] == (16, 16, 3), name
+        assert s.y.dtype == np.int32 and s.y.shape == (s.size,), name
+        assert np.isfinite(s.x).all()
+        assert not s.x.flags.writeable  # frozen data
+    # Default split sizes per class: hold-out 30, pre-training 80, D 60 (of 174..183 per class).
+    assert d.counts() == {"pretrain": 800, "retain": 540, "forget": 60, "test_retain": 270,
+                          "test_forget": 30}
+    np.testing.assert_array_equal(d.pretrain.class_counts(10), np.full(10, 80))
+    np.testing.assert_array_equal(d.train.class_counts(10), np.full(10, 60))
+    np.testing.assert_array_equal(d.test.class_counts(10), np.full(10, 30))
+    x_r, y_r = d.retain  # tuple-style unpacking
+    assert x_r.shape[0] == y_r.shape[0] == 540
+    assert "retain" in d.describe() and "540" in d.describe()
+
+
+def test_digits_forget_set_is_exactly_the_forget_class(digits_default):
+    d = digits_default
+    assert d.forget_classes == (0,)
+    assert set(d.forget.y.tolist()) == {0} and set(d.test_forget.y.tolist()) == {0}
+    assert 0 not in d.retain.y and 0 not in d.test_retain.y
+    # Independent check through the source labels of the chosen images.
+    assert (DIGITS.target[d.forget.index] == 0).all()
+    assert (DIGITS.target[d.retain.index] != 0).all()
+    # Every image of class 0 in D is in the forget set.
+    assert d.forget.size == (d.train.y == 0).sum() == 60
+
+
+def test_digits_splits_are_disjoint(digits_default):
+    idx = _all_indices(digits_default)
+    assert np.unique(idx).size == idx.size  # no image used twice
+    assert idx.size == 800 + 600 + 300 and idx.max() < len(DIGITS.target)
+
+
+def test_digits_images_match_source():
+    # image_size 8 + no normalisation: pixels must be the sklearn digits / 16, grey x 3.
+    d = D.load_unlearning_data(image_size=8, normalization="none", seed=3)
+    for s in d.splits().values():
+        np.testing.assert_allclose(s.x[..., 0], DIGITS.images[s.index] / 16.0, atol=1e-6)
+        np.testing.assert_array_equal(s.x[..., 0], s.x[..., 2])
+        np.testing.assert_array_equal(s.y, DIGITS.target[s.index])  # identity remap
+
+
+@pytest.mark.parametrize("norm,lo,hi", [("none", 0.0, 1.0), ("vit", -1.0, 1.0), ("inception", -1.0, 1.0)])
+def test_digits_resize_and_ranges(norm, lo, hi):
+    d = D.load_unlearning_data(image_size=32, normalization=norm, images_per_class=5,
+                               pretrain_per_class=0)
+    x = d.train.x
+    assert x.shape == (50, 32, 32, 3) and d.pretrain is None
+    assert x.min() >= lo - 1e-6 and x.max() <= hi + 1e-6
+    assert x.max() - x.min() > 0.9 * (hi - lo)  # the full range is actually used
+    np.testing.assert_array_equal(x[..., 0], x[..., 1])
+
+
+def test_cifar_normalization_is_per_channel_mean_std():
+    x01 = np.random.default_rng(0).random((4, 2, 2, 3)).astype(np.float32)
+    mean, std = D.NORMALIZATIONS["cifar"]
+    np.testing.assert_allclose(D.normalize_images(x01, "cifar"), (x01 - mean) / np.asarray(std), rtol=1e-6)
+
+
+def test_digits_deterministic_per_seed_and_ipc_prefix():
+    a = D.load_unlearning_data(seed=1, images_per_class=20)
+    b = D.load_unlearning_data(seed=1, images_per_class=20)
+    c = D.load_unlearning_data(seed=2, images_per_class=20)
+    big = D.load_unlearning_data(seed=1, images_per_class=50)
+    for key, s in a.splits().items():
+        np.testing.assert_array_equal(s.x, b.splits()[key].x)
+        np.testing.assert_array_equal(s.index, b.splits()[key].index)
+    assert not np.array_equal(a.retain.index, c.retain.index)
+    # The hold-out and pretrain sets do not depend on #IPC; D(20) is inside D(50).
+    np.testing.assert_array_equal(a.test.index, big.test.index)
+    np.testing.assert_array_equal(a.pretrain.index, big.pretrain.index)
+    assert set(a.train.index.tolist()) < set(big.train.index.tolist())
+
+
+def test_digits_class_subset_and_remap():
+    d = D.load_unlearning_data(classes=[7, 3, 5], forget_classes=[1], images_per_class=10)
+    assert d.num_classes == 3 and d.class_names == ("7", "3", "5") and d.dataset_classes == (7, 3, 5)
+    remap = {7: 0, 3: 1, 5: 2}
+    for s in d.splits().values():
+        np.testing.assert_array_equal(s.y, [remap[t] for t in DIGITS.target[s.index]])
+    assert (DIGITS.target[d.forget.index] == 3).all() and d.forget.size == 10
+    # First-k subset and several forget classes.
+    d = D.load_unlearning_data(num_classes=4, forget_classes=[0, 2], images_per_class=10)
+    assert set(d.forget.y.tolist()) == {0, 2} and set(d.retain.y.tolist()) == {1, 3}
+    assert set(d.test_forget.y.tolist()) == {0, 2} and d.test_retain.size == 60
+
+
+def test_ipc_too_large_names_class_and_counts():
+    # Class 8 has 174 images: 174 - 30 hold-out - 80 pre-training = 64 left for D.
+    D.load_unlearning_data(images_per_class=64)
+    with pytest.raises(ValueError, match=r"images_per_class=65 but class 8 \(8\) has only 64 images"):
+        D.load_unlearning_data(images_per_class=65)
+
+
+def test_samples_mode():
+    kw = dict(images_per_class=20, seed=4)
+    cls_mode = D.load_unlearning_data(**kw)
+    d = D.load_unlearning_data(forget_mode="samples", forget_fraction=0.25, **kw)
+    assert d.forget.size == 50 and d.retain.size == 150 and d.forget_classes == ()
+    assert len(set(d.forget.y.tolist())) > 1  # drawn across classes
+    # Same D as class mode, only partitioned differently; the whole hold-out is in test_retain.
+    assert set(d.train.index.tolist()) == set(cls_mode.train.index.tolist())
+    assert not set(d.forget.index.tolist()) & set(d.retain.index.tolist())
+    assert d.test_forget.size == 0 and d.test_forget.x.shape == (0, 16, 16, 3)
+    np.testing.assert_array_equal(np.sort(d.test_retain.index), np.sort(cls_mode.test.index))
+
+
+def test_config_dict_and_overrides():
+    cfg = D.default_data_config()
+    cfg.images_per_class = 7
+    cfg.seed = 5
+    d = D.load_unlearning_data(cfg, pretrain_per_class=0)
+    assert d.train.size == 70 and d.pretrain is None and d.config.seed == 5
+    assert d.config.holdout_per_class == 30 and d.config.image_size == 16  # dataset defaults filled
+
+
+@pytest.mark.parametrize(
+    "overrides,field",
+    [
+        (dict(name="mnist"), "name"),
+        (dict(image_size=0), "image_size"),
+        (dict(image_size=16.0), "image_size"),
+        (dict(normalization="zscore"), "normalization"),
+        (dict(num_classes=1), "num_classes"),
+        (dict(num_classes=11), "num_classes"),
+        (dict(classes=[1, 1, 2]), "classes"),
+        (dict(classes=[0, 10]), "classes"),
+        (dict(classes=[0, 1], num_classes=3), "num_classes"),
+        (dict(images_per_class=0), "images_per_class"),
+        (dict(images_per_class=True), "images_per_class"),
+        (dict(holdout_per_class=0), "holdout_per_class"),
+        (dict(pretrain_per_class=-1), "pretrain_per_class"),
+        (dict(forget_classes=[]), "forget_classes"),
+        (dict(forget_classes=0), "forget_classes"),
+        (dict(num_classes=3, forget_classes=[5]), "forget_classes"),  # not among the chosen classes
+        (dict(num_classes=2, forget_classes=[0, 1]), "forget_classes"),  # nothing left to retain
+        (dict(forget_mode="sample"), "forget_mode"),
+        (dict(forget_mode="samples"), "forget_fraction"),
+        (dict(forget_mode="samples", forget_fraction=1.0), "forget_fraction"),
+        (dict(forget_fraction=0.1), "forget_fraction"),  # only valid in samples mode
+        (dict(seed=-1), "seed"),
+        (dict(data_dir=3), "data_dir"),
+        (dict(batch_size=3), "batch_size"),  # unknown field
+    ],
+)
+def test_bad_config_names_the_field(overrides, field):
+    with pytest.raises(ValueError, match=field):
+        D.load_unlearning_data(**overrides)
+
+
+# --------------------------------------------------------------------------------------------------
+# minibatches
+# --------------------------------------------------------------------------------------------------
+
+
+def test_iterate_batches_pad_and_drop():
+    x = np.arange(10, dtype=np.float32).reshape(10, 1, 1, 1)
+    y = np.arange(10)
+    batches = list(D.iterate_batches((x, y), 4, seed=0))
+    assert len(batches) == D.num_batches(10, 4) == 3
+    assert all(b.x.shape == (4, 1, 1, 1) and b.y.shape == (4,) and b.y.dtype == np.int32 for b in batches)
+    seen = np.concatenate([b.y[b.mask > 0] for b in batches])
+    np.testing.assert_array_equal(np.sort(seen), y)  # every example exactly once
+    assert batches[-1].mask.tolist() == [1, 1, 0, 0] and (batches[-1].x[2:] == 0).all()
+    np.testing.assert_array_equal(np.concatenate([b.x[:, 0, 0, 0] for b in batches])[:10][: 8],
+                                  np.concatenate([b.y for b in batches])[:8])  # x and y stay paired
+    again = list(D.iterate_batches((x, y), 4, seed=0))
+    other_epoch = list(D.iterate_batches((x, y), 4, seed=0, epoch=1))
+    assert all(np.array_equal(a.y, b.y) for a, b in zip(batches, again))
+    assert not all(np.array_equal(a.y, b.y) for a, b in zip(batches, other_epoch))
+    dropped = list(D.iterate_batches((x, y), 4, remainder="drop"))
+    assert len(dropped) == D.num_batches(10, 4, "drop") == 2 and all(b.mask.all() for b in dropped)
+    ordered = list(D.iterate_batches((x, y), 4, shuffle=False))
+    np.testing.assert_array_equal(ordered[0].y, [0, 1, 2, 3])
+    with pytest.raises(ValueError, match="remainder"):
+        list(D.iterate_batches((x, y), 4, remainder="wrap"))
+    with pytest.raises(ValueError, match="batch_size"):
+        list(D.iterate_batches((x, y), 0))
+
+
+def test_iterate_batches_on_split(digits_default):
+    batches = list(D.iterate_batches(digits_default.forget, 32, seed=1))
+    assert [b.mask.sum() for b in batches] == [32, 28]
+
+
+# --------------------------------------------------------------------------------------------------
+# TFDS (mocked: no download, no prepared data)
+# --------------------------------------------------------------------------------------------------
+
+tfds = pytest.importorskip("tensorflow_datasets")
+tf = pytest.importorskip("tensorflow")
+
+
+def test_cifar10_mock():
+    with tfds.testing.mock_data(num_examples=200):
+        d = D.load_unlearning_data(name="cifar10", images_per_class=5, holdout_per_class=3,
+                                   pretrain_per_class=4, image_size=16, forget_classes=[2])
+    assert d.num_classes == 10 and d.image_shape == (16, 16, 3)
+    assert d.counts() == {"pretrain": 40, "retain": 45, "forget": 5, "test_retain": 27,
+                          "test_forget": 3}
+    assert set(d.forget.y.tolist()) == {2} and 2 not in d.retain.y
+    assert d.retain.source == "cifar10/train" and d.test_retain.source == "cifar10/test"
+    train_pool = np.concatenate([d.pretrain.index, d.train.index])
+    assert np.unique(train_pool).size == train_pool.size
+    assert np.unique(d.test.index).size == d.test.index.size
+    for s in d.splits().values():
+        assert s.x.dtype == np.float32 and np.isfinite(s.x).all()
+    # Pre-training split defaults to none for TFDS datasets (backbone from a checkpoint).
+    with tfds.testing.mock_data(num_examples=200):
+        d = D.load_unlearning_data(name="cifar10", images_per_class=2, holdout_per_class=1)
+    assert d.pretrain is None and d.image_shape == (32, 32, 3)
+    assert d.config.normalization == "cifar"
+
+
+# Fake ImageNet-R: 200 classes with ImageNet-1k ids 1, 6, 11, ... (not 0..199), in shuffled order,
+# 3 images of random sizes each, so the 0..199 mapping and the per-class split are checkable.
+_FAKE_IDS = np.arange(200) * 5 + 1
+
+
+def _fake_imagenet_r(self, split, decoders=None, read_config=None, **kwargs):
+    del split, read_config, kwargs
+    features = self.info.features
+    rng = np.random.default_rng(0)
+    labels = rng.permutation(np.repeat(_FAKE_IDS, 3))
+    examples = []
+    for k, label in enumerate(labels):
+        h, w = rng.integers(6, 40, size=2)
+        examples.append(features.encode_example({
+            "image": rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8),
+            "label": int(label),
+            "file_name": f"fake/{k}.jpg",
+        }))
+    specs = {k: tf.TensorSpec(t.shape, t.tf_dtype) for k, t in features.get_serialized_info().items()}
+    ds = tf.data.Dataset.from_generator(lambda: iter(examples), output_signature=specs)
+    return ds.map(lambda ex: features.decode_example(ex, decoders=decoders))
+
+
+@pytest.fixture
+def fake_imagenet_r():  # function scope: the mock must not leak into other tests
+    with tfds.testing.mock_data(as_dataset_fn=_fake_imagenet_r):
+        def load(**kw):
+            kw = {"holdout_per_class": 1, "images_per_class": 1, "image_size": 24, **kw}
+            return D.load_unlearning_data(name="imagenet_r", **kw)
+        yield load
+
+
+def test_imagenet_r_mock_label_mapping(fake_imagenet_r):
+    d = fake_imagenet_r(num_classes=20, seed=0)
+    assert d.num_classes == 20 and d.image_shape == (24, 24, 3)
+    # Mapped classes 0..19 are the 20 smallest ImageNet-1k ids, in increasing order.
+    assert d.source_labels == tuple(int(i) for i in _FAKE_IDS[:20])
+    names = tfds.builder("imagenet_r").info.features["label"].names
+    assert d.class_names == tuple(names[i] for i in _FAKE_IDS[:20])
+    assert d.counts() == {"pretrain": 0, "retain": 19, "forget": 1, "test_retain": 19,
+                          "test_forget": 1}
+    for s in (d.train, d.test):
+        np.testing.assert_array_equal(np.sort(s.y), np.arange(20))
+        assert s.x.min() >= -1 and s.x.max() <= 1  # default ViT normalisation
+    # Train and hold-out come from the one TFDS split and never share an image.
+    assert not set(d.train.index.tolist()) & set(d.test.index.tolist())
+    # All 200 classes and an explicit list in the mapped space.
+    d = fake_imagenet_r(seed=0)
+    assert d.num_classes == 200 and d.source_labels == tuple(int(i) for i in _FAKE_IDS)
+    d = fake_imagenet_r(classes=[199, 0], seed=0)
+    assert d.source_labels == (int(_FAKE_IDS[199]), int(_FAKE_IDS[0]))
+
+
+def test_imagenet_r_mock_seeded_split(fake_imagenet_r):
+    a = fake_imagenet_r(num_classes=50, seed=0)
+    b = fake_imagenet_r(num_classes=50, seed=0)
+    c = fake_imagenet_r(num_classes=50, seed=1)
+    np.testing.assert_array_equal(a.test.index, b.test.index)
+    np.testing.assert_array_equal(a.train.x, b.train.x)
+    assert not np.array_equal(a.test.index, c.test.index)
+    with pytest.raises(ValueError, match=r"images_per_class=3 but class 0 \(n\d+\) has only 2 images"):
+        fake_imagenet_r(num_classes=20, images_per_class=3)
+
+
+def test_not_prepared_error_names_the_command(tmp_path, monkeypatch):
+    def no_download(*args, **kwargs):
+        raise AssertionError("must not download unless manual_dir is given")
+
+    monkeypatch.setattr(tfds.core.DatasetBuilder, "download_and_prepare", no_download)
+    with pytest.raises(D.DatasetNotPreparedError) as e:
+        D.load_unlearning_data(name="cifar10", data_dir=str(tmp_path))
+    msg = str(e.value)
+    assert isinstance(e.value, ValueError) and "\n" not in msg
+    assert f"download_and_prepare --datasets=cifar10 --data_dir={tmp_path}" in msg
+    assert "cifar-10-binary.tar.gz" in msg and "manual_dir" in msg
+    with pytest.raises(D.DatasetNotPreparedError, match="--datasets=imagenet_r"):
+        D.load_unlearning_data(name="imagenet_r", data_dir=str(tmp_path))
+
+
+def test_manual_dir(tmp_path, monkeypatch):
+    calls = []
+
+    def fake_prepare(self, *args, download_config=None, **kwargs):
+        calls.append(download_config)
+
+    monkeypatch.setattr(tfds.core.DatasetBuilder, "download_and_prepare", fake_prepare)
+    manual, data_dir = tmp_path / "manual", tmp_path / "data"
+    manual.mkdir()
+    # Archive missing: the error names the exact file to put there; nothing is attempted.
+    with pytest.raises(D.DatasetNotPreparedError, match=f"{manual}/cifar-10-binary.tar.gz"):
+        D.load_unlearning_data(name="cifar10", data_dir=str(data_dir), manual_dir=str(manual))
+    assert not calls
+    # Archive present: TFDS is asked to prepare from manual_dir (a no-op here, so still not prepared).
+    (manual / "cifar-10-binary.tar.gz").write_bytes(b"")
+    with pytest.raises(D.DatasetNotPreparedError):
+        D.load_unlearning_data(name="cifar10", data_dir=str(data_dir), manual_dir=str(manual))
+    assert len(calls) == 1 and str(calls[0].manual_dir) == str(manual)
+    assert calls[0].try_download_gcs is False
