@@ -95,17 +95,24 @@ _NUM_DATASET_CLASSES = {"digits": 10, "cifar10": 10, "cifar100": 100, "imagenet_
 #   holdout_per_class: None for CIFAR = the whole TFDS test split of the class.
 #   pretrain_per_class: 0 = no pre-training split (backbone from a checkpoint, as in the paper).
 _DATASET_DEFAULTS = {
-    "digits": dict(image_size=16, normalization="cifar", holdout_per_class=30, pretrain_per_class=80),
-    "cifar10": dict(image_size=32, normalization="cifar", holdout_per_class=None, pretrain_per_class=0),
-    "cifar100": dict(image_size=32, normalization="cifar100", holdout_per_class=None, pretrain_per_class=0),
-    "imagenet_r": dict(image_size=224, normalization="vit", holdout_per_class=25, pretrain_per_class=0),
+    "digits": dict(image_size=16, normalization="cifar", holdout_per_class=30,
+                   pretrain_per_class=80),
+    "cifar10": dict(image_size=32, normalization="cifar", holdout_per_class=None,
+                    pretrain_per_class=0),
+    "cifar100": dict(image_size=32, normalization="cifar100", holdout_per_class=None,
+                     pretrain_per_class=0),
+    "imagenet_r": dict(image_size=224, normalization="vit", holdout_per_class=25,
+                       pretrain_per_class=0),
 }
 
 # The archive TFDS looks for in manual_dir (file name from TFDS's checksum files), and its source.
 _TFDS_ARCHIVES = {
-    "cifar10": ("cifar-10-binary.tar.gz", "https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz"),
-    "cifar100": ("cifar-100-binary.tar.gz", "https://www.cs.toronto.edu/~kriz/cifar-100-binary.tar.gz"),
-    "imagenet_r": ("imagenet-r.tar", "https://people.eecs.berkeley.edu/~hendrycks/imagenet-r.tar"),
+    "cifar10": ("cifar-10-binary.tar.gz",
+                "https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz"),
+    "cifar100": ("cifar-100-binary.tar.gz",
+                 "https://www.cs.toronto.edu/~kriz/cifar-100-binary.tar.gz"),
+    "imagenet_r": ("imagenet-r.tar",
+                   "https://people.eecs.berkeley.edu/~hendrycks/imagenet-r.tar"),
 }
 
 # Random-stream ids (second entry of the seed sequence) so that independent choices never share
@@ -114,7 +121,7 @@ _STREAM_TRAIN_POOL, _STREAM_TEST_POOL, _STREAM_FORGET_SAMPLES = 0, 1, 2
 
 
 class DatasetNotPreparedError(ValueError):
-    """A TFDS dataset is not prepared in ``data_dir``; the message names the command that fixes it."""
+    """A TFDS dataset is not prepared in ``data_dir``; the message names the fix (one line)."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -149,7 +156,8 @@ class Split:
         n = self.x.shape[0]
         if self.x.ndim != 4 or self.y.shape != (n,) or self.index.shape != (n,):
             raise ValueError(
-                f"Split shapes disagree: x {self.x.shape}, y {self.y.shape}, index {self.index.shape}"
+                f"Split shapes disagree: x {self.x.shape}, y {self.y.shape}, "
+                f"index {self.index.shape}"
             )
         object.__setattr__(self, "x", _readonly(self.x.astype(np.float32, copy=False)))
         object.__setattr__(self, "y", _readonly(self.y.astype(np.int32, copy=False)))
@@ -251,10 +259,9 @@ class UnlearningData:
                 f"{nonzero.min()}" if nonzero.size and nonzero.min() == nonzero.max()
                 else (f"{nonzero.min()}..{nonzero.max()}" if nonzero.size else "0")
             )
+            classes = f"{nonzero.size} class{'es' if nonzero.size != 1 else ''}"
             lines.append(
-                f"  {key:<12} {split.size:>7}  ({int(nonzero.size)} class{'es' if nonzero.size != 1 else ''}, "
-                f"{spread}/class, "
-                f"from {split.source})"
+                f"  {key:<12} {split.size:>7}  ({classes}, {spread}/class, from {split.source})"
             )
         return "\n".join(lines)
 
@@ -275,7 +282,7 @@ def _concat(a: Split, b: Split) -> Split:
 
 
 def default_data_config() -> ml_collections.ConfigDict:
-    """The data config with every field and its default; extend or override it in experiment configs.
+    """The data config: every field with its default. Experiment configs extend or override it.
 
     A None marked "dataset default" resolves per dataset (table ``_DATASET_DEFAULTS``); the resolved
     values are stored in ``UnlearningData.config``.
@@ -287,19 +294,21 @@ def default_data_config() -> ml_collections.ConfigDict:
     c.name = "digits"  # "digits" (embedded, offline) | "cifar10" | "cifar100" | "imagenet_r"
     c.data_dir = None  # TFDS data_dir (None: TFDS default, $TFDS_DATA_DIR or ~/tensorflow_datasets)
     c.manual_dir = None  # folder holding the dataset archive; only then is TFDS asked to prepare it
-    c.image_size = None  # square side in pixels; dataset default: digits 16, CIFAR 32, ImageNet-R 224
+    c.image_size = None  # square side in pixels; dataset default: digits 16, CIFAR 32, IN-R 224
     # "cifar" | "cifar100" | "imagenet" (per-channel mean/std) | "vit" | "inception" ([-1, 1]) |
-    # "none" ([0, 1]); dataset default: digits/cifar10 "cifar", cifar100 "cifar100", imagenet_r "vit".
+    # "none" ([0, 1]); dataset default: digits/cifar10 "cifar", cifar100 "cifar100",
+    # imagenet_r "vit".
     c.normalization = None
     c.num_classes = None  # number of classes used (first k of the dataset's classes); None = all
     c.classes = None  # explicit list of dataset class ids (label i := classes[i]); None = first k
     c.images_per_class = 60  # #IPC of the fine-tuning set D; None = every image left in the pool
-    # Hold-out images per class; dataset default: digits 30, CIFAR the whole test split, ImageNet-R 25.
+    # Hold-out images per class; dataset default: digits 30, CIFAR the whole test split,
+    # ImageNet-R 25.
     c.holdout_per_class = None
     # Pre-training images per class, disjoint from D and the hold-out; 0 = no pretrain split.
     # Dataset default: digits 80, others 0 (the paper's backbones come from checkpoints).
     c.pretrain_per_class = None
-    c.forget_classes = [0]  # forget_mode="class": remapped labels forming D_f
+    c.forget_classes = [0]  # forget_mode="class": remapped labels forming D_f (ignored: "samples")
     c.forget_mode = "class"  # "class" (the paper's setting) | "samples" (random subset of D)
     c.forget_fraction = None  # forget_mode="samples": fraction of D forgotten, in (0, 1)
     c.seed = 0  # every random choice (class splits, forget samples) derives from it
@@ -350,9 +359,10 @@ def resolve_data_config(cfg: Mapping[str, Any] | ml_collections.ConfigDict | Non
       **overrides: field values applied after ``cfg``.
 
     Returns:
-      A FrozenConfigDict with every field set (no dataset-default None left, except
-      ``holdout_per_class`` = None for CIFAR meaning "the whole test split", and the fields whose
-      None means "all": ``num_classes`` is filled in, ``images_per_class`` may stay None).
+      A FrozenConfigDict: dataset defaults filled in, ``classes`` and ``num_classes`` always set.
+      None remains only where it means "all" (``images_per_class``; ``holdout_per_class`` for
+      CIFAR: the whole test split) or "unused" (``data_dir``, ``manual_dir``, ``forget_fraction``
+      in class mode, ``forget_classes`` in samples mode). Resolving it again returns it unchanged.
 
     Raises:
       ValueError: naming the field, for an unknown field or a bad value.
@@ -364,10 +374,14 @@ def resolve_data_config(cfg: Mapping[str, Any] | ml_collections.ConfigDict | Non
         if isinstance(source, (ml_collections.ConfigDict, ml_collections.FrozenConfigDict)):
             source = source.to_dict()
         if not isinstance(source, Mapping):
-            raise ValueError(f"data config must be a ConfigDict or a mapping, got {type(source).__name__}")
+            raise ValueError(
+                f"data config must be a ConfigDict or a mapping, got {type(source).__name__}"
+            )
         unknown = sorted(set(source) - set(merged))
         if unknown:
-            raise ValueError(f"data config: unknown field(s) {unknown}; known fields: {sorted(merged)}")
+            raise ValueError(
+                f"data config: unknown field(s) {unknown}; known fields: {sorted(merged)}"
+            )
         merged.update(source)
     c = merged
 
@@ -379,7 +393,9 @@ def resolve_data_config(cfg: Mapping[str, Any] | ml_collections.ConfigDict | Non
 
     for field in ("data_dir", "manual_dir"):
         if c[field] is not None and not isinstance(c[field], (str, os.PathLike)):
-            raise ValueError(f"data config: {field} must be a path string or None, got {c[field]!r}")
+            raise ValueError(
+                f"data config: {field} must be a path string or None, got {c[field]!r}"
+            )
         if c[field] is not None:
             c[field] = os.fspath(c[field])
     _check_int("image_size", c["image_size"], minimum=1, allow_none=False)
@@ -390,7 +406,9 @@ def resolve_data_config(cfg: Mapping[str, Any] | ml_collections.ConfigDict | Non
         c["classes"] = list(_check_int_list("classes", c["classes"], upper=total,
                                             upper_what=f"{name} has {total} classes"))
         if len(c["classes"]) < 2:
-            raise ValueError(f"data config: classes must name at least 2 classes, got {c['classes']}")
+            raise ValueError(
+                f"data config: classes must name at least 2 classes, got {c['classes']}"
+            )
         if c["num_classes"] is not None and c["num_classes"] != len(c["classes"]):
             raise ValueError(
                 f"data config: num_classes={c['num_classes']} disagrees with classes "
@@ -402,10 +420,13 @@ def resolve_data_config(cfg: Mapping[str, Any] | ml_collections.ConfigDict | Non
         if c["num_classes"] is None:
             c["num_classes"] = total
         if c["num_classes"] > total:
-            raise ValueError(f"data config: num_classes={c['num_classes']} but {name} has {total} classes")
+            raise ValueError(
+                f"data config: num_classes={c['num_classes']} but {name} has {total} classes"
+            )
         c["classes"] = list(range(c["num_classes"]))
 
-    _check_int("images_per_class", c["images_per_class"], minimum=1, allow_none=True, none_means="all")
+    _check_int("images_per_class", c["images_per_class"], minimum=1, allow_none=True,
+               none_means="all")
     _check_int("holdout_per_class", c["holdout_per_class"], minimum=1,
                allow_none=name in ("cifar10", "cifar100"), none_means="the whole test split")
     _check_int("pretrain_per_class", c["pretrain_per_class"], minimum=0, allow_none=False)
@@ -418,23 +439,27 @@ def resolve_data_config(cfg: Mapping[str, Any] | ml_collections.ConfigDict | Non
                 "data config: forget_fraction is only used with forget_mode='samples'; "
                 f"set it to None for forget_mode='class' (got {c['forget_fraction']!r})"
             )
-        forget = _check_int_list("forget_classes", c["forget_classes"], upper=c["num_classes"],
-                                 upper_what=f"remapped labels of the {c['num_classes']} chosen classes; "
-                                            "a forget class must be among the chosen classes")
+        forget = _check_int_list(
+            "forget_classes", c["forget_classes"], upper=c["num_classes"],
+            upper_what=f"remapped labels of the {c['num_classes']} chosen classes; "
+                       "a forget class must be among the chosen classes",
+        )
         if len(forget) >= c["num_classes"]:
             raise ValueError(
-                f"data config: forget_classes={list(forget)} covers all {c['num_classes']} classes; "
-                "the retain set D_r would be empty"
+                f"data config: forget_classes={list(forget)} covers all {c['num_classes']} "
+                "classes; the retain set D_r would be empty"
             )
         c["forget_classes"] = list(forget)
     else:
         f = c["forget_fraction"]
-        if isinstance(f, bool) or not isinstance(f, (int, float, np.floating)) or not 0.0 < float(f) < 1.0:
+        is_number = isinstance(f, (int, float, np.floating)) and not isinstance(f, bool)
+        if not is_number or not 0.0 < float(f) < 1.0:
             raise ValueError(
-                f"data config: forget_fraction must be a float in (0, 1) with forget_mode='samples', got {f!r}"
+                "data config: forget_fraction must be a float in (0, 1) with "
+                f"forget_mode='samples', got {f!r}"
             )
         c["forget_fraction"] = float(f)
-        c["forget_classes"] = list(c["forget_classes"]) if c["forget_classes"] is not None else None
+        c["forget_classes"] = None  # sample-level forgetting has no forget classes
     return ml_collections.FrozenConfigDict(c)
 
 
@@ -472,9 +497,13 @@ def _resize_digits(images01: np.ndarray, size: int) -> np.ndarray:
     if size != x.shape[1]:
         # Why on the CPU device: the result must not depend on which accelerator is attached
         # (bit-identical data on laptop and GPU host), and 1,797 tiny images need no accelerator.
-        with jax.default_device(jax.devices("cpu")[0]):
+        try:
+            device = jax.devices("cpu")[0]
+        except RuntimeError:  # JAX_PLATFORMS excludes the CPU backend
+            device = jax.devices()[0]
+        with jax.default_device(device):
             x = np.asarray(jax.image.resize(x, (x.shape[0], size, size, 1), method="bilinear"))
-    # Antialiased linear downsampling/upsampling never leaves [0, 1]; clip float round-off anyway.
+    # (Antialiased) bilinear weights are convex, so [0, 1] is kept; clip float round-off anyway.
     return np.repeat(np.clip(x, 0.0, 1.0), 3, axis=-1)
 
 
@@ -486,7 +515,7 @@ def _resize_digits(images01: np.ndarray, size: int) -> np.ndarray:
 class _Pools(NamedTuple):
     """Source labels in the dataset's class space; images are fetched lazily by index."""
 
-    train_labels: np.ndarray  # (n_train,) int, pool for D (and pretrain, and hold-out if single pool)
+    train_labels: np.ndarray  # (n,) int: pool of D and pretrain (and of the hold-out if no test)
     test_labels: np.ndarray | None  # (n_test,) int, separate hold-out pool (CIFAR), else None
     train_source: str
     test_source: str | None
@@ -499,7 +528,9 @@ def _class_indices(labels: np.ndarray, cls: int, seed: int, stream: int) -> np.n
     return np.random.default_rng([seed, stream, cls]).permutation(idx)
 
 
-def _take(field: str, want: int | None, avail: np.ndarray, cls: int, name: str, what: str) -> np.ndarray:
+def _take(field: str, want: int | None, avail: np.ndarray, cls: int, name: str,
+          what: str) -> np.ndarray:
+    """The first ``want`` of ``avail`` (all if None), or a ValueError naming class and counts."""
     if want is None:
         return avail
     if want > avail.size:
@@ -528,24 +559,28 @@ def _select(pools: _Pools, cfg: ml_collections.FrozenConfigDict) -> dict[str, li
         name = pools.class_names[cls]
         perm = _class_indices(pools.train_labels, cls, cfg.seed, _STREAM_TRAIN_POOL)
         total = perm.size
-        if pools.test_labels is None:
+        if pools.test_labels is None:  # one pool: carve the hold-out first
             holdout = _take("holdout_per_class", cfg.holdout_per_class, perm, cls, name,
                             f"in {pools.train_source}")
             perm = perm[holdout.size:]
+            after = f"after holding out {holdout.size}"
         else:
             test_perm = _class_indices(pools.test_labels, cls, cfg.seed, _STREAM_TEST_POOL)
             holdout = _take("holdout_per_class", cfg.holdout_per_class, test_perm, cls, name,
                             f"in {pools.test_source}")
+            after = "before pre-training" if not cfg.pretrain_per_class else ""
         pretrain = _take("pretrain_per_class", cfg.pretrain_per_class, perm, cls, name,
-                         f"left in {pools.train_source} after the hold-out ({total} in total)")
+                         f"left in {pools.train_source} {after} ({total} in total)")
         rest = perm[pretrain.size:]
+        if pretrain.size:
+            after = f"{after} and {pretrain.size} for pre-training".strip()
         train = _take("images_per_class", cfg.images_per_class, rest, cls, name,
-                      f"left in {pools.train_source} after hold-out and pre-training "
-                      f"({total} in total, {pretrain.size} pre-training)")
+                      f"left in {pools.train_source} {after} ({total} in total)")
         if train.size == 0:
             raise ValueError(
                 f"data config: class {cls} ({name}) has no fine-tuning images left in "
-                f"{pools.train_source} ({total} in total); lower holdout_per_class or pretrain_per_class"
+                f"{pools.train_source} ({total} in total); lower holdout_per_class or "
+                "pretrain_per_class"
             )
         if holdout.size == 0:
             raise ValueError(f"data config: class {cls} ({name}) has no hold-out images")
@@ -590,17 +625,23 @@ def _import_tf_tfds():
     return tf, tfds
 
 
-def _prepare_command(name: str, data_dir: str | None) -> str:
-    dd = data_dir or "~/tensorflow_datasets"
-    return f"python -m tensorflow_datasets.scripts.download_and_prepare --datasets={name} --data_dir={dd}"
+def _data_dir_root(builder) -> str:
+    # builder.data_dir is <root>/<name>/<version> for these (config-less) datasets.
+    return os.path.dirname(os.path.dirname(os.fspath(builder.data_dir)))
 
 
-def _not_prepared(name: str, data_dir: str | None, where: str) -> DatasetNotPreparedError:
+def _prepare_command(name: str, data_dir_root: str) -> str:
+    return (f"python -m tensorflow_datasets.scripts.download_and_prepare --datasets={name} "
+            f"--data_dir={data_dir_root}")
+
+
+def _not_prepared(builder) -> DatasetNotPreparedError:
+    name, root = builder.name, _data_dir_root(builder)
     archive, url = _TFDS_ARCHIVES[name]
     return DatasetNotPreparedError(
-        f"TFDS dataset {name!r} is not prepared in {where} and nothing is downloaded by default: "
-        f"run `{_prepare_command(name, data_dir)}` on a machine with internet and copy the "
-        f"{name}/ folder into that data_dir, or put {archive} (from {url}) in a folder and pass "
+        f"TFDS dataset {name!r} is not prepared in {builder.data_dir} and nothing is downloaded "
+        f"by default: run `{_prepare_command(name, root)}` on a machine with internet and copy "
+        f"{root}/{name} here, or put {archive} (from {url}) in a folder and pass "
         f"manual_dir=<that folder> to prepare it offline"
     )
 
@@ -612,10 +653,11 @@ def _tfds_builder(cfg):
         archive = os.path.join(cfg.manual_dir, _TFDS_ARCHIVES[cfg.name][0])
         # Why check first: without the archive TFDS would silently fall back to downloading.
         if not os.path.exists(archive):
+            file_name, url = _TFDS_ARCHIVES[cfg.name]
             raise DatasetNotPreparedError(
-                f"manual_dir={cfg.manual_dir!r} does not contain {_TFDS_ARCHIVES[cfg.name][0]}: put "
-                f"the archive from {_TFDS_ARCHIVES[cfg.name][1]} at {archive} (or drop manual_dir and "
-                f"run `{_prepare_command(cfg.name, cfg.data_dir)}`)"
+                f"manual_dir={cfg.manual_dir!r} does not contain {file_name}: put the archive "
+                f"from {url} at {archive} (or drop manual_dir and run "
+                f"`{_prepare_command(cfg.name, _data_dir_root(builder))}`)"
             )
         log.info("Preparing %s in %s from %s", cfg.name, builder.data_dir, archive)
         builder.download_and_prepare(
@@ -626,28 +668,31 @@ def _tfds_builder(cfg):
     return builder
 
 
-def _as_dataset(builder, split: str, cfg):
+def _as_dataset(builder, split: str):
     """The split, in a fixed order, with images left JPEG/PNG-encoded (decoded only when chosen)."""
     _, tfds = _import_tf_tfds()
     try:
         return builder.as_dataset(
             split=split,
-            shuffle_files=False,  # fixed order: indices from the label pass must match the image pass
+            # Fixed order: the indices of the label pass must address the same examples in the
+            # image pass.
+            shuffle_files=False,
             decoders={"image": tfds.decode.SkipDecoding()},
         )
     except AssertionError as e:  # how TFDS reports a missing data dir
         if "could not find data" not in str(e):
             raise
-        raise _not_prepared(cfg.name, cfg.data_dir, builder.data_dir) from None
+        raise _not_prepared(builder) from None
 
 
-def _read_labels(builder, split: str, cfg) -> np.ndarray:
-    ds = _as_dataset(builder, split, cfg).map(lambda ex: ex["label"]).batch(8192)
+def _read_labels(builder, split: str) -> np.ndarray:
+    ds = _as_dataset(builder, split).map(lambda ex: ex["label"]).batch(8192)
     chunks = [b.numpy() for b in ds]
     return np.concatenate(chunks).astype(np.int64) if chunks else np.zeros((0,), np.int64)
 
 
-def _read_images(builder, split: str, indices: np.ndarray, expected_labels: np.ndarray, cfg) -> np.ndarray:
+def _read_images(builder, split: str, indices: np.ndarray, expected_labels: np.ndarray,
+                 cfg) -> np.ndarray:
     """Decodes and resizes only the images at ``indices`` of ``split``.
 
     Returns:
@@ -667,7 +712,7 @@ def _read_images(builder, split: str, indices: np.ndarray, expected_labels: np.n
             img = tf.image.resize(img, (size, size), method="bilinear", antialias=True)
         return i, tf.clip_by_value(img, 0.0, 1.0), ex["label"]
 
-    ds = _as_dataset(builder, split, cfg).enumerate()
+    ds = _as_dataset(builder, split).enumerate()
     ds = ds.filter(lambda i, ex: tf.gather(keep_t, i))  # before decoding: skip unused images
     ds = ds.map(decode, num_parallel_calls=tf.data.AUTOTUNE).batch(256)
     got_idx, got_x, got_y = [], [], []
@@ -679,12 +724,15 @@ def _read_images(builder, split: str, indices: np.ndarray, expected_labels: np.n
     order = np.argsort(got_idx)
     got_idx = got_idx[order]
     pos = np.searchsorted(got_idx, indices)
-    # Why: the label pass and the image pass read the split twice; they must agree example by example.
+    # Why: the label pass and the image pass read the split separately; they must agree
+    # example by example, or labels would silently be attached to the wrong images.
     ok = pos < got_idx.size
     ok[ok] = got_idx[pos[ok]] == indices[ok]
     got_y_sorted = np.concatenate(got_y)[order] if got_y else np.zeros((0,), np.int64)
     if not ok.all() or not np.array_equal(got_y_sorted[pos], expected_labels[indices]):
-        raise RuntimeError(f"{cfg.name}/{split}: TFDS returned the split in a different order on a second read")
+        raise RuntimeError(
+            f"{cfg.name}/{split}: TFDS returned the split in a different order on a second read"
+        )
     return np.concatenate(got_x)[order][pos]
 
 
@@ -692,7 +740,7 @@ def _tfds_source(cfg) -> tuple[_Pools, Any]:
     builder = _tfds_builder(cfg)
     label_names = builder.info.features["label"].names
     if cfg.name == "imagenet_r":
-        raw = _read_labels(builder, "test", cfg)
+        raw = _read_labels(builder, "test")
         source_ids = np.unique(raw)  # sorted ImageNet-1k ids present: 200 on the real dataset
         if source_ids.size != _NUM_DATASET_CLASSES["imagenet_r"]:
             log.warning("imagenet_r: %d classes present, expected 200", source_ids.size)
@@ -703,8 +751,8 @@ def _tfds_source(cfg) -> tuple[_Pools, Any]:
         raw_by_pool = {"train": raw}
         split_of_pool = {"train": "test"}
     else:
-        train_raw = _read_labels(builder, "train", cfg)
-        test_raw = _read_labels(builder, "test", cfg)
+        train_raw = _read_labels(builder, "train")
+        test_raw = _read_labels(builder, "test")
         pools = _Pools(train_raw, test_raw, f"{cfg.name}/train", f"{cfg.name}/test",
                        tuple(label_names), tuple(range(len(label_names))))
         raw_by_pool = {"train": train_raw, "test": test_raw}
@@ -747,12 +795,16 @@ def load_unlearning_data(cfg: Mapping[str, Any] | ml_collections.ConfigDict | No
     labels_of = {"train": pools.train_labels, "test": pools.test_labels}
 
     # Fetch each pool's images once (one pass over a TFDS split), then slice.
-    wanted = {"train": np.concatenate(sel["train"] + sel["pretrain"] + ([] if holdout_pool == "test" else sel["holdout"]))}
     if holdout_pool == "test":
-        wanted["test"] = np.concatenate(sel["holdout"])
+        wanted = {"train": np.concatenate(sel["train"] + sel["pretrain"]),
+                  "test": np.concatenate(sel["holdout"])}
+    else:
+        wanted = {"train": np.concatenate(sel["train"] + sel["pretrain"] + sel["holdout"])}
     images = {}
     for pool, idx in wanted.items():
-        idx = np.unique(idx)  # sorted, and a duplicate would be a bug in _select
+        unique = np.unique(idx)  # sorted: what the image pass returns
+        assert unique.size == idx.size, "an image was selected twice"  # _select's invariant
+        idx = unique
         x = normalize_images(fetch(pool, idx), cfg.normalization)
         images[pool] = (idx, x)
 
@@ -780,13 +832,15 @@ def load_unlearning_data(cfg: Mapping[str, Any] | ml_collections.ConfigDict | No
     else:
         forget_classes = ()
         if d.size < 2:
-            raise ValueError("data config: forget_mode='samples' needs at least 2 fine-tuning images")
+            raise ValueError(
+                "data config: forget_mode='samples' needs at least 2 fine-tuning images"
+            )
         # At least one image forgotten and one retained, whatever the fraction rounds to.
         n_forget = min(max(1, round(cfg.forget_fraction * d.size)), d.size - 1)
         rng = np.random.default_rng([cfg.seed, _STREAM_FORGET_SAMPLES])
         in_forget = np.zeros((d.size,), bool)
         in_forget[rng.choice(d.size, size=n_forget, replace=False)] = True
-        # Sample-level forgetting has no "forget classes": the whole hold-out measures generalisation.
+        # Sample-level forgetting has no forget classes: the whole hold-out is test_retain.
         test_in_forget = np.zeros((holdout.size,), bool)
 
     def subset(s: Split, mask: np.ndarray) -> Split:
@@ -844,8 +898,9 @@ def _check_batch_args(batch_size: int, remainder: str) -> None:
         raise ValueError(f"remainder must be one of {list(REMAINDERS)}, got {remainder!r}")
 
 
-def iterate_batches(data: Split | tuple[np.ndarray, np.ndarray], batch_size: int, *, seed: int = 0,
-                    epoch: int = 0, shuffle: bool = True, remainder: str = "pad") -> Iterator[Batch]:
+def iterate_batches(data: Split | tuple[np.ndarray, np.ndarray], batch_size: int, *,
+                    seed: int = 0, epoch: int = 0, shuffle: bool = True,
+                    remainder: str = "pad") -> Iterator[Batch]:
     """Yields one epoch of fixed-shape minibatches, shuffled by ``(seed, epoch)``.
 
     Every batch has exactly ``batch_size`` rows so a jitted step never recompiles. The last,
@@ -869,7 +924,9 @@ def iterate_batches(data: Split | tuple[np.ndarray, np.ndarray], batch_size: int
     x, y = data
     x, y = np.asarray(x), np.asarray(y)
     if x.shape[0] != y.shape[0]:
-        raise ValueError(f"x and y disagree on the number of examples: {x.shape[0]} vs {y.shape[0]}")
+        raise ValueError(
+            f"x and y disagree on the number of examples: {x.shape[0]} vs {y.shape[0]}"
+        )
     n = x.shape[0]
     order = np.random.default_rng([seed, epoch]).permutation(n) if shuffle else np.arange(n)
     for b in range(num_batches(n, batch_size, remainder)):
