@@ -660,11 +660,20 @@ def _tfds_builder(cfg):
                 f"`{_prepare_command(cfg.name, _data_dir_root(builder))}`)"
             )
         log.info("Preparing %s in %s from %s", cfg.name, builder.data_dir, archive)
-        builder.download_and_prepare(
-            download_config=tfds.download.DownloadConfig(
-                manual_dir=cfg.manual_dir, try_download_gcs=False
+        try:
+            builder.download_and_prepare(
+                download_config=tfds.download.DownloadConfig(
+                    manual_dir=cfg.manual_dir, try_download_gcs=False
+                )
             )
-        )
+        except ModuleNotFoundError as e:
+            # Seen with tensorflow-datasets 4.9.10 on Python 3.11: preparing imports
+            # importlib_resources, which that release declares only for Python < 3.9.
+            raise DatasetNotPreparedError(
+                f"TFDS could not prepare {cfg.name!r}: Python module {e.name!r} is missing "
+                f"(tensorflow-datasets needs it to prepare datasets); `pip install {e.name}` "
+                "and retry"
+            ) from e
     return builder
 
 

@@ -358,3 +358,51 @@ def test_manual_dir(tmp_path, monkeypatch):
         D.load_unlearning_data(name="cifar10", data_dir=str(data_dir), manual_dir=str(manual))
     assert len(calls) == 1 and str(calls[0].manual_dir) == str(manual)
     assert calls[0].try_download_gcs is False
+
+    def missing_module(self, *args, **kwargs):
+        raise ModuleNotFoundError("No module named 'importlib_resources'",
+                                  name="importlib_resources")
+
+    monkeypatch.setattr(tfds.core.DatasetBuilder, "download_and_prepare", missing_module)
+    with pytest.raises(D.DatasetNotPreparedError, match="pip install importlib_resources"):
+        D.load_unlearning_data(name="cifar10", data_dir=str(data_dir), manual_dir=str(manual))
+
+
+def test_cifar10_prepared_on_disk(tmp_path, monkeypatch):
+    """The real read path (TFRecords on disk, PNG decoding, two reads) on a tiny fake CIFAR-10."""
+    rng = np.random.default_rng(0)
+    images = {"train": rng.integers(0, 256, (60, 32, 32, 3), dtype=np.uint8),
+              "test": rng.integers(0, 256, (30, 32, 32, 3), dtype=np.uint8)}
+
+    def fake_split_generators(self, dl_manager):
+        def gen(split):
+            for i, img in enumerate(images[split]):
+                yield i, {"id": f"{split}_{i:05d}", "image": img, "label": i % 10}
+        return {"train": gen("train"), "test": gen("test")}
+
+    builder_cls = tfds.builder_cls("cifar10")
+    monkeypatch.setattr(builder_cls, "_split_generators", fake_split_generators)
+    # Preparing needs no checksums here, and reading them imports importlib_resources (see
+    # data.py). Set on the subclass by hand: monkeypatch would read the base-class property first.
+    assert "url_infos" not in vars(builder_cls)
+    builder_cls.url_infos = {}
+    try:
+        builder = tfds.builder("cifar10", data_dir=str(tmp_path))
+        builder.download_and_prepare(
+            download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+    finally:
+        del builder_cls.url_infos
+
+    d = D.load_unlearning_data(name="cifar10", data_dir=str(tmp_path), images_per_class=4,
+                               holdout_per_class=2, normalization="none", forget_classes=[3])
+    assert d.counts() == {"pretrain": 0, "retain": 36, "forget": 4, "test_retain": 18,
+                          "test_forget": 2}
+    # Independent full read of each split (TFDS reorders examples when writing; indices are
+    # positions in the read order): every selected image and label is the one at its index.
+    for s, split in ((d.retain, "train"), (d.forget, "train"), (d.test, "test")):
+        examples = list(tfds.as_numpy(builder.as_dataset(split=split, shuffle_files=False)))
+        x = np.stack([ex["image"] for ex in examples]) / 255.0
+        y = np.array([ex["label"] for ex in examples])
+        np.testing.assert_allclose(s.x, x[s.index], atol=1e-6)
+        np.testing.assert_array_equal(s.y, y[s.index])
+    assert (d.forget.y == 3).all() and (d.test_forget.y == 3).all()
