@@ -214,12 +214,12 @@ class UnlearningData:
 
     @property
     def train(self) -> Split:
-        """D = D_r ∪ D_f (retain first, then forget): what "Full" fine-tunes on."""
+        """D = D_r ∪ D_f (retain first, then forget): what "Full" fine-tunes on. A new copy per call."""
         return _concat(self.retain, self.forget)
 
     @property
     def test(self) -> Split:
-        """The whole hold-out set (retain classes first)."""
+        """The whole hold-out set (retain classes first). A new copy per call."""
         return _concat(self.test_retain, self.test_forget)
 
     def splits(self) -> dict[str, Split | None]:
