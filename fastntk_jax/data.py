@@ -214,7 +214,7 @@ class UnlearningData:
 
     @property
     def train(self) -> Split:
-        """D = D_r ∪ D_f (retain first, then forget): what "Full" fine-tunes on. A new copy per call."""
+        """D = D_r ∪ D_f (retain first, then forget), what "Full" fine-tunes on; copied per call."""
         return _concat(self.retain, self.forget)
 
     @property
