@@ -1,0 +1,120 @@
+"""neural-tangents' kernel vs an independent reference, and the streamed helpers vs full J."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import traverse_util
+from jax.experimental import enable_x64
+
+from fastntk_jax import ntk
+
+
+class TinyBNCNN(nn.Module):
+  num_classes: int = 3
+
+  @nn.compact
+  def __call__(self, x):
+    x = nn.Conv(4, (3, 3), param_dtype=jnp.float64)(x)
+    x = nn.BatchNorm(use_running_average=True, param_dtype=jnp.float64)(x)
+    x = nn.relu(x)
+    x = nn.Conv(4, (3, 3), strides=2, param_dtype=jnp.float64)(x)
+    x = nn.BatchNorm(use_running_average=True, param_dtype=jnp.float64)(x)
+    x = nn.relu(x).mean(axis=(1, 2))
+    return nn.Dense(self.num_classes, param_dtype=jnp.float64)(x)
+
+
+class TinyBNMLP(nn.Module):
+  """Dense + BatchNorm + tanh: nonlinear in its trainable BN/head params, and free of the
+  convolutions whose float64 results XLA:CPU changes by ~1e-7 between jit and eager."""
+  num_classes: int = 3
+
+  @nn.compact
+  def __call__(self, x):
+    x = x.reshape(x.shape[0], -1)
+    for width in (6, 5):
+      x = nn.Dense(width, param_dtype=jnp.float64)(x)
+      x = nn.BatchNorm(use_running_average=True, param_dtype=jnp.float64)(x)
+      x = jnp.tanh(x)
+    return nn.Dense(self.num_classes, param_dtype=jnp.float64)(x)
+
+
+class TinyAttention(nn.Module):
+  num_classes: int = 3
+
+  @nn.compact
+  def __call__(self, x):
+    tokens = x.reshape(x.shape[0], -1, x.shape[-1] * 4)  # 2x2 "patches" of 4 pixels each
+    tokens = nn.Dense(8, param_dtype=jnp.float64)(tokens)
+    tokens = tokens + nn.MultiHeadDotProductAttention(
+        num_heads=2, param_dtype=jnp.float64)(tokens, tokens)
+    return nn.Dense(self.num_classes, param_dtype=jnp.float64)(tokens.mean(axis=1))
+
+
+def split_apply(model, x, trainable_prefixes, rng=0):
+  """Builds apply_fn(trainable, x) closing over the other params and random BN statistics."""
+  variables = model.init(jax.random.PRNGKey(rng), x)
+  flat = traverse_util.flatten_dict(variables["params"], sep="/")
+  is_trainable = lambda k: any(k.startswith(p) for p in trainable_prefixes)
+  trainable = {k: v for k, v in flat.items() if is_trainable(k)}
+  frozen = {k: v for k, v in flat.items() if not is_trainable(k)}
+  stats = variables.get("batch_stats")
+  if stats is not None:  # non-trivial running statistics, so inference-mode BN matters
+    keys = iter(jax.random.split(jax.random.PRNGKey(rng + 1), 64))
+    stats = jax.tree_util.tree_map(
+        lambda s: jnp.abs(s + jax.random.normal(next(keys), s.shape, s.dtype)), stats)
+
+  def apply_fn(trainable, x):
+    params = traverse_util.unflatten_dict({**frozen, **trainable}, sep="/")
+    v = {"params": params} if stats is None else {"params": params, "batch_stats": stats}
+    return model.apply(v, x)
+
+  return apply_fn, trainable
+
+
+@pytest.mark.parametrize("model,prefixes", [
+    (TinyBNCNN(), ("BatchNorm_", "Dense_")),
+    (TinyAttention(), ("MultiHeadDotProductAttention_0/query", "Dense_1")),
+], ids=["bn_cnn", "attention"])
+@pytest.mark.parametrize("impl", ["neural_tangents", "neural_tangents_ntk_vector_products"])
+def test_neural_tangents_kernel_equals_reference(model, prefixes, impl):
+  with enable_x64():
+    x1 = jax.random.normal(jax.random.PRNGKey(0), (5, 4, 4, 2), jnp.float64)
+    x2 = jax.random.normal(jax.random.PRNGKey(1), (3, 4, 4, 2), jnp.float64)
+    apply_fn, params = split_apply(model, x1, prefixes)
+    ref = ntk.reference_kernel(apply_fn, params, x1, x2)
+    assert ref.shape == (5, 3, 3, 3)
+    # Cross-class entries are non-zero: the test checks the full C x C blocks.
+    assert float(jnp.abs(ref[:, :, 0, 1]).max()) > 1e-6
+    for batch_size in (None, 2):  # 2: padded, blocked path
+      got = ntk.empirical_kernel(apply_fn, params, x1, x2, batch_size=batch_size,
+                                 implementation=impl)
+      np.testing.assert_allclose(got, ref, rtol=1e-10, atol=1e-12)
+
+
+def test_kernel_is_jacobian_product_and_helpers_agree():
+  with enable_x64():
+    x = jax.random.normal(jax.random.PRNGKey(0), (7, 4, 4, 2), jnp.float64)
+    apply_fn, params = split_apply(TinyBNCNN(), x, ("BatchNorm_", "Dense_"))
+    j = ntk.jacobian(apply_fn, params, x)
+    p = ntk.num_params(params)
+    assert j.shape == (7 * 3, p)
+    # kernel_to_matrix of the neural-tangents kernel is J Jᵀ in sample-major order.
+    k = ntk.kernel_to_matrix(ntk.empirical_kernel(apply_fn, params, x, batch_size=3))
+    np.testing.assert_allclose(k, j @ j.T, rtol=1e-10, atol=1e-12)
+    # Streamed Gram and Jᵀr equal the dense ones.
+    r = jax.random.normal(jax.random.PRNGKey(2), (7, 3), jnp.float64)
+    g, b = ntk.gram(apply_fn, params, x, r, batch_size=3)
+    np.testing.assert_allclose(g, j.T @ j, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(b, j.T @ r.reshape(-1), rtol=1e-10, atol=1e-12)
+    # jvp/vjp rows equal J v and Jᵀu.
+    flat, unravel = jax.flatten_util.ravel_pytree(params)
+    v = jax.random.normal(jax.random.PRNGKey(3), flat.shape, jnp.float64)
+    np.testing.assert_allclose(
+        ntk.jvp_rows(apply_fn, params, x, unravel(v), batch_size=3).reshape(-1), j @ v,
+        rtol=1e-10, atol=1e-12)
+    pulled = jax.flatten_util.ravel_pytree(ntk.vjp_rows(apply_fn, params, x, r, batch_size=3))[0]
+    np.testing.assert_allclose(pulled, j.T @ r.reshape(-1), rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(ntk.apply_rows(apply_fn, params, x, batch_size=3),
+                               apply_fn(params, x), rtol=1e-12)
