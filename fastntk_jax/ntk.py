@@ -19,6 +19,8 @@ whole data set compiles once, whatever its size.
 from __future__ import annotations
 
 import enum
+import functools
+import logging
 import math
 from typing import Any, Callable, Optional
 
@@ -28,6 +30,7 @@ from jax.flatten_util import ravel_pytree
 
 ApplyFn = Callable[[Any, jnp.ndarray], jnp.ndarray]
 PyTree = Any
+log = logging.getLogger(__name__)
 
 __all__ = [
     "KernelImplementation",
@@ -52,11 +55,38 @@ class KernelImplementation(str, enum.Enum):
     (less memory for wide outputs, slower for small p).
   JAX: this module's own `vmap(jacrev)` + einsum; needs no neural-tangents, so it also runs
     on JAX versions neural-tangents does not import on (e.g. a GPU image with jax >= 0.6).
+  AUTO: NEURAL_TANGENTS when it imports, else JAX (logged once).
   """
 
   NEURAL_TANGENTS = "neural_tangents"
   NEURAL_TANGENTS_NTK_VECTOR_PRODUCTS = "neural_tangents_ntk_vector_products"
   JAX = "jax"
+  AUTO = "auto"
+
+
+@functools.lru_cache(maxsize=None)
+def neural_tangents_available() -> bool:
+  """Whether neural-tangents imports on this JAX (it needs jax 0.5.x)."""
+  try:
+    import neural_tangents  # pylint: disable=g-import-not-at-top,unused-import
+    return True
+  except Exception as e:  # ImportError, or AttributeError from removed JAX internals
+    log.warning("neural-tangents is unavailable (%r); kernels use the built-in JAX "
+                "implementation", e)
+    return False
+
+
+def resolve_implementation(implementation) -> "KernelImplementation":
+  """Maps AUTO to a concrete implementation; validates strings."""
+  try:
+    implementation = KernelImplementation(implementation)
+  except ValueError:
+    raise ValueError(f"unknown kernel implementation {implementation!r}; choose one of "
+                     f"{[k.value for k in KernelImplementation]}") from None
+  if implementation == KernelImplementation.AUTO:
+    return (KernelImplementation.NEURAL_TANGENTS if neural_tangents_available()
+            else KernelImplementation.JAX)
+  return implementation
 
 
 def num_params(params: PyTree) -> int:
@@ -142,7 +172,7 @@ def _per_sample_jacobian(apply_fn: ApplyFn, params: PyTree, x: jnp.ndarray) -> j
 def empirical_kernel(apply_fn: ApplyFn, params: PyTree, x1: jnp.ndarray,
                      x2: Optional[jnp.ndarray] = None, *, batch_size: Optional[int] = 256,
                      implementation: KernelImplementation | str =
-                     KernelImplementation.NEURAL_TANGENTS) -> jnp.ndarray:
+                     KernelImplementation.AUTO) -> jnp.ndarray:
   """Empirical NTK over `params` only, in row/column blocks of `batch_size`.
 
   Memory beyond the output is bounded by two blocks' Jacobians (2 * batch_size * C * p).
@@ -153,12 +183,13 @@ def empirical_kernel(apply_fn: ApplyFn, params: PyTree, x1: jnp.ndarray,
     x1: inputs [n1, ...].
     x2: inputs [n2, ...]; defaults to `x1`.
     batch_size: rows per block (None: one block).
-    implementation: a `KernelImplementation` (or its string value).
+    implementation: a `KernelImplementation` (or its string value); default AUTO
+      (neural-tangents when it imports).
 
   Returns:
     Kernel [n1, n2, C, C], dtype of the logits.
   """
-  implementation = KernelImplementation(implementation)
+  implementation = resolve_implementation(implementation)
   x2_ = x1 if x2 is None else x2
   if implementation == KernelImplementation.JAX:
     block_fn = lambda a, b: reference_kernel(apply_fn, params, a, b)

@@ -437,7 +437,7 @@ def _one_hot_residuals(apply_fn, w_lin, x, y, num_classes, batch_size):
 
 def ridge_update(apply_fn: ApplyFn, w_lin: PyTree, retain, forget, *, num_classes: int,
                  damping: float, solver: str, batch_size: Optional[int] = 256,
-                 kernel_impl: str = "neural_tangents", solve_dtype=None,
+                 kernel_impl: str = "auto", solve_dtype=None,
                  cg_tol: Optional[float] = None, cg_maxiter: Optional[int] = None,
                  with_aux: bool = False) -> tuple[PyTree, dict]:
   """Δ = w_r - w_D of kernel ridge regression linearised at `w_lin` (no validation).
@@ -472,13 +472,15 @@ def ridge_update(apply_fn: ApplyFn, w_lin: PyTree, retain, forget, *, num_classe
 
 
 def _prepare(apply_fn, params_init, params, retain, forget, num_classes, damping, solver,
-             batch_size, solve_dtype, memory_limit_bytes, cg_maxiter, linearize_at):
+             batch_size, solve_dtype, memory_limit_bytes, cg_maxiter, linearize_at,
+             kernel_impl):
   solver, x_r, y_r, x_f, y_f, solve_dtype = _validate(
       apply_fn, params_init, params, retain, forget, num_classes, damping, solver, solve_dtype)
   try:
     linearize_at = LinearizationPoint(linearize_at)
   except ValueError:
     raise ValueError(f"unknown linearize_at {linearize_at!r}; choose 'init' or 'trained'") from None
+  ntk.resolve_implementation(kernel_impl)  # unknown names fail here, before heavy work
   if batch_size is not None and (not isinstance(batch_size, (int, np.integer)) or batch_size < 1):
     raise ValueError(f"batch_size must be a positive int or None, got {batch_size!r}")
   p = ntk.num_params(params)
@@ -498,7 +500,7 @@ def _prepare(apply_fn, params_init, params, retain, forget, num_classes, damping
 
 def ntk_forget(apply_fn: ApplyFn, params_init: PyTree, params: PyTree, *, retain, forget,
                num_classes: int, damping: float = 1e-2, solver: str = "auto",
-               batch_size: Optional[int] = 256, kernel_impl: str = "neural_tangents",
+               batch_size: Optional[int] = 256, kernel_impl: str = "auto",
                solve_dtype=None, linearize_at: str = "init", step_scale: float = 1.0,
                cg_tol: Optional[float] = None, cg_maxiter: Optional[int] = None,
                memory_limit_bytes: Optional[int] = None) -> PyTree:
@@ -518,8 +520,9 @@ def ntk_forget(apply_fn: ApplyFn, params_init: PyTree, params: PyTree, *, retain
       p >= n·C).
     solver: "dual" | "primal" | "cg" | "auto" (cheapest that fits in memory; logged).
     batch_size: rows per streamed block (bounds memory; None = all at once).
-    kernel_impl: "neural_tangents" (default) | "neural_tangents_ntk_vector_products" |
-      "jax" (dual solver's kernel; see `ntk.KernelImplementation`).
+    kernel_impl: "auto" (default: neural-tangents when it imports, else "jax") |
+      "neural_tangents" | "neural_tangents_ntk_vector_products" | "jax" (the dual solver's
+      kernel; see `ntk.KernelImplementation`).
     solve_dtype: dtype of kernels/Grams in the solve (e.g. jnp.float64, needs x64);
       default: the params' dtype.
     linearize_at: "init" (default, w0) | "trained" (w_D; see `LinearizationPoint`).
@@ -538,7 +541,7 @@ def ntk_forget(apply_fn: ApplyFn, params_init: PyTree, params: PyTree, *, retain
   """
   name, _, _, w_lin, retain, forget, solve_dtype = _prepare(
       apply_fn, params_init, params, retain, forget, num_classes, damping, solver,
-      batch_size, solve_dtype, memory_limit_bytes, cg_maxiter, linearize_at)
+      batch_size, solve_dtype, memory_limit_bytes, cg_maxiter, linearize_at, kernel_impl)
   delta, _ = ridge_update(apply_fn, w_lin, retain, forget, num_classes=num_classes,
                           damping=damping, solver=name, batch_size=batch_size,
                           kernel_impl=kernel_impl, solve_dtype=solve_dtype, cg_tol=cg_tol,
@@ -568,7 +571,7 @@ def _peak_memory_probe():
 def ntk_forget_with_diagnostics(apply_fn: ApplyFn, params_init: PyTree, params: PyTree, *,
                                 retain, forget, num_classes: int, damping: float = 1e-2,
                                 solver: str = "auto", batch_size: Optional[int] = 256,
-                                kernel_impl: str = "neural_tangents", solve_dtype=None,
+                                kernel_impl: str = "auto", solve_dtype=None,
                                 linearize_at: str = "init", step_scale: float = 1.0,
                                 cg_tol: Optional[float] = None,
                                 cg_maxiter: Optional[int] = None,
@@ -584,7 +587,7 @@ def ntk_forget_with_diagnostics(apply_fn: ApplyFn, params_init: PyTree, params: 
   """
   name, reason, costs, w_lin, retain, forget, solve_dtype = _prepare(
       apply_fn, params_init, params, retain, forget, num_classes, damping, solver,
-      batch_size, solve_dtype, memory_limit_bytes, cg_maxiter, linearize_at)
+      batch_size, solve_dtype, memory_limit_bytes, cg_maxiter, linearize_at, kernel_impl)
   probe = _peak_memory_probe()
   start = time.perf_counter()
 

@@ -141,6 +141,7 @@ def _bad_cases():
       ("negative damping", dict(damping=-1.0), ValueError, "damping must be a finite number >= 0"),
       ("zero damping singular", dict(damping=0.0), ValueError, "damping=0 makes the system singular"),
       ("unknown solver", dict(solver="svd"), ValueError, "unknown solver 'svd'"),
+      ("unknown kernel", dict(kernel_impl="fast"), ValueError, "unknown kernel implementation 'fast'"),
       ("num_classes", dict(num_classes=0), ValueError, "num_classes must be a positive int"),
       ("wrong C", dict(num_classes=5), ValueError, r"returned shape \(1, 3\); expected"),
       ("input shape", dict(forget=(xf[:, :2], yf)), ValueError, "differ in per-sample shape"),
