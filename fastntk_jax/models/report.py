@@ -30,6 +30,8 @@ import jax
 import jax.numpy as jnp
 
 from fastntk_jax.models import get_model
+from fastntk_jax.models.mobilenetv2 import MobileNetV2, make_divisible
+from fastntk_jax.models.resnet import CifarResNet
 from fastntk_jax.models.trainable import FROZEN_PARAMS, TRAINABLE, count_params
 from fastntk_jax.models.vit import DEFAULT_PROMPT_LENGTH, VisionTransformer, prompted_blocks
 
@@ -100,8 +102,6 @@ def analytic_trainable(model: nn.Module, variables: dict) -> int:
 
 def _head_input_dim(model: nn.Module) -> int:
   """Channels of the feature the CNN head reads (last stage width / last 1x1 conv)."""
-  from fastntk_jax.models.mobilenetv2 import MobileNetV2, make_divisible  # pylint: disable=g-import-not-at-top
-  from fastntk_jax.models.resnet import CifarResNet  # pylint: disable=g-import-not-at-top
   if isinstance(model, CifarResNet):
     return model.widths[-1]
   if isinstance(model, MobileNetV2):
@@ -193,7 +193,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   print()
   print("Total = frozen `params` + `trainable` (BN running statistics are not parameters). "
         "Appendix A formula: 2*c_out per conv+BN layer + head (CNNs), 2*L*D per prompted "
-        "block + head (ViTs).")
+        "block + head (ViTs). Paper bounds (Sec. IV): < 4.88% for the CNNs (Table I), "
+        "< 0.4% for the ViTs on ImageNet-R (Table II).")
   return 0 if all(r.analytic_trainable == r.trainable for r in reports) else 1
 
 

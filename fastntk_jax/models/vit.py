@@ -97,8 +97,9 @@ class PromptedAttention(nn.Module):
       # like the projected keys/values they are prepended to.
       p_k = self.variable(TRAINABLE, "prompt_k", pinit).value
       p_v = self.variable(TRAINABLE, "prompt_v", pinit).value
-      p_k = jnp.broadcast_to(p_k.reshape(1, self.prompt_length, h, hd), (n, self.prompt_length, h, hd))
-      p_v = jnp.broadcast_to(p_v.reshape(1, self.prompt_length, h, hd), (n, self.prompt_length, h, hd))
+      shape = (n, self.prompt_length, h, hd)
+      p_k = jnp.broadcast_to(p_k.reshape(1, *shape[1:]), shape)
+      p_v = jnp.broadcast_to(p_v.reshape(1, *shape[1:]), shape)
       k = jnp.concatenate([p_k.astype(k.dtype), k], axis=1)  # [n, L + T, h, hd]
       v = jnp.concatenate([p_v.astype(v.dtype), v], axis=1)
     q = q / jnp.sqrt(hd).astype(q.dtype)
