@@ -1,0 +1,169 @@
+"""The experiment config: one schema with a commented default for every knob, and validation.
+
+Config files in `configs/` start from `base_config()` and override fields; the dict is
+locked, so a misspelt field fails at assignment (`KeyError` naming it), and `validate`
+rejects bad values with a message naming the field and what is allowed.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import ml_collections
+
+from fastntk_jax import data as data_lib
+from fastntk_jax import train as train_lib
+from fastntk_jax import unlearn
+from fastntk_jax.models import MODEL_NAMES
+
+METHODS = ("full", "retrain", "fastntk", "max_loss", "random_label")
+
+
+def _train(epochs, lr, batch_size, optimizer="sgd", loss="mse", bn_mode="frozen",
+           momentum=0.9, weight_decay=0.0) -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.epochs = epochs  # passes over the training split
+  c.learning_rate = lr  # constant learning rate
+  c.batch_size = batch_size  # fixed batch shape (last batch padded and masked)
+  c.optimizer = optimizer  # "sgd" (with momentum) | "adam" (AdamW)
+  c.momentum = momentum  # SGD momentum (ignored by adam)
+  c.weight_decay = weight_decay  # decoupled weight decay on the trained leaves
+  c.loss = loss  # "mse" (0.5||f - onehot||², what Eq. (1) assumes) | "ce"
+  c.bn_mode = bn_mode  # "frozen": pre-trained running stats (what the NTK linearises) | "train"
+  return c
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Every field of an experiment with its default (the embedded digits run)."""
+  c = ml_collections.ConfigDict()
+  c.seeds = (0, 1, 2)  # training seeds (head init, batch order); results give mean ± std
+  c.methods = METHODS  # which methods to run and report (full and retrain always run)
+
+  c.data = data_lib.default_data_config()
+
+  c.model = ml_collections.ConfigDict()
+  c.model.name = "resnet8"  # one of fastntk_jax.models.MODEL_NAMES
+  c.model.options = ml_collections.ConfigDict({"shortcut": "B"})  # get_model(**options)
+
+  c.pretrain = ml_collections.ConfigDict()
+  c.pretrain.source = "train"  # "train" on data.pretrain | "npz" (ViT .npz) | "checkpoint" | "none"
+  c.pretrain.path = ""  # file/folder for source="npz"/"checkpoint"
+  c.pretrain.train = _train(epochs=30, lr=0.05, batch_size=64, loss="ce", bn_mode="train")
+  c.pretrain.train.weight_decay = 5e-4
+
+  # PEFT fine-tuning of the trainable collection (Full on D, Retrain on D_r; same protocol).
+  c.finetune = _train(epochs=40, lr=0.05, batch_size=64)
+
+  c.unlearn = ml_collections.ConfigDict()
+  c.unlearn.damping = 1e-2  # λ added to every inverted kernel block
+  c.unlearn.solver = "auto"  # "dual" | "primal" | "cg" | "auto"
+  c.unlearn.batch_size = 128  # rows per streamed Jacobian/kernel block
+  c.unlearn.kernel_impl = "auto"  # "auto" | "neural_tangents" | "jax"
+  c.unlearn.linearize_at = "init"  # "init" (w0, DESIGN.md §1) | "trained"
+  c.unlearn.step_scale = 1.0  # 1.0 = the exact update
+  c.unlearn.solve_dtype = "float32"  # "float32" | "float64" (float64 enables jax x64)
+
+  c.baselines = ml_collections.ConfigDict()
+  # Max Loss: gradient ascent on D_f from Full.
+  c.baselines.max_loss = _train(epochs=5, lr=0.01, batch_size=64, loss="ce")
+  # Random Label: fine-tune Full on D_f with random wrong labels.
+  c.baselines.random_label = _train(epochs=5, lr=0.01, batch_size=64, loss="ce")
+
+  c.eval = ml_collections.ConfigDict()
+  c.eval.relearn = _train(epochs=100, lr=0.01, batch_size=64, loss="ce")  # epochs = the cap
+  c.eval.relearn_threshold = 0.05  # relearn time = epochs until D_f training loss < this
+  c.eval.probe = _train(epochs=30, lr=0.05, batch_size=64, loss="ce")  # linear probe of a fresh head
+  c.eval.batch_size = 256  # inference batch
+
+  c.lock()
+  return c
+
+
+def _choice(field: str, value: Any, allowed) -> None:
+  if value not in allowed:
+    raise ValueError(f"config.{field}={value!r} is not valid; allowed: {list(allowed)}")
+
+
+def _positive(field: str, value: Any, *, integer: bool, allow_zero: bool = False) -> None:
+  ok_type = isinstance(value, int) if integer else isinstance(value, (int, float))
+  if isinstance(value, bool) or not ok_type or value < 0 or (value == 0 and not allow_zero):
+    kind = "an int" if integer else "a number"
+    raise ValueError(f"config.{field}={value!r} must be {kind} "
+                     f"{'>= 0' if allow_zero else '> 0'}")
+
+
+def _validate_train(prefix: str, c) -> None:
+  _positive(f"{prefix}.epochs", c.epochs, integer=True, allow_zero=True)
+  _positive(f"{prefix}.learning_rate", c.learning_rate, integer=False)
+  _positive(f"{prefix}.batch_size", c.batch_size, integer=True)
+  _choice(f"{prefix}.optimizer", c.optimizer, train_lib.OPTIMIZERS)
+  _choice(f"{prefix}.loss", c.loss, train_lib.LOSSES)
+  _choice(f"{prefix}.bn_mode", c.bn_mode, train_lib.BN_MODES)
+  _positive(f"{prefix}.momentum", c.momentum, integer=False, allow_zero=True)
+  _positive(f"{prefix}.weight_decay", c.weight_decay, integer=False, allow_zero=True)
+
+
+def check_keys(cfg, reference=None, prefix="") -> None:
+  """Every key of `cfg` must exist in the schema (catches configs built without base_config)."""
+  reference = base_config() if reference is None else reference
+  for key in cfg.keys():
+    if key not in reference:
+      raise ValueError(f"unknown config key {prefix}{key!r}; known keys at this level: "
+                       f"{sorted(reference.keys())}")
+    sub, ref = cfg[key], reference[key]
+    if isinstance(ref, ml_collections.ConfigDict) and key != "options":
+      if not isinstance(sub, ml_collections.ConfigDict):
+        raise ValueError(f"config.{prefix}{key} must be a group of fields, got {sub!r}")
+      check_keys(sub, ref, prefix=f"{prefix}{key}.")
+
+
+def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Checks every field; returns the config unchanged or raises ValueError naming the field."""
+  check_keys(cfg)
+  seeds = tuple(cfg.seeds)
+  if not seeds or any(isinstance(s, bool) or not isinstance(s, int) for s in seeds) \
+      or len(set(seeds)) != len(seeds):
+    raise ValueError(f"config.seeds={cfg.seeds!r} must be a non-empty list of distinct ints")
+  for m in cfg.methods:
+    _choice("methods[]", m, METHODS)
+  _choice("model.name", cfg.model.name, MODEL_NAMES)
+  _choice("pretrain.source", cfg.pretrain.source, ("train", "npz", "checkpoint", "none"))
+  if cfg.pretrain.source in ("npz", "checkpoint") and not cfg.pretrain.path:
+    raise ValueError(f"config.pretrain.path must name the file for pretrain.source="
+                     f"{cfg.pretrain.source!r}")
+  for prefix in ("pretrain.train", "finetune", "baselines.max_loss", "baselines.random_label",
+                 "eval.relearn", "eval.probe"):
+    node = cfg
+    for part in prefix.split("."):
+      node = node[part]
+    _validate_train(prefix, node)
+  u = cfg.unlearn
+  _positive("unlearn.damping", u.damping, integer=False, allow_zero=True)
+  _choice("unlearn.solver", u.solver, [s.value for s in unlearn.Solver])
+  _positive("unlearn.batch_size", u.batch_size, integer=True)
+  _choice("unlearn.kernel_impl", u.kernel_impl, ("auto", "neural_tangents",
+                                                 "neural_tangents_ntk_vector_products", "jax"))
+  _choice("unlearn.linearize_at", u.linearize_at, ("init", "trained"))
+  _positive("unlearn.step_scale", u.step_scale, integer=False, allow_zero=True)
+  _choice("unlearn.solve_dtype", u.solve_dtype, ("float32", "float64"))
+  _positive("eval.relearn_threshold", cfg.eval.relearn_threshold, integer=False)
+  _positive("eval.batch_size", cfg.eval.batch_size, integer=True)
+  data_lib.resolve_data_config(cfg.data)  # raises naming the data field
+  return cfg
+
+
+def load_config_file(path: str) -> ml_collections.ConfigDict:
+  """Imports a config file and calls its `get_config(arg)`; `path` may be 'file.py:arg'."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  import os  # pylint: disable=g-import-not-at-top
+  arg = None
+  if ":" in os.path.basename(path):
+    path, arg = path.rsplit(":", 1)
+  if not os.path.isfile(path):
+    raise ValueError(f"config file {path!r} does not exist")
+  spec = importlib.util.spec_from_file_location("fastntk_user_config", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  if not hasattr(module, "get_config"):
+    raise ValueError(f"config file {path!r} defines no get_config()")
+  return module.get_config(arg) if arg is not None else module.get_config()

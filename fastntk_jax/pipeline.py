@@ -1,0 +1,312 @@
+"""The main job: pre-train → fine-tune (Full) → Retrain → unlearn (Fast-NTK, Max Loss,
+Random Label) → evaluate, for several seeds, resumable stage by stage.
+
+Every stage writes its result atomically into the workdir and is skipped when that result
+is already there, so a killed run restarted with the same command continues where it
+stopped and ends with the same numbers. A workdir holding another config is refused.
+
+Workdir layout:
+  config.json                  the validated config (compared on restart)
+  pretrain/                    pre-trained variables (orbax)
+  seed_<s>/<method>/           trainable params (+ batch_stats) of each method (orbax)
+  seed_<s>/<method>.json       that method's metrics
+  seed_<s>/probe_<kind>.json   linear-probe accuracies
+  results.json, results.md, *.png, tb/   the report (see `fastntk_jax.report`)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from typing import Any, Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from fastntk_jax import config as config_lib
+from fastntk_jax import data as data_lib
+from fastntk_jax import report
+from fastntk_jax import train as train_lib
+from fastntk_jax import unlearn
+from fastntk_jax import workdir as wd
+from fastntk_jax.models import checkpoints
+from fastntk_jax.models import get_model
+from fastntk_jax.models import trainable as tr
+
+log = logging.getLogger(__name__)
+PyTree = Any
+
+
+def train_spec(c: ml_collections.ConfigDict, **overrides) -> train_lib.TrainSpec:
+  """TrainSpec from a config group made by `config._train`."""
+  fields = dict(epochs=c.epochs, learning_rate=float(c.learning_rate), batch_size=c.batch_size,
+                optimizer=c.optimizer, momentum=float(c.momentum),
+                weight_decay=float(c.weight_decay), loss=c.loss, bn_mode=c.bn_mode)
+  fields.update(overrides)
+  return train_lib.TrainSpec(**fields)
+
+
+class _Progress:
+  """A tqdm bar per stage, plus TensorBoard scalars of the per-epoch loss."""
+
+  def __init__(self, workdir: str, enabled: bool):
+    self.enabled = enabled
+    self.writer = None
+    try:
+      from flax.metrics import tensorboard  # pylint: disable=g-import-not-at-top
+      self.writer = tensorboard.SummaryWriter(os.path.join(workdir, "tb"))
+    except Exception as e:  # TensorBoard logging is a convenience, never a failure
+      log.warning("TensorBoard logging disabled: %r", e)
+
+  def epochs(self, tag: str, total: int) -> Callable[[int, float], None]:
+    from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
+    bar = tqdm(total=total, desc=tag, leave=False, disable=not self.enabled, unit="ep")
+
+    def update(epoch: int, loss: float):
+      bar.update(1)
+      bar.set_postfix(loss=f"{loss:.4f}")
+      if self.writer is not None:
+        self.writer.scalar(f"{tag}/loss", loss, epoch)
+      if epoch + 1 >= total:
+        bar.close()
+
+    return update
+
+  def close(self):
+    if self.writer is not None:
+      self.writer.flush()
+
+
+def _init_variables(model, image_shape, seed: int) -> dict:
+  x = jnp.zeros((1,) + tuple(image_shape), jnp.float32)
+  return jax.tree_util.tree_map(np.asarray, dict(model.init(jax.random.PRNGKey(seed), x)))
+
+
+def pretrain_stage(cfg, model, data, workdir: str, progress: _Progress) -> dict:
+  """The backbone every method starts from: trained here, loaded, or random."""
+  path = os.path.join(workdir, "pretrain")
+  init = _init_variables(model, data.image_shape, seed=10_000)
+  if os.path.isdir(path):
+    return checkpoints.restore_checkpoint(path, init)
+  source = cfg.pretrain.source
+  if source == "train":
+    if data.pretrain is None or data.pretrain.size == 0:
+      raise ValueError("config.pretrain.source='train' but the data has no pretrain split; set "
+                       "data.pretrain_per_class > 0 or use pretrain.source='npz'/'checkpoint'")
+    spec = train_spec(cfg.pretrain.train)
+    trained = {"params": init["params"], "trainable": init["trainable"]}
+    frozen = {k: v for k, v in init.items() if k not in trained}
+    trained, stats, _ = train_lib.fit_collections(
+        model, trained, frozen, data.pretrain, spec, data.num_classes, seed=10_000,
+        progress=progress.epochs("pretrain", spec.epochs))
+    variables = {**frozen, **trained}
+    if stats is not None:
+      variables["batch_stats"] = stats
+  elif source == "npz":
+    variables = checkpoints.load_vit_npz(cfg.pretrain.path, init)
+  elif source == "checkpoint":
+    variables = checkpoints.restore_checkpoint(cfg.pretrain.path, init)
+  else:  # "none": a randomly initialised backbone
+    variables = init
+  variables = jax.tree_util.tree_map(np.asarray, dict(variables))
+  checkpoints.save_checkpoint(path, variables, overwrite=True)
+  return variables
+
+
+def fresh_head(trainable: PyTree, model, image_shape, seed: int) -> PyTree:
+  """The pre-trained trainable collection with a freshly initialised head (one per task)."""
+  if "head" not in trainable:
+    raise ValueError(f"the trainable collection has no 'head' (keys: {sorted(trainable)})")
+  init = _init_variables(model, image_shape, seed)
+  return {**trainable, "head": init["trainable"]["head"]}
+
+
+def _stage(path: str, target: PyTree, compute: Callable[[], PyTree]) -> PyTree:
+  """Restores `path` if a complete checkpoint is there, else computes and saves it."""
+  if os.path.isdir(path):
+    return checkpoints.restore_checkpoint(path, target)
+  value = jax.tree_util.tree_map(np.asarray, compute())
+  checkpoints.save_checkpoint(path, value, overwrite=True)
+  return value
+
+
+def _json_stage(path: str, compute: Callable[[], dict]) -> dict:
+  if os.path.exists(path):
+    with open(path) as f:
+      return json.load(f)
+  value = compute()
+  wd.atomic_write_json(path, value)
+  return value
+
+
+def evaluate_method(model, trainable, frozen, data, cfg, seed: int, name: str,
+                    progress: _Progress) -> dict:
+  """Accuracies on every split and the relearn time of one method's params."""
+  logits = lambda split: train_lib.predict(model, trainable, frozen, split.x,
+                                           batch_size=cfg.eval.batch_size)
+  metrics = {
+      "acc_retain": train_lib.accuracy(logits(data.retain), data.retain.y),
+      "acc_forget": train_lib.accuracy(logits(data.forget), data.forget.y),
+      "acc_test_retain": train_lib.accuracy(logits(data.test_retain), data.test_retain.y),
+      "acc_test_forget": train_lib.accuracy(logits(data.test_forget), data.test_forget.y),
+  }
+  spec = train_spec(cfg.eval.relearn)
+  _, _, history = train_lib.fit(
+      model, trainable, frozen, data.forget, spec, data.num_classes, seed=seed + 7,
+      stop_below=cfg.eval.relearn_threshold,
+      progress=progress.epochs(f"seed{seed}/relearn/{name}", spec.epochs))
+  reached = history[-1] < cfg.eval.relearn_threshold
+  metrics["relearn_epochs"] = len(history) if reached else spec.epochs
+  metrics["relearn_curve"] = history
+  metrics["relearn_protocol"] = (f"{spec.describe()}, until D_f loss < "
+                                 f"{cfg.eval.relearn_threshold:g}, cap {spec.epochs}")
+  return metrics
+
+
+def linear_probe(model, trainable, frozen, data, cfg, seed: int, tag: str,
+                 progress: _Progress) -> dict:
+  """Probe: freeze everything but a fresh head, train it on D, report D_r / D_f accuracy.
+
+  High probe accuracy on D_f means the features still separate the forgotten data.
+  """
+  spec = train_spec(cfg.eval.probe, head_only=True)
+  start = fresh_head(trainable, model, data.image_shape, seed + 31)
+  probed, _, _ = train_lib.fit(model, start, frozen, data.train, spec, data.num_classes,
+                               seed=seed + 3,
+                               progress=progress.epochs(f"seed{seed}/probe/{tag}", spec.epochs))
+  acc = lambda split: train_lib.accuracy(
+      train_lib.predict(model, probed, frozen, split.x, batch_size=cfg.eval.batch_size), split.y)
+  return {"probe_acc_retain": acc(data.retain), "probe_acc_forget": acc(data.forget)}
+
+
+def run_seed(cfg, model, data, pretrained: dict, seed: int, workdir: str,
+             progress: _Progress) -> dict:
+  """All methods for one seed; returns {method: metrics} and {probe kind: metrics}."""
+  sdir = os.path.join(workdir, f"seed_{seed}")
+  os.makedirs(sdir, exist_ok=True)
+  w_pre, frozen_pre = tr.split(pretrained)
+  w0 = fresh_head(w_pre, model, data.image_shape, seed)
+  ft = train_spec(cfg.finetune)
+  c = data.num_classes
+  results, timings = {}, {}
+
+  def finetune(split, tag):
+    start = time.perf_counter()
+    params, stats, hist = train_lib.fit(model, w0, frozen_pre, split, ft, c, seed=seed,
+                                        progress=progress.epochs(f"seed{seed}/{tag}", ft.epochs))
+    out = {"trainable": params}
+    if stats is not None:
+      out["batch_stats"] = stats
+    timings[tag] = time.perf_counter() - start
+    return out
+
+  target = {"trainable": w0}
+  if "batch_stats" in frozen_pre:
+    target["batch_stats"] = frozen_pre["batch_stats"]
+  full = _stage(os.path.join(sdir, "full"), target, lambda: finetune(data.train, "full"))
+  retrain = _stage(os.path.join(sdir, "retrain"), target, lambda: finetune(data.retain, "retrain"))
+  # The fine-tuned model's frozen side: its BN statistics (updated only if bn_mode="train").
+  frozen_full = {**frozen_pre, **({"batch_stats": full["batch_stats"]} if "batch_stats" in full else {})}
+  frozen_retrain = {**frozen_pre, **({"batch_stats": retrain["batch_stats"]} if "batch_stats" in retrain else {})}
+
+  methods = {"full": (full["trainable"], frozen_full), "retrain": (retrain["trainable"], frozen_retrain)}
+  diagnostics = {}
+
+  if "fastntk" in cfg.methods:
+    def fastntk():
+      # The kernel is taken at w0 with the *pre-trained* BN statistics (DESIGN.md §1).
+      apply_fn = tr.make_apply_fn(model, frozen_pre)
+      u = cfg.unlearn
+      solve_dtype = jnp.float64 if u.solve_dtype == "float64" else None
+      new, diag = unlearn.ntk_forget_with_diagnostics(
+          apply_fn, w0, full["trainable"], retain=(jnp.asarray(data.retain.x), jnp.asarray(data.retain.y)),
+          forget=(jnp.asarray(data.forget.x), jnp.asarray(data.forget.y)), num_classes=c,
+          damping=float(u.damping), solver=u.solver, batch_size=u.batch_size,
+          kernel_impl=u.kernel_impl, solve_dtype=solve_dtype, linearize_at=u.linearize_at,
+          step_scale=float(u.step_scale))
+      d = diag.as_dict()
+      timings["fastntk"] = diag.seconds
+      wd.atomic_write_json(os.path.join(sdir, "fastntk_diagnostics.json"), d)
+      return {"trainable": new}
+    out = _stage(os.path.join(sdir, "fastntk"), {"trainable": w0}, fastntk)
+    methods["fastntk"] = (out["trainable"], frozen_full)
+    with open(os.path.join(sdir, "fastntk_diagnostics.json")) as f:
+      diagnostics = json.load(f)
+
+  if "max_loss" in cfg.methods:
+    spec = train_spec(cfg.baselines.max_loss, ascent=True)
+    def max_loss():
+      start = time.perf_counter()
+      p, _, _ = train_lib.fit(model, full["trainable"], frozen_full, data.forget, spec, c,
+                              seed=seed + 1, progress=progress.epochs(f"seed{seed}/max_loss", spec.epochs))
+      timings["max_loss"] = time.perf_counter() - start
+      return {"trainable": p}
+    methods["max_loss"] = (_stage(os.path.join(sdir, "max_loss"), {"trainable": w0}, max_loss)["trainable"], frozen_full)
+
+  if "random_label" in cfg.methods:
+    spec = train_spec(cfg.baselines.random_label)
+    rng = np.random.default_rng([seed, 17])
+    wrong = (data.forget.y + rng.integers(1, c, size=data.forget.size)) % c  # never the true label
+    def random_label():
+      start = time.perf_counter()
+      p, _, _ = train_lib.fit(model, full["trainable"], frozen_full, (data.forget.x, wrong), spec, c,
+                              seed=seed + 2, progress=progress.epochs(f"seed{seed}/random_label", spec.epochs))
+      timings["random_label"] = time.perf_counter() - start
+      return {"trainable": p}
+    methods["random_label"] = (_stage(os.path.join(sdir, "random_label"), {"trainable": w0}, random_label)["trainable"], frozen_full)
+
+  for name, (params, frozen) in methods.items():
+    def compute(name=name, params=params, frozen=frozen):
+      m = evaluate_method(model, params, frozen, data, cfg, seed, name, progress)
+      m["seconds"] = timings.get(name)  # None when this run restored the stage from disk
+      return m
+    results[name] = _json_stage(os.path.join(sdir, f"{name}.json"), compute)
+  if diagnostics:
+    results["fastntk"]["diagnostics"] = diagnostics
+
+  probes = {}
+  random_init = _init_variables(model, data.image_shape, seed=20_000 + seed)
+  w_rand, frozen_rand = tr.split(random_init)
+  probe_inputs = {"pretrained": (w0, frozen_pre), "random_init": (w_rand, frozen_rand)}
+  if "fastntk" in methods:
+    probe_inputs["fastntk"] = methods["fastntk"]
+  for kind, (params, frozen) in probe_inputs.items():
+    probes[kind] = _json_stage(
+        os.path.join(sdir, f"probe_{kind}.json"),
+        lambda params=params, frozen=frozen, kind=kind: linear_probe(
+            model, params, frozen, data, cfg, seed, kind, progress))
+  return {"methods": results, "probes": probes}
+
+
+def run(cfg: ml_collections.ConfigDict, workdir: str, *, show_progress: bool = True) -> dict:
+  """Runs (or resumes) the whole experiment in `workdir`; returns the results dict.
+
+  Args:
+    cfg: a config from `configs/` (validated here).
+    workdir: output folder; created if missing.
+    show_progress: tqdm bars on stderr.
+
+  Returns:
+    The dict written to `workdir/results.json`.
+  """
+  cfg = config_lib.validate(cfg)
+  if cfg.unlearn.solve_dtype == "float64":
+    jax.config.update("jax_enable_x64", True)
+  wd.claim(workdir, cfg)
+  data = data_lib.load_unlearning_data(cfg.data)
+  log.info("data: %s", data.describe())
+  model = get_model(cfg.model.name, data.num_classes, **dict(cfg.model.options))
+  progress = _Progress(workdir, show_progress)
+  pretrained = pretrain_stage(cfg, model, data, workdir, progress)
+  per_seed = {}
+  for seed in cfg.seeds:
+    log.info("seed %d", seed)
+    per_seed[seed] = run_seed(cfg, model, data, pretrained, seed, workdir, progress)
+  progress.close()
+  results = report.build_results(cfg, data, model, pretrained, per_seed)
+  report.write_all(results, workdir)
+  return results

@@ -1,0 +1,192 @@
+"""results.json, results.md (tables shaped like the paper's) and PNG plots."""
+
+from __future__ import annotations
+
+import os
+import platform
+from typing import Any
+
+import numpy as np
+
+from fastntk_jax import workdir as wd
+
+METHOD_LABELS = {"full": "Full", "retrain": "Retrain", "fastntk": "Fast-NTK",
+                 "max_loss": "Max Loss", "random_label": "Random Label"}
+METRICS = [("acc_retain", "D_r acc"), ("acc_forget", "D_f acc"),
+           ("acc_test_retain", "Test acc (retain cls)"), ("acc_test_forget", "Test acc (forget cls)"),
+           ("relearn_epochs", "Relearn (epochs)")]
+PROBE_LABELS = {"pretrained": "Pre-Trained", "random_init": "Random-Init", "fastntk": "Fast-NTK"}
+# Fields that legitimately differ between identical runs (wall clock, memory, environment).
+TIMING_FIELDS = ("seconds",)
+
+
+def _stats(values) -> dict:
+  vals = [v for v in values if v is not None]
+  if not vals:
+    return {"mean": None, "std": None, "per_seed": list(values)}
+  return {"mean": float(np.mean(vals)), "std": float(np.std(vals)), "per_seed": list(values)}
+
+
+def versions() -> dict:
+  import importlib.metadata as md  # pylint: disable=g-import-not-at-top
+  out = {"python": platform.python_version()}
+  for pkg in ("jax", "jaxlib", "flax", "optax", "neural-tangents", "tensorflow-datasets",
+              "orbax-checkpoint", "numpy"):
+    try:
+      out[pkg] = md.version(pkg)
+    except md.PackageNotFoundError:
+      out[pkg] = None
+  return out
+
+
+def machine() -> dict:
+  import jax  # pylint: disable=g-import-not-at-top
+  cpu = platform.processor() or platform.machine()
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith("model name"):
+          cpu = line.split(":", 1)[1].strip()
+          break
+  except OSError:
+    pass
+  return {"cpu": cpu, "cores": os.cpu_count(), "backend": jax.default_backend(),
+          "devices": [str(d.device_kind) for d in jax.devices()]}
+
+
+def build_results(cfg, data, model, pretrained, per_seed: dict) -> dict:
+  """Aggregates per-seed metrics into mean ± std per method (the results.json content)."""
+  from fastntk_jax.models import trainable as tr  # pylint: disable=g-import-not-at-top
+  seeds = list(per_seed)
+  trainable, _ = tr.split(pretrained)
+  n_trainable = tr.count_params(trainable)
+  n_total = tr.count_params({k: v for k, v in pretrained.items() if k != "batch_stats"})
+  methods, timing = {}, {"methods": {}, "fastntk_diagnostics": {}}
+  for name in per_seed[seeds[0]]["methods"]:
+    runs = [per_seed[s]["methods"][name] for s in seeds]
+    entry = {key: _stats([r[key] for r in runs]) for key, _ in METRICS}
+    entry["relearn_protocol"] = runs[0]["relearn_protocol"]
+    entry["relearn_curves"] = [r["relearn_curve"] for r in runs]
+    methods[name] = entry
+    timing["methods"][name] = {"seconds": _stats([r.get("seconds") for r in runs])}
+    if name == "fastntk":
+      diags = [r.get("diagnostics", {}) for r in runs]
+      entry["solver"] = diags[0].get("solver")
+      entry["condition_number"] = _stats([d.get("condition_number") for d in diags])
+      entry["update_norm"] = _stats([d.get("update_norm") for d in diags])
+      timing["fastntk_diagnostics"] = {str(s): d for s, d in zip(seeds, diags)}
+  probes = {}
+  for kind in per_seed[seeds[0]]["probes"]:
+    runs = [per_seed[s]["probes"][kind] for s in seeds]
+    probes[kind] = {k: _stats([r[k] for r in runs]) for k in ("probe_acc_retain", "probe_acc_forget")}
+  return {
+      "config": wd.config_dict(cfg),
+      "data": {"counts": data.counts(), "num_classes": data.num_classes,
+               "forget_classes": list(data.forget_classes), "forget_mode": data.forget_mode},
+      "model": {"name": cfg.model.name, "trainable_params": n_trainable,
+                "total_params": n_total, "trainable_percent": 100.0 * n_trainable / n_total},
+      "seeds": seeds,
+      "methods": methods,
+      "linear_probe": probes,
+      "protocol": {"finetune": dict(cfg.finetune), "unlearn": dict(cfg.unlearn)},
+      "versions": versions(),
+      # Everything below differs between otherwise identical runs.
+      "timing": timing,
+      "machine": machine(),
+  }
+
+
+def _fmt(stat: dict, digits: int = 1) -> str:
+  if stat is None or stat.get("mean") is None:
+    return "–"
+  return f"{stat['mean']:.{digits}f} ± {stat['std']:.{digits}f}"
+
+
+def markdown(results: dict) -> str:
+  """The paper-shaped tables: methods × metrics, then the linear-probing risk analysis."""
+  m = results["model"]
+  lines = [
+      f"# Fast-NTK unlearning: {m['name']} on {results['config']['data']['name']}",
+      "",
+      f"Seeds {results['seeds']} (mean ± std). Trainable {m['trainable_params']:,} of "
+      f"{m['total_params']:,} parameters ({m['trainable_percent']:.2f}%). "
+      f"Data: {results['data']['counts']}; forget classes {results['data']['forget_classes']}.",
+      "",
+      "| Method | " + " | ".join(label for _, label in METRICS) + " | Time (s) |",
+      "|---|" + "---|" * (len(METRICS) + 1),
+  ]
+  for name, entry in results["methods"].items():
+    secs = results["timing"]["methods"][name]["seconds"]
+    row = [METHOD_LABELS.get(name, name)] + [_fmt(entry[k]) for k, _ in METRICS] + [_fmt(secs, 2)]
+    lines.append("| " + " | ".join(row) + " |")
+  first = next(iter(results["methods"].values()))
+  lines += ["", f"Relearn protocol: {first['relearn_protocol']}. Time: fine-tuning for Full/"
+            "Retrain, the unlearning step for the others (compilation included).", ""]
+  if "fastntk" in results["methods"]:
+    f = results["methods"]["fastntk"]
+    lines += [f"Fast-NTK solver: {f.get('solver')}; condition number "
+              f"{_fmt(f.get('condition_number'), 0)}; damping "
+              f"{results['protocol']['unlearn']['damping']}.", ""]
+  lines += ["## Linear probing (fresh head on D, backbone frozen)", "",
+            "| Backbone | D_r acc | D_f acc |", "|---|---|---|"]
+  for kind, entry in results["linear_probe"].items():
+    lines.append(f"| {PROBE_LABELS.get(kind, kind)} | {_fmt(entry['probe_acc_retain'])} | "
+                 f"{_fmt(entry['probe_acc_forget'])} |")
+  mach = results["machine"]
+  lines += ["", f"Machine: {mach['cpu']} ({mach['cores']} cores), backend {mach['backend']}; "
+            f"jax {results['versions'].get('jax')}, neural-tangents "
+            f"{results['versions'].get('neural-tangents')}.", ""]
+  return "\n".join(lines)
+
+
+def plot_accuracy(results: dict, path: str) -> None:
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  names = list(results["methods"])
+  splits = [(k, l) for k, l in METRICS if k.startswith("acc")]
+  fig, ax = plt.subplots(figsize=(9, 4.2))
+  width = 0.8 / len(splits)
+  for i, (key, label) in enumerate(splits):
+    means = [results["methods"][n][key]["mean"] or 0.0 for n in names]
+    stds = [results["methods"][n][key]["std"] or 0.0 for n in names]
+    ax.bar(np.arange(len(names)) + (i - (len(splits) - 1) / 2) * width, means, width,
+           yerr=stds, capsize=3, label=label)
+  ax.set_xticks(np.arange(len(names)), [METHOD_LABELS.get(n, n) for n in names])
+  ax.set_ylabel("accuracy (%)")
+  ax.set_ylim(0, 105)
+  ax.set_title(f"{results['model']['name']} on {results['config']['data']['name']}: "
+               f"accuracy per method (mean ± std over {len(results['seeds'])} seeds)")
+  ax.legend(ncol=4, fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.1))
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def plot_relearn(results: dict, path: str) -> None:
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  fig, ax = plt.subplots(figsize=(7, 4))
+  for name, entry in results["methods"].items():
+    for i, curve in enumerate(entry["relearn_curves"]):
+      ax.plot(np.arange(1, len(curve) + 1), curve, color=f"C{list(results['methods']).index(name)}",
+              alpha=0.8, label=METHOD_LABELS.get(name, name) if i == 0 else None)
+  thr = results["config"]["eval"]["relearn_threshold"]
+  ax.axhline(thr, color="k", ls="--", lw=0.8, label=f"threshold {thr:g}")
+  ax.set_yscale("log")
+  ax.set_xlabel("relearning epoch on D_f")
+  ax.set_ylabel("D_f training loss")
+  ax.set_title("Relearn curves (one line per seed)")
+  ax.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def write_all(results: dict, workdir: str) -> None:
+  """results.json and results.md (atomic), accuracy.png and relearn.png."""
+  wd.atomic_write_json(os.path.join(workdir, "results.json"), results)
+  wd.atomic_write_text(os.path.join(workdir, "results.md"), markdown(results))
+  plot_accuracy(results, os.path.join(workdir, "accuracy.png"))
+  plot_relearn(results, os.path.join(workdir, "relearn.png"))

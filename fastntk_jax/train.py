@@ -1,0 +1,201 @@
+"""Optax training over the trainable collection only, plus evaluation helpers.
+
+One jitted step function per (model, loss, optimiser) does all the work; epochs iterate
+fixed-shape, padded batches from `fastntk_jax.data.iterate_batches` so nothing recompiles.
+
+BatchNorm running statistics are handled explicitly by `bn_mode`:
+  * "frozen" (default for fine-tuning): BN normalises with the pre-trained running
+    statistics, which are never updated. The fine-tuned network is then exactly the function
+    that the NTK linearises (DESIGN.md §1: the kernel uses the pre-fine-tuning statistics).
+  * "train": BN uses batch statistics and updates the running ones (momentum 0.9), as in
+    ordinary fine-tuning; the returned `batch_stats` are the updated ones.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from fastntk_jax import data as data_lib
+
+PyTree = Any
+
+LOSSES = ("mse", "ce")
+OPTIMIZERS = ("sgd", "adam")
+BN_MODES = ("frozen", "train")
+
+
+def per_example_loss(logits: jnp.ndarray, labels: jnp.ndarray, num_classes: int,
+                     loss: str) -> jnp.ndarray:
+  """Per-example loss [n].
+
+  "mse" is the loss Eq. (1) is derived for: 0.5·||f(x) - one_hot(y)||² (DESIGN.md §1).
+  "ce" is softmax cross-entropy.
+  """
+  if loss == "mse":
+    return 0.5 * jnp.sum(jnp.square(logits - jax.nn.one_hot(labels, num_classes)), axis=-1)
+  if loss == "ce":
+    return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+  raise ValueError(f"unknown loss {loss!r}; choose one of {LOSSES}")
+
+
+def make_optimizer(name: str, learning_rate: float, *, momentum: float = 0.9,
+                   weight_decay: float = 0.0) -> optax.GradientTransformation:
+  """SGD with momentum or Adam(W); weight decay applies to every trainable leaf."""
+  if name == "sgd":
+    tx = optax.sgd(learning_rate, momentum=momentum or None)
+    return optax.chain(optax.add_decayed_weights(weight_decay), tx) if weight_decay else tx
+  if name == "adam":
+    return optax.adamw(learning_rate, weight_decay=weight_decay)
+  raise ValueError(f"unknown optimizer {name!r}; choose one of {OPTIMIZERS}")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainSpec:
+  """How to train: every field is part of the reported protocol."""
+  epochs: int
+  learning_rate: float
+  batch_size: int
+  optimizer: str = "sgd"
+  momentum: float = 0.9
+  weight_decay: float = 0.0
+  loss: str = "mse"
+  bn_mode: str = "frozen"
+  ascent: bool = False  # gradient *ascent* (Max Loss baseline)
+  head_only: bool = False  # train only trainable/head (linear probing); the rest stays fixed
+
+  def describe(self) -> str:
+    return (f"{self.optimizer}(lr={self.learning_rate:g}"
+            + (f", momentum={self.momentum:g}" if self.optimizer == "sgd" else "")
+            + f"), batch {self.batch_size}, {self.loss} loss, BN {self.bn_mode}")
+
+
+def make_train_step(model, spec: TrainSpec, num_classes: int,
+                    tx: optax.GradientTransformation) -> Callable:
+  """Jitted `(trainable, opt_state, batch_stats, frozen, x, y, mask) -> (..., loss)`.
+
+  The frozen weights are an argument, not a closed-over constant, so large backbones are
+  not baked into the compiled program.
+  """
+  stats_key = "batch_stats"
+
+  def loss_fn(trained, batch_stats, frozen, x, y, mask):
+    variables = {**frozen, **trained}  # `trained`: {collection name: tree}
+    if spec.bn_mode == "train" and batch_stats is not None:
+      variables[stats_key] = batch_stats
+      logits, updates = model.apply(variables, x, train=True, mutable=[stats_key])
+      new_stats = updates[stats_key]
+    else:
+      if batch_stats is not None:
+        variables[stats_key] = batch_stats
+      logits = model.apply(variables, x, train=False)
+      new_stats = batch_stats
+    losses = per_example_loss(logits, y, num_classes, spec.loss)
+    mean = jnp.sum(losses * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+    return (-mean if spec.ascent else mean), (new_stats, mean)
+
+  @jax.jit
+  def step(trained, opt_state, batch_stats, frozen, x, y, mask):
+    grads, (new_stats, loss) = jax.grad(loss_fn, has_aux=True)(
+        trained, batch_stats, frozen, x, y, mask)
+    updates, opt_state = tx.update(grads, opt_state, trained)
+    return optax.apply_updates(trained, updates), opt_state, new_stats, loss
+
+  return step
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_step(model, spec: TrainSpec, num_classes: int):
+  """One optimiser and compiled step per (model, protocol): reused across fits and seeds."""
+  tx = make_optimizer(spec.optimizer, spec.learning_rate, momentum=spec.momentum,
+                      weight_decay=spec.weight_decay)
+  if spec.head_only:
+    # multi_transform with set_to_zero really freezes the other leaves (optax.masked would
+    # pass their raw gradients through).
+    def labels(tree):
+      return {col: {k: jax.tree_util.tree_map(lambda _: "train" if k == "head" else "freeze", v)
+                    for k, v in sub.items()} for col, sub in tree.items()}
+    tx = optax.multi_transform({"train": tx, "freeze": optax.set_to_zero()}, labels)
+  return tx, make_train_step(model, spec, num_classes, tx)
+
+
+def fit(model, trainable: PyTree, frozen: dict, split, spec: TrainSpec, num_classes: int, *,
+        seed: int, progress: Optional[Callable[[int, float], None]] = None,
+        stop_below: Optional[float] = None) -> tuple[PyTree, Optional[PyTree], list[float]]:
+  """Trains the trainable collection (only) on `split` for `spec.epochs` epochs.
+
+  Args:
+    model: Flax module from `fastntk_jax.models.get_model`.
+    trainable: initial trainable collection.
+    frozen: the other collections (`params`, `batch_stats`), from `trainable.split`.
+    split: (x, y) numpy arrays.
+    spec: the training protocol.
+    num_classes: C.
+    seed: seeds the batch order.
+    progress: called with (epoch, mean loss) after every epoch.
+    stop_below: stop early once an epoch's mean loss is below this (relearn time).
+
+  Returns:
+    (trained params, batch_stats after training (None for models without BN),
+     per-epoch mean training loss).
+  """
+  frozen = dict(frozen)
+  trained = {"trainable": trainable}
+  trained, stats, history = fit_collections(model, trained, frozen, split, spec, num_classes,
+                                            seed=seed, progress=progress, stop_below=stop_below)
+  return trained["trainable"], stats, history
+
+
+def fit_collections(model, trained: dict, frozen: dict, split, spec: TrainSpec,
+                    num_classes: int, *, seed: int,
+                    progress: Optional[Callable[[int, float], None]] = None,
+                    stop_below: Optional[float] = None) -> tuple[dict, Optional[PyTree], list]:
+  """Like `fit`, but trains every collection in `trained` ({name: tree}); used to pre-train
+  a whole backbone (`params` and `trainable` together)."""
+  frozen = dict(frozen)
+  batch_stats = frozen.pop("batch_stats", None)
+  tx, step = _cached_step(model, dataclasses.replace(spec, epochs=0), num_classes)
+  opt_state = tx.init(trained)
+  history = []
+  for epoch in range(spec.epochs):
+    total, count = 0.0, 0.0
+    for b in data_lib.iterate_batches(split, spec.batch_size, seed=seed, epoch=epoch):
+      trained, opt_state, batch_stats, loss = step(trained, opt_state, batch_stats,
+                                                   frozen, b.x, b.y, b.mask)
+      total += float(loss) * float(b.mask.sum())
+      count += float(b.mask.sum())
+    history.append(total / max(count, 1.0))
+    if progress is not None:
+      progress(epoch, history[-1])
+    if stop_below is not None and history[-1] < stop_below:
+      break
+  return trained, batch_stats, history
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _infer(model, variables, x):
+  return model.apply(variables, x, train=False)
+
+
+def predict(model, trainable: PyTree, frozen: dict, x: np.ndarray,
+            batch_size: int = 256) -> np.ndarray:
+  """Logits [n, C] in inference mode, in fixed-size padded batches (one compile)."""
+  variables = {**frozen, "trainable": trainable}
+  out = []
+  for b in data_lib.iterate_batches((x, np.zeros(x.shape[0], np.int32)), batch_size,
+                                    shuffle=False):
+    out.append(np.asarray(_infer(model, variables, b.x))[b.mask > 0])
+  return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
+
+
+def accuracy(logits: np.ndarray, labels: np.ndarray) -> Optional[float]:
+  """Top-1 accuracy in %; None for an empty split."""
+  if len(labels) == 0:
+    return None
+  return float(100.0 * np.mean(np.asarray(logits).argmax(-1) == np.asarray(labels)))
