@@ -93,7 +93,9 @@ def pretrain_stage(cfg, model, data, workdir: str, progress: _Progress) -> dict:
   if os.path.isdir(path):
     return checkpoints.restore_checkpoint(path, init)
   source = cfg.pretrain.source
-  if source == "train":
+  if source == "train" and cfg.pretrain.dataset:
+    variables = _pretrain_on_other_dataset(cfg, model, data, init, progress)
+  elif source == "train":
     if data.pretrain is None or data.pretrain.size == 0:
       raise ValueError("config.pretrain.source='train' but the data has no pretrain split; set "
                        "data.pretrain_per_class > 0 or use pretrain.source='npz'/'checkpoint'")
@@ -114,6 +116,32 @@ def pretrain_stage(cfg, model, data, workdir: str, progress: _Progress) -> dict:
     variables = init
   variables = jax.tree_util.tree_map(np.asarray, dict(variables))
   checkpoints.save_checkpoint(path, variables, overwrite=True)
+  return variables
+
+
+def _pretrain_on_other_dataset(cfg, model, data, init, progress) -> dict:
+  """Trains the same architecture on another dataset (its own head), transfers the rest."""
+  pre_cfg = data_lib.default_data_config()
+  pre_cfg.update(dict(
+      name=cfg.pretrain.dataset, data_dir=cfg.data.data_dir, manual_dir=cfg.data.manual_dir,
+      image_size=data.image_shape[0], normalization=data.config.normalization,
+      images_per_class=cfg.pretrain.images_per_class, holdout_per_class=1,
+      pretrain_per_class=0, forget_classes=[0], seed=cfg.data.seed))
+  pre_data = data_lib.load_unlearning_data(pre_cfg)
+  pre_model = get_model(cfg.model.name, pre_data.num_classes, **dict(cfg.model.options))
+  pre_init = _init_variables(pre_model, pre_data.image_shape, seed=10_001)
+  spec = train_spec(cfg.pretrain.train)
+  trained = {"params": pre_init["params"], "trainable": pre_init["trainable"]}
+  frozen = {k: v for k, v in pre_init.items() if k not in trained}
+  trained, stats, _ = train_lib.fit_collections(
+      pre_model, trained, frozen, pre_data.train, spec, pre_data.num_classes, seed=10_001,
+      progress=progress.epochs(f"pretrain/{cfg.pretrain.dataset}", spec.epochs))
+  # Everything but the (differently sized) head carries over to the task model.
+  variables = dict(init)
+  variables["params"] = trained["params"]
+  variables["trainable"] = {**trained["trainable"], "head": init["trainable"]["head"]}
+  if stats is not None:
+    variables["batch_stats"] = stats
   return variables
 
 

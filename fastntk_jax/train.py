@@ -4,11 +4,13 @@ One jitted step function per (model, loss, optimiser) does all the work; epochs 
 fixed-shape, padded batches from `fastntk_jax.data.iterate_batches` so nothing recompiles.
 
 BatchNorm running statistics are handled explicitly by `bn_mode`:
-  * "frozen" (default for fine-tuning): BN normalises with the pre-trained running
-    statistics, which are never updated. The fine-tuned network is then exactly the function
-    that the NTK linearises (DESIGN.md §1: the kernel uses the pre-fine-tuning statistics).
-  * "train": BN uses batch statistics and updates the running ones (momentum 0.9), as in
-    ordinary fine-tuning; the returned `batch_stats` are the updated ones.
+  * "frozen": BN normalises with the given running statistics, which are never updated
+    (used for relearning, baselines and probes, which start from a fine-tuned model).
+  * "train" (the default for fine-tuning Full/Retrain, as in ordinary fine-tuning): BN
+    uses batch statistics and updates the running ones (momentum 0.9); the returned
+    `batch_stats` are the updated ones and are what the fine-tuned model is evaluated with.
+    The NTK, however, is always taken at w0 with the *pre-trained* statistics (DESIGN.md
+    §1); measured on digits, that combination forgets best (see README "Sensitivity").
 """
 
 from __future__ import annotations
