@@ -188,7 +188,7 @@ def check_keys(cfg, reference=None, prefix="") -> None:
   reference = base_config() if reference is None else reference
   for key in cfg.keys():
     if key not in reference:
-      raise ValueError(f"unknown config key {prefix}{key!r}; known keys at this level: "
+      raise ValueError(f"unknown config key '{prefix}{key}'; known keys at this level: "
                        f"{sorted(reference.keys())}")
     sub, ref = cfg[key], reference[key]
     if isinstance(ref, ml_collections.ConfigDict) and key != "options":

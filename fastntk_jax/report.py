@@ -121,12 +121,16 @@ def markdown(results: dict) -> str:
     lines.append("| " + " | ".join(row) + " |")
   first = next(iter(results["methods"].values()))
   lines += ["", f"Relearn protocol: {first['relearn_protocol']}. Time: fine-tuning for Full/"
-            "Retrain, the unlearning step for the others (compilation included).", ""]
+            "Retrain, the unlearning step for the others (the training step compiles once per "
+            "run, in the first seed).", ""]
   if "fastntk" in results["methods"]:
     f = results["methods"]["fastntk"]
+    comp = [d.get("compile_seconds") for d in results["timing"]["fastntk_diagnostics"].values()]
+    comp = [c for c in comp if c is not None]
     lines += [f"Fast-NTK solver: {f.get('solver')}; condition number "
               f"{_fmt(f.get('condition_number'), 0)}; damping "
-              f"{results['protocol']['unlearn']['damping']}.", ""]
+              f"{results['protocol']['unlearn']['damping']}; its time excludes XLA compilation"
+              + (f" ({np.mean(comp):.1f} s per seed)" if comp else "") + ".", ""]
   lines += ["## Linear probing (fresh head on D, backbone frozen)", "",
             "| Backbone | D_r acc | D_f acc |", "|---|---|---|"]
   for kind, entry in results["linear_probe"].items():

@@ -75,7 +75,7 @@ def test_workdir_of_another_config_is_refused(tiny_run):
     (lambda c: setattr(c.finetune, "epochs", -1), "config.finetune.epochs=-1"),
     (lambda c: setattr(c.model, "name", "resnet7"), "config.model.name='resnet7'"),
     (lambda c: setattr(c, "seeds", ()), "config.seeds"),
-    (lambda c: setattr(c.unlearn, "damping", "big"), "config.unlearn.damping='big'"),
+    (lambda c: setattr(c.unlearn, "damping", -1.0), "config.unlearn.damping=-1.0"),
     (lambda c: setattr(c.data, "forget_classes", [7]), "forget_classes"),
 ])
 def test_invalid_config_values_are_rejected(mutate, message):
@@ -84,6 +84,12 @@ def test_invalid_config_values_are_rejected(mutate, message):
   mutate(cfg)
   with pytest.raises(ValueError, match=message.replace("(", r"\(").replace("[", r"\[")):
     config_lib.validate(cfg)
+
+
+def test_wrong_type_is_rejected_at_assignment():
+  cfg = tiny()
+  with pytest.raises(TypeError, match="damping"):
+    cfg.unlearn.damping = "big"  # ConfigDict keeps each field's type
 
 
 def test_unknown_config_key_is_rejected():
