@@ -1,0 +1,289 @@
+"""Sharded (8 devices) == single-device results, for every computation in `sharding`.
+
+XLA fixes the number of fake CPU devices when JAX first starts, and other test files in the
+same pytest process start JAX first, so the 8-device checks run in a child process
+(`python tests/test_sharding.py --child`, with XLA_FLAGS set in its environment). The child
+computes each quantity twice, with the sharded function on an 8-device "data" mesh and with
+the plain single-device function from `ntk` / `unlearn` / `train`, in float64, and reports
+the largest differences as JSON; the tests here assert on them. Row counts (13 retain, 5
+forget) are deliberately not multiples of 8: padding and masking are exercised, and with 5
+rows three devices hold nothing but padding.
+"""
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+NUM_DEVICES = 8
+TOL = 1e-10  # float64; observed differences are ~1e-15 (summation order only)
+_MARKER = "SHARDING_RESULTS="
+
+
+# --------------------------------------------------------------------------------------
+# The child process.
+# --------------------------------------------------------------------------------------
+
+
+def _child() -> dict:
+  import time  # pylint: disable=g-import-not-at-top
+  start = time.perf_counter()
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from fastntk_jax import ntk  # pylint: disable=g-import-not-at-top
+  from fastntk_jax import sharding as S  # pylint: disable=g-import-not-at-top
+  from fastntk_jax import train as train_lib  # pylint: disable=g-import-not-at-top
+  from fastntk_jax import unlearn  # pylint: disable=g-import-not-at-top
+
+  class Tiny(nn.Module):
+    """Dense -> BatchNorm -> tanh -> Dense: tiny, but with BN in both modes."""
+
+    @nn.compact
+    def __call__(self, x, train=False):
+      h = nn.Dense(6, param_dtype=jnp.float64)(x.reshape(x.shape[0], -1))
+      h = nn.BatchNorm(use_running_average=not train, momentum=0.9,
+                       param_dtype=jnp.float64)(h)
+      return nn.Dense(3, param_dtype=jnp.float64)(jnp.tanh(h))
+
+  def max_diff(a, b):
+    la, lb = jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)
+    assert len(la) == len(lb) and la, (len(la), len(lb))
+    return max(float(np.max(np.abs(np.asarray(u, np.float64) - np.asarray(v, np.float64))))
+               for u, v in zip(la, lb))
+
+  def scale(a):
+    return max(1.0, max(float(np.max(np.abs(np.asarray(u)))) for u in jax.tree_util.tree_leaves(a)))
+
+  out = {"devices": jax.device_count(), "x64": bool(jax.config.read("jax_enable_x64"))}
+  errors = {}
+  mesh = S.make_data_mesh()
+  model = Tiny()
+  num_classes = 3
+  rng = np.random.default_rng(0)
+  variables = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 5)))
+  # Non-trivial running statistics, so inference-mode BN is not the identity.
+  stats = jax.tree_util.tree_map(lambda a: a + rng.uniform(0.5, 1.0, size=a.shape),
+                                 variables["batch_stats"])
+  w0 = variables["params"]
+  apply_fn = lambda w, x: model.apply({"params": w, "batch_stats": stats}, x)
+  out["p"] = p = ntk.num_params(w0)
+  x_r, y_r = rng.normal(size=(13, 5)), rng.integers(0, num_classes, 13)
+  x_f, y_f = rng.normal(size=(5, 5)), rng.integers(0, num_classes, 5)
+  res = rng.normal(size=(13, num_classes))
+
+  # Gram: several blocks per device (batch_size=1) and one block (None).
+  g0, b0 = ntk.gram(apply_fn, w0, jnp.asarray(x_r), jnp.asarray(res), batch_size=4)
+  for tag, bs in (("blocks", 1), ("one_block", None)):
+    g, b = S.sharded_gram(apply_fn, w0, x_r, res, mesh=mesh, batch_size=bs)
+    errors[f"gram_G_{tag}"] = max_diff(g, g0) / scale(g0)
+    errors[f"gram_b_{tag}"] = max_diff(b, b0) / scale(b0)
+  out["gram_devices"] = len(g.sharding.device_set)
+  out["gram_replicated"] = bool(g.sharding.is_fully_replicated)
+
+  # The compiled program: each device loops over its own rows (the loop carry is one
+  # device's [1, p, p] block) and the only collectives are the two final all-reduces.
+  xs, mask = S.shard_rows(x_r, mesh, block_size=1)
+  rs = S.shard_rows(np.concatenate([res, np.zeros((xs.shape[0] - 13, num_classes))]), mesh,
+                    block_size=1)[0]
+  hlo = jax.jit(lambda w, a, r, m: S._gram_in_jit(  # pylint: disable=protected-access
+      apply_fn, w, a, r, m, mesh, block_size=1, dtype=jnp.float64)).lower(
+          S.replicate(w0, mesh), xs, rs, mask).compile().as_text()
+  out["hlo_all_reduce"] = len(re.findall(r"all-reduce(?:-start)?\(", hlo))
+  out["hlo_all_gather"] = len(re.findall(r"all-gather(?:-start)?\(", hlo))
+  out["hlo_local_loop"] = any(f"f64[1,{p},{p}]" in line for line in hlo.splitlines()
+                              if " while(" in line)
+  out["padded_rows"] = int(xs.shape[0])
+  out["mask_sum"] = float(np.sum(np.asarray(mask)))
+
+  # Kernel rows (the built-in implementation: neural-tangents would import TensorFlow,
+  # seconds we do not need; the sharded path is implementation-agnostic).
+  k0 = ntk.empirical_kernel(apply_fn, w0, jnp.asarray(x_r), jnp.asarray(x_f), implementation="jax")
+  k = S.sharded_kernel(apply_fn, w0, x_r, x_f, mesh=mesh, batch_size=1, implementation="jax")
+  errors["kernel"] = max_diff(k, k0) / scale(k0)
+  out["kernel_shape"] = list(k.shape)
+  out["kernel_devices"] = len(k.sharding.device_set)
+
+  # jvp / vjp / logits.
+  tangent = jax.tree_util.tree_map(lambda a: rng.normal(size=a.shape), w0)
+  jv0 = ntk.jvp_rows(apply_fn, w0, jnp.asarray(x_r), tangent)
+  errors["jvp"] = max_diff(S.sharded_jvp_rows(apply_fn, w0, x_r, tangent, mesh=mesh,
+                                              batch_size=1), jv0) / scale(jv0)
+  vj0 = ntk.vjp_rows(apply_fn, w0, jnp.asarray(x_r), jnp.asarray(res))
+  errors["vjp"] = max_diff(S.sharded_vjp_rows(apply_fn, w0, x_r, res, mesh=mesh,
+                                              batch_size=1), vj0) / scale(vj0)
+  lg0 = ntk.apply_rows(apply_fn, w0, jnp.asarray(x_r))
+  errors["apply"] = max_diff(S.sharded_apply_rows(apply_fn, w0, x_r, mesh=mesh,
+                                                  batch_size=1), lg0) / scale(lg0)
+
+  # The Fast-NTK primal update vs unlearn.ntk_forget(solver="primal").
+  params = jax.tree_util.tree_map(lambda a: a + 0.1 * rng.normal(size=a.shape), w0)
+  ref = unlearn.ntk_forget(apply_fn, w0, params, retain=(jnp.asarray(x_r), jnp.asarray(y_r)),
+                           forget=(jnp.asarray(x_f), jnp.asarray(y_f)),
+                           num_classes=num_classes, damping=1e-2, solver="primal",
+                           kernel_impl="jax")
+  new = S.sharded_primal_update(apply_fn, w0, params, retain=(x_r, y_r), forget=(x_f, y_f),
+                                num_classes=num_classes, mesh=mesh, damping=1e-2, batch_size=1)
+  errors["update"] = max_diff(new, ref) / scale(ref)
+  out["update_norm"] = max_diff(params, ref)  # the update is not trivially zero
+  out["update_dtypes_match"] = all(
+      a.dtype == b.dtype and a.shape == b.shape
+      for a, b in zip(jax.tree_util.tree_leaves(new), jax.tree_util.tree_leaves(params)))
+
+  # One training step, BN in train mode (batch statistics) and a masked (padded) row.
+  spec = train_lib.TrainSpec(epochs=1, learning_rate=0.1, batch_size=16, bn_mode="train")
+  tx = train_lib.make_optimizer("sgd", 0.1)
+  step = train_lib.make_train_step(model, spec, num_classes, tx)
+  trained = {"params": params}
+  opt_state = tx.init(trained)
+  xb, yb = rng.normal(size=(16, 5)), rng.integers(0, num_classes, 16)
+  mb = np.ones(16)
+  mb[-3:] = 0.0
+  single = step(trained, opt_state, stats, {}, xb, yb, mb)
+  sharded = S.sharded_train_step(step, mesh)(trained, opt_state, stats, {}, xb, yb, mb)
+  errors["train_step"] = max_diff(sharded, single) / scale(single)
+  out["train_step_changed_params"] = max_diff(single[0], trained)
+  try:
+    S.sharded_train_step(step, mesh)(trained, opt_state, stats, {}, xb[:12], yb[:12], mb[:12])
+    out["uneven_batch_error"] = None
+  except ValueError as e:
+    out["uneven_batch_error"] = str(e)
+
+  out["errors"] = errors
+  out["seconds"] = time.perf_counter() - start
+  return out
+
+
+# --------------------------------------------------------------------------------------
+# The tests.
+# --------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def child():
+  env = dict(os.environ)
+  env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") +
+                      f" --xla_force_host_platform_device_count={NUM_DEVICES}").strip()
+  env["JAX_ENABLE_X64"] = "1"
+  env["JAX_PLATFORMS"] = "cpu"
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env["PYTHONPATH"] = repo + os.pathsep + env.get("PYTHONPATH", "")
+  proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--child"], env=env,
+                        cwd=repo, capture_output=True, text=True, timeout=300, check=False)
+  lines = [l for l in proc.stdout.splitlines() if l.startswith(_MARKER)]
+  assert proc.returncode == 0 and lines, (
+      f"child failed (rc={proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+  return json.loads(lines[-1][len(_MARKER):])
+
+
+def test_child_runs_on_8_devices_in_float64(child):
+  assert child["devices"] == NUM_DEVICES
+  assert child["x64"]
+
+
+@pytest.mark.parametrize("name", [
+    "gram_G_blocks", "gram_b_blocks", "gram_G_one_block", "gram_b_one_block", "kernel",
+    "jvp", "vjp", "apply", "update", "train_step"])
+def test_sharded_equals_single_device(child, name):
+  assert child["errors"][name] < TOL, child["errors"]
+
+
+def test_work_is_actually_split_over_devices(child):
+  assert child["gram_devices"] == NUM_DEVICES and child["gram_replicated"]
+  assert child["kernel_devices"] == NUM_DEVICES
+  assert child["kernel_shape"] == [13, 5, 3, 3]
+  # 13 rows, 1 row per device per block: 8 devices x 2 blocks x 1 row, 13 of them real.
+  assert child["padded_rows"] == 16 and child["mask_sum"] == 13.0
+  # One local loop per device, then one all-reduce each for G and b; nothing gathered.
+  assert child["hlo_local_loop"]
+  assert child["hlo_all_reduce"] == 2 and child["hlo_all_gather"] == 0
+
+
+def test_update_and_step_are_not_trivial(child):
+  assert child["update_norm"] > 1e-3
+  assert child["update_dtypes_match"]
+  assert child["train_step_changed_params"] > 1e-4
+
+
+def test_uneven_batch_is_refused_with_the_fix(child):
+  assert "multiple of 8" in child["uneven_batch_error"]
+
+
+def test_child_is_fast(child):
+  assert child["seconds"] < 60
+
+
+# Single-process checks (the parent's devices; no subprocess needed).
+
+
+@pytest.mark.parametrize("env,expected", [
+    ({}, False),
+    ({"FASTNTK_DISTRIBUTED": "1"}, True),
+    ({"FASTNTK_DISTRIBUTED": "true"}, True),
+    ({"FASTNTK_DISTRIBUTED": "0", "SLURM_STEP_NUM_TASKS": "4", "SLURM_PROCID": "1"}, False),
+    ({"FASTNTK_DISTRIBUTED": "auto", "SLURM_STEP_NUM_TASKS": "4", "SLURM_PROCID": "1"}, True),
+    # The sbatch script itself (no srun step) is a single process.
+    ({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "4"}, False),
+    ({"SLURM_STEP_NUM_TASKS": "1", "SLURM_PROCID": "0"}, False),
+    ({"TPU_WORKER_HOSTNAMES": "10.0.0.2,10.0.0.3"}, True),
+    ({"TPU_WORKER_HOSTNAMES": "10.0.0.2"}, False),
+])
+def test_should_initialize_distributed(env, expected):
+  from fastntk_jax import sharding  # pylint: disable=g-import-not-at-top
+  decision, reason = sharding.should_initialize_distributed(env)
+  assert decision is expected, reason
+
+
+def test_distributed_flag_typo_is_an_error():
+  from fastntk_jax import sharding  # pylint: disable=g-import-not-at-top
+  with pytest.raises(ValueError, match="FASTNTK_DISTRIBUTED='yes please'"):
+    sharding.should_initialize_distributed({"FASTNTK_DISTRIBUTED": "yes please"})
+
+
+def test_maybe_initialize_does_nothing_on_one_process(monkeypatch):
+  import jax  # pylint: disable=g-import-not-at-top
+  from fastntk_jax import sharding  # pylint: disable=g-import-not-at-top
+
+  def boom():
+    raise AssertionError("jax.distributed.initialize must not be called")
+
+  monkeypatch.setattr(jax.distributed, "initialize", boom)
+  assert sharding.maybe_initialize_distributed({}) is False
+
+
+def test_shard_rows_pads_with_row_zero_and_masks():
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from fastntk_jax import sharding  # pylint: disable=g-import-not-at-top
+  mesh = sharding.make_data_mesh()
+  d = mesh.shape["data"]
+  x = np.arange(10, dtype=np.float32).reshape(5, 2) + 1
+  xs, mask = sharding.shard_rows(x, mesh, block_size=2)
+  n_pad = xs.shape[0]
+  assert n_pad % d == 0 and n_pad >= 5
+  np.testing.assert_array_equal(np.asarray(xs)[:5], x)
+  np.testing.assert_array_equal(np.asarray(xs)[5:], np.repeat(x[:1], n_pad - 5, axis=0))
+  np.testing.assert_array_equal(np.asarray(mask), (np.arange(n_pad) < 5).astype(np.float32))
+
+
+def test_sharded_update_validates_like_ntk_forget():
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from fastntk_jax import sharding  # pylint: disable=g-import-not-at-top
+  w = {"w": jnp.ones((2, 3))}
+  apply_fn = lambda p, x: x @ p["w"]
+  x = jnp.ones((4, 2))
+  with pytest.raises(ValueError, match="forget set is empty"):
+    sharding.sharded_primal_update(
+        apply_fn, w, w, retain=(x, jnp.zeros(4, jnp.int32)),
+        forget=(x[:0], jnp.zeros(0, jnp.int32)), num_classes=3,
+        mesh=sharding.make_data_mesh())
+
+
+if __name__ == "__main__":
+  if sys.argv[1:] == ["--child"]:
+    print(_MARKER + json.dumps(_child()))
+  else:
+    sys.exit(f"usage: {sys.argv[0]} --child (run the tests with pytest)")
