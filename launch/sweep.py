@@ -1,0 +1,364 @@
+"""The paper's table grid as separate jobs, and one merged table of their results.
+
+Grid (one job per model × setting × seed; `--group-seeds` runs all seeds in one job):
+  Table I   ResNet-110, MobileNetV2 on CIFAR-10 (10 classes), #IPC in CIFAR10_IPC
+  Table II  ViT-S/16, ViT-B/16 (prompts) on ImageNet-R, #classes/#IPC in IMAGENET_R_SETTINGS
+  appendix  ViT-B/16 on CIFAR-10, #IPC 50 (only with --groups=...,appendix)
+Each job is `python -m fastntk_jax.main --config=configs/<file>.py:<arg>
+--config.seeds='(s,)' --workdir=<root>/<job>`: the config file's own argument picks the
+setting, a config_flags override picks the seed, and every job has its own workdir (jobs
+are independent and individually resumable).
+
+  python launch/sweep.py --dry-run                            # print every job's command
+  python launch/sweep.py --backend=local --root=sweep         # run them here, one by one
+  python launch/sweep.py --backend=slurm --root=/shared/sweep --sbatch-args='--nodes=2'
+  python launch/sweep.py --merge sweep                        # -> sweep.md, sweep.json
+
+Flags that start with --config. (e.g. --config.data.data_dir=/data/tfds) are passed to
+every job. `--merge DIR...` reads every results.json under the given folders, groups them
+by grid point (model, dataset, #classes, #IPC, read from the results themselves), pools
+the seeds of a grid point across jobs and writes one markdown table with a row per grid
+point and method (mean ± std over seeds, population std as in results.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import glob
+import json
+import os
+import shlex
+import subprocess
+import sys
+from typing import Iterable, Optional, Sequence
+
+import numpy as np
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# CIFAR-10 #IPC: 100 is the configs' Table I default; 500 (5,000 images) is the largest
+# run the paper's abstract reports. The extracted paper text lacks its tables: check them
+# and change this (or pass --cifar-ipc) if they list other values.
+CIFAR10_IPC = (100, 500)
+# ImageNet-R (#classes, #IPC), as listed in configs/vit_small_imagenet_r.py.
+IMAGENET_R_SETTINGS = ((20, 20), (20, 50), (50, 20))
+SEEDS = (0, 1, 2)
+
+# (group, model name, dataset, config file). The model/dataset names are those that
+# results.json records (config.model.name, config.data.name).
+MODELS = (
+    ("cifar10", "resnet110", "cifar10", "configs/resnet110_cifar10.py"),
+    ("cifar10", "mobilenetv2", "cifar10", "configs/mobilenetv2_cifar10.py"),
+    ("imagenet_r", "vit_s16", "imagenet_r", "configs/vit_small_imagenet_r.py"),
+    ("imagenet_r", "vit_b16", "imagenet_r", "configs/vit_base_imagenet_r.py"),
+    ("appendix", "vit_b16", "cifar10", "configs/vit_base_cifar10.py"),
+)
+GROUPS = ("cifar10", "imagenet_r", "appendix")
+DEFAULT_GROUPS = ("cifar10", "imagenet_r")
+
+MODEL_LABELS = {"resnet110": "ResNet-110", "mobilenetv2": "MobileNetV2",
+                "vit_s16": "ViT-S/16", "vit_b16": "ViT-B/16", "vit_ti16": "ViT-Ti/16"}
+DATASET_LABELS = {"cifar10": "CIFAR-10", "cifar100": "CIFAR-100", "imagenet_r": "ImageNet-R",
+                  "digits": "digits"}
+# Kept in step with fastntk_jax/report.py (METRICS, METHOD_LABELS); duplicated so that the
+# merge runs without importing JAX.
+METRICS = (("acc_retain", "D_r acc"), ("acc_forget", "D_f acc"),
+           ("acc_test_retain", "Test acc (retain cls)"),
+           ("acc_test_forget", "Test acc (forget cls)"), ("relearn_epochs", "Relearn (epochs)"))
+METHOD_LABELS = {"full": "Full", "retrain": "Retrain", "fastntk": "Fast-NTK",
+                 "max_loss": "Max Loss", "random_label": "Random Label"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Job:
+  """One grid point and seed(s): one run of fastntk_jax.main in its own workdir."""
+  model: str
+  dataset: str
+  config: str  # config file, relative to the repository root
+  arg: str  # the config file's argument ("ipc=100", "classes=20,ipc=50")
+  num_classes: int
+  ipc: int
+  seeds: tuple[int, ...]
+
+  @property
+  def name(self) -> str:
+    seeds = "s" + "-".join(str(s) for s in self.seeds)
+    return f"{self.model}_{self.dataset}_c{self.num_classes}_ipc{self.ipc}_{seeds}"
+
+  def main_args(self, root: str, extra: Sequence[str] = ()) -> list[str]:
+    """The arguments of `python -m fastntk_jax.main` for this job."""
+    # A Python tuple literal for config_flags; "(0,)" needs its trailing comma.
+    seeds = "(" + ",".join(str(s) for s in self.seeds) + ("," if len(self.seeds) == 1 else "") + ")"
+    return [f"--config={self.config}:{self.arg}", f"--config.seeds={seeds}",
+            f"--workdir={os.path.join(root, self.name)}", *extra]
+
+
+def grid(groups: Iterable[str] = DEFAULT_GROUPS, *, seeds: Sequence[int] = SEEDS,
+         cifar_ipc: Sequence[int] = CIFAR10_IPC,
+         imagenet_r: Sequence[tuple[int, int]] = IMAGENET_R_SETTINGS,
+         models: Optional[Sequence[str]] = None, group_seeds: bool = False) -> list[Job]:
+  """The jobs of the paper's tables, in table order.
+
+  Args:
+    groups: subset of GROUPS.
+    seeds: training seeds.
+    cifar_ipc: #IPC values of the CIFAR-10 rows (10 classes each).
+    imagenet_r: (#classes, #IPC) of the ImageNet-R rows.
+    models: keep only these model names (None: all).
+    group_seeds: one job per grid point running all seeds, instead of one per seed.
+
+  Returns:
+    Jobs, ordered by group, model, setting, seed.
+  """
+  unknown = sorted(set(groups) - set(GROUPS))
+  if unknown:
+    raise ValueError(f"unknown group(s) {unknown}; choose from {list(GROUPS)}")
+  jobs = []
+  seed_sets = [tuple(seeds)] if group_seeds else [(s,) for s in seeds]
+  for group, model, dataset, config in MODELS:
+    if group not in groups or (models and model not in models):
+      continue
+    if dataset == "imagenet_r":
+      settings = [(k, n, f"classes={k},ipc={n}") for k, n in imagenet_r]
+    elif group == "appendix":
+      settings = [(10, 50, "ipc=50")]
+    else:
+      settings = [(10, n, f"ipc={n}") for n in cifar_ipc]
+    for k, n, arg in settings:
+      for s in seed_sets:
+        jobs.append(Job(model, dataset, config, arg, k, n, s))
+  return jobs
+
+
+def command(job: Job, *, backend: str, root: str, python: str, extra: Sequence[str] = (),
+            sbatch_args: Sequence[str] = ()) -> list[str]:
+  """The exact command that runs (local) or submits (slurm) one job, run from REPO."""
+  args = job.main_args(root, extra)
+  if backend == "local":
+    return [python, "-m", "fastntk_jax.main", *args]
+  if backend == "slurm":
+    log = os.path.join(root, f"{job.name}.%j.out")
+    return ["sbatch", f"--job-name=fastntk-{job.name}", f"--output={log}", *sbatch_args,
+            "launch/slurm_gpu.sh", *args]
+  raise ValueError(f"unknown backend {backend!r}; choose local or slurm")
+
+
+# --------------------------------------------------------------------------------------
+# Merging results.json files.
+# --------------------------------------------------------------------------------------
+
+
+def _find_results(paths: Sequence[str]) -> list[str]:
+  found = []
+  for p in paths:
+    if os.path.isfile(p):
+      found.append(p)
+    elif os.path.isdir(p):
+      found += sorted(glob.glob(os.path.join(p, "**", "results.json"), recursive=True))
+    else:
+      raise ValueError(f"--merge: {p!r} is neither a results.json nor a folder")
+  if not found:
+    raise ValueError(f"--merge: no results.json under {list(paths)}")
+  return found
+
+
+def _point(results: dict) -> tuple:
+  """(model, dataset, #classes, #IPC) of a results.json, from its own record."""
+  cfg = results["config"]
+  ipc = cfg["data"].get("images_per_class")
+  return (results["model"]["name"], cfg["data"]["name"], int(results["data"]["num_classes"]),
+          ipc if ipc is None else int(ipc))
+
+
+def merge(paths: Sequence[str]) -> dict:
+  """Pools the per-seed metrics of every results.json by grid point.
+
+  Returns:
+    {"points": [{"model", "dataset", "num_classes", "ipc", "seeds", "sources",
+    "methods": {method: {metric: {"mean", "std", "per_seed"}}}}, ...]} in sorted order.
+
+  Raises:
+    ValueError: a grid point has the same seed in two results (which one is right?), or a
+      results.json lacks the fields the table needs.
+  """
+  points: dict[tuple, dict] = {}
+  for path in _find_results(paths):
+    with open(path) as f:
+      res = json.load(f)
+    try:
+      key = _point(res)
+      seeds = [int(s) for s in res["seeds"]]
+      methods = res["methods"]
+    except (KeyError, TypeError, ValueError) as e:
+      raise ValueError(f"{path}: not a fastntk_jax results.json (missing {e})") from None
+    entry = points.setdefault(key, {"seeds": [], "sources": [], "runs": {}})
+    clash = sorted(set(seeds) & set(entry["seeds"]))
+    if clash:
+      raise ValueError(f"seed(s) {clash} of {key} appear in both {path} and one of "
+                       f"{entry['sources']}; remove one")
+    entry["seeds"] += seeds
+    entry["sources"].append(path)
+    for name, metrics in methods.items():
+      run = entry["runs"].setdefault(name, {m: [] for m, _ in METRICS})
+      for m, _ in METRICS:
+        per_seed = (metrics.get(m) or {}).get("per_seed") or [None] * len(seeds)
+        run[m] += list(per_seed)
+  out = []
+  for key in sorted(points, key=lambda k: tuple("" if v is None else v for v in k)):
+    entry = points[key]
+    model, dataset, k, ipc = key
+    methods = {name: {m: _stats(v) for m, v in run.items()} for name, run in entry["runs"].items()}
+    out.append({"model": model, "dataset": dataset, "num_classes": k, "ipc": ipc,
+                "seeds": entry["seeds"], "sources": entry["sources"], "methods": methods})
+  return {"points": out}
+
+
+def _stats(values: list) -> dict:
+  vals = [v for v in values if v is not None]
+  if not vals:
+    return {"mean": None, "std": None, "per_seed": values}
+  return {"mean": float(np.mean(vals)), "std": float(np.std(vals)), "per_seed": values}
+
+
+def _fmt(stat: dict) -> str:
+  return "–" if stat["mean"] is None else f"{stat['mean']:.1f} ± {stat['std']:.1f}"
+
+
+def markdown(merged: dict) -> str:
+  """One table: a row per grid point and method."""
+  head = ["Model", "Dataset", "#Classes/#IPC", "Method", *(label for _, label in METRICS),
+          "Seeds"]
+  lines = ["# Fast-NTK sweep", "",
+           "Mean ± std over seeds (population std). Each row pools the seeds of one grid "
+           "point across jobs.", "",
+           "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+  for p in merged["points"]:
+    order = [m for m in METHOD_LABELS if m in p["methods"]]
+    order += [m for m in p["methods"] if m not in METHOD_LABELS]
+    for name in order:
+      row = [MODEL_LABELS.get(p["model"], p["model"]),
+             DATASET_LABELS.get(p["dataset"], p["dataset"]),
+             f"{p['num_classes']}/{p['ipc']}", METHOD_LABELS.get(name, name),
+             *(_fmt(p["methods"][name][m]) for m, _ in METRICS),
+             ",".join(str(s) for s in sorted(p["seeds"]))]
+      lines.append("| " + " | ".join(row) + " |")
+  return "\n".join(lines) + "\n"
+
+
+def write_merged(paths: Sequence[str], out_dir: str) -> str:
+  """Merges and writes out_dir/sweep.md and out_dir/sweep.json; returns the markdown path."""
+  merged = merge(paths)
+  os.makedirs(out_dir, exist_ok=True)
+  md_path = os.path.join(out_dir, "sweep.md")
+  for path, text in ((md_path, markdown(merged)),
+                     (os.path.join(out_dir, "sweep.json"), json.dumps(merged, indent=1))):
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+      f.write(text)
+    os.replace(tmp, path)  # atomic: a reader never sees half a table
+  return md_path
+
+
+# --------------------------------------------------------------------------------------
+# Command line.
+# --------------------------------------------------------------------------------------
+
+
+def _ints(text: str) -> tuple[int, ...]:
+  return tuple(int(v) for v in text.split(",") if v.strip())
+
+
+def _pairs(text: str) -> tuple[tuple[int, int], ...]:
+  out = []
+  for part in text.split(","):
+    k, _, n = part.partition("/")
+    out.append((int(k), int(n)))
+  return tuple(out)
+
+
+def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
+  ap = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                               formatter_class=argparse.RawDescriptionHelpFormatter,
+                               epilog="Any --config.FIELD=VALUE flag is passed to every job.")
+  ap.add_argument("--dry-run", action="store_true", help="print every job's command; run nothing")
+  ap.add_argument("--backend", choices=("local", "slurm"), default="local")
+  ap.add_argument("--root", default="sweep", help="parent folder of the jobs' workdirs")
+  ap.add_argument("--groups", default=",".join(DEFAULT_GROUPS),
+                  help=f"comma-separated subset of {','.join(GROUPS)}")
+  ap.add_argument("--models", default="", help="comma-separated model names to keep")
+  ap.add_argument("--seeds", type=_ints, default=SEEDS)
+  ap.add_argument("--cifar-ipc", type=_ints, default=CIFAR10_IPC)
+  ap.add_argument("--imagenet-r", type=_pairs, default=IMAGENET_R_SETTINGS,
+                  help="comma-separated #classes/#IPC pairs, e.g. 20/20,20/50,50/20")
+  ap.add_argument("--group-seeds", action="store_true",
+                  help="one job per grid point running all seeds (shares pre-training)")
+  ap.add_argument("--python", default=sys.executable, help="interpreter for --backend=local")
+  ap.add_argument("--sbatch-args", default="", help="extra sbatch options, shell-quoted")
+  ap.add_argument("--merge", nargs="+", metavar="DIR", help="merge results.json files under DIR")
+  ap.add_argument("--out", default=None, help="folder for sweep.md/sweep.json "
+                  "(default: --root for runs, the current folder for --merge)")
+  args, rest = ap.parse_known_args(argv)
+  bad = [a for a in rest if not a.startswith("--config.")]
+  if bad:
+    ap.error(f"unrecognised arguments: {' '.join(bad)} (only --config.FIELD=VALUE flags "
+             "are passed through to the jobs)")
+  return args, rest
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+  args, extra = parse_args(sys.argv[1:] if argv is None else argv)
+  if args.merge:
+    try:
+      path = write_merged(args.merge, args.out or ".")
+    except ValueError as e:
+      print(f"sweep: error: {e}", file=sys.stderr)
+      return 2
+    print(open(path).read(), end="")
+    print(f"Wrote {path} and {os.path.join(os.path.dirname(path), 'sweep.json')}")
+    return 0
+  jobs = grid([g for g in args.groups.split(",") if g], seeds=args.seeds,
+              cifar_ipc=args.cifar_ipc, imagenet_r=args.imagenet_r,
+              models=[m for m in args.models.split(",") if m] or None,
+              group_seeds=args.group_seeds)
+  sbatch_args = shlex.split(args.sbatch_args)
+  # Absolute, because the jobs run from the repository root, not from here.
+  root = os.path.abspath(args.root)
+  cmds = [command(j, backend=args.backend, root=root, python=args.python, extra=extra,
+                  sbatch_args=sbatch_args) for j in jobs]
+  if args.dry_run:
+    print(f"cd {shlex.quote(REPO)}")
+    for c in cmds:
+      print(shlex.join(c))
+    return 0
+  missing = sorted({j.config for j in jobs if not os.path.isfile(os.path.join(REPO, j.config))})
+  if missing:
+    print(f"sweep: error: config file(s) not found under {REPO}: {missing}", file=sys.stderr)
+    return 2
+  os.makedirs(root, exist_ok=True)
+  failed = []
+  for job, cmd in zip(jobs, cmds):
+    workdir = os.path.join(root, job.name)
+    if args.backend == "local" and os.path.isfile(os.path.join(workdir, "results.json")):
+      print(f"[skip] {job.name}: results.json exists")
+      continue
+    print(f"[{args.backend}] {shlex.join(cmd)}", flush=True)
+    if args.backend == "local":
+      with open(os.path.join(root, f"{job.name}.log"), "w") as log:
+        rc = subprocess.run(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+                            check=False).returncode
+    else:
+      rc = subprocess.run(cmd, cwd=REPO, check=False).returncode
+    if rc:
+      failed.append(job.name)
+      print(f"[failed] {job.name} (exit {rc})", file=sys.stderr)
+  if args.backend == "local" and len(failed) < len(jobs):
+    print(f"Wrote {write_merged([root], args.out or root)}")
+  elif args.backend == "slurm":
+    print(f"Submitted {len(jobs) - len(failed)} job(s); when they finish: "
+          f"python launch/sweep.py --merge {shlex.quote(root)}")
+  return 1 if failed else 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
