@@ -53,10 +53,16 @@ log = logging.getLogger(__name__)
 DATA_AXIS = "data"
 # Environment variables read by `maybe_initialize_distributed`.
 ENV_DISTRIBUTED = "FASTNTK_DISTRIBUTED"
+# Only for launchers JAX does not detect by itself (not SLURM, Cloud TPU or Open MPI):
+# the process count and this process's id, with JAX_COORDINATOR_ADDRESS.
+ENV_NUM_PROCESSES = "FASTNTK_NUM_PROCESSES"
+ENV_PROCESS_ID = "FASTNTK_PROCESS_ID"
 
 __all__ = [
     "DATA_AXIS",
     "ENV_DISTRIBUTED",
+    "ENV_NUM_PROCESSES",
+    "ENV_PROCESS_ID",
     "make_data_mesh",
     "should_initialize_distributed",
     "maybe_initialize_distributed",
@@ -150,7 +156,8 @@ def maybe_initialize_distributed(environ: Optional[Mapping[str, str]] = None) ->
   Coordinator address, process count and id come from JAX's own cluster detection
   (SLURM, Cloud TPU, Open MPI) or from JAX_COORDINATOR_ADDRESS / JAX_LOCAL_DEVICE_IDS
   (launch/slurm_gpu.sh sets both: with one task per node, JAX's SLURM default of one GPU
-  per process would hide all but one GPU of each node). Idempotent.
+  per process would hide all but one GPU of each node). Elsewhere, FASTNTK_NUM_PROCESSES
+  and FASTNTK_PROCESS_ID give the process count and id. Idempotent.
 
   Args:
     environ: the environment (default `os.environ`).
@@ -164,8 +171,16 @@ def maybe_initialize_distributed(environ: Optional[Mapping[str, str]] = None) ->
     return False
   if jax.distributed.is_initialized():
     return True
-  log.info("distributed: jax.distributed.initialize() (%s)", reason)
-  jax.distributed.initialize()
+  env = os.environ if environ is None else environ
+  kwargs = {}
+  for name, key in ((ENV_NUM_PROCESSES, "num_processes"), (ENV_PROCESS_ID, "process_id")):
+    if env.get(name, "").strip():
+      try:
+        kwargs[key] = int(env[name])
+      except ValueError:
+        raise ValueError(f"{name}={env[name]!r} must be an integer") from None
+  log.info("distributed: jax.distributed.initialize(%s) (%s)", kwargs or "", reason)
+  jax.distributed.initialize(**kwargs)
   log.info("distributed: process %d of %d, %d local / %d global devices",
            jax.process_index(), jax.process_count(), jax.local_device_count(),
            jax.device_count())

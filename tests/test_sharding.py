@@ -1,5 +1,8 @@
 """Sharded (8 devices) == single-device results, for every computation in `sharding`.
 
+Two set-ups: one process with 8 fake CPU devices, and two processes with 4 each, joined by
+`jax.distributed` (exactly what a multi-host launch does, over gloo CPU collectives).
+
 XLA fixes the number of fake CPU devices when JAX first starts, and other test files in the
 same pytest process start JAX first, so the 8-device checks run in a child process
 (`python tests/test_sharding.py --child`, with XLA_FLAGS set in its environment). The child
@@ -28,17 +31,13 @@ _MARKER = "SHARDING_RESULTS="
 # --------------------------------------------------------------------------------------
 
 
-def _child() -> dict:
-  import time  # pylint: disable=g-import-not-at-top
-  start = time.perf_counter()
+def _setup():
+  """The tiny model, data and helpers both children use (imports JAX: call it in a child)."""
+  import types  # pylint: disable=g-import-not-at-top
   import flax.linen as nn  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from fastntk_jax import ntk  # pylint: disable=g-import-not-at-top
-  from fastntk_jax import sharding as S  # pylint: disable=g-import-not-at-top
-  from fastntk_jax import train as train_lib  # pylint: disable=g-import-not-at-top
-  from fastntk_jax import unlearn  # pylint: disable=g-import-not-at-top
 
   class Tiny(nn.Module):
     """Dense -> BatchNorm -> tanh -> Dense: tiny, but with BN in both modes."""
@@ -59,22 +58,66 @@ def _child() -> dict:
   def scale(a):
     return max(1.0, max(float(np.max(np.abs(np.asarray(u)))) for u in jax.tree_util.tree_leaves(a)))
 
-  out = {"devices": jax.device_count(), "x64": bool(jax.config.read("jax_enable_x64"))}
-  errors = {}
-  mesh = S.make_data_mesh()
   model = Tiny()
   num_classes = 3
-  rng = np.random.default_rng(0)
+  rng = np.random.default_rng(0)  # the same numbers in every process
   variables = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 5)))
   # Non-trivial running statistics, so inference-mode BN is not the identity.
   stats = jax.tree_util.tree_map(lambda a: a + rng.uniform(0.5, 1.0, size=a.shape),
                                  variables["batch_stats"])
   w0 = variables["params"]
-  apply_fn = lambda w, x: model.apply({"params": w, "batch_stats": stats}, x)
+  t = types.SimpleNamespace(
+      model=model, num_classes=num_classes, stats=stats, w0=w0, max_diff=max_diff,
+      scale=scale, apply_fn=lambda w, x: model.apply({"params": w, "batch_stats": stats}, x),
+      x_r=rng.normal(size=(13, 5)), y_r=rng.integers(0, num_classes, 13),
+      x_f=rng.normal(size=(5, 5)), y_f=rng.integers(0, num_classes, 5),
+      res=rng.normal(size=(13, num_classes)),
+      params=jax.tree_util.tree_map(lambda a: a + 0.1 * rng.normal(size=a.shape), w0),
+      xb=rng.normal(size=(16, 5)), yb=rng.integers(0, num_classes, 16),
+      mb=np.concatenate([np.ones(13), np.zeros(3)]))
+  return t
+
+
+def _reference_update(t):
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from fastntk_jax import unlearn  # pylint: disable=g-import-not-at-top
+  return unlearn.ntk_forget(t.apply_fn, t.w0, t.params,
+                            retain=(jnp.asarray(t.x_r), jnp.asarray(t.y_r)),
+                            forget=(jnp.asarray(t.x_f), jnp.asarray(t.y_f)),
+                            num_classes=t.num_classes, damping=1e-2, solver="primal",
+                            kernel_impl="jax")
+
+
+def _train_steps(t, mesh):
+  """(single-device step output, sharded step output, the step, its inputs)."""
+  from fastntk_jax import sharding as S  # pylint: disable=g-import-not-at-top
+  from fastntk_jax import train as train_lib  # pylint: disable=g-import-not-at-top
+  spec = train_lib.TrainSpec(epochs=1, learning_rate=0.1, batch_size=16, bn_mode="train")
+  tx = train_lib.make_optimizer("sgd", 0.1)
+  step = train_lib.make_train_step(t.model, spec, t.num_classes, tx)
+  trained = {"params": t.params}
+  opt_state = tx.init(trained)
+  single = step(trained, opt_state, t.stats, {}, t.xb, t.yb, t.mb)
+  sharded = S.sharded_train_step(step, mesh)(trained, opt_state, t.stats, {}, t.xb, t.yb, t.mb)
+  return single, sharded, step, (trained, opt_state)
+
+
+def _child() -> dict:
+  import time  # pylint: disable=g-import-not-at-top
+  start = time.perf_counter()
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from fastntk_jax import ntk  # pylint: disable=g-import-not-at-top
+  from fastntk_jax import sharding as S  # pylint: disable=g-import-not-at-top
+
+  t = _setup()
+  apply_fn, w0, max_diff, scale = t.apply_fn, t.w0, t.max_diff, t.scale
+  num_classes, x_r, y_r, x_f, y_f, res = t.num_classes, t.x_r, t.y_r, t.x_f, t.y_f, t.res
+  mesh = S.make_data_mesh()
+  out = {"devices": jax.device_count(), "x64": bool(jax.config.read("jax_enable_x64"))}
+  errors = {}
   out["p"] = p = ntk.num_params(w0)
-  x_r, y_r = rng.normal(size=(13, 5)), rng.integers(0, num_classes, 13)
-  x_f, y_f = rng.normal(size=(5, 5)), rng.integers(0, num_classes, 5)
-  res = rng.normal(size=(13, num_classes))
 
   # Gram: several blocks per device (batch_size=1) and one block (None).
   g0, b0 = ntk.gram(apply_fn, w0, jnp.asarray(x_r), jnp.asarray(res), batch_size=4)
@@ -109,7 +152,7 @@ def _child() -> dict:
   out["kernel_devices"] = len(k.sharding.device_set)
 
   # jvp / vjp / logits.
-  tangent = jax.tree_util.tree_map(lambda a: rng.normal(size=a.shape), w0)
+  tangent = jax.tree_util.tree_map(lambda a: np.cos(np.arange(a.size).reshape(a.shape)), w0)
   jv0 = ntk.jvp_rows(apply_fn, w0, jnp.asarray(x_r), tangent)
   errors["jvp"] = max_diff(S.sharded_jvp_rows(apply_fn, w0, x_r, tangent, mesh=mesh,
                                               batch_size=1), jv0) / scale(jv0)
@@ -121,11 +164,8 @@ def _child() -> dict:
                                                   batch_size=1), lg0) / scale(lg0)
 
   # The Fast-NTK primal update vs unlearn.ntk_forget(solver="primal").
-  params = jax.tree_util.tree_map(lambda a: a + 0.1 * rng.normal(size=a.shape), w0)
-  ref = unlearn.ntk_forget(apply_fn, w0, params, retain=(jnp.asarray(x_r), jnp.asarray(y_r)),
-                           forget=(jnp.asarray(x_f), jnp.asarray(y_f)),
-                           num_classes=num_classes, damping=1e-2, solver="primal",
-                           kernel_impl="jax")
+  params = t.params
+  ref = _reference_update(t)
   new = S.sharded_primal_update(apply_fn, w0, params, retain=(x_r, y_r), forget=(x_f, y_f),
                                 num_classes=num_classes, mesh=mesh, damping=1e-2, batch_size=1)
   errors["update"] = max_diff(new, ref) / scale(ref)
@@ -135,18 +175,10 @@ def _child() -> dict:
       for a, b in zip(jax.tree_util.tree_leaves(new), jax.tree_util.tree_leaves(params)))
 
   # One training step, BN in train mode (batch statistics) and a masked (padded) row.
-  spec = train_lib.TrainSpec(epochs=1, learning_rate=0.1, batch_size=16, bn_mode="train")
-  tx = train_lib.make_optimizer("sgd", 0.1)
-  step = train_lib.make_train_step(model, spec, num_classes, tx)
-  trained = {"params": params}
-  opt_state = tx.init(trained)
-  xb, yb = rng.normal(size=(16, 5)), rng.integers(0, num_classes, 16)
-  mb = np.ones(16)
-  mb[-3:] = 0.0
-  single = step(trained, opt_state, stats, {}, xb, yb, mb)
-  sharded = S.sharded_train_step(step, mesh)(trained, opt_state, stats, {}, xb, yb, mb)
+  single, sharded, step, (trained, opt_state) = _train_steps(t, mesh)
   errors["train_step"] = max_diff(sharded, single) / scale(single)
   out["train_step_changed_params"] = max_diff(single[0], trained)
+  xb, yb, mb, stats = t.xb, t.yb, t.mb, t.stats
   try:
     S.sharded_train_step(step, mesh)(trained, opt_state, stats, {}, xb[:12], yb[:12], mb[:12])
     out["uneven_batch_error"] = None
@@ -158,26 +190,106 @@ def _child() -> dict:
   return out
 
 
+def _multiprocess_child() -> dict:
+  """One of two processes (4 CPU devices each) joined by jax.distributed into 8 devices."""
+  import jax  # pylint: disable=g-import-not-at-top
+  # CPU collectives across processes go through gloo (GPUs/TPUs have their own).
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  from fastntk_jax import sharding as S  # pylint: disable=g-import-not-at-top
+  initialized = S.maybe_initialize_distributed()  # FASTNTK_* from the parent
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from fastntk_jax import ntk  # pylint: disable=g-import-not-at-top
+
+  t = _setup()
+  mesh = S.make_data_mesh()
+  out = {"initialized": initialized, "process": jax.process_index(),
+         "processes": jax.process_count(), "devices": jax.device_count(),
+         "local_devices": jax.local_device_count()}
+  errors = {}
+  g0, b0 = ntk.gram(t.apply_fn, t.w0, jnp.asarray(t.x_r), jnp.asarray(t.res))
+  g, b = S.sharded_gram(t.apply_fn, t.w0, t.x_r, t.res, mesh=mesh, batch_size=1)
+  errors["gram_G"] = t.max_diff(g, g0) / t.scale(g0)
+  errors["gram_b"] = t.max_diff(b, b0) / t.scale(b0)
+  # Kernel rows live on both processes' devices: to_host gathers them.
+  k0 = ntk.empirical_kernel(t.apply_fn, t.w0, jnp.asarray(t.x_r), jnp.asarray(t.x_f),
+                            implementation="jax")
+  k = S.sharded_kernel(t.apply_fn, t.w0, t.x_r, t.x_f, mesh=mesh, batch_size=1,
+                       implementation="jax")
+  out["kernel_fully_addressable"] = bool(k.is_fully_addressable)
+  errors["kernel"] = t.max_diff(S.to_host(k), k0) / t.scale(k0)
+  new = S.sharded_primal_update(t.apply_fn, t.w0, t.params, retain=(t.x_r, t.y_r),
+                                forget=(t.x_f, t.y_f), num_classes=t.num_classes, mesh=mesh,
+                                damping=1e-2, batch_size=1)
+  ref = _reference_update(t)
+  errors["update"] = t.max_diff(new, ref) / t.scale(ref)
+  single, sharded, _, _ = _train_steps(t, mesh)
+  errors["train_step"] = t.max_diff(sharded, single) / t.scale(single)
+  out["errors"] = errors
+  return out
+
+
 # --------------------------------------------------------------------------------------
 # The tests.
 # --------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def child():
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _child_env(devices: int, **extra) -> dict:
   env = dict(os.environ)
   env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") +
-                      f" --xla_force_host_platform_device_count={NUM_DEVICES}").strip()
+                      f" --xla_force_host_platform_device_count={devices}").strip()
   env["JAX_ENABLE_X64"] = "1"
   env["JAX_PLATFORMS"] = "cpu"
-  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  env["PYTHONPATH"] = repo + os.pathsep + env.get("PYTHONPATH", "")
-  proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--child"], env=env,
-                        cwd=repo, capture_output=True, text=True, timeout=300, check=False)
-  lines = [l for l in proc.stdout.splitlines() if l.startswith(_MARKER)]
-  assert proc.returncode == 0 and lines, (
-      f"child failed (rc={proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+  env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
+  for k in ("FASTNTK_DISTRIBUTED", "FASTNTK_NUM_PROCESSES", "FASTNTK_PROCESS_ID",
+            "JAX_COORDINATOR_ADDRESS"):
+    env.pop(k, None)
+  env.update(extra)
+  return env
+
+
+def _parse(proc_stdout: str, proc_stderr: str, rc: int) -> dict:
+  lines = [l for l in proc_stdout.splitlines() if l.startswith(_MARKER)]
+  assert rc == 0 and lines, f"child failed (rc={rc}):\n{proc_stdout[-3000:]}\n{proc_stderr[-5000:]}"
   return json.loads(lines[-1][len(_MARKER):])
+
+
+@pytest.fixture(scope="module")
+def child():
+  proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--child"],
+                        env=_child_env(NUM_DEVICES), cwd=REPO, capture_output=True, text=True,
+                        timeout=300, check=False)
+  return _parse(proc.stdout, proc.stderr, proc.returncode)
+
+
+def _free_port() -> int:
+  import socket  # pylint: disable=g-import-not-at-top
+  with socket.socket() as sock:
+    sock.bind(("localhost", 0))
+    return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def multiprocess():
+  """Two processes x 4 CPU devices, started the way a launcher would (env vars only)."""
+  address = f"localhost:{_free_port()}"
+  procs = [subprocess.Popen(
+      [sys.executable, os.path.abspath(__file__), "--child-multiprocess"],
+      env=_child_env(NUM_DEVICES // 2, FASTNTK_DISTRIBUTED="1", FASTNTK_NUM_PROCESSES="2",
+                     FASTNTK_PROCESS_ID=str(i), JAX_COORDINATOR_ADDRESS=address),
+      cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+  outs = []
+  try:
+    for proc in procs:
+      stdout, stderr = proc.communicate(timeout=300)
+      outs.append(_parse(stdout, stderr, proc.returncode))
+  finally:
+    for proc in procs:
+      if proc.poll() is None:
+        proc.kill()
+  return outs
 
 
 def test_child_runs_on_8_devices_in_float64(child):
@@ -217,6 +329,20 @@ def test_child_is_fast(child):
   assert child["seconds"] < 60
 
 
+def test_two_processes_join_into_one_mesh(multiprocess):
+  assert [o["process"] for o in multiprocess] == [0, 1]
+  for o in multiprocess:
+    assert o["initialized"] and o["processes"] == 2
+    assert o["devices"] == NUM_DEVICES and o["local_devices"] == NUM_DEVICES // 2
+    assert not o["kernel_fully_addressable"]  # the rows really are split across processes
+
+
+@pytest.mark.parametrize("name", ["gram_G", "gram_b", "kernel", "update", "train_step"])
+def test_multiprocess_equals_single_device(multiprocess, name):
+  for o in multiprocess:
+    assert o["errors"][name] < TOL, (o["process"], o["errors"])
+
+
 # Single-process checks (the parent's devices; no subprocess needed).
 
 
@@ -242,6 +368,15 @@ def test_distributed_flag_typo_is_an_error():
   from fastntk_jax import sharding  # pylint: disable=g-import-not-at-top
   with pytest.raises(ValueError, match="FASTNTK_DISTRIBUTED='yes please'"):
     sharding.should_initialize_distributed({"FASTNTK_DISTRIBUTED": "yes please"})
+
+
+def test_process_count_must_be_an_integer(monkeypatch):
+  import jax  # pylint: disable=g-import-not-at-top
+  from fastntk_jax import sharding  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(jax.distributed, "is_initialized", lambda: False)
+  with pytest.raises(ValueError, match="FASTNTK_NUM_PROCESSES='two'"):
+    sharding.maybe_initialize_distributed({"FASTNTK_DISTRIBUTED": "1",
+                                           "FASTNTK_NUM_PROCESSES": "two"})
 
 
 def test_maybe_initialize_does_nothing_on_one_process(monkeypatch):
@@ -285,5 +420,7 @@ def test_sharded_update_validates_like_ntk_forget():
 if __name__ == "__main__":
   if sys.argv[1:] == ["--child"]:
     print(_MARKER + json.dumps(_child()))
+  elif sys.argv[1:] == ["--child-multiprocess"]:
+    print(_MARKER + json.dumps(_multiprocess_child()))
   else:
-    sys.exit(f"usage: {sys.argv[0]} --child (run the tests with pytest)")
+    sys.exit(f"usage: {sys.argv[0]} --child|--child-multiprocess (run the tests with pytest)")
