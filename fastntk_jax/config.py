@@ -66,6 +66,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.unlearn.damping = 1e-2  # λ added to every inverted kernel block
   c.unlearn.solver = "auto"  # "dual" | "primal" | "cg" | "auto"
   c.unlearn.batch_size = 128  # rows per streamed Jacobian/kernel block
+  c.unlearn.checkpoint_rows = 256  # primal: samples per checkpointed Gram chunk (resumable)
   c.unlearn.kernel_impl = "auto"  # "auto" | "neural_tangents" | "jax"
   c.unlearn.linearize_at = "init"  # "init" (w0, DESIGN.md §1) | "trained"
   c.unlearn.step_scale = 1.0  # 1.0 = the exact update
@@ -223,6 +224,7 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   _positive("unlearn.damping", u.damping, integer=False, allow_zero=True)
   _choice("unlearn.solver", u.solver, [s.value for s in unlearn.Solver])
   _positive("unlearn.batch_size", u.batch_size, integer=True)
+  _positive("unlearn.checkpoint_rows", u.checkpoint_rows, integer=True)
   _choice("unlearn.kernel_impl", u.kernel_impl, ("auto", "neural_tangents",
                                                  "neural_tangents_ntk_vector_products", "jax"))
   _choice("unlearn.linearize_at", u.linearize_at, ("init", "trained"))

@@ -231,8 +231,8 @@ def jacobian(apply_fn: ApplyFn, params: PyTree, x: jnp.ndarray) -> jnp.ndarray:
 
 
 def gram(apply_fn: ApplyFn, params: PyTree, x: jnp.ndarray, residuals: jnp.ndarray,
-         *, batch_size: Optional[int] = 256,
-         dtype: Optional[jnp.dtype] = None) -> tuple[jnp.ndarray, jnp.ndarray]:
+         *, batch_size: Optional[int] = 256, dtype: Optional[jnp.dtype] = None,
+         row_weights: Optional[jnp.ndarray] = None) -> tuple[jnp.ndarray, jnp.ndarray]:
   """Streams G = JᵀJ [p, p] and b = Jᵀ r [p] over row blocks, never holding all of J.
 
   Args:
@@ -242,12 +242,16 @@ def gram(apply_fn: ApplyFn, params: PyTree, x: jnp.ndarray, residuals: jnp.ndarr
     residuals: [n, C] (e.g. targets minus logits), contracted with J to give b.
     batch_size: samples per block; the last block is padded and masked.
     dtype: accumulation dtype (e.g. float64 for a float64 solve); default: logits dtype.
+    row_weights: optional [n] 0/1 weights (e.g. to mask padding rows of a fixed-size chunk).
 
   Returns:
     (G [p, p], b [p]).
   """
   n = x.shape[0]
   blocks, mask = _pad_to_blocks(x, _block_size(n, batch_size))
+  if row_weights is not None:
+    w_blocks, _ = _pad_to_blocks(row_weights.astype(mask.dtype), _block_size(n, batch_size))
+    mask = mask * w_blocks
   r_blocks, _ = _pad_to_blocks(residuals, _block_size(n, batch_size))
   p = num_params(params)
   acc_dtype = dtype or jnp.result_type(*jax.tree_util.tree_leaves(params))

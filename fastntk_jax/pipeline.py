@@ -16,6 +16,8 @@ Workdir layout:
 
 from __future__ import annotations
 
+import dataclasses
+import glob
 import json
 import logging
 import os
@@ -26,9 +28,12 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from jax.flatten_util import ravel_pytree
 
 from fastntk_jax import config as config_lib
 from fastntk_jax import data as data_lib
+from fastntk_jax import faults
+from fastntk_jax import ntk
 from fastntk_jax import report
 from fastntk_jax import train as train_lib
 from fastntk_jax import unlearn
@@ -104,7 +109,8 @@ def pretrain_stage(cfg, model, data, workdir: str, progress: _Progress) -> dict:
     frozen = {k: v for k, v in init.items() if k not in trained}
     trained, stats, _ = train_lib.fit_collections(
         model, trained, frozen, data.pretrain, spec, data.num_classes, seed=10_000,
-        progress=progress.epochs("pretrain", spec.epochs))
+        progress=progress.epochs("pretrain", spec.epochs),
+        checkpoint_path=os.path.join(workdir, "pretrain.partial"), tag="pretrain")
     variables = {**frozen, **trained}
     if stats is not None:
       variables["batch_stats"] = stats
@@ -116,6 +122,8 @@ def pretrain_stage(cfg, model, data, workdir: str, progress: _Progress) -> dict:
     variables = init
   variables = jax.tree_util.tree_map(np.asarray, dict(variables))
   checkpoints.save_checkpoint(path, variables, overwrite=True)
+  if os.path.exists(path + ".partial"):
+    os.remove(path + ".partial")
   return variables
 
 
@@ -159,6 +167,10 @@ def _stage(path: str, target: PyTree, compute: Callable[[], PyTree]) -> PyTree:
     return checkpoints.restore_checkpoint(path, target)
   value = jax.tree_util.tree_map(np.asarray, compute())
   checkpoints.save_checkpoint(path, value, overwrite=True)
+  # The stage is complete: its periodic checkpoints are no longer needed.
+  for leftover in [path + ".partial"] + glob.glob(glob.escape(path) + "_gram_*.state"):
+    if os.path.exists(leftover):
+      os.remove(leftover)
   return value
 
 
@@ -211,6 +223,78 @@ def linear_probe(model, trainable, frozen, data, cfg, seed: int, tag: str,
   return {"probe_acc_retain": acc(data.retain), "probe_acc_forget": acc(data.forget)}
 
 
+def fastntk_stage(cfg, model, frozen_pre, w0, w_full, data, sdir: str, tag: str):
+  """The Fast-NTK update of one seed; returns (new trainable params, diagnostics dict).
+
+  The kernel is taken at w0 with the *pre-trained* BN statistics (DESIGN.md §1). When the
+  solver is (or `auto` picks) primal, the Gram statistics are accumulated in fixed-size
+  chunks of `unlearn.checkpoint_rows` samples, each saved atomically, so a preempted run
+  resumes mid-accumulation; the other solvers run in one piece.
+  """
+  u = cfg.unlearn
+  apply_fn = tr.make_apply_fn(model, frozen_pre)
+  solve_dtype = jnp.float64 if u.solve_dtype == "float64" else None
+  retain = (jnp.asarray(data.retain.x), jnp.asarray(data.retain.y))
+  forget = (jnp.asarray(data.forget.x), jnp.asarray(data.forget.y))
+  kwargs = dict(num_classes=data.num_classes, damping=float(u.damping), solver=u.solver,
+                batch_size=u.batch_size, kernel_impl=u.kernel_impl, solve_dtype=solve_dtype,
+                linearize_at=u.linearize_at, step_scale=float(u.step_scale))
+  name, reason, costs, w_lin, _, _, solve_dtype = unlearn.prepare(
+      apply_fn, w0, w_full, retain, forget, data.num_classes, kwargs["damping"], u.solver,
+      u.batch_size, solve_dtype, None, None, u.linearize_at, u.kernel_impl)
+  if name != "primal":
+    new, diag = unlearn.ntk_forget_with_diagnostics(apply_fn, w0, w_full, retain=retain,
+                                                    forget=forget, **kwargs)
+    return new, diag.as_dict()
+
+  start = time.perf_counter()
+  flat, unravel = ravel_pytree(w_lin)
+  dtype = solve_dtype or flat.dtype
+  p, rows = flat.shape[0], u.checkpoint_rows
+
+  @jax.jit
+  def chunk_stats(x, y, weights):
+    logits = ntk.apply_rows(apply_fn, w_lin, x, batch_size=u.batch_size)
+    residuals = jax.nn.one_hot(y, data.num_classes, dtype=logits.dtype) - logits
+    return ntk.gram(apply_fn, w_lin, x, residuals, batch_size=u.batch_size, dtype=dtype,
+                    row_weights=weights)
+
+  stats = {}
+  for part, split in (("retain", data.retain), ("forget", data.forget)):
+    path = os.path.join(sdir, f"fastntk_gram_{part}.state")
+    empty = {"g": np.zeros((p, p), dtype), "b": np.zeros((p,), dtype), "next": 0}
+    state = wd.load_state(path, empty) or empty
+    for begin in range(int(state["next"]), split.size, rows):
+      idx = np.arange(begin, begin + rows)
+      weights = (idx < split.size).astype(np.float32)
+      idx = np.minimum(idx, split.size - 1)  # fixed chunk shape: pad with a masked repeat
+      g, b = chunk_stats(split.x[idx], split.y[idx], weights)
+      state = {"g": np.asarray(state["g"]) + np.asarray(g), "b": np.asarray(state["b"]) + np.asarray(b),
+               "next": begin + rows}
+      wd.save_state(path, state)
+      faults.maybe_kill(f"{tag}:gram_{part}_chunk{begin // rows}")
+    stats[part] = state
+  delta, cond = jax.jit(unlearn.primal_solve, static_argnames="with_condition")(
+      stats["retain"]["g"], stats["retain"]["b"], stats["forget"]["g"], stats["forget"]["b"],
+      jnp.asarray(u.damping, dtype), with_condition=True)
+  delta = np.asarray(delta)
+  if not np.all(np.isfinite(delta)):
+    raise ValueError(f"{tag}: the Fast-NTK update is non-finite (condition number "
+                     f"{float(cond):.3g}); increase unlearn.damping or set "
+                     "unlearn.solve_dtype='float64'")
+  new = unlearn._apply_delta(w_full, unravel(jnp.asarray(delta, flat.dtype)),  # pylint: disable=protected-access
+                             float(u.step_scale))
+  seconds = time.perf_counter() - start
+  diag = {"solver": "primal", "reason": reason + "; chunked Gram accumulation, resumable",
+          "num_params": int(p), "num_outputs": int(data.train.size * data.num_classes),
+          "condition_number": float(cond), "cg_relative_residual": None,
+          "estimated_bytes": costs["primal"].bytes, "measured_bytes": None,
+          "seconds": seconds, "compile_seconds": None,
+          "update_norm": float(u.step_scale) * float(np.linalg.norm(delta)),
+          "costs": {k: dataclasses.asdict(v) for k, v in costs.items()}}
+  return new, diag
+
+
 def run_seed(cfg, model, data, pretrained: dict, seed: int, workdir: str,
              progress: _Progress) -> dict:
   """All methods for one seed; returns {method: metrics} and {probe kind: metrics}."""
@@ -225,7 +309,9 @@ def run_seed(cfg, model, data, pretrained: dict, seed: int, workdir: str,
   def finetune(split, tag):
     start = time.perf_counter()
     params, stats, hist = train_lib.fit(model, w0, frozen_pre, split, ft, c, seed=seed,
-                                        progress=progress.epochs(f"seed{seed}/{tag}", ft.epochs))
+                                        progress=progress.epochs(f"seed{seed}/{tag}", ft.epochs),
+                                        checkpoint_path=os.path.join(sdir, f"{tag}.partial"),
+                                        tag=f"seed{seed}/{tag}")
     out = {"trainable": params}
     if stats is not None:
       out["batch_stats"] = stats
@@ -246,19 +332,10 @@ def run_seed(cfg, model, data, pretrained: dict, seed: int, workdir: str,
 
   if "fastntk" in cfg.methods:
     def fastntk():
-      # The kernel is taken at w0 with the *pre-trained* BN statistics (DESIGN.md §1).
-      apply_fn = tr.make_apply_fn(model, frozen_pre)
-      u = cfg.unlearn
-      solve_dtype = jnp.float64 if u.solve_dtype == "float64" else None
-      new, diag = unlearn.ntk_forget_with_diagnostics(
-          apply_fn, w0, full["trainable"], retain=(jnp.asarray(data.retain.x), jnp.asarray(data.retain.y)),
-          forget=(jnp.asarray(data.forget.x), jnp.asarray(data.forget.y)), num_classes=c,
-          damping=float(u.damping), solver=u.solver, batch_size=u.batch_size,
-          kernel_impl=u.kernel_impl, solve_dtype=solve_dtype, linearize_at=u.linearize_at,
-          step_scale=float(u.step_scale))
-      d = diag.as_dict()
-      timings["fastntk"] = diag.seconds
-      wd.atomic_write_json(os.path.join(sdir, "fastntk_diagnostics.json"), d)
+      new, diag = fastntk_stage(cfg, model, frozen_pre, w0, full["trainable"], data, sdir,
+                                tag=f"seed{seed}/fastntk")
+      timings["fastntk"] = diag["seconds"]
+      wd.atomic_write_json(os.path.join(sdir, "fastntk_diagnostics.json"), diag)
       return {"trainable": new}
     out = _stage(os.path.join(sdir, "fastntk"), {"trainable": w0}, fastntk)
     methods["fastntk"] = (out["trainable"], frozen_full)
@@ -270,7 +347,9 @@ def run_seed(cfg, model, data, pretrained: dict, seed: int, workdir: str,
     def max_loss():
       start = time.perf_counter()
       p, _, _ = train_lib.fit(model, full["trainable"], frozen_full, data.forget, spec, c,
-                              seed=seed + 1, progress=progress.epochs(f"seed{seed}/max_loss", spec.epochs))
+                              seed=seed + 1, progress=progress.epochs(f"seed{seed}/max_loss", spec.epochs),
+                              checkpoint_path=os.path.join(sdir, "max_loss.partial"),
+                              tag=f"seed{seed}/max_loss")
       timings["max_loss"] = time.perf_counter() - start
       return {"trainable": p}
     methods["max_loss"] = (_stage(os.path.join(sdir, "max_loss"), {"trainable": w0}, max_loss)["trainable"], frozen_full)
@@ -282,7 +361,9 @@ def run_seed(cfg, model, data, pretrained: dict, seed: int, workdir: str,
     def random_label():
       start = time.perf_counter()
       p, _, _ = train_lib.fit(model, full["trainable"], frozen_full, (data.forget.x, wrong), spec, c,
-                              seed=seed + 2, progress=progress.epochs(f"seed{seed}/random_label", spec.epochs))
+                              seed=seed + 2, progress=progress.epochs(f"seed{seed}/random_label", spec.epochs),
+                              checkpoint_path=os.path.join(sdir, "random_label.partial"),
+                              tag=f"seed{seed}/random_label")
       timings["random_label"] = time.perf_counter() - start
       return {"trainable": p}
     methods["random_label"] = (_stage(os.path.join(sdir, "random_label"), {"trainable": w0}, random_label)["trainable"], frozen_full)
@@ -293,6 +374,7 @@ def run_seed(cfg, model, data, pretrained: dict, seed: int, workdir: str,
       m["seconds"] = timings.get(name)  # None when this run restored the stage from disk
       return m
     results[name] = _json_stage(os.path.join(sdir, f"{name}.json"), compute)
+    faults.maybe_kill(f"seed{seed}/eval:{name}")
   if diagnostics:
     results["fastntk"]["diagnostics"] = diagnostics
 

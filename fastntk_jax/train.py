@@ -25,6 +25,8 @@ import numpy as np
 import optax
 
 from fastntk_jax import data as data_lib
+from fastntk_jax import faults
+from fastntk_jax import workdir as workdir_lib
 
 PyTree = Any
 
@@ -129,7 +131,8 @@ def _cached_step(model, spec: TrainSpec, num_classes: int):
 
 def fit(model, trainable: PyTree, frozen: dict, split, spec: TrainSpec, num_classes: int, *,
         seed: int, progress: Optional[Callable[[int, float], None]] = None,
-        stop_below: Optional[float] = None) -> tuple[PyTree, Optional[PyTree], list[float]]:
+        stop_below: Optional[float] = None, checkpoint_path: Optional[str] = None,
+        tag: str = "") -> tuple[PyTree, Optional[PyTree], list[float]]:
   """Trains the trainable collection (only) on `split` for `spec.epochs` epochs.
 
   Args:
@@ -142,6 +145,8 @@ def fit(model, trainable: PyTree, frozen: dict, split, spec: TrainSpec, num_clas
     seed: seeds the batch order.
     progress: called with (epoch, mean loss) after every epoch.
     stop_below: stop early once an epoch's mean loss is below this (relearn time).
+    checkpoint_path: periodic training-state checkpoint (see `fit_collections`).
+    tag: names this stage for progress and fault injection.
 
   Returns:
     (trained params, batch_stats after training (None for models without BN),
@@ -150,22 +155,43 @@ def fit(model, trainable: PyTree, frozen: dict, split, spec: TrainSpec, num_clas
   frozen = dict(frozen)
   trained = {"trainable": trainable}
   trained, stats, history = fit_collections(model, trained, frozen, split, spec, num_classes,
-                                            seed=seed, progress=progress, stop_below=stop_below)
+                                            seed=seed, progress=progress, stop_below=stop_below,
+                                            checkpoint_path=checkpoint_path, tag=tag)
   return trained["trainable"], stats, history
 
 
 def fit_collections(model, trained: dict, frozen: dict, split, spec: TrainSpec,
                     num_classes: int, *, seed: int,
                     progress: Optional[Callable[[int, float], None]] = None,
-                    stop_below: Optional[float] = None) -> tuple[dict, Optional[PyTree], list]:
+                    stop_below: Optional[float] = None,
+                    checkpoint_path: Optional[str] = None, checkpoint_every: int = 1,
+                    tag: str = "") -> tuple[dict, Optional[PyTree], list]:
   """Like `fit`, but trains every collection in `trained` ({name: tree}); used to pre-train
-  a whole backbone (`params` and `trainable` together)."""
+  a whole backbone (`params` and `trainable` together).
+
+  With `checkpoint_path`, the full training state (params, optimiser state, BN statistics,
+  epoch, loss history) is saved atomically every `checkpoint_every` epochs and restored on
+  the next call, so a killed run resumes mid-stage; batch order depends only on
+  (seed, epoch), so the resumed run is bit-identical to an uninterrupted one.
+  """
   frozen = dict(frozen)
   batch_stats = frozen.pop("batch_stats", None)
   tx, step = _cached_step(model, dataclasses.replace(spec, epochs=0), num_classes)
   opt_state = tx.init(trained)
   history = []
-  for epoch in range(spec.epochs):
+  first_epoch = 0
+  if checkpoint_path:
+    template = {"trained": trained, "opt_state": opt_state, "batch_stats": batch_stats,
+                "epoch": 0, "history": np.zeros(spec.epochs, np.float64)}
+    state = workdir_lib.load_state(checkpoint_path, template)
+    if state is not None:
+      trained, opt_state, batch_stats = state["trained"], state["opt_state"], state["batch_stats"]
+      first_epoch = int(state["epoch"])
+      history = [float(h) for h in np.asarray(state["history"])[:first_epoch]]
+      for e, h in enumerate(history):
+        if progress is not None:
+          progress(e, h)
+  for epoch in range(first_epoch, spec.epochs):
     total, count = 0.0, 0.0
     for b in data_lib.iterate_batches(split, spec.batch_size, seed=seed, epoch=epoch):
       trained, opt_state, batch_stats, loss = step(trained, opt_state, batch_stats,
@@ -175,6 +201,13 @@ def fit_collections(model, trained: dict, frozen: dict, split, spec: TrainSpec,
     history.append(total / max(count, 1.0))
     if progress is not None:
       progress(epoch, history[-1])
+    if checkpoint_path and ((epoch + 1) % checkpoint_every == 0) and epoch + 1 < spec.epochs:
+      padded = np.zeros(spec.epochs, np.float64)
+      padded[:len(history)] = history
+      workdir_lib.save_state(checkpoint_path, {"trained": trained, "opt_state": opt_state,
+                                               "batch_stats": batch_stats, "epoch": epoch + 1,
+                                               "history": padded})
+    faults.maybe_kill(f"{tag}:epoch{epoch}")
     if stop_below is not None and history[-1] < stop_below:
       break
   return trained, batch_stats, history

@@ -55,6 +55,8 @@ __all__ = [
     "ntk_forget",
     "ntk_forget_with_diagnostics",
     "ridge_update",
+    "primal_solve",
+    "prepare",
 ]
 
 
@@ -383,12 +385,28 @@ def _delta_primal(apply_fn, w_lin, x_r, e_r, x_f, e_f, lam, *, batch_size, solve
   _, unravel = ravel_pytree(w_lin)
   g_r, b_r = ntk.gram(apply_fn, w_lin, x_r, e_r, batch_size=batch_size, dtype=solve_dtype)
   g_f, b_f = ntk.gram(apply_fn, w_lin, x_f, e_f, batch_size=batch_size, dtype=solve_dtype)
-  eye = lam * jnp.eye(g_r.shape[0], dtype=solve_dtype)
+  delta, cond = primal_solve(g_r, b_r, g_f, b_f, lam, with_condition=with_aux)
+  aux = {"condition_number": cond} if with_aux else {}
+  return unravel(delta), aux
+
+
+def primal_solve(g_r, b_r, g_f, b_f, damping, *, with_condition: bool = False):
+  """The primal update from the Gram statistics of D_r and D_f.
+
+  Args:
+    g_r, g_f: J_rᵀJ_r and J_fᵀJ_f, [p, p].
+    b_r, b_f: J_rᵀE_r and J_fᵀE_f, [p].
+    damping: λ.
+    with_condition: also return the condition number of G+λI (an O(p³) eigensolve).
+
+  Returns:
+    (Δ = (G_r+λI)⁻¹b_r - (G_r+G_f+λI)⁻¹(b_r+b_f) as a flat [p] vector, condition or None).
+  """
+  eye = damping * jnp.eye(g_r.shape[0], dtype=g_r.dtype)
   g_all = g_r + g_f + eye
   w_retrain = _chol_solve(g_r + eye, b_r)        # (G_r+λI)⁻¹ J_rᵀE_r   = w_r - w0
   w_full = _chol_solve(g_all, b_r + b_f)         # (G+λI)⁻¹ JᵀE         = w_D - w0
-  aux = {"condition_number": _cond(g_all)} if with_aux else {}
-  return unravel(w_retrain - w_full), aux
+  return w_retrain - w_full, (_cond(g_all) if with_condition else None)
 
 
 def _delta_cg(apply_fn, w_lin, x_r, e_r, x_f, e_f, lam, *, batch_size, solve_dtype, tol,
@@ -473,9 +491,14 @@ def ridge_update(apply_fn: ApplyFn, w_lin: PyTree, retain, forget, *, num_classe
 # --------------------------------------------------------------------------------------
 
 
-def _prepare(apply_fn, params_init, params, retain, forget, num_classes, damping, solver,
+def prepare(apply_fn, params_init, params, retain, forget, num_classes, damping, solver,
              batch_size, solve_dtype, memory_limit_bytes, cg_maxiter, linearize_at,
              kernel_impl):
+  """Validates the inputs and picks the solver (what `ntk_forget` does before any work).
+
+  Returns:
+    (solver name, reason, costs, linearisation params, retain, forget, solve dtype).
+  """
   solver, x_r, y_r, x_f, y_f, solve_dtype = _validate(
       apply_fn, params_init, params, retain, forget, num_classes, damping, solver, solve_dtype)
   try:
@@ -541,7 +564,7 @@ def ntk_forget(apply_fn: ApplyFn, params_init: PyTree, params: PyTree, *, retain
     ValueError / TypeError: bad input (named in the message), before any heavy work.
     InsufficientMemoryError: predicted memory beyond the budget (names what would fit).
   """
-  name, _, _, w_lin, retain, forget, solve_dtype = _prepare(
+  name, _, _, w_lin, retain, forget, solve_dtype = prepare(
       apply_fn, params_init, params, retain, forget, num_classes, damping, solver,
       batch_size, solve_dtype, memory_limit_bytes, cg_maxiter, linearize_at, kernel_impl)
   delta, _ = ridge_update(apply_fn, w_lin, retain, forget, num_classes=num_classes,
@@ -587,7 +610,7 @@ def ntk_forget_with_diagnostics(apply_fn: ApplyFn, params_init: PyTree, params: 
   Returns:
     (new params like `params`, Diagnostics).
   """
-  name, reason, costs, w_lin, retain, forget, solve_dtype = _prepare(
+  name, reason, costs, w_lin, retain, forget, solve_dtype = prepare(
       apply_fn, params_init, params, retain, forget, num_classes, damping, solver,
       batch_size, solve_dtype, memory_limit_bytes, cg_maxiter, linearize_at, kernel_impl)
   probe = _peak_memory_probe()

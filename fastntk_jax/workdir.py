@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
 import tempfile
-from typing import Any
+from typing import Any, Optional
 
 import ml_collections
 
 CONFIG_FILE = "config.json"
+log = logging.getLogger(__name__)
+_MAGIC = b"FASTNTK1"
 
 
 def atomic_write_text(path: str, text: str) -> None:
@@ -91,3 +95,38 @@ def _diff(a, b, prefix="") -> list[str]:
       out += _diff(a.get(k), b.get(k), f"{prefix}{k}.")
     return out
   return [] if a == b else [prefix.rstrip(".")]
+
+
+def save_state(path: str, tree: Any) -> None:
+  """Saves a pytree (arrays, optax states, ints) atomically with a SHA-256 checksum.
+
+  Used for the periodic checkpoints inside long stages (training epochs, Gram chunks).
+  """
+  from flax import serialization  # pylint: disable=g-import-not-at-top
+  payload = serialization.to_bytes(tree)
+  atomic_write_bytes(path, _MAGIC + hashlib.sha256(payload).digest() + payload)
+
+
+def load_state(path: str, target: Any) -> Optional[Any]:
+  """Restores a `save_state` file into the structure of `target`.
+
+  Returns:
+    The restored pytree, or None when there is no file, or when it fails verification
+    (wrong header, checksum mismatch, undecodable): a periodic checkpoint that cannot be
+    trusted is discarded with a warning and its stage restarts from the beginning, which
+    gives the same final numbers.
+  """
+  from flax import serialization  # pylint: disable=g-import-not-at-top
+  if not os.path.exists(path):
+    return None
+  with open(path, "rb") as f:
+    blob = f.read()
+  head, digest, payload = blob[:8], blob[8:40], blob[40:]
+  if head != _MAGIC or hashlib.sha256(payload).digest() != digest:
+    log.warning("discarding %s: failed checksum verification (truncated or corrupt)", path)
+    return None
+  try:
+    return serialization.from_bytes(target, payload)
+  except Exception as e:  # pylint: disable=broad-except
+    log.warning("discarding %s: cannot be decoded into the expected structure (%r)", path, e)
+    return None

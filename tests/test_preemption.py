@@ -1,0 +1,100 @@
+"""A run SIGKILLed in the middle of every stage resumes and ends bit-identical.
+
+The main job runs as a real subprocess (the CLI); `FASTNTK_KILL_AT=<point>` makes it
+SIGKILL itself at that point (fastntk_jax/faults.py), exactly like a preempted batch job.
+One workdir is killed at successively later points — mid pre-training, mid Full
+fine-tuning, mid Retrain, mid Gram accumulation of the Fast-NTK update, mid Max Loss, mid
+Random Label, during evaluation — and restarted with the same command each time; the final
+results.json must equal an uninterrupted run's (timing and machine fields aside).
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FLAGS = [
+    "--config=configs/default.py:tiny",
+    "--config.unlearn.solver=primal",        # the chunked, resumable Gram path
+    "--config.unlearn.checkpoint_rows=8",    # 18 retain samples -> 3 chunks
+    "--config.pretrain.train.epochs=3",
+    "--config.finetune.epochs=3",
+    "--config.baselines.max_loss.epochs=2",
+    "--config.baselines.random_label.epochs=2",
+    "--noprogress",
+]
+KILL_POINTS = [
+    "pretrain:epoch1",
+    "seed0/full:epoch1",
+    "seed0/retrain:epoch0",
+    "seed0/fastntk:gram_retain_chunk1",
+    "seed0/max_loss:epoch0",
+    "seed0/random_label:epoch0",
+    "seed0/eval:fastntk",
+]
+
+
+def run_cli(workdir, kill_at=None):
+  env = dict(os.environ)
+  env.pop("FASTNTK_KILL_AT", None)
+  if kill_at:
+    env["FASTNTK_KILL_AT"] = kill_at
+  return subprocess.run([sys.executable, "-m", "fastntk_jax.main", f"--workdir={workdir}",
+                         *FLAGS], cwd=ROOT, env=env, capture_output=True, text=True,
+                        timeout=600)
+
+
+def comparable(workdir):
+  with open(os.path.join(workdir, "results.json")) as f:
+    res = json.load(f)
+  res.pop("timing")
+  res.pop("machine")
+  return res
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("uninterrupted"))
+  proc = run_cli(workdir)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return comparable(workdir)
+
+
+def test_killed_at_every_stage_resumes_to_identical_results(reference, tmp_path):
+  workdir = str(tmp_path / "killed")
+  evidence = {
+      "pretrain:epoch1": "pretrain.partial",
+      "seed0/full:epoch1": "seed_0/full.partial",
+      "seed0/fastntk:gram_retain_chunk1": "seed_0/fastntk_gram_retain.state",
+  }
+  for point in KILL_POINTS:
+    proc = run_cli(workdir, kill_at=point)
+    assert proc.returncode == -signal.SIGKILL, (point, proc.returncode, proc.stderr[-2000:])
+    assert not os.path.exists(os.path.join(workdir, "results.json")), point
+    if point in evidence:  # the periodic checkpoint the restart resumes from is there
+      assert os.path.exists(os.path.join(workdir, evidence[point])), point
+  proc = run_cli(workdir)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert json.dumps(comparable(workdir), sort_keys=True) == json.dumps(reference, sort_keys=True)
+  # Completed stages cleaned up their periodic checkpoints.
+  leftovers = [f for f in os.listdir(os.path.join(workdir, "seed_0"))
+               if f.endswith((".partial", ".state"))]
+  assert not leftovers, leftovers
+
+
+def test_corrupt_periodic_checkpoint_is_discarded_not_trusted(reference, tmp_path):
+  workdir = str(tmp_path / "corrupt")
+  proc = run_cli(workdir, kill_at="seed0/full:epoch1")
+  assert proc.returncode == -signal.SIGKILL
+  partial = os.path.join(workdir, "seed_0", "full.partial")
+  with open(partial, "r+b") as f:  # flip bytes in the payload: the checksum must catch it
+    f.seek(100)
+    f.write(b"\x00\xff" * 8)
+  proc = run_cli(workdir)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "failed checksum verification" in proc.stderr
+  assert json.dumps(comparable(workdir), sort_keys=True) == json.dumps(reference, sort_keys=True)
