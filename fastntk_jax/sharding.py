@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import math
 import os
 from typing import Any, Callable, Mapping, Optional, Sequence
 
@@ -76,6 +75,7 @@ __all__ = [
     "sharded_jvp_rows",
     "sharded_vjp_rows",
     "sharded_train_step",
+    "sharded_gram_stats_fn",
     "sharded_primal_update",
 ]
 
@@ -527,9 +527,55 @@ def sharded_train_step(step: Callable, mesh: Mesh) -> Callable:
   return sharded
 
 
-def _chol_solve(a: jnp.ndarray, b: jnp.ndarray) -> jnp.ndarray:
-  factor = jax.scipy.linalg.cho_factor(a, lower=True)
-  return jax.scipy.linalg.cho_solve(factor, b)
+def sharded_gram_stats_fn(apply_fn: ApplyFn, w_lin: PyTree, *, num_classes: int,
+                          mesh: Mesh, batch_size: Optional[int] = 256,
+                          dtype: Optional[jnp.dtype] = None) -> Callable:
+  """The primal solver's sufficient statistics of a set of labelled rows, rows split.
+
+  For rows (x, y) and residuals E = one_hot(y) − f(w_lin, x), the returned function gives
+  G = JᵀJ and b = JᵀE at w_lin, with optional per-row 0/1 weights (the padding of a
+  fixed-size chunk). Summing its outputs over chunks gives the statistics of a whole set,
+  which is how a resumable, chunked accumulation (pipeline) uses it; `unlearn.primal_solve`
+  turns the statistics of D_r and D_f into Δ. Compiled once per chunk shape.
+
+  Args:
+    apply_fn: `(params, x) -> logits [n, C]`.
+    w_lin: the linearisation point (trainable pytree), replicated onto the mesh once.
+    num_classes: C.
+    mesh: a "data" mesh.
+    batch_size: rows per device per streamed Jacobian block.
+    dtype: accumulation dtype; default: the params' dtype.
+
+  Returns:
+    `stats(x [m, ...], y [m] int, row_weights [m] or None) -> (G [p, p], b [p])`, both
+    replicated on every device.
+  """
+  acc = jnp.dtype(dtype) if dtype is not None else jnp.result_type(
+      *jax.tree_util.tree_leaves(w_lin))
+  w_rep = replicate(w_lin, mesh)
+  rep = NamedSharding(mesh, P())
+  row_sh = NamedSharding(mesh, P(DATA_AXIS))
+
+  @functools.partial(jax.jit, static_argnames="block_size", out_shardings=(rep, rep))
+  def stats_padded(w, x, y, mask, *, block_size):
+    logits = _apply_in_jit(apply_fn, w, x, mesh, block_size=block_size)
+    residuals = jax.nn.one_hot(y, num_classes, dtype=logits.dtype) - logits
+    return _gram_in_jit(apply_fn, w, x, residuals, mask, mesh, block_size=block_size,
+                        dtype=acc)
+
+  def stats(x, y, row_weights=None):
+    n = x.shape[0]
+    _check_rows("y", y, n)
+    xs, mask = shard_rows(x, mesh, block_size=batch_size)
+    if row_weights is not None:
+      _check_rows("row_weights", row_weights, n)
+      mask = _put(np.asarray(mask) * _pad_like(np.asarray(row_weights, np.float32), xs), row_sh)
+    # Padded labels are class 0; their rows carry mask 0, so they never count.
+    ys = _put(_pad_like(np.asarray(y), xs), row_sh)
+    bs, _ = _padded_rows(n, _num_devices(mesh), batch_size)
+    return stats_padded(w_rep, xs, ys, mask, block_size=bs)
+
+  return stats
 
 
 def sharded_primal_update(apply_fn: ApplyFn, params_init: PyTree, params: PyTree, *,
@@ -541,8 +587,9 @@ def sharded_primal_update(apply_fn: ApplyFn, params_init: PyTree, params: PyTree
 
   Δ = (G_r+λI)⁻¹ J_rᵀE_r − (G_r+G_f+λI)⁻¹ (J_rᵀE_r + J_fᵀE_f) (DESIGN.md §2): the logits,
   G_r, G_f and the Jᵀ E products are computed with the rows of D_r and D_f split over
-  devices; the two p×p Cholesky solves run replicated on every device. Inputs are
-  validated exactly as in `ntk_forget` (same messages), before any heavy work.
+  devices (`sharded_gram_stats_fn`); the p×p solves (`unlearn.primal_solve`, the very
+  code the single-device solver uses) run replicated on every device. Inputs are validated
+  exactly as in `ntk_forget` (same messages), before any heavy work.
 
   Args:
     apply_fn: `(params, x) -> logits [n, C]` over the trainable pytree only (BatchNorm in
@@ -564,9 +611,9 @@ def sharded_primal_update(apply_fn: ApplyFn, params_init: PyTree, params: PyTree
     Pytree with the structure, shapes and dtypes of `params`: w_D + step_scale·Δ,
     replicated on every device.
   """
+  from fastntk_jax import unlearn  # pylint: disable=g-import-not-at-top
   # The same validation as ntk_forget (a private helper of the sibling module, reused so
   # that both entry points reject bad input with identical messages).
-  from fastntk_jax import unlearn  # pylint: disable=g-import-not-at-top
   _, x_r, y_r, x_f, y_f, solve_dtype = unlearn._validate(  # pylint: disable=protected-access
       apply_fn, params_init, params, retain, forget, num_classes, damping, "primal",
       solve_dtype)
@@ -578,34 +625,20 @@ def sharded_primal_update(apply_fn: ApplyFn, params_init: PyTree, params: PyTree
   if batch_size is not None and (not isinstance(batch_size, (int, np.integer)) or batch_size < 1):
     raise ValueError(f"batch_size must be a positive int or None, got {batch_size!r}")
   w_lin = params_init if linearize_at == unlearn.LinearizationPoint.INIT else params
-  sdtype = (jnp.dtype(solve_dtype) if solve_dtype is not None
-            else jnp.result_type(*jax.tree_util.tree_leaves(w_lin)))
-  d = _num_devices(mesh)
-  row_sh = NamedSharding(mesh, P(DATA_AXIS))
-  xr, mr = shard_rows(x_r, mesh, block_size=batch_size)
-  xf, mf = shard_rows(x_f, mesh, block_size=batch_size)
-  # Labels ride along with the inputs (padded with class 0; their rows are masked).
-  yr = _put(_pad_like(y_r, xr), row_sh)
-  yf = _put(_pad_like(y_f, xf), row_sh)
-  bs_r, _ = _padded_rows(x_r.shape[0], d, batch_size)
-  bs_f, _ = _padded_rows(x_f.shape[0], d, batch_size)
-
-  def update(w_lin, params, xr, yr, mr, xf, yf, mf, lam):
-    def residuals(x, y, bs):
-      logits = _apply_in_jit(apply_fn, w_lin, x, mesh, block_size=bs)
-      return jax.nn.one_hot(y, num_classes, dtype=logits.dtype) - logits
-    g_r, b_r = _gram_in_jit(apply_fn, w_lin, xr, residuals(xr, yr, bs_r), mr, mesh,
-                            block_size=bs_r, dtype=sdtype)
-    g_f, b_f = _gram_in_jit(apply_fn, w_lin, xf, residuals(xf, yf, bs_f), mf, mesh,
-                            block_size=bs_f, dtype=sdtype)
-    eye = lam.astype(sdtype) * jnp.eye(g_r.shape[0], dtype=sdtype)
-    w_retrain = _chol_solve(g_r + eye, b_r)              # w_r - w0
-    w_full = _chol_solve(g_r + g_f + eye, b_r + b_f)     # w_D - w0
-    delta = ravel_pytree(w_lin)[1](w_retrain - w_full)
-    return jax.tree_util.tree_map(
-        lambda w, dl: (w + step_scale * dl.astype(w.dtype)).astype(w.dtype), params, delta)
-
+  flat, unravel = ravel_pytree(w_lin)
+  sdtype = jnp.dtype(solve_dtype) if solve_dtype is not None else flat.dtype
+  stats = sharded_gram_stats_fn(apply_fn, w_lin, num_classes=num_classes, mesh=mesh,
+                                batch_size=batch_size, dtype=sdtype)
+  g_r, b_r = stats(x_r, y_r)
+  g_f, b_f = stats(x_f, y_f)
   rep = NamedSharding(mesh, P())
-  w_lin_r, params_r = replicate((w_lin, params), mesh)
+
+  @functools.partial(jax.jit, out_shardings=rep)
+  def solve_and_apply(params, g_r, b_r, g_f, b_f, lam):
+    delta, _ = unlearn.primal_solve(g_r, b_r, g_f, b_f, lam)
+    delta = unravel(delta.astype(flat.dtype))
+    return jax.tree_util.tree_map(
+        lambda w, d: (w + step_scale * d.astype(w.dtype)).astype(w.dtype), params, delta)
+
   lam = replicate(jnp.asarray(damping, sdtype), mesh)
-  return jax.jit(update, out_shardings=rep)(w_lin_r, params_r, xr, yr, mr, xf, yf, mf, lam)
+  return solve_and_apply(replicate(params, mesh), g_r, b_r, g_f, b_f, lam)

@@ -128,6 +128,18 @@ def _child() -> dict:
   out["gram_devices"] = len(g.sharding.device_set)
   out["gram_replicated"] = bool(g.sharding.is_fully_replicated)
 
+  # Statistics of a weighted chunk (the pipeline's resumable, chunked accumulation).
+  weights = (np.arange(13) < 10).astype(np.float32)
+  logits0 = ntk.apply_rows(apply_fn, w0, jnp.asarray(x_r))
+  e0 = jax.nn.one_hot(y_r, num_classes, dtype=logits0.dtype) - logits0
+  gs0, bs0 = ntk.gram(apply_fn, w0, jnp.asarray(x_r), e0, row_weights=jnp.asarray(weights))
+  stats_fn = S.sharded_gram_stats_fn(apply_fn, w0, num_classes=num_classes, mesh=mesh,
+                                     batch_size=1)
+  gs, bs_ = stats_fn(x_r, y_r, weights)
+  errors["gram_stats_G"] = max_diff(gs, gs0) / scale(gs0)
+  errors["gram_stats_b"] = max_diff(bs_, bs0) / scale(bs0)
+  out["gram_stats_weights_matter"] = max_diff(gs, g0) > 1e-3
+
   # The compiled program: each device loops over its own rows (the loop carry is one
   # device's [1, p, p] block) and the only collectives are the two final all-reduces.
   xs, mask = S.shard_rows(x_r, mesh, block_size=1)
@@ -194,7 +206,8 @@ def _multiprocess_child() -> dict:
   """One of two processes (4 CPU devices each) joined by jax.distributed into 8 devices."""
   import jax  # pylint: disable=g-import-not-at-top
   # CPU collectives across processes go through gloo (GPUs/TPUs have their own).
-  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  if os.environ.get("JAX_PLATFORMS") == "cpu":
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
   from fastntk_jax import sharding as S  # pylint: disable=g-import-not-at-top
   initialized = S.maybe_initialize_distributed()  # FASTNTK_* from the parent
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
@@ -298,7 +311,8 @@ def test_child_runs_on_8_devices_in_float64(child):
 
 
 @pytest.mark.parametrize("name", [
-    "gram_G_blocks", "gram_b_blocks", "gram_G_one_block", "gram_b_one_block", "kernel",
+    "gram_G_blocks", "gram_b_blocks", "gram_G_one_block", "gram_b_one_block",
+    "gram_stats_G", "gram_stats_b", "kernel",
     "jvp", "vjp", "apply", "update", "train_step"])
 def test_sharded_equals_single_device(child, name):
   assert child["errors"][name] < TOL, child["errors"]
@@ -316,6 +330,7 @@ def test_work_is_actually_split_over_devices(child):
 
 
 def test_update_and_step_are_not_trivial(child):
+  assert child["gram_stats_weights_matter"]
   assert child["update_norm"] > 1e-3
   assert child["update_dtypes_match"]
   assert child["train_step_changed_params"] > 1e-4
