@@ -167,9 +167,17 @@ def retained_mask(state: ForgetState) -> jnp.ndarray:
 def downdate_flops(p: int, m: int) -> float:
   """Predicted FLOPs of `cholesky_downdate` of a [p, p] factor by m columns."""
   pp = math.ceil(p / _DD_BLOCK) * _DD_BLOCK
-  chunks = math.ceil(m / _DD_CHUNK)
-  mc = min(m, _DD_CHUNK)
+  chunks, mc = _chunking(m)
   return chunks * 2.0 * pp * pp * (_DD_BLOCK + mc) ** 2 / _DD_BLOCK
+
+
+def _chunking(m: int) -> tuple[int, int]:
+  """(number of chunks, columns per chunk): at most _DD_CHUNK each, split evenly so that
+  little zero padding is added (e.g. 80 -> 2 x 40, not 64 + 64)."""
+  if m <= 0:
+    return 0, 0
+  chunks = math.ceil(m / _DD_CHUNK)
+  return chunks, math.ceil(m / chunks)
 
 
 def refactor_flops(p: int) -> float:
@@ -242,7 +250,7 @@ def cholesky_downdate(chol: jnp.ndarray, x: jnp.ndarray) -> tuple[jnp.ndarray, j
   """Rank-m Cholesky downdate: L' with L' L'ᵀ = L Lᵀ - X Xᵀ, in O(m·p²).
 
   Blocked hyperbolic Householder reflections (see `_pivot_block`): columns of L in blocks
-  of 32, X in chunks of at most 64 columns, so most of the work is matrix products.
+  of 32, X in even chunks of at most 64 columns, so most of the work is matrix products.
   Zero columns of X are no-ops (padding is free apart from its FLOPs). Pure and jit-able.
 
   Args:
@@ -264,8 +272,7 @@ def cholesky_downdate(chol: jnp.ndarray, x: jnp.ndarray) -> tuple[jnp.ndarray, j
     chol = jnp.pad(chol, ((0, pad), (0, pad)))
     chol = chol.at[jnp.arange(p, big_p), jnp.arange(p, big_p)].set(1.0)
     x = jnp.pad(x, ((0, pad), (0, 0)))
-  mc = min(m, _DD_CHUNK)
-  chunks = math.ceil(m / mc) if m else 0
+  chunks, mc = _chunking(m)
   if chunks * mc != m:
     x = jnp.pad(x, ((0, 0), (0, chunks * mc - m)))
   min_ratio = jnp.asarray(1.0, dtype)
