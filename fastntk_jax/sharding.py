@@ -221,12 +221,26 @@ def _padded_rows(n: int, devices: int, block_size: Optional[int]) -> tuple[int, 
   return bs, -(-per_device // bs)
 
 
+def _pad_rows_host(x, devices: int, block_size: Optional[int]) -> tuple[np.ndarray, np.ndarray]:
+  """Host-side padding of `shard_rows`: (x padded with row 0 [n_pad, ...], mask [n_pad])."""
+  xp = np.asarray(x)
+  n = xp.shape[0]
+  if n == 0:
+    raise ValueError("shard_rows: the array has no rows")
+  bs, nb = _padded_rows(n, devices, block_size)
+  n_pad = devices * nb * bs
+  if n_pad > n:
+    xp = np.concatenate([xp, np.repeat(xp[:1], n_pad - n, axis=0)], axis=0)
+  return xp, (np.arange(n_pad) < n).astype(np.float32)
+
+
 def shard_rows(x, mesh: Mesh, *, block_size: Optional[int] = None
                ) -> tuple[jax.Array, jax.Array]:
   """Pads the leading (row) axis and splits it over "data".
 
   Args:
-    x: [n, ...] array (numpy or jax), identical on every process.
+    x: [n, ...] host array (numpy, or a fully addressable jax array), identical on every
+      process.
     mesh: a mesh from `make_data_mesh`.
     block_size: rows each device processes at a time (None: all its rows at once). The
       padded length is `devices · ceil(ceil(n / devices) / block) · block`.
@@ -235,17 +249,7 @@ def shard_rows(x, mesh: Mesh, *, block_size: Optional[int] = None
     (x_padded [n_pad, ...] sharded over "data", mask [n_pad] float32 (1 = real row)).
     Padded rows repeat row 0.
   """
-  x = np.asarray(x) if not isinstance(x, jax.Array) else x
-  n = x.shape[0]
-  if n == 0:
-    raise ValueError("shard_rows: the array has no rows")
-  d = _num_devices(mesh)
-  bs, nb = _padded_rows(n, d, block_size)
-  n_pad = d * nb * bs
-  xp = np.asarray(x)
-  if n_pad > n:
-    xp = np.concatenate([xp, np.repeat(xp[:1], n_pad - n, axis=0)], axis=0)
-  mask = (np.arange(n_pad) < n).astype(np.float32)
+  xp, mask = _pad_rows_host(x, _num_devices(mesh), block_size)
   sh = NamedSharding(mesh, P(DATA_AXIS))
   return _put(xp, sh), _put(mask, sh)
 
@@ -566,14 +570,16 @@ def sharded_gram_stats_fn(apply_fn: ApplyFn, w_lin: PyTree, *, num_classes: int,
   def stats(x, y, row_weights=None):
     n = x.shape[0]
     _check_rows("y", y, n)
-    xs, mask = shard_rows(x, mesh, block_size=batch_size)
+    # Built on the host, then placed: across processes a placed array cannot be read back.
+    xp, mask = _pad_rows_host(x, _num_devices(mesh), batch_size)
     if row_weights is not None:
       _check_rows("row_weights", row_weights, n)
-      mask = _put(np.asarray(mask) * _pad_like(np.asarray(row_weights, np.float32), xs), row_sh)
+      mask = mask * _pad_like(np.asarray(row_weights, np.float32), xp)
     # Padded labels are class 0; their rows carry mask 0, so they never count.
-    ys = _put(_pad_like(np.asarray(y), xs), row_sh)
+    ys = _pad_like(np.asarray(y), xp)
     bs, _ = _padded_rows(n, _num_devices(mesh), batch_size)
-    return stats_padded(w_rep, xs, ys, mask, block_size=bs)
+    return stats_padded(w_rep, _put(xp, row_sh), _put(ys, row_sh), _put(mask, row_sh),
+                        block_size=bs)
 
   return stats
 
