@@ -211,6 +211,7 @@ def _multiprocess_child() -> dict:
   from fastntk_jax import sharding as S  # pylint: disable=g-import-not-at-top
   initialized = S.maybe_initialize_distributed()  # FASTNTK_* from the parent
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
   from fastntk_jax import ntk  # pylint: disable=g-import-not-at-top
 
   t = _setup()
@@ -223,6 +224,14 @@ def _multiprocess_child() -> dict:
   g, b = S.sharded_gram(t.apply_fn, t.w0, t.x_r, t.res, mesh=mesh, batch_size=1)
   errors["gram_G"] = t.max_diff(g, g0) / t.scale(g0)
   errors["gram_b"] = t.max_diff(b, b0) / t.scale(b0)
+  # A weighted chunk, as the pipeline's resumable accumulation passes it.
+  weights = (np.arange(13) < 10).astype(np.float32)
+  logits0 = ntk.apply_rows(t.apply_fn, t.w0, jnp.asarray(t.x_r))
+  e0 = jax.nn.one_hot(t.y_r, t.num_classes, dtype=logits0.dtype) - logits0
+  gs0, _ = ntk.gram(t.apply_fn, t.w0, jnp.asarray(t.x_r), e0, row_weights=jnp.asarray(weights))
+  gs, _ = S.sharded_gram_stats_fn(t.apply_fn, t.w0, num_classes=t.num_classes, mesh=mesh,
+                                  batch_size=1)(t.x_r, t.y_r, weights)
+  errors["gram_stats_G"] = t.max_diff(gs, gs0) / t.scale(gs0)
   # Kernel rows live on both processes' devices: to_host gathers them.
   k0 = ntk.empirical_kernel(t.apply_fn, t.w0, jnp.asarray(t.x_r), jnp.asarray(t.x_f),
                             implementation="jax")
@@ -352,7 +361,8 @@ def test_two_processes_join_into_one_mesh(multiprocess):
     assert not o["kernel_fully_addressable"]  # the rows really are split across processes
 
 
-@pytest.mark.parametrize("name", ["gram_G", "gram_b", "kernel", "update", "train_step"])
+@pytest.mark.parametrize("name", ["gram_G", "gram_b", "gram_stats_G", "kernel", "update",
+                                  "train_step"])
 def test_multiprocess_equals_single_device(multiprocess, name):
   for o in multiprocess:
     assert o["errors"][name] < TOL, (o["process"], o["errors"])
