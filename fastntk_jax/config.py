@@ -52,7 +52,7 @@ def base_config() -> ml_collections.ConfigDict:
   # ("cifar100", ...) trains on that dataset's train split (all its classes, with its own
   # head) and transfers everything but the head, as the paper pre-trains on CIFAR-100.
   c.pretrain.dataset = ""
-  c.pretrain.images_per_class = None  # for pretrain.dataset: #IPC (None = all)
+  c.pretrain.images_per_class = ml_collections.config_dict.placeholder(int)  # None = all
   c.pretrain.train = _train(epochs=30, lr=0.05, batch_size=64, loss="ce", bn_mode="train")
   c.pretrain.train.weight_decay = 5e-4
 

@@ -290,27 +290,30 @@ def default_data_config() -> ml_collections.ConfigDict:
     Returns:
       A fresh, unlocked ``ml_collections.ConfigDict``.
     """
+    # Optional fields are typed placeholders (None by default) so that they can be set from
+    # the command line, e.g. --config.data.data_dir=/data/tfds.
+    placeholder = ml_collections.config_dict.placeholder
     c = ml_collections.ConfigDict()
     c.name = "digits"  # "digits" (embedded, offline) | "cifar10" | "cifar100" | "imagenet_r"
-    c.data_dir = None  # TFDS data_dir (None: TFDS default, $TFDS_DATA_DIR or ~/tensorflow_datasets)
-    c.manual_dir = None  # folder holding the dataset archive; only then is TFDS asked to prepare it
-    c.image_size = None  # square side in pixels; dataset default: digits 16, CIFAR 32, IN-R 224
+    c.data_dir = placeholder(str)  # TFDS data_dir (None: TFDS default, $TFDS_DATA_DIR or ~/tensorflow_datasets)
+    c.manual_dir = placeholder(str)  # folder holding the dataset archive; only then is TFDS asked to prepare it
+    c.image_size = placeholder(int)  # square side in pixels; dataset default: digits 16, CIFAR 32, IN-R 224
     # "cifar" | "cifar100" | "imagenet" (per-channel mean/std) | "vit" | "inception" ([-1, 1]) |
     # "none" ([0, 1]); dataset default: digits/cifar10 "cifar", cifar100 "cifar100",
     # imagenet_r "vit".
-    c.normalization = None
-    c.num_classes = None  # number of classes used (first k of the dataset's classes); None = all
+    c.normalization = placeholder(str)
+    c.num_classes = placeholder(int)  # number of classes used (first k of the dataset's classes); None = all
     c.classes = None  # explicit list of dataset class ids (label i := classes[i]); None = first k
     c.images_per_class = 60  # #IPC of the fine-tuning set D; None = every image left in the pool
     # Hold-out images per class; dataset default: digits 30, CIFAR the whole test split,
     # ImageNet-R 25.
-    c.holdout_per_class = None
+    c.holdout_per_class = placeholder(int)
     # Pre-training images per class, disjoint from D and the hold-out; 0 = no pretrain split.
     # Dataset default: digits 80, others 0 (the paper's backbones come from checkpoints).
-    c.pretrain_per_class = None
+    c.pretrain_per_class = placeholder(int)
     c.forget_classes = [0]  # forget_mode="class": remapped labels forming D_f (ignored: "samples")
     c.forget_mode = "class"  # "class" (the paper's setting) | "samples" (random subset of D)
-    c.forget_fraction = None  # forget_mode="samples": fraction of D forgotten, in (0, 1)
+    c.forget_fraction = placeholder(float)  # forget_mode="samples": fraction of D forgotten, in (0, 1)
     c.seed = 0  # every random choice (class splits, forget samples) derives from it
     return c
 
