@@ -38,7 +38,11 @@ def main(argv):
   logging.getLogger("absl").setLevel(logging.WARNING)
   # Imported here so that --help is instant and flag errors come before JAX starts.
   from fastntk_jax import pipeline  # pylint: disable=g-import-not-at-top
+  from fastntk_jax import sharding  # pylint: disable=g-import-not-at-top
   try:
+    # Before anything starts the JAX backend: joins the processes of a multi-host launch
+    # (FASTNTK_DISTRIBUTED=1, set by launch/*.sh; a no-op for a single process).
+    sharding.maybe_initialize_distributed()
     try:
       cfg = _CONFIG.value  # config_flags loads the file and applies overrides lazily
     except AttributeError as e:  # a misspelt --config.field override

@@ -35,6 +35,7 @@ from fastntk_jax import data as data_lib
 from fastntk_jax import faults
 from fastntk_jax import ntk
 from fastntk_jax import report
+from fastntk_jax import sharding
 from fastntk_jax import train as train_lib
 from fastntk_jax import unlearn
 from fastntk_jax import workdir as wd
@@ -91,7 +92,7 @@ def _init_variables(model, image_shape, seed: int) -> dict:
   return jax.tree_util.tree_map(np.asarray, dict(model.init(jax.random.PRNGKey(seed), x)))
 
 
-def pretrain_stage(cfg, model, data, workdir: str, progress: _Progress) -> dict:
+def pretrain_stage(cfg, model, data, workdir: str, progress: _Progress, mesh=None) -> dict:
   """The backbone every method starts from: trained here, loaded, or random."""
   path = os.path.join(workdir, "pretrain")
   init = _init_variables(model, data.image_shape, seed=10_000)
@@ -99,7 +100,7 @@ def pretrain_stage(cfg, model, data, workdir: str, progress: _Progress) -> dict:
     return checkpoints.restore_checkpoint(path, init)
   source = cfg.pretrain.source
   if source == "train" and cfg.pretrain.dataset:
-    variables = _pretrain_on_other_dataset(cfg, model, data, init, progress)
+    variables = _pretrain_on_other_dataset(cfg, model, data, init, progress, mesh)
   elif source == "train":
     if data.pretrain is None or data.pretrain.size == 0:
       raise ValueError("config.pretrain.source='train' but the data has no pretrain split; set "
@@ -110,7 +111,7 @@ def pretrain_stage(cfg, model, data, workdir: str, progress: _Progress) -> dict:
     trained, stats, _ = train_lib.fit_collections(
         model, trained, frozen, data.pretrain, spec, data.num_classes, seed=10_000,
         progress=progress.epochs("pretrain", spec.epochs),
-        checkpoint_path=os.path.join(workdir, "pretrain.partial"), tag="pretrain")
+        checkpoint_path=os.path.join(workdir, "pretrain.partial"), tag="pretrain", mesh=mesh)
     variables = {**frozen, **trained}
     if stats is not None:
       variables["batch_stats"] = stats
@@ -127,7 +128,7 @@ def pretrain_stage(cfg, model, data, workdir: str, progress: _Progress) -> dict:
   return variables
 
 
-def _pretrain_on_other_dataset(cfg, model, data, init, progress) -> dict:
+def _pretrain_on_other_dataset(cfg, model, data, init, progress, mesh=None) -> dict:
   """Trains the same architecture on another dataset (its own head), transfers the rest."""
   pre_cfg = data_lib.default_data_config()
   pre_cfg.update(dict(
@@ -143,7 +144,7 @@ def _pretrain_on_other_dataset(cfg, model, data, init, progress) -> dict:
   frozen = {k: v for k, v in pre_init.items() if k not in trained}
   trained, stats, _ = train_lib.fit_collections(
       pre_model, trained, frozen, pre_data.train, spec, pre_data.num_classes, seed=10_001,
-      progress=progress.epochs(f"pretrain/{cfg.pretrain.dataset}", spec.epochs))
+      progress=progress.epochs(f"pretrain/{cfg.pretrain.dataset}", spec.epochs), mesh=mesh)
   # Everything but the (differently sized) head carries over to the task model.
   variables = dict(init)
   variables["params"] = trained["params"]
@@ -184,7 +185,7 @@ def _json_stage(path: str, compute: Callable[[], dict]) -> dict:
 
 
 def evaluate_method(model, trainable, frozen, data, cfg, seed: int, name: str,
-                    progress: _Progress) -> dict:
+                    progress: _Progress, mesh=None) -> dict:
   """Accuracies on every split and the relearn time of one method's params."""
   logits = lambda split: train_lib.predict(model, trainable, frozen, split.x,
                                            batch_size=cfg.eval.batch_size)
@@ -198,7 +199,7 @@ def evaluate_method(model, trainable, frozen, data, cfg, seed: int, name: str,
   _, _, history = train_lib.fit(
       model, trainable, frozen, data.forget, spec, data.num_classes, seed=seed + 7,
       stop_below=cfg.eval.relearn_threshold,
-      progress=progress.epochs(f"seed{seed}/relearn/{name}", spec.epochs))
+      progress=progress.epochs(f"seed{seed}/relearn/{name}", spec.epochs), mesh=mesh)
   reached = history[-1] < cfg.eval.relearn_threshold
   metrics["relearn_epochs"] = len(history) if reached else spec.epochs
   metrics["relearn_curve"] = history
@@ -208,7 +209,7 @@ def evaluate_method(model, trainable, frozen, data, cfg, seed: int, name: str,
 
 
 def linear_probe(model, trainable, frozen, data, cfg, seed: int, tag: str,
-                 progress: _Progress) -> dict:
+                 progress: _Progress, mesh=None) -> dict:
   """Probe: freeze everything but a fresh head, train it on D, report D_r / D_f accuracy.
 
   High probe accuracy on D_f means the features still separate the forgotten data.
@@ -217,13 +218,14 @@ def linear_probe(model, trainable, frozen, data, cfg, seed: int, tag: str,
   start = fresh_head(trainable, model, data.image_shape, seed + 31)
   probed, _, _ = train_lib.fit(model, start, frozen, data.train, spec, data.num_classes,
                                seed=seed + 3,
-                               progress=progress.epochs(f"seed{seed}/probe/{tag}", spec.epochs))
+                               progress=progress.epochs(f"seed{seed}/probe/{tag}", spec.epochs),
+                               mesh=mesh)
   acc = lambda split: train_lib.accuracy(
       train_lib.predict(model, probed, frozen, split.x, batch_size=cfg.eval.batch_size), split.y)
   return {"probe_acc_retain": acc(data.retain), "probe_acc_forget": acc(data.forget)}
 
 
-def fastntk_stage(cfg, model, frozen_pre, w0, w_full, data, sdir: str, tag: str):
+def fastntk_stage(cfg, model, frozen_pre, w0, w_full, data, sdir: str, tag: str, mesh=None):
   """The Fast-NTK update of one seed; returns (new trainable params, diagnostics dict).
 
   The kernel is taken at w0 with the *pre-trained* BN statistics (DESIGN.md §1). When the
@@ -258,6 +260,10 @@ def fastntk_stage(cfg, model, frozen_pre, w0, w_full, data, sdir: str, tag: str)
     residuals = jax.nn.one_hot(y, data.num_classes, dtype=logits.dtype) - logits
     return ntk.gram(apply_fn, w_lin, x, residuals, batch_size=u.batch_size, dtype=dtype,
                     row_weights=weights)
+
+  if mesh is not None:  # each chunk's rows split over the devices, one all-reduce per chunk
+    chunk_stats = sharding.sharded_gram_stats_fn(apply_fn, w_lin, num_classes=data.num_classes,
+                                                 mesh=mesh, batch_size=u.batch_size, dtype=dtype)
 
   stats = {}
   for part, split in (("retain", data.retain), ("forget", data.forget)):
@@ -296,7 +302,7 @@ def fastntk_stage(cfg, model, frozen_pre, w0, w_full, data, sdir: str, tag: str)
 
 
 def run_seed(cfg, model, data, pretrained: dict, seed: int, workdir: str,
-             progress: _Progress) -> dict:
+             progress: _Progress, mesh=None) -> dict:
   """All methods for one seed; returns {method: metrics} and {probe kind: metrics}."""
   sdir = os.path.join(workdir, f"seed_{seed}")
   os.makedirs(sdir, exist_ok=True)
@@ -311,7 +317,7 @@ def run_seed(cfg, model, data, pretrained: dict, seed: int, workdir: str,
     params, stats, hist = train_lib.fit(model, w0, frozen_pre, split, ft, c, seed=seed,
                                         progress=progress.epochs(f"seed{seed}/{tag}", ft.epochs),
                                         checkpoint_path=os.path.join(sdir, f"{tag}.partial"),
-                                        tag=f"seed{seed}/{tag}")
+                                        tag=f"seed{seed}/{tag}", mesh=mesh)
     out = {"trainable": params}
     if stats is not None:
       out["batch_stats"] = stats
@@ -333,7 +339,7 @@ def run_seed(cfg, model, data, pretrained: dict, seed: int, workdir: str,
   if "fastntk" in cfg.methods:
     def fastntk():
       new, diag = fastntk_stage(cfg, model, frozen_pre, w0, full["trainable"], data, sdir,
-                                tag=f"seed{seed}/fastntk")
+                                tag=f"seed{seed}/fastntk", mesh=mesh)
       timings["fastntk"] = diag["seconds"]
       wd.atomic_write_json(os.path.join(sdir, "fastntk_diagnostics.json"), diag)
       return {"trainable": new}
@@ -349,7 +355,7 @@ def run_seed(cfg, model, data, pretrained: dict, seed: int, workdir: str,
       p, _, _ = train_lib.fit(model, full["trainable"], frozen_full, data.forget, spec, c,
                               seed=seed + 1, progress=progress.epochs(f"seed{seed}/max_loss", spec.epochs),
                               checkpoint_path=os.path.join(sdir, "max_loss.partial"),
-                              tag=f"seed{seed}/max_loss")
+                              tag=f"seed{seed}/max_loss", mesh=mesh)
       timings["max_loss"] = time.perf_counter() - start
       return {"trainable": p}
     methods["max_loss"] = (_stage(os.path.join(sdir, "max_loss"), {"trainable": w0}, max_loss)["trainable"], frozen_full)
@@ -363,14 +369,14 @@ def run_seed(cfg, model, data, pretrained: dict, seed: int, workdir: str,
       p, _, _ = train_lib.fit(model, full["trainable"], frozen_full, (data.forget.x, wrong), spec, c,
                               seed=seed + 2, progress=progress.epochs(f"seed{seed}/random_label", spec.epochs),
                               checkpoint_path=os.path.join(sdir, "random_label.partial"),
-                              tag=f"seed{seed}/random_label")
+                              tag=f"seed{seed}/random_label", mesh=mesh)
       timings["random_label"] = time.perf_counter() - start
       return {"trainable": p}
     methods["random_label"] = (_stage(os.path.join(sdir, "random_label"), {"trainable": w0}, random_label)["trainable"], frozen_full)
 
   for name, (params, frozen) in methods.items():
     def compute(name=name, params=params, frozen=frozen):
-      m = evaluate_method(model, params, frozen, data, cfg, seed, name, progress)
+      m = evaluate_method(model, params, frozen, data, cfg, seed, name, progress, mesh)
       m["seconds"] = timings.get(name)  # None when this run restored the stage from disk
       return m
     results[name] = _json_stage(os.path.join(sdir, f"{name}.json"), compute)
@@ -388,8 +394,33 @@ def run_seed(cfg, model, data, pretrained: dict, seed: int, workdir: str,
     probes[kind] = _json_stage(
         os.path.join(sdir, f"probe_{kind}.json"),
         lambda params=params, frozen=frozen, kind=kind: linear_probe(
-            model, params, frozen, data, cfg, seed, kind, progress))
+            model, params, frozen, data, cfg, seed, kind, progress, mesh))
   return {"methods": results, "probes": probes}
+
+
+_TRAIN_GROUPS = ("pretrain.train", "finetune", "baselines.max_loss", "baselines.random_label",
+                 "eval.relearn", "eval.probe")
+
+
+def data_mesh(cfg) -> Optional[Any]:
+  """All devices (of all processes) on one "data" axis, or None with a single device.
+
+  Every training batch is split evenly over the devices (no padding: padded rows would
+  change BatchNorm's batch statistics), so each batch size must be a multiple of the
+  device count; a config that is not is refused here, naming the field.
+  """
+  n = jax.device_count()
+  if n == 1:
+    return None
+  for group in _TRAIN_GROUPS:
+    node = cfg
+    for part in group.split("."):
+      node = node[part]
+    if node.batch_size % n:
+      raise ValueError(f"config.{group}.batch_size={node.batch_size} must be a multiple of "
+                       f"the {n} devices to split batches over them")
+  log.info("data-parallel over %d devices (%d processes)", n, jax.process_count())
+  return sharding.make_data_mesh()
 
 
 def run(cfg: ml_collections.ConfigDict, workdir: str, *, show_progress: bool = True) -> dict:
@@ -411,11 +442,12 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, *, show_progress: bool = T
   log.info("data: %s", data.describe())
   model = get_model(cfg.model.name, data.num_classes, **dict(cfg.model.options))
   progress = _Progress(workdir, show_progress)
-  pretrained = pretrain_stage(cfg, model, data, workdir, progress)
+  mesh = data_mesh(cfg)
+  pretrained = pretrain_stage(cfg, model, data, workdir, progress, mesh)
   per_seed = {}
   for seed in cfg.seeds:
     log.info("seed %d", seed)
-    per_seed[seed] = run_seed(cfg, model, data, pretrained, seed, workdir, progress)
+    per_seed[seed] = run_seed(cfg, model, data, pretrained, seed, workdir, progress, mesh)
   progress.close()
   results = report.build_results(cfg, data, model, pretrained, per_seed)
   report.write_all(results, workdir)

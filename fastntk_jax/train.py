@@ -132,7 +132,7 @@ def _cached_step(model, spec: TrainSpec, num_classes: int):
 def fit(model, trainable: PyTree, frozen: dict, split, spec: TrainSpec, num_classes: int, *,
         seed: int, progress: Optional[Callable[[int, float], None]] = None,
         stop_below: Optional[float] = None, checkpoint_path: Optional[str] = None,
-        tag: str = "") -> tuple[PyTree, Optional[PyTree], list[float]]:
+        tag: str = "", mesh=None) -> tuple[PyTree, Optional[PyTree], list[float]]:
   """Trains the trainable collection (only) on `split` for `spec.epochs` epochs.
 
   Args:
@@ -147,6 +147,9 @@ def fit(model, trainable: PyTree, frozen: dict, split, spec: TrainSpec, num_clas
     stop_below: stop early once an epoch's mean loss is below this (relearn time).
     checkpoint_path: periodic training-state checkpoint (see `fit_collections`).
     tag: names this stage for progress and fault injection.
+    mesh: a `sharding.make_data_mesh()` mesh: each batch is split over its devices and the
+      step runs data-parallel (same result as one device; batch_size must be a multiple
+      of the device count). None: the plain single-device step.
 
   Returns:
     (trained params, batch_stats after training (None for models without BN),
@@ -156,7 +159,8 @@ def fit(model, trainable: PyTree, frozen: dict, split, spec: TrainSpec, num_clas
   trained = {"trainable": trainable}
   trained, stats, history = fit_collections(model, trained, frozen, split, spec, num_classes,
                                             seed=seed, progress=progress, stop_below=stop_below,
-                                            checkpoint_path=checkpoint_path, tag=tag)
+                                            checkpoint_path=checkpoint_path, tag=tag,
+                                            mesh=mesh)
   return trained["trainable"], stats, history
 
 
@@ -165,7 +169,7 @@ def fit_collections(model, trained: dict, frozen: dict, split, spec: TrainSpec,
                     progress: Optional[Callable[[int, float], None]] = None,
                     stop_below: Optional[float] = None,
                     checkpoint_path: Optional[str] = None, checkpoint_every: int = 1,
-                    tag: str = "") -> tuple[dict, Optional[PyTree], list]:
+                    tag: str = "", mesh=None) -> tuple[dict, Optional[PyTree], list]:
   """Like `fit`, but trains every collection in `trained` ({name: tree}); used to pre-train
   a whole backbone (`params` and `trainable` together).
 
@@ -177,6 +181,9 @@ def fit_collections(model, trained: dict, frozen: dict, split, spec: TrainSpec,
   frozen = dict(frozen)
   batch_stats = frozen.pop("batch_stats", None)
   tx, step = _cached_step(model, dataclasses.replace(spec, epochs=0), num_classes)
+  if mesh is not None:
+    from fastntk_jax import sharding  # pylint: disable=g-import-not-at-top
+    step = sharding.sharded_train_step(step, mesh)
   opt_state = tx.init(trained)
   history = []
   first_epoch = 0
