@@ -26,7 +26,7 @@ a forget set with unusually high loss is recognisable too), so report the gap |a
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional, Sequence
+from typing import Sequence
 
 import numpy as np
 

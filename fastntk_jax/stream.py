@@ -37,7 +37,7 @@ G' itself is maintained by subtraction; its absolute error is ~eps·‖G‖ per 
 perturbs the solution by ~eps·cond(G + λI) relative, the same order as the error of the
 original solve on D. Use `solve_dtype=jnp.float64` (with x64 enabled) where that matters.
 `factor_update="auto"` picks downdate or refactorisation per request from a FLOP estimate
-(a downdate of rank m costs ~8·m·p², a factorisation ~p³/3).
+(`downdate_flops`: ~2·p²·(32+m)²/32 for m <= 64, ~9·m·p² beyond; a factorisation ~p³/3).
 
 Public API:
     state = init_forget_state(apply_fn, params_init, train=(x, y), num_classes=C, damping=λ)
@@ -58,7 +58,6 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.flatten_util import ravel_pytree
 
 from fastntk_jax import ntk
 
