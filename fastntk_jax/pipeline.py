@@ -33,6 +33,7 @@ from jax.flatten_util import ravel_pytree
 from fastntk_jax import config as config_lib
 from fastntk_jax import data as data_lib
 from fastntk_jax import faults
+from fastntk_jax import mia
 from fastntk_jax import ntk
 from fastntk_jax import report
 from fastntk_jax import sharding
@@ -301,6 +302,51 @@ def fastntk_stage(cfg, model, frozen_pre, w0, w_full, data, sdir: str, tag: str,
   return new, diag
 
 
+def _log_softmax(logits: np.ndarray) -> np.ndarray:
+  z = logits - logits.max(axis=-1, keepdims=True)
+  return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
+
+
+def distances_to_retrain(model, methods: dict, data, cfg) -> dict:
+  """Per method: ||w - w_retrain||₂ over the trainable collection, and the mean
+  KL(Retrain ‖ method) of the predicted class distributions on D_f and on the hold-out.
+
+  Also the membership-inference attack of `fastntk_jax.mia` (logistic regression on
+  per-example cross-entropy, D_f = members vs hold-out = non-members, 5-fold CV): attack
+  accuracy and AUC, to be read against Retrain's (the reference).
+
+  Returns:
+    {method: {"l2_to_retrain", "kl_to_retrain_forget", "kl_to_retrain_test", "mia_accuracy",
+              "mia_auc"}}.
+  """
+  holdout = data.test
+  def logp(params, frozen, x):
+    if len(x) == 0:
+      return None
+    return _log_softmax(train_lib.predict(model, params, frozen, x,
+                                          batch_size=cfg.eval.batch_size).astype(np.float64))
+  ref_params, ref_frozen = methods["retrain"]
+  ref_flat = np.asarray(ravel_pytree(ref_params)[0], np.float64)
+  ref = {"forget": logp(ref_params, ref_frozen, data.forget.x),
+         "test": logp(ref_params, ref_frozen, holdout.x)}
+  out = {}
+  for name, (params, frozen) in methods.items():
+    entry = {"l2_to_retrain": float(np.linalg.norm(
+        np.asarray(ravel_pytree(params)[0], np.float64) - ref_flat))}
+    mine = {}
+    for split, x in (("forget", data.forget.x), ("test", holdout.x)):
+      mine[split] = logp(params, frozen, x)
+      entry[f"kl_to_retrain_{split}"] = (None if mine[split] is None else float(np.mean(
+          np.sum(np.exp(ref[split]) * (ref[split] - mine[split]), axis=-1))))
+    if mine["forget"] is not None and mine["test"] is not None:
+      attack = mia.mia_from_logits(mine["forget"], data.forget.y, mine["test"], holdout.y,
+                                   num_folds=min(5, data.forget.size, holdout.size), seed=0)
+      entry["mia_accuracy"] = 100.0 * attack.accuracy
+      entry["mia_auc"] = attack.auc
+    out[name] = entry
+  return out
+
+
 def run_seed(cfg, model, data, pretrained: dict, seed: int, workdir: str,
              progress: _Progress, mesh=None) -> dict:
   """All methods for one seed; returns {method: metrics} and {probe kind: metrics}."""
@@ -383,6 +429,12 @@ def run_seed(cfg, model, data, pretrained: dict, seed: int, workdir: str,
     faults.maybe_kill(f"seed{seed}/eval:{name}")
   if diagnostics:
     results["fastntk"]["diagnostics"] = diagnostics
+
+  # Distance of every method to Retrain (the golden baseline): parameters and predictions.
+  extra = _json_stage(os.path.join(sdir, "vs_retrain.json"),
+                      lambda: distances_to_retrain(model, methods, data, cfg))
+  for name, values in extra.items():
+    results[name] = {**results[name], **values}
 
   probes = {}
   random_init = _init_variables(model, data.image_shape, seed=20_000 + seed)

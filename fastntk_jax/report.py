@@ -15,6 +15,10 @@ METHOD_LABELS = {"full": "Full", "retrain": "Retrain", "fastntk": "Fast-NTK",
 METRICS = [("acc_retain", "D_r acc"), ("acc_forget", "D_f acc"),
            ("acc_test_retain", "Test acc (retain cls)"), ("acc_test_forget", "Test acc (forget cls)"),
            ("relearn_epochs", "Relearn (epochs)")]
+# Distance to the Retrain model (the golden baseline): lower is better, 0 for Retrain.
+DISTANCES = [("l2_to_retrain", "‖w − w_retrain‖₂"), ("kl_to_retrain_forget", "KL on D_f"),
+             ("kl_to_retrain_test", "KL on hold-out"), ("mia_accuracy", "MIA acc (%)"),
+             ("mia_auc", "MIA AUC")]
 PROBE_LABELS = {"pretrained": "Pre-Trained", "random_init": "Random-Init", "fastntk": "Fast-NTK"}
 # Fields that legitimately differ between identical runs (wall clock, memory, environment).
 TIMING_FIELDS = ("seconds",)
@@ -64,7 +68,7 @@ def build_results(cfg, data, model, pretrained, per_seed: dict) -> dict:
   methods, timing = {}, {"methods": {}, "fastntk_diagnostics": {}}
   for name in per_seed[seeds[0]]["methods"]:
     runs = [per_seed[s]["methods"][name] for s in seeds]
-    entry = {key: _stats([r[key] for r in runs]) for key, _ in METRICS}
+    entry = {key: _stats([r.get(key) for r in runs]) for key, _ in METRICS + DISTANCES}
     entry["relearn_protocol"] = runs[0]["relearn_protocol"]
     entry["relearn_curves"] = [r["relearn_curve"] for r in runs]
     methods[name] = entry
@@ -131,6 +135,28 @@ def markdown(results: dict) -> str:
               f"{_fmt(f.get('condition_number'), 0)}; damping "
               f"{results['protocol']['unlearn']['damping']}; its time excludes XLA compilation"
               + (f" ({np.mean(comp):.1f} s per seed)" if comp else "") + ".", ""]
+  lines += ["## Privacy and distance to Retrain", "",
+            "| Method | " + " | ".join(label for _, label in DISTANCES) + " |",
+            "|---|" + "---|" * len(DISTANCES)]
+  for name, entry in results["methods"].items():
+    lines.append("| " + " | ".join([METHOD_LABELS.get(name, name)]
+                                   + [_fmt(entry.get(k), 3) for k, _ in DISTANCES]) + " |")
+  lines += ["", "KL(Retrain ‖ method) of the predicted class distributions, mean over samples. "
+            "MIA: logistic regression on per-example cross-entropy, D_f (members) vs the "
+            "hold-out (non-members), balanced, 5-fold CV; the target is Retrain's value, not "
+            "50%.", ""]
+  if results["data"]["forget_mode"] == "samples":
+    lines += ["### Gap to Retrain (method − Retrain, mean over seeds)", "",
+              "| Method | " + " | ".join(label for _, label in METRICS[:4] + DISTANCES[3:]) + " |",
+              "|---|" + "---|" * (4 + len(DISTANCES[3:]))]
+    ref = results["methods"]["retrain"]
+    for name, entry in results["methods"].items():
+      cells = []
+      for key, _ in METRICS[:4] + DISTANCES[3:]:
+        a, b = (entry.get(key) or {}).get("mean"), (ref.get(key) or {}).get("mean")
+        cells.append("–" if a is None or b is None else f"{a - b:+.2f}")
+      lines.append(f"| {METHOD_LABELS.get(name, name)} | " + " | ".join(cells) + " |")
+    lines.append("")
   lines += ["## Linear probing (fresh head on D, backbone frozen)", "",
             "| Backbone | D_r acc | D_f acc |", "|---|---|---|"]
   for kind, entry in results["linear_probe"].items():
