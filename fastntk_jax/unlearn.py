@@ -19,8 +19,10 @@ added to the fine-tuned params. Three solvers compute the same Δ:
   * cg:     the same two ridge solves by conjugate gradients with jvp/vjp matvecs, in
             whichever space (parameters or outputs) is smaller. Memory ~ p + n·C.
 
-Public API: `ntk_forget` (pure, jit-able) and `ntk_forget_with_diagnostics` (eager,
-timed, returns a `Diagnostics`). Inputs are validated before any heavy work.
+Public API: `ntk_forget` (pure, jit-able), `ntk_forget_with_diagnostics` (eager, timed,
+returns a `Diagnostics`), and `ntk_forget_requests` for a stream of per-sample deletion
+requests served incrementally (`fastntk_jax.stream`). Inputs are validated before any heavy
+work.
 """
 
 from __future__ import annotations
@@ -57,6 +59,7 @@ __all__ = [
     "ridge_update",
     "primal_solve",
     "prepare",
+    "ntk_forget_requests",
 ]
 
 
@@ -650,3 +653,29 @@ def ntk_forget_with_diagnostics(apply_fn: ApplyFn, params_init: PyTree, params: 
       update_norm=norm, costs={k: dataclasses.asdict(v) for k, v in costs.items()})
   log.info("ntk_forget: %s", diag)
   return new, diag
+
+
+def ntk_forget_requests(apply_fn: ApplyFn, params_init: PyTree, params: PyTree, *, train,
+                        requests: Sequence, num_classes: int, damping: float = 1e-2,
+                        **stream_options):
+  """Serves a sequence of forget requests one after another, each incrementally.
+
+  The Gram matrix of D and its Cholesky factor are computed once at w0 and *downdated* per
+  request (`fastntk_jax.stream`), so a later request costs a small fraction of the first.
+  After k requests the params equal `ntk_forget` with the union of the k forget sets.
+
+  Args:
+    apply_fn, params_init, params: as for `ntk_forget` (params = w_D, fine-tuned on D).
+    train: (x [n, ...], y [n]) the whole fine-tuning set D; requests index into it.
+    requests: a sequence of integer index arrays, one per deletion request.
+    num_classes, damping: as for `ntk_forget` (damping > 0).
+    **stream_options: passed to `stream.init_forget_state` (batch_size, solve_dtype, ...).
+
+  Returns:
+    (params after the last request, the final `stream.ForgetState`; serve further requests
+     with `stream.forget_request(state, params, indices)`).
+  """
+  from fastntk_jax import stream  # pylint: disable=g-import-not-at-top
+  state = stream.init_forget_state(apply_fn, params_init, train=train, num_classes=num_classes,
+                                   damping=damping, **stream_options)
+  return stream.forget_requests(state, params, requests)

@@ -146,3 +146,32 @@ def test_jit_of_a_function_calling_ntk_forget(solver):
     moved = sum(float(jnp.sum(jnp.abs(a - b))) for a, b in
                 zip(jax.tree_util.tree_leaves(eager), jax.tree_util.tree_leaves(args[1])))
     assert moved > 1e-3
+
+
+def test_sequence_of_requests_equals_one_update_with_their_union():
+  """unlearn.ntk_forget_requests (incremental, downdated) == ntk_forget(union) in float64."""
+  with enable_x64():
+    c, lam = 3, 0.1
+    model, x_r, y_r, x_f, y_f, w0 = make_problem(16, 6, c, pa=12, pw=16)
+    x = np.concatenate([x_r, x_f])
+    y = np.concatenate([y_r, y_f])
+    phi = model.features(x)
+    w_full = ridge(phi, w0, np.eye(c)[y], lam)
+    requests = [np.array([3, 17]), np.array([20]), np.array([0, 9, 21])]
+    union = np.concatenate(requests)
+    keep = np.setdiff1d(np.arange(len(y)), union)
+    new, state = unlearn.ntk_forget_requests(
+        model.apply, model.unravel(w0), model.unravel(w_full),
+        train=(jnp.asarray(x), jnp.asarray(y)), requests=requests, num_classes=c, damping=lam,
+        batch_size=4)
+    once = unlearn.ntk_forget(
+        model.apply, model.unravel(w0), model.unravel(w_full),
+        retain=(jnp.asarray(x[keep]), jnp.asarray(y[keep])),
+        forget=(jnp.asarray(x[union]), jnp.asarray(y[union])), num_classes=c, damping=lam,
+        solver="primal", batch_size=4)
+    flat = lambda t: np.concatenate([np.asarray(l).reshape(-1) for l in jax.tree_util.tree_leaves(t)])
+    w_retrain = ridge(model.features(x[keep]), w0, np.eye(c)[y[keep]], lam)
+    assert np.linalg.norm(flat(new) - flat(once)) / np.linalg.norm(flat(once)) < 1e-8
+    got = np.concatenate([np.asarray(new["a"]).reshape(-1), np.asarray(new["b"]["bias"]),
+                          np.asarray(new["b"]["w"])])
+    assert np.linalg.norm(got - w_retrain) / np.linalg.norm(w_retrain) < 1e-8
