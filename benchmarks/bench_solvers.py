@@ -58,6 +58,8 @@ def parse_model(spec: str) -> tuple[str, list[int] | None]:
 
 def worker(cfg: dict) -> dict:
   import jax  # pylint: disable=g-import-not-at-top
+  if cfg.get("solve_dtype") == "float64":
+    jax.config.update("jax_enable_x64", True)  # before any array exists
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   from jax.flatten_util import ravel_pytree  # pylint: disable=g-import-not-at-top
@@ -75,15 +77,18 @@ def worker(cfg: dict) -> dict:
   xr, yr = jnp.asarray(x[n_f:]), jnp.asarray(y[n_f:])
   xf, yf = jnp.asarray(x[:n_f]), jnp.asarray(y[:n_f])
   p = ntk.num_params(p0)
+  solve_dtype = jnp.float64 if cfg.get("solve_dtype") == "float64" else None
+  dtype_bytes = 8 if solve_dtype is not None else 4
   kwargs = dict(num_classes=c, damping=cfg["damping"], solver=cfg["solver"],
-                batch_size=cfg["batch_size"], cg_maxiter=cfg["cg_maxiter"])
+                batch_size=cfg["batch_size"], cg_maxiter=cfg["cg_maxiter"],
+                solve_dtype=solve_dtype)
   costs = unlearn.estimate_costs(p, n - n_f, n_f, c, batch_size=cfg["batch_size"],
-                                 dtype_bytes=4, cg_maxiter=cfg["cg_maxiter"])
+                                 dtype_bytes=dtype_bytes, cg_maxiter=cfg["cg_maxiter"])
   budget = int(0.8 * unlearn.available_memory_bytes())
   # What `solver="auto"` picks with the library's defaults (cg_maxiter=None), and with the
   # cg iteration cap this benchmark passes (the cap lowers cg's predicted cost).
   default_costs = unlearn.estimate_costs(p, n - n_f, n_f, c, batch_size=cfg["batch_size"],
-                                         dtype_bytes=4)
+                                         dtype_bytes=dtype_bytes)
   auto, auto_reason = unlearn.choose_solver(default_costs, budget, "auto")
   auto_capped, _ = unlearn.choose_solver(costs, budget, "auto")
   out = {"p": p, "n_outputs": n * c, "auto": auto, "auto_reason": auto_reason,
@@ -204,7 +209,8 @@ def write_outputs(out_dir: Path, info: dict, args, records: list, notes: list[st
         f"CIFAR ResNets (random frozen conv weights, BN statistics = batch statistics of random "
         f"inputs), trainable = BN scale/bias + head; C = {args.num_classes}; random 32x32x3 "
         f"inputs; forget set = first {args.forget_frac:.0%} of n (class 0), the rest random "
-        f"labels; damping λ = {args.damping}; batch_size = {args.batch_size}; float32; "
+        f"labels; damping λ = {args.damping}; batch_size = {args.batch_size}; network in "
+        f"float32, solve in {args.solve_dtype}; "
         f"cg_maxiter = {args.cg_maxiter}. `:w2` = widths doubled (32, 64, 128).", "",
         "Columns: *compile s* = trace+lower+compile of `jax.jit(ntk_forget)`; *run s* = "
         "steady-state run of the compiled update (the faster of two runs when the first took "
@@ -315,6 +321,9 @@ def main(argv=None) -> int:
                        "number; cg: residual)")
   ap.add_argument("--no-diagnostics", action="store_true",
                   help="no ntk_forget_with_diagnostics call at all (no condition numbers)")
+  ap.add_argument("--solve-dtype", choices=("float32", "float64"), default="float32",
+                  help="dtype of the kernels/Grams in the solve (float64 enables x64 in the "
+                       "children; the network itself stays float32)")
   ap.add_argument("--seed", type=int, default=0)
   args = ap.parse_args(argv)
   common.install_sigterm_handler()
@@ -354,6 +363,7 @@ def main(argv=None) -> int:
              "num_classes": args.num_classes, "damping": args.damping,
              "batch_size": args.batch_size, "cg_maxiter": args.cg_maxiter,
              "seed": args.seed, "diagnostics_solvers": diag_solvers,
+             "solve_dtype": args.solve_dtype,
              "delta_path": rec["delta_file"]}
       limit = min(args.timeout, left)
       print(f"[bench_solvers] {model} n={n} {solver} (limit {limit:.0f} s)...", flush=True)
@@ -361,7 +371,8 @@ def main(argv=None) -> int:
       rec.update(status=r["status"], result=r["result"], peak_rss_bytes=r["peak_rss_bytes"],
                  wall_s=r["wall_s"])
       if r["status"] == "timeout":
-        rec["why"] = f"> {limit:.0f} s"
+        rec["why"] = f"> {limit:.0f} s" + (" (what was left of the total budget)"
+                                           if limit < args.timeout else "")
       elif r["status"] == "refused":
         rec["why"] = (r["result"] or {}).get("message", "")
       elif r["status"] != "ok":
