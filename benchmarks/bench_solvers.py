@@ -386,6 +386,8 @@ def main(argv=None) -> int:
   notes.append(f"total wall time {time.perf_counter() - start:.0f} s "
                f"(budget {args.budget_seconds:.0f} s, per-configuration limit {args.timeout:.0f} s)")
   write_outputs(out_dir, info, args, records, notes)
+  import shutil  # pylint: disable=g-import-not-at-top
+  shutil.rmtree(tmp, ignore_errors=True)  # the saved updates (Δ) were only for the comparison
   print((out_dir / "bench_solvers.md").read_text())
   return 0
 
