@@ -92,7 +92,7 @@ def test_diagnostics_and_auto_choice():
     assert diag.solver == min(costs.values(), key=lambda c: c.flops).solver
     _, diag = unlearn.ntk_forget_with_diagnostics(
         apply_fn, w0, w_d, **kwargs(retain, forget, solver="cg"))
-    assert diag.cg_relative_residual < 1e-10 and diag.condition_number is None
+    assert diag.cg_relative_residual < 1e-8 and diag.condition_number is None
 
 
 def test_auto_prefers_primal_for_small_p_and_dual_for_few_outputs():
