@@ -256,10 +256,11 @@ def fastntk_stage(cfg, model, frozen_pre, w0, w_full, data, sdir: str, tag: str,
 
   @jax.jit
   def chunk_stats(x, y, weights):
-    logits = ntk.apply_rows(apply_fn, w_lin, x, batch_size=u.batch_size)
-    residuals = jax.nn.one_hot(y, data.num_classes, dtype=logits.dtype) - logits
-    return ntk.gram(apply_fn, w_lin, x, residuals, batch_size=u.batch_size, dtype=dtype,
-                    row_weights=weights)
+    with jax.default_matmul_precision("highest"):  # no TF32 on GPUs (see unlearn.ridge_update)
+      logits = ntk.apply_rows(apply_fn, w_lin, x, batch_size=u.batch_size)
+      residuals = jax.nn.one_hot(y, data.num_classes, dtype=logits.dtype) - logits
+      return ntk.gram(apply_fn, w_lin, x, residuals, batch_size=u.batch_size, dtype=dtype,
+                      row_weights=weights)
 
   if mesh is not None:  # each chunk's rows split over the devices, one all-reduce per chunk
     chunk_stats = sharding.sharded_gram_stats_fn(apply_fn, w_lin, num_classes=data.num_classes,
@@ -288,9 +289,10 @@ def fastntk_stage(cfg, model, frozen_pre, w0, w_full, data, sdir: str, tag: str,
       wd.save_state(path, state)
       faults.maybe_kill(f"{tag}:gram_{part}_chunk{begin // rows}")
     stats[part] = state
-  delta, cond = jax.jit(unlearn.primal_solve, static_argnames="with_condition")(
-      stats["retain"]["g"], stats["retain"]["b"], stats["forget"]["g"], stats["forget"]["b"],
-      jnp.asarray(u.damping, dtype), with_condition=True)
+  with jax.default_matmul_precision("highest"):
+    delta, cond = jax.jit(unlearn.primal_solve, static_argnames="with_condition")(
+        stats["retain"]["g"], stats["retain"]["b"], stats["forget"]["g"], stats["forget"]["b"],
+        jnp.asarray(u.damping, dtype), with_condition=True)
   delta = np.asarray(delta)
   if not np.all(np.isfinite(delta)):
     raise ValueError(f"{tag}: the Fast-NTK update is non-finite (condition number "

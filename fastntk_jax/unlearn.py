@@ -470,6 +470,18 @@ def ridge_update(apply_fn: ApplyFn, w_lin: PyTree, retain, forget, *, num_classe
   Returns:
     (Δ pytree like `w_lin`, aux dict of scalar diagnostics when `with_aux`).
   """
+  # Kernels, Grams and solves at full float32 (or float64) precision: on GPUs the default
+  # float32 matmul uses TF32 (10-bit mantissa), which measured on an H200 made the dual and
+  # primal updates differ by 67-85% (benchmarks/RESULTS.md); on CPUs this changes nothing.
+  with jax.default_matmul_precision("highest"):
+    return _ridge_update(apply_fn, w_lin, retain, forget, num_classes=num_classes,
+                         damping=damping, solver=solver, batch_size=batch_size,
+                         kernel_impl=kernel_impl, solve_dtype=solve_dtype, cg_tol=cg_tol,
+                         cg_maxiter=cg_maxiter, with_aux=with_aux)
+
+
+def _ridge_update(apply_fn, w_lin, retain, forget, *, num_classes, damping, solver, batch_size,
+                  kernel_impl, solve_dtype, cg_tol, cg_maxiter, with_aux):
   (x_r, y_r), (x_f, y_f) = retain, forget
   leaves = jax.tree_util.tree_leaves(w_lin)
   sdtype = jnp.dtype(solve_dtype) if solve_dtype is not None else jnp.result_type(*leaves)
