@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import traverse_util
-from jax.experimental import enable_x64
+from x64 import enable_x64
 
 from fastntk_jax import ntk
 

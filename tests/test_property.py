@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 from hypothesis import given, settings, HealthCheck
 from hypothesis import strategies as st
-from jax.experimental import enable_x64
+from x64 import enable_x64
 
 from fastntk_jax import unlearn
 from test_unlearn_exact import make_problem, ridge

@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.experimental import enable_x64
+from x64 import enable_x64
 from jax.flatten_util import ravel_pytree
 
 from fastntk_jax import unlearn

@@ -1,0 +1,118 @@
+"""Roofline: achieved FLOP/s of the Fast-NTK building blocks vs this machine's matmul peak.
+
+Measures, in one run on one machine:
+  * the matmul peak: a float32 GEMM (N x N x N, default 2048) — the practical ceiling;
+  * the per-sample Jacobian of a CIFAR ResNet's logits w.r.t. its BN+head collection
+    (`vmap(jacrev)`, the cost that dominates every solver), with its FLOPs counted by XLA's
+    own cost analysis of the compiled program;
+  * the contractions the solvers do with it: JᵀJ (primal, 2·m·p² FLOPs) and J Jᵀ (dual,
+    2·m²·p FLOPs), m = n·C rows.
+Each is compiled first and timed as the best of several runs; the table gives GFLOP/s and the
+fraction of the measured GEMM peak. Writes `roofline.md` and `roofline.png` into --out.
+
+    python -m benchmarks.bench_roofline --out benchmarks/results
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from benchmarks import common
+from fastntk_jax import ntk
+from fastntk_jax.models import get_model
+from fastntk_jax.models import trainable as tr
+
+
+def best_time(fn, *args, repeats: int = 5) -> float:
+  jax.block_until_ready(fn(*args))  # compile + warm up
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append(time.perf_counter() - start)
+  return min(times)
+
+
+def xla_flops(fn, *args) -> float:
+  analysis = fn.lower(*args).compile().cost_analysis()
+  if isinstance(analysis, (list, tuple)):
+    analysis = analysis[0]
+  return float(analysis.get("flops", float("nan")))
+
+
+def main():
+  ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  ap.add_argument("--out", default="benchmarks/results")
+  ap.add_argument("--gemm", type=int, default=2048)
+  ap.add_argument("--model", default="resnet20")
+  ap.add_argument("--n", type=int, default=64, help="samples per Jacobian block")
+  args = ap.parse_args()
+  os.makedirs(args.out, exist_ok=True)
+  machine = common.machine_info()
+
+  rows = []
+  k = jax.random.PRNGKey(0)
+  a = jax.random.normal(k, (args.gemm, args.gemm), jnp.float32)
+  gemm = jax.jit(lambda a, b: jnp.matmul(a, b, precision="highest"))
+  t = best_time(gemm, a, a)
+  peak = 2.0 * args.gemm ** 3 / t
+  rows.append(("GEMM float32 %d³ (the peak)" % args.gemm, 2.0 * args.gemm ** 3, t))
+
+  model = get_model(args.model, 10)
+  variables = model.init(jax.random.PRNGKey(1), jnp.zeros((1, 32, 32, 3)))
+  w, frozen = tr.split(variables)
+  apply_fn = tr.make_apply_fn(model, frozen)
+  x = jax.random.normal(jax.random.PRNGKey(2), (args.n, 32, 32, 3), jnp.float32)
+  jac = jax.jit(lambda w, x: ntk.jacobian(apply_fn, w, x))
+  flops = xla_flops(jac, w, x)
+  rows.append((f"Jacobian, {args.model} BN+head, {args.n} samples (vmap(jacrev))", flops,
+               best_time(jac, w, x)))
+  j = jac(w, x)
+  m, p = j.shape
+  jtj = jax.jit(lambda j: jnp.matmul(j.T, j, precision="highest"))
+  rows.append((f"JᵀJ ({m} x {p}) -> {p}²  [primal]", 2.0 * m * p * p, best_time(jtj, j)))
+  jjt = jax.jit(lambda j: jnp.matmul(j, j.T, precision="highest"))
+  rows.append((f"J Jᵀ ({m} x {p}) -> {m}²  [dual]", 2.0 * m * m * p, best_time(jjt, j)))
+
+  lines = ["# Roofline: achieved FLOP/s vs this machine's GEMM peak", "",
+           "    python -m benchmarks.bench_roofline --out " + args.out, "",
+           common.machine_markdown(machine), "",
+           "| computation | GFLOP | seconds (best of 5) | GFLOP/s | % of GEMM peak |",
+           "|---|---|---|---|---|"]
+  record = []
+  for name, fl, secs in rows:
+    rate = fl / secs
+    lines.append(f"| {name} | {fl / 1e9:.3f} | {secs:.4f} | {rate / 1e9:.1f} | "
+                 f"{100 * rate / peak:.1f}% |")
+    record.append({"name": name, "flops": fl, "seconds": secs, "flops_per_s": rate})
+  lines += ["", "Jacobian FLOPs are XLA's cost analysis of the compiled program; the "
+            "contractions' are the analytic 2·m·k·n.", ""]
+  with open(os.path.join(args.out, "roofline.md"), "w") as f:
+    f.write("\n".join(lines))
+  with open(os.path.join(args.out, "roofline.json"), "w") as f:
+    json.dump({"machine": machine, "rows": record, "peak_flops_per_s": peak}, f, indent=1)
+
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  fig, ax = plt.subplots(figsize=(8, 3.5))
+  names = [r[0].split(" (")[0].split(",")[0] for r in rows]
+  rates = [r[1] / r[2] / 1e9 for r in rows]
+  ax.barh(names, rates, color=["k"] + ["C0"] * (len(rows) - 1))
+  ax.axvline(peak / 1e9, color="k", ls="--", lw=0.8)
+  ax.set_xlabel("GFLOP/s (dashed: measured GEMM peak)")
+  ax.set_title(f"Roofline on {jax.default_backend()}")
+  fig.tight_layout()
+  fig.savefig(os.path.join(args.out, "roofline.png"), dpi=110)
+  print("\n".join(lines))
+
+
+if __name__ == "__main__":
+  main()
