@@ -403,6 +403,91 @@ def run_seed(cfg, model, data, pretrained: dict, seed: int, workdir: str,
     with open(os.path.join(sdir, "fastntk_diagnostics.json")) as f:
       diagnostics = json.load(f)
 
+  def baseline(name, split, spec, seed_offset):
+    """A baseline unlearning method: (re)training of Full's params on the forget data."""
+    def compute():
+      start = time.perf_counter()
+      p, _, _ = train_lib.fit(model, full["trainable"], frozen_full, split, spec, c,
+                              seed=seed + seed_offset,
+                              progress=progress.epochs(f"seed{seed}/{name}", spec.epochs),
+                              checkpoint_path=os.path.join(sdir, f"{name}.partial"),
+                              tag=f"seed{seed}/{name}", mesh=mesh)
+      timings[name] = time.perf_counter() - start
+      return {"trainable": p}
+    out = _stage(os.path.join(sdir, name), {"trainable": w0}, compute)
+    methods[name] = (out["trainable"], frozen_full)
+
+  if "max_loss" in cfg.methods:  # gradient ascent on D_f
+    baseline("max_loss", data.forget, train_spec(cfg.baselines.max_loss, ascent=True), 1)
+  if "random_label" in cfg.methods:  # fine-tune on D_f with random wrong labels
+    rng = np.random.default_rng([seed, 17])
+    wrong = (data.forget.y + rng.integers(1, c, size=data.forget.size)) % c  # never the true label
+    baseline("random_label", (data.forget.x, wrong), train_spec(cfg.baselines.random_label), 2)
+
+  for name, (params, frozen) in methods.items():
+    entry = {"l2_to_retrain": float(np.linalg.norm(
+        np.asarray(ravel_pytree(params)[0], np.float64) - ref_flat))}
+    mine = {}
+    for split, x in (("forget", data.forget.x), ("test", holdout.x)):
+      mine[split] = logp(params, frozen, x)
+      entry[f"kl_to_retrain_{split}"] = (None if mine[split] is None else float(np.mean(
+          np.sum(np.exp(ref[split]) * (ref[split] - mine[split]), axis=-1))))
+    if mine["forget"] is not None and mine["test"] is not None:
+      attack = mia.mia_from_logits(mine["forget"], data.forget.y, mine["test"], holdout.y,
+                                   num_folds=min(5, data.forget.size, holdout.size), seed=0)
+      entry["mia_accuracy"] = 100.0 * attack.accuracy
+      entry["mia_auc"] = attack.auc
+    out[name] = entry
+  return out
+
+
+def run_seed(cfg, model, data, pretrained: dict, seed: int, workdir: str,
+             progress: _Progress, mesh=None) -> dict:
+  """All methods for one seed; returns {method: metrics} and {probe kind: metrics}."""
+  sdir = os.path.join(workdir, f"seed_{seed}")
+  os.makedirs(sdir, exist_ok=True)
+  w_pre, frozen_pre = tr.split(pretrained)
+  w0 = fresh_head(w_pre, model, data.image_shape, seed)
+  ft = train_spec(cfg.finetune)
+  c = data.num_classes
+  results, timings = {}, {}
+
+  def finetune(split, tag):
+    start = time.perf_counter()
+    params, stats, hist = train_lib.fit(model, w0, frozen_pre, split, ft, c, seed=seed,
+                                        progress=progress.epochs(f"seed{seed}/{tag}", ft.epochs),
+                                        checkpoint_path=os.path.join(sdir, f"{tag}.partial"),
+                                        tag=f"seed{seed}/{tag}", mesh=mesh)
+    out = {"trainable": params}
+    if stats is not None:
+      out["batch_stats"] = stats
+    timings[tag] = time.perf_counter() - start
+    return out
+
+  target = {"trainable": w0}
+  if "batch_stats" in frozen_pre:
+    target["batch_stats"] = frozen_pre["batch_stats"]
+  full = _stage(os.path.join(sdir, "full"), target, lambda: finetune(data.train, "full"))
+  retrain = _stage(os.path.join(sdir, "retrain"), target, lambda: finetune(data.retain, "retrain"))
+  # The fine-tuned model's frozen side: its BN statistics (updated only if bn_mode="train").
+  frozen_full = {**frozen_pre, **({"batch_stats": full["batch_stats"]} if "batch_stats" in full else {})}
+  frozen_retrain = {**frozen_pre, **({"batch_stats": retrain["batch_stats"]} if "batch_stats" in retrain else {})}
+
+  methods = {"full": (full["trainable"], frozen_full), "retrain": (retrain["trainable"], frozen_retrain)}
+  diagnostics = {}
+
+  if "fastntk" in cfg.methods:
+    def fastntk():
+      new, diag = fastntk_stage(cfg, model, frozen_pre, w0, full["trainable"], data, sdir,
+                                tag=f"seed{seed}/fastntk", mesh=mesh)
+      timings["fastntk"] = diag["seconds"]
+      wd.atomic_write_json(os.path.join(sdir, "fastntk_diagnostics.json"), diag)
+      return {"trainable": new}
+    out = _stage(os.path.join(sdir, "fastntk"), {"trainable": w0}, fastntk)
+    methods["fastntk"] = (out["trainable"], frozen_full)
+    with open(os.path.join(sdir, "fastntk_diagnostics.json")) as f:
+      diagnostics = json.load(f)
+
   if "max_loss" in cfg.methods:
     spec = train_spec(cfg.baselines.max_loss, ascent=True)
     def max_loss():

@@ -60,6 +60,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from fastntk_jax import ntk
+from fastntk_jax.checks import check_finite as _check_finite
+from fastntk_jax.checks import is_concrete as _is_concrete
 
 PyTree = Any
 ApplyFn = Callable[[PyTree, jnp.ndarray], jnp.ndarray]
@@ -290,18 +292,6 @@ def cholesky_downdate(chol: jnp.ndarray, x: jnp.ndarray) -> tuple[jnp.ndarray, j
 # --------------------------------------------------------------------------------------
 # Validation helpers.
 # --------------------------------------------------------------------------------------
-
-
-def _is_concrete(x) -> bool:
-  return not isinstance(x, jax.core.Tracer)
-
-
-def _check_finite(name: str, tree) -> None:
-  for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
-    if _is_concrete(leaf) and jnp.issubdtype(jnp.asarray(leaf).dtype, jnp.inexact):
-      if not bool(jnp.all(jnp.isfinite(leaf))):
-        raise ValueError(f"{name} contains non-finite values (NaN/inf) at "
-                         f"{jax.tree_util.keystr(path) or 'the array'}")
 
 
 def _validate_init(apply_fn, params_init, train, num_classes, damping, batch_size,

@@ -40,6 +40,8 @@ import numpy as np
 from jax.flatten_util import ravel_pytree
 
 from fastntk_jax import ntk
+from fastntk_jax.checks import check_finite as _check_finite
+from fastntk_jax.checks import is_concrete as _is_concrete
 
 PyTree = Any
 ApplyFn = Callable[[PyTree, jnp.ndarray], jnp.ndarray]
@@ -240,10 +242,6 @@ def choose_solver(costs: dict[str, SolverCost], memory_budget: int,
 # --------------------------------------------------------------------------------------
 
 
-def _is_concrete(x) -> bool:
-  return not isinstance(x, jax.core.Tracer)
-
-
 def _check_split(name: str, split) -> tuple[jnp.ndarray, jnp.ndarray]:
   if not isinstance(split, (tuple, list)) or len(split) != 2:
     raise TypeError(f"{name} must be a pair (x, y) of inputs and integer labels, "
@@ -262,14 +260,6 @@ def _check_split(name: str, split) -> tuple[jnp.ndarray, jnp.ndarray]:
     raise ValueError(f"{name} set is empty: nothing to "
                      + ("forget" if name == "forget" else "retain (forget set = all data?)"))
   return x, y
-
-
-def _check_finite(name: str, tree) -> None:
-  for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
-    if _is_concrete(leaf) and jnp.issubdtype(jnp.asarray(leaf).dtype, jnp.inexact):
-      if not bool(jnp.all(jnp.isfinite(leaf))):
-        raise ValueError(f"{name} contains non-finite values (NaN/inf) at "
-                         f"{jax.tree_util.keystr(path) or 'the array'}")
 
 
 def _check_params_match(params_init: PyTree, params: PyTree) -> None:
