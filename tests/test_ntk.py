@@ -103,18 +103,22 @@ def test_kernel_is_jacobian_product_and_helpers_agree():
     # kernel_to_matrix of the neural-tangents kernel is J Jᵀ in sample-major order.
     k = ntk.kernel_to_matrix(ntk.empirical_kernel(apply_fn, params, x, batch_size=3))
     np.testing.assert_allclose(k, j @ j.T, rtol=1e-10, atol=1e-12)
-    # Streamed Gram and Jᵀr equal the dense ones.
+    # Streamed Gram and Jᵀr equal the dense ones. Eagerly, `gram` runs each block as its own
+    # compiled program, and XLA:CPU evaluates this float64 conv net differently there than
+    # op by op (~1e-8 relative; see test_unlearn_api), hence rtol 1e-6, not 1e-10.
     r = jax.random.normal(jax.random.PRNGKey(2), (7, 3), jnp.float64)
     g, b = ntk.gram(apply_fn, params, x, r, batch_size=3)
-    np.testing.assert_allclose(g, j.T @ j, rtol=1e-10, atol=1e-12)
-    np.testing.assert_allclose(b, j.T @ r.reshape(-1), rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(g, j.T @ j, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(b, j.T @ r.reshape(-1), rtol=1e-6, atol=1e-7)
+    g_jit, _ = jax.jit(lambda p, x, r: ntk.gram(apply_fn, p, x, r, batch_size=3))(params, x, r)
+    np.testing.assert_allclose(g_jit, g, rtol=1e-6, atol=1e-7)  # traced (unrolled) path
     # jvp/vjp rows equal J v and Jᵀu.
     flat, unravel = jax.flatten_util.ravel_pytree(params)
     v = jax.random.normal(jax.random.PRNGKey(3), flat.shape, jnp.float64)
     np.testing.assert_allclose(
         ntk.jvp_rows(apply_fn, params, x, unravel(v), batch_size=3).reshape(-1), j @ v,
-        rtol=1e-10, atol=1e-12)
+        rtol=1e-6, atol=1e-7)
     pulled = jax.flatten_util.ravel_pytree(ntk.vjp_rows(apply_fn, params, x, r, batch_size=3))[0]
-    np.testing.assert_allclose(pulled, j.T @ r.reshape(-1), rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(pulled, j.T @ r.reshape(-1), rtol=1e-6, atol=1e-7)
     np.testing.assert_allclose(ntk.apply_rows(apply_fn, params, x, batch_size=3),
-                               apply_fn(params, x), rtol=1e-12)
+                               apply_fn(params, x), rtol=1e-6, atol=1e-7)
