@@ -53,6 +53,8 @@ __all__ = [
     "Diagnostics",
     "InsufficientMemoryError",
     "SolverCost",
+    "NetworkCost",
+    "network_cost",
     "estimate_costs",
     "choose_solver",
     "available_memory_bytes",
@@ -141,13 +143,63 @@ class Diagnostics:
 _CG_DEFAULT_MAXITER_CAP = 2000
 
 
+@dataclasses.dataclass(frozen=True)
+class NetworkCost:
+  """What one forward pass of `apply_fn` costs per sample (XLA's cost analysis).
+
+  Attributes:
+    flops: floating-point operations of the forward pass of one sample.
+    bytes_accessed: bytes the forward pass reads and writes for one sample (recorded; not
+      used for memory, see `estimate_costs`).
+  """
+  flops: float
+  bytes_accessed: float
+
+
+def network_cost(apply_fn: ApplyFn, params: PyTree, x: jnp.ndarray) -> Optional[NetworkCost]:
+  """XLA's cost analysis of `apply_fn` on one sample shaped like `x[0]` (lowered, not compiled:
+  ~0.1 s for a ResNet-20; works under `jax.jit` tracing since only shapes are used).
+
+  Returns:
+    NetworkCost, or None when the backend gives no analysis.
+  """
+  spec = lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype)
+  try:
+    analysis = jax.jit(apply_fn).lower(
+        jax.tree_util.tree_map(spec, params),
+        jax.ShapeDtypeStruct((1,) + tuple(x.shape[1:]), x.dtype)).cost_analysis()
+  except Exception as e:  # pylint: disable=broad-except  # a cost model must never fail a run
+    log.info("network_cost: no cost analysis (%s); using the linear-model proxy", e)
+    return None
+  if isinstance(analysis, (list, tuple)):  # older JAX: one dict per computation
+    analysis = analysis[0] if analysis else None
+  if not analysis or not analysis.get("flops"):
+    return None
+  return NetworkCost(float(analysis["flops"]), float(analysis.get("bytes accessed", 0.0)))
+
+
 def estimate_costs(num_params: int, num_retain: int, num_forget: int, num_classes: int,
                    *, batch_size: int = 256, dtype_bytes: int = 4,
-                   cg_maxiter: Optional[int] = None) -> dict[str, SolverCost]:
+                   cg_maxiter: Optional[int] = None,
+                   network: Optional[NetworkCost] = None) -> dict[str, SolverCost]:
   """Predicted peak memory and FLOPs of each solver (a model, not a measurement).
 
-  The Jacobian cost of the network itself is proxied by that of a linear model (2 FLOPs
-  per Jacobian entry); the proxy is the same for all solvers, so the comparison holds.
+  FLOPs count the network passes each solver makes as well as its linear algebra: the
+  network's Jacobians dominate at Fast-NTK sizes (benchmarks/RESULTS.md, roofline), and the
+  solvers differ in how many they need. Per sample, with F the forward FLOPs: a Jacobian
+  (one forward + C reverse passes) ~ (1 + 2C)·F, a jvp ~ 3F, a vjp ~ 3F.
+
+  * primal: one Jacobian per sample, G = JᵀJ (2·n·C·p²), two p×p Cholesky solves.
+  * dual: every kernel block pair recomputes both blocks' Jacobians (so ~3n Jacobians with
+    one block, ~n²/batch with many), the contractions (2·(n·C)²·p), the Cholesky/Schur
+    solves, and one vjp over D_f plus a jvp and a vjp over D_r to apply P J_fᵀ.
+  * cg: per iteration a jvp and a vjp over the samples of each of its two solves.
+
+  Memory is the solvers' linear-algebra working set (kernels, Grams, factors, one or two
+  Jacobian blocks). It excludes the network's activations that reverse mode keeps per block
+  (roughly batch_size x the saved activations of one sample): XLA's "bytes accessed" overstates
+  them ~15x on ResNet-110 (56 GiB predicted vs 3.9 GiB measured at batch 64), too far off to
+  refuse a run on. Lower `batch_size` if XLA runs out of memory.
 
   Args:
     num_params: p.
@@ -156,30 +208,45 @@ def estimate_costs(num_params: int, num_retain: int, num_forget: int, num_classe
     batch_size: rows per streamed block.
     dtype_bytes: bytes per number in the solve (4 or 8).
     cg_maxiter: cg iteration cap (default min(2·dim, 2000)).
+    network: the network's per-sample forward cost (`network_cost`); None uses a linear
+      model's (F = 2p FLOPs), which undercounts every network pass.
 
   Returns:
     {"dual" | "primal" | "cg": SolverCost}.
   """
   p, c, b = num_params, num_classes, dtype_bytes
-  mr, mf = num_retain * c, num_forget * c
+  n_r, n_f = num_retain, num_forget
+  n = n_r + n_f
+  mr, mf = n_r * c, n_f * c
   m = mr + mf
-  bs = min(batch_size, num_retain + num_forget)
+  fwd = network.flops if network is not None else 2.0 * p
+  jac, jvp, vjp = (1 + 2 * c) * fwd, 3 * fwd, 3 * fwd
+  bs = min(batch_size, n)
   jac_block = bs * c * p  # one block's Jacobian
+
+  def kernel_jacobians(n1, n2):  # samples whose Jacobian one blocked kernel call computes
+    if n1 == 0 or n2 == 0:
+      return 0
+    b1, b2 = min(batch_size, n1), min(batch_size, n2)
+    return math.ceil(n1 / b1) * math.ceil(n2 / b2) * (b1 + b2)
+
   # dual: Θ_rr, Θ_rf, Θ_ff, the Cholesky factor of Θ_rr, Θ_rr⁻¹Θ_rf and the Schur block,
   # plus the two Jacobian blocks neural-tangents contracts at a time.
   dual_bytes = b * (2 * mr * mr + 2 * mr * mf + 2 * mf * mf + 2 * jac_block + (bs * c) ** 2)
-  n_blocks = math.ceil((num_retain + num_forget) / bs)
-  dual_flops = (2.0 * m * m * p + 2.0 * n_blocks * m * p * 2
-                + mr ** 3 / 3 + 2.0 * mr * mr * mf + mf ** 3 / 3)
+  dual_jacobians = (kernel_jacobians(n_r, n_r) + kernel_jacobians(n_r, n_f)
+                    + kernel_jacobians(n_f, n_f))
+  dual_flops = (dual_jacobians * jac + 2.0 * m * m * p
+                + mr ** 3 / 3 + 2.0 * mr * mr * mf + 2.0 * mr * mf * mf + mf ** 3 / 3
+                + n_f * vjp + n_r * (jvp + vjp))
   # primal: G_r, G_f, one Cholesky factor at a time plus a copy, and one Jacobian block.
   primal_bytes = b * (4 * p * p + jac_block)
-  primal_flops = 2.0 * m * p * p + 2 * p ** 3 / 3 + 2.0 * m * p
+  primal_flops = n * jac + 2.0 * m * p * p + 2 * p ** 3 / 3 + 2.0 * m * p
   # cg: a handful of vectors in the smaller space, plus one block's vjp/jvp working set
   # (proxied by a per-sample gradient per row of the block).
   dim = min(p, m)
   iters = cg_maxiter or min(2 * dim, _CG_DEFAULT_MAXITER_CAP)
   cg_bytes = b * (8 * (p + m) + bs * p)
-  cg_flops = 2 * iters * 4.0 * m * p
+  cg_flops = iters * ((n_r + n) * (jvp + vjp) + 16.0 * (p + m))
   return {
       "dual": SolverCost("dual", int(dual_bytes), float(dual_flops)),
       "primal": SolverCost("primal", int(primal_bytes), float(primal_flops)),
@@ -518,7 +585,8 @@ def prepare(apply_fn, params_init, params, retain, forget, num_classes, damping,
   dtype_bytes = jnp.dtype(solve_dtype or leaves_dtype).itemsize
   costs = estimate_costs(p, x_r.shape[0], x_f.shape[0], num_classes,
                          batch_size=batch_size or (x_r.shape[0] + x_f.shape[0]),
-                         dtype_bytes=dtype_bytes, cg_maxiter=cg_maxiter)
+                         dtype_bytes=dtype_bytes, cg_maxiter=cg_maxiter,
+                         network=network_cost(apply_fn, params, x_r))
   budget = int(memory_limit_bytes if memory_limit_bytes is not None
                else 0.8 * available_memory_bytes())
   name, reason = choose_solver(costs, budget, solver)

@@ -87,8 +87,9 @@ def test_diagnostics_and_auto_choice():
     assert diag.num_params == 40 and diag.num_outputs == 14 * C
     assert diag.condition_number > 1 and np.isfinite(diag.condition_number)
     assert diag.seconds > 0 and diag.estimated_bytes > 0 and diag.update_norm > 0
-    # auto takes the fewest predicted FLOPs among fitting solvers.
-    costs = unlearn.estimate_costs(40, 10, 4, C)
+    # auto takes the fewest predicted FLOPs among fitting solvers, network passes included.
+    costs = unlearn.estimate_costs(40, 10, 4, C,
+                                   network=unlearn.network_cost(apply_fn, w_d, retain[0]))
     assert diag.solver == min(costs.values(), key=lambda c: c.flops).solver
     _, diag = unlearn.ntk_forget_with_diagnostics(
         apply_fn, w0, w_d, **kwargs(retain, forget, solver="cg"))
@@ -99,6 +100,53 @@ def test_auto_prefers_primal_for_small_p_and_dual_for_few_outputs():
   big = 1 << 40
   assert unlearn.choose_solver(unlearn.estimate_costs(1000, 5000, 500, 10), big)[0] == "primal"
   assert unlearn.choose_solver(unlearn.estimate_costs(10**6, 40, 10, 10), big)[0] == "dual"
+
+
+def test_network_cost_is_the_forward_flops_of_one_sample():
+  # A dense layer x @ W + b on one d-vector: 2·d·C multiply-adds plus C additions.
+  d, c = 7, 3
+  w = {"k": jnp.ones((d, c)), "b": jnp.zeros((c,))}
+  cost = unlearn.network_cost(lambda w, x: x @ w["k"] + w["b"], w, jnp.ones((5, d)))
+  assert cost.flops == 2 * d * c + c
+  # The batch size of `x` does not matter: the analysis is per sample.
+  assert unlearn.network_cost(lambda w, x: x @ w["k"] + w["b"], w, jnp.ones((50, d))) == cost
+
+
+def test_cost_model_counts_the_network_passes_of_each_solver():
+  p, n_r, n_f, c = 10_000, 36, 4, 10
+  n = n_r + n_f
+  fwd = 1e9
+  net = unlearn.NetworkCost(flops=fwd, bytes_accessed=0.0)
+  without = unlearn.estimate_costs(p, n_r, n_f, c)
+  with_net = unlearn.estimate_costs(p, n_r, n_f, c, network=net)
+  jac = (1 + 2 * c) * fwd
+  # Primal: one Jacobian per sample on top of the linear algebra (unchanged by the network).
+  lin_algebra = 2.0 * n * c * p * p + 2 * p ** 3 / 3 + 2.0 * n * c * p
+  assert with_net["primal"].flops == pytest.approx(n * jac + lin_algebra)
+  # Dual, one block: J_r twice for Θ_rr, J_r and J_f for Θ_rf, J_f twice for Θ_ff (3n), and
+  # a vjp over D_f, a jvp and a vjp over D_r.
+  dual_passes = 3 * n * jac + n_f * 3 * fwd + n_r * 6 * fwd
+  dual_rest = without["dual"].flops - (3 * n * (1 + 2 * c) * 2 * p
+                                       + n_f * 6 * p + n_r * 12 * p)
+  assert with_net["dual"].flops == pytest.approx(dual_passes + dual_rest)
+  # With n·C = 400 << p the linear-model proxy picks dual; an expensive network makes the
+  # dual's 3n Jacobians cost more than the primal's n plus its p×p algebra.
+  big = 1 << 50
+  assert unlearn.choose_solver(without, big)[0] == "dual"
+  assert unlearn.choose_solver(with_net, big)[0] == "primal"
+  # Memory does not depend on the network (activations are not modelled).
+  assert {k: v.bytes for k, v in with_net.items()} == {k: v.bytes for k, v in without.items()}
+
+
+def test_dual_recomputes_jacobians_per_kernel_block_pair():
+  net = unlearn.NetworkCost(flops=1e8, bytes_accessed=0.0)
+  one = unlearn.estimate_costs(100, 900, 100, 10, batch_size=1000, network=net)
+  many = unlearn.estimate_costs(100, 900, 100, 10, batch_size=100, network=net)
+  # Blocks of 100: Θ_rr has 9x9 pairs of 200 Jacobians, Θ_rf 9 pairs, Θ_ff 1: 18,200
+  # Jacobians instead of 3,000 with one block; the primal streams n = 1,000 either way.
+  jac = 21 * 1e8
+  assert many["dual"].flops - one["dual"].flops == pytest.approx((18_200 - 3_000) * jac)
+  assert many["primal"].flops == one["primal"].flops
 
 
 def test_memory_refusal_names_a_solver_that_fits():
