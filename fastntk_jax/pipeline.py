@@ -301,13 +301,17 @@ def fastntk_stage(cfg, model, frozen_pre, w0, w_full, data, sdir: str, tag: str,
   new = unlearn._apply_delta(w_full, unravel(jnp.asarray(delta, flat.dtype)),  # pylint: disable=protected-access
                              float(u.step_scale))
   seconds = time.perf_counter() - start
+  warning = unlearn.precision_warning(float(cond), dtype)
+  if warning:
+    log.warning("%s: %s", tag, warning)
   diag = {"solver": "primal", "reason": reason + "; chunked Gram accumulation, resumable",
           "num_params": int(p), "num_outputs": int(data.train.size * data.num_classes),
           "condition_number": float(cond), "cg_relative_residual": None,
           "estimated_bytes": costs["primal"].bytes, "measured_bytes": None,
           "seconds": seconds, "compile_seconds": compile_seconds,
           "update_norm": float(u.step_scale) * float(np.linalg.norm(delta)),
-          "costs": {k: dataclasses.asdict(v) for k, v in costs.items()}}
+          "costs": {k: dataclasses.asdict(v) for k, v in costs.items()},
+          "precision_warning": warning}
   return new, diag
 
 

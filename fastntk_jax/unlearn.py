@@ -53,6 +53,7 @@ __all__ = [
     "Diagnostics",
     "InsufficientMemoryError",
     "SolverCost",
+    "precision_warning",
     "NetworkCost",
     "network_cost",
     "estimate_costs",
@@ -118,6 +119,8 @@ class Diagnostics:
     compile_seconds: seconds spent tracing and compiling it (XLA), paid once per shape.
     update_norm: ||Δ||₂ of the (scaled) update.
     costs: predicted cost of every solver, for the record.
+    precision_warning: set when condition_number x the solve dtype's epsilon exceeds
+      `PRECISION_WARNING_THRESHOLD` (see `precision_warning`).
   """
   solver: str
   reason: str
@@ -131,6 +134,7 @@ class Diagnostics:
   compile_seconds: float
   update_norm: float
   costs: dict
+  precision_warning: Optional[str] = None
 
   def as_dict(self) -> dict:
     return dataclasses.asdict(self)
@@ -263,6 +267,42 @@ def available_memory_bytes() -> int:
       return int(stats["bytes_limit"] - stats.get("bytes_in_use", 0))
   import psutil  # pylint: disable=g-import-not-at-top
   return int(psutil.virtual_memory().available)
+
+
+# κ·ε above which the solve may carry no correct digit. The bound is pessimistic below it:
+# the embedded digits default has κ·ε ≈ 0.3 in float32 (κ ≈ 2.8e6) and its float32 update
+# matches Retrain; ResNet-110 at 5,000 images, where a float32 solve differed from the
+# float64 one by 71% (benchmarks/RESULTS.md §7), is far above it.
+PRECISION_WARNING_THRESHOLD = 1.0
+
+
+def precision_warning(condition_number: Optional[float], dtype) -> Optional[str]:
+  """A message when the solve's round-off bound κ·ε exceeds `PRECISION_WARNING_THRESHOLD`.
+
+  A Cholesky solve in a dtype with machine epsilon ε loses up to κ·ε of relative accuracy
+  (κ = condition number of the matrix it inverts).
+
+  Args:
+    condition_number: κ of the matrix the solver inverts (None: nothing to say).
+    dtype: dtype of the solve.
+
+  Returns:
+    The message, or None.
+  """
+  if condition_number is None or np.isnan(condition_number):
+    return None
+  eps = float(jnp.finfo(jnp.dtype(dtype)).eps)
+  bound = condition_number * eps
+  if bound <= PRECISION_WARNING_THRESHOLD:
+    return None
+  remedy = ("pass solve_dtype=jnp.float64 (with JAX_ENABLE_X64=1) or increase damping"
+            if jnp.dtype(dtype) != jnp.float64 else "increase damping")
+  if np.isinf(condition_number):
+    return (f"the matrix the solver inverts is numerically singular in {jnp.dtype(dtype).name} "
+            f"(an eigenvalue <= 0 after round-off): the update may be meaningless; {remedy}")
+  return (f"condition number {condition_number:.3g} x {jnp.dtype(dtype).name} epsilon "
+          f"{eps:.2g} = {bound:.2g}: the update may be inaccurate by up to that relative "
+          f"amount; {remedy}")
 
 
 def _gib(n: float) -> str:
@@ -408,8 +448,10 @@ def _chol_solve(a: jnp.ndarray, b: jnp.ndarray) -> jnp.ndarray:
 
 
 def _cond(a: jnp.ndarray) -> jnp.ndarray:
+  """2-norm condition number of a symmetric matrix meant to be positive definite; inf when
+  round-off makes its smallest eigenvalue non-positive (numerically singular)."""
   eig = jnp.linalg.eigvalsh(a)
-  return eig[-1] / eig[0]
+  return jnp.where(eig[0] > 0, eig[-1] / eig[0], jnp.inf)
 
 
 def _delta_dual(apply_fn, w_lin, x_r, e_r, x_f, e_f, lam, *, batch_size, kernel_impl,
@@ -713,6 +755,10 @@ def ntk_forget_with_diagnostics(apply_fn: ApplyFn, params_init: PyTree, params: 
         "solve_dtype=jnp.float64 (with JAX_ENABLE_X64=1)")
   cond = aux.get("condition_number")
   resid = aux.get("cg_relative_residual")
+  warning = precision_warning(None if cond is None else float(cond),
+                              solve_dtype or jnp.result_type(*jax.tree_util.tree_leaves(w_lin)))
+  if warning:
+    log.warning("ntk_forget: %s", warning)
   diag = Diagnostics(
       solver=name, reason=reason, num_params=ntk.num_params(params),
       num_outputs=(retain[0].shape[0] + forget[0].shape[0]) * num_classes,
@@ -720,7 +766,8 @@ def ntk_forget_with_diagnostics(apply_fn: ApplyFn, params_init: PyTree, params: 
       cg_relative_residual=None if resid is None else float(resid),
       estimated_bytes=costs[name].bytes, measured_bytes=measured, seconds=seconds,
       compile_seconds=compile_seconds,
-      update_norm=norm, costs={k: dataclasses.asdict(v) for k, v in costs.items()})
+      update_norm=norm, costs={k: dataclasses.asdict(v) for k, v in costs.items()},
+      precision_warning=warning)
   log.info("ntk_forget: %s", diag)
   return new, diag
 

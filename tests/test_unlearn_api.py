@@ -149,6 +149,32 @@ def test_dual_recomputes_jacobians_per_kernel_block_pair():
   assert many["primal"].flops == one["primal"].flops
 
 
+def test_precision_warning_is_the_round_off_bound_of_the_solve():
+  assert unlearn.precision_warning(1e6, jnp.float32) is None           # κ·ε = 0.12
+  message = unlearn.precision_warning(1e8, jnp.float32)                 # κ·ε = 12
+  assert "1e+08" in message and "float32" in message and "solve_dtype=jnp.float64" in message
+  assert unlearn.precision_warning(1e8, jnp.float64) is None
+  assert "increase damping" in unlearn.precision_warning(1e17, jnp.float64)
+  assert "float64" not in unlearn.precision_warning(1e17, jnp.float64).split(";")[1]
+  assert unlearn.precision_warning(None, jnp.float32) is None
+  assert unlearn.precision_warning(float("nan"), jnp.float32) is None
+  assert "numerically singular" in unlearn.precision_warning(float("inf"), jnp.float32)
+
+
+def test_diagnostics_warn_when_a_float32_solve_is_ill_conditioned():
+  # p = 40 > n·C = 24: G+λI is singular but for λ, so κ ≈ |G| / λ.
+  apply_fn, w0, w_d, retain, forget = problem(n_r=4)
+  _, diag = unlearn.ntk_forget_with_diagnostics(
+      apply_fn, w0, w_d, check_finite=False,
+      **kwargs(retain, forget, damping=1e-7, solver="primal"))
+  # κ·ε > 1, or an eigenvalue pushed below 0 by round-off (κ reported as inf, never < 0).
+  assert diag.condition_number * np.finfo(np.float32).eps > 1
+  assert diag.precision_warning is not None and "float64" in diag.precision_warning
+  _, diag = unlearn.ntk_forget_with_diagnostics(
+      apply_fn, w0, w_d, **kwargs(retain, forget, damping=1.0, solver="primal"))
+  assert diag.precision_warning is None
+
+
 def test_memory_refusal_names_a_solver_that_fits():
   apply_fn, w0, w_d, retain, forget = problem()
   costs = unlearn.estimate_costs(40, 10, 4, C, batch_size=256, dtype_bytes=4)
