@@ -144,6 +144,14 @@ def peak_bytes(r: dict) -> int | None:
   return r.get("peak_rss_bytes")
 
 
+def regret(ok: list, auto: str, fastest: dict) -> str:
+  """auto's steady-state run time over the fastest solver's ('1.00' = auto was fastest)."""
+  mine = next((r for r in ok if r["solver"] == auto), None)
+  if mine is None:
+    return "– (auto's solver did not complete)"
+  return f"{mine['result']['run_s'] / fastest['result']['run_s']:.2f}"
+
+
 def write_outputs(out_dir: Path, info: dict, args, records: list, notes: list[str]) -> None:
   import numpy as np  # pylint: disable=g-import-not-at-top
   on_device = info["backend"] != "cpu"
@@ -191,7 +199,7 @@ def write_outputs(out_dir: Path, info: dict, args, records: list, notes: list[st
     res0 = next((r["result"] for r in rs if r.get("result")), {})
     if not ok:
       cross.append([key[0], res0.get("p", "–"), key[1] * args.num_classes, "–", "–",
-                    res0.get("auto", "–"), "–", res0.get("auto_linear_proxy", "–"), "–",
+                    res0.get("auto", "–"), "–", "–", res0.get("auto_linear_proxy", "–"), "–",
                     "no solver completed"])
       continue
     fast_run = min(ok, key=lambda r: r["result"]["run_s"])
@@ -207,7 +215,7 @@ def write_outputs(out_dir: Path, info: dict, args, records: list, notes: list[st
                   f"{fast_cr['solver']} "
                   f"({common.fmt_s(fast_cr['result']['compile_s'] + fast_cr['result']['first_run_s'])} s)",
                   f"{auto} (with cg cap: {res0.get('auto_with_cg_cap', '–')})",
-                  "yes" if auto == fast_run["solver"] else "**no**",
+                  "yes" if auto == fast_run["solver"] else "**no**", regret(ok, auto, fast_run),
                   res0.get("auto_linear_proxy", "–"), pred, note])
 
   md = [f"# Solver benchmark: dual vs primal vs cg ({info['backend']})", "",
@@ -246,14 +254,15 @@ def write_outputs(out_dir: Path, info: dict, args, records: list, notes: list[st
         "*predicted FLOPs* from `estimate_costs` with the library defaults (primal / dual / "
         "cg; network passes counted with the forward FLOPs of `unlearn.network_cost`), which "
         "`auto` minimises among the solvers predicted to fit in memory; *linear-proxy model "
-        "picked* = the first cost model's choice (Jacobians costed as a linear model's); *auto "
+        "picked* = the first cost model's choice (Jacobians costed as a linear model's); *auto's "
+        "run / fastest* = how much slower auto's choice ran than the fastest (1.00 = none); *auto "
         "picks* = `choose_solver` with the library defaults (cg_maxiter=None), and in brackets "
         f"with this run's cg cap ({args.cg_maxiter} iterations), which lowers cg's predicted "
         "cost. *fastest* compares the solvers that completed.", "",
         common.markdown_table(
             ["model", "p", "n·C", "fastest (run)", "fastest (compile+run)", "auto picks",
-             "auto = fastest run?", "linear-proxy model picked", "predicted FLOPs p/d/cg",
-             "note"], cross), ""]
+             "auto = fastest run?", "auto's run / fastest", "linear-proxy model picked",
+             "predicted FLOPs p/d/cg", "note"], cross), ""]
   if notes:
     md += ["## Notes", ""] + [f"- {n}" for n in notes] + [""]
   md += ["Plot: `bench_solvers.png`. Raw records: `bench_solvers.json`.", ""]

@@ -189,14 +189,18 @@ def estimate_costs(num_params: int, num_retain: int, num_forget: int, num_classe
   """Predicted peak memory and FLOPs of each solver (a model, not a measurement).
 
   FLOPs count the network passes each solver makes as well as its linear algebra: the
-  network's Jacobians dominate at Fast-NTK sizes (benchmarks/RESULTS.md, roofline), and the
-  solvers differ in how many they need. Per sample, with F the forward FLOPs: a Jacobian
-  (one forward + C reverse passes) ~ (1 + 2C)·F, a jvp ~ 3F, a vjp ~ 3F.
+  network's Jacobians dominate at Fast-NTK sizes (benchmarks/RESULTS.md, roofline). Per sample,
+  with F the forward FLOPs and only the trainable collection differentiated (frozen layers
+  need the gradient of their input only, ~F per cotangent): a Jacobian (one forward, C reverse
+  passes) ~ (1 + C)·F, a jvp ~ 2F, a vjp ~ 2F.
 
   * primal: one Jacobian per sample, G = JᵀJ (2·n·C·p²), two p×p Cholesky solves.
-  * dual: every kernel block pair recomputes both blocks' Jacobians (so ~3n Jacobians with
-    one block, ~n²/batch with many), the contractions (2·(n·C)²·p), the Cholesky/Schur
-    solves, and one vjp over D_f plus a jvp and a vjp over D_r to apply P J_fᵀ.
+  * dual: with one kernel block per set (n_r, n_f <= batch_size) XLA computes each sample's
+    Jacobian once for all three kernels (common subexpressions; the measured dual and primal
+    run times tie at n·C = 400 on ResNet-8); with several blocks, the row-block loop computes
+    its block once per row and the column block once per pair (nb₁·b₁ + nb₁·nb₂·b₂ samples
+    per kernel). Plus the contractions (2·(n·C)²·p), the Cholesky/Schur solves, and one vjp
+    over D_f and a jvp and a vjp over D_r to apply P J_fᵀ.
   * cg: per iteration a jvp and a vjp over the samples of each of its two solves.
 
   Memory is the solvers' linear-algebra working set (kernels, Grams, factors, one or two
@@ -224,7 +228,7 @@ def estimate_costs(num_params: int, num_retain: int, num_forget: int, num_classe
   mr, mf = n_r * c, n_f * c
   m = mr + mf
   fwd = network.flops if network is not None else 2.0 * p
-  jac, jvp, vjp = (1 + 2 * c) * fwd, 3 * fwd, 3 * fwd
+  jac, jvp, vjp = (1 + c) * fwd, 2 * fwd, 2 * fwd
   bs = min(batch_size, n)
   jac_block = bs * c * p  # one block's Jacobian
 
@@ -232,13 +236,17 @@ def estimate_costs(num_params: int, num_retain: int, num_forget: int, num_classe
     if n1 == 0 or n2 == 0:
       return 0
     b1, b2 = min(batch_size, n1), min(batch_size, n2)
-    return math.ceil(n1 / b1) * math.ceil(n2 / b2) * (b1 + b2)
+    nb1, nb2 = math.ceil(n1 / b1), math.ceil(n2 / b2)
+    return nb1 * b1 + nb1 * nb2 * b2
 
   # dual: Θ_rr, Θ_rf, Θ_ff, the Cholesky factor of Θ_rr, Θ_rr⁻¹Θ_rf and the Schur block,
   # plus the two Jacobian blocks neural-tangents contracts at a time.
   dual_bytes = b * (2 * mr * mr + 2 * mr * mf + 2 * mf * mf + 2 * jac_block + (bs * c) ** 2)
-  dual_jacobians = (kernel_jacobians(n_r, n_r) + kernel_jacobians(n_r, n_f)
-                    + kernel_jacobians(n_f, n_f))
+  if max(n_r, n_f) <= batch_size:
+    dual_jacobians = n
+  else:
+    dual_jacobians = (kernel_jacobians(n_r, n_r) + kernel_jacobians(n_r, n_f)
+                      + kernel_jacobians(n_f, n_f))
   dual_flops = (dual_jacobians * jac + 2.0 * m * m * p
                 + mr ** 3 / 3 + 2.0 * mr * mr * mf + 2.0 * mr * mf * mf + mf ** 3 / 3
                 + n_f * vjp + n_r * (jvp + vjp))
