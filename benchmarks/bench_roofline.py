@@ -6,7 +6,8 @@ Measures, in one run on one machine:
     (`vmap(jacrev)`, the cost that dominates every solver), with its FLOPs counted by XLA's
     own cost analysis of the compiled program;
   * the contractions the solvers do with it: JᵀJ (primal, 2·m·p² FLOPs) and J Jᵀ (dual,
-    2·m²·p FLOPs), m = n·C rows.
+    2·m²·p FLOPs), m = n·C rows; the primal's p×p Cholesky (p³/3 FLOPs);
+  * the dual's matrix-free passes: a batched jvp and vjp over the same samples (XLA's count).
 Each is compiled first and timed as the best of several runs; the table gives GFLOP/s and the
 fraction of the measured GEMM peak. Writes `roofline.md` and `roofline.png` into --out.
 
@@ -80,6 +81,18 @@ def main():
   rows.append((f"JᵀJ ({m} x {p}) -> {p}²  [primal]", 2.0 * m * p * p, best_time(jtj, j)))
   jjt = jax.jit(lambda j: jnp.matmul(j, j.T, precision="highest"))
   rows.append((f"J Jᵀ ({m} x {p}) -> {m}²  [dual]", 2.0 * m * m * p, best_time(jjt, j)))
+  # The dual's matrix-free passes (P J_fᵀ: one vjp and one jvp per sample), batched.
+  u = jax.tree_util.tree_map(jnp.ones_like, w)
+  jvp = jax.jit(lambda w, x, u: ntk.jvp_rows(apply_fn, w, x, u, batch_size=None))
+  rows.append((f"jvp, {args.model}, {args.n} samples (batched)  [dual]", xla_flops(jvp, w, x, u),
+               best_time(jvp, w, x, u)))
+  cot = jnp.ones((args.n, j.shape[0] // args.n), jnp.float32)
+  vjp = jax.jit(lambda w, x, c: ntk.vjp_rows(apply_fn, w, x, c, batch_size=None))
+  rows.append((f"vjp, {args.model}, {args.n} samples (batched)  [dual]",
+               xla_flops(vjp, w, x, cot), best_time(vjp, w, x, cot)))
+  spd = jtj(j) + jnp.eye(p, dtype=j.dtype)
+  chol = jax.jit(lambda a: jnp.linalg.cholesky(a))
+  rows.append((f"Cholesky {p}² [primal]", p ** 3 / 3.0, best_time(chol, spd)))
 
   lines = ["# Roofline: achieved FLOP/s vs this machine's GEMM peak", "",
            "    python -m benchmarks.bench_roofline --out " + args.out, "",

@@ -244,7 +244,8 @@ def fastntk_stage(cfg, model, frozen_pre, w0, w_full, data, sdir: str, tag: str,
                 linearize_at=u.linearize_at, step_scale=float(u.step_scale))
   name, reason, costs, w_lin, _, _, solve_dtype = unlearn.prepare(
       apply_fn, w0, w_full, retain, forget, data.num_classes, kwargs["damping"], u.solver,
-      u.batch_size, solve_dtype, None, None, u.linearize_at, u.kernel_impl)
+      u.batch_size, solve_dtype, None, None, u.linearize_at, u.kernel_impl,
+      traced=True)  # the dual/cg run jitted in ntk_forget_with_diagnostics
   if name != "primal":
     new, diag = unlearn.ntk_forget_with_diagnostics(apply_fn, w0, w_full, retain=retain,
                                                     forget=forget, **kwargs)

@@ -185,7 +185,8 @@ def network_cost(apply_fn: ApplyFn, params: PyTree, x: jnp.ndarray) -> Optional[
 def estimate_costs(num_params: int, num_retain: int, num_forget: int, num_classes: int,
                    *, batch_size: int = 256, dtype_bytes: int = 4,
                    cg_maxiter: Optional[int] = None,
-                   network: Optional[NetworkCost] = None) -> dict[str, SolverCost]:
+                   network: Optional[NetworkCost] = None,
+                   traced: bool = True) -> dict[str, SolverCost]:
   """Predicted peak memory and FLOPs of each solver (a model, not a measurement).
 
   FLOPs count the network passes each solver makes as well as its linear algebra: the
@@ -195,12 +196,15 @@ def estimate_costs(num_params: int, num_retain: int, num_forget: int, num_classe
   passes) ~ (1 + C)·F, a jvp ~ 2F, a vjp ~ 2F.
 
   * primal: one Jacobian per sample, G = JᵀJ (2·n·C·p²), two p×p Cholesky solves.
-  * dual: with one kernel block per set (n_r, n_f <= batch_size) XLA computes each sample's
-    Jacobian once for all three kernels (common subexpressions; the measured dual and primal
-    run times tie at n·C = 400 on ResNet-8); with several blocks, the row-block loop computes
-    its block once per row and the column block once per pair (nb₁·b₁ + nb₁·nb₂·b₂ samples
-    per kernel). Plus the contractions (2·(n·C)²·p), the Cholesky/Schur solves, and one vjp
-    over D_f and a jvp and a vjp over D_r to apply P J_fᵀ.
+  * dual: how often it computes a sample's Jacobian depends on how the kernel blocks run
+    (measured on CPU, benchmarks/RESULTS.md §1): with one block per set, or under `jax.jit`
+    with at most `ntk.MAX_UNROLLED_BLOCKS` blocks (an unrolled program), XLA computes each
+    sample's Jacobian once for all three kernels (common subexpressions: ResNet-8, n = 160 in
+    3 blocks, ran as fast as the primal); in a rolled loop (more blocks under jit) every
+    block pair computes both blocks (nb₁·nb₂·(b₁+b₂) samples per kernel); called eagerly,
+    the host loop over row blocks computes its block once per row and the column blocks once
+    per pair (nb₁·b₁ + nb₁·nb₂·b₂). Plus the contractions (2·(n·C)²·p), the Cholesky/Schur
+    solves, and one vjp over D_f and a jvp and a vjp over D_r to apply P J_fᵀ.
   * cg: per iteration a jvp and a vjp over the samples of each of its two solves.
 
   Memory is the solvers' linear-algebra working set (kernels, Grams, factors, one or two
@@ -218,6 +222,7 @@ def estimate_costs(num_params: int, num_retain: int, num_forget: int, num_classe
     cg_maxiter: cg iteration cap (default min(2·dim, 2000)).
     network: the network's per-sample forward cost (`network_cost`); None uses a linear
       model's (F = 2p FLOPs), which undercounts every network pass.
+    traced: whether the update runs under `jax.jit` (True) or eagerly (see the dual above).
 
   Returns:
     {"dual" | "primal" | "cg": SolverCost}.
@@ -232,18 +237,24 @@ def estimate_costs(num_params: int, num_retain: int, num_forget: int, num_classe
   bs = min(batch_size, n)
   jac_block = bs * c * p  # one block's Jacobian
 
+  def blocks(k):
+    return math.ceil(k / min(batch_size, k)) if k else 0
+
   def kernel_jacobians(n1, n2):  # samples whose Jacobian one blocked kernel call computes
     if n1 == 0 or n2 == 0:
       return 0
     b1, b2 = min(batch_size, n1), min(batch_size, n2)
-    nb1, nb2 = math.ceil(n1 / b1), math.ceil(n2 / b2)
-    return nb1 * b1 + nb1 * nb2 * b2
+    nb1, nb2 = blocks(n1), blocks(n2)
+    if traced:  # a rolled lax.scan: no sharing across iterations
+      return nb1 * nb2 * (b1 + b2)
+    return nb1 * b1 + nb1 * nb2 * b2  # host loop over row blocks, one compiled row step
 
   # dual: Θ_rr, Θ_rf, Θ_ff, the Cholesky factor of Θ_rr, Θ_rr⁻¹Θ_rf and the Schur block,
   # plus the two Jacobian blocks neural-tangents contracts at a time.
   dual_bytes = b * (2 * mr * mr + 2 * mr * mf + 2 * mf * mf + 2 * jac_block + (bs * c) ** 2)
-  if max(n_r, n_f) <= batch_size:
-    dual_jacobians = n
+  most_blocks = max(blocks(n_r), blocks(n_f))
+  if most_blocks == 1 or (traced and most_blocks <= ntk.MAX_UNROLLED_BLOCKS):
+    dual_jacobians = n  # one program in which XLA shares each sample's Jacobian
   else:
     dual_jacobians = (kernel_jacobians(n_r, n_r) + kernel_jacobians(n_r, n_f)
                       + kernel_jacobians(n_f, n_f))
@@ -615,8 +626,11 @@ def _ridge_update(apply_fn, w_lin, retain, forget, *, num_classes, damping, solv
 
 def prepare(apply_fn, params_init, params, retain, forget, num_classes, damping, solver,
              batch_size, solve_dtype, memory_limit_bytes, cg_maxiter, linearize_at,
-             kernel_impl):
+             kernel_impl, traced: Optional[bool] = None):
   """Validates the inputs and picks the solver (what `ntk_forget` does before any work).
+
+  `traced`: whether the update will run under `jax.jit` (for the cost model); None infers it
+  from the inputs (tracers or not).
 
   Returns:
     (solver name, reason, costs, linearisation params, retain, forget, solve dtype).
@@ -636,7 +650,8 @@ def prepare(apply_fn, params_init, params, retain, forget, num_classes, damping,
   costs = estimate_costs(p, x_r.shape[0], x_f.shape[0], num_classes,
                          batch_size=batch_size or (x_r.shape[0] + x_f.shape[0]),
                          dtype_bytes=dtype_bytes, cg_maxiter=cg_maxiter,
-                         network=network_cost(apply_fn, params, x_r))
+                         network=network_cost(apply_fn, params, x_r),
+                         traced=(not _is_concrete(x_r)) if traced is None else traced)
   budget = int(memory_limit_bytes if memory_limit_bytes is not None
                else 0.8 * available_memory_bytes())
   name, reason = choose_solver(costs, budget, solver)
@@ -735,7 +750,8 @@ def ntk_forget_with_diagnostics(apply_fn: ApplyFn, params_init: PyTree, params: 
   """
   name, reason, costs, w_lin, retain, forget, solve_dtype = prepare(
       apply_fn, params_init, params, retain, forget, num_classes, damping, solver,
-      batch_size, solve_dtype, memory_limit_bytes, cg_maxiter, linearize_at, kernel_impl)
+      batch_size, solve_dtype, memory_limit_bytes, cg_maxiter, linearize_at, kernel_impl,
+      traced=True)  # `run` below is jitted
   probe = _peak_memory_probe()
 
   def run(w_lin, params, retain, forget, damping):

@@ -139,16 +139,24 @@ def test_cost_model_counts_the_network_passes_of_each_solver():
   assert {k: v.bytes for k, v in with_net.items()} == {k: v.bytes for k, v in without.items()}
 
 
-def test_dual_recomputes_jacobians_per_kernel_block_pair():
+def test_dual_jacobian_count_follows_how_the_kernel_blocks_run():
   net = unlearn.NetworkCost(flops=1e8, bytes_accessed=0.0)
-  one = unlearn.estimate_costs(100, 900, 100, 10, batch_size=1000, network=net)
-  many = unlearn.estimate_costs(100, 900, 100, 10, batch_size=100, network=net)
-  # Blocks of 100: Θ_rr computes 9 row blocks + 9x9 column blocks (9,000 samples), Θ_rf
-  # 900 + 9x100, Θ_ff 100 + 100: 11,000 Jacobians instead of 1,000 with one block; the
-  # primal streams n = 1,000 either way.
   jac = 11 * 1e8
-  assert many["dual"].flops - one["dual"].flops == pytest.approx((11_000 - 1_000) * jac)
-  assert many["primal"].flops == one["primal"].flops
+  cost = lambda bs, traced: unlearn.estimate_costs(100, 900, 100, 10, batch_size=bs,
+                                                   network=net, traced=traced)
+  one = cost(1000, True)
+  # Under jit with <= MAX_UNROLLED_BLOCKS blocks (9 + 1 of 100) the program is unrolled and
+  # XLA shares each sample's Jacobian: the same count as one block (n = 1,000).
+  assert cost(100, True)["dual"].flops == pytest.approx(one["dual"].flops)
+  # Eagerly, a host loop over row blocks: Θ_rr 9 row blocks + 9x9 column blocks (9,000
+  # samples), Θ_rf 900 + 9x100, Θ_ff 100 + 100: 11,000 Jacobians.
+  assert cost(100, False)["dual"].flops - one["dual"].flops == pytest.approx((11_000 - 1_000) * jac)
+  # Under jit with 18 + 2 blocks of 50 the loop is rolled: both blocks of every pair,
+  # 18·18·100 + 18·2·100 + 2·2·100 = 36,400 Jacobians.
+  assert cost(50, True)["dual"].flops - one["dual"].flops == pytest.approx(
+      (36_400 - 1_000) * jac, rel=1e-3)
+  # The primal streams each sample once, whatever the blocks.
+  assert cost(50, True)["primal"].flops == cost(100, False)["primal"].flops == one["primal"].flops
 
 
 def test_precision_warning_is_the_round_off_bound_of_the_solve():
