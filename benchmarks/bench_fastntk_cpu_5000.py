@@ -19,7 +19,8 @@ the first version of this benchmark measured.
 
 Random 32x32 inputs (the cost does not depend on the pixel values), 10 classes, 10% forgotten
 (class 0). Writes fastntk_cpu_5000.{md,json}: seconds per phase (wall and CPU), peak RSS of the
-whole process, finiteness, update norms and the float32-vs-float64 difference.
+whole process, finiteness, update norms and the float32-vs-float64 difference; and
+fastntk_cpu_5000.png (seconds per phase; `--replot` redraws it from the JSON).
 """
 
 import argparse
@@ -50,14 +51,45 @@ def _relative_residual(g, b, lam, x):
   return float(np.linalg.norm(g @ x + lam * x - b) / np.linalg.norm(b))
 
 
+def plot(record: dict, path) -> None:
+  """Wall seconds per phase (bars) with the peak RSS and the float32-vs-float64 check."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  phases = record["phases"]
+  names = list(phases)[::-1]
+  walls = [phases[k]["wall_s"] for k in names]
+  fig, ax = plt.subplots(figsize=(8.5, 3.6))
+  ax.barh(names, walls, color="C0")
+  for y, w in enumerate(walls):
+    ax.text(w, y, f" {w:.1f} s", va="center", fontsize=8)
+  ax.set_xlabel("wall seconds (compilation included)")
+  checks = record["checks"]
+  ax.set_title(
+      f"Fast-NTK primal, p = {record['p']:,}, n = {record['n']:,}: "
+      f"{record['total_wall_s']:.0f} s, peak RSS {record['peak_rss_bytes'] / 2**30:.2f} GiB\n"
+      f"a float32 solve of the same Grams is off by {checks['‖Δ32 - Δ64‖ / ‖Δ64‖']:.0%} "
+      "(relative to float64)", fontsize=9)
+  ax.set_xlim(0, max(walls) * 1.18)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
 def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   ap.add_argument("--out", default="benchmarks/results")
+  ap.add_argument("--replot", action="store_true",
+                  help="only redraw fastntk_cpu_5000.png from the JSON in --out")
   ap.add_argument("--n", type=int, default=5000, help="images in D = D_r ∪ D_f")
   ap.add_argument("--batch-size", type=int, default=64, help="images per streamed Jacobian block")
   ap.add_argument("--damping", type=float, default=1e-2, help="λ")
   ap.add_argument("--model", default="resnet110")
   args = ap.parse_args(argv)
+  if args.replot:
+    out = common.Path(args.out)
+    plot(json.loads((out / "fastntk_cpu_5000.json").read_text()), out / "fastntk_cpu_5000.png")
+    return
   if not jax.config.read("jax_enable_x64"):
     sys.exit("bench_fastntk_cpu_5000: run with JAX_ENABLE_X64=1 (the Grams are accumulated "
              "in float64 so that the float32 and float64 solves can be compared)")
@@ -136,6 +168,7 @@ def main(argv=None):
   out = common.Path(args.out)
   common.atomic_write(out / "fastntk_cpu_5000.md", text)
   common.atomic_write(out / "fastntk_cpu_5000.json", json.dumps(record, indent=1, default=str))
+  plot(record, out / "fastntk_cpu_5000.png")
   print(text)
 
 
