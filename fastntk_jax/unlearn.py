@@ -199,8 +199,8 @@ def estimate_costs(num_params: int, num_retain: int, num_forget: int, num_classe
   * dual: how often it computes a sample's Jacobian depends on how the kernel blocks run
     (measured on CPU, benchmarks/RESULTS.md §1): with one block per set, or under `jax.jit`
     with at most `ntk.MAX_UNROLLED_BLOCKS` blocks (an unrolled program), XLA computes each
-    sample's Jacobian once for all three kernels (common subexpressions: ResNet-8, n = 160 in
-    3 blocks, ran as fast as the primal); in a rolled loop (more blocks under jit) every
+    sample's Jacobian once for all three kernels (common subexpressions: ResNet-8 x4, n = 160
+    in 3 blocks, ran as fast as the primal); in a rolled loop (more blocks under jit) every
     block pair computes both blocks (nb₁·nb₂·(b₁+b₂) samples per kernel); called eagerly,
     the host loop over row blocks computes its block once per row and the column blocks once
     per pair (nb₁·b₁ + nb₁·nb₂·b₂). Plus the contractions (2·(n·C)²·p), the Cholesky/Schur
@@ -210,7 +210,7 @@ def estimate_costs(num_params: int, num_retain: int, num_forget: int, num_classe
   Memory is the solvers' linear-algebra working set (kernels, Grams, factors, one or two
   Jacobian blocks). It excludes the network's activations that reverse mode keeps per block
   (roughly batch_size x the saved activations of one sample): XLA's "bytes accessed" overstates
-  them ~15x on ResNet-110 (56 GiB predicted vs 3.9 GiB measured at batch 64), too far off to
+  them ~15x on ResNet-110 (56 GiB predicted vs ~4 GiB measured at batch 64), too far off to
   refuse a run on. Lower `batch_size` if XLA runs out of memory.
 
   Args:
