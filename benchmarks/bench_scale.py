@@ -53,10 +53,7 @@ LABEL = {"fast": "Fast-NTK (BN+head, primal)", "full": "full-model NTK (all weig
 
 
 def worker(cfg: dict) -> dict:
-  import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  from jax.flatten_util import ravel_pytree  # pylint: disable=g-import-not-at-top
   from fastntk_jax import ntk, unlearn  # pylint: disable=g-import-not-at-top
   from fastntk_jax.models import make_apply_fn  # pylint: disable=g-import-not-at-top
 
@@ -88,19 +85,8 @@ def worker(cfg: dict) -> dict:
          "baseline_rss_bytes": common.current_rss(),
          "baseline_device_bytes": common.device_bytes_in_use()}
 
-  def forget(a, b, xr, yr, xf, yf):
-    return unlearn.ntk_forget(apply_fn, a, b, retain=(xr, yr), forget=(xf, yf), **kwargs)
-
-  try:
-    t = common.time_jitted(forget, (w0, w1, xr, yr, xf, yf), repeat_below_s=5.0)
-  except unlearn.InsufficientMemoryError as e:
-    out.update(status="refused", message=str(e))
-    return out
-  new = t.pop("out")
-  out.update(t)
-  delta = ravel_pytree(new)[0] - ravel_pytree(w1)[0]
-  out["update_norm"] = float(jnp.linalg.norm(delta))
-  out["finite"] = bool(np.isfinite(out["update_norm"]))
+  out.update(common.time_ntk_forget(apply_fn, w0, w1, (xr, yr), (xf, yf), **kwargs))
+  out.pop("delta", None)
   return out
 
 

@@ -62,7 +62,6 @@ def worker(cfg: dict) -> dict:
     jax.config.update("jax_enable_x64", True)  # before any array exists
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from jax.flatten_util import ravel_pytree  # pylint: disable=g-import-not-at-top
   from fastntk_jax import ntk, unlearn  # pylint: disable=g-import-not-at-top
   from fastntk_jax.models import make_apply_fn  # pylint: disable=g-import-not-at-top
 
@@ -107,20 +106,10 @@ def worker(cfg: dict) -> dict:
          "backend": jax.default_backend(), "baseline_rss_bytes": common.current_rss(),
          "baseline_device_bytes": common.device_bytes_in_use()}
 
-  def forget(a, b, xr, yr, xf, yf):
-    return unlearn.ntk_forget(apply_fn, a, b, retain=(xr, yr), forget=(xf, yf), **kwargs)
-
-  try:
-    t = common.time_jitted(forget, (p0, p1, xr, yr, xf, yf), repeat_below_s=5.0)
-  except unlearn.InsufficientMemoryError as e:
-    out.update(status="refused", message=str(e))
+  out.update(common.time_ntk_forget(apply_fn, p0, p1, (xr, yr), (xf, yf), **kwargs))
+  if out.get("status") == "refused":
     return out
-  new = t.pop("out")
-  out.update(t)
-  delta = np.asarray(ravel_pytree(new)[0] - ravel_pytree(p1)[0], np.float64)
-  np.save(cfg["delta_path"], delta)
-  out["update_norm"] = float(np.linalg.norm(delta))
-  out["finite"] = bool(np.all(np.isfinite(delta)))
+  np.save(cfg["delta_path"], out.pop("delta"))
   if cfg["solver"] in cfg["diagnostics_solvers"]:
     _, diag = unlearn.ntk_forget_with_diagnostics(
         apply_fn, p0, p1, retain=(xr, yr), forget=(xf, yf), check_finite=False, **kwargs)

@@ -356,6 +356,38 @@ def time_jitted(fn: Callable, args: tuple, *, repeat_below_s: float = 30.0) -> d
           "run_s": run, "run_cpu_s": run_cpu, "runs": runs, "out": out}
 
 
+def time_ntk_forget(apply_fn: Callable, params_init, params, retain: tuple, forget: tuple,
+                    **kwargs) -> dict:
+  """Times `jax.jit(unlearn.ntk_forget)` (see `time_jitted`) and measures its update.
+
+  Args:
+    apply_fn, params_init, params: as for `ntk_forget`.
+    retain, forget: (x, y) arrays.
+    **kwargs: the other `ntk_forget` arguments.
+
+  Returns:
+    {"status": "refused", "message"} when `ntk_forget` refuses for memory; otherwise
+    `time_jitted`'s timings plus "delta" (new - params, flat float64 numpy),
+    "update_norm" and "finite".
+  """
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from jax.flatten_util import ravel_pytree  # pylint: disable=g-import-not-at-top
+  from fastntk_jax import unlearn  # pylint: disable=g-import-not-at-top
+
+  def forget_fn(a, b, xr, yr, xf, yf):
+    return unlearn.ntk_forget(apply_fn, a, b, retain=(xr, yr), forget=(xf, yf), **kwargs)
+
+  try:
+    t = time_jitted(forget_fn, (params_init, params, *retain, *forget), repeat_below_s=5.0)
+  except unlearn.InsufficientMemoryError as e:
+    return {"status": "refused", "message": str(e)}
+  new = t.pop("out")
+  delta = np.asarray(ravel_pytree(new)[0] - ravel_pytree(params)[0], np.float64)
+  t.update(delta=delta, update_norm=float(np.linalg.norm(delta)),
+           finite=bool(np.all(np.isfinite(delta))))
+  return t
+
+
 def ensure_repo_on_path() -> None:
   """Lets `python benchmarks/<name>.py` (not only `python -m benchmarks.<name>`) import us."""
   root = str(REPO_ROOT)

@@ -13,7 +13,7 @@ few points on D_r and the retain-class test set.
 Arguments: `ipc=N` (default 100), `width=W` (width multiplier ×100, default 100), `tiny`.
 """
 
-from fastntk_jax.config import base_config, parse_arg, tiny_training
+from fastntk_jax.config import base_config, parse_arg, tiny_cifar_cnn
 
 
 def get_config(arg=None):
@@ -34,12 +34,6 @@ def get_config(arg=None):
   c.finetune.learning_rate = 0.002
   c.unlearn.batch_size = 128
   if a["tiny"]:
-    tiny_training(c)
+    tiny_cifar_cnn(c)
     c.model.options = {"width_mult": 0.25, "last_channel": 32}
-    c.data.image_size = 8
-    c.data.images_per_class = 3
-    c.data.holdout_per_class = 2
-    c.data.num_classes = 4
-    c.pretrain.source = "none"
-    c.pretrain.dataset = ""
   return c

@@ -18,7 +18,7 @@ Arguments: `ipc=N` (#IPC of D, default 100), `tiny` (seconds-long test mode: res
 narrow widths, 8x8 images, no pre-training; run under tfds.testing.mock_data).
 """
 
-from fastntk_jax.config import base_config, parse_arg, tiny_training
+from fastntk_jax.config import base_config, parse_arg, tiny_cifar_cnn
 
 
 def get_config(arg=None):
@@ -47,13 +47,7 @@ def get_config(arg=None):
     # The tests run the tiny mode in-process, where x64 would stay switched on for the
     # tests that follow; its float64 path is tested in a subprocess (test_configs.py).
     c.unlearn.solve_dtype = "float32"
-    tiny_training(c)
+    tiny_cifar_cnn(c)
     c.model.name = "resnet8"
     c.model.options = {"shortcut": "A", "widths": (4, 8, 8)}
-    c.data.image_size = 8
-    c.data.images_per_class = 3
-    c.data.holdout_per_class = 2
-    c.data.num_classes = 4
-    c.pretrain.source = "none"
-    c.pretrain.dataset = ""
   return c

@@ -127,6 +127,18 @@ def tiny_training(c: ml_collections.ConfigDict) -> None:
   c.unlearn.batch_size = 16
 
 
+def tiny_cifar_cnn(c: ml_collections.ConfigDict) -> None:
+  """The CIFAR CNN configs' seconds-long test mode (run under tfds.testing.mock_data): tiny
+  training, 8x8 images, 4 classes of 3 training and 2 hold-out images, no pre-training."""
+  tiny_training(c)
+  c.data.image_size = 8
+  c.data.images_per_class = 3
+  c.data.holdout_per_class = 2
+  c.data.num_classes = 4
+  c.pretrain.source = "none"
+  c.pretrain.dataset = ""
+
+
 def vit_prompt_config(model: str, dataset: str, num_classes, ipc: int, npz: str,
                       tiny: bool) -> ml_collections.ConfigDict:
   """Shared body of the prompted-ViT configs (paper Table II and Appendix B).
