@@ -1,0 +1,71 @@
+"""The choices the library and the configs share, as enums (pure Python: imports nothing heavy).
+
+`config.py` validates option strings against these without importing JAX-heavy modules;
+the library accepts either the enum or its string value.
+"""
+
+from __future__ import annotations
+
+import enum
+
+
+class Solver(str, enum.Enum):
+  """Which linear-algebra route computes Δ (all give the same result up to round-off).
+
+  DUAL: Eq. (1) literally, kernel blocks over the outputs (memory ~ (n·C)²).
+  PRIMAL: Gram JᵀJ over the parameters (memory ~ p²).
+  CG: conjugate gradients with jvp/vjp matvecs (memory ~ p + n·C).
+  AUTO: the cheapest that fits in memory and can reach its answer (logged).
+  """
+  DUAL = "dual"
+  PRIMAL = "primal"
+  CG = "cg"
+  AUTO = "auto"
+
+
+class LinearizationPoint(str, enum.Enum):
+  """Where the model is linearised.
+
+  INIT (default, docs/derivation.md §1): at `params_init` (w0), where the residuals are
+    non-zero.
+  TRAINED: at the fine-tuned `params`. For an interpolating model the residuals are then ~0
+    and the update nearly vanishes; the public reference code compensates with a heuristic
+    step scale (`step_scale`). Offered for comparison only.
+  """
+  INIT = "init"
+  TRAINED = "trained"
+
+
+class KernelImplementation(str, enum.Enum):
+  """How the dual solver's kernel contracts Jacobians.
+
+  NEURAL_TANGENTS: `neural_tangents.empirical_ntk_fn` with JACOBIAN_CONTRACTION.
+  NEURAL_TANGENTS_NTK_VECTOR_PRODUCTS: neural-tangents' NTK-vector-product implementation
+    (less memory for wide outputs, slower for small p).
+  JAX: the built-in `vmap(jacrev)` + einsum; needs no neural-tangents, so it also runs on
+    JAX versions neural-tangents does not import on.
+  AUTO: NEURAL_TANGENTS when it imports, else JAX (the choice is recorded in diagnostics).
+  """
+  NEURAL_TANGENTS = "neural_tangents"
+  NEURAL_TANGENTS_NTK_VECTOR_PRODUCTS = "neural_tangents_ntk_vector_products"
+  JAX = "jax"
+  AUTO = "auto"
+
+
+class SolveDtype(str, enum.Enum):
+  """Dtype of the kernels, Grams and solves (FLOAT64 needs JAX's x64 mode)."""
+  FLOAT32 = "float32"
+  FLOAT64 = "float64"
+
+
+def values(choice: type[enum.Enum]) -> tuple[str, ...]:
+  """The string values of an enum, in declaration order (for messages and configs)."""
+  return tuple(member.value for member in choice)
+
+
+def parse(choice: type[enum.Enum], value, *, name: str):
+  """`choice(value)`, or a ValueError naming the option and what is allowed."""
+  try:
+    return choice(value)
+  except ValueError:
+    raise ValueError(f"unknown {name} {value!r}; choose one of {list(values(choice))}") from None
