@@ -1,4 +1,7 @@
-"""Tests for fastntk_jax.data: splits, determinism, config validation, TFDS loaders (mocked)."""
+"""Tests for fastntk_jax.data: splits, determinism, config validation, TFDS loaders (mocked).
+
+The TFDS tests are skipped, not the whole module, where TensorFlow Datasets is not installed.
+"""
 
 import numpy as np
 import pytest
@@ -190,6 +193,51 @@ def test_bad_config_names_the_field(overrides, field):
         D.load_unlearning_data(**overrides)
 
 
+def test_select_on_synthetic_pools():
+    """The selection module alone, on labels only: 3 classes of 20 in one pool."""
+    from fastntk_jax.data import schema, sources, splits
+
+    labels = np.repeat(np.arange(3), 20)[np.random.default_rng(0).permutation(60)]
+    pools = sources.Pools(labels, None, "fake", None, ("a", "b", "c"), (0, 1, 2))
+
+    def select(**kw):
+        kw = {"num_classes": 3, "holdout_per_class": 5, "pretrain_per_class": 4, **kw}
+        return splits.select(pools, schema.resolve_data_config(**kw))
+
+    sel = select(images_per_class=6)
+    everything = np.concatenate([i for part in sel.values() for i in part])
+    assert np.unique(everything).size == everything.size == 3 * (5 + 4 + 6)
+    for cls in range(3):
+        for part, n in (("holdout", 5), ("pretrain", 4), ("train", 6)):
+            assert sel[part][cls].size == n and (labels[sel[part][cls]] == cls).all()
+    rest = select(images_per_class=None)  # every image left: 20 - 5 - 4
+    for cls in range(3):
+        np.testing.assert_array_equal(rest["train"][cls][:6], sel["train"][cls])  # #IPC prefix
+        np.testing.assert_array_equal(rest["holdout"][cls], sel["holdout"][cls])
+        assert rest["train"][cls].size == 11
+    with pytest.raises(ValueError, match=r"images_per_class=12 but class 0 \(a\) has only 11"):
+        select(images_per_class=12)
+
+
+@pytest.mark.parametrize("fraction,n_forget", [(0.25, 5), (0.01, 1), (0.99, 19)])
+def test_forget_masks_samples_mode(fraction, n_forget):
+    from fastntk_jax.data import schema, splits
+
+    d = D.Split(np.zeros((20, 1, 1, 3)), np.arange(20) % 4, np.arange(20), "fake")
+    holdout = D.Split(np.zeros((8, 1, 1, 3)), np.arange(8) % 4, np.arange(8), "fake")
+    cfg = schema.resolve_data_config(num_classes=4, forget_mode="samples",
+                                     forget_fraction=fraction, seed=3)
+    classes, in_forget, test_in_forget = splits.forget_masks(d, holdout, cfg)
+    assert classes == () and in_forget.sum() == n_forget and not test_in_forget.any()
+    again = splits.forget_masks(d, holdout, cfg)[1]
+    np.testing.assert_array_equal(in_forget, again)  # seeded
+    cfg = schema.resolve_data_config(num_classes=4, forget_classes=[1, 3])
+    classes, in_forget, test_in_forget = splits.forget_masks(d, holdout, cfg)
+    assert classes == (1, 3)
+    np.testing.assert_array_equal(in_forget, np.isin(d.y, [1, 3]))
+    np.testing.assert_array_equal(test_in_forget, np.isin(holdout.y, [1, 3]))
+
+
 # --------------------------------------------------------------------------------------------------
 # minibatches
 # --------------------------------------------------------------------------------------------------
@@ -230,10 +278,16 @@ def test_iterate_batches_on_split(digits_default):
 # TFDS (mocked: no download, no prepared data)
 # --------------------------------------------------------------------------------------------------
 
-tfds = pytest.importorskip("tensorflow_datasets")
-tf = pytest.importorskip("tensorflow")
+try:
+    import tensorflow as tf
+    import tensorflow_datasets as tfds
+except ImportError:  # the lean install without the `tfds` extra: only these tests are skipped
+    tf = tfds = None
+needs_tfds = pytest.mark.skipif(tfds is None,
+                                reason="needs TensorFlow Datasets: pip install -e '.[tfds]'")
 
 
+@needs_tfds
 def test_cifar10_mock():
     with tfds.testing.mock_data(num_examples=200):
         d = D.load_unlearning_data(name="cifar10", images_per_class=5, holdout_per_class=3,
@@ -291,6 +345,7 @@ def fake_imagenet_r():  # function scope: the mock must not leak into other test
         yield load
 
 
+@needs_tfds
 def test_imagenet_r_mock_label_mapping(fake_imagenet_r):
     d = fake_imagenet_r(num_classes=20, seed=0)
     assert d.num_classes == 20 and d.image_shape == (24, 24, 3)
@@ -312,6 +367,7 @@ def test_imagenet_r_mock_label_mapping(fake_imagenet_r):
     assert d.source_labels == (int(_FAKE_IDS[199]), int(_FAKE_IDS[0]))
 
 
+@needs_tfds
 def test_imagenet_r_mock_seeded_split(fake_imagenet_r):
     a = fake_imagenet_r(num_classes=50, seed=0)
     b = fake_imagenet_r(num_classes=50, seed=0)
@@ -324,6 +380,7 @@ def test_imagenet_r_mock_seeded_split(fake_imagenet_r):
         fake_imagenet_r(num_classes=20, images_per_class=3)
 
 
+@needs_tfds
 def test_not_prepared_error_names_the_command(tmp_path, monkeypatch):
     def no_download(*args, **kwargs):
         raise AssertionError("must not download unless manual_dir is given")
@@ -339,6 +396,7 @@ def test_not_prepared_error_names_the_command(tmp_path, monkeypatch):
         D.load_unlearning_data(name="imagenet_r", data_dir=str(tmp_path))
 
 
+@needs_tfds
 def test_manual_dir(tmp_path, monkeypatch):
     calls = []
 
@@ -368,6 +426,7 @@ def test_manual_dir(tmp_path, monkeypatch):
         D.load_unlearning_data(name="cifar10", data_dir=str(data_dir), manual_dir=str(manual))
 
 
+@needs_tfds
 def test_cifar10_prepared_on_disk(tmp_path, monkeypatch):
     """The real read path (TFRecords on disk, PNG decoding, two reads) on a tiny fake CIFAR-10."""
     rng = np.random.default_rng(0)
@@ -383,7 +442,8 @@ def test_cifar10_prepared_on_disk(tmp_path, monkeypatch):
     builder_cls = tfds.builder_cls("cifar10")
     monkeypatch.setattr(builder_cls, "_split_generators", fake_split_generators)
     # Preparing needs no checksums here, and reading them imports importlib_resources (see
-    # data.py). Set on the subclass by hand: monkeypatch would read the base-class property first.
+    # data/sources.py). Set on the subclass by hand: monkeypatch would read the base-class
+    # property first.
     assert "url_infos" not in vars(builder_cls)
     builder_cls.url_infos = {}
     try:

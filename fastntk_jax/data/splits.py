@@ -1,0 +1,216 @@
+"""Selection: which images form the pre-training split, D (= D_r ∪ D_f) and the hold-out set, and
+which of D are forgotten (whole classes, or a random fraction of samples).
+
+Rules shared by all datasets (why: comparable runs across settings):
+
+* Every per-class choice uses its own random stream ``default_rng([seed, pool, class_id])``, so a
+  class's images do not depend on which other classes are chosen, and D for #IPC=20 is a prefix
+  of D for #IPC=50 under the same seed. The hold-out set never depends on #IPC.
+* With one source pool (digits, ImageNet-R) each class is carved, in this order, into hold-out,
+  pre-training and D; with a separate test pool (CIFAR) the hold-out comes from it.
+* Labels are remapped to ``0..num_classes-1`` in the order of the chosen classes (``classes``, or
+  the first ``num_classes`` dataset classes); ``forget_classes`` index that remapped space.
+
+Selection is pure numpy on labels; images are fetched afterwards, only for the chosen indices.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+import ml_collections
+import numpy as np
+
+from fastntk_jax.data import schema
+from fastntk_jax.data import sources
+
+log = logging.getLogger(__name__)
+
+# Random-stream ids (second entry of the seed sequence) so that independent choices never share
+# a stream: class c of pool p uses default_rng([seed, p, c]).
+_STREAM_TRAIN_POOL, _STREAM_TEST_POOL, _STREAM_FORGET_SAMPLES = 0, 1, 2
+
+
+def _class_indices(labels: np.ndarray, cls: int, seed: int, stream: int) -> np.ndarray:
+  idx = np.flatnonzero(labels == cls)
+  return np.random.default_rng([seed, stream, cls]).permutation(idx)
+
+
+def _take(field: str, want: int | None, avail: np.ndarray, cls: int, name: str,
+          what: str) -> np.ndarray:
+  """The first ``want`` of ``avail`` (all if None), or a ValueError naming class and counts."""
+  if want is None:
+    return avail
+  if want > avail.size:
+    raise ValueError(
+      f"data config: {field}={want} but class {cls} ({name}) has only {avail.size} images "
+      f"{what}; lower {field}"
+    )
+  return avail[:want]
+
+
+def select(pools: sources.Pools,
+           cfg: ml_collections.FrozenConfigDict) -> dict[str, list[np.ndarray]]:
+  """Per chosen class, the pool indices of its hold-out, pretrain and D images.
+
+  Returns:
+    {"holdout": [...], "pretrain": [...], "train": [...]}: one index array per chosen class, in
+    the order of ``cfg.classes``; disjoint within each pool. "holdout" indexes ``test_labels``
+    when it exists.
+
+  Raises:
+    ValueError: a class has fewer images than asked for (the message names the class, the field
+      and the counts).
+  """
+  out: dict[str, list[np.ndarray]] = {"holdout": [], "pretrain": [], "train": []}
+  num_present = len(pools.class_names)
+  for cls in cfg.classes:
+    if cls >= num_present:
+      raise ValueError(
+        f"data config: class {cls} requested but the prepared {cfg.name} data has only "
+        f"{num_present} classes"
+      )
+    name = pools.class_names[cls]
+    perm = _class_indices(pools.train_labels, cls, cfg.seed, _STREAM_TRAIN_POOL)
+    total = perm.size
+    if pools.test_labels is None:  # one pool: carve the hold-out first
+      holdout = _take("holdout_per_class", cfg.holdout_per_class, perm, cls, name,
+                      f"in {pools.train_source}")
+      perm = perm[holdout.size:]
+      after = f"after holding out {holdout.size}"
+    else:
+      test_perm = _class_indices(pools.test_labels, cls, cfg.seed, _STREAM_TEST_POOL)
+      holdout = _take("holdout_per_class", cfg.holdout_per_class, test_perm, cls, name,
+                      f"in {pools.test_source}")
+      after = "before pre-training" if not cfg.pretrain_per_class else ""
+    pretrain = _take("pretrain_per_class", cfg.pretrain_per_class, perm, cls, name,
+                     f"left in {pools.train_source} {after} ({total} in total)")
+    rest = perm[pretrain.size:]
+    if pretrain.size:
+      after = f"{after} and {pretrain.size} for pre-training".strip()
+    train = _take("images_per_class", cfg.images_per_class, rest, cls, name,
+                  f"left in {pools.train_source} {after} ({total} in total)")
+    if train.size == 0:
+      raise ValueError(
+        f"data config: class {cls} ({name}) has no fine-tuning images left in "
+        f"{pools.train_source} ({total} in total); lower holdout_per_class or "
+        "pretrain_per_class"
+      )
+    if holdout.size == 0:
+      raise ValueError(f"data config: class {cls} ({name}) has no hold-out images")
+    out["holdout"].append(holdout)
+    out["pretrain"].append(pretrain)
+    out["train"].append(train)
+  return out
+
+
+def forget_masks(d: schema.Split, holdout: schema.Split,
+                 cfg: ml_collections.FrozenConfigDict) -> tuple[tuple[int, ...], np.ndarray,
+                                                                np.ndarray]:
+  """Which images of D and of the hold-out set belong to the forget side.
+
+  forget_mode="class": every image of a forget class. forget_mode="samples": a seeded random
+  ``forget_fraction`` of D (at least one image forgotten and one kept); the hold-out set has no
+  forget side.
+
+  Returns:
+    (forget_classes, in_forget (d.size,) bool, test_in_forget (holdout.size,) bool).
+  """
+  if cfg.forget_mode == "class":
+    forget_classes = tuple(cfg.forget_classes)
+    return forget_classes, np.isin(d.y, forget_classes), np.isin(holdout.y, forget_classes)
+  if d.size < 2:
+    raise ValueError(
+      "data config: forget_mode='samples' needs at least 2 fine-tuning images"
+    )
+  # At least one image forgotten and one retained, whatever the fraction rounds to.
+  n_forget = min(max(1, round(cfg.forget_fraction * d.size)), d.size - 1)
+  rng = np.random.default_rng([cfg.seed, _STREAM_FORGET_SAMPLES])
+  in_forget = np.zeros((d.size,), bool)
+  in_forget[rng.choice(d.size, size=n_forget, replace=False)] = True
+  # Sample-level forgetting has no forget classes: the whole hold-out is test_retain.
+  return (), in_forget, np.zeros((holdout.size,), bool)
+
+
+def load_unlearning_data(cfg: Mapping[str, Any] | ml_collections.ConfigDict | None = None,
+                         **overrides: Any) -> schema.UnlearningData:
+  """Builds D_r, D_f, the hold-out set and the optional pre-training split.
+
+  Args:
+    cfg: data config (fields of ``default_data_config``; missing fields take the defaults).
+    **overrides: field values applied on top of ``cfg``, e.g. ``name="cifar10", seed=1``.
+
+  Returns:
+    An ``UnlearningData``; every image is (image_size, image_size, 3) float32, normalised.
+
+  Raises:
+    ValueError: a bad config value (the message names the field), or more images asked for than
+      a class has (the message names the class and the counts).
+    DatasetNotPreparedError: a TFDS dataset is not prepared (the message names the fix).
+    ImportError: a TFDS dataset without TensorFlow Datasets installed (the message names the
+      extra to install).
+  """
+  cfg = schema.resolve_data_config(cfg, **overrides)
+  pools, fetch = sources.open_source(cfg)
+  sel = select(pools, cfg)
+  remap = np.full((len(pools.class_names),), -1, np.int32)  # dataset class id -> 0..k-1
+  remap[list(cfg.classes)] = np.arange(len(cfg.classes), dtype=np.int32)
+  holdout_pool = "test" if pools.test_labels is not None else "train"
+  holdout_source = pools.test_source if pools.test_labels is not None else pools.train_source
+  labels_of = {"train": pools.train_labels, "test": pools.test_labels}
+
+  # Fetch each pool's images once (one pass over a TFDS split), then slice.
+  if holdout_pool == "test":
+    wanted = {"train": np.concatenate(sel["train"] + sel["pretrain"]),
+              "test": np.concatenate(sel["holdout"])}
+  else:
+    wanted = {"train": np.concatenate(sel["train"] + sel["pretrain"] + sel["holdout"])}
+  images = {}
+  for pool, idx in wanted.items():
+    unique = np.unique(idx)  # sorted: what the image pass returns
+    assert unique.size == idx.size, "an image was selected twice"  # select's invariant
+    idx = unique
+    x = sources.normalize_images(fetch(pool, idx), cfg.normalization)
+    images[pool] = (idx, x)
+
+  def make(pool: str, idx: np.ndarray, source: str) -> schema.Split:
+    all_idx, x = images[pool]
+    size = cfg.image_size
+    if idx.size == 0:
+      return schema.Split(np.zeros((0, size, size, 3), np.float32), np.zeros((0,), np.int32),
+                          np.zeros((0,), np.int64), source)
+    y = remap[labels_of[pool][idx]]
+    return schema.Split(x[np.searchsorted(all_idx, idx)], y, idx, source)
+
+  train_idx = np.concatenate(sel["train"])
+  holdout_idx = np.concatenate(sel["holdout"])
+  pretrain_idx = np.concatenate(sel["pretrain"])
+  d = make("train", train_idx, pools.train_source)
+  holdout = make(holdout_pool, holdout_idx, holdout_source)
+  pretrain = make("train", pretrain_idx, pools.train_source) if pretrain_idx.size else None
+  del images  # the splits hold their own copies
+
+  forget_classes, in_forget, test_in_forget = forget_masks(d, holdout, cfg)
+
+  def subset(s: schema.Split, mask: np.ndarray) -> schema.Split:
+    return schema.Split(s.x[mask], s.y[mask], s.index[mask], s.source)
+
+  data = schema.UnlearningData(
+    pretrain=pretrain,
+    retain=subset(d, ~in_forget),
+    forget=subset(d, in_forget),
+    test_retain=subset(holdout, ~test_in_forget),
+    test_forget=subset(holdout, test_in_forget),
+    num_classes=len(cfg.classes),
+    class_names=tuple(pools.class_names[c] for c in cfg.classes),
+    dataset_classes=tuple(int(c) for c in cfg.classes),
+    source_labels=tuple(pools.source_labels[c] for c in cfg.classes),
+    forget_classes=forget_classes,
+    forget_mode=cfg.forget_mode,
+    image_shape=(cfg.image_size, cfg.image_size, 3),
+    config=cfg,
+  )
+  log.info("Loaded data:\n%s", data.describe())
+  return data
