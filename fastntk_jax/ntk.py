@@ -28,6 +28,8 @@ import jax
 import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
+from fastntk_jax.enums import KernelImplementation
+
 ApplyFn = Callable[[Any, jnp.ndarray], jnp.ndarray]
 PyTree = Any
 log = logging.getLogger(__name__)
@@ -44,24 +46,6 @@ __all__ = [
     "vjp_rows",
     "num_params",
 ]
-
-
-class KernelImplementation(str, enum.Enum):
-  """How `empirical_kernel` contracts Jacobians.
-
-  NEURAL_TANGENTS: `neural_tangents.empirical_ntk_fn` with JACOBIAN_CONTRACTION (the
-    default; neural-tangents 0.6.5 needs jax 0.5.x).
-  NEURAL_TANGENTS_NTK_VECTOR_PRODUCTS: neural-tangents' NTK-vector-product implementation
-    (less memory for wide outputs, slower for small p).
-  JAX: this module's own `vmap(jacrev)` + einsum; needs no neural-tangents, so it also runs
-    on JAX versions neural-tangents does not import on (e.g. a GPU image with jax >= 0.6).
-  AUTO: NEURAL_TANGENTS when it imports, else JAX (logged once).
-  """
-
-  NEURAL_TANGENTS = "neural_tangents"
-  NEURAL_TANGENTS_NTK_VECTOR_PRODUCTS = "neural_tangents_ntk_vector_products"
-  JAX = "jax"
-  AUTO = "auto"
 
 
 @functools.lru_cache(maxsize=None)
@@ -264,7 +248,7 @@ def jacobian(apply_fn: ApplyFn, params: PyTree, x: jnp.ndarray) -> jnp.ndarray:
 
 def gram(apply_fn: ApplyFn, params: PyTree, x: jnp.ndarray, residuals: jnp.ndarray,
          *, batch_size: Optional[int] = 256, dtype: Optional[jnp.dtype] = None,
-         row_weights: Optional[jnp.ndarray] = None) -> tuple[jnp.ndarray, jnp.ndarray]:
+         row_weights: Optional[jnp.ndarray] = None, keep_jacobian: bool = False):
   """Streams G = JᵀJ [p, p] and b = Jᵀ r [p] over row blocks, never holding all of J.
 
   Args:
@@ -275,9 +259,10 @@ def gram(apply_fn: ApplyFn, params: PyTree, x: jnp.ndarray, residuals: jnp.ndarr
     batch_size: samples per block; the last block is padded and masked.
     dtype: accumulation dtype (e.g. float64 for a float64 solve); default: logits dtype.
     row_weights: optional [n] 0/1 weights (e.g. to mask padding rows of a fixed-size chunk).
+    keep_jacobian: also return the (weighted) Jacobian rows [n, C, p] in `dtype`.
 
   Returns:
-    (G [p, p], b [p]).
+    (G [p, p], b [p]), or (G, b, J [n, C, p]) with keep_jacobian.
   """
   n = x.shape[0]
   blocks, mask = _pad_to_blocks(x, _block_size(n, batch_size))
@@ -296,10 +281,12 @@ def gram(apply_fn: ApplyFn, params: PyTree, x: jnp.ndarray, residuals: jnp.ndarr
     jb2 = jb.reshape(-1, p)
     g = g + jb2.T @ jb2
     b = b + jnp.einsum("icp,ic->p", jb, rb.astype(acc_dtype))
-    return (g, b), None
+    return (g, b), (jb if keep_jacobian else None)
 
   init = (jnp.zeros((p, p), acc_dtype), jnp.zeros((p,), acc_dtype))
-  (g, b), _ = _scan(step, init, (blocks, r_blocks, mask))
+  (g, b), jac = _scan(step, init, (blocks, r_blocks, mask))
+  if keep_jacobian:
+    return g, b, jac.reshape((-1,) + jac.shape[2:])[:n]
   return g, b
 
 

@@ -1,4 +1,4 @@
-"""Streaming forget requests (fastntk_jax.stream): exactness, factor downdates, pytree, refusals.
+"""Streaming forget requests (fastntk_jax.unlearn.stream): exactness, factor downdates, pytree, refusals.
 
 The reference results are computed independently: the ridge solutions with numpy from an
 explicitly built feature matrix Φ of a model linear in its parameters, and the single-call
@@ -12,7 +12,8 @@ import pytest
 from x64 import enable_x64
 from jax.flatten_util import ravel_pytree
 
-from fastntk_jax import stream, unlearn
+from fastntk_jax import unlearn
+from fastntk_jax.unlearn import stream
 
 C = 3
 D_IN = 4

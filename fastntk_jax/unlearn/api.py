@@ -1,0 +1,356 @@
+"""The public API: a factory that validates options once and returns pure functions.
+
+    forgetter = make_forgetter(apply_fn, num_classes=C, damping=1e-2)
+    new_params = forgetter.forget(params_init, params, retain, forget)   # pure, jit-able
+    state = forgetter.init(params_init, train)                           # request stream
+    new_params, state = forgetter.serve(state, new_params, indices)
+
+`ntk_forget` is the one-call form of `forget`; `ntk_forget_with_diagnostics` runs it compiled,
+timed, with a `Diagnostics` record. A result is either right or refused: a non-finite update
+or an unconverged cg raises `validate.SolveError`, immediately when called eagerly and when the
+computation runs under `jax.jit` (a host callback); `forget_with_info` instead hands the
+`SolveInfo` flags to the caller.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from typing import Any, Callable, NamedTuple, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fastntk_jax import ntk
+from fastntk_jax.enums import LinearizationPoint, Solver
+from fastntk_jax.unlearn import plan as plan_lib
+from fastntk_jax.unlearn import solvers
+from fastntk_jax.unlearn import stream
+from fastntk_jax.unlearn import validate
+
+PyTree = Any
+ApplyFn = Callable[[PyTree, jnp.ndarray], jnp.ndarray]
+log = logging.getLogger(__name__)
+
+
+class Forgetter(NamedTuple):
+  """Pure functions sharing one set of validated options (from `make_forgetter`).
+
+  plan(params_init, params, retain, forget) -> Plan: the solver and its predicted cost.
+  forget(params_init, params, retain, forget) -> params: the Fast-NTK update, checked.
+  forget_with_info(params_init, params, retain, forget, *, plan=None) -> (params, SolveInfo,
+    Plan): unchecked (the caller inspects `info.finite` / `info.converged`, or calls
+    `check`); `plan` skips planning (e.g. one made outside `jax.jit`).
+  check(info, plan): raises `validate.SolveError` for a non-finite or unconverged solve.
+  from_gram_stats(params, stats_retain, stats_forget, plan) -> (params, SolveInfo): the
+    primal update from Gram statistics summed elsewhere (chunked, resumable, sharded).
+  init(params_init, train) -> stream.ForgetState; serve(state, params, indices) ->
+    (params, state): the request stream (`fastntk_jax.unlearn.stream`).
+  """
+  plan: Callable
+  forget: Callable
+  forget_with_info: Callable
+  check: Callable
+  from_gram_stats: Callable
+  init: Callable
+  serve: Callable
+
+
+def make_forgetter(apply_fn: ApplyFn, *, num_classes: int, damping=1e-2,
+                   solver: Solver | str = Solver.AUTO, batch_size: Optional[int] = 256,
+                   kernel_impl: str = "auto", solve_dtype=None,
+                   linearize_at: LinearizationPoint | str = LinearizationPoint.INIT,
+                   step_scale: float = 1.0, cg_tol: Optional[float] = None,
+                   cg_maxiter: Optional[int] = None,
+                   memory_limit_bytes: Optional[int] = None,
+                   cache_jacobian: Optional[bool] = None, max_cache_bytes: int = 2 ** 28,
+                   factor_update: str = "auto",
+                   refactor_every: Optional[int] = None) -> Forgetter:
+  """Validates the options once and returns the update's pure functions (`Forgetter`).
+
+  Args:
+    apply_fn: `(params, x) -> logits [n, C]`; params is the trainable pytree only, frozen
+      weights and BatchNorm statistics closed over, BatchNorm in inference mode.
+    num_classes: C; targets are one_hot(y, C).
+    damping: λ >= 0 added to the diagonal of every inverted kernel block; may be traced.
+      λ = 0 only with the dual solver and p >= n·C (`validate.allowed_solvers`).
+    solver: a `Solver` or its value: "dual" | "primal" | "cg" | "auto" (cheapest allowed
+      solver that fits in memory; logged).
+    batch_size: rows per streamed block (bounds memory; None = all at once).
+    kernel_impl: the dual's kernel, a `KernelImplementation` value ("auto": neural-tangents
+      when it imports, else the built-in one; the one that ran is in `Plan.kernel`).
+    solve_dtype: dtype of kernels, Grams and solves (jnp.float64 needs x64); default: the
+      widest dtype of the params.
+    linearize_at: "init" (w0, default) | "trained" (w_D; see `LinearizationPoint`).
+    step_scale: multiplies Δ (1.0 = the exact update; other values are a heuristic).
+    cg_tol, cg_maxiter: cg relative tolerance (default 1e-12 in float64, 1e-5 otherwise)
+      and iteration cap (default 2·dim + 200; `auto` skips cg if the cap is below dim).
+    memory_limit_bytes: budget for the solver choice (default 80% of free memory).
+    cache_jacobian, max_cache_bytes, factor_update, refactor_every: for `init` (see
+      `stream.init_forget_state`).
+
+  Returns:
+    Forgetter.
+
+  Raises:
+    ValueError / TypeError: an invalid option, named in the message.
+  """
+  if not callable(apply_fn):
+    raise TypeError(f"apply_fn must be callable (params, x) -> logits, got {type(apply_fn)}")
+  opts = validate.check_options(
+      num_classes=num_classes, damping=damping, solver=solver, batch_size=batch_size,
+      kernel_impl=kernel_impl, solve_dtype=solve_dtype, linearize_at=linearize_at,
+      step_scale=step_scale, cg_tol=cg_tol, cg_maxiter=cg_maxiter,
+      memory_limit_bytes=memory_limit_bytes)
+  c = opts.num_classes
+
+  def prepare(params_init, params, retain, forget, traced=None, plan=None):
+    validate.check_params(params_init, params)
+    retain = validate.check_split("retain", retain, c)
+    forget = validate.check_split("forget", forget, c)
+    if retain[0].shape[1:] != forget[0].shape[1:]:
+      raise ValueError(f"retain and forget inputs differ in per-sample shape: "
+                       f"{retain[0].shape[1:]} vs {forget[0].shape[1:]}")
+    w_lin = params_init if opts.linearize_at == LinearizationPoint.INIT else params
+    sdtype = opts.solve_dtype or validate.default_solve_dtype(params_init, params)
+    if traced is None:
+      traced = not all(validate.is_concrete(l) for l in jax.tree_util.tree_leaves(
+          (params_init, params, retain, forget, opts.damping)))
+    if plan is None:
+      plan = plan_lib.make_plan(apply_fn, w_lin, retain, forget, options=opts,
+                                solve_dtype=sdtype, traced=traced)
+    return plan, w_lin, retain, forget
+
+  def plan_fn(params_init, params, retain, forget, *, traced=None) -> plan_lib.Plan:
+    return prepare(params_init, params, retain, forget, traced)[0]
+
+  def run(plan, w_lin, params, retain, forget):
+    delta, info = solvers.ridge_update(
+        apply_fn, w_lin, retain, forget, opts.damping, num_classes=c, solver=plan.solver,
+        dtype=plan.solve_dtype, batch_size=opts.batch_size,
+        kernel_impl=plan.kernel or ntk.KernelImplementation.JAX, cg_tol=opts.cg_tol,
+        cg_maxiter=lambda dim: plan_lib.cg_iteration_budget(dim, opts.cg_maxiter),
+        with_condition=True)
+    return solvers.apply_delta(params, delta, opts.step_scale), info, delta
+
+  def forget_with_info(params_init, params, retain, forget, *, plan=None):
+    plan, w_lin, retain, forget = prepare(params_init, params, retain, forget, plan=plan)
+    new, info, _ = run(plan, w_lin, params, retain, forget)
+    return new, info, plan
+
+  def check(info, plan):
+    check_solve(info, plan, opts.damping, opts.cg_tol)
+
+  def forget_fn(params_init, params, retain, forget):
+    new, info, plan = forget_with_info(params_init, params, retain, forget)
+    check(info, plan)
+    return new
+
+  def from_gram_stats(params, stats_retain, stats_forget, plan):
+    dtype = plan.solve_dtype
+    delta, info = solvers.primal_solve(
+        *(jnp.asarray(a, dtype) for a in (*stats_retain, *stats_forget)),
+        jnp.asarray(opts.damping, dtype), with_condition=True)
+    check(info, plan)
+    return solvers.apply_delta(params, delta, opts.step_scale), info
+
+  def init(params_init, train):
+    return stream.init_forget_state(apply_fn, params_init, train=train, num_classes=c,
+                                    damping=opts.damping, batch_size=opts.batch_size,
+                                    solve_dtype=opts.solve_dtype,
+                                    cache_jacobian=cache_jacobian,
+                                    max_cache_bytes=max_cache_bytes,
+                                    factor_update=factor_update, refactor_every=refactor_every)
+
+  return Forgetter(plan=plan_fn, forget=forget_fn, forget_with_info=forget_with_info,
+                   check=check, from_gram_stats=from_gram_stats, init=init,
+                   serve=stream.forget_request)
+
+
+def check_solve(info: solvers.SolveInfo, plan: plan_lib.Plan, damping, cg_tol=None) -> None:
+  """Raises `validate.SolveError` for a non-finite update or an unconverged cg (now, or when
+  the jitted computation runs)."""
+  dtype = jnp.dtype(plan.solve_dtype).name
+  remedy = ("increase damping or pass solve_dtype=jnp.float64 (with JAX_ENABLE_X64=1)"
+            if dtype != "float64" else "increase damping")
+  validate.runtime_check(
+      info.finite, validate.SolveError,
+      f"the Fast-NTK update is non-finite (solver={plan.solver.value}, damping={{}}): the "
+      f"system is singular or too ill-conditioned in {dtype}; {remedy}",
+      jnp.asarray(damping))
+  if plan.solver == Solver.CG:
+    tol = solvers.default_cg_tol(plan.solve_dtype) if cg_tol is None else cg_tol
+    validate.runtime_check(
+        info.converged, validate.SolveError,
+        f"cg did not reach its tolerance {tol:.1e} within {plan.cg_maxiter} iterations "
+        "(relative residual {}, damping={}): the result would be inaccurate; raise "
+        "cg_maxiter, increase damping, or use solver='primal' or 'dual'",
+        info.relative_residual, jnp.asarray(damping))
+
+
+def ntk_forget(apply_fn: ApplyFn, params_init: PyTree, params: PyTree, *, retain, forget,
+               num_classes: int, damping=1e-2, solver: str = "auto",
+               batch_size: Optional[int] = 256, kernel_impl: str = "auto",
+               solve_dtype=None, linearize_at: str = "init", step_scale: float = 1.0,
+               cg_tol: Optional[float] = None, cg_maxiter: Optional[int] = None,
+               memory_limit_bytes: Optional[int] = None) -> PyTree:
+  """Forgets `forget` from `params` with the Fast-NTK update (docs/derivation.md §1).
+
+  The one-call form of `make_forgetter(apply_fn, ...).forget`: pure and jit-able (shapes
+  drive every choice; values are checked when concrete, also under jit when closed over).
+
+  Args:
+    apply_fn, num_classes, damping, solver, batch_size, kernel_impl, solve_dtype,
+      linearize_at, step_scale, cg_tol, cg_maxiter, memory_limit_bytes: see `make_forgetter`.
+    params_init: w0, the trainable params before fine-tuning (the linearisation point).
+    params: w_D, the trainable params after fine-tuning on D = D_r ∪ D_f (same structure,
+      shapes and dtypes as params_init).
+    retain: (x_r [n_r, ...], y_r [n_r] int labels in [0, C)).
+    forget: (x_f [n_f, ...], y_f [n_f] int labels in [0, C)).
+
+  Returns:
+    Pytree with exactly the structure, shapes and dtypes of `params`: w_D + step_scale·Δ.
+
+  Raises:
+    ValueError / TypeError: bad input (named in the message), before any heavy work.
+    InsufficientMemoryError: predicted memory beyond the budget (names what would fit).
+    SolveError: a non-finite update or an unconverged cg.
+  """
+  return make_forgetter(
+      apply_fn, num_classes=num_classes, damping=damping, solver=solver,
+      batch_size=batch_size, kernel_impl=kernel_impl, solve_dtype=solve_dtype,
+      linearize_at=linearize_at, step_scale=step_scale, cg_tol=cg_tol, cg_maxiter=cg_maxiter,
+      memory_limit_bytes=memory_limit_bytes).forget(params_init, params, retain, forget)
+
+
+@dataclasses.dataclass
+class Diagnostics:
+  """What `ntk_forget_with_diagnostics` (or the pipeline's chunked primal) measured.
+
+  Attributes:
+    solver: the solver that ran. reason: why it was chosen. kernel: the dual's kernel
+      implementation that ran (None for primal/cg).
+    num_params: p. num_outputs: n·C over D.
+    condition_number: κ of the matrix inverted (dual: Θ_rr+λI; primal: G+λI); None for cg.
+    cg_relative_residual: cg only: ‖A x - b‖/‖b‖. converged: cg reached its tolerance.
+    estimated_bytes: predicted peak working memory. measured_bytes: measured peak growth
+      (device stats, or the process's peak RSS on CPU); None where unknown.
+    seconds: wall-clock of the compiled update. compile_seconds: tracing and compiling.
+    update_norm: ‖step_scale·Δ‖₂. costs: every solver's predicted cost.
+    precision_warning: set when κ·ε of the solve dtype exceeds 1, or the logits are
+      narrower than the solve dtype (`Plan.notes`).
+  """
+  solver: str
+  reason: str
+  kernel: Optional[str]
+  num_params: int
+  num_outputs: int
+  condition_number: Optional[float]
+  cg_relative_residual: Optional[float]
+  converged: bool
+  estimated_bytes: int
+  measured_bytes: Optional[int]
+  seconds: float
+  compile_seconds: float
+  update_norm: float
+  costs: dict
+  precision_warning: Optional[str] = None
+
+  def as_dict(self) -> dict:
+    return dataclasses.asdict(self)
+
+
+def make_diagnostics(plan: plan_lib.Plan, info: solvers.SolveInfo, *, update_norm: float,
+                     seconds: float, compile_seconds: float, measured_bytes=None,
+                     reason_suffix: str = "") -> Diagnostics:
+  """The `Diagnostics` of a finished update (shared by every path that reports one)."""
+  cond = float(info.condition_number)
+  cond = None if np.isnan(cond) else cond
+  warnings = [w for w in (plan_lib.precision_warning(cond, plan.solve_dtype), *plan.notes) if w]
+  for w in warnings[:1]:
+    log.warning("ntk_forget: %s", w)
+  return Diagnostics(
+      solver=plan.solver.value, reason=plan.reason + reason_suffix,
+      kernel=plan.kernel.value if plan.kernel is not None else None,
+      num_params=plan.num_params, num_outputs=plan.num_outputs, condition_number=cond,
+      cg_relative_residual=(float(info.relative_residual) if plan.solver == Solver.CG
+                            else None),
+      converged=bool(info.converged), estimated_bytes=plan.costs[plan.solver.value].bytes,
+      measured_bytes=measured_bytes, seconds=seconds, compile_seconds=compile_seconds,
+      update_norm=update_norm, costs={k: dataclasses.asdict(v) for k, v in plan.costs.items()},
+      precision_warning="; ".join(warnings) or None)
+
+
+def peak_memory_probe() -> Callable[[], Optional[int]]:
+  """Returns a function giving the peak memory growth (bytes) since this call, or None."""
+  device = jax.devices()[0]
+  if device.platform != "cpu":
+    stats = device.memory_stats() or {}
+    if "peak_bytes_in_use" in stats:
+      base = stats.get("bytes_in_use", 0)
+      return lambda: int((device.memory_stats() or {}).get("peak_bytes_in_use", 0) - base)
+    return lambda: None
+  import resource  # pylint: disable=g-import-not-at-top
+  base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+  return lambda: int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base)
+
+
+def ntk_forget_with_diagnostics(apply_fn: ApplyFn, params_init: PyTree, params: PyTree, *,
+                                retain, forget, num_classes: int, **options
+                                ) -> tuple[PyTree, Diagnostics]:
+  """`ntk_forget` compiled and run eagerly, timed, with a `Diagnostics` record.
+
+  Args: as `ntk_forget` (options are `make_forgetter`'s).
+
+  Returns:
+    (new params like `params`, Diagnostics).
+
+  Raises:
+    As `ntk_forget`; a non-finite update or an unconverged cg raises `SolveError`.
+  """
+  forgetter = make_forgetter(apply_fn, num_classes=num_classes, **options)
+  plan = forgetter.plan(params_init, params, retain, forget, traced=True)
+  probe = peak_memory_probe()
+
+  def run(params_init, params, retain, forget):
+    new, info, _ = forgetter.forget_with_info(params_init, params, retain, forget, plan=plan)
+    diff = jax.tree_util.tree_map(lambda a, b: (a - b).astype(plan.solve_dtype), new, params)
+    return new, info, jnp.sqrt(sum(jnp.vdot(d, d) for d in jax.tree_util.tree_leaves(diff)))
+
+  args = (params_init, params, retain, forget)
+  start = time.perf_counter()
+  compiled = jax.jit(run).lower(*args).compile()
+  compile_seconds = time.perf_counter() - start
+  start = time.perf_counter()
+  new, info, norm = jax.block_until_ready(compiled(*args))
+  seconds = time.perf_counter() - start
+  forgetter.check(info, plan)
+  diag = make_diagnostics(plan, info, update_norm=float(norm), seconds=seconds,
+                          compile_seconds=compile_seconds, measured_bytes=probe())
+  log.info("ntk_forget: %s", diag)
+  return new, diag
+
+
+def ntk_forget_requests(apply_fn: ApplyFn, params_init: PyTree, params: PyTree, *, train,
+                        requests: Sequence, num_classes: int, damping=1e-2,
+                        **stream_options):
+  """Serves a sequence of forget requests one after another, each incrementally.
+
+  The Gram matrix of D and its Cholesky factor are computed once at w0 and downdated per
+  request (`stream`), so a later request costs a small fraction of the first. After k
+  requests the params equal `ntk_forget` with the union of the k forget sets.
+
+  Args:
+    apply_fn, params_init, params, num_classes, damping: as for `ntk_forget` (damping > 0).
+    train: (x [n, ...], y [n]) the whole fine-tuning set D; requests index into it.
+    requests: a sequence of integer index arrays, one per deletion request.
+    **stream_options: `stream.init_forget_state`'s (batch_size, solve_dtype, ...).
+
+  Returns:
+    (params after the last request, the final `stream.ForgetState`).
+  """
+  state = stream.init_forget_state(apply_fn, params_init, train=train, num_classes=num_classes,
+                                   damping=damping, **stream_options)
+  return stream.forget_requests(state, params, requests)

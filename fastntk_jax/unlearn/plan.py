@@ -1,0 +1,361 @@
+"""The plan of one update: which solver runs, at what predicted cost, in which dtype.
+
+`make_plan` is what every entry point does before heavy work: it counts p and n·C, asks XLA
+for the network's forward cost, predicts each solver's memory and FLOPs (`estimate_costs`),
+and picks a solver (`choose_solver`) among those the damping and the iteration budget allow
+(`validate.allowed_solvers`), or refuses with a message that names what would fit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from typing import Any, Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fastntk_jax import ntk
+from fastntk_jax.enums import KernelImplementation, Solver
+from fastntk_jax.unlearn import validate
+
+PyTree = Any
+ApplyFn = Callable[[PyTree, jnp.ndarray], jnp.ndarray]
+log = logging.getLogger(__name__)
+
+
+class InsufficientMemoryError(ValueError):
+  """The predicted memory of the requested computation exceeds what is available."""
+
+
+@dataclasses.dataclass(frozen=True)
+class SolverCost:
+  """Predicted cost of one solver. `bytes` is peak working memory, `flops` arithmetic."""
+  solver: str
+  bytes: int
+  flops: float
+
+
+
+@dataclasses.dataclass(frozen=True)
+class NetworkCost:
+  """What one forward pass of `apply_fn` costs per sample (XLA's cost analysis).
+
+  Attributes:
+    flops: floating-point operations of the forward pass of one sample.
+    bytes_accessed: bytes the forward pass reads and writes for one sample (recorded; not
+      used for memory, see `estimate_costs`).
+  """
+  flops: float
+  bytes_accessed: float
+
+
+def network_cost(apply_fn: ApplyFn, params: PyTree, x: jnp.ndarray) -> Optional[NetworkCost]:
+  """XLA's cost analysis of `apply_fn` on one sample shaped like `x[0]` (lowered, not compiled:
+  ~0.1 s for a ResNet-20; works under `jax.jit` tracing since only shapes are used).
+
+  Returns:
+    NetworkCost, or None when the backend gives no analysis.
+  """
+  spec = lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype)
+  try:
+    analysis = jax.jit(apply_fn).lower(
+        jax.tree_util.tree_map(spec, params),
+        jax.ShapeDtypeStruct((1,) + tuple(x.shape[1:]), x.dtype)).cost_analysis()
+  except Exception as e:  # pylint: disable=broad-except  # a cost model must never fail a run
+    log.info("network_cost: no cost analysis (%s); using the linear-model proxy", e)
+    return None
+  if isinstance(analysis, (list, tuple)):  # older JAX: one dict per computation
+    analysis = analysis[0] if analysis else None
+  if not analysis or not analysis.get("flops"):
+    return None
+  return NetworkCost(float(analysis["flops"]), float(analysis.get("bytes accessed", 0.0)))
+
+
+def estimate_costs(num_params: int, num_retain: int, num_forget: int, num_classes: int,
+                   *, batch_size: int = 256, dtype_bytes: int = 4,
+                   cg_maxiter: Optional[int] = None,
+                   network: Optional[NetworkCost] = None,
+                   traced: bool = True) -> dict[str, SolverCost]:
+  """Predicted peak memory and FLOPs of each solver (a model, not a measurement).
+
+  FLOPs count the network passes each solver makes as well as its linear algebra: the
+  network's Jacobians dominate at Fast-NTK sizes (benchmarks/RESULTS.md, roofline). Per sample,
+  with F the forward FLOPs and only the trainable collection differentiated (frozen layers
+  need the gradient of their input only, ~F per cotangent): a Jacobian (one forward, C reverse
+  passes) ~ (1 + C)·F, a jvp ~ 2F, a vjp ~ 2F.
+
+  * primal: one Jacobian per sample, G = JᵀJ (2·n·C·p²), two p×p Cholesky solves.
+  * dual: how often it computes a sample's Jacobian depends on how the kernel blocks run
+    (measured on CPU, benchmarks/RESULTS.md §1): with one block per set, or under `jax.jit`
+    with at most `ntk.MAX_UNROLLED_BLOCKS` blocks (an unrolled program), XLA computes each
+    sample's Jacobian once for all three kernels (common subexpressions: ResNet-8 x4, n = 160
+    in 3 blocks, ran as fast as the primal); in a rolled loop (more blocks under jit) every
+    block pair computes both blocks (nb₁·nb₂·(b₁+b₂) samples per kernel); called eagerly,
+    the host loop over row blocks computes its block once per row and the column blocks once
+    per pair (nb₁·b₁ + nb₁·nb₂·b₂). Plus the contractions (2·(n·C)²·p), the Cholesky/Schur
+    solves, and one vjp over D_f and a jvp and a vjp over D_r to apply P J_fᵀ.
+  * cg: per iteration a jvp and a vjp over the samples of each of its two solves.
+
+  Memory is the solvers' linear-algebra working set (kernels, Grams, factors, one or two
+  Jacobian blocks). It excludes the network's activations that reverse mode keeps per block
+  (roughly batch_size x the saved activations of one sample): XLA's "bytes accessed" overstates
+  them ~15x on ResNet-110 (56 GiB predicted vs ~4 GiB measured at batch 64), too far off to
+  refuse a run on. Lower `batch_size` if XLA runs out of memory.
+
+  Args:
+    num_params: p.
+    num_retain, num_forget: n_r, n_f (samples).
+    num_classes: C.
+    batch_size: rows per streamed block.
+    dtype_bytes: bytes per number in the solve (4 or 8).
+    cg_maxiter: cg iteration cap (default `cg_iteration_budget`).
+    network: the network's per-sample forward cost (`network_cost`); None uses a linear
+      model's (F = 2p FLOPs), which undercounts every network pass.
+    traced: whether the update runs under `jax.jit` (True) or eagerly (see the dual above).
+
+  Returns:
+    {"dual" | "primal" | "cg": SolverCost}.
+  """
+  p, c, b = num_params, num_classes, dtype_bytes
+  n_r, n_f = num_retain, num_forget
+  n = n_r + n_f
+  mr, mf = n_r * c, n_f * c
+  m = mr + mf
+  fwd = network.flops if network is not None else 2.0 * p
+  jac, jvp, vjp = (1 + c) * fwd, 2 * fwd, 2 * fwd
+  bs = min(batch_size, n)
+  jac_block = bs * c * p  # one block's Jacobian
+
+  def blocks(k):
+    return math.ceil(k / min(batch_size, k)) if k else 0
+
+  def kernel_jacobians(n1, n2):  # samples whose Jacobian one blocked kernel call computes
+    if n1 == 0 or n2 == 0:
+      return 0
+    b1, b2 = min(batch_size, n1), min(batch_size, n2)
+    nb1, nb2 = blocks(n1), blocks(n2)
+    if traced:  # a rolled lax.scan: no sharing across iterations
+      return nb1 * nb2 * (b1 + b2)
+    return nb1 * b1 + nb1 * nb2 * b2  # host loop over row blocks, one compiled row step
+
+  # dual: Θ_rr, Θ_rf, Θ_ff, the Cholesky factor of Θ_rr, Θ_rr⁻¹Θ_rf and the Schur block,
+  # plus the two Jacobian blocks neural-tangents contracts at a time.
+  dual_bytes = b * (2 * mr * mr + 2 * mr * mf + 2 * mf * mf + 2 * jac_block + (bs * c) ** 2)
+  most_blocks = max(blocks(n_r), blocks(n_f))
+  if most_blocks == 1 or (traced and most_blocks <= ntk.MAX_UNROLLED_BLOCKS):
+    dual_jacobians = n  # one program in which XLA shares each sample's Jacobian
+  else:
+    dual_jacobians = (kernel_jacobians(n_r, n_r) + kernel_jacobians(n_r, n_f)
+                      + kernel_jacobians(n_f, n_f))
+  dual_flops = (dual_jacobians * jac + 2.0 * m * m * p
+                + mr ** 3 / 3 + 2.0 * mr * mr * mf + 2.0 * mr * mf * mf + mf ** 3 / 3
+                + n_f * vjp + n_r * (jvp + vjp))
+  # primal: G_r, G_f, one Cholesky factor at a time plus a copy, and one Jacobian block.
+  primal_bytes = b * (4 * p * p + jac_block)
+  primal_flops = n * jac + 2.0 * m * p * p + 2 * p ** 3 / 3 + 2.0 * m * p
+  # cg: a handful of vectors in the smaller space, plus one block's vjp/jvp working set
+  # (proxied by a per-sample gradient per row of the block).
+  dim = min(p, m)
+  iters = cg_iteration_budget(dim, cg_maxiter)
+  cg_bytes = b * (8 * (p + m) + bs * p)
+  cg_flops = iters * ((n_r + n) * (jvp + vjp) + 16.0 * (p + m))
+  return {
+      "dual": SolverCost("dual", int(dual_bytes), float(dual_flops)),
+      "primal": SolverCost("primal", int(primal_bytes), float(primal_flops)),
+      "cg": SolverCost("cg", int(cg_bytes), float(cg_flops)),
+  }
+
+
+def available_memory_bytes() -> int:
+  """Memory the solve may use: free accelerator memory, or the host's available RAM."""
+  device = jax.devices()[0]
+  if device.platform != "cpu":
+    stats = device.memory_stats() or {}
+    if "bytes_limit" in stats:
+      return int(stats["bytes_limit"] - stats.get("bytes_in_use", 0))
+  import psutil  # pylint: disable=g-import-not-at-top
+  return int(psutil.virtual_memory().available)
+
+
+# κ·ε above which the solve may carry no correct digit. The bound is pessimistic below it:
+# the embedded digits default has κ·ε ≈ 0.3 in float32 (κ ≈ 2.8e6) and its float32 update
+# matches Retrain; ResNet-110 at 5,000 images, where a float32 solve differed from the
+# float64 one by 71% (benchmarks/RESULTS.md §7), is far above it.
+PRECISION_WARNING_THRESHOLD = 1.0
+
+
+def precision_warning(condition_number: Optional[float], dtype) -> Optional[str]:
+  """A message when the solve's round-off bound κ·ε exceeds `PRECISION_WARNING_THRESHOLD`.
+
+  A Cholesky solve in a dtype with machine epsilon ε loses up to κ·ε of relative accuracy
+  (κ = condition number of the matrix it inverts).
+
+  Args:
+    condition_number: κ of the matrix the solver inverts (None: nothing to say).
+    dtype: dtype of the solve.
+
+  Returns:
+    The message, or None.
+  """
+  if condition_number is None or np.isnan(condition_number):
+    return None
+  eps = float(jnp.finfo(jnp.dtype(dtype)).eps)
+  bound = condition_number * eps
+  if bound <= PRECISION_WARNING_THRESHOLD:
+    return None
+  remedy = ("pass solve_dtype=jnp.float64 (with JAX_ENABLE_X64=1) or increase damping"
+            if jnp.dtype(dtype) != jnp.float64 else "increase damping")
+  if np.isinf(condition_number):
+    return (f"the matrix the solver inverts is numerically singular in {jnp.dtype(dtype).name} "
+            f"(an eigenvalue <= 0 after round-off): the update may be meaningless; {remedy}")
+  return (f"condition number {condition_number:.3g} x {jnp.dtype(dtype).name} epsilon "
+          f"{eps:.2g} = {bound:.2g}: the update may be inaccurate by up to that relative "
+          f"amount; {remedy}")
+
+
+def _gib(n: float) -> str:
+  return f"{n / 2**30:.2f} GiB"
+
+
+def cg_iteration_budget(dim: int, cg_maxiter: Optional[int]) -> int:
+  """cg's iteration cap for a system of dimension `dim`: `cg_maxiter`, default 2·dim + 200 (in
+  exact arithmetic cg converges in dim iterations; with round-off an ill-conditioned system
+  needs more, which matters most for small dim)."""
+  return int(cg_maxiter) if cg_maxiter is not None else 2 * int(dim) + 200
+
+
+def choose_solver(costs: dict[str, SolverCost], memory_budget: int,
+                  requested: Solver | str = Solver.AUTO,
+                  excluded: Optional[dict[str, str]] = None) -> tuple[str, str]:
+  """Picks a solver, or refuses with a message naming one that fits.
+
+  `auto` takes the cheapest (fewest predicted FLOPs) of the solvers that fit in memory and
+  are not `excluded`.
+
+  Args:
+    costs: from `estimate_costs`.
+    memory_budget: bytes.
+    requested: a Solver (or its value).
+    excluded: {solver value: why auto must not pick it} (`validate.allowed_solvers`; a
+      solver named explicitly has already been refused there).
+
+  Returns:
+    (solver value, human-readable reason).
+
+  Raises:
+    InsufficientMemoryError: the requested (or every allowed) solver is predicted not to fit.
+  """
+  requested = Solver(requested)
+  excluded = excluded or {}
+  fitting = {k: v for k, v in costs.items() if v.bytes <= memory_budget and k not in excluded}
+  summary = ", ".join(f"{k}: {_gib(v.bytes)}, {v.flops:.2e} FLOP" for k, v in costs.items())
+  if requested != Solver.AUTO:
+    cost = costs[requested.value]
+    if cost.bytes > memory_budget:
+      alternatives = (
+          "solver=" + " or ".join(f"'{k}' ({_gib(v.bytes)})" for k, v in fitting.items())
+          + " fits" if fitting else "no solver fits at this batch size; lower batch_size")
+      raise InsufficientMemoryError(
+          f"solver='{requested.value}' needs about {_gib(cost.bytes)} but only "
+          f"{_gib(memory_budget)} is available; {alternatives}.")
+    return requested.value, "requested"
+  if not fitting:
+    why = "".join(f"; {k} is excluded: {v}" for k, v in excluded.items())
+    raise InsufficientMemoryError(
+        f"no solver fits in {_gib(memory_budget)} (predicted {summary}){why}; lower "
+        "batch_size or the number of samples, or use a machine with more memory.")
+  best = min(fitting.values(), key=lambda v: v.flops)
+  reason = (f"auto: '{best.solver}' has the fewest predicted FLOPs among those fitting in "
+            f"{_gib(memory_budget)} ({summary})")
+  if excluded:
+    reason += "".join(f"; not {k}: {v}" for k, v in excluded.items())
+  return best.solver, reason
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+  """What one update will do, decided before any heavy work (`make_plan`).
+
+  Attributes:
+    solver: the solver that will run (never AUTO).
+    reason: why (the auto rule with every solver's predicted cost, or "requested").
+    num_params: p. num_retain, num_forget: n_r, n_f. num_classes: C.
+    solve_dtype: dtype of kernels, Grams and solves.
+    kernel: the dual's kernel implementation as resolved (None for primal and cg).
+    cg_maxiter: cg's iteration cap for the largest of its systems.
+    costs: {solver value: SolverCost}, predicted.
+    notes: precision notes (e.g. logits narrower than the solve dtype), also logged.
+  """
+  solver: Solver
+  reason: str
+  num_params: int
+  num_retain: int
+  num_forget: int
+  num_classes: int
+  solve_dtype: Any
+  kernel: Optional[KernelImplementation]
+  cg_maxiter: int
+  costs: dict
+  notes: tuple = ()
+
+  @property
+  def num_outputs(self) -> int:
+    """n·C over D = D_r ∪ D_f (the dual dimension)."""
+    return (self.num_retain + self.num_forget) * self.num_classes
+
+
+def make_plan(apply_fn: ApplyFn, w_lin: PyTree, retain, forget, *, options,
+              solve_dtype, traced: bool) -> Plan:
+  """Chooses the solver for validated inputs (`validate.check_split` / `check_params` done).
+
+  Args:
+    apply_fn, w_lin: the network and its linearisation point.
+    retain, forget: (x, y) pairs.
+    options: `validate.Options`.
+    solve_dtype: the resolved solve dtype.
+    traced: whether the update runs under `jax.jit` (for the dual's cost, see
+      `estimate_costs`).
+
+  Returns:
+    Plan.
+
+  Raises:
+    ValueError: a solver excluded by the damping rule was named.
+    InsufficientMemoryError: nothing allowed fits (names what would).
+  """
+  (x_r, _), (x_f, _) = retain, forget
+  c = options.num_classes
+  p, n_r, n_f = ntk.num_params(w_lin), int(x_r.shape[0]), int(x_f.shape[0])
+  cg_dim = min(p, (n_r + n_f) * c)  # parameter space (p) or output space (n·C)
+  cg_budget = cg_iteration_budget(cg_dim, options.cg_maxiter)
+  excluded = validate.allowed_solvers(options.solver, options.damping, num_params=p,
+                                      num_outputs=(n_r + n_f) * c, cg_budget=cg_budget,
+                                      cg_dim=cg_dim)
+  costs = estimate_costs(p, n_r, n_f, c, batch_size=options.batch_size or (n_r + n_f),
+                         dtype_bytes=jnp.dtype(solve_dtype).itemsize, cg_maxiter=cg_budget,
+                         network=network_cost(apply_fn, w_lin, x_r), traced=traced)
+  budget = int(options.memory_limit_bytes if options.memory_limit_bytes is not None
+               else 0.8 * available_memory_bytes())
+  name, reason = choose_solver(costs, budget, options.solver, excluded)
+  solver = Solver(name)
+  kernel = ntk.resolve_implementation(options.kernel_impl) if solver == Solver.DUAL else None
+  notes = []
+  logits = jax.eval_shape(apply_fn, w_lin, jax.ShapeDtypeStruct((1,) + x_r.shape[1:], x_r.dtype))
+  if logits.shape != (1, c):
+    raise ValueError(f"apply_fn(params, x[:1]) returned shape {logits.shape}; expected "
+                     f"(1, num_classes={c}): logits must be [n, C]")
+  if jnp.dtype(logits.dtype).itemsize < jnp.dtype(solve_dtype).itemsize:
+    notes.append(f"apply_fn returns {jnp.dtype(logits.dtype).name} logits: the Jacobians carry "
+                 f"{jnp.dtype(logits.dtype).name} round-off (eps "
+                 f"{float(jnp.finfo(logits.dtype).eps):.1e}) whatever the "
+                 f"{jnp.dtype(solve_dtype).name} solve; the update's relative error can reach "
+                 "condition number x that eps")
+  for note in notes:
+    log.warning("ntk_forget: %s", note)
+  log.info("ntk_forget: solver=%s (%s); p=%d, n*C=%d", name, reason, p, (n_r + n_f) * c)
+  return Plan(solver=solver, reason=reason, num_params=p, num_retain=n_r, num_forget=n_f,
+              num_classes=c, solve_dtype=jnp.dtype(solve_dtype), kernel=kernel,
+              cg_maxiter=cg_budget, costs=costs, notes=tuple(notes))

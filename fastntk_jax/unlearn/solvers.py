@@ -1,0 +1,316 @@
+"""The Fast-NTK update (the paper's Eq. (1), sign as derived in docs/derivation.md), its three
+solvers, and how it is applied. Every caller (eager, jitted, chunked and resumable, sharded,
+the request stream) goes through these functions; nothing here validates (see `validate`).
+
+With the model linearised at `w_lin` (w0 by default), `J_a = d f(w_lin, X_a)/d w` (rows
+sample-major), `Θ_ab = J_a J_bᵀ`, residuals `E_a = one_hot(Y_a) - f(w_lin, X_a)`, damping λ:
+
+    Δ = w_r - w_D = P J_fᵀ M V,
+    P = I - J_rᵀ(Θ_rr+λI)⁻¹J_r,   M = (Θ_ff+λI - Θ_fr(Θ_rr+λI)⁻¹Θ_rf)⁻¹,
+    V = (f(w_lin, X_f) - Y_f) + Θ_fr(Θ_rr+λI)⁻¹E_r.
+
+  * dual:   Eq. (1) literally (kernel blocks, Cholesky, Schur complement). Memory ~ (n·C)².
+  * primal: Δ = (G_r+λI)⁻¹b_r - (G_r+G_f+λI)⁻¹(b_r+b_f), G_a = J_aᵀJ_a, b_a = J_aᵀE_a
+            (push-through identity), the Grams streamed. Memory ~ p².
+  * cg:     the same two ridge solves by conjugate gradients with jvp/vjp matvecs, in the
+            smaller of parameter and output space. Memory ~ p + n·C.
+
+Each returns `(Δ as a flat [p] vector in the solve dtype, SolveInfo)`. Kernels, Grams and
+solves run at full matmul precision (`full_precision`): TF32 on GPUs made dual and primal
+differ by 67-85% on an H200 (benchmarks/RESULTS.md).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.flatten_util import ravel_pytree
+
+from fastntk_jax import ntk
+from fastntk_jax.enums import KernelImplementation, Solver
+
+PyTree = Any
+ApplyFn = Callable[[PyTree, jnp.ndarray], jnp.ndarray]
+
+
+class SolveInfo(NamedTuple):
+  """Scalars describing one solve (jnp arrays; a pytree, so it passes through `jax.jit`).
+
+  condition_number: 2-norm κ of the matrix inverted (dual: Θ_rr+λI, primal: G+λI); inf when
+    round-off made it indefinite; NaN when not computed (cg, or `with_condition=False`).
+  relative_residual: cg: max over its two solves of the true ‖A x - b‖/‖b‖ recomputed at the
+    end (it also carries the round-off of evaluating A); 0 for the direct solvers.
+  converged: cg stopped on its tolerance, not on its iteration cap (both solves); True for
+    the direct solvers.
+  finite: every entry of Δ is finite (False: a singular system, or overflow).
+  """
+  condition_number: jnp.ndarray
+  relative_residual: jnp.ndarray
+  converged: jnp.ndarray
+  finite: jnp.ndarray
+
+
+def default_cg_tol(dtype) -> float:
+  """cg's relative tolerance in a solve dtype: 1e-12 in float64, 1e-5 otherwise."""
+  return 1e-12 if jnp.dtype(dtype) == jnp.float64 else 1e-5
+
+
+def full_precision(fn):
+  """Runs `fn` with float32 matmuls at full precision (no TF32/bf16 passes on accelerators)."""
+  @functools.wraps(fn)
+  def wrapped(*args, **kwargs):
+    with jax.default_matmul_precision("highest"):
+      return fn(*args, **kwargs)
+  return wrapped
+
+
+def in_dtype(apply_fn: ApplyFn, w_lin: PyTree, dtype) -> tuple[ApplyFn, PyTree]:
+  """The network seen by a solve in `dtype`: params widened to it and logits cast to it, so
+  tangents, cotangents and kernels carry the solve dtype (the network's own arithmetic is
+  what it is; `plan` warns when its logits are narrower)."""
+  dtype = jnp.dtype(dtype)
+  widen = lambda l: l.astype(dtype) if (jnp.issubdtype(l.dtype, jnp.floating)
+                                        and l.dtype.itemsize < dtype.itemsize) else l
+  return (lambda w, x: apply_fn(w, x).astype(dtype)), jax.tree_util.tree_map(widen, w_lin)
+
+
+def residuals(apply_fn: ApplyFn, w_lin: PyTree, x, y, *, num_classes: int,
+              batch_size: Optional[int], dtype) -> jnp.ndarray:
+  """E = one_hot(y) - f(w_lin, x), [n, C] in `dtype`."""
+  logits = ntk.apply_rows(apply_fn, w_lin, x, batch_size=batch_size).astype(dtype)
+  return jax.nn.one_hot(y, num_classes, dtype=dtype) - logits
+
+
+@full_precision
+def gram_stats(apply_fn: ApplyFn, w_lin: PyTree, x, y, *, num_classes: int,
+               batch_size: Optional[int], dtype, row_weights=None,
+               keep_jacobian: bool = False):
+  """The primal solver's sufficient statistics of labelled rows (x, y) at `w_lin`.
+
+  Sums over rows, so the statistics of a set are the sums over any split of it into chunks
+  (the resumable pipeline) or devices (`sharding.data_parallel`).
+
+  Args:
+    apply_fn, w_lin: the network and its linearisation point (trainable pytree).
+    x: inputs [n, ...]; y: int labels [n].
+    num_classes: C. batch_size: rows per Jacobian block. dtype: accumulation dtype.
+    row_weights: optional [n] 0/1 weights (the padding of a fixed-shape chunk).
+    keep_jacobian: also return the Jacobian rows [n, C, p] (the stream's cache).
+
+  Returns:
+    (G = JᵀJ [p, p], b = JᵀE [p]) or, with keep_jacobian, (G, b, J [n, C, p]).
+  """
+  apply_s, w_s = in_dtype(apply_fn, w_lin, dtype)
+  e = residuals(apply_s, w_s, x, y, num_classes=num_classes, batch_size=batch_size, dtype=dtype)
+  return ntk.gram(apply_s, w_s, x, e, batch_size=batch_size, dtype=dtype,
+                  row_weights=row_weights, keep_jacobian=keep_jacobian)
+
+
+def cholesky_solver(a: jnp.ndarray) -> Callable[[jnp.ndarray], jnp.ndarray]:
+  """Factorises the symmetric positive definite `a` once; returns `b -> a⁻¹ b`."""
+  factor = jax.scipy.linalg.cho_factor(a, lower=True)
+  return lambda b: jax.scipy.linalg.cho_solve(factor, b)
+
+
+def condition_number(a: jnp.ndarray) -> jnp.ndarray:
+  """2-norm κ of a symmetric matrix meant to be positive definite; inf when round-off made its
+  smallest eigenvalue non-positive (numerically singular)."""
+  eig = jnp.linalg.eigvalsh(a)
+  return jnp.where(eig[0] > 0, eig[-1] / eig[0], jnp.inf)
+
+
+def _direct_info(delta, a, with_condition):
+  cond = condition_number(a) if with_condition else jnp.asarray(jnp.nan, a.dtype)
+  return SolveInfo(cond, jnp.zeros((), a.dtype), jnp.asarray(True),
+                   jnp.all(jnp.isfinite(delta)))
+
+
+@functools.partial(jax.jit, static_argnames="with_condition")
+@full_precision
+def primal_solve(g_r, b_r, g_f, b_f, damping, *, with_condition: bool = False):
+  """Δ from the Gram statistics of D_r and D_f (`gram_stats`).
+
+  Returns:
+    (Δ = (G_r+λI)⁻¹b_r - (G_r+G_f+λI)⁻¹(b_r+b_f) as a flat [p] vector, SolveInfo; κ is that
+     of G_r+G_f+λI).
+  """
+  eye = damping * jnp.eye(g_r.shape[0], dtype=g_r.dtype)
+  g_all = g_r + g_f + eye
+  w_retrain = cholesky_solver(g_r + eye)(b_r)  # w_r - w0
+  w_full = cholesky_solver(g_all)(b_r + b_f)   # w_D - w0
+  delta = w_retrain - w_full
+  return delta, _direct_info(delta, g_all, with_condition)
+
+
+def _delta_primal(apply_s, w_s, retain, forget, lam, *, num_classes, batch_size, dtype,
+                  with_condition, **_):
+  stats = lambda xy: gram_stats(apply_s, w_s, *xy, num_classes=num_classes,
+                                batch_size=batch_size, dtype=dtype)
+  return primal_solve(*stats(retain), *stats(forget), lam, with_condition=with_condition)
+
+
+def _delta_dual(apply_s, w_s, retain, forget, lam, *, num_classes, batch_size, dtype,
+                kernel_impl, with_condition, **_):
+  (x_r, y_r), (x_f, y_f) = retain, forget
+  c = num_classes
+  res = lambda x, y: residuals(apply_s, w_s, x, y, num_classes=c, batch_size=batch_size,
+                               dtype=dtype).reshape(-1)
+  kern = lambda a, b: ntk.kernel_to_matrix(ntk.empirical_kernel(
+      apply_s, w_s, a, b, batch_size=batch_size, implementation=kernel_impl)).astype(dtype)
+  flat = lambda t: ravel_pytree(t)[0]
+  k_rr = kern(x_r, x_r) + lam * jnp.eye(x_r.shape[0] * c, dtype=dtype)
+  k_rf = kern(x_r, x_f)
+  k_ff = kern(x_f, x_f) + lam * jnp.eye(x_f.shape[0] * c, dtype=dtype)
+  solve_rr = cholesky_solver(k_rr)
+  a = solve_rr(k_rf)                                     # (Θ_rr+λI)⁻¹ Θ_rf
+  schur = k_ff - k_rf.T @ a                              # M⁻¹
+  v = -res(x_f, y_f) + a.T @ res(x_r, y_r)               # (f0_f - Y_f) + Θ_fr(Θ_rr+λI)⁻¹E_r
+  z = cholesky_solver(0.5 * (schur + schur.T))(v)        # M V
+  u = ntk.vjp_rows(apply_s, w_s, x_f, z.reshape(-1, c), batch_size=batch_size)  # J_fᵀ M V
+  ju = ntk.jvp_rows(apply_s, w_s, x_r, u, batch_size=batch_size).reshape(-1)
+  back = ntk.vjp_rows(apply_s, w_s, x_r, solve_rr(ju).reshape(-1, c), batch_size=batch_size)
+  delta = flat(u) - flat(back)                           # P J_fᵀ M V
+  return delta, _direct_info(delta, k_rr, with_condition)
+
+
+def _delta_cg(apply_s, w_s, retain, forget, lam, *, num_classes, batch_size, dtype, cg_tol,
+              cg_maxiter, **_):
+  (x_r, y_r), (x_f, y_f) = retain, forget
+  flat0, unravel = ravel_pytree(w_s)
+  n_r, n_f, p = x_r.shape[0], x_f.shape[0], flat0.shape[0]
+  e_r, e_f = (residuals(apply_s, w_s, x, y, num_classes=num_classes, batch_size=batch_size,
+                        dtype=dtype) for x, y in (retain, forget))
+  jv = lambda x, v: ntk.jvp_rows(apply_s, w_s, x, unravel(v.astype(flat0.dtype)),
+                                 batch_size=batch_size)
+  jtu = lambda x, u: ravel_pytree(ntk.vjp_rows(apply_s, w_s, x, u,
+                                               batch_size=batch_size))[0].astype(dtype)
+  residual_norms, converged = [], []
+
+  def solve(matvec, rhs):
+    x, ok = conjugate_gradients(matvec, rhs, tol=cg_tol, maxiter=cg_maxiter(rhs.size))
+    residual_norms.append(jnp.linalg.norm(matvec(x) - rhs)
+                          / jnp.maximum(jnp.linalg.norm(rhs), jnp.finfo(dtype).tiny))
+    converged.append(ok)
+    return x
+
+  if p <= (n_r + n_f) * num_classes:  # parameter space: (JᵀJ + λI) x = JᵀE
+    g_r = lambda v: jtu(x_r, jv(x_r, v))
+    b_r = jtu(x_r, e_r)
+    delta = (solve(lambda v: g_r(v) + lam * v, b_r)
+             - solve(lambda v: g_r(v) + jtu(x_f, jv(x_f, v)) + lam * v, b_r + jtu(x_f, e_f)))
+  else:  # output space: (Θ + λI) α = E, Δ = J_rᵀα_r - Jᵀα
+    theta = lambda u: jnp.concatenate(
+        [jv(x, jtu(x_r, u[:n_r]) + jtu(x_f, u[n_r:])) for x in (x_r, x_f)], axis=0)
+    alpha_r = solve(lambda u: jv(x_r, jtu(x_r, u)) + lam * u, e_r)
+    alpha = solve(lambda u: theta(u) + lam * u, jnp.concatenate([e_r, e_f], axis=0))
+    delta = jtu(x_r, alpha_r) - jtu(x_r, alpha[:n_r]) - jtu(x_f, alpha[n_r:])
+  return delta, SolveInfo(jnp.asarray(jnp.nan, dtype), jnp.max(jnp.stack(residual_norms)),
+                          jnp.all(jnp.stack(converged)), jnp.all(jnp.isfinite(delta)))
+
+
+def conjugate_gradients(matvec: Callable, b: jnp.ndarray, *, tol: float, maxiter: int):
+  """Solves A x = b for symmetric positive definite A given as `matvec`.
+
+  Stops when the recursively updated residual satisfies ‖r‖ <= tol·‖b‖ or after `maxiter`
+  iterations, and says which (`jax.scipy.sparse.linalg.cg` does not).
+
+  Returns:
+    (x, converged: bool scalar, True iff it stopped on the tolerance).
+  """
+  threshold = (tol ** 2) * jnp.vdot(b, b)
+
+  def cond(state):
+    _, _, _, gamma, k = state
+    return (gamma > threshold) & (k < maxiter)
+
+  def body(state):
+    x, r, p, gamma, k = state
+    ap = matvec(p)
+    alpha = gamma / jnp.vdot(p, ap)
+    x, r = x + alpha * p, r - alpha * ap
+    gamma_next = jnp.vdot(r, r)
+    return x, r, r + (gamma_next / gamma) * p, gamma_next, k + 1
+
+  init = (jnp.zeros_like(b), b, b, jnp.vdot(b, b), jnp.zeros((), jnp.int32))
+  x, _, _, gamma, _ = jax.lax.while_loop(cond, body, init)
+  return x, gamma <= threshold
+
+
+_SOLVERS = {Solver.DUAL: _delta_dual, Solver.PRIMAL: _delta_primal, Solver.CG: _delta_cg}
+
+
+@full_precision
+def ridge_update(apply_fn: ApplyFn, w_lin: PyTree, retain, forget, damping, *,
+                 num_classes: int, solver: Solver, dtype, batch_size: Optional[int] = 256,
+                 kernel_impl: KernelImplementation = KernelImplementation.JAX,
+                 cg_tol: Optional[float] = None,
+                 cg_maxiter: Callable[[int], int] = lambda dim: 2 * dim,
+                 with_condition: bool = False) -> tuple[jnp.ndarray, SolveInfo]:
+  """Δ = w_r - w_D of kernel ridge regression linearised at `w_lin` (no validation).
+
+  Args:
+    apply_fn: `(params, x) -> logits [n, C]` over the trainable pytree only.
+    w_lin: the linearisation point.
+    retain, forget: (x [n, ...], y [n] int).
+    damping: λ (a scalar, may be traced).
+    num_classes: C. solver: a concrete DUAL | PRIMAL | CG. dtype: the solve dtype.
+    batch_size: rows per streamed block. kernel_impl: the dual's kernel (concrete).
+    cg_tol: cg relative tolerance (default `default_cg_tol(dtype)`).
+    cg_maxiter: cg iteration cap as a function of the system's dimension.
+    with_condition: compute κ (an O(dim³) eigensolve) for the direct solvers.
+
+  Returns:
+    (Δ flat [p] in `dtype`, in the ravel order of `w_lin`; SolveInfo).
+  """
+  apply_s, w_s = in_dtype(apply_fn, w_lin, dtype)
+  tol = default_cg_tol(dtype) if cg_tol is None else cg_tol
+  return _SOLVERS[Solver(solver)](
+      apply_s, w_s, retain, forget, jnp.asarray(damping, dtype), num_classes=num_classes,
+      batch_size=batch_size, dtype=jnp.dtype(dtype), kernel_impl=kernel_impl, cg_tol=tol,
+      cg_maxiter=cg_maxiter, with_condition=with_condition)
+
+
+def apply_delta(params: PyTree, delta: jnp.ndarray, step_scale=1.0) -> PyTree:
+  """params + step_scale·Δ, Δ flat in the ravel order of `params`; each leaf keeps its dtype
+  and is rounded once."""
+  leaves, treedef = jax.tree_util.tree_flatten(params)
+  out, start = [], 0
+  for leaf in leaves:
+    size = int(np.prod(jnp.shape(leaf)))
+    d = step_scale * delta[start:start + size].reshape(jnp.shape(leaf))
+    start += size
+    out.append((leaf.astype(jnp.result_type(leaf.dtype, d.dtype)) + d).astype(leaf.dtype))
+  return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def accumulate_chunks(stats_fn: Callable, x, y, *, chunk_rows: int, state: dict,
+                      on_chunk: Callable[[dict], None] = lambda state: None) -> dict:
+  """Sums `stats_fn` over fixed-shape chunks of (x, y), resumable from `state`.
+
+  Args:
+    stats_fn: `(x [m, ...], y [m], row_weights [m]) -> (G, b)`, e.g. `gram_stats` jitted
+      (every chunk has the same shape, so it compiles once; the last one is padded with a
+      repeated row of weight 0).
+    x, y: host arrays [n, ...], [n].
+    chunk_rows: m.
+    state: {"g", "b", "next"}: the sums so far and the first row not yet added (zeros, 0 to
+      start; what `on_chunk` saved, to resume).
+    on_chunk: called with the new state after every chunk (e.g. to save it atomically).
+
+  Returns:
+    The final state (`next` >= n).
+  """
+  n = x.shape[0]
+  for begin in range(int(state["next"]), n, chunk_rows):
+    idx = np.arange(begin, begin + chunk_rows)
+    weights = (idx < n).astype(np.float32)
+    idx = np.minimum(idx, n - 1)
+    g, b = stats_fn(x[idx], y[idx], weights)
+    state = {"g": np.asarray(state["g"]) + np.asarray(g),
+             "b": np.asarray(state["b"]) + np.asarray(b), "next": begin + chunk_rows}
+    on_chunk(state)
+  return state

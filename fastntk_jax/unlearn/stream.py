@@ -1,0 +1,613 @@
+"""A stream of forget requests, served incrementally (pure functions: state in, state out).
+
+Deletion requests name individual samples of the fine-tuning set D and arrive one after
+another. Each request is served with the primal form of the Fast-NTK update
+(docs/derivation.md §2, `solvers.primal_solve`): with the model linearised at w0, `J` the Jacobian
+rows of the *currently retained* samples and `E` their residuals `one_hot(y) - f(w0, x)`,
+
+    G = JᵀJ  [p, p],   b = JᵀE  [p],   s = (G + λI)⁻¹ b = (ridge solution on them) - w0.
+
+A request forgetting samples with Jacobian rows `J_k` [m, p] (m = n_k·C) and residuals `E_k`
+changes the retained system to
+
+    G' = G - J_kᵀJ_k,   b' = b - J_kᵀE_k,   s' = (G' + λI)⁻¹ b',
+
+and the parameters move by Δ = s' - s: exactly Eq. (1)'s `w_r - w_D` between the data set
+before and after the request. The Δ's telescope, so after k requests the parameters are
+`params + s_k - s_0`, which is what `unlearn.ntk_forget` gives for the union of the k forget
+sets in one call (tested to float64 precision on models linear in their parameters).
+The state is built by the same `solvers.gram_stats` as the one-shot primal solver.
+
+What is reused between requests (the reason a later request is cheap):
+  * G, b and the lower Cholesky factor L of G + λI over the retained samples: the factor is
+    *downdated* by the rank-m correction (`cholesky_downdate`, O(m·p²)) instead of being
+    refactorised (O(p³)), and G is never re-accumulated over D (O(n·C·p²) plus n·C
+    backward passes, the dominant cost of a from-scratch update).
+  * The Jacobian rows of D, cached when they fit in `max_cache_bytes` (n·C·p numbers);
+    otherwise only the n_k requested samples' rows are recomputed (n_k·C backward passes).
+  * The current solution s, so one request needs a single pair of triangular solves.
+
+Numerical stability. A Cholesky downdate is a hyperbolic transformation; it is backward
+stable only as long as G' + λI stays safely positive definite, which λ > 0 guarantees in
+exact arithmetic (G' ⪰ 0). Each downdate reports its smallest pivot ratio
+`(L'_kk / L_kk)²` (`ForgetState.last_pivot_ratio`); if a pivot is not positive and finite
+(the downdated matrix lost definiteness to round-off) the request falls back, inside the
+same jitted call, to a fresh Cholesky factorisation of G' + λI. `refactor_every=k` also
+refactorises after every k downdates, to bound any accumulation of round-off in the factor.
+G' itself is maintained by subtraction; its absolute error is ~eps·‖G‖ per request, which
+perturbs the solution by ~eps·cond(G + λI) relative, the same order as the error of the
+original solve on D. Use `solve_dtype=jnp.float64` (with x64 enabled) where that matters.
+`factor_update="auto"` picks downdate or refactorisation per request from a FLOP estimate
+(`downdate_flops`: ~2·p²·(32+m)²/32 for m <= 64, ~9·m·p² beyond; a factorisation ~p³/3).
+
+Public API:
+    state = init_forget_state(apply_fn, params_init, train=(x, y), num_classes=C, damping=λ)
+    params, state = forget_request(state, params, forget_indices)      # host-checked, jitted
+    params, state = forget_requests(state, params, [idx_1, idx_2, ...])
+    params, state = serve_request(state, params, indices, mask)        # jit-able core; checks
+                                                                       # the request at run time
+    L = cholesky_downdate(L, X)                                        # L Lᵀ - X Xᵀ = L' L'ᵀ
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+from typing import Any, Callable, Optional, Sequence
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fastntk_jax import ntk
+from fastntk_jax.enums import Solver
+from fastntk_jax.unlearn import solvers
+from fastntk_jax.unlearn import validate
+
+PyTree = Any
+ApplyFn = Callable[[PyTree, jnp.ndarray], jnp.ndarray]
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "ForgetState",
+    "FactorUpdate",
+    "init_forget_state",
+    "forget_request",
+    "forget_requests",
+    "serve_request",
+    "cholesky_downdate",
+    "downdate_flops",
+    "refactor_flops",
+    "retained_mask",
+]
+
+# Codes stored in `ForgetState.last_update`.
+UPDATE_NONE = 0          # no request served yet (state fresh from init)
+UPDATE_DOWNDATE = 1      # the factor was downdated
+UPDATE_REFACTOR = 2      # refactorised by choice (factor_update / refactor_every)
+UPDATE_FALLBACK = 3      # the downdate lost definiteness; refactorised instead
+
+FACTOR_UPDATES = ("auto", "downdate", "refactor")
+FactorUpdate = str  # one of FACTOR_UPDATES
+
+# Blocking of the downdate: columns of L are processed in blocks of _DD_BLOCK, the rank-m
+# correction in chunks of at most _DD_CHUNK columns (so the small sequential part of a block
+# stays small and the rest is matrix-matrix products). Measured on a 2-core CPU at p = 1500.
+_DD_BLOCK = 32
+_DD_CHUNK = 64
+
+
+@flax.struct.dataclass
+class ForgetState:
+  """Everything later requests reuse; a pytree of arrays plus static metadata.
+
+  Array fields (pytree leaves; `s` = solve dtype, `d` = Jacobian/logits dtype):
+    w_lin: the linearisation point w0 (pytree like the trainable params).
+    x: inputs of D [n, ...] (Jacobian rows of requested samples are recomputed from them
+      when `jac` is None).
+    residuals: E = one_hot(y) - f(w0, x) [n, C], dtype s.
+    jac: cached Jacobian rows [n, C, p] (dtype d), or None (not cached).
+    gram: G = JᵀJ over the currently retained samples [p, p], dtype s (no λ).
+    rhs: b = JᵀE over the currently retained samples [p], dtype s.
+    chol: lower Cholesky factor of G + λI [p, p], dtype s.
+    solution: s = (G + λI)⁻¹ b [p], dtype s: the ridge solution on the retained set, minus w0.
+    forgotten: bool [n], True for every sample forgotten by an earlier request.
+    damping: λ, scalar of dtype s.
+    num_requests: int32, requests served so far.
+    downdates_since_refactor: int32, consecutive downdates since the last factorisation.
+    num_refactors: int32, factorisations done by requests (by choice or as fallback).
+    last_update: int32, how the last request updated the factor (UPDATE_* codes).
+    last_pivot_ratio: smallest (L'_kk/L_kk)² of the last downdate (1 = nothing removed,
+      → 0 = the request removed almost everything along some direction); 1 otherwise.
+
+  Static fields (part of the pytree structure, hence of jit cache keys):
+    apply_fn, num_classes, batch_size, factor_update, refactor_every.
+  """
+  w_lin: PyTree
+  x: jnp.ndarray
+  residuals: jnp.ndarray
+  jac: Optional[jnp.ndarray]
+  gram: jnp.ndarray
+  rhs: jnp.ndarray
+  chol: jnp.ndarray
+  solution: jnp.ndarray
+  forgotten: jnp.ndarray
+  damping: jnp.ndarray
+  num_requests: jnp.ndarray
+  downdates_since_refactor: jnp.ndarray
+  num_refactors: jnp.ndarray
+  last_update: jnp.ndarray
+  last_pivot_ratio: jnp.ndarray
+  apply_fn: ApplyFn = flax.struct.field(pytree_node=False)
+  num_classes: int = flax.struct.field(pytree_node=False)
+  batch_size: Optional[int] = flax.struct.field(pytree_node=False)
+  factor_update: str = flax.struct.field(pytree_node=False)
+  refactor_every: Optional[int] = flax.struct.field(pytree_node=False)
+
+  @property
+  def num_samples(self) -> int:
+    """n, the size of D (retained and forgotten)."""
+    return int(self.forgotten.shape[0])
+
+  @property
+  def num_params(self) -> int:
+    """p, scalars in the trainable pytree."""
+    return int(self.rhs.shape[0])
+
+
+def retained_mask(state: ForgetState) -> jnp.ndarray:
+  """bool [n]: the samples of D not forgotten so far (the "current D")."""
+  return jnp.logical_not(state.forgotten)
+
+
+# --------------------------------------------------------------------------------------
+# Cholesky downdate.
+# --------------------------------------------------------------------------------------
+
+
+def downdate_flops(p: int, m: int) -> float:
+  """Predicted FLOPs of `cholesky_downdate` of a [p, p] factor by m columns."""
+  pp = math.ceil(p / _DD_BLOCK) * _DD_BLOCK
+  chunks, mc = _chunking(m)
+  return chunks * 2.0 * pp * pp * (_DD_BLOCK + mc) ** 2 / _DD_BLOCK
+
+
+def _chunking(m: int) -> tuple[int, int]:
+  """(number of chunks, columns per chunk): at most _DD_CHUNK each, split evenly so that
+  little zero padding is added (e.g. 80 -> 2 x 40, not 64 + 64)."""
+  if m <= 0:
+    return 0, 0
+  chunks = math.ceil(m / _DD_CHUNK)
+  return chunks, math.ceil(m / chunks)
+
+
+def refactor_flops(p: int) -> float:
+  """Predicted FLOPs of a Cholesky factorisation of a [p, p] matrix."""
+  return p ** 3 / 3.0
+
+
+def _pivot_block(s: jnp.ndarray, i, nb: int) -> tuple[jnp.ndarray, jnp.ndarray]:
+  """One column of a blocked hyperbolic-Householder downdate.
+
+  `s` stacks rows of [L[:, block] | X] (width nb + m) and of the accumulated transformation.
+  Row i of `s` is the pivot row a = (x1 = L_kk, x2 = X_k). With φ = diag(1, -I_m) on the
+  coordinates (i, X), the reflector y ↦ y + (yφv) vᵀ / (r·v1), v = (v1, x2),
+  r = sqrt(x1² - |x2|²), v1 = |x2|² / (x1 + r) (= x1 - r without cancellation), preserves
+  y φ yᵀ-type products (so L Lᵀ - X Xᵀ is unchanged) and maps a to (r, 0).
+
+  Returns:
+    (transformed s, pivot ratio r²/x1²).
+  """
+  a = s[i]
+  x1 = a[i]
+  x2 = a[nb:]
+  s2 = x2 @ x2
+  r2 = x1 * x1 - s2
+  r = jnp.sqrt(jnp.maximum(r2, jnp.finfo(s.dtype).tiny))
+  v1 = s2 / (x1 + r)
+  denom = r * v1
+  # x2 = 0 (nothing to remove along this column) makes the reflector the identity.
+  active = denom > 0
+  inv = jnp.where(active, 1.0 / jnp.where(active, denom, 1.0), 0.0)
+  c = (s[:, i] * v1 - s[:, nb:] @ x2) * inv
+  s = s.at[:, i].add(c * v1)
+  s = s.at[:, nb:].add(c[:, None] * x2[None, :])
+  s = s.at[i, i].set(r).at[i, nb:].set(0.0)  # exactly (r, 0), as the algebra says
+  return s, r2 / (x1 * x1)
+
+
+def _downdate_chunk(l: jnp.ndarray, x: jnp.ndarray, nb: int):
+  """Downdates a padded factor l [P, P] (P % nb == 0) by x [P, mc]; see cholesky_downdate."""
+  big_p, mc = x.shape
+  width = nb + mc
+  dtype = l.dtype
+
+  def block(carry, j0):
+    l, x, min_ratio = carry
+    w = jnp.concatenate([jax.lax.dynamic_slice(l, (0, j0), (big_p, nb)), x], axis=1)
+    head = jax.lax.dynamic_slice(w, (j0, 0), (nb, width))
+    # The reflectors of this block depend only on its nb head rows; applying them to the
+    # identity as well accumulates their product T, applied to all rows in one matmul.
+    s = jnp.concatenate([head, jnp.eye(width, dtype=dtype)], axis=0)
+
+    def column(i, c):
+      s, mr = c
+      s, ratio = _pivot_block(s, i, nb)
+      return s, jnp.minimum(mr, ratio)
+
+    s, min_ratio = jax.lax.fori_loop(0, nb, column, (s, min_ratio))
+    # Rows above the block are zero in these columns (l lower triangular, x already
+    # zeroed there), so w @ T leaves them zero; the head rows take their exact values.
+    w = jax.lax.dynamic_update_slice(w @ s[nb:], s[:nb], (j0, 0))
+    l = jax.lax.dynamic_update_slice(l, w[:, :nb], (0, j0))
+    return (l, w[:, nb:], min_ratio), None
+
+  init = (l, x, jnp.asarray(jnp.inf, dtype))
+  (l, _, min_ratio), _ = jax.lax.scan(block, init, jnp.arange(0, big_p, nb))
+  return l, min_ratio
+
+
+def cholesky_downdate(chol: jnp.ndarray, x: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
+  """Rank-m Cholesky downdate: L' with L' L'ᵀ = L Lᵀ - X Xᵀ, in O(m·p²).
+
+  Blocked hyperbolic Householder reflections (see `_pivot_block`): columns of L in blocks
+  of 32, X in even chunks of at most 64 columns, so most of the work is matrix products.
+  Zero columns of X are no-ops (padding is free apart from its FLOPs). Pure and jit-able.
+
+  Args:
+    chol: lower-triangular L [p, p] with positive diagonal.
+    x: X [p, m].
+
+  Returns:
+    (L' [p, p] lower triangular, min_ratio): min_ratio is the smallest (L'_kk/L_kk)² over
+    all columns and chunks; it is <= 0 or non-finite iff L Lᵀ - X Xᵀ was not (numerically)
+    positive definite, in which case L' is garbage and the caller must refactorise.
+  """
+  p, m = x.shape
+  dtype = jnp.result_type(chol.dtype, x.dtype)
+  chol, x = chol.astype(dtype), x.astype(dtype)
+  nb = _DD_BLOCK
+  big_p = math.ceil(p / nb) * nb
+  if big_p != p:  # pad with an identity block: unit pivots, nothing to remove there
+    pad = big_p - p
+    chol = jnp.pad(chol, ((0, pad), (0, pad)))
+    chol = chol.at[jnp.arange(p, big_p), jnp.arange(p, big_p)].set(1.0)
+    x = jnp.pad(x, ((0, pad), (0, 0)))
+  chunks, mc = _chunking(m)
+  if chunks * mc != m:
+    x = jnp.pad(x, ((0, 0), (0, chunks * mc - m)))
+  min_ratio = jnp.asarray(1.0, dtype)
+  if chunks:
+    xs = x.reshape(big_p, chunks, mc).transpose(1, 0, 2)
+
+    def one(carry, xc):
+      l, mr = carry
+      l, r = _downdate_chunk(l, xc, nb)
+      return (l, jnp.minimum(mr, r)), None
+
+    (chol, min_ratio), _ = jax.lax.scan(one, (chol, min_ratio), xs)
+  return chol[:p, :p], min_ratio
+
+
+# --------------------------------------------------------------------------------------
+# Initialisation.
+# --------------------------------------------------------------------------------------
+
+
+@functools.partial(jax.jit, static_argnames=("apply_fn", "num_classes", "batch_size",
+                                             "sdtype", "cache", "factor_update",
+                                             "refactor_every"))
+def _init_state(apply_fn, w_lin, x, y, damping, *, num_classes, batch_size, sdtype, cache,
+                factor_update, refactor_every):
+  # `solvers.gram_stats`, unrolled to keep the residuals (the state's E).
+  apply_s, w_s = solvers.in_dtype(apply_fn, w_lin, sdtype)
+  residuals = solvers.residuals(apply_s, w_s, x, y, num_classes=num_classes,
+                                batch_size=batch_size, dtype=sdtype)
+  with jax.default_matmul_precision("highest"):
+    stats = ntk.gram(apply_s, w_s, x, residuals, batch_size=batch_size, dtype=sdtype,
+                     keep_jacobian=cache)
+  g, b = stats[:2]
+  lam = jnp.asarray(damping, sdtype)
+  with jax.default_matmul_precision("highest"):
+    chol = jnp.linalg.cholesky(g + lam * jnp.eye(g.shape[0], dtype=sdtype))
+    solution = jax.scipy.linalg.cho_solve((chol, True), b)
+  zero = jnp.zeros((), jnp.int32)
+  return ForgetState(
+      w_lin=w_lin, x=x, residuals=residuals, jac=stats[2] if cache else None, gram=g, rhs=b,
+      chol=chol, solution=solution, forgotten=jnp.zeros((x.shape[0],), bool), damping=lam,
+      num_requests=zero, downdates_since_refactor=zero, num_refactors=zero,
+      last_update=jnp.asarray(UPDATE_NONE, jnp.int32),
+      last_pivot_ratio=jnp.asarray(1.0, sdtype), apply_fn=apply_fn,
+      num_classes=int(num_classes), batch_size=batch_size, factor_update=factor_update,
+      refactor_every=refactor_every)
+
+
+def init_forget_state(apply_fn: ApplyFn, params_init: PyTree, *, train, num_classes: int,
+                      damping: float = 1e-2, batch_size: Optional[int] = 256,
+                      solve_dtype=None, cache_jacobian: Optional[bool] = None,
+                      max_cache_bytes: int = 2 ** 28, factor_update: FactorUpdate = "auto",
+                      refactor_every: Optional[int] = None) -> ForgetState:
+  """Computes, once, what every later forget request reuses (the expensive part).
+
+  At the linearisation point w0 = `params_init`: the residuals E = one_hot(y) - f(w0, x),
+  G = JᵀJ and b = JᵀE over all of D, the Cholesky factor of G + λI and the ridge solution
+  s = (G + λI)⁻¹ b. Cost: n forward passes, n·C backward passes, O(n·C·p²) + O(p³).
+
+  Args:
+    apply_fn: `(params, x) -> logits [n, C]`; params is the trainable pytree only, frozen
+      weights and BatchNorm statistics closed over, BatchNorm in inference mode. Must be
+      hashable (a function or a hashable callable: it is a static part of the state).
+    params_init: w0, the trainable params before fine-tuning.
+    train: D = (x [n, ...], y [n] int labels in [0, C)); requests name indices into it.
+    num_classes: C.
+    damping: λ > 0 (the damping rule of `validate.allowed_solvers`: the stream is primal).
+    batch_size: samples per streamed block of the initial Gram (bounds memory).
+    solve_dtype: dtype of G, b, the factor and the solution (e.g. jnp.float64, needs x64);
+      default: the widest dtype of `params_init`.
+    cache_jacobian: keep the Jacobian rows of D [n, C, p] so a request needs no backward
+      pass; None (default) caches iff they take at most `max_cache_bytes`.
+    max_cache_bytes: the memory bound of the automatic cache decision.
+    factor_update: how a request updates the factor: "downdate" (rank-m Cholesky downdate),
+      "refactor" (fresh Cholesky of G' + λI) or "auto" (whichever `downdate_flops` /
+      `refactor_flops` predicts cheaper for that request's rank).
+    refactor_every: if set, refactorise (instead of downdating) after this many
+      consecutive downdates, bounding the accumulation of round-off in the factor.
+
+  Returns:
+    A `ForgetState` with nothing forgotten yet.
+
+  Raises:
+    ValueError / TypeError: bad input, named in the message, before any heavy work.
+  """
+  if not callable(apply_fn):
+    raise TypeError(f"apply_fn must be callable (params, x) -> logits, got {type(apply_fn)}")
+  opts = validate.check_options(
+      num_classes=num_classes, damping=damping, solver=Solver.PRIMAL, batch_size=batch_size,
+      kernel_impl="auto", solve_dtype=solve_dtype, linearize_at="init", step_scale=1.0,
+      cg_tol=None, cg_maxiter=None, memory_limit_bytes=None)
+  x, y = validate.check_split("train", train, opts.num_classes)
+  if x.shape[0] < 2:
+    raise ValueError(f"train must hold at least 2 samples (one to forget, one to retain), "
+                     f"got {x.shape[0]}")
+  validate.check_params(params_init, params_init)
+  if factor_update not in FACTOR_UPDATES:
+    raise ValueError(f"unknown factor_update {factor_update!r}; choose one of "
+                     f"{list(FACTOR_UPDATES)}")
+  refactor_every = validate.check_positive_int("refactor_every", refactor_every, allow_none=True)
+  n, p, c = x.shape[0], ntk.num_params(params_init), opts.num_classes
+  validate.allowed_solvers(Solver.PRIMAL, damping, num_params=p, num_outputs=n * c,
+                           cg_budget=0, cg_dim=0)
+  out = jax.eval_shape(apply_fn, params_init, jax.ShapeDtypeStruct((1,) + x.shape[1:], x.dtype))
+  if out.shape != (1, c):
+    raise ValueError(f"apply_fn(params, x[:1]) returned shape {out.shape}; expected "
+                     f"(1, num_classes={c}): logits must be [n, C]")
+  sdtype = opts.solve_dtype or validate.default_solve_dtype(params_init)
+  cache_bytes = n * c * p * sdtype.itemsize
+  if cache_jacobian is None:
+    cache_jacobian = cache_bytes <= max_cache_bytes
+  log.info("init_forget_state: n=%d, C=%d, p=%d, Jacobian cache %s (%.1f MiB), solve dtype "
+           "%s", n, c, p, "on" if cache_jacobian else "off", cache_bytes / 2**20, sdtype)
+  state = _init_state(apply_fn, params_init, jnp.asarray(x), jnp.asarray(y), damping,
+                      num_classes=c, batch_size=opts.batch_size, sdtype=sdtype,
+                      cache=bool(cache_jacobian), factor_update=factor_update,
+                      refactor_every=refactor_every)
+  validate.runtime_check(jnp.all(jnp.isfinite(state.solution)), validate.SolveError,
+                         "the stream's initial ridge solve is non-finite (damping={}): G + λI "
+                         "is singular or too ill-conditioned in " + sdtype.name
+                         + "; increase damping or pass solve_dtype=jnp.float64", state.damping)
+  return state
+
+
+# --------------------------------------------------------------------------------------
+# Serving a request.
+# --------------------------------------------------------------------------------------
+
+
+def _request_rows(state: ForgetState, indices: jnp.ndarray, mask: jnp.ndarray):
+  """Jacobian rows [m, p] (m = len(indices)·C) and residuals [m] of the requested samples,
+  zeroed where `mask` is False (padding)."""
+  sdtype = state.rhs.dtype
+  c, p = state.num_classes, state.num_params
+  if state.jac is not None:
+    jk = state.jac[indices]
+  else:
+    apply_s, w_s = solvers.in_dtype(state.apply_fn, state.w_lin, sdtype)
+    jk = ntk.jacobian(apply_s, w_s, state.x[indices]).reshape(-1, c, p)
+  jk = jnp.where(mask[:, None, None], jk.astype(sdtype), 0).reshape(-1, p)
+  ek = jnp.where(mask[:, None], state.residuals[indices], 0).reshape(-1)
+  return jk, ek
+
+
+def _check_request_in_jit(state: ForgetState, indices, mask) -> None:
+  """The request's validity, computed from (possibly traced) values; raises at run time."""
+  n = state.num_samples
+  in_range = (indices >= 0) & (indices < n)
+  safe = jnp.clip(indices, 0, n - 1)
+  counts = jnp.zeros((n,), jnp.int32).at[safe].add((mask & in_range).astype(jnp.int32))
+  bad_range = jnp.sum(mask & ~in_range)
+  repeated = jnp.sum(counts > 1)
+  again = jnp.sum(mask & in_range & state.forgotten[safe])
+  left = n - jnp.sum(state.forgotten | (counts > 0))
+  validate.runtime_check(
+      (bad_range == 0) & (repeated == 0) & (again == 0) & (left > 0), ValueError,
+      "invalid forget request: {} index(es) out of range [0, " + str(n) + "), {} sample(s) "
+      "named more than once, {} already forgotten, {} sample(s) of D would be left (must be "
+      "> 0)", bad_range, repeated, again, left)
+
+
+def serve_request(state: ForgetState, params: PyTree, indices: jnp.ndarray,
+                  mask: Optional[jnp.ndarray] = None) -> tuple[PyTree, ForgetState]:
+  """Serves one forget request: the pure, jit-able core.
+
+  `forget_request` checks the request on the host (messages naming the indices), pads it to
+  a bucket size and calls this jitted. Called directly (e.g. under `jax.jit` with traced
+  indices), the request is checked here at run time: an index out of range, named twice or
+  already forgotten, or a request that forgets all of D raises (via a host callback).
+
+  Args:
+    state: the `ForgetState` before the request.
+    params: the current trainable params (pytree like `state.w_lin`).
+    indices: int [k], indices into D of the samples to forget.
+    mask: bool [k], False marks padding entries to ignore (default: all True).
+
+  Returns:
+    (params + Δ with Δ = s' - s, the state after the request).
+  """
+  if mask is None:
+    mask = jnp.ones(indices.shape, bool)
+  _check_request_in_jit(state, indices, mask)
+  jk, ek = _request_rows(state, indices, mask)
+  p, m = jk.shape[1], jk.shape[0]
+  sdtype = state.rhs.dtype
+  with jax.default_matmul_precision("highest"):
+    gram = state.gram - jk.T @ jk
+    gram = 0.5 * (gram + gram.T)  # keep it exactly symmetric for the fallback factorisation
+    rhs = state.rhs - jk.T @ ek
+  eye = jnp.eye(p, dtype=sdtype)
+
+  def refactor():
+    return jnp.linalg.cholesky(gram + state.damping * eye)
+
+  method = state.factor_update
+  if method == "auto":
+    method = "downdate" if downdate_flops(p, m) < refactor_flops(p) else "refactor"
+  if method == "refactor":
+    chol, code = refactor(), jnp.asarray(UPDATE_REFACTOR, jnp.int32)
+    ratio = jnp.asarray(1.0, sdtype)
+  else:
+    def downdate():
+      l, r = cholesky_downdate(state.chol, jk.T)
+      ok = jnp.isfinite(r) & (r > 0) & jnp.all(jnp.isfinite(l))
+      return jax.lax.cond(ok, lambda: (l, jnp.asarray(UPDATE_DOWNDATE, jnp.int32)),
+                          lambda: (refactor(), jnp.asarray(UPDATE_FALLBACK, jnp.int32))), r
+
+    if state.refactor_every is None:
+      (chol, code), ratio = downdate()
+    else:
+      due = state.downdates_since_refactor >= state.refactor_every
+      (chol, code), ratio = jax.lax.cond(
+          due, lambda: ((refactor(), jnp.asarray(UPDATE_REFACTOR, jnp.int32)),
+                        jnp.asarray(1.0, sdtype)),
+          downdate)
+    ratio = ratio.astype(sdtype)
+  solution = jax.scipy.linalg.cho_solve((chol, True), rhs)
+  validate.runtime_check(jnp.all(jnp.isfinite(solution)), validate.SolveError,
+                         "the request's ridge solve is non-finite (damping={}): the retained "
+                         "system is singular or too ill-conditioned; increase damping or use "
+                         "solve_dtype=jnp.float64", state.damping)
+  new_params = solvers.apply_delta(params, solution - state.solution)
+  downdated = code == UPDATE_DOWNDATE
+  # Scatter-add of the mask (not a set): padding entries may repeat any index harmlessly.
+  hits = jnp.zeros(state.forgotten.shape, jnp.int32).at[indices].add(mask.astype(jnp.int32))
+  new_state = state.replace(
+      gram=gram, rhs=rhs, chol=chol, solution=solution,
+      forgotten=state.forgotten | (hits > 0),
+      num_requests=state.num_requests + 1,
+      downdates_since_refactor=jnp.where(downdated, state.downdates_since_refactor + 1, 0),
+      num_refactors=state.num_refactors + jnp.where(downdated, 0, 1).astype(jnp.int32),
+      last_update=code, last_pivot_ratio=ratio)
+  return new_params, new_state
+
+
+_serve_jit = jax.jit(serve_request)
+
+
+def request_bucket(k: int) -> int:
+  """Padded request size: the next power of two (a stream compiles O(log n) variants)."""
+  return 1 << max(0, (k - 1).bit_length())
+
+
+def _check_params(state: ForgetState, params: PyTree) -> None:
+  validate.check_params(state.w_lin, params)
+
+
+def _check_indices(state: ForgetState, forget_indices) -> np.ndarray:
+  idx = np.asarray(forget_indices)
+  if idx.ndim != 1:
+    raise ValueError(f"forget_indices must be a 1-D sequence of sample indices, got shape "
+                     f"{idx.shape}")
+  if idx.size == 0:
+    raise ValueError("forget request is empty: it names no sample to forget")
+  if not (np.issubdtype(idx.dtype, np.integer)):
+    raise TypeError(f"forget_indices must be integers (indices into D), got dtype "
+                    f"{idx.dtype}")
+  n = state.num_samples
+  bad = idx[(idx < 0) | (idx >= n)]
+  if bad.size:
+    raise ValueError(f"forget_indices out of range [0, {n}): {bad[:10].tolist()}"
+                     + (" ..." if bad.size > 10 else ""))
+  uniq, counts = np.unique(idx, return_counts=True)
+  if (counts > 1).any():
+    raise ValueError(f"forget request names samples more than once: "
+                     f"{uniq[counts > 1][:10].tolist()}")
+  forgotten = np.asarray(state.forgotten)
+  again = idx[forgotten[idx]]
+  if again.size:
+    raise ValueError(f"samples already forgotten by an earlier request: "
+                     f"{again[:10].tolist()}" + (" ..." if again.size > 10 else ""))
+  if int(forgotten.sum()) + idx.size >= n:
+    raise ValueError(f"this request would forget every remaining sample of D "
+                     f"({n - int(forgotten.sum())} left, {idx.size} requested): nothing would "
+                     "be retained to train on")
+  return idx.astype(np.int32)
+
+
+def forget_request(state: ForgetState, params: PyTree,
+                   forget_indices) -> tuple[PyTree, ForgetState]:
+  """Forgets the named samples of D from `params`, reusing the state's Gram and factor.
+
+  Checks the request on the host (when its values are concrete), pads it to the next power
+  of two and calls the jitted `serve_request`. Under an outer `jax.jit` with traced indices
+  or state, `serve_request` checks the request when it runs instead.
+
+  Args:
+    state: from `init_forget_state` or an earlier request.
+    params: the current trainable params (w_D after fine-tuning, or the output of the
+      previous request); same structure, shapes and dtypes as `params_init`.
+    forget_indices: int sequence [k] of indices into D, distinct and not yet forgotten.
+
+  Returns:
+    (new params like `params`, new state). `new params = params + s' - s`: after requests
+    1..k, `params + s_k - s_0`, the single Fast-NTK update for the union of the requests.
+
+  Raises:
+    ValueError / TypeError: empty request, an index out of range, repeated or already
+      forgotten, a request that would forget all remaining samples, params that do not
+      match the state.
+  """
+  if not isinstance(state, ForgetState):
+    raise TypeError(f"state must be a ForgetState (from init_forget_state), got "
+                    f"{type(state).__name__}")
+  _check_params(state, params)
+  if not validate.is_concrete(forget_indices) or not validate.is_concrete(state.forgotten):
+    idx = jnp.asarray(forget_indices)
+    return serve_request(state, params, idx, jnp.ones(idx.shape, bool))
+  idx = _check_indices(state, forget_indices)
+  k = idx.size
+  size = min(request_bucket(k), state.num_samples)
+  padded = np.full(size, idx[0], np.int32)
+  padded[:k] = idx
+  mask = np.arange(size) < k
+  return _serve_jit(state, params, jnp.asarray(padded), jnp.asarray(mask))
+
+
+def forget_requests(state: ForgetState, params: PyTree,
+                    requests: Sequence) -> tuple[PyTree, ForgetState]:
+  """Serves a sequence of requests in order (`forget_request` for each).
+
+  Args:
+    state, params: as for `forget_request`.
+    requests: sequence of index sequences.
+
+  Returns:
+    (params after the last request, state after the last request).
+  """
+  for i, request in enumerate(requests):
+    try:
+      params, state = forget_request(state, params, request)
+    except (ValueError, TypeError) as e:
+      raise type(e)(f"request {i}: {e}") from e
+  return params, state

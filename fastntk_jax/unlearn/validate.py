@@ -1,0 +1,209 @@
+"""Input checks shared by every entry point (the one-shot update, the stream, the pipeline).
+
+Checks on concrete values run in NumPy, so they also run at trace time under `jax.jit` when
+the data are closed over (a jnp reduction there would be staged and fail). Checks that need
+traced values go through `runtime_check`: an error raised when the value is known, at run
+time (a host callback) when it is traced. One rule for the damping λ (`allowed_solvers`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fastntk_jax.enums import KernelImplementation, LinearizationPoint, Solver, parse
+
+PyTree = Any
+
+
+class SolveError(ValueError):
+  """The solve gave no trustworthy answer (singular system, non-finite, cg not converged)."""
+
+
+def is_concrete(x) -> bool:
+  """True for a concrete value (value checks possible), False while traced under jit."""
+  return not isinstance(x, jax.core.Tracer)
+
+
+def runtime_check(ok, error: type, message: str, *values) -> None:
+  """Raises `error(message.format(*values))` unless `ok`: now when `ok` is concrete, when the
+  computation runs (via `jax.debug.callback`) when it is traced."""
+  def check(ok, *values):
+    if not np.all(np.asarray(ok)):
+      raise error(message.format(*(np.asarray(v) for v in values)))
+  if is_concrete(ok) and all(is_concrete(v) for v in values):
+    check(ok, *values)
+  else:
+    jax.debug.callback(check, ok, *values)
+
+
+def check_finite(name: str, tree) -> None:
+  """Raises ValueError naming the first leaf of `tree` holding NaN/inf (concrete leaves)."""
+  for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+    if is_concrete(leaf) and jnp.issubdtype(jnp.result_type(leaf), jnp.inexact):
+      if not np.all(np.isfinite(np.asarray(leaf))):
+        raise ValueError(f"{name} contains non-finite values (NaN/inf) at "
+                         f"{jax.tree_util.keystr(path) or 'the array'}")
+
+
+def check_labels(name: str, y, num_classes: int) -> None:
+  if is_concrete(y) and np.size(y):
+    y = np.asarray(y)
+    lo, hi = int(y.min()), int(y.max())
+    if lo < 0 or hi >= num_classes:
+      raise ValueError(f"{name} labels must lie in [0, {num_classes}), found range [{lo}, {hi}]")
+
+
+def check_split(name: str, split, num_classes: int) -> tuple[Any, Any]:
+  """(x [n, ...], y [n] int labels in [0, C)), non-empty; returns (x, y)."""
+  if not isinstance(split, (tuple, list)) or len(split) != 2:
+    raise TypeError(f"{name} must be a pair (x, y) of inputs and integer labels, "
+                    f"got {type(split).__name__}")
+  x, y = split
+  if not hasattr(x, "shape") or not hasattr(y, "shape"):
+    raise TypeError(f"{name}: x and y must be arrays, got {type(x).__name__}, "
+                    f"{type(y).__name__}")
+  if y.ndim != 1:
+    raise ValueError(f"{name}: labels y must be 1-D integer class ids, got shape {y.shape}")
+  if not jnp.issubdtype(y.dtype, jnp.integer):
+    raise TypeError(f"{name}: labels y must be integers (class ids), got dtype {y.dtype}")
+  if x.shape[0] != y.shape[0]:
+    raise ValueError(f"{name}: x has {x.shape[0]} samples but y has {y.shape[0]} labels")
+  if x.shape[0] == 0:
+    raise ValueError(f"{name} set is empty: nothing to "
+                     + ("forget" if name == "forget" else "retain (forget set = all data?)"))
+  check_labels(name, y, num_classes)
+  check_finite(f"{name} inputs", x)
+  return x, y
+
+
+def check_params(params_init: PyTree, params: PyTree) -> None:
+  """Same structure, shapes and dtypes; non-empty; finite."""
+  s_init, s_trained = (jax.tree_util.tree_structure(t) for t in (params_init, params))
+  if s_init != s_trained:
+    raise ValueError("params and params_init have different pytree structure:\n"
+                     f"  params_init: {s_init}\n  params:      {s_trained}")
+  if not jax.tree_util.tree_leaves(params):
+    raise ValueError("params is an empty pytree: there is nothing trainable to update")
+  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(params_init),
+                          jax.tree_util.tree_leaves(params)):
+    where = jax.tree_util.keystr(path)
+    if jnp.shape(a) != jnp.shape(b):
+      raise ValueError(f"params and params_init differ in shape at {where}: "
+                       f"{jnp.shape(b)} vs {jnp.shape(a)}")
+    if jnp.result_type(a) != jnp.result_type(b):
+      raise TypeError(f"params and params_init differ in dtype at {where}: "
+                      f"{jnp.result_type(b)} vs {jnp.result_type(a)}; cast one to the other")
+  check_finite("params", params)
+  check_finite("params_init", params_init)
+
+
+def check_positive_int(name: str, value, *, allow_none: bool = False) -> Optional[int]:
+  if value is None and allow_none:
+    return None
+  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+    raise ValueError(f"{name} must be a positive int{' or None' if allow_none else ''}, "
+                     f"got {value!r}")
+  return int(value)
+
+
+def check_damping(damping) -> None:
+  """λ must be a finite number >= 0 (checked when concrete; a traced λ is checked by the
+  finiteness of the result)."""
+  if is_concrete(damping):
+    if np.ndim(damping) != 0:
+      raise ValueError(f"damping must be a scalar, got shape {np.shape(damping)}")
+    if not np.isfinite(float(damping)) or float(damping) < 0:
+      raise ValueError(f"damping must be a finite number >= 0, got {damping!r}")
+
+
+def allowed_solvers(solver: Solver, damping, *, num_params: int, num_outputs: int,
+                    cg_budget: int, cg_dim: int) -> dict[str, str]:
+  """The one damping rule, and cg's budget rule: which solvers may run.
+
+  λ = 0 (concrete) leaves the ridge systems without regularisation: only the dual inverts
+  Θ + λI, which can be invertible when p >= n·C; the primal's Grams (p × p, rank <= n_r·C)
+  and cg's parameter-space systems then are singular, and the stream (primal) loses rank with
+  every request. `auto` skips cg when its iteration budget is below the system's dimension
+  (the exact-arithmetic bound), since it could then stop before its tolerance.
+
+  Returns:
+    {solver value: why `auto` must not pick it}.
+
+  Raises:
+    ValueError: `solver` is named explicitly but excluded by the damping rule.
+  """
+  excluded = {}
+  if is_concrete(damping) and float(damping) == 0.0:
+    if num_params < num_outputs:
+      raise ValueError(
+          f"damping=0 makes the system singular: p={num_params} trainable parameters < "
+          f"n*C={num_outputs} outputs, so the kernel has rank <= p; use damping > 0")
+    why = ("damping=0 leaves its p x p Gram singular (rank <= n_r*C <= p); use solver='dual' "
+           "or damping > 0")
+    excluded[Solver.PRIMAL.value] = why
+    excluded[Solver.CG.value] = why
+  if cg_budget < cg_dim:
+    excluded.setdefault(Solver.CG.value, f"cg_maxiter={cg_budget} is below the system's "
+                        f"dimension {cg_dim}, so it may stop before its tolerance")
+  if solver != Solver.AUTO and solver.value in excluded and "damping=0" in excluded[solver.value]:
+    raise ValueError(f"solver='{solver.value}' with {excluded[solver.value]}")
+  return excluded
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+  """The validated options of `make_forgetter` (see its docstring)."""
+  num_classes: int
+  damping: Any
+  solver: Solver
+  batch_size: Optional[int]
+  kernel_impl: KernelImplementation
+  solve_dtype: Optional[np.dtype]
+  linearize_at: LinearizationPoint
+  step_scale: float
+  cg_tol: Optional[float]
+  cg_maxiter: Optional[int]
+  memory_limit_bytes: Optional[int]
+
+
+def check_options(*, num_classes, damping, solver, batch_size, kernel_impl, solve_dtype,
+                  linearize_at, step_scale, cg_tol, cg_maxiter, memory_limit_bytes) -> Options:
+  """Validates the data-independent options once; returns them normalised (enums, dtypes)."""
+  if isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)) \
+      or num_classes < 1:
+    raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+  check_damping(damping)
+  if solve_dtype is not None:
+    solve_dtype = jnp.dtype(solve_dtype)
+    if not jnp.issubdtype(solve_dtype, jnp.floating):
+      raise ValueError(f"solve_dtype must be a floating dtype, got {solve_dtype}")
+    if solve_dtype == jnp.float64 and not jax.config.read("jax_enable_x64"):
+      raise ValueError("solve_dtype=float64 needs 64-bit JAX: set JAX_ENABLE_X64=1 or "
+                       "jax.config.update('jax_enable_x64', True) before creating arrays")
+  if not np.isfinite(float(step_scale)):
+    raise ValueError(f"step_scale must be finite, got {step_scale!r}")
+  if cg_tol is not None and not (0 < float(cg_tol) < 1):
+    raise ValueError(f"cg_tol must lie in (0, 1), got {cg_tol!r}")
+  return Options(
+      num_classes=int(num_classes), damping=damping,
+      solver=parse(Solver, solver, name="solver"),
+      batch_size=check_positive_int("batch_size", batch_size, allow_none=True),
+      kernel_impl=parse(KernelImplementation, kernel_impl, name="kernel implementation"),
+      solve_dtype=solve_dtype,
+      linearize_at=parse(LinearizationPoint, linearize_at, name="linearize_at"),
+      step_scale=float(step_scale), cg_tol=None if cg_tol is None else float(cg_tol),
+      cg_maxiter=check_positive_int("cg_maxiter", cg_maxiter, allow_none=True),
+      memory_limit_bytes=check_positive_int("memory_limit_bytes", memory_limit_bytes,
+                                            allow_none=True))
+
+
+def default_solve_dtype(*trees) -> np.dtype:
+  """The widest floating dtype among the leaves of `trees` (params and params_init)."""
+  leaves = [l for t in trees for l in jax.tree_util.tree_leaves(t)
+            if jnp.issubdtype(jnp.result_type(l), jnp.floating)]
+  return jnp.dtype(jnp.result_type(*leaves)) if leaves else jnp.dtype(jnp.float32)
