@@ -11,10 +11,10 @@ from typing import Any
 
 import ml_collections
 
-from fastntk_jax import data as data_lib
-from fastntk_jax import train as train_lib
-from fastntk_jax import unlearn
-from fastntk_jax.models import MODEL_NAMES
+# Light modules only (pure Python, numpy, ml_collections): importing the config must not import
+# JAX, Flax, Optax or TensorFlow (tests/test_light_imports.py).
+from fastntk_jax import enums
+from fastntk_jax.data import schema as data_schema
 
 METHODS = ("full", "retrain", "fastntk", "max_loss", "random_label")
 
@@ -39,7 +39,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.seeds = (0, 1, 2)  # training seeds (head init, batch order); results give mean ± std
   c.methods = METHODS  # which methods to run and report (full and retrain always run)
 
-  c.data = data_lib.default_data_config()
+  c.data = data_schema.default_data_config()
 
   c.model = ml_collections.ConfigDict()
   c.model.name = "resnet8"  # one of fastntk_jax.models.MODEL_NAMES
@@ -189,9 +189,9 @@ def _validate_train(prefix: str, c) -> None:
   _positive(f"{prefix}.epochs", c.epochs, integer=True, allow_zero=True)
   _positive(f"{prefix}.learning_rate", c.learning_rate, integer=False)
   _positive(f"{prefix}.batch_size", c.batch_size, integer=True)
-  _choice(f"{prefix}.optimizer", c.optimizer, train_lib.OPTIMIZERS)
-  _choice(f"{prefix}.loss", c.loss, train_lib.LOSSES)
-  _choice(f"{prefix}.bn_mode", c.bn_mode, train_lib.BN_MODES)
+  _choice(f"{prefix}.optimizer", c.optimizer, enums.values(enums.Optimizer))
+  _choice(f"{prefix}.loss", c.loss, enums.values(enums.Loss))
+  _choice(f"{prefix}.bn_mode", c.bn_mode, enums.values(enums.BNMode))
   _positive(f"{prefix}.momentum", c.momentum, integer=False, allow_zero=True)
   _positive(f"{prefix}.weight_decay", c.weight_decay, integer=False, allow_zero=True)
 
@@ -219,10 +219,10 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     raise ValueError(f"config.seeds={cfg.seeds!r} must be a non-empty list of distinct ints")
   for m in cfg.methods:
     _choice("methods[]", m, METHODS)
-  _choice("model.name", cfg.model.name, MODEL_NAMES)
+  _choice("model.name", cfg.model.name, enums.values(enums.ModelName))
   _choice("pretrain.source", cfg.pretrain.source, ("train", "npz", "checkpoint", "none"))
   if cfg.pretrain.dataset:
-    _choice("pretrain.dataset", cfg.pretrain.dataset, data_lib.DATASETS)
+    _choice("pretrain.dataset", cfg.pretrain.dataset, data_schema.DATASETS)
   if cfg.pretrain.source in ("npz", "checkpoint") and not cfg.pretrain.path:
     raise ValueError(f"config.pretrain.path must name the file for pretrain.source="
                      f"{cfg.pretrain.source!r}")
@@ -234,17 +234,16 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     _validate_train(prefix, node)
   u = cfg.unlearn
   _positive("unlearn.damping", u.damping, integer=False, allow_zero=True)
-  _choice("unlearn.solver", u.solver, [s.value for s in unlearn.Solver])
+  _choice("unlearn.solver", u.solver, enums.values(enums.Solver))
   _positive("unlearn.batch_size", u.batch_size, integer=True)
   _positive("unlearn.checkpoint_rows", u.checkpoint_rows, integer=True)
-  _choice("unlearn.kernel_impl", u.kernel_impl, ("auto", "neural_tangents",
-                                                 "neural_tangents_ntk_vector_products", "jax"))
-  _choice("unlearn.linearize_at", u.linearize_at, ("init", "trained"))
+  _choice("unlearn.kernel_impl", u.kernel_impl, enums.values(enums.KernelImplementation))
+  _choice("unlearn.linearize_at", u.linearize_at, enums.values(enums.LinearizationPoint))
   _positive("unlearn.step_scale", u.step_scale, integer=False, allow_zero=True)
-  _choice("unlearn.solve_dtype", u.solve_dtype, ("float32", "float64"))
+  _choice("unlearn.solve_dtype", u.solve_dtype, enums.values(enums.SolveDtype))
   _positive("eval.relearn_threshold", cfg.eval.relearn_threshold, integer=False)
   _positive("eval.batch_size", cfg.eval.batch_size, integer=True)
-  data_lib.resolve_data_config(cfg.data)  # raises naming the data field
+  data_schema.resolve_data_config(cfg.data)  # raises naming the data field
   return cfg
 
 

@@ -58,6 +58,45 @@ class SolveDtype(str, enum.Enum):
   FLOAT64 = "float64"
 
 
+class Optimizer(str, enum.Enum):
+  """The optimiser of a training loop (`train.make_optimizer`)."""
+  SGD = "sgd"  # SGD with momentum
+  ADAM = "adam"  # AdamW (decoupled weight decay)
+
+
+class Loss(str, enum.Enum):
+  """The per-example training loss (`train.per_example_loss`)."""
+  MSE = "mse"  # 0.5·||f(x) - one_hot(y)||², the loss Eq. (1) is derived for
+  CE = "ce"  # softmax cross-entropy
+
+
+class BNMode(str, enum.Enum):
+  """How a training loop treats BatchNorm running statistics.
+
+  FROZEN: normalise with the given running statistics and never update them.
+  TRAIN: normalise with batch statistics and update the running ones.
+  """
+  FROZEN = "frozen"
+  TRAIN = "train"
+
+
+class ModelName(str, enum.Enum):
+  """The models `fastntk_jax.models.get_model` builds (`models.MODEL_NAMES` lists the values).
+
+  Here, not in `fastntk_jax.models`, so that the configs can check a name without importing Flax.
+  """
+  RESNET8 = "resnet8"  # tiny, for tests
+  RESNET20 = "resnet20"
+  RESNET32 = "resnet32"
+  RESNET44 = "resnet44"
+  RESNET56 = "resnet56"
+  RESNET110 = "resnet110"
+  MOBILENETV2 = "mobilenetv2"
+  VIT_TI16 = "vit_ti16"
+  VIT_S16 = "vit_s16"
+  VIT_B16 = "vit_b16"
+
+
 def values(choice: type[enum.Enum]) -> tuple[str, ...]:
   """The string values of an enum, in declaration order (for messages and configs)."""
   return tuple(member.value for member in choice)

@@ -25,14 +25,16 @@ import numpy as np
 import optax
 
 from fastntk_jax import data as data_lib
+from fastntk_jax import enums
 from fastntk_jax import faults
 from fastntk_jax import workdir as workdir_lib
 
 PyTree = Any
 
-LOSSES = ("mse", "ce")
-OPTIMIZERS = ("sgd", "adam")
-BN_MODES = ("frozen", "train")
+# The allowed values (enums.Loss, enums.Optimizer, enums.BNMode), as strings.
+LOSSES = enums.values(enums.Loss)
+OPTIMIZERS = enums.values(enums.Optimizer)
+BN_MODES = enums.values(enums.BNMode)
 
 
 def per_example_loss(logits: jnp.ndarray, labels: jnp.ndarray, num_classes: int,

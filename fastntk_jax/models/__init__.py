@@ -15,6 +15,7 @@ from typing import Any
 
 import flax.linen as nn
 
+from fastntk_jax import enums
 from fastntk_jax.models.mobilenetv2 import MobileNetV2
 from fastntk_jax.models.resnet import CifarResNet
 from fastntk_jax.models.trainable import (BATCH_STATS, FROZEN_PARAMS, TRAINABLE, count_params,
@@ -52,7 +53,8 @@ _MOBILENET_KWARGS = ("width_mult", "last_channel", "block_settings", "stem_chann
 _VIT_KWARGS = ("patch_size", "hidden_size", "num_layers", "num_heads", "mlp_dim",
                "prompt_length", "prompt_blocks")
 
-MODEL_NAMES: tuple[str, ...] = (*_RESNET_DEPTHS, "mobilenetv2", *_VITS)
+# Listed in the light `enums.ModelName`, so that the configs check a name without importing Flax.
+MODEL_NAMES: tuple[str, ...] = enums.values(enums.ModelName)
 
 
 def _check_kwargs(name: str, kwargs: dict, allowed: tuple[str, ...]) -> None:
