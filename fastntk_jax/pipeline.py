@@ -16,7 +16,6 @@ Workdir layout:
 
 from __future__ import annotations
 
-import dataclasses
 import glob
 import json
 import logging
@@ -34,7 +33,6 @@ from fastntk_jax import config as config_lib
 from fastntk_jax import data as data_lib
 from fastntk_jax import faults
 from fastntk_jax import mia
-from fastntk_jax import ntk
 from fastntk_jax import report
 from fastntk_jax import sharding
 from fastntk_jax import train as train_lib
@@ -281,91 +279,68 @@ def linear_probe(model, trainable, frozen, data, cfg, seed: int, tag: str,
 def fastntk_stage(cfg, model, frozen_pre, w0, w_full, data, sdir: str, tag: str, mesh=None):
   """The Fast-NTK update of one seed; returns (new trainable params, diagnostics dict).
 
-  The kernel is taken at w0 with the *pre-trained* BN statistics (DESIGN.md §1). When the
-  solver is (or `auto` picks) primal, the Gram statistics are accumulated in fixed-size
-  chunks of `unlearn.checkpoint_rows` samples, each saved atomically, so a preempted run
-  resumes mid-accumulation; the other solvers run in one piece.
+  The kernel is taken at w0 with the *pre-trained* BN statistics (docs/derivation.md §1).
+  When the solver is (or `auto` picks) primal, the Gram statistics are summed in chunks of
+  `unlearn.checkpoint_rows` samples (`unlearn.accumulate_chunks`), each saved atomically, so a
+  preempted run resumes mid-accumulation; with a mesh each chunk's rows are split over the
+  devices (`sharding.data_parallel_sum`). The other solvers run in one piece.
   """
   u = cfg.unlearn
   apply_fn = tr.make_apply_fn(model, frozen_pre)
-  solve_dtype = jnp.float64 if u.solve_dtype == "float64" else None
   retain = (jnp.asarray(data.retain.x), jnp.asarray(data.retain.y))
   forget = (jnp.asarray(data.forget.x), jnp.asarray(data.forget.y))
-  kwargs = dict(num_classes=data.num_classes, damping=float(u.damping), solver=u.solver,
-                batch_size=u.batch_size, kernel_impl=u.kernel_impl, solve_dtype=solve_dtype,
-                linearize_at=u.linearize_at, step_scale=float(u.step_scale))
-  name, reason, costs, w_lin, _, _, solve_dtype = unlearn.prepare(
-      apply_fn, w0, w_full, retain, forget, data.num_classes, kwargs["damping"], u.solver,
-      u.batch_size, solve_dtype, None, None, u.linearize_at, u.kernel_impl,
-      traced=True)  # the dual/cg run jitted in ntk_forget_with_diagnostics
-  if name != "primal":
+  options = dict(num_classes=data.num_classes, damping=float(u.damping), solver=u.solver,
+                 batch_size=u.batch_size, kernel_impl=u.kernel_impl,
+                 solve_dtype=jnp.float64 if u.solve_dtype == "float64" else None,
+                 linearize_at=u.linearize_at, step_scale=float(u.step_scale))
+  forgetter = unlearn.make_forgetter(apply_fn, **options)
+  plan = forgetter.plan(w0, w_full, retain, forget, traced=True)
+  if plan.solver != unlearn.Solver.PRIMAL:
     new, diag = unlearn.ntk_forget_with_diagnostics(apply_fn, w0, w_full, retain=retain,
-                                                    forget=forget, **kwargs)
+                                                    forget=forget, **options)
     return new, diag.as_dict()
 
-  flat, unravel = ravel_pytree(w_lin)
-  dtype = solve_dtype or flat.dtype
-  p, rows = flat.shape[0], u.checkpoint_rows
-
-  @jax.jit
-  def chunk_stats(x, y, weights):
-    with jax.default_matmul_precision("highest"):  # no TF32 on GPUs (see unlearn.ridge_update)
-      logits = ntk.apply_rows(apply_fn, w_lin, x, batch_size=u.batch_size)
-      residuals = jax.nn.one_hot(y, data.num_classes, dtype=logits.dtype) - logits
-      return ntk.gram(apply_fn, w_lin, x, residuals, batch_size=u.batch_size, dtype=dtype,
-                      row_weights=weights)
-
-  if mesh is not None:  # each chunk's rows split over the devices, one all-reduce per chunk
-    chunk_stats = sharding.sharded_gram_stats_fn(apply_fn, w_lin, num_classes=data.num_classes,
-                                                 mesh=mesh, batch_size=u.batch_size, dtype=dtype)
-
-  # Compile the fixed-shape chunk computation once, up front, so that the reported time of
-  # the update excludes XLA compilation (as ntk_forget_with_diagnostics does).
+  w_lin = w0 if u.linearize_at == "init" else w_full
+  stats_fn = lambda w, x, y, weights: unlearn.gram_stats(
+      apply_fn, w, x, y, num_classes=data.num_classes, batch_size=u.batch_size,
+      dtype=plan.solve_dtype, row_weights=weights)
+  rows, p = u.checkpoint_rows, plan.num_params
   compile_start = time.perf_counter()
-  example = (np.zeros((rows,) + data.retain.x.shape[1:], np.float32), np.zeros(rows, np.int32),
-             np.zeros(rows, np.float32))
-  chunk_stats = chunk_stats.lower(*example).compile() if mesh is None else chunk_stats
+  if mesh is None:
+    # Compiled before the clock starts (every chunk has this shape), so that the reported
+    # time of the update excludes XLA compilation, as in ntk_forget_with_diagnostics.
+    example = (np.zeros((rows,) + data.retain.x.shape[1:], data.retain.x.dtype),
+               np.zeros(rows, np.int32), np.zeros(rows, np.float32))
+    chunk_stats = jax.jit(stats_fn).lower(w_lin, *example).compile()
+  else:  # each chunk's rows split over the devices, one all-reduce per statistic
+    chunk_stats = sharding.data_parallel_sum(stats_fn, mesh, block_size=u.batch_size)
   compile_seconds = time.perf_counter() - compile_start
   start = time.perf_counter()
   stats = {}
   for part, split in (("retain", data.retain), ("forget", data.forget)):
     path = os.path.join(sdir, f"fastntk_gram_{part}.state")
-    empty = {"g": np.zeros((p, p), dtype), "b": np.zeros((p,), dtype), "next": 0}
-    state = wd.load_state(path, empty) or empty
-    for begin in range(int(state["next"]), split.size, rows):
-      idx = np.arange(begin, begin + rows)
-      weights = (idx < split.size).astype(np.float32)
-      idx = np.minimum(idx, split.size - 1)  # fixed chunk shape: pad with a masked repeat
-      g, b = chunk_stats(split.x[idx], split.y[idx], weights)
-      state = {"g": np.asarray(state["g"]) + np.asarray(g), "b": np.asarray(state["b"]) + np.asarray(b),
-               "next": begin + rows}
+    empty = {"g": np.zeros((p, p), plan.solve_dtype), "b": np.zeros((p,), plan.solve_dtype),
+             "next": 0}
+
+    def save(state, path=path, part=part):
       wd.save_state(path, state)
-      faults.maybe_kill(f"{tag}:gram_{part}_chunk{begin // rows}")
-    stats[part] = state
-  with jax.default_matmul_precision("highest"):
-    delta, cond = jax.jit(unlearn.primal_solve, static_argnames="with_condition")(
-        stats["retain"]["g"], stats["retain"]["b"], stats["forget"]["g"], stats["forget"]["b"],
-        jnp.asarray(u.damping, dtype), with_condition=True)
-  delta = np.asarray(delta)
-  if not np.all(np.isfinite(delta)):
-    raise ValueError(f"{tag}: the Fast-NTK update is non-finite (condition number "
-                     f"{float(cond):.3g}); increase unlearn.damping or set "
-                     "unlearn.solve_dtype='float64'")
-  new = unlearn._apply_delta(w_full, unravel(jnp.asarray(delta, flat.dtype)),  # pylint: disable=protected-access
-                             float(u.step_scale))
+      faults.maybe_kill(f"{tag}:gram_{part}_chunk{state['next'] // rows - 1}")
+
+    state = unlearn.accumulate_chunks(
+        lambda x, y, weights: chunk_stats(w_lin, x, y, weights), split.x, split.y,
+        chunk_rows=rows, state=wd.load_state(path, empty) or empty, on_chunk=save)
+    stats[part] = (state["g"], state["b"])
+  try:
+    new, info = forgetter.from_gram_stats(w_full, stats["retain"], stats["forget"], plan)
+  except unlearn.SolveError as e:
+    raise unlearn.SolveError(f"{tag}: {e} (config: unlearn.damping, unlearn.solve_dtype)") from e
   seconds = time.perf_counter() - start
-  warning = unlearn.precision_warning(float(cond), dtype)
-  if warning:
-    log.warning("%s: %s", tag, warning)
-  diag = {"solver": "primal", "reason": reason + "; chunked Gram accumulation, resumable",
-          "num_params": int(p), "num_outputs": int(data.train.size * data.num_classes),
-          "condition_number": float(cond), "cg_relative_residual": None,
-          "estimated_bytes": costs["primal"].bytes, "measured_bytes": None,
-          "seconds": seconds, "compile_seconds": compile_seconds,
-          "update_norm": float(u.step_scale) * float(np.linalg.norm(delta)),
-          "costs": {k: dataclasses.asdict(v) for k, v in costs.items()},
-          "precision_warning": warning}
-  return new, diag
+  norm = float(np.linalg.norm(np.asarray(ravel_pytree(new)[0], np.float64)
+                              - np.asarray(ravel_pytree(w_full)[0], np.float64)))
+  diag = unlearn.make_diagnostics(plan, info, update_norm=norm, seconds=seconds,
+                                  compile_seconds=compile_seconds,
+                                  reason_suffix="; chunked Gram accumulation, resumable")
+  return new, diag.as_dict()
 
 
 def _log_softmax(logits: np.ndarray) -> np.ndarray:

@@ -1,31 +1,22 @@
-"""Data-parallel NTK, Gram and training computations with JAX's own SPMD machinery.
+"""Data parallelism: the library's own computations, annotated with shardings (no copies).
 
-One mesh axis, "data", spans every device of every process. Inputs are split over it by
-rows (samples); parameters are replicated. Each computation is a `jax.jit` over
-`NamedSharding`-annotated arrays: every device works on its own rows and XLA inserts the one
-all-reduce that sums the per-device contributions (no hand-written collectives, no
-`shard_map`, no process orchestration of our own). The p×p (primal) solve then runs
-replicated on every device: p is small by construction in Fast-NTK, and a replicated
-Cholesky costs no communication.
+One mesh axis, "data", spans every device of every process. Rows (samples) are split over it,
+parameters are replicated. `data_parallel_sum` runs any function whose outputs are sums over
+rows (`unlearn.solvers.gram_stats`, the primal solver's statistics) on every device's rows:
+the same function, vmapped over a leading device axis that is sharded over "data", inside one
+`jax.jit` whose outputs are replicated, so XLA gives each device a local loop over its rows
+and adds one all-reduce per output (verified in the compiled HLO by tests/test_sharding.py).
+Training steps are partitioned the same way (`sharded_train_step`). The p×p solve then runs
+replicated: p is small by construction in Fast-NTK.
 
-Row layout (why the padding): n is rarely a multiple of the device count, and each device
-streams its rows in fixed-size blocks so the whole data set compiles once. `shard_rows`
-pads the rows to `n_pad = devices · blocks · block_size` by repeating row 0 (a valid input:
-no NaN/inf in padded rows) and returns a 0/1 mask; every reduction multiplies the padded
-rows' contribution by that mask, and every row-shaped output is cut back to n rows.
-Inside a jitted function the padded rows are viewed as [devices, rows_per_device, ...]
-with the leading axis sharded; `jax.vmap` over that axis of a per-device scan gives each
-device a purely local loop (verified in the compiled HLO: the loop carry is one device's
-p×p block, and the only collective is the final all-reduce).
+Row layout: n is rarely a multiple of the device count, and each device streams its rows in
+fixed-size blocks so a data set compiles once. `shard_rows` pads the rows to
+`devices · blocks · block_size` by repeating row 0 (a valid input: no NaN/inf) and returns a
+0/1 mask, which `data_parallel_sum` passes to the function as row weights.
 
-Multi-host: call `maybe_initialize_distributed()` before any other JAX call; arrays are
-then built with `jax.make_array_from_callback`, so every process must hold the same
-(global) host data, which our deterministic, seeded data loading guarantees. Replicated
-outputs (Grams, parameters) are readable on every process; row-sharded outputs (kernel
-rows, jvp rows) span processes and are read with `to_host`.
-
-The public functions mirror `fastntk_jax.ntk` and `fastntk_jax.unlearn` (same arguments
-plus `mesh`) and give the same numbers up to floating-point summation order.
+Multi-host: call `maybe_initialize_distributed()` before any other JAX call; arrays are then
+built with `jax.make_array_from_callback`, so every process must hold the same (global) host
+data, which our deterministic, seeded data loading guarantees.
 """
 
 from __future__ import annotations
@@ -38,12 +29,9 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.flatten_util import ravel_pytree
 from jax.sharding import Mesh
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
-
-from fastntk_jax import ntk
 
 PyTree = Any
 ApplyFn = Callable[[PyTree, jnp.ndarray], jnp.ndarray]
@@ -69,14 +57,8 @@ __all__ = [
     "shard_rows",
     "shard_batch",
     "to_host",
-    "sharded_apply_rows",
-    "sharded_gram",
-    "sharded_kernel",
-    "sharded_jvp_rows",
-    "sharded_vjp_rows",
+    "data_parallel_sum",
     "sharded_train_step",
-    "sharded_gram_stats_fn",
-    "sharded_primal_update",
 ]
 
 
@@ -284,223 +266,68 @@ def to_host(x: jax.Array) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------------------
-# Per-device building blocks (called inside jit, vmapped over the device axis).
+# Running the library's computations over the mesh.
 # --------------------------------------------------------------------------------------
 
 
-def _by_device(x: jnp.ndarray, mesh: Mesh) -> jnp.ndarray:
-  """[n_pad, ...] -> [devices, n_pad / devices, ...], the leading axis on "data".
+def data_parallel_sum(fn: Callable, mesh: Mesh, *, block_size: Optional[int] = None
+                      ) -> Callable:
+  """Runs a row-summing function with the rows split over "data", one all-reduce per output.
 
-  Splitting the sharded axis with the device count as the major factor is a local
-  reshape (no data moves); the constraint pins that layout for the vmapped loops.
+  Args:
+    fn: `(params, x [m, ...], y [m], row_weights [m]) -> pytree of arrays`, each a sum over
+      the rows weighted by `row_weights` (e.g. `unlearn.solvers.gram_stats` with its other
+      options bound). It is called once per device on that device's rows, in blocks of
+      `block_size` if it streams.
+    mesh: a "data" mesh (`make_data_mesh`).
+    block_size: rows per device per block, used to pad the rows (None: all of a device's
+      rows in one block).
+
+  Returns:
+    `run(params, x [n, ...], y [n], row_weights [n] or None)` -> the sums over all n rows,
+    replicated on every device; compiled once per padded shape. `run.lower(...)` lowers
+    the jitted program for the same arguments.
   """
   d = _num_devices(mesh)
-  x = x.reshape((d, x.shape[0] // d) + x.shape[1:])
-  return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P(DATA_AXIS)))
+  rep = NamedSharding(mesh, P())
+  rows = NamedSharding(mesh, P(DATA_AXIS))
 
+  def by_device(a):  # [n_pad, ...] -> [devices, n_pad / devices, ...], a local reshape
+    a = a.reshape((d, a.shape[0] // d) + a.shape[1:])
+    return jax.lax.with_sharding_constraint(a, rows)
 
-def _from_device(x: jnp.ndarray) -> jnp.ndarray:
-  """[devices, rows, ...] -> [devices * rows, ...] (inverse of `_by_device`)."""
-  return x.reshape((x.shape[0] * x.shape[1],) + x.shape[2:])
+  @functools.partial(jax.jit, out_shardings=rep)
+  def summed(params, x, y, weights):
+    parts = jax.vmap(fn, in_axes=(None, 0, 0, 0))(params, by_device(x), by_device(y),
+                                                  by_device(weights))
+    return jax.tree_util.tree_map(lambda a: a.sum(axis=0), parts)
 
+  def place(params, x, y, row_weights=None):
+    n = x.shape[0]
+    _check_rows("y", y, n)
+    # Built on the host, then placed: across processes a placed array cannot be read back.
+    xp, mask = _pad_rows_host(x, d, block_size)
+    if row_weights is not None:
+      _check_rows("row_weights", row_weights, n)
+      mask = mask * _pad_like(np.asarray(row_weights, np.float32), xp)
+    yp = _pad_like(np.asarray(y), xp)  # padded labels carry weight 0
+    return replicate(params, mesh), _put(xp, rows), _put(yp, rows), _put(mask, rows)
 
-def _local_gram(apply_fn, params, x, r, mask, *, block_size, dtype):
-  """One device's Σ_rows J_iᵀJ_i [p, p] and Σ_rows J_iᵀ r_i [p], padded rows masked."""
-  p = ntk.num_params(params)
-  nb = x.shape[0] // block_size
-  blocks = x.reshape((nb, block_size) + x.shape[1:])
-  r_blocks = r.reshape(nb, block_size, -1)
-  m_blocks = mask.reshape(nb, block_size)
-
-  def step(carry, inputs):
-    g, b = carry
-    xb, rb, mb = inputs
-    jb = ntk.jacobian(apply_fn, params, xb).astype(dtype).reshape(block_size, -1, p)
-    jb = jb * mb[:, None, None].astype(dtype)  # padded rows contribute nothing
-    jb2 = jb.reshape(-1, p)
-    g = g + jb2.T @ jb2
-    b = b + jnp.einsum("icp,ic->p", jb, rb.astype(dtype))
-    return (g, b), None
-
-  init = (jnp.zeros((p, p), dtype), jnp.zeros((p,), dtype))
-  (g, b), _ = jax.lax.scan(step, init, (blocks, r_blocks, m_blocks))
-  return g, b
-
-
-def _gram_in_jit(apply_fn, params, x, r, mask, mesh, *, block_size, dtype):
-  """G [p, p], b [p] from row-sharded padded x/r/mask; replicated (one all-reduce)."""
-  g, b = jax.vmap(functools.partial(_local_gram, apply_fn, block_size=block_size, dtype=dtype),
-                  in_axes=(None, 0, 0, 0))(
-                      params, _by_device(x, mesh), _by_device(r, mesh), _by_device(mask, mesh))
-  return g.sum(axis=0), b.sum(axis=0)
-
-
-def _apply_in_jit(apply_fn, params, x, mesh, *, block_size):
-  """Logits [n_pad, C] of row-sharded padded x, rows stay sharded."""
-  out = jax.vmap(lambda xl: ntk.apply_rows(apply_fn, params, xl, batch_size=block_size))(
-      _by_device(x, mesh))
-  return _from_device(out)
-
-
-def _jvp_in_jit(apply_fn, params, x, tangent, mesh, *, block_size):
-  out = jax.vmap(lambda xl: ntk.jvp_rows(apply_fn, params, xl, tangent,
-                                         batch_size=block_size))(_by_device(x, mesh))
-  return _from_device(out)
-
-
-def _vjp_in_jit(apply_fn, params, x, cotangent, mask, mesh, *, block_size):
-  # Zeroing the padded rows' cotangents removes their contribution exactly.
-  u = cotangent * mask[:, None].astype(cotangent.dtype)
-  parts = jax.vmap(lambda xl, ul: ntk.vjp_rows(apply_fn, params, xl, ul,
-                                               batch_size=block_size))(
-                                                   _by_device(x, mesh), _by_device(u, mesh))
-  return jax.tree_util.tree_map(lambda t: t.sum(axis=0), parts)
+  run = lambda *args: summed(*place(*args))
+  run.lower = lambda *args: summed.lower(*place(*args))  # for inspecting the program
+  return run
 
 
 def _pad_like(values, x_padded) -> np.ndarray:
   """Pads per-row `values` [n, ...] with zeros to the padded row count of `x_padded`."""
   values = np.asarray(values)
   pad = x_padded.shape[0] - values.shape[0]
-  if pad < 0:
-    raise ValueError(f"{values.shape[0]} rows of values for {x_padded.shape[0]} padded inputs")
   return np.concatenate([values, np.zeros((pad,) + values.shape[1:], values.dtype)], axis=0)
 
 
 def _check_rows(name: str, a, n: int) -> None:
   if a.shape[0] != n:
     raise ValueError(f"{name} has {a.shape[0]} rows but x has {n}")
-
-
-# --------------------------------------------------------------------------------------
-# Public sharded counterparts of fastntk_jax.ntk.
-# --------------------------------------------------------------------------------------
-
-
-def sharded_apply_rows(apply_fn: ApplyFn, params: PyTree, x, *, mesh: Mesh,
-                       batch_size: Optional[int] = 256) -> jax.Array:
-  """`ntk.apply_rows` with the rows split over "data".
-
-  Args:
-    apply_fn: `(params, x) -> logits [n, C]`.
-    params: pytree (replicated onto the mesh).
-    x: inputs [n, ...].
-    mesh: a "data" mesh.
-    batch_size: rows per device per block.
-
-  Returns:
-    logits [n, C].
-  """
-  n = x.shape[0]
-  xs, _ = shard_rows(x, mesh, block_size=batch_size)
-  bs, _ = _padded_rows(n, _num_devices(mesh), batch_size)
-  fn = jax.jit(lambda w, xx: _apply_in_jit(apply_fn, w, xx, mesh, block_size=bs)[:n])
-  return fn(replicate(params, mesh), xs)
-
-
-def sharded_gram(apply_fn: ApplyFn, params: PyTree, x, residuals, *, mesh: Mesh,
-                 batch_size: Optional[int] = 256,
-                 dtype: Optional[jnp.dtype] = None) -> tuple[jax.Array, jax.Array]:
-  """`ntk.gram` (G = JᵀJ, b = Jᵀr) with the rows split over "data".
-
-  Each device streams its own rows in blocks of `batch_size` (memory per device:
-  p² + batch_size·C·p); the per-device sums are added by one all-reduce.
-
-  Args:
-    apply_fn: `(params, x) -> logits [n, C]`.
-    params: trainable pytree (the linearisation point), p scalars.
-    x: inputs [n, ...].
-    residuals: [n, C].
-    mesh: a "data" mesh.
-    batch_size: rows per device per block.
-    dtype: accumulation dtype; default: the params' dtype.
-
-  Returns:
-    (G [p, p], b [p]), replicated on every device.
-  """
-  n = x.shape[0]
-  _check_rows("residuals", residuals, n)
-  acc = jnp.dtype(dtype) if dtype is not None else jnp.result_type(
-      *jax.tree_util.tree_leaves(params))
-  xs, mask = shard_rows(x, mesh, block_size=batch_size)
-  rs = _put(_pad_like(residuals, xs), NamedSharding(mesh, P(DATA_AXIS)))
-  bs, _ = _padded_rows(n, _num_devices(mesh), batch_size)
-  rep = NamedSharding(mesh, P())
-  fn = jax.jit(lambda w, xx, rr, mm: _gram_in_jit(apply_fn, w, xx, rr, mm, mesh,
-                                                  block_size=bs, dtype=acc),
-               out_shardings=(rep, rep))
-  return fn(replicate(params, mesh), xs, rs, mask)
-
-
-def sharded_kernel(apply_fn: ApplyFn, params: PyTree, x1, x2=None, *, mesh: Mesh,
-                   batch_size: Optional[int] = 256,
-                   implementation: ntk.KernelImplementation | str = "auto") -> jax.Array:
-  """`ntk.empirical_kernel` with the rows (x1) split over "data".
-
-  Every device computes its rows against all of x2 (x2 is replicated): no communication
-  until the result is read. Memory per device: (n1 / devices)·n2·C² plus two blocks'
-  Jacobians.
-
-  Args:
-    apply_fn: `(params, x) -> logits [n, C]`.
-    params: trainable pytree.
-    x1: inputs [n1, ...] (split over devices).
-    x2: inputs [n2, ...] (replicated); default x1.
-    mesh: a "data" mesh.
-    batch_size: rows per block (x1 rows per device per block, and x2 columns per block).
-    implementation: as in `ntk.empirical_kernel`.
-
-  Returns:
-    Kernel [n1, n2, C, C], rows split over devices (use `to_host` across processes).
-  """
-  implementation = ntk.resolve_implementation(implementation)
-  n1 = x1.shape[0]
-  x2 = x1 if x2 is None else x2
-  xs, _ = shard_rows(x1, mesh, block_size=batch_size)
-  x2r = replicate(x2 if isinstance(x2, jax.Array) else np.asarray(x2), mesh)
-  bs, _ = _padded_rows(n1, _num_devices(mesh), batch_size)
-
-  def fn(w, a, b):
-    k = jax.vmap(lambda al: ntk.empirical_kernel(apply_fn, w, al, b, batch_size=bs,
-                                                 implementation=implementation))(
-                                                     _by_device(a, mesh))
-    return _from_device(k)[:n1]
-
-  return jax.jit(fn)(replicate(params, mesh), xs, x2r)
-
-
-def sharded_jvp_rows(apply_fn: ApplyFn, params: PyTree, x, tangent: PyTree, *, mesh: Mesh,
-                     batch_size: Optional[int] = 256) -> jax.Array:
-  """`ntk.jvp_rows` (J v, [n, C]) with the rows split over "data"; `tangent` replicated."""
-  n = x.shape[0]
-  xs, _ = shard_rows(x, mesh, block_size=batch_size)
-  bs, _ = _padded_rows(n, _num_devices(mesh), batch_size)
-  fn = jax.jit(lambda w, xx, t: _jvp_in_jit(apply_fn, w, xx, t, mesh, block_size=bs)[:n])
-  return fn(replicate(params, mesh), xs, replicate(tangent, mesh))
-
-
-def sharded_vjp_rows(apply_fn: ApplyFn, params: PyTree, x, cotangent, *, mesh: Mesh,
-                     batch_size: Optional[int] = 256) -> PyTree:
-  """`ntk.vjp_rows` (Jᵀu, a pytree like params) with the rows split over "data".
-
-  Args:
-    cotangent: [n, C].
-
-  Returns:
-    Pytree like `params`, replicated (the per-device sums are all-reduced).
-  """
-  n = x.shape[0]
-  _check_rows("cotangent", cotangent, n)
-  xs, mask = shard_rows(x, mesh, block_size=batch_size)
-  us = _put(_pad_like(cotangent, xs), NamedSharding(mesh, P(DATA_AXIS)))
-  bs, _ = _padded_rows(n, _num_devices(mesh), batch_size)
-  fn = jax.jit(lambda w, xx, u, m: _vjp_in_jit(apply_fn, w, xx, u, m, mesh, block_size=bs),
-               out_shardings=NamedSharding(mesh, P()))
-  return fn(replicate(params, mesh), xs, us, mask)
-
-
-# --------------------------------------------------------------------------------------
-# Training and the unlearning update.
-# --------------------------------------------------------------------------------------
 
 
 def sharded_train_step(step: Callable, mesh: Mesh) -> Callable:
@@ -529,122 +356,3 @@ def sharded_train_step(step: Callable, mesh: Mesh) -> Callable:
     return step(trained, opt_state, batch_stats, frozen, x, y, mask)
 
   return sharded
-
-
-def sharded_gram_stats_fn(apply_fn: ApplyFn, w_lin: PyTree, *, num_classes: int,
-                          mesh: Mesh, batch_size: Optional[int] = 256,
-                          dtype: Optional[jnp.dtype] = None) -> Callable:
-  """The primal solver's sufficient statistics of a set of labelled rows, rows split.
-
-  For rows (x, y) and residuals E = one_hot(y) − f(w_lin, x), the returned function gives
-  G = JᵀJ and b = JᵀE at w_lin, with optional per-row 0/1 weights (the padding of a
-  fixed-size chunk). Summing its outputs over chunks gives the statistics of a whole set,
-  which is how a resumable, chunked accumulation (pipeline) uses it; `unlearn.primal_solve`
-  turns the statistics of D_r and D_f into Δ. Compiled once per chunk shape.
-
-  Args:
-    apply_fn: `(params, x) -> logits [n, C]`.
-    w_lin: the linearisation point (trainable pytree), replicated onto the mesh once.
-    num_classes: C.
-    mesh: a "data" mesh.
-    batch_size: rows per device per streamed Jacobian block.
-    dtype: accumulation dtype; default: the params' dtype.
-
-  Returns:
-    `stats(x [m, ...], y [m] int, row_weights [m] or None) -> (G [p, p], b [p])`, both
-    replicated on every device.
-  """
-  acc = jnp.dtype(dtype) if dtype is not None else jnp.result_type(
-      *jax.tree_util.tree_leaves(w_lin))
-  w_rep = replicate(w_lin, mesh)
-  rep = NamedSharding(mesh, P())
-  row_sh = NamedSharding(mesh, P(DATA_AXIS))
-
-  @functools.partial(jax.jit, static_argnames="block_size", out_shardings=(rep, rep))
-  def stats_padded(w, x, y, mask, *, block_size):
-    logits = _apply_in_jit(apply_fn, w, x, mesh, block_size=block_size)
-    residuals = jax.nn.one_hot(y, num_classes, dtype=logits.dtype) - logits
-    return _gram_in_jit(apply_fn, w, x, residuals, mask, mesh, block_size=block_size,
-                        dtype=acc)
-
-  def stats(x, y, row_weights=None):
-    n = x.shape[0]
-    _check_rows("y", y, n)
-    # Built on the host, then placed: across processes a placed array cannot be read back.
-    xp, mask = _pad_rows_host(x, _num_devices(mesh), batch_size)
-    if row_weights is not None:
-      _check_rows("row_weights", row_weights, n)
-      mask = mask * _pad_like(np.asarray(row_weights, np.float32), xp)
-    # Padded labels are class 0; their rows carry mask 0, so they never count.
-    ys = _pad_like(np.asarray(y), xp)
-    bs, _ = _padded_rows(n, _num_devices(mesh), batch_size)
-    return stats_padded(w_rep, _put(xp, row_sh), _put(ys, row_sh), _put(mask, row_sh),
-                        block_size=bs)
-
-  return stats
-
-
-def sharded_primal_update(apply_fn: ApplyFn, params_init: PyTree, params: PyTree, *,
-                          retain, forget, num_classes: int, mesh: Mesh,
-                          damping: float = 1e-2, batch_size: Optional[int] = 256,
-                          solve_dtype=None, linearize_at: str = "init",
-                          step_scale: float = 1.0) -> PyTree:
-  """`unlearn.ntk_forget(..., solver="primal")` with the Jacobian work split over "data".
-
-  Δ = (G_r+λI)⁻¹ J_rᵀE_r − (G_r+G_f+λI)⁻¹ (J_rᵀE_r + J_fᵀE_f) (DESIGN.md §2): the logits,
-  G_r, G_f and the Jᵀ E products are computed with the rows of D_r and D_f split over
-  devices (`sharded_gram_stats_fn`); the p×p solves (`unlearn.primal_solve`, the very
-  code the single-device solver uses) run replicated on every device. Inputs are validated
-  exactly as in `ntk_forget` (same messages), before any heavy work.
-
-  Args:
-    apply_fn: `(params, x) -> logits [n, C]` over the trainable pytree only (BatchNorm in
-      inference mode, frozen weights closed over).
-    params_init: w0, the linearisation point (trainable params before fine-tuning).
-    params: w_D, the fine-tuned trainable params.
-    retain: (x_r [n_r, ...], y_r [n_r] int).
-    forget: (x_f [n_f, ...], y_f [n_f] int).
-    num_classes: C.
-    mesh: a "data" mesh (`make_data_mesh`).
-    damping: λ >= 0.
-    batch_size: rows per device per streamed Jacobian block.
-    solve_dtype: dtype of the Grams and solves (e.g. jnp.float64 with x64); default: the
-      params' dtype.
-    linearize_at: "init" (w0, default) | "trained" (w_D), as in `ntk_forget`.
-    step_scale: multiplies Δ (1.0 = the exact update).
-
-  Returns:
-    Pytree with the structure, shapes and dtypes of `params`: w_D + step_scale·Δ,
-    replicated on every device.
-  """
-  from fastntk_jax import unlearn  # pylint: disable=g-import-not-at-top
-  # The same validation as ntk_forget (a private helper of the sibling module, reused so
-  # that both entry points reject bad input with identical messages).
-  _, x_r, y_r, x_f, y_f, solve_dtype = unlearn._validate(  # pylint: disable=protected-access
-      apply_fn, params_init, params, retain, forget, num_classes, damping, "primal",
-      solve_dtype)
-  try:
-    linearize_at = unlearn.LinearizationPoint(linearize_at)
-  except ValueError:
-    raise ValueError(f"unknown linearize_at {linearize_at!r}; choose 'init' or 'trained'"
-                     ) from None
-  if batch_size is not None and (not isinstance(batch_size, (int, np.integer)) or batch_size < 1):
-    raise ValueError(f"batch_size must be a positive int or None, got {batch_size!r}")
-  w_lin = params_init if linearize_at == unlearn.LinearizationPoint.INIT else params
-  flat, unravel = ravel_pytree(w_lin)
-  sdtype = jnp.dtype(solve_dtype) if solve_dtype is not None else flat.dtype
-  stats = sharded_gram_stats_fn(apply_fn, w_lin, num_classes=num_classes, mesh=mesh,
-                                batch_size=batch_size, dtype=sdtype)
-  g_r, b_r = stats(x_r, y_r)
-  g_f, b_f = stats(x_f, y_f)
-  rep = NamedSharding(mesh, P())
-
-  @functools.partial(jax.jit, out_shardings=rep)
-  def solve_and_apply(params, g_r, b_r, g_f, b_f, lam):
-    delta, _ = unlearn.primal_solve(g_r, b_r, g_f, b_f, lam)
-    delta = unravel(delta.astype(flat.dtype))
-    return jax.tree_util.tree_map(
-        lambda w, d: (w + step_scale * d.astype(w.dtype)).astype(w.dtype), params, delta)
-
-  lam = replicate(jnp.asarray(damping, sdtype), mesh)
-  return solve_and_apply(replicate(params, mesh), g_r, b_r, g_f, b_f, lam)
