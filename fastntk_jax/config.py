@@ -265,3 +265,160 @@ def load_config_file(path: str) -> ml_collections.ConfigDict:
     return module.get_config(arg) if arg is not None else module.get_config()
   except (AttributeError, KeyError) as e:  # a misspelt field of the locked ConfigDict
     raise ValueError(f"config file {path!r}: {e}") from None
+
+
+# --------------------------------------------------------------------------------------------------
+# Command-line overrides: --config.a.b=value (fastntk_jax.main)
+# --------------------------------------------------------------------------------------------------
+
+_NONE_WORDS = ("none", "null")
+_TRUE_WORDS = ("true", "yes", "on", "1")
+_FALSE_WORDS = ("false", "no", "off", "0")
+_FREE_FORM = ("model.options",)  # groups whose keys are free (get_model(**options))
+
+
+class ConfigOverrideError(ValueError):
+  """A `--config.field=value` override that names no field or whose value does not parse."""
+
+
+def _literal(raw: str):
+  import ast  # pylint: disable=g-import-not-at-top
+  try:
+    return ast.literal_eval(raw.strip())
+  except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+    return raw
+
+
+def _literal_sequence(raw: str) -> list:
+  """'(0, 1)', '[0,1]', '0,1', '3' or 'full,retrain' -> a list (elements parsed as literals)."""
+  value = _literal(raw)
+  if isinstance(value, (tuple, list)):
+    return list(value)
+  if not isinstance(value, str):  # a single number, bool or None
+    return [value]
+  text = raw.strip()
+  if text[:1] + text[-1:] in ("()", "[]"):
+    text = text[1:-1]
+  parts = [p.strip() for p in text.split(",")]
+  if parts and parts[-1] == "":  # '(a,)'
+    parts = parts[:-1]
+  return [_literal(p) for p in parts if p or len(parts) > 1]
+
+
+def parse_override_value(field: str, raw: str | None, kind: type, current: Any) -> Any:
+  """Parses the text of `--config.<field>=<raw>` for a field of type `kind`.
+
+  `raw` None means the flag was given without a value (only booleans: true). Any field may
+  be set to None with 'None'; `validate` then decides whether None is allowed there.
+  """
+  flag = f"--config.{field}" + ("" if raw is None else f"={raw}")
+
+  def bad(expected: str):
+    return ConfigOverrideError(f"{flag}: config.{field} expects {expected}, got {raw!r}")
+
+  if raw is None:
+    if kind is bool:
+      return True
+    raise ConfigOverrideError(f"{flag}: config.{field} needs a value, e.g. --config.{field}=...")
+  text = raw.strip()
+  if text.lower() in _NONE_WORDS:
+    return None
+  if kind is bool:
+    if text.lower() in _TRUE_WORDS:
+      return True
+    if text.lower() in _FALSE_WORDS:
+      return False
+    raise bad("true or false")
+  if kind is int:
+    value = _literal(text)
+    if isinstance(value, bool) or not isinstance(value, int):
+      raise bad("an int")
+    return value
+  if kind is float:
+    value = _literal(text)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+      try:
+        value = float(text)  # 'inf', 'nan'
+      except ValueError:
+        raise bad("a number") from None
+    return float(value)
+  if kind is str:
+    return raw
+  if kind in (tuple, list):
+    opened, closed = text[:1] in "([", text[-1:] in ")]"
+    if opened != closed or (opened and text[:1] + text[-1:] not in ("()", "[]")):
+      raise bad("a list such as '(3,)', '[3, 4]' or '3,4'")
+    return kind(_literal_sequence(raw))
+  if isinstance(current, ml_collections.ConfigDict) or kind is dict:
+    value = _literal(text)
+    if not isinstance(value, dict):
+      raise bad("a dict such as \"{'key': value}\"")
+    return value
+  return _literal(raw)  # a field that is None by default: any Python literal, else the text
+
+
+def _did_you_mean(key: str, options) -> str:
+  import difflib  # pylint: disable=g-import-not-at-top
+  close = difflib.get_close_matches(key, [str(o) for o in options], n=1, cutoff=0.6)
+  return f"; did you mean {close[0]!r}?" if close else ""
+
+
+def apply_overrides(cfg: ml_collections.ConfigDict, overrides) -> ml_collections.ConfigDict:
+  """Applies `[(field, raw_text_or_None), ...]` from `--config.field=raw` flags, in order.
+
+  Every field of the config can be set, lists and tuples too ('(0,1)', '[3]', '3' or '0,1');
+  a group's free-form keys (`model.options`) can be added. Raises `ConfigOverrideError`
+  (a ValueError) with one line naming the flag and what it expects.
+  """
+  for field, raw in overrides:
+    flag = f"--config.{field}" + ("" if raw is None else f"={raw}")
+    parts = field.split(".")
+    if not field or any(not p for p in parts):
+      raise ConfigOverrideError(f"{flag}: empty config field name")
+    node, walked = cfg, []
+    for key in parts[:-1]:
+      if not isinstance(node, ml_collections.ConfigDict):
+        raise ConfigOverrideError(f"{flag}: config.{'.'.join(walked)} is a value, not a group "
+                                  "of fields")
+      if key not in node:
+        where = "config" + "".join(f".{w}" for w in walked)
+        raise ConfigOverrideError(
+            f"{flag}: unknown config field {'.'.join(walked + [key])!r}"
+            f"{_did_you_mean(key, node.keys())} ({where} has {sorted(node.keys())})")
+      node = node[key]
+      walked.append(key)
+    key = parts[-1]
+    group = ".".join(walked)
+    if not isinstance(node, ml_collections.ConfigDict):
+      raise ConfigOverrideError(f"{flag}: config.{group} is a value, not a group of fields")
+    free_form = group in _FREE_FORM
+    if key not in node:
+      if not free_form:
+        where = "config" + "".join(f".{w}" for w in walked)
+        raise ConfigOverrideError(
+            f"{flag}: unknown config field {field!r}{_did_you_mean(key, node.keys())} "
+            f"({where} has {sorted(node.keys())})")
+      value = None if raw is None else _literal(raw)
+      with node.unlocked():
+        node[key] = value
+      continue
+    current = node[key]
+    if isinstance(current, ml_collections.ConfigDict) and field not in _FREE_FORM:
+      raise ConfigOverrideError(
+          f"{flag}: config.{field} is a group of fields; set one of them, e.g. "
+          f"--config.{field}.{sorted(current.keys())[0] if current.keys() else 'name'}=...")
+    kind = node.get_type(key)
+    value = parse_override_value(field, raw, kind, current)
+    try:
+      if isinstance(current, ml_collections.ConfigDict):  # model.options: a whole new dict
+        with node.unlocked():
+          node[key] = ml_collections.ConfigDict(value)
+      elif free_form:
+        with node.unlocked():
+          node[key] = value
+      else:
+        node[key] = value
+    except (TypeError, ValueError, KeyError) as e:
+      raise ConfigOverrideError(f"{flag}: cannot set config.{field}: "
+                                f"{' '.join(str(e).split())}") from None
+  return cfg
