@@ -239,8 +239,8 @@ class Diagnostics:
       (device stats, or the process's peak RSS on CPU); None where unknown.
     seconds: wall-clock of the compiled update. compile_seconds: tracing and compiling.
     update_norm: ‖step_scale·Δ‖₂. costs: every solver's predicted cost.
-    precision_warning: set when κ·ε of the solve dtype exceeds 1, or the logits are
-      narrower than the solve dtype (`Plan.notes`).
+    precision_warning: set when κ·ε exceeds 1, ε that of the solve dtype or of the logits
+      when they are narrower (`plan.precision_warning`).
   """
   solver: str
   reason: str
@@ -268,9 +268,9 @@ def make_diagnostics(plan: plan_lib.Plan, info: solvers.SolveInfo, *, update_nor
   """The `Diagnostics` of a finished update (shared by every path that reports one)."""
   cond = float(info.condition_number)
   cond = None if np.isnan(cond) else cond
-  warnings = [w for w in (plan_lib.precision_warning(cond, plan.solve_dtype), *plan.notes) if w]
-  for w in warnings[:1]:
-    log.warning("ntk_forget: %s", w)
+  warning = plan_lib.precision_warning(cond, plan.solve_dtype, plan.logits_dtype)
+  if warning:
+    log.warning("ntk_forget: %s", warning)
   return Diagnostics(
       solver=plan.solver.value, reason=plan.reason + reason_suffix,
       kernel=plan.kernel.value if plan.kernel is not None else None,
@@ -280,7 +280,7 @@ def make_diagnostics(plan: plan_lib.Plan, info: solvers.SolveInfo, *, update_nor
       converged=bool(info.converged), estimated_bytes=plan.costs[plan.solver.value].bytes,
       measured_bytes=measured_bytes, seconds=seconds, compile_seconds=compile_seconds,
       update_norm=update_norm, costs={k: dataclasses.asdict(v) for k, v in plan.costs.items()},
-      precision_warning="; ".join(warnings) or None)
+      precision_warning=warning)
 
 
 def peak_memory_probe() -> Callable[[], Optional[int]]:

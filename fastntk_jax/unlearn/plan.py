@@ -187,33 +187,44 @@ def available_memory_bytes() -> int:
 PRECISION_WARNING_THRESHOLD = 1.0
 
 
-def precision_warning(condition_number: Optional[float], dtype) -> Optional[str]:
+def precision_warning(condition_number: Optional[float], dtype,
+                      logits_dtype=None) -> Optional[str]:
   """A message when the solve's round-off bound κ·ε exceeds `PRECISION_WARNING_THRESHOLD`.
 
   A Cholesky solve in a dtype with machine epsilon ε loses up to κ·ε of relative accuracy
-  (κ = condition number of the matrix it inverts).
+  (κ = condition number of the matrix it inverts). Jacobians of logits computed in a narrower
+  dtype than the solve carry that dtype's ε into the matrix, whatever the solve dtype.
 
   Args:
     condition_number: κ of the matrix the solver inverts (None: nothing to say).
     dtype: dtype of the solve.
+    logits_dtype: dtype of the network's logits (None: as the solve's).
 
   Returns:
     The message, or None.
   """
   if condition_number is None or np.isnan(condition_number):
     return None
-  eps = float(jnp.finfo(jnp.dtype(dtype)).eps)
+  dtype = jnp.dtype(dtype)
+  source = dtype
+  if logits_dtype is not None and jnp.finfo(logits_dtype).eps > jnp.finfo(dtype).eps:
+    source = jnp.dtype(logits_dtype)
+  eps = float(jnp.finfo(source).eps)
   bound = condition_number * eps
   if bound <= PRECISION_WARNING_THRESHOLD:
     return None
-  remedy = ("pass solve_dtype=jnp.float64 (with JAX_ENABLE_X64=1) or increase damping"
-            if jnp.dtype(dtype) != jnp.float64 else "increase damping")
+  if source != dtype:
+    what = f"apply_fn's {source.name} logits (their Jacobians' round-off)"
+    remedy = "compute the logits in float64 too, or increase damping"
+  else:
+    what = dtype.name
+    remedy = ("pass solve_dtype=jnp.float64 (with JAX_ENABLE_X64=1) or increase damping"
+              if dtype != jnp.float64 else "increase damping")
   if np.isinf(condition_number):
-    return (f"the matrix the solver inverts is numerically singular in {jnp.dtype(dtype).name} "
+    return (f"the matrix the solver inverts is numerically singular in {dtype.name} "
             f"(an eigenvalue <= 0 after round-off): the update may be meaningless; {remedy}")
-  return (f"condition number {condition_number:.3g} x {jnp.dtype(dtype).name} epsilon "
-          f"{eps:.2g} = {bound:.2g}: the update may be inaccurate by up to that relative "
-          f"amount; {remedy}")
+  return (f"condition number {condition_number:.3g} x {what} epsilon {eps:.2g} = "
+          f"{bound:.2g}: the update may be inaccurate by up to that relative amount; {remedy}")
 
 
 def _gib(n: float) -> str:
@@ -287,7 +298,8 @@ class Plan:
     kernel: the dual's kernel implementation as resolved (None for primal and cg).
     cg_maxiter: cg's iteration cap for the largest of its systems.
     costs: {solver value: SolverCost}, predicted.
-    notes: precision notes (e.g. logits narrower than the solve dtype), also logged.
+    logits_dtype: dtype of apply_fn's logits (when narrower than the solve dtype, the
+      Jacobians carry its round-off: `precision_warning`).
   """
   solver: Solver
   reason: str
@@ -299,7 +311,7 @@ class Plan:
   kernel: Optional[KernelImplementation]
   cg_maxiter: int
   costs: dict
-  notes: tuple = ()
+  logits_dtype: Any = None
 
   @property
   def num_outputs(self) -> int:
@@ -342,20 +354,11 @@ def make_plan(apply_fn: ApplyFn, w_lin: PyTree, retain, forget, *, options,
   name, reason = choose_solver(costs, budget, options.solver, excluded)
   solver = Solver(name)
   kernel = ntk.resolve_implementation(options.kernel_impl) if solver == Solver.DUAL else None
-  notes = []
   logits = jax.eval_shape(apply_fn, w_lin, jax.ShapeDtypeStruct((1,) + x_r.shape[1:], x_r.dtype))
   if logits.shape != (1, c):
     raise ValueError(f"apply_fn(params, x[:1]) returned shape {logits.shape}; expected "
                      f"(1, num_classes={c}): logits must be [n, C]")
-  if jnp.dtype(logits.dtype).itemsize < jnp.dtype(solve_dtype).itemsize:
-    notes.append(f"apply_fn returns {jnp.dtype(logits.dtype).name} logits: the Jacobians carry "
-                 f"{jnp.dtype(logits.dtype).name} round-off (eps "
-                 f"{float(jnp.finfo(logits.dtype).eps):.1e}) whatever the "
-                 f"{jnp.dtype(solve_dtype).name} solve; the update's relative error can reach "
-                 "condition number x that eps")
-  for note in notes:
-    log.warning("ntk_forget: %s", note)
   log.info("ntk_forget: solver=%s (%s); p=%d, n*C=%d", name, reason, p, (n_r + n_f) * c)
   return Plan(solver=solver, reason=reason, num_params=p, num_retain=n_r, num_forget=n_f,
               num_classes=c, solve_dtype=jnp.dtype(solve_dtype), kernel=kernel,
-              cg_maxiter=cg_budget, costs=costs, notes=tuple(notes))
+              cg_maxiter=cg_budget, costs=costs, logits_dtype=jnp.dtype(logits.dtype))
