@@ -32,7 +32,11 @@ def _stats(values) -> dict:
 
 
 def versions() -> dict:
+  """Versions of the packages a run used. neural-tangents counts only when it imports (its
+  kernel is then the dual solver's); an installed copy that fails to import on this JAX is
+  listed apart, as `neural-tangents (not importable)`."""
   import importlib.metadata as md  # pylint: disable=g-import-not-at-top
+  from fastntk_jax import ntk  # pylint: disable=g-import-not-at-top
   out = {"python": platform.python_version()}
   for pkg in ("jax", "jaxlib", "flax", "optax", "neural-tangents", "tensorflow-datasets",
               "orbax-checkpoint", "numpy"):
@@ -40,6 +44,9 @@ def versions() -> dict:
       out[pkg] = md.version(pkg)
     except md.PackageNotFoundError:
       out[pkg] = None
+  if out["neural-tangents"] is not None and not ntk.neural_tangents_available():
+    out["neural-tangents (not importable)"] = out["neural-tangents"]
+    out["neural-tangents"] = None
   return out
 
 
@@ -76,6 +83,7 @@ def build_results(cfg, data, model, pretrained, per_seed: dict) -> dict:
     if name == "fastntk":
       diags = [r.get("diagnostics", {}) for r in runs]
       entry["solver"] = diags[0].get("solver")
+      entry["kernel"] = diags[0].get("kernel")  # the dual's kernel that ran (None otherwise)
       entry["condition_number"] = _stats([d.get("condition_number") for d in diags])
       entry["update_norm"] = _stats([d.get("update_norm") for d in diags])
       timing["fastntk_diagnostics"] = {str(s): d for s, d in zip(seeds, diags)}
@@ -131,7 +139,8 @@ def markdown(results: dict) -> str:
     f = results["methods"]["fastntk"]
     comp = [d.get("compile_seconds") for d in results["timing"]["fastntk_diagnostics"].values()]
     comp = [c for c in comp if c is not None]
-    lines += [f"Fast-NTK solver: {f.get('solver')}; condition number "
+    kernel = f" (kernel: {f['kernel']})" if f.get("kernel") else ""
+    lines += [f"Fast-NTK solver: {f.get('solver')}{kernel}; condition number "
               f"{_fmt(f.get('condition_number'), 0)}; damping "
               f"{results['protocol']['unlearn']['damping']}; its time excludes XLA compilation"
               + (f" ({np.mean(comp):.1f} s per seed)" if comp else "") + ".", ""]

@@ -46,8 +46,10 @@ def _check(workdir):
   with open(os.path.join(workdir, "results.json")) as f:
     res = json.load(f)
   assert set(res["methods"]) == {"full", "retrain", "fastntk", "max_loss", "random_label"}
+  forget = res["data"]["counts"]["forget"]
   for entry in res["methods"].values():
-    assert 0 <= entry["acc_forget"]["mean"] <= 100
+    correct = entry["acc_forget"]["mean"] * forget / 100.0  # k of the forget images
+    assert abs(correct - round(correct)) < 1e-6 and 0 <= round(correct) <= forget
   return res
 
 

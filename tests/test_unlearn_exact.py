@@ -102,7 +102,9 @@ def test_update_maps_full_ridge_solution_to_retain_ridge_solution(solver, regime
 
 
 def test_printed_sign_of_eq1_does_not_reach_retrain():
-  """The commonly printed V = (Y_f - f0) is wrong: flipping it must miss w_r (guards the sign)."""
+  """The library's update is Eq. (1) with V = (f0 - Y_f) + ...; the commonly printed
+  V = (Y_f - f0) + ... misses w_r. Both are written out here with NumPy; the library must
+  equal the first (guards the sign)."""
   with enable_x64():
     c, lam = 3, 1e-3
     model, x_r, y_r, x_f, y_f, w0 = make_problem(4, 2, c, pa=12, pw=16)
@@ -118,11 +120,20 @@ def test_printed_sign_of_eq1_does_not_reach_retrain():
     m = np.linalg.inv(k(phi_f, phi_f) + lam * np.eye(len(phi_f))
                       - k(phi_f, phi_r) @ np.linalg.solve(kr, k(phi_r, phi_f)))
     proj = np.eye(model.p) - phi_r.T @ np.linalg.solve(kr, phi_r)
-    for sign, should_match in ((-1.0, True), (+1.0, False)):
+    by_sign = {}
+    for sign in (-1.0, +1.0):
       v = sign * e_f + k(phi_f, phi_r) @ np.linalg.solve(kr, e_r)
-      w = w_full + proj @ phi_f.T @ m @ v
-      rel = np.linalg.norm(w - w_retrain) / np.linalg.norm(w_retrain)
-      assert (rel < 1e-10) == should_match, (sign, rel)
+      by_sign[sign] = w_full + proj @ phi_f.T @ m @ v
+    rel = lambda a, b: np.linalg.norm(a - b) / np.linalg.norm(b)
+    assert rel(by_sign[-1.0], w_retrain) < 1e-10 and rel(by_sign[+1.0], w_retrain) > 0.1
+    for solver in SOLVERS:
+      new = unlearn.ntk_forget(model.apply, model.unravel(w0), model.unravel(w_full),
+                               retain=(jnp.asarray(x_r), jnp.asarray(y_r)),
+                               forget=(jnp.asarray(x_f), jnp.asarray(y_f)), num_classes=c,
+                               damping=lam, solver=solver)
+      got = np.concatenate([np.asarray(new["a"]).reshape(-1), np.asarray(new["b"]["bias"]),
+                            np.asarray(new["b"]["w"])])
+      assert rel(got, by_sign[-1.0]) < 1e-8 and rel(got, by_sign[+1.0]) > 0.1, solver
 
 
 @pytest.mark.parametrize("solver", SOLVERS)

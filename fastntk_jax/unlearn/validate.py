@@ -125,11 +125,12 @@ def allowed_solvers(solver: Solver, damping, *, num_params: int, num_outputs: in
                     cg_budget: int, cg_dim: int) -> dict[str, str]:
   """The one damping rule, and cg's budget rule: which solvers may run.
 
-  λ = 0 (concrete) leaves the ridge systems without regularisation: only the dual inverts
-  Θ + λI, which can be invertible when p >= n·C; the primal's Grams (p × p, rank <= n_r·C)
-  and cg's parameter-space systems then are singular, and the stream (primal) loses rank with
-  every request. `auto` skips cg when its iteration budget is below the system's dimension
-  (the exact-arithmetic bound), since it could then stop before its tolerance.
+  λ = 0 (concrete) leaves the ridge systems without regularisation: they are solvable only
+  in output space, where Θ (n·C × n·C) can be invertible when p >= n·C. The primal's Grams
+  (p × p, rank <= n_r·C < p) are then singular, and so is cg's parameter-space system, which
+  cg uses when p <= n·C; the stream (primal) loses rank with every request. `auto` skips cg
+  when its iteration budget is below the system's dimension (the exact-arithmetic bound),
+  since it could then stop before its tolerance.
 
   Returns:
     {solver value: why `auto` must not pick it}.
@@ -143,10 +144,11 @@ def allowed_solvers(solver: Solver, damping, *, num_params: int, num_outputs: in
       raise ValueError(
           f"damping=0 makes the system singular: p={num_params} trainable parameters < "
           f"n*C={num_outputs} outputs, so the kernel has rank <= p; use damping > 0")
-    why = ("damping=0 leaves its p x p Gram singular (rank <= n_r*C <= p); use solver='dual' "
+    why = ("damping=0 leaves its p x p Gram singular (rank <= n_r*C < p); use solver='dual' "
            "or damping > 0")
     excluded[Solver.PRIMAL.value] = why
-    excluded[Solver.CG.value] = why
+    if num_params <= num_outputs:  # cg would work in parameter space
+      excluded[Solver.CG.value] = why
   if cg_budget < cg_dim:
     excluded.setdefault(Solver.CG.value, f"cg_maxiter={cg_budget} is below the system's "
                         f"dimension {cg_dim}, so it may stop before its tolerance")
