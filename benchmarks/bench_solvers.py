@@ -111,11 +111,15 @@ def worker(cfg: dict) -> dict:
     return out
   np.save(cfg["delta_path"], out.pop("delta"))
   if cfg["solver"] in cfg["diagnostics_solvers"]:
-    _, diag = unlearn.ntk_forget_with_diagnostics(
-        apply_fn, p0, p1, retain=(xr, yr), forget=(xf, yf), check_finite=False, **kwargs)
-    out.update(diag_seconds=diag.seconds, condition_number=diag.condition_number,
-               cg_relative_residual=diag.cg_relative_residual,
-               estimated_bytes=diag.estimated_bytes, measured_bytes=diag.measured_bytes)
+    try:
+      _, diag = unlearn.ntk_forget_with_diagnostics(
+          apply_fn, p0, p1, retain=(xr, yr), forget=(xf, yf), **kwargs)
+    except unlearn.SolveError as e:  # non-finite, or cg short of its tolerance: recorded
+      out.update(solve_error=str(e), estimated_bytes=costs[cfg["solver"]].bytes)
+    else:
+      out.update(diag_seconds=diag.seconds, condition_number=diag.condition_number,
+                 cg_relative_residual=diag.cg_relative_residual, converged=diag.converged,
+                 estimated_bytes=diag.estimated_bytes, measured_bytes=diag.measured_bytes)
   else:
     out["estimated_bytes"] = costs[cfg["solver"]].bytes
   return out

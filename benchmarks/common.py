@@ -358,7 +358,8 @@ def time_jitted(fn: Callable, args: tuple, *, repeat_below_s: float = 30.0) -> d
 
 def time_ntk_forget(apply_fn: Callable, params_init, params, retain: tuple, forget: tuple,
                     **kwargs) -> dict:
-  """Times `jax.jit(unlearn.ntk_forget)` (see `time_jitted`) and measures its update.
+  """Times the jitted Fast-NTK update (`Forgetter.forget_with_info`, see `time_jitted`) and
+  measures it; a cg capped below its tolerance is timed and recorded, not raised.
 
   Args:
     apply_fn, params_init, params: as for `ntk_forget`.
@@ -366,25 +367,28 @@ def time_ntk_forget(apply_fn: Callable, params_init, params, retain: tuple, forg
     **kwargs: the other `ntk_forget` arguments.
 
   Returns:
-    {"status": "refused", "message"} when `ntk_forget` refuses for memory; otherwise
-    `time_jitted`'s timings plus "delta" (new - params, flat float64 numpy),
-    "update_norm" and "finite".
+    {"status": "refused", "message"} when the plan refuses for memory; otherwise
+    `time_jitted`'s timings plus "delta" (new - params, flat float64 numpy), "update_norm",
+    "finite" and "converged" (cg reached its tolerance; True for the direct solvers).
   """
   import numpy as np  # pylint: disable=g-import-not-at-top
   from jax.flatten_util import ravel_pytree  # pylint: disable=g-import-not-at-top
   from fastntk_jax import unlearn  # pylint: disable=g-import-not-at-top
+  num_classes = kwargs.pop("num_classes")
+  forgetter = unlearn.make_forgetter(apply_fn, num_classes=num_classes, **kwargs)
 
   def forget_fn(a, b, xr, yr, xf, yf):
-    return unlearn.ntk_forget(apply_fn, a, b, retain=(xr, yr), forget=(xf, yf), **kwargs)
+    new, info, _ = forgetter.forget_with_info(a, b, (xr, yr), (xf, yf))
+    return new, info
 
   try:
     t = time_jitted(forget_fn, (params_init, params, *retain, *forget), repeat_below_s=5.0)
   except unlearn.InsufficientMemoryError as e:
     return {"status": "refused", "message": str(e)}
-  new = t.pop("out")
+  new, info = t.pop("out")
   delta = np.asarray(ravel_pytree(new)[0] - ravel_pytree(params)[0], np.float64)
   t.update(delta=delta, update_norm=float(np.linalg.norm(delta)),
-           finite=bool(np.all(np.isfinite(delta))))
+           finite=bool(np.all(np.isfinite(delta))), converged=bool(info.converged))
   return t
 
 

@@ -68,7 +68,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.unlearn.batch_size = 128  # rows per streamed Jacobian/kernel block
   c.unlearn.checkpoint_rows = 256  # primal: samples per checkpointed Gram chunk (resumable)
   c.unlearn.kernel_impl = "auto"  # "auto" | "neural_tangents" | "jax"
-  c.unlearn.linearize_at = "init"  # "init" (w0, DESIGN.md §1) | "trained"
+  c.unlearn.linearize_at = "init"  # "init" (w0, docs/derivation.md §3) | "trained"
   c.unlearn.step_scale = 1.0  # 1.0 = the exact update
   c.unlearn.solve_dtype = "float32"  # "float32" | "float64" (float64 enables jax x64)
 

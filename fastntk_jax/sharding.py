@@ -56,7 +56,6 @@ __all__ = [
     "replicate",
     "shard_rows",
     "shard_batch",
-    "to_host",
     "data_parallel_sum",
     "sharded_train_step",
 ]
@@ -196,21 +195,15 @@ def replicate(tree: PyTree, mesh: Mesh) -> PyTree:
   return jax.tree_util.tree_map(lambda x: _put(x, rep), tree)
 
 
-def _padded_rows(n: int, devices: int, block_size: Optional[int]) -> tuple[int, int]:
-  """(rows per device per block, blocks per device) covering n rows on `devices`."""
-  per_device = max(1, -(-n // devices))
-  bs = per_device if not block_size or block_size >= per_device else int(block_size)
-  return bs, -(-per_device // bs)
-
-
 def _pad_rows_host(x, devices: int, block_size: Optional[int]) -> tuple[np.ndarray, np.ndarray]:
   """Host-side padding of `shard_rows`: (x padded with row 0 [n_pad, ...], mask [n_pad])."""
   xp = np.asarray(x)
   n = xp.shape[0]
   if n == 0:
     raise ValueError("shard_rows: the array has no rows")
-  bs, nb = _padded_rows(n, devices, block_size)
-  n_pad = devices * nb * bs
+  per_device = max(1, -(-n // devices))
+  bs = per_device if not block_size or block_size >= per_device else int(block_size)
+  n_pad = devices * -(-per_device // bs) * bs  # devices x blocks x rows per block
   if n_pad > n:
     xp = np.concatenate([xp, np.repeat(xp[:1], n_pad - n, axis=0)], axis=0)
   return xp, (np.arange(n_pad) < n).astype(np.float32)
@@ -255,14 +248,6 @@ def shard_batch(tree: PyTree, mesh: Mesh) -> PyTree:
     return _put(x, sh)
 
   return jax.tree_util.tree_map(put, tree)
-
-
-def to_host(x: jax.Array) -> np.ndarray:
-  """A global array as numpy on this process (gathers row shards held by other processes)."""
-  if jax.process_count() == 1 or x.is_fully_addressable or x.is_fully_replicated:
-    return np.asarray(x)
-  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
 # --------------------------------------------------------------------------------------

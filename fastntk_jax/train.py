@@ -9,7 +9,7 @@ BatchNorm running statistics are handled explicitly by `bn_mode`:
   * "train" (the default for fine-tuning Full/Retrain, as in ordinary fine-tuning): BN
     uses batch statistics and updates the running ones (momentum 0.9); the returned
     `batch_stats` are the updated ones and are what the fine-tuned model is evaluated with.
-    The NTK, however, is always taken at w0 with the *pre-trained* statistics (DESIGN.md
+    The NTK, however, is always taken at w0 with the *pre-trained* statistics (docs/derivation.md
     §1); measured on digits, that combination forgets best (see README "Sensitivity").
 """
 
@@ -41,7 +41,7 @@ def per_example_loss(logits: jnp.ndarray, labels: jnp.ndarray, num_classes: int,
                      loss: str) -> jnp.ndarray:
   """Per-example loss [n].
 
-  "mse" is the loss Eq. (1) is derived for: 0.5·||f(x) - one_hot(y)||² (DESIGN.md §1).
+  "mse" is the loss Eq. (1) is derived for: 0.5·||f(x) - one_hot(y)||² (docs/derivation.md §1).
   "ce" is softmax cross-entropy.
   """
   if loss == "mse":

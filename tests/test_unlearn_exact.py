@@ -1,4 +1,4 @@
-"""Exactness of the Fast-NTK update on models linear in their parameters (DESIGN.md §1).
+"""Exactness of the Fast-NTK update on models linear in their parameters (docs/derivation.md §1).
 
 For f(w, x) = Φ(x) w the linearisation is exact, so the update applied to the ridge
 solution on D must return the ridge solution on D_r. The ridge solutions are computed here
