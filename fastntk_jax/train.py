@@ -200,9 +200,20 @@ def fit_collections(model, trained: dict, frozen: dict, split, spec: TrainSpec,
       for e, h in enumerate(history):
         if progress is not None:
           progress(e, h)
+  # Train-mode BatchNorm takes its statistics over every row of a batch: the last batch then
+  # holds only its real rows (no padding), at the cost of one more compiled shape.
+  batch_statistics = spec.bn_mode == "train" and batch_stats is not None
+  devices = 1 if mesh is None else int(mesh.size)
   for epoch in range(first_epoch, spec.epochs):
     total, count = 0.0, 0.0
-    for b in data_lib.iterate_batches(split, spec.batch_size, seed=seed, epoch=epoch):
+    for b in data_lib.iterate_batches(split, spec.batch_size, seed=seed, epoch=epoch,
+                                      remainder="partial" if batch_statistics else "pad"):
+      if b.x.shape[0] % devices:
+        # A mesh splits a batch evenly: the few rows beyond a multiple of the device count
+        # wait for a later epoch (the shuffle differs per epoch).
+        b = data_lib.Batch(*(a[:b.x.shape[0] - b.x.shape[0] % devices] for a in b))
+        if not b.x.shape[0]:
+          continue
       trained, opt_state, batch_stats, loss = step(trained, opt_state, batch_stats,
                                                    frozen, b.x, b.y, b.mask)
       total += float(loss) * float(b.mask.sum())

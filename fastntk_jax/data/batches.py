@@ -11,7 +11,7 @@ import numpy as np
 
 from fastntk_jax.data import schema
 
-REMAINDERS = ("pad", "drop")
+REMAINDERS = ("pad", "drop", "partial")
 
 
 class Batch(NamedTuple):
@@ -32,7 +32,7 @@ class Batch(NamedTuple):
 def num_batches(n: int, batch_size: int, remainder: str = "pad") -> int:
   """Number of batches :func:`iterate_batches` yields for ``n`` examples."""
   _check_batch_args(batch_size, remainder)
-  return math.ceil(n / batch_size) if remainder == "pad" else n // batch_size
+  return n // batch_size if remainder == "drop" else math.ceil(n / batch_size)
 
 
 def _check_batch_args(batch_size: int, remainder: str) -> None:
@@ -51,7 +51,9 @@ def iterate_batches(data: schema.Split | tuple[np.ndarray, np.ndarray], batch_si
   incomplete batch is either padded (``remainder="pad"``, the default: no example is ever
   dropped, which matters for small D_f, and ``mask`` marks the padding) or dropped
   (``remainder="drop"``: every example of an epoch still appears at most once; ``mask`` is all
-  ones; an epoch with n < batch_size yields nothing).
+  ones; an epoch with n < batch_size yields nothing), or kept as a smaller batch of its real
+  rows only (``remainder="partial"``: a second shape, so one more compile; what train-mode
+  BatchNorm needs, whose batch statistics would otherwise include the padded rows).
 
   Args:
     data: a ``Split`` or an ``(x, y)`` pair with leading dimension n.
@@ -59,10 +61,11 @@ def iterate_batches(data: schema.Split | tuple[np.ndarray, np.ndarray], batch_si
     seed: base seed of the shuffle.
     epoch: epoch number; each epoch gets its own permutation ``default_rng([seed, epoch])``.
     shuffle: False keeps the data order (evaluation).
-    remainder: "pad" or "drop".
+    remainder: "pad", "drop" or "partial".
 
   Yields:
-    :class:`Batch` with x (batch_size, ...) float32, y (batch_size,) int32, mask (batch_size,).
+    :class:`Batch` with x (batch_size, ...) float32, y (batch_size,) int32, mask (batch_size,)
+    (the last one shorter with ``remainder="partial"``).
   """
   _check_batch_args(batch_size, remainder)
   x, y = data
@@ -75,10 +78,10 @@ def iterate_batches(data: schema.Split | tuple[np.ndarray, np.ndarray], batch_si
   order = np.random.default_rng([seed, epoch]).permutation(n) if shuffle else np.arange(n)
   for b in range(num_batches(n, batch_size, remainder)):
     idx = order[b * batch_size:(b + 1) * batch_size]
-    pad = batch_size - idx.size
+    pad = 0 if remainder == "partial" else batch_size - idx.size
     xb = x[idx].astype(np.float32, copy=False)
     yb = y[idx].astype(np.int32, copy=False)
-    mask = np.ones((batch_size,), np.float32)
+    mask = np.ones((idx.size + pad,), np.float32)
     if pad:
       xb = np.concatenate([xb, np.zeros((pad,) + x.shape[1:], np.float32)])
       yb = np.concatenate([yb, np.zeros((pad,), np.int32)])
