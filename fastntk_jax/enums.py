@@ -97,6 +97,28 @@ class ModelName(str, enum.Enum):
   VIT_B16 = "vit_b16"
 
 
+class FinetuneMode(str, enum.Enum):
+  """How Full and Retrain fine-tune the trainable collection (docs/derivation.md §5).
+
+  STANDARD: the network itself, by SGD (the paper's protocol; the update is then exact only
+    as far as fine-tuning stays in the linear regime).
+  LINEARIZED: the network linearised at w0, f_lin(w) = f(w0) + J(w0)(w - w0), with squared
+    loss and the update's ridge penalty: Fast-NTK then equals Retrain up to round-off.
+  """
+  STANDARD = "standard"
+  LINEARIZED = "linearized"
+
+
+class LinearizedSolver(str, enum.Enum):
+  """How linearised fine-tuning reaches its minimiser.
+
+  CLOSED_FORM: w0 + (G + λI)⁻¹ Jᵀ E from the Gram the primal solver builds (one Jacobian pass).
+  OPTAX: the same optax loop as standard fine-tuning on f_lin (converges only approximately).
+  """
+  CLOSED_FORM = "closed_form"
+  OPTAX = "optax"
+
+
 def values(choice: type[enum.Enum]) -> tuple[str, ...]:
   """The string values of an enum, in declaration order (for messages and configs)."""
   return tuple(member.value for member in choice)

@@ -16,6 +16,7 @@ Workdir layout:
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import json
 import logging
@@ -37,6 +38,7 @@ from fastntk_jax import report
 from fastntk_jax import sharding
 from fastntk_jax import train as train_lib
 from fastntk_jax import unlearn
+from fastntk_jax.unlearn import linear
 from fastntk_jax import workdir as wd
 from fastntk_jax.models import checkpoints
 from fastntk_jax.models import get_model
@@ -276,6 +278,10 @@ def linear_probe(model, trainable, frozen, data, cfg, seed: int, tag: str,
   return {"probe_acc_retain": acc(data.retain), "probe_acc_forget": acc(data.forget)}
 
 
+def _solve_dtype(cfg):
+  return jnp.float64 if cfg.unlearn.solve_dtype == "float64" else jnp.float32
+
+
 def fastntk_stage(cfg, model, frozen_pre, w0, w_full, data, sdir: str, tag: str, mesh=None):
   """The Fast-NTK update of one seed; returns (new trainable params, diagnostics dict).
 
@@ -348,8 +354,9 @@ def _log_softmax(logits: np.ndarray) -> np.ndarray:
   return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
 
 
-def distances_to_retrain(model, methods: dict, data, cfg) -> dict:
-  """Per method: ||w - w_retrain||₂ over the trainable collection, and the mean
+def distances_to_retrain(model, methods: dict, data, cfg, w0) -> dict:
+  """Per method: ||w - w_retrain||₂ over the trainable collection (also relative to
+  ||w_retrain - w0||, the size of what fine-tuning on D_r learned), and the mean
   KL(Retrain ‖ method) of the predicted class distributions on D_f and on the hold-out.
 
   Also the membership-inference attack of `fastntk_jax.mia` (logistic regression on
@@ -357,8 +364,8 @@ def distances_to_retrain(model, methods: dict, data, cfg) -> dict:
   accuracy and AUC, to be read against Retrain's (the reference).
 
   Returns:
-    {method: {"l2_to_retrain", "kl_to_retrain_forget", "kl_to_retrain_test", "mia_accuracy",
-              "mia_auc"}}.
+    {method: {"l2_to_retrain", "relative_l2_to_retrain", "kl_to_retrain_forget",
+              "kl_to_retrain_test", "mia_accuracy", "mia_auc"}}.
   """
   holdout = data.test
   def logp(params, frozen, x):
@@ -368,12 +375,13 @@ def distances_to_retrain(model, methods: dict, data, cfg) -> dict:
                                           batch_size=cfg.eval.batch_size).astype(np.float64))
   ref_params, ref_frozen = methods["retrain"]
   ref_flat = np.asarray(ravel_pytree(ref_params)[0], np.float64)
+  learned = np.linalg.norm(ref_flat - np.asarray(ravel_pytree(w0)[0], np.float64))
   ref = {"forget": logp(ref_params, ref_frozen, data.forget.x),
          "test": logp(ref_params, ref_frozen, holdout.x)}
   out = {}
   for name, (params, frozen) in methods.items():
-    entry = {"l2_to_retrain": float(np.linalg.norm(
-        np.asarray(ravel_pytree(params)[0], np.float64) - ref_flat))}
+    l2 = float(np.linalg.norm(np.asarray(ravel_pytree(params)[0], np.float64) - ref_flat))
+    entry = {"l2_to_retrain": l2, "relative_l2_to_retrain": l2 / max(learned, 1e-300)}
     mine = {}
     for split, x in (("forget", data.forget.x), ("test", holdout.x)):
       mine[split] = logp(params, frozen, x)
@@ -398,27 +406,55 @@ def run_seed(cfg, model, data, pretrained: dict, seed: int, workdir: str,
   ft = train_spec(cfg.finetune)
   c = data.num_classes
   results, timings = {}, {}
+  # Linearised mode: every method is the network linearised at w0 (BN statistics at w0),
+  # trained and evaluated as such (docs/derivation.md §5).
+  linearized = cfg.finetune.mode == "linearized"
+  net = linear.Linearized(model) if linearized else model
+  frozen_net = {**frozen_pre, tr.LINEARIZATION_POINT: w0} if linearized else frozen_pre
+  gram_cache = {}
+
+  def gram(split, tag):
+    """Gram statistics of a split at w0 and the seconds they took (computed once)."""
+    if tag not in gram_cache:
+      start = time.perf_counter()
+      g = jax.block_until_ready(unlearn.gram_stats(
+          tr.make_apply_fn(model, frozen_pre), w0, jnp.asarray(split.x), jnp.asarray(split.y),
+          num_classes=c, batch_size=cfg.unlearn.batch_size, dtype=_solve_dtype(cfg)))
+      gram_cache[tag] = (g, time.perf_counter() - start)
+    return gram_cache[tag]
 
   def finetune(split, tag):
     start = time.perf_counter()
-    params, stats, hist = train_lib.fit(model, w0, frozen_pre, split, ft, c, seed=seed,
+    if linearized and cfg.finetune.linearized_solver == "closed_form":
+      parts = [gram(data.retain, "retain")] + ([gram(data.forget, "forget")]
+                                               if tag == "full" else [])
+      solve_start = time.perf_counter()
+      params = linear.ridge_solution(w0, [g for g, _ in parts],
+                                     jnp.asarray(cfg.unlearn.damping, _solve_dtype(cfg)))
+      timings[tag] = sum(t for _, t in parts) + time.perf_counter() - solve_start
+      return {"trainable": params}
+    spec = ft
+    if linearized:  # mean squared loss over the split: the ridge penalty λ/n
+      spec = dataclasses.replace(ft, loss="mse", bn_mode="frozen",
+                                 l2_to_init=float(cfg.unlearn.damping) / len(split[1]))
+    params, stats, hist = train_lib.fit(net, w0, frozen_net, split, spec, c, seed=seed,
                                         progress=progress.epochs(f"seed{seed}/{tag}", ft.epochs),
                                         checkpoint_path=os.path.join(sdir, f"{tag}.partial"),
                                         tag=f"seed{seed}/{tag}", mesh=mesh)
     out = {"trainable": params}
-    if stats is not None:
+    if stats is not None and not linearized:
       out["batch_stats"] = stats
     timings[tag] = time.perf_counter() - start
     return out
 
   target = {"trainable": w0}
-  if "batch_stats" in frozen_pre:
+  if "batch_stats" in frozen_pre and not linearized:
     target["batch_stats"] = frozen_pre["batch_stats"]
   full = _stage(os.path.join(sdir, "full"), target, lambda: finetune(data.train, "full"))
   retrain = _stage(os.path.join(sdir, "retrain"), target, lambda: finetune(data.retain, "retrain"))
   # The fine-tuned model's frozen side: its BN statistics (updated only if bn_mode="train").
-  frozen_full = {**frozen_pre, **({"batch_stats": full["batch_stats"]} if "batch_stats" in full else {})}
-  frozen_retrain = {**frozen_pre, **({"batch_stats": retrain["batch_stats"]} if "batch_stats" in retrain else {})}
+  frozen_full = {**frozen_net, **({"batch_stats": full["batch_stats"]} if "batch_stats" in full else {})}
+  frozen_retrain = {**frozen_net, **({"batch_stats": retrain["batch_stats"]} if "batch_stats" in retrain else {})}
 
   methods = {"full": (full["trainable"], frozen_full), "retrain": (retrain["trainable"], frozen_retrain)}
   diagnostics = {}
@@ -439,7 +475,7 @@ def run_seed(cfg, model, data, pretrained: dict, seed: int, workdir: str,
     """A baseline unlearning method: (re)training of Full's params on the forget data."""
     def compute():
       start = time.perf_counter()
-      p, _, _ = train_lib.fit(model, full["trainable"], frozen_full, split, spec, c,
+      p, _, _ = train_lib.fit(net, full["trainable"], frozen_full, split, spec, c,
                               seed=seed + seed_offset,
                               progress=progress.epochs(f"seed{seed}/{name}", spec.epochs),
                               checkpoint_path=os.path.join(sdir, f"{name}.partial"),
@@ -458,7 +494,7 @@ def run_seed(cfg, model, data, pretrained: dict, seed: int, workdir: str,
 
   for name, (params, frozen) in methods.items():
     def compute(name=name, params=params, frozen=frozen):
-      m = evaluate_method(model, params, frozen, data, cfg, seed, name, progress, mesh)
+      m = evaluate_method(net, params, frozen, data, cfg, seed, name, progress, mesh)
       m["seconds"] = timings.get(name)  # None when this run restored the stage from disk
       return m
     results[name] = _json_stage(os.path.join(sdir, f"{name}.json"), compute)
@@ -468,7 +504,7 @@ def run_seed(cfg, model, data, pretrained: dict, seed: int, workdir: str,
 
   # Distance of every method to Retrain (the golden baseline): parameters and predictions.
   extra = _json_stage(os.path.join(sdir, "vs_retrain.json"),
-                      lambda: distances_to_retrain(model, methods, data, cfg))
+                      lambda: distances_to_retrain(net, methods, data, cfg, w0))
   for name, values in extra.items():
     results[name] = {**results[name], **values}
 
@@ -476,8 +512,10 @@ def run_seed(cfg, model, data, pretrained: dict, seed: int, workdir: str,
   random_init = _init_variables(model, data.image_shape, seed=20_000 + seed)
   w_rand, frozen_rand = tr.split(random_init)
   probe_inputs = {"pretrained": (w0, frozen_pre), "random_init": (w_rand, frozen_rand)}
-  if "fastntk" in methods:
-    probe_inputs["fastntk"] = methods["fastntk"]
+  if "fastntk" in methods:  # the backbone as Fast-NTK left it (BN parameters), not f_lin
+    probe_inputs["fastntk"] = (methods["fastntk"][0],
+                               {k: v for k, v in methods["fastntk"][1].items()
+                                if k != tr.LINEARIZATION_POINT})
   for kind, (params, frozen) in probe_inputs.items():
     probes[kind] = _json_stage(
         os.path.join(sdir, f"probe_{kind}.json"),

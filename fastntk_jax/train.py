@@ -28,6 +28,7 @@ from fastntk_jax import data as data_lib
 from fastntk_jax import enums
 from fastntk_jax import faults
 from fastntk_jax import workdir as workdir_lib
+from fastntk_jax.models.trainable import LINEARIZATION_POINT
 
 PyTree = Any
 
@@ -75,6 +76,9 @@ class TrainSpec:
   bn_mode: str = "frozen"
   ascent: bool = False  # gradient *ascent* (Max Loss baseline)
   head_only: bool = False  # train only trainable/head (linear probing); the rest stays fixed
+  # ½·l2_to_init·‖w - w0‖² added to the mean loss, w0 = the frozen "linearization_point"
+  # collection: with l2_to_init = λ/n it is the ridge penalty of the update (linearised mode).
+  l2_to_init: float = 0.0
 
   def describe(self) -> str:
     return (f"{self.optimizer}(lr={self.learning_rate:g}"
@@ -104,6 +108,9 @@ def make_train_step(model, spec: TrainSpec, num_classes: int,
       new_stats = batch_stats
     losses = per_example_loss(logits, y, num_classes, spec.loss)
     mean = jnp.sum(losses * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+    if spec.l2_to_init:
+      diff = jax.tree_util.tree_map(jnp.subtract, trained["trainable"], frozen[LINEARIZATION_POINT])
+      mean = mean + 0.5 * spec.l2_to_init * sum(jnp.vdot(d, d) for d in jax.tree_util.tree_leaves(diff))
     return (-mean if spec.ascent else mean), (new_stats, mean)
 
   @jax.jit

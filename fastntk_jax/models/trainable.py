@@ -32,6 +32,8 @@ PyTree = Any
 TRAINABLE = "trainable"
 FROZEN_PARAMS = "params"
 BATCH_STATS = "batch_stats"
+# w0, beside the frozen collections, for a model linearised at w0 (`unlearn.linear`).
+LINEARIZATION_POINT = "linearization_point"
 
 __all__ = [
     "TRAINABLE",

@@ -7,13 +7,16 @@ their plan, one set of input checks, and the request stream. Read top to bottom:
   api.py       `make_forgetter` (options validated once -> pure functions), `ntk_forget`,
                `ntk_forget_with_diagnostics`
   stream.py    deletion requests served from a persisted Gram and Cholesky factor
+  linear.py    the linearised model the update is exact for, and its closed-form minimiser
 """
 
 from fastntk_jax.enums import KernelImplementation, LinearizationPoint, Solver
+from fastntk_jax.unlearn import linear
 from fastntk_jax.unlearn import stream
 from fastntk_jax.unlearn.api import (Diagnostics, Forgetter, make_diagnostics, make_forgetter,
                                      ntk_forget, ntk_forget_requests,
                                      ntk_forget_with_diagnostics, peak_memory_probe)
+from fastntk_jax.unlearn.linear import Linearized, linearize, ridge_solution
 from fastntk_jax.unlearn.plan import (PRECISION_WARNING_THRESHOLD, InsufficientMemoryError,
                                       NetworkCost, Plan, SolverCost, available_memory_bytes,
                                       cg_iteration_budget, choose_solver, estimate_costs,
@@ -23,7 +26,7 @@ from fastntk_jax.unlearn.solvers import (SolveInfo, accumulate_chunks, apply_del
 from fastntk_jax.unlearn.validate import SolveError
 
 __all__ = [
-    "Diagnostics", "Forgetter", "InsufficientMemoryError", "KernelImplementation",
+    "Diagnostics", "Forgetter", "Linearized", "linear", "linearize", "ridge_solution", "InsufficientMemoryError", "KernelImplementation",
     "LinearizationPoint", "NetworkCost", "PRECISION_WARNING_THRESHOLD", "Plan", "SolveError",
     "SolveInfo", "Solver", "SolverCost", "accumulate_chunks", "apply_delta",
     "available_memory_bytes", "cg_iteration_budget", "choose_solver", "estimate_costs",
