@@ -13,7 +13,7 @@
 #   create   gcloud compute tpus tpu-vm create (only with CREATE=1)
 #   copy     `git archive HEAD` of this repository to ~/fastntk_jax on every worker
 #            (committed files only: commit first)
-#   install  pip install jax[tpu]==0.5.3 (libtpu) and this package on every worker
+#   install  launch/install_accelerator.sh tpu on every worker (STACK=lean|nt, EXTRAS=tfds)
 #   run      python -m fastntk_jax.main <remaining arguments> on every worker
 #   fetch    copy the workdir back from worker 0 (the process that writes the report)
 #
@@ -35,8 +35,8 @@ ACCELERATOR_TYPE="${ACCELERATOR_TYPE:-v4-8}"
 TPU_VERSION="${TPU_VERSION:-tpu-ubuntu2204-base}"
 REMOTE_DIR="${REMOTE_DIR:-fastntk_jax}"
 PYTHON="${PYTHON:-python3}"
-JAX_TPU_SPEC="jax[tpu]==0.5.3"
-LIBTPU_INDEX="https://storage.googleapis.com/jax-releases/libtpu_releases.html"
+STACK="${STACK:-lean}"    # constraints/<STACK>.txt: lean (newest JAX, no TensorFlow) | nt
+EXTRAS="${EXTRAS-tfds}"   # the TFDS readers of ImageNet-R / CIFAR
 
 step="all"
 if [[ $# -gt 0 && "$1" != -* ]]; then
@@ -125,10 +125,11 @@ step_copy() {
 }
 
 step_install() {
-  # One resolver call: the package's pins (jax 0.5.3, neural-tangents, flax, ...) and the
-  # TPU build of the same jax with its libtpu.
-  on_all_workers \
-    "cd $(shq "$REMOTE_DIR") && $PYTHON -m pip install -e . '$JAX_TPU_SPEC' -f $LIBTPU_INDEX"
+  # launch/install_accelerator.sh: upgrades pip, installs the package with the TPU build of
+  # the stack's pinned jax (libtpu from PyPI) under constraints/<STACK>.txt, then fails unless
+  # JAX sees the TPU (python -m fastntk_jax.devices --require-platform=tpu).
+  on_all_workers "cd $(shq "$REMOTE_DIR") && PYTHON=$PYTHON STACK=$STACK EXTRAS=$EXTRAS \
+bash launch/install_accelerator.sh tpu"
 }
 
 step_run() {

@@ -101,8 +101,8 @@ def test_tpu_dry_run_prints_exact_commands_and_creates_nothing():
       "gcloud compute tpus tpu-vm scp /tmp/fastntk_jax-src.tar.gz my-tpu:fastntk_jax-src.tar.gz "
       "--zone=us-central2-b --worker=all",
       ssh + '"mkdir -p fastntk_jax && tar -xzf fastntk_jax-src.tar.gz -C fastntk_jax"',
-      ssh + "\"cd fastntk_jax && python3 -m pip install -e . 'jax[tpu]==0.5.3' -f "
-      "https://storage.googleapis.com/jax-releases/libtpu_releases.html\"",
+      ssh + "\"cd fastntk_jax && PYTHON=python3 STACK=lean EXTRAS=tfds "
+      "bash launch/install_accelerator.sh tpu\"",
       ssh + "\"cd fastntk_jax && FASTNTK_DISTRIBUTED=1 python3 -m fastntk_jax.main "
       "--config=configs/vit_small_imagenet_r.py:classes=20,ipc=50 '--config.seeds=(0,)' "
       "--workdir=wd_vits\"",
