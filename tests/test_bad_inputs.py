@@ -6,6 +6,7 @@ import sys
 
 import numpy as np
 import pytest
+from optional import needs_tfds
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = "--config=configs/default.py:tiny"
@@ -67,6 +68,7 @@ def test_truncated_npz(tmp_path):
   assert_refused(run_cli(f"--config={cfg}", workdir=str(tmp_path / "w")), "vit.npz")
 
 
+@needs_tfds
 def test_dataset_not_prepared_names_the_fix(tmp_path):
   line = assert_refused(run_cli("--config=configs/resnet110_cifar10.py:tiny",
                                 f"--config.data.data_dir={tmp_path / 'empty'}",

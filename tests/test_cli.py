@@ -9,6 +9,7 @@ import sys
 
 import ml_collections
 import pytest
+from optional import HAS_NEURAL_TANGENTS
 
 from fastntk_jax import config as config_lib
 from fastntk_jax import main as main_lib
@@ -195,6 +196,11 @@ def test_cpu_run_log_starts_with_our_own_lines(tmp_path):
   noise = [l for l in lines if CHATTER.search(l)]
   assert not noise, noise[:10]
   assert "| Fast-NTK |" in proc.stdout
+  # neural-tangents' kernel wherever it is installed (the nt stack), the built-in one elsewhere.
+  with open(tmp_path / "w" / "results.json") as f:
+    fastntk = json.load(f)["methods"]["fastntk"]
+  assert fastntk["solver"] == "dual"
+  assert fastntk["kernel"] == ("neural_tangents" if HAS_NEURAL_TANGENTS else "jax"), fastntk
 
 
 BLOCK_TFDS_AND_RUN_MAIN = """

@@ -5,11 +5,14 @@ import json
 import os
 
 import pytest
-import tensorflow_datasets as tfds
+from optional import HAS_TFDS, needs_tfds
 
 from fastntk_jax import config as config_lib
 from fastntk_jax import pipeline
 from test_data import _fake_imagenet_r
+
+if HAS_TFDS:
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "*.py")))
@@ -53,12 +56,14 @@ def _check(workdir):
   return res
 
 
+@needs_tfds
 def test_resnet_cifar10_config_runs_on_mock_data(tmp_path):
   with tfds.testing.mock_data(num_examples=60):
     pipeline.run(load("resnet110_cifar10.py", "tiny"), str(tmp_path), show_progress=False)
   assert _check(str(tmp_path))["data"]["counts"]["forget"] == 3
 
 
+@needs_tfds
 def test_vit_imagenet_r_config_runs_on_mock_data(tmp_path):
   with tfds.testing.mock_data(as_dataset_fn=_fake_imagenet_r):
     pipeline.run(load("vit_small_imagenet_r.py", "tiny"), str(tmp_path), show_progress=False)

@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import traverse_util
+from optional import needs_neural_tangents
 from x64 import enable_x64
 
 from fastntk_jax import ntk
@@ -78,6 +79,7 @@ def split_apply(model, x, trainable_prefixes, rng=0):
     (TinyAttention(), ("MultiHeadDotProductAttention_0/query", "Dense_1")),
 ], ids=["bn_cnn", "attention"])
 @pytest.mark.parametrize("impl", ["neural_tangents", "neural_tangents_ntk_vector_products"])
+@needs_neural_tangents
 def test_neural_tangents_kernel_equals_reference(model, prefixes, impl):
   with enable_x64():
     x1 = jax.random.normal(jax.random.PRNGKey(0), (5, 4, 4, 2), jnp.float64)
