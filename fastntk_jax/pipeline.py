@@ -34,6 +34,7 @@ from fastntk_jax import config as config_lib
 from fastntk_jax import data as data_lib
 from fastntk_jax import faults
 from fastntk_jax import mia
+from fastntk_jax import pretraining
 from fastntk_jax import report
 from fastntk_jax import sharding
 from fastntk_jax import train as train_lib
@@ -52,7 +53,11 @@ def train_spec(c: ml_collections.ConfigDict, **overrides) -> train_lib.TrainSpec
   """TrainSpec from a config group made by `config._train`."""
   fields = dict(epochs=c.epochs, learning_rate=float(c.learning_rate), batch_size=c.batch_size,
                 optimizer=c.optimizer, momentum=float(c.momentum),
-                weight_decay=float(c.weight_decay), loss=c.loss, bn_mode=c.bn_mode)
+                weight_decay=float(c.weight_decay), loss=c.loss, bn_mode=c.bn_mode,
+                augment=c.augment, schedule=c.schedule,
+                warmup_epochs=float(c.warmup_epochs),
+                decay_epochs=tuple(int(e) for e in c.decay_epochs),
+                decay_factor=float(c.decay_factor))
   fields.update(overrides)
   return train_lib.TrainSpec(**fields)
 
@@ -146,34 +151,72 @@ def _init_variables(model, image_shape, seed: int) -> dict:
 
 
 def pretrain_stage(cfg, model, data, workdir: str, progress: _Progress, mesh=None) -> dict:
-  """The backbone every method starts from: trained here, loaded, or random."""
+  """The backbone every method starts from: trained here or in the shared cache, loaded, or
+  random. What it is (and, when trained, its test accuracy) goes to `pretrain.json`
+  (`pretrain_info`), written before the checkpoint, so a resumed run still reports it."""
   path = os.path.join(workdir, "pretrain")
+  info_path = os.path.join(workdir, PRETRAIN_INFO)
   init = _init_variables(model, data.image_shape, seed=10_000)
   if os.path.isdir(path):
     return checkpoints.restore_checkpoint(path, init)
   source = cfg.pretrain.source
+  info = {"source": source}
   if source == "train" and cfg.pretrain.dataset:
-    variables = _pretrain_on_other_dataset(cfg, model, data, init, progress, mesh)
+    spec = train_spec(cfg.pretrain.train)
+    size, norm = data.image_shape[0], data.config.normalization
+    epochs = progress.epochs(f"pretrain/{cfg.pretrain.dataset}", spec.epochs)
+    if cfg.pretrain.cache_dir:
+      pre_vars, info, cache = pretraining.load_or_train(
+          cfg, spec, size, norm, cfg.pretrain.cache_dir, progress=epochs,
+          eval_batch_size=cfg.eval.batch_size, mesh=mesh)
+      info = {**info, **cache}
+    else:
+      pre_vars, info = pretraining.train_backbone(
+          cfg, spec, size, norm, progress=epochs, checkpoint_path=path + ".partial",
+          eval_batch_size=cfg.eval.batch_size, mesh=mesh)
+    info["cache_key"] = pretraining.cache_key(cfg, size, norm)[1]
+    variables = pretraining.transfer(pre_vars, init)
   elif source == "train":
     if data.pretrain is None or data.pretrain.size == 0:
       raise ValueError("config.pretrain.source='train' but the data has no pretrain split; set "
                        "data.pretrain_per_class > 0 or use pretrain.source='npz'/'checkpoint'")
+    start = time.perf_counter()
     spec = train_spec(cfg.pretrain.train)
     trained = {"params": init["params"], "trainable": init["trainable"]}
     frozen = {k: v for k, v in init.items() if k not in trained}
-    trained, stats, _ = train_lib.fit_collections(
+    trained, stats, history = train_lib.fit_collections(
         model, trained, frozen, data.pretrain, spec, data.num_classes, seed=10_000,
         progress=progress.epochs("pretrain", spec.epochs),
         checkpoint_path=os.path.join(workdir, "pretrain.partial"), tag="pretrain", mesh=mesh)
     variables = {**frozen, **trained}
     if stats is not None:
       variables["batch_stats"] = stats
+    test = data.test  # the task's hold-out: same classes, same head
+    info.update(dataset=f"{data.config.name} (pretrain split)", train_images=data.pretrain.size,
+                test_split=f"{test.source} (hold-out)", test_images=test.size,
+                test_accuracy=pretraining.accuracy(model, variables, test, cfg.eval.batch_size),
+                final_train_loss=float(history[-1]) if history else None,
+                epochs=spec.epochs, recipe=spec.describe(),
+                seconds=time.perf_counter() - start)
   elif source == "npz":
-    variables = checkpoints.load_vit_npz(cfg.pretrain.path, init)
+    loaded = {}
+    variables = checkpoints.load_vit_npz(cfg.pretrain.path, init,
+                                         dont_load=tuple(cfg.pretrain.dont_load), report=loaded)
+    info.update(path=cfg.pretrain.path, **loaded)
+  elif source == "state_dict":
+    from fastntk_jax.models import torch_import  # pylint: disable=g-import-not-at-top
+    variables = torch_import.load_cifar_resnet(cfg.pretrain.path, init,
+                                               dont_load=tuple(cfg.pretrain.dont_load))
+    info["path"] = cfg.pretrain.path
   elif source == "checkpoint":
     variables = checkpoints.restore_checkpoint(cfg.pretrain.path, init)
+    info["path"] = cfg.pretrain.path
   else:  # "none": a randomly initialised backbone
     variables = init
+  if info.get("test_accuracy") is not None:
+    log.info("pre-trained backbone: test accuracy %.2f%% on %s (%d images)",
+             info["test_accuracy"], info["test_split"], info["test_images"])
+  wd.atomic_write_json(info_path, info)
   variables = jax.tree_util.tree_map(np.asarray, dict(variables))
   checkpoints.save_checkpoint(path, variables, overwrite=True)
   if os.path.exists(path + ".partial"):
@@ -181,30 +224,16 @@ def pretrain_stage(cfg, model, data, workdir: str, progress: _Progress, mesh=Non
   return variables
 
 
-def _pretrain_on_other_dataset(cfg, model, data, init, progress, mesh=None) -> dict:
-  """Trains the same architecture on another dataset (its own head), transfers the rest."""
-  pre_cfg = data_lib.default_data_config()
-  pre_cfg.update(dict(
-      name=cfg.pretrain.dataset, data_dir=cfg.data.data_dir, manual_dir=cfg.data.manual_dir,
-      image_size=data.image_shape[0], normalization=data.config.normalization,
-      images_per_class=cfg.pretrain.images_per_class, holdout_per_class=1,
-      pretrain_per_class=0, forget_classes=[0], seed=cfg.data.seed))
-  pre_data = data_lib.load_unlearning_data(pre_cfg)
-  pre_model = get_model(cfg.model.name, pre_data.num_classes, **dict(cfg.model.options))
-  pre_init = _init_variables(pre_model, pre_data.image_shape, seed=10_001)
-  spec = train_spec(cfg.pretrain.train)
-  trained = {"params": pre_init["params"], "trainable": pre_init["trainable"]}
-  frozen = {k: v for k, v in pre_init.items() if k not in trained}
-  trained, stats, _ = train_lib.fit_collections(
-      pre_model, trained, frozen, pre_data.train, spec, pre_data.num_classes, seed=10_001,
-      progress=progress.epochs(f"pretrain/{cfg.pretrain.dataset}", spec.epochs), mesh=mesh)
-  # Everything but the (differently sized) head carries over to the task model.
-  variables = dict(init)
-  variables["params"] = trained["params"]
-  variables["trainable"] = {**trained["trainable"], "head": init["trainable"]["head"]}
-  if stats is not None:
-    variables["batch_stats"] = stats
-  return variables
+PRETRAIN_INFO = "pretrain.json"
+
+
+def pretrain_info(workdir: str) -> dict:
+  """What `pretrain_stage` recorded about the backbone ({} for a workdir from before it did)."""
+  path = os.path.join(workdir, PRETRAIN_INFO)
+  if not os.path.exists(path):
+    return {}
+  with open(path) as f:
+    return json.load(f)
 
 
 def fresh_head(trainable: PyTree, model, image_shape, seed: int) -> PyTree:
@@ -240,14 +269,19 @@ def _json_stage(path: str, compute: Callable[[], dict]) -> dict:
 def evaluate_method(model, trainable, frozen, data, cfg, seed: int, name: str,
                     progress: _Progress, mesh=None) -> dict:
   """Accuracies on every split and the relearn time of one method's params."""
-  logits = lambda split: train_lib.predict(model, trainable, frozen, split.x,
-                                           batch_size=cfg.eval.batch_size)
-  metrics = {
-      "acc_retain": train_lib.accuracy(logits(data.retain), data.retain.y),
-      "acc_forget": train_lib.accuracy(logits(data.forget), data.forget.y),
-      "acc_test_retain": train_lib.accuracy(logits(data.test_retain), data.test_retain.y),
-      "acc_test_forget": train_lib.accuracy(logits(data.test_forget), data.test_forget.y),
-  }
+  predict = lambda split: train_lib.predict(model, trainable, frozen, split.x,
+                                            batch_size=cfg.eval.batch_size)
+  logits = {name: predict(getattr(data, name))
+            for name in ("retain", "forget", "test_retain", "test_forget")}
+  metrics = {f"acc_{name}": train_lib.accuracy(z, getattr(data, name).y)
+             for name, z in logits.items()}
+  # The unlearning field's metrics (SalUn / Unlearn-Sparse): UA, RA, TA (test without the
+  # forgotten classes) and MIA-Efficacy (hold-out of the retained classes as non-members).
+  metrics.update(ua=100.0 - metrics["acc_forget"], ra=metrics["acc_retain"],
+                 ta=metrics["acc_test_retain"])
+  metrics["mia_efficacy"] = (mia.mia_efficacy(
+      logits["retain"], data.retain.y, logits["test_retain"], data.test_retain.y,
+      logits["forget"], data.forget.y, seed=seed) if data.test_retain.size else None)
   spec = train_spec(cfg.eval.relearn)
   _, _, history = train_lib.fit(
       model, trainable, frozen, data.forget, spec, data.num_classes, seed=seed + 7,
@@ -360,14 +394,17 @@ def distances_to_retrain(model, methods: dict, data, cfg, w0) -> dict:
   KL(Retrain ‖ method) of the predicted class distributions on D_f and on the hold-out.
 
   Also the membership-inference attack of `fastntk_jax.mia` (logistic regression on
-  per-example cross-entropy, D_f = members vs hold-out = non-members, 5-fold CV): attack
-  accuracy and AUC, to be read against Retrain's (the reference).
+  per-example cross-entropy, D_f = members vs hold-out of the same classes = non-members,
+  5-fold CV): attack accuracy and AUC, to be read against Retrain's (the reference).
 
   Returns:
     {method: {"l2_to_retrain", "relative_l2_to_retrain", "kl_to_retrain_forget",
               "kl_to_retrain_test", "mia_accuracy", "mia_auc"}}.
   """
-  holdout = data.test
+  # The loss attack's non-members: in class forgetting, the forgotten classes' hold-out (the
+  # same classes as D_f, never trained on), else the whole hold-out; another class's hold-out
+  # would let the attack tell classes apart, not members (95% for Retrain too).
+  holdout = data.test_forget if data.forget_mode == "class" and data.test_forget.size else data.test
   def logp(params, frozen, x):
     if len(x) == 0:
       return None
@@ -549,6 +586,23 @@ def data_mesh(cfg) -> Optional[Any]:
   return sharding.make_data_mesh()
 
 
+def data_for_seed(cfg, data, seed: int):
+  """The data of run seed `seed`: `data` itself, or with data.draw_per_seed its own draw of
+  classes, forget classes and images (data seed `data.seed + seed`)."""
+  if not cfg.data.draw_per_seed or seed == 0:
+    return data
+  seed_data = data_lib.load_unlearning_data(cfg.data, seed=cfg.data.seed + seed)
+  log.info("data of seed %d: %s", seed, seed_data.describe())
+  return seed_data
+
+
+def data_draw(data) -> dict:
+  """What a run's data is made of: classes (dataset ids, names), forget classes, counts."""
+  return {"seed": int(data.config.seed), "classes": list(data.dataset_classes),
+          "class_names": list(data.class_names), "forget_classes": list(data.forget_classes),
+          "counts": data.counts()}
+
+
 def run(cfg: ml_collections.ConfigDict, workdir: str, *, show_progress: bool = True) -> dict:
   """Runs (or resumes) the whole experiment in `workdir`; returns the results dict.
 
@@ -570,11 +624,16 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, *, show_progress: bool = T
   progress = _Progress(workdir, show_progress)
   mesh = data_mesh(cfg)
   pretrained = pretrain_stage(cfg, model, data, workdir, progress, mesh)
-  per_seed = {}
+  per_seed, draws = {}, {}
   for seed in cfg.seeds:
     log.info("seed %d", seed)
-    per_seed[seed] = run_seed(cfg, model, data, pretrained, seed, workdir, progress, mesh)
+    seed_data = data_for_seed(cfg, data, seed)
+    draws[seed] = data_draw(seed_data)
+    per_seed[seed] = run_seed(cfg, model, seed_data, pretrained, seed, workdir, progress, mesh)
   progress.close()
   results = report.build_results(cfg, data, model, pretrained, per_seed)
+  report.add_pretrain(results, pretrain_info(workdir))
+  # Which classes each seed ran on (with data.draw_per_seed, a draw per seed).
+  results["data"]["per_seed"] = {str(s): d for s, d in draws.items()}
   report.write_all(results, workdir)
   return results

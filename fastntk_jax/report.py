@@ -6,6 +6,8 @@ import os
 import platform
 
 
+from typing import Optional
+
 import numpy as np
 
 from fastntk_jax import workdir as wd
@@ -16,12 +18,25 @@ METRICS = [("acc_retain", "D_r acc"), ("acc_forget", "D_f acc"),
            ("acc_test_retain", "Test acc (retain cls)"), ("acc_test_forget", "Test acc (forget cls)"),
            ("relearn_epochs", "Relearn (epochs)")]
 # Distance to the Retrain model (the golden baseline): lower is better, 0 for Retrain.
-DISTANCES = [("l2_to_retrain", "‖w − w_retrain‖₂"), ("kl_to_retrain_forget", "KL on D_f"),
+DISTANCES = [("l2_to_retrain", "‖w − w_retrain‖₂"),
+             ("relative_l2_to_retrain", "‖w − w_retrain‖ / ‖w_retrain − w0‖"), ("kl_to_retrain_forget", "KL on D_f"),
              ("kl_to_retrain_test", "KL on hold-out"), ("mia_accuracy", "MIA acc (%)"),
              ("mia_auc", "MIA AUC")]
 PROBE_LABELS = {"pretrained": "Pre-Trained", "random_init": "Random-Init", "fastntk": "Fast-NTK"}
 # Fields that legitimately differ between identical runs (wall clock, memory, environment).
 TIMING_FIELDS = ("seconds",)
+# The unlearning field's metrics (SalUn / Unlearn-Sparse): UA = 100 - acc(D_f), RA = acc(D_r),
+# TA = acc(test of the retained classes), MIA-Efficacy; Avg. Gap = mean |metric - Retrain's|
+# over those four; RTE = the run time of the unlearning step (compilation excluded).
+FIELD_METRICS = [("ua", "UA"), ("ra", "RA"), ("ta", "TA"), ("mia_efficacy", "MIA-Efficacy")]
+GAP = ("avg_gap", "Avg. Gap")
+
+
+def avg_gap(entry: dict, retrain: dict) -> Optional[float]:
+  """Mean |metric - Retrain's| over FIELD_METRICS (None when one is missing)."""
+  gaps = [abs(entry[k] - retrain[k]) for k, _ in FIELD_METRICS
+          if entry.get(k) is not None and retrain.get(k) is not None]
+  return float(np.mean(gaps)) if len(gaps) == len(FIELD_METRICS) else None
 
 
 def _stats(values) -> dict:
@@ -75,7 +90,13 @@ def build_results(cfg, data, model, pretrained, per_seed: dict) -> dict:
   methods, timing = {}, {"methods": {}, "fastntk_diagnostics": {}}
   for name in per_seed[seeds[0]]["methods"]:
     runs = [per_seed[s]["methods"][name] for s in seeds]
-    entry = {key: _stats([r.get(key) for r in runs]) for key, _ in METRICS + DISTANCES}
+    entry = {key: _stats([r.get(key) for r in runs])
+             for key, _ in METRICS + DISTANCES + FIELD_METRICS}
+    entry["avg_gap"] = _stats([avg_gap(per_seed[s]["methods"][name],
+                                       per_seed[s]["methods"]["retrain"]) for s in seeds])
+    entry["per_seed"] = {str(s): {k: per_seed[s]["methods"][name].get(k)
+                                  for k, _ in METRICS + FIELD_METRICS + [("seconds", "")]}
+                         for s in seeds}
     entry["relearn_protocol"] = runs[0]["relearn_protocol"]
     entry["relearn_curves"] = [r["relearn_curve"] for r in runs]
     methods[name] = entry
@@ -111,6 +132,8 @@ def build_results(cfg, data, model, pretrained, per_seed: dict) -> dict:
 def _fmt(stat: dict, digits: int = 1) -> str:
   if stat is None or stat.get("mean") is None:
     return "–"
+  if 0 < abs(stat["mean"]) < 10 ** -digits:  # would print as 0: keep the magnitude
+    return f"{stat['mean']:.2e} ± {stat['std']:.1e}"
   return f"{stat['mean']:.{digits}f} ± {stat['std']:.{digits}f}"
 
 
@@ -124,6 +147,7 @@ def markdown(results: dict) -> str:
       f"{m['total_params']:,} parameters ({m['trainable_percent']:.2f}%). "
       f"Data: {results['data']['counts']}; forget classes {results['data']['forget_classes']}.",
       "",
+      *pretrain_lines(results),
       "| Method | " + " | ".join(label for _, label in METRICS) + " | Time (s) |",
       "|---|" + "---|" * (len(METRICS) + 1),
   ]
@@ -144,6 +168,19 @@ def markdown(results: dict) -> str:
               f"{_fmt(f.get('condition_number'), 0)}; damping "
               f"{results['protocol']['unlearn']['damping']}; its time excludes XLA compilation"
               + (f" ({np.mean(comp):.1f} s per seed)" if comp else "") + ".", ""]
+  lines += ["## The unlearning field's metrics (SalUn / Unlearn-Sparse)", "",
+            "| Method | " + " | ".join(label for _, label in FIELD_METRICS + [GAP])
+            + " | RTE (s) |", "|---|" + "---|" * (len(FIELD_METRICS) + 2)]
+  for name, entry in results["methods"].items():
+    secs = results["timing"]["methods"][name]["seconds"]
+    lines.append("| " + " | ".join([METHOD_LABELS.get(name, name)]
+                                   + [_fmt(entry.get(k)) for k, _ in FIELD_METRICS + [GAP]]
+                                   + [_fmt(secs, 2)]) + " |")
+  lines += ["", "UA = 100 − D_f acc; RA = D_r acc; TA = test acc of the retained classes; "
+            "MIA-Efficacy = share of D_f an SVC on the true-class confidence (retain = "
+            "member, test = non-member) calls non-member; Avg. Gap = mean |metric − "
+            "Retrain's| over those four (per seed, then mean ± std); RTE = run time of the "
+            "unlearning step (fine-tuning for Full/Retrain).", ""]
   lines += ["## Privacy and distance to Retrain", "",
             "| Method | " + " | ".join(label for _, label in DISTANCES) + " |",
             "|---|" + "---|" * len(DISTANCES)]
@@ -221,6 +258,37 @@ def plot_relearn(results: dict, path: str) -> None:
   fig.tight_layout()
   fig.savefig(path, dpi=120)
   plt.close(fig)
+
+
+# What `pipeline.pretrain_info` records that differs between identical runs.
+_PRETRAIN_TIMING = ("seconds", "cache_entry", "cache_hit")
+
+
+def add_pretrain(results: dict, info: dict) -> dict:
+  """Adds the backbone's record (`pipeline.pretrain_info`): `results["pretrain"]` (source,
+  dataset, recipe, test accuracy on the pre-training dataset's test split, cache key) and,
+  under `timing.pretrain`, what differs between identical runs (seconds, cache entry, hit)."""
+  results["pretrain"] = {k: v for k, v in info.items() if k not in _PRETRAIN_TIMING}
+  results.setdefault("timing", {})["pretrain"] = {k: info[k] for k in _PRETRAIN_TIMING
+                                                  if k in info}
+  return results
+
+
+def pretrain_lines(results: dict) -> list[str]:
+  """results.md's paragraph on the backbone (empty when results.json has no record)."""
+  p = results.get("pretrain")
+  if not p:
+    return []
+  if p.get("test_accuracy") is not None:
+    text = (f"Pre-trained backbone: {p.get('dataset')} ({p.get('train_images'):,} images, "
+            f"{p.get('epochs')} epochs, {p.get('recipe')}); **test accuracy "
+            f"{p['test_accuracy']:.2f}%** on {p.get('test_split')} ({p.get('test_images'):,} "
+            "images).")
+  elif p.get("source") in ("npz", "state_dict", "checkpoint"):
+    text = f"Pre-trained backbone: loaded ({p['source']}) from {p.get('path')}."
+  else:
+    text = f"Backbone: {p.get('source')} (not pre-trained)."
+  return [text, ""]
 
 
 def write_all(results: dict, workdir: str) -> None:

@@ -110,3 +110,32 @@ def test_bad_input_is_refused():
     mia.per_example_loss(z, np.zeros(5, int), "hinge")
   with pytest.raises(ValueError, match="both"):
     mia.roc_auc([1, 1], [0.1, 0.2])
+
+
+def _logits_with_confidence(conf, num_classes=3):
+  """Logits whose softmax gives label 0 exactly the confidence `conf` (the rest split evenly)."""
+  conf = np.asarray(conf, np.float64)
+  rest = (1.0 - conf) / (num_classes - 1)
+  return np.log(np.stack([conf] + [rest] * (num_classes - 1), axis=1))
+
+
+def test_mia_efficacy_is_the_share_of_forget_samples_called_non_member():
+  rng = np.random.default_rng(0)
+  retain = _logits_with_confidence(rng.uniform(0.9, 0.99, 200))   # members: confident
+  test = _logits_with_confidence(rng.uniform(0.4, 0.6, 80))       # non-members: unsure
+  zeros = lambda n: np.zeros(n, np.int64)
+  remembered = _logits_with_confidence(rng.uniform(0.9, 0.99, 30))
+  forgotten = _logits_with_confidence(rng.uniform(0.4, 0.6, 30))
+  half = np.concatenate([remembered[:15], forgotten[:15]])
+  eff = lambda f: mia.mia_efficacy(retain, zeros(200), test, zeros(80), f, zeros(len(f)))
+  assert eff(remembered) == 0.0
+  assert eff(forgotten) == 100.0
+  assert eff(half) == 50.0
+
+
+def test_avg_gap_is_the_mean_absolute_difference_to_retrain():
+  from fastntk_jax import report
+  retrain = {"ua": 100.0, "ra": 98.0, "ta": 97.0, "mia_efficacy": 100.0}
+  method = {"ua": 90.0, "ra": 99.0, "ta": 95.0, "mia_efficacy": 97.0}
+  assert report.avg_gap(method, retrain) == (10 + 1 + 2 + 3) / 4
+  assert report.avg_gap({**method, "ta": None}, retrain) is None
