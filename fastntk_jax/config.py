@@ -96,6 +96,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.relearn_threshold = 0.05  # relearn time = epochs until D_f training loss < this
   c.eval.probe = _train(epochs=30, lr=0.05, batch_size=64, loss="ce")  # linear probe of a fresh head
   c.eval.batch_size = 256  # inference batch
+  # KLoM (population level): N seeds of Full/Retrain/Fast-NTK and N other seeds of Retrain
+  # (the noise floor); 0 = off. Affordable in linearised closed-form mode (one Gram per seed).
+  c.eval.population_seeds = 0
 
   c.lock()
   return c
@@ -259,6 +262,9 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   _choice("unlearn.solve_dtype", u.solve_dtype, enums.values(enums.SolveDtype))
   _positive("eval.relearn_threshold", cfg.eval.relearn_threshold, integer=False)
   _positive("eval.batch_size", cfg.eval.batch_size, integer=True)
+  _positive("eval.population_seeds", cfg.eval.population_seeds, integer=True, allow_zero=True)
+  if cfg.eval.population_seeds == 1:
+    raise ValueError("config.eval.population_seeds=1: KLoM needs at least 2 models per side")
   data_schema.resolve_data_config(cfg.data)  # raises naming the data field
   return cfg
 

@@ -33,6 +33,7 @@ from jax.flatten_util import ravel_pytree
 from fastntk_jax import config as config_lib
 from fastntk_jax import data as data_lib
 from fastntk_jax import faults
+from fastntk_jax import klom
 from fastntk_jax import mia
 from fastntk_jax import pretraining
 from fastntk_jax import report
@@ -433,6 +434,63 @@ def distances_to_retrain(model, methods: dict, data, cfg, w0) -> dict:
   return out
 
 
+class FineTuner:
+  """Full and Retrain of one seed from w0: the network by SGD, or (finetune.mode=
+  "linearized") the network linearised at w0 in closed form or by the same optax loop.
+
+  Attributes:
+    linearized: whether every method is f_lin (docs/derivation.md §5).
+    net: what methods are trained and evaluated as: the model, or `unlearn.Linearized`.
+    frozen_net: its frozen collections (with w0 under LINEARIZATION_POINT when linearised).
+  """
+
+  def __init__(self, cfg, model, frozen_pre, w0, data, seed, progress, mesh=None):
+    self.cfg, self.model, self.frozen_pre, self.w0, self.data = cfg, model, frozen_pre, w0, data
+    self.seed, self.progress, self.mesh = seed, progress, mesh
+    self.linearized = cfg.finetune.mode == "linearized"
+    self.net = linear.Linearized(model) if self.linearized else model
+    self.frozen_net = ({**frozen_pre, tr.LINEARIZATION_POINT: w0} if self.linearized
+                       else frozen_pre)
+    self._grams = {}
+
+  def gram(self, split, tag):
+    """Gram statistics of a split at w0 and the seconds they took (computed once)."""
+    if tag not in self._grams:
+      start = time.perf_counter()
+      g = jax.block_until_ready(unlearn.gram_stats(
+          tr.make_apply_fn(self.model, self.frozen_pre), self.w0, jnp.asarray(split.x),
+          jnp.asarray(split.y), num_classes=self.data.num_classes,
+          batch_size=self.cfg.unlearn.batch_size, dtype=_solve_dtype(self.cfg)))
+      self._grams[tag] = (g, time.perf_counter() - start)
+    return self._grams[tag]
+
+  def fit(self, split, tag: str, checkpoint_path: Optional[str] = None) -> tuple[dict, float]:
+    """Fine-tunes on `split` ("full": D, "retrain": D_r); returns ({"trainable"[,
+    "batch_stats"]}, seconds)."""
+    cfg, data = self.cfg, self.data
+    start = time.perf_counter()
+    if self.linearized and cfg.finetune.linearized_solver == "closed_form":
+      parts = [self.gram(data.retain, "retain")] + (
+          [self.gram(data.forget, "forget")] if tag == "full" else [])
+      solve_start = time.perf_counter()
+      params = linear.ridge_solution(self.w0, [g for g, _ in parts],
+                                     jnp.asarray(cfg.unlearn.damping, _solve_dtype(cfg)))
+      return {"trainable": params}, sum(t for _, t in parts) + time.perf_counter() - solve_start
+    spec = train_spec(cfg.finetune)
+    if self.linearized:  # mean squared loss over the split: the ridge penalty λ/n
+      spec = dataclasses.replace(spec, loss="mse", bn_mode="frozen",
+                                 l2_to_init=float(cfg.unlearn.damping) / len(split[1]))
+    name = f"seed{self.seed}/{tag}"
+    params, stats, _ = train_lib.fit(self.net, self.w0, self.frozen_net, split, spec,
+                                     data.num_classes, seed=self.seed,
+                                     progress=self.progress.epochs(name, spec.epochs),
+                                     checkpoint_path=checkpoint_path, tag=name, mesh=self.mesh)
+    out = {"trainable": params}
+    if stats is not None and not self.linearized:
+      out["batch_stats"] = stats
+    return out, time.perf_counter() - start
+
+
 def run_seed(cfg, model, data, pretrained: dict, seed: int, workdir: str,
              progress: _Progress, mesh=None) -> dict:
   """All methods for one seed; returns {method: metrics} and {probe kind: metrics}."""
@@ -440,48 +498,13 @@ def run_seed(cfg, model, data, pretrained: dict, seed: int, workdir: str,
   os.makedirs(sdir, exist_ok=True)
   w_pre, frozen_pre = tr.split(pretrained)
   w0 = fresh_head(w_pre, model, data.image_shape, seed)
-  ft = train_spec(cfg.finetune)
   c = data.num_classes
   results, timings = {}, {}
-  # Linearised mode: every method is the network linearised at w0 (BN statistics at w0),
-  # trained and evaluated as such (docs/derivation.md §5).
-  linearized = cfg.finetune.mode == "linearized"
-  net = linear.Linearized(model) if linearized else model
-  frozen_net = {**frozen_pre, tr.LINEARIZATION_POINT: w0} if linearized else frozen_pre
-  gram_cache = {}
-
-  def gram(split, tag):
-    """Gram statistics of a split at w0 and the seconds they took (computed once)."""
-    if tag not in gram_cache:
-      start = time.perf_counter()
-      g = jax.block_until_ready(unlearn.gram_stats(
-          tr.make_apply_fn(model, frozen_pre), w0, jnp.asarray(split.x), jnp.asarray(split.y),
-          num_classes=c, batch_size=cfg.unlearn.batch_size, dtype=_solve_dtype(cfg)))
-      gram_cache[tag] = (g, time.perf_counter() - start)
-    return gram_cache[tag]
+  tuner = FineTuner(cfg, model, frozen_pre, w0, data, seed, progress, mesh)
+  linearized, net, frozen_net = tuner.linearized, tuner.net, tuner.frozen_net
 
   def finetune(split, tag):
-    start = time.perf_counter()
-    if linearized and cfg.finetune.linearized_solver == "closed_form":
-      parts = [gram(data.retain, "retain")] + ([gram(data.forget, "forget")]
-                                               if tag == "full" else [])
-      solve_start = time.perf_counter()
-      params = linear.ridge_solution(w0, [g for g, _ in parts],
-                                     jnp.asarray(cfg.unlearn.damping, _solve_dtype(cfg)))
-      timings[tag] = sum(t for _, t in parts) + time.perf_counter() - solve_start
-      return {"trainable": params}
-    spec = ft
-    if linearized:  # mean squared loss over the split: the ridge penalty λ/n
-      spec = dataclasses.replace(ft, loss="mse", bn_mode="frozen",
-                                 l2_to_init=float(cfg.unlearn.damping) / len(split[1]))
-    params, stats, hist = train_lib.fit(net, w0, frozen_net, split, spec, c, seed=seed,
-                                        progress=progress.epochs(f"seed{seed}/{tag}", ft.epochs),
-                                        checkpoint_path=os.path.join(sdir, f"{tag}.partial"),
-                                        tag=f"seed{seed}/{tag}", mesh=mesh)
-    out = {"trainable": params}
-    if stats is not None and not linearized:
-      out["batch_stats"] = stats
-    timings[tag] = time.perf_counter() - start
+    out, timings[tag] = tuner.fit(split, tag, checkpoint_path=os.path.join(sdir, f"{tag}.partial"))
     return out
 
   target = {"trainable": w0}
@@ -561,6 +584,64 @@ def run_seed(cfg, model, data, pretrained: dict, seed: int, workdir: str,
   return {"methods": results, "probes": probes}
 
 
+POPULATION_SEED_BASE = 100_000  # population seeds never coincide with the report's seeds
+
+
+def population_stage(cfg, model, data, pretrained: dict, workdir: str, progress: _Progress,
+                     mesh=None) -> Optional[dict]:
+  """KLoM (`fastntk_jax.klom`) over `eval.population_seeds` = N seeds.
+
+  Seeds A (N of them) give Full, Retrain and Fast-NTK models; seeds B (N others) give Retrain
+  models only. Per forget example, KLoM compares the margin distribution of a method over A
+  with Retrain's over B; Retrain over A against B is the noise floor. Each seed's margins are
+  a resumable stage of their own (`population/seed_<k>.json`).
+
+  Returns:
+    {"num_seeds", "per_method": {method: klom.summary}, "floor": "retrain"} or None when off.
+  """
+  n = int(cfg.eval.population_seeds)
+  if n == 0 or "fastntk" not in cfg.methods:
+    return None
+  pdir = os.path.join(workdir, "population")
+  os.makedirs(pdir, exist_ok=True)
+  w_pre, frozen_pre = tr.split(pretrained)
+  u = cfg.unlearn
+  forgetter = unlearn.make_forgetter(
+      tr.make_apply_fn(model, frozen_pre), num_classes=data.num_classes,
+      damping=float(u.damping), solver=u.solver, batch_size=u.batch_size,
+      kernel_impl=u.kernel_impl, solve_dtype=jnp.float64 if u.solve_dtype == "float64" else None,
+      linearize_at=u.linearize_at, step_scale=float(u.step_scale))
+  retain = (jnp.asarray(data.retain.x), jnp.asarray(data.retain.y))
+  forget = (jnp.asarray(data.forget.x), jnp.asarray(data.forget.y))
+
+  def one(k: int) -> dict:
+    seed = POPULATION_SEED_BASE + k
+    log.info("population: seed %d of %d", k + 1, 2 * n)
+    w0 = fresh_head(w_pre, model, data.image_shape, seed)
+    tuner = FineTuner(cfg, model, frozen_pre, w0, data, seed, progress, mesh)
+    frozen_of = lambda out: {**tuner.frozen_net, **({"batch_stats": out["batch_stats"]}
+                                                      if "batch_stats" in out else {})}
+    margin = lambda params, frozen: klom.margins(train_lib.predict(
+        tuner.net, params, frozen, data.forget.x, batch_size=cfg.eval.batch_size),
+                                                 data.forget.y).tolist()
+    retrain, _ = tuner.fit(data.retain, "retrain")
+    out = {"retrain": margin(retrain["trainable"], frozen_of(retrain))}
+    if k < n:
+      full, _ = tuner.fit(data.train, "full")
+      new = forgetter.forget(w0, full["trainable"], retain, forget)
+      out["full"] = margin(full["trainable"], frozen_of(full))
+      out["fastntk"] = margin(new, frozen_of(full))
+    return out
+
+  per = [_json_stage(os.path.join(pdir, f"seed_{k}.json"), lambda k=k: one(k))
+         for k in range(2 * n)]
+  reference = np.asarray([p["retrain"] for p in per[n:]])
+  return {"num_seeds": n, "floor": "retrain",
+          "per_method": {m: klom.summary(klom.klom(np.asarray([p[m] for p in per[:n]]),
+                                                   reference))
+                         for m in ("fastntk", "full", "retrain")}}
+
+
 _TRAIN_GROUPS = ("pretrain.train", "finetune", "baselines.max_loss", "baselines.random_label",
                  "eval.relearn", "eval.probe")
 
@@ -630,8 +711,10 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, *, show_progress: bool = T
     seed_data = data_for_seed(cfg, data, seed)
     draws[seed] = data_draw(seed_data)
     per_seed[seed] = run_seed(cfg, model, seed_data, pretrained, seed, workdir, progress, mesh)
+  population = population_stage(cfg, model, data, pretrained, workdir, progress, mesh)
   progress.close()
   results = report.build_results(cfg, data, model, pretrained, per_seed)
+  results["klom"] = population
   report.add_pretrain(results, pretrain_info(workdir))
   # Which classes each seed ran on (with data.draw_per_seed, a draw per seed).
   results["data"]["per_seed"] = {str(s): d for s, d in draws.items()}

@@ -181,6 +181,18 @@ def markdown(results: dict) -> str:
             "member, test = non-member) calls non-member; Avg. Gap = mean |metric − "
             "Retrain's| over those four (per seed, then mean ± std); RTE = run time of the "
             "unlearning step (fine-tuning for Full/Retrain).", ""]
+  if results.get("klom"):
+    k = results["klom"]
+    lines += [f"## KLoM over {k['num_seeds']} + {k['num_seeds']} seeds (population level)", "",
+              "| Method (seeds A) vs Retrain (seeds B) | mean | median | q90 | q99 |",
+              "|---|---|---|---|---|"]
+    for name, st in k["per_method"].items():
+      label = METHOD_LABELS.get(name, name) + (" (noise floor)" if name == k["floor"] else "")
+      lines.append(f"| {label} | {st['mean']:.3f} | {st['median']:.3f} | {st['q90']:.3f} | "
+                   f"{st['q99']:.3f} |")
+    lines += ["", "Per forget example: KL between the histograms (20 bins, margins clipped to "
+              "±100, ε = 1e-5) of its margin over the method's models and over Retrain models "
+              "of other seeds; a method at the noise floor is indistinguishable from Retrain.", ""]
   lines += ["## Privacy and distance to Retrain", "",
             "| Method | " + " | ".join(label for _, label in DISTANCES) + " |",
             "|---|" + "---|" * len(DISTANCES)]

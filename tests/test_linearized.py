@@ -95,7 +95,13 @@ def test_pipeline_in_linearized_mode_gives_retrain(tmp_path):
     cfg.finetune.mode = "linearized"
     cfg.unlearn.solve_dtype = "float64"
     cfg.methods = ("full", "retrain", "fastntk")
-  res = pipeline.run(cfg, str(tmp_path), show_progress=False)["methods"]
+    cfg.eval.population_seeds = 2
+  out = pipeline.run(cfg, str(tmp_path), show_progress=False)
+  res = out["methods"]
+  # KLoM: Fast-NTK's models sit exactly at the Retrain-vs-Retrain noise floor.
+  k = out["klom"]["per_method"]
+  assert np.isclose(k["fastntk"]["mean"], k["retrain"]["mean"], rtol=1e-3, atol=1e-6)
+  assert k["full"]["mean"] > k["retrain"]["mean"]
   assert res["full"]["relative_l2_to_retrain"]["mean"] > 1e-2  # there was something to undo
   assert res["fastntk"]["relative_l2_to_retrain"]["mean"] < 1e-6
   for key in ("acc_retain", "acc_forget", "acc_test_retain", "ua", "ra", "ta"):
