@@ -4,21 +4,27 @@ Command (GPU recommended; CIFAR-100 and CIFAR-10 must be prepared with TFDS firs
 BUILD.md):
   python -m fastntk_jax.main --config=configs/resnet110_cifar10.py:ipc=100 --workdir=wd_r110
 
-Pipeline: pre-train ResNet-110 on CIFAR-100 (all 100 classes, 50k images), transfer all but
-the head; fine-tune BN scale/bias + a fresh 10-class head (p = 8,746 of 1.73M, 0.51%) on
-#IPC images per CIFAR-10 class; forget class 0; evaluate on the CIFAR-10 test split.
-To reuse a pre-trained backbone: --config.pretrain.source=checkpoint
---config.pretrain.path=wd_r110/pretrain (any workdir's pretrain/ folder).
+Pipeline: pre-train ResNet-110 on CIFAR-100 (all 100 classes, 50k images; the recipe of
+`config.cifar_pretrain_recipe`: crop + flip, 160 epochs, lr 0.1 ×0.1 at 80/120, 1 warm-up
+epoch, weight decay 5e-4) and report its CIFAR-100 test accuracy; transfer all but the head;
+fine-tune BN scale/bias + a fresh 10-class head (p = 8,746 of 1.73M, 0.51%) on #IPC images
+per CIFAR-10 class (no augmentation); forget class 0; evaluate on the CIFAR-10 test split.
+One pre-training for every seed and #IPC: --config.pretrain.cache_dir=DIR (launch/sweep.py
+and launch/reproduce.py pass one). Other backbones: --config.pretrain.source=checkpoint
+--config.pretrain.path=wd_r110/pretrain (any workdir's pretrain/ folder), or a public
+PyTorch CIFAR ResNet state dict: --config.pretrain.source=state_dict
+--config.pretrain.path=resnet110.th (fastntk_jax/models/torch_import.py).
 
 Expected (the paper's claim for Table I; not measured here, CIFAR cannot be downloaded on
 our CI machines): Fast-NTK's D_f and forget-class test accuracy ≈ 0% like Retrain, D_r and
 retain-class test accuracy within a few points of Retrain, relearn time close to Retrain's.
 
 Arguments: `ipc=N` (#IPC of D, default 100), `tiny` (seconds-long test mode: resnet8 with
-narrow widths, 8x8 images, no pre-training; run under tfds.testing.mock_data).
+narrow widths, 8x8 images, a 2-epoch pre-training on 2 CIFAR-100 images per class; run
+under tfds.testing.mock_data).
 """
 
-from fastntk_jax.config import base_config, parse_arg, tiny_cifar_cnn
+from fastntk_jax.config import base_config, cifar_pretrain_recipe, parse_arg, tiny_cifar_cnn
 
 
 def get_config(arg=None):
@@ -30,11 +36,7 @@ def get_config(arg=None):
   c.data.forget_classes = [0]
   c.model.name = "resnet110"
   c.model.options = {"shortcut": "A"}
-  c.pretrain.source = "train"
-  c.pretrain.dataset = "cifar100"
-  c.pretrain.train.epochs = 160
-  c.pretrain.train.learning_rate = 0.1
-  c.pretrain.train.batch_size = 128
+  cifar_pretrain_recipe(c, "cifar100")
   c.finetune.epochs = 40
   c.finetune.learning_rate = 0.002
   c.finetune.batch_size = 64

@@ -1,24 +1,26 @@
 """ViT-B/16 with K/V prompts on CIFAR-10 (paper Appendix B), class 0 forgotten.
 
-Command (GPU; CIFAR-10 prepared with TFDS; AugReg ViT-B/16 at checkpoints/ViT-B_16.npz):
+Command (GPU; CIFAR-10 prepared with TFDS; the AugReg ViT-B/16 file in checkpoints/, see
+configs/vit_base_imagenet_r.py for the published names):
   python -m fastntk_jax.main --config=configs/vit_base_cifar10.py:ipc=50 --workdir=wd_vitb_c10
 
 Images are resized 32→224 (position embeddings of the checkpoint are used as is at 224;
 they are resampled automatically if image_size is changed). Trainable: prompts (73,728) +
-head (10 classes: 7,690) = 81,418 of 85.9M parameters (0.09%).
+head (10 classes: 7,690) = 81,418 of 85.9M parameters (0.09%). Float64 solve, as the other
+ViT configs.
 
 Expected (the paper's claim, not measured here): Fast-NTK ≈ Retrain on D_f (≈0%), close on
 D_r and the retain-class test set.
 
-Arguments: `ipc=N` (default 50), `tiny`.
+Arguments: `ipc=N` (default 50), `weights=i1k|i21k_i1k|i21k` (default i1k), `tiny`.
 """
 
-from fastntk_jax.config import parse_arg, vit_prompt_config
+from fastntk_jax.config import VIT_WEIGHTS, parse_arg, vit_checkpoint, vit_prompt_config
 
 
 def get_config(arg=None):
-  a = parse_arg(arg, {"ipc": 50})
-  c = vit_prompt_config("vit_b16", "cifar10", None, a["ipc"], "checkpoints/ViT-B_16.npz",
-                        a["tiny"])
+  a = parse_arg(arg, {"ipc": 50, "weights": "i1k"}, {"weights": VIT_WEIGHTS})
+  c = vit_prompt_config("vit_b16", "cifar10", None, a["ipc"],
+                        vit_checkpoint("vit_b16", a["weights"]), a["tiny"])
   c.data.normalization = "vit"
   return c

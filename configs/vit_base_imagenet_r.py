@@ -1,23 +1,36 @@
-"""ViT-B/16 with K/V prompts on ImageNet-R subsets (paper Table II).
+"""ViT-B/16 with K/V prompts on ImageNet-R subsets (paper Table II and Table III).
 
-Command (GPU; ImageNet-R prepared with TFDS; AugReg ViT-B/16 checkpoint at
-checkpoints/ViT-B_16.npz):
+Command (GPU; ImageNet-R prepared with TFDS; the AugReg ViT-B/16 file downloaded into
+checkpoints/, see README "Reproducing the paper"):
   python -m fastntk_jax.main --config=configs/vit_base_imagenet_r.py:classes=20,ipc=50 \
       --workdir=wd_vitb_20_50
 
-Trainable: prompts (L=4, 12 blocks: 73,728) + head (20 classes: 15,380) = 89,108 of 85.9M
-parameters (0.10%). With p ≈ 89k, p² in float32 is 32 GB: `solver="auto"` picks dual for
-n·C up to ~10⁴–10⁵ (the kernel is (n·C)²) and cg beyond.
+Classes and the forgotten class are drawn at random per seed as in
+configs/vit_small_imagenet_r.py (`random=0`: the first #classes and label 0). Trainable:
+prompts (L=4, 12 blocks: 73,728) + head (20 classes: 15,380) = 89,108 of 85.9M parameters
+(0.10%). With p ≈ 89k, p² in float64 is 63 GB: `solver="auto"` picks the dual (kernel
+(n·C)²: 20,000² for 20/50, 50,000² = 20 GB in float64 for 50/20) and cg beyond; the solve
+is in float64 (benchmarks/RESULTS.md §8 measures float32 against it at p = 89,108).
+
+Weights (`weights=`): i1k (default) =
+  checkpoints/B_16-i1k-300ep-lr_0.001-aug_strong2-wd_0.1-do_0.1-sd_0.1--imagenet2012-steps_20k-lr_0.01-res_224.npz
+i21k_i1k = B_16-i21k-300ep-lr_0.001-aug_medium1-wd_0.1-do_0.0-sd_0.0--imagenet2012-steps_20k-lr_0.01-res_224.npz,
+i21k = B_16-i21k-300ep-lr_0.001-aug_medium1-wd_0.1-do_0.0-sd_0.0.npz; all from
+https://storage.googleapis.com/vit_models/augreg/. The original (non-AugReg)
+imagenet21k/ViT-B_16.npz also loads: its `pre_logits` layer is dropped with a log line.
 
 Expected (the paper's claim, not measured here): Fast-NTK ≈ Retrain on D_f, close on D_r.
 
-Arguments: `classes=K` (default 20), `ipc=N` (default 20), `tiny`.
+Arguments: `classes=K` (default 20), `ipc=N` (default 20), `random=1|0`,
+`weights=i1k|i21k_i1k|i21k`, `tiny`.
 """
 
-from fastntk_jax.config import parse_arg, vit_prompt_config
+from fastntk_jax.config import VIT_WEIGHTS, parse_arg, vit_checkpoint, vit_prompt_config
 
 
 def get_config(arg=None):
-  a = parse_arg(arg, {"classes": 20, "ipc": 20})
+  a = parse_arg(arg, {"classes": 20, "ipc": 20, "random": 1, "weights": "i1k"},
+                {"weights": VIT_WEIGHTS})
   return vit_prompt_config("vit_b16", "imagenet_r", a["classes"], a["ipc"],
-                           "checkpoints/ViT-B_16.npz", a["tiny"])
+                           vit_checkpoint("vit_b16", a["weights"]), a["tiny"],
+                           random_classes=bool(a["random"]))

@@ -1,25 +1,37 @@
-"""ViT-S/16 with K/V prompts on ImageNet-R subsets (paper Table II).
+"""ViT-S/16 with K/V prompts on ImageNet-R subsets (paper Table II and Table III).
 
-Command (GPU; ImageNet-R prepared with TFDS, see BUILD.md; the AugReg ViT-S/16 ImageNet-21k
-checkpoint downloaded from the vision_transformer bucket to checkpoints/ViT-S_16.npz):
+Command (GPU; ImageNet-R prepared with TFDS, see BUILD.md; the AugReg ViT-S/16 file
+downloaded into checkpoints/, see README "Reproducing the paper"):
   python -m fastntk_jax.main --config=configs/vit_small_imagenet_r.py:classes=20,ipc=50 \
       --workdir=wd_vits_20_50
 
-The paper's grid is #classes/#IPC ∈ {20/20, 20/50, 50/20}; one class (label 0) is forgotten.
-Trainable: prompts (L=4 per block, 12 blocks: 2·L·D·12 = 36,864) + head (20 classes:
-7,700) = 44,564 of 21.7M parameters (0.21%).
+The paper's grid is #classes/#IPC ∈ {20/20, 20/50, 50/20}. As in the paper, every seed draws
+its #classes classes at random among ImageNet-R's 200 (among those with enough images for
+the hold-out of 25 + #IPC) and forgets one of them at random (`random=0`: the first #classes
+classes and label 0 for every seed). Trainable: prompts (L=4 per block, 12 blocks:
+2·L·D·12 = 36,864) + head (20 classes: 7,700) = 44,564 of 21.7M parameters (0.21%).
+
+Weights (`weights=`): i1k (default; the paper: "pre-trained on ImageNet-1K") =
+  checkpoints/S_16-i1k-300ep-lr_0.001-aug_medium2-wd_0.1-do_0.0-sd_0.0--imagenet2012-steps_20k-lr_0.01-res_224.npz
+i21k_i1k = S_16-i21k-300ep-lr_0.001-aug_light1-wd_0.03-do_0.0-sd_0.0--imagenet2012-steps_20k-lr_0.03-res_224.npz,
+i21k = S_16-i21k-300ep-lr_0.001-aug_light1-wd_0.03-do_0.0-sd_0.0.npz; all from
+https://storage.googleapis.com/vit_models/augreg/ (config.VIT_CHECKPOINTS). Any other file:
+--config.pretrain.path=...; names kept at init: --config.pretrain.dont_load='("head/.*",)'.
 
 Expected (the paper's claim, not measured here): Fast-NTK's D_f accuracy ≈ Retrain's,
-D_r accuracy close to Retrain's.
+D_r accuracy close to Retrain's; Table III's linear probe of Fast-NTK near 0% on D_f.
 
-Arguments: `classes=K` (default 20), `ipc=N` (default 20), `tiny` (2-layer 16-wide ViT on
-32x32 images, random backbone; run under tfds.testing.mock_data).
+Arguments: `classes=K` (default 20), `ipc=N` (default 20), `random=1|0` (default 1),
+`weights=i1k|i21k_i1k|i21k`, `tiny` (2-layer 16-wide ViT on 32x32 images, random backbone;
+run under tfds.testing.mock_data).
 """
 
-from fastntk_jax.config import parse_arg, vit_prompt_config
+from fastntk_jax.config import VIT_WEIGHTS, parse_arg, vit_checkpoint, vit_prompt_config
 
 
 def get_config(arg=None):
-  a = parse_arg(arg, {"classes": 20, "ipc": 20})
+  a = parse_arg(arg, {"classes": 20, "ipc": 20, "random": 1, "weights": "i1k"},
+                {"weights": VIT_WEIGHTS})
   return vit_prompt_config("vit_s16", "imagenet_r", a["classes"], a["ipc"],
-                           "checkpoints/ViT-S_16.npz", a["tiny"])
+                           vit_checkpoint("vit_s16", a["weights"]), a["tiny"],
+                           random_classes=bool(a["random"]))

@@ -23,13 +23,23 @@ def _train(epochs, lr, batch_size, optimizer="sgd", loss="mse", bn_mode="frozen"
            momentum=0.9, weight_decay=0.0) -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.epochs = epochs  # passes over the training split
-  c.learning_rate = lr  # constant learning rate
+  c.learning_rate = lr  # peak learning rate (the constant one with schedule="constant")
   c.batch_size = batch_size  # fixed batch shape (last batch padded and masked)
   c.optimizer = optimizer  # "sgd" (with momentum) | "adam" (AdamW)
   c.momentum = momentum  # SGD momentum (ignored by adam)
-  c.weight_decay = weight_decay  # decoupled weight decay on the trained leaves
+  c.weight_decay = weight_decay  # weight decay on the trained leaves (SGD: coupled; adam: AdamW's)
   c.loss = loss  # "mse" (0.5||f - onehot||², what Eq. (1) assumes) | "ce"
   c.bn_mode = bn_mode  # "frozen": pre-trained running stats (what the NTK linearises) | "train"
+  # Train-time augmentation: "none" | "crop_flip" (random crop of the 4-pixel zero-padded
+  # image + horizontal flip; the CIFAR pre-training recipe). Off for fine-tuning, baselines,
+  # relearning and probes, so that the unlearning protocol sees the data as it is.
+  c.augment = "none"
+  # Learning-rate schedule after a linear warm-up of warmup_epochs: "constant" | "cosine"
+  # (to 0 at the last step) | "step" (× decay_factor from each epoch in decay_epochs).
+  c.schedule = "constant"
+  c.warmup_epochs = 0.0
+  c.decay_epochs = ()
+  c.decay_factor = 0.1
   return c
 
 
@@ -59,8 +69,19 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.options = ml_collections.ConfigDict({"shortcut": "B"})  # get_model(**options)
 
   c.pretrain = ml_collections.ConfigDict()
-  c.pretrain.source = "train"  # "train" on data.pretrain | "npz" (ViT .npz) | "checkpoint" | "none"
-  c.pretrain.path = ""  # file/folder for source="npz"/"checkpoint"
+  # "train" (see `dataset`) | "npz" (a vision_transformer/AugReg ViT .npz) | "state_dict" (a
+  # PyTorch CIFAR ResNet state dict: .pt/.pth with torch installed, or .npz/.safetensors) |
+  # "checkpoint" (this project's orbax folder, e.g. another workdir's pretrain/) | "none"
+  c.pretrain.source = "train"
+  c.pretrain.path = ""  # file/folder for source="npz"/"state_dict"/"checkpoint"
+  # source="npz"/"state_dict": regular expressions (full match) of parameter names kept at
+  # their fresh init instead of loaded (the head: the public one is for another label set).
+  c.pretrain.dont_load = ("head/.*",)
+  # source="train" with a `dataset`: a folder shared by runs (every seed, every config with
+  # the same backbone) holding each pre-trained backbone once, under a key computed from
+  # the pre-training config (model, dataset, image size, normalisation, recipe); concurrent
+  # runs wait on a file lock for the one that trains. "" = pre-train in the workdir.
+  c.pretrain.cache_dir = ""
   # source="train": "" trains on the experiment data's own pretrain split; a dataset name
   # ("cifar100", ...) trains on that dataset's train split (all its classes, with its own
   # head) and transfers everything but the head, as the paper pre-trains on CIFAR-100.
@@ -104,15 +125,17 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
-def parse_arg(arg, allowed: dict) -> dict:
+def parse_arg(arg, allowed: dict, choices: dict | None = None) -> dict:
   """Parses a config file's `:arg` such as "tiny" or "classes=20,ipc=50".
 
   Args:
-    arg: None, "tiny", or comma-separated key=int pairs (optionally with "tiny").
-    allowed: {key: default int}.
+    arg: None, "tiny", or comma-separated key=value pairs (optionally with "tiny").
+    allowed: {key: default}: an int default takes digits; a str default takes a word, one of
+      `choices[key]` when given.
+    choices: {key: allowed words} for str-valued keys.
 
   Returns:
-    {"tiny": bool, **{key: int}}.
+    {"tiny": bool, **{key: value}}.
   """
   out = {"tiny": False, **allowed}
   for part in (arg or "").split(","):
@@ -123,6 +146,12 @@ def parse_arg(arg, allowed: dict) -> dict:
       out["tiny"] = True
       continue
     key, _, value = part.partition("=")
+    if key in allowed and isinstance(allowed[key], str) and value:
+      if choices and key in choices and value not in choices[key]:
+        raise ValueError(f"bad config argument {part!r}: {key} must be one of "
+                         f"{list(choices[key])}")
+      out[key] = value
+      continue
     if key not in allowed or not value.isdigit():
       raise ValueError(f"bad config argument {part!r}: expected 'tiny' or key=int with key in "
                        f"{sorted(allowed)}")
@@ -141,26 +170,94 @@ def tiny_training(c: ml_collections.ConfigDict) -> None:
   c.eval.probe.epochs = 1
   c.eval.batch_size = 32
   c.unlearn.batch_size = 16
+  c.unlearn.checkpoint_rows = 16  # one Gram chunk = one block: one small compile
+
+
+def cifar_pretrain_recipe(c: ml_collections.ConfigDict, dataset: str = "cifar100") -> None:
+  """The CNN configs' pre-training on `dataset`'s train split (the paper: CIFAR-100), the
+  usual CIFAR recipe: SGD momentum 0.9, lr 0.1, batch 128, 160 epochs, ×0.1 at epochs 80
+  and 120 after a 1-epoch linear warm-up (He et al. 2016's schedule for ResNet-110, which
+  warms up for ~400 iterations), weight decay 5e-4 (the value common for CIFAR-100), random
+  crop (4-pixel padding) + horizontal flip, cross-entropy, BN in train mode. Its accuracy on
+  the dataset's test split goes to results.json (`pretrain.test_accuracy`): ResNet-110 with
+  such a recipe commonly reaches ~72% on CIFAR-100 (not measured here: no CIFAR on our
+  machines)."""
+  c.pretrain.source = "train"
+  c.pretrain.dataset = dataset
+  t = c.pretrain.train
+  t.epochs = 160
+  t.learning_rate = 0.1
+  t.batch_size = 128
+  t.momentum = 0.9
+  t.weight_decay = 5e-4
+  t.loss = "ce"
+  t.bn_mode = "train"
+  t.augment = "crop_flip"
+  t.schedule = "step"
+  t.decay_epochs = (80, 120)
+  t.decay_factor = 0.1
+  t.warmup_epochs = 1.0
 
 
 def tiny_cifar_cnn(c: ml_collections.ConfigDict) -> None:
-  """The CIFAR CNN configs' seconds-long test mode (run under tfds.testing.mock_data): tiny
-  training, 8x8 images, 4 classes of 3 training and 2 hold-out images, no pre-training."""
+  """The CIFAR CNN configs' seconds-long test mode (run under tfds.testing.mock_data, which
+  must give every CIFAR-100 class 2 training and 1 test image): tiny training, 8x8 images,
+  4 classes of 3 training and 2 hold-out images, and the pre-training recipe (augmentation,
+  warm-up, step decay, test accuracy) shrunk to 2 epochs on 2 CIFAR-100 images per class."""
   tiny_training(c)
   c.data.image_size = 8
   c.data.images_per_class = 3
   c.data.holdout_per_class = 2
   c.data.num_classes = 4
-  c.pretrain.source = "none"
-  c.pretrain.dataset = ""
+  c.pretrain.images_per_class = 2
+  t = c.pretrain.train
+  t.epochs = 2
+  t.batch_size = 32
+  t.decay_epochs = (1,)
+  t.warmup_epochs = 0.5
+
+
+# The published AugReg ViT checkpoints (google-research/vision_transformer, bucket
+# gs://vit_models/augreg/ = https://storage.googleapis.com/vit_models/augreg/; "How to train
+# your ViT?", Steiner et al. 2021). Names as listed in vision_transformer's README (i21k) and
+# in timm's vision_transformer.py default_cfgs, which loads these URLs: `augreg_in1k`
+# (i1k), `augreg_in21k` (i21k), `augreg_in21k_ft_in1k` (i21k_i1k). All at 224x224, inception
+# normalisation ([-1, 1]: data.normalization "vit"). The paper pre-trains its ViTs "on
+# ImageNet-1K", so "i1k" (trained on ImageNet-1k only) is the default; "i21k_i1k" is
+# ImageNet-21k pre-training fine-tuned on ImageNet-1k, "i21k" the ImageNet-21k upstream.
+AUGREG_URL = "https://storage.googleapis.com/vit_models/augreg/"
+VIT_CHECKPOINTS = {
+    ("vit_s16", "i1k"): "S_16-i1k-300ep-lr_0.001-aug_medium2-wd_0.1-do_0.0-sd_0.0"
+                        "--imagenet2012-steps_20k-lr_0.01-res_224.npz",
+    ("vit_b16", "i1k"): "B_16-i1k-300ep-lr_0.001-aug_strong2-wd_0.1-do_0.1-sd_0.1"
+                        "--imagenet2012-steps_20k-lr_0.01-res_224.npz",
+    ("vit_s16", "i21k_i1k"): "S_16-i21k-300ep-lr_0.001-aug_light1-wd_0.03-do_0.0-sd_0.0"
+                             "--imagenet2012-steps_20k-lr_0.03-res_224.npz",
+    ("vit_b16", "i21k_i1k"): "B_16-i21k-300ep-lr_0.001-aug_medium1-wd_0.1-do_0.0-sd_0.0"
+                             "--imagenet2012-steps_20k-lr_0.01-res_224.npz",
+    ("vit_s16", "i21k"): "S_16-i21k-300ep-lr_0.001-aug_light1-wd_0.03-do_0.0-sd_0.0.npz",
+    ("vit_b16", "i21k"): "B_16-i21k-300ep-lr_0.001-aug_medium1-wd_0.1-do_0.0-sd_0.0.npz",
+}
+VIT_WEIGHTS = ("i1k", "i21k_i1k", "i21k")
+
+
+def vit_checkpoint(model: str, weights: str, folder: str = "checkpoints") -> str:
+  """The local path the configs expect for a published AugReg file (download it from
+  AUGREG_URL + its name; see README "Reproducing the paper")."""
+  return f"{folder}/{VIT_CHECKPOINTS[(model, weights)]}"
 
 
 def vit_prompt_config(model: str, dataset: str, num_classes, ipc: int, npz: str,
-                      tiny: bool) -> ml_collections.ConfigDict:
+                      tiny: bool, *, random_classes: bool = False) -> ml_collections.ConfigDict:
   """Shared body of the prompted-ViT configs (paper Table II and Appendix B).
 
-  Pre-trained weights come from an AugReg/vision_transformer `.npz` (head and prompts stay
-  fresh); the trainable collection is the K/V prompts of every block plus the head.
+  Pre-trained weights come from an AugReg/vision_transformer `.npz` (`npz`; head and prompts
+  stay fresh, a `pre_logits` layer is dropped); the trainable collection is the K/V prompts
+  of every block plus the head. The update solves in float64: at the ViT-B/16 prompt size
+  (p = 89,108) a float32 solve is not accurate enough (benchmarks/RESULTS.md §8).
+  `random_classes`: the paper's ImageNet-R sampling, #classes drawn at random and one of them
+  forgotten at random, a new draw for every seed (data.class_choice/forget_choice/
+  draw_per_seed); otherwise the first #classes and label 0, the same for every seed.
   """
   c = base_config()
   c.data.name = dataset
@@ -168,15 +265,23 @@ def vit_prompt_config(model: str, dataset: str, num_classes, ipc: int, npz: str,
   c.data.normalization = "vit"
   c.data.num_classes = num_classes
   c.data.images_per_class = ipc
+  if random_classes:
+    c.data.class_choice = "random"
+    c.data.forget_choice = "random"
+    c.data.draw_per_seed = True
   c.model.name = model
   c.model.options = {"prompt_length": 4}
   c.pretrain.source = "npz"
   c.pretrain.path = npz
   c.finetune = _finetune(epochs=20, lr=0.01, batch_size=32, bn_mode="frozen")  # no BN in ViTs
   c.unlearn.batch_size = 32
+  c.unlearn.solve_dtype = "float64"
   c.eval.batch_size = 64
   if tiny:
     tiny_training(c)
+    # In-process tests: x64 would stay on for the tests that follow (test_configs runs the
+    # float64 path of the CNN config in a subprocess).
+    c.unlearn.solve_dtype = "float32"
     c.data.image_size = 32
     c.data.images_per_class = 2
     c.data.holdout_per_class = 1
@@ -201,6 +306,21 @@ def _positive(field: str, value: Any, *, integer: bool, allow_zero: bool = False
                      f"{'>= 0' if allow_zero else '> 0'}")
 
 
+PRETRAIN_SOURCES = ("train", "npz", "state_dict", "checkpoint", "none")
+
+
+def _check_patterns(field: str, patterns) -> None:
+  import re  # pylint: disable=g-import-not-at-top
+  if isinstance(patterns, str) or not isinstance(patterns, (tuple, list)):
+    raise ValueError(f"config.{field}={patterns!r} must be a list of regular expressions, "
+                     "e.g. ('head/.*',)")
+  for p in patterns:
+    try:
+      re.compile(p)
+    except (re.error, TypeError) as e:
+      raise ValueError(f"config.{field}: {p!r} is not a regular expression ({e})") from None
+
+
 def _validate_train(prefix: str, c) -> None:
   _positive(f"{prefix}.epochs", c.epochs, integer=True, allow_zero=True)
   _positive(f"{prefix}.learning_rate", c.learning_rate, integer=False)
@@ -210,6 +330,20 @@ def _validate_train(prefix: str, c) -> None:
   _choice(f"{prefix}.bn_mode", c.bn_mode, enums.values(enums.BNMode))
   _positive(f"{prefix}.momentum", c.momentum, integer=False, allow_zero=True)
   _positive(f"{prefix}.weight_decay", c.weight_decay, integer=False, allow_zero=True)
+  _choice(f"{prefix}.augment", c.augment, enums.values(enums.Augment))
+  _choice(f"{prefix}.schedule", c.schedule, enums.values(enums.Schedule))
+  _positive(f"{prefix}.warmup_epochs", c.warmup_epochs, integer=False, allow_zero=True)
+  if c.warmup_epochs > c.epochs:
+    raise ValueError(f"config.{prefix}.warmup_epochs={c.warmup_epochs} exceeds "
+                     f"{prefix}.epochs={c.epochs}")
+  _positive(f"{prefix}.decay_factor", c.decay_factor, integer=False)
+  decay = c.decay_epochs
+  if isinstance(decay, str) or not isinstance(decay, (tuple, list)) or any(
+      isinstance(e, bool) or not isinstance(e, int) or e < 1 for e in decay):
+    raise ValueError(f"config.{prefix}.decay_epochs={decay!r} must be a list of epochs >= 1")
+  if c.schedule == "step" and not decay:
+    raise ValueError(f"config.{prefix}.schedule='step' needs {prefix}.decay_epochs, e.g. "
+                     "(80, 120)")
 
 
 def check_keys(cfg, reference=None, prefix="") -> None:
@@ -236,12 +370,17 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   for m in cfg.methods:
     _choice("methods[]", m, METHODS)
   _choice("model.name", cfg.model.name, enums.values(enums.ModelName))
-  _choice("pretrain.source", cfg.pretrain.source, ("train", "npz", "checkpoint", "none"))
+  _choice("pretrain.source", cfg.pretrain.source, PRETRAIN_SOURCES)
   if cfg.pretrain.dataset:
     _choice("pretrain.dataset", cfg.pretrain.dataset, data_schema.DATASETS)
-  if cfg.pretrain.source in ("npz", "checkpoint") and not cfg.pretrain.path:
+  if cfg.pretrain.source in ("npz", "state_dict", "checkpoint") and not cfg.pretrain.path:
     raise ValueError(f"config.pretrain.path must name the file for pretrain.source="
                      f"{cfg.pretrain.source!r}")
+  _check_patterns("pretrain.dont_load", cfg.pretrain.dont_load)
+  if cfg.data.draw_per_seed and cfg.pretrain.source == "train" and not cfg.pretrain.dataset:
+    raise ValueError("config.data.draw_per_seed=True draws other images per seed, but "
+                     "pretrain.source='train' pre-trains on the data's own pretrain split once; "
+                     "set pretrain.dataset, another pretrain.source, or draw_per_seed=False")
   for prefix in ("pretrain.train", "finetune", "baselines.max_loss", "baselines.random_label",
                  "eval.relearn", "eval.probe"):
     node = cfg

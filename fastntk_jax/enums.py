@@ -70,6 +70,20 @@ class Loss(str, enum.Enum):
   CE = "ce"  # softmax cross-entropy
 
 
+class Schedule(str, enum.Enum):
+  """The learning-rate schedule of a training loop (`train.learning_rate_schedule`), each
+  after an optional linear warm-up."""
+  CONSTANT = "constant"
+  COSINE = "cosine"  # cosine decay to 0 at the last step
+  STEP = "step"  # × decay_factor at each of decay_epochs
+
+
+class Augment(str, enum.Enum):
+  """Train-time augmentation of a training loop's batches (`data.random_crop_flip`)."""
+  NONE = "none"
+  CROP_FLIP = "crop_flip"  # random crop of the zero-padded image + horizontal flip (CIFAR)
+
+
 class BNMode(str, enum.Enum):
   """How a training loop treats BatchNorm running statistics.
 

@@ -52,9 +52,14 @@ def per_example_loss(logits: jnp.ndarray, labels: jnp.ndarray, num_classes: int,
   raise ValueError(f"unknown loss {loss!r}; choose one of {LOSSES}")
 
 
-def make_optimizer(name: str, learning_rate: float, *, momentum: float = 0.9,
+def make_optimizer(name: str, learning_rate, *, momentum: float = 0.9,
                    weight_decay: float = 0.0) -> optax.GradientTransformation:
-  """SGD with momentum or Adam(W); weight decay applies to every trainable leaf."""
+  """SGD with momentum or Adam(W); weight decay applies to every trainable leaf.
+
+  `learning_rate` is a float or an optax schedule (`learning_rate_schedule`). SGD's weight
+  decay is coupled (added to the gradient, as PyTorch's SGD and the CIFAR recipes); Adam's
+  is AdamW's decoupled decay.
+  """
   if name == "sgd":
     tx = optax.sgd(learning_rate, momentum=momentum or None)
     return optax.chain(optax.add_decayed_weights(weight_decay), tx) if weight_decay else tx
@@ -79,11 +84,69 @@ class TrainSpec:
   # ½·l2_to_init·‖w - w0‖² added to the mean loss, w0 = the frozen "linearization_point"
   # collection: with l2_to_init = λ/n it is the ridge penalty of the update (linearised mode).
   l2_to_init: float = 0.0
+  # Train-time augmentation of every batch (`data.random_crop_flip`): "none" | "crop_flip"
+  # (random crop of the zero-padded image + horizontal flip, the CIFAR recipe).
+  augment: str = "none"
+  # Learning-rate schedule over the steps of the whole fit (`learning_rate_schedule`):
+  # "constant" | "cosine" (to 0 at the last step) | "step" (× decay_factor at each epoch of
+  # decay_epochs); every schedule starts with a linear warm-up over warmup_epochs.
+  schedule: str = "constant"
+  warmup_epochs: float = 0.0
+  decay_epochs: tuple = ()
+  decay_factor: float = 0.1
 
   def describe(self) -> str:
+    extra = ""
+    if self.weight_decay:
+      extra += f", weight decay {self.weight_decay:g}"
+    if self.schedule != "constant" or self.warmup_epochs:
+      extra += f", {self.schedule} schedule"
+      if self.schedule == "step":
+        extra += (f" (x{self.decay_factor:g} at epochs "
+                  f"{', '.join(str(e) for e in self.decay_epochs)})")
+      if self.warmup_epochs:
+        extra += f", {self.warmup_epochs:g} warm-up epoch(s)"
+    if self.augment != "none":
+      extra += f", augment {self.augment}"
     return (f"{self.optimizer}(lr={self.learning_rate:g}"
             + (f", momentum={self.momentum:g}" if self.optimizer == "sgd" else "")
-            + f"), batch {self.batch_size}, {self.loss} loss, BN {self.bn_mode}")
+            + f"), batch {self.batch_size}, {self.loss} loss, BN {self.bn_mode}{extra}")
+
+
+SCHEDULES = enums.values(enums.Schedule)
+AUGMENTATIONS = enums.values(enums.Augment)
+
+
+def learning_rate_schedule(spec: TrainSpec, steps_per_epoch: int):
+  """The learning rate of `spec` per optimiser step: a float (constant, no warm-up) or an
+  optax schedule over `spec.epochs * steps_per_epoch` steps.
+
+  Warm-up: linear over the first `warmup_epochs` (in steps: k = warmup_epochs ·
+  steps_per_epoch), lr·(t+1)/k at step t < k (no step at rate 0). "cosine": then
+  cosine decay from lr to 0 over the remaining steps. "step": then constant, multiplied by
+  `decay_factor` from the first step of each epoch in `decay_epochs` (e.g. (80, 120) of 160
+  epochs: He et al.'s CIFAR schedule). "constant": then lr.
+  """
+  if spec.schedule not in SCHEDULES:
+    raise ValueError(f"unknown schedule {spec.schedule!r}; choose one of {SCHEDULES}")
+  lr = float(spec.learning_rate)
+  warm = int(round(float(spec.warmup_epochs) * steps_per_epoch))
+  total = max(int(spec.epochs) * int(steps_per_epoch), 1)
+  if spec.schedule == "constant" and not warm:
+    return lr
+  if spec.schedule == "cosine":
+    cosine = optax.cosine_decay_schedule(lr, decay_steps=max(total - warm, 1))
+    after = lambda count: cosine(jnp.maximum(count - warm, 0))
+  elif spec.schedule == "step":
+    boundaries = {int(e) * int(steps_per_epoch): float(spec.decay_factor)
+                  for e in spec.decay_epochs}
+    after = optax.piecewise_constant_schedule(lr, boundaries)
+  else:
+    after = optax.constant_schedule(lr)
+  if not warm:
+    return after
+  # lr·(t+1)/warm at step t < warm: linear, never 0, reaching lr at the last warm-up step.
+  return lambda count: jnp.where(count < warm, lr * (count + 1) / warm, after(count))
 
 
 def make_train_step(model, spec: TrainSpec, num_classes: int,
@@ -124,10 +187,13 @@ def make_train_step(model, spec: TrainSpec, num_classes: int,
 
 
 @functools.lru_cache(maxsize=64)
-def _cached_step(model, spec: TrainSpec, num_classes: int):
-  """One optimiser and compiled step per (model, protocol): reused across fits and seeds."""
-  tx = make_optimizer(spec.optimizer, spec.learning_rate, momentum=spec.momentum,
-                      weight_decay=spec.weight_decay)
+def _cached_step(model, spec: TrainSpec, num_classes: int, steps_per_epoch: int = 0):
+  """One optimiser and compiled step per (model, protocol): reused across fits and seeds.
+
+  `steps_per_epoch` only matters for a learning-rate schedule (0 for a constant rate, so
+  fits of any size share one step)."""
+  tx = make_optimizer(spec.optimizer, learning_rate_schedule(spec, steps_per_epoch),
+                      momentum=spec.momentum, weight_decay=spec.weight_decay)
   if spec.head_only:
     # multi_transform with set_to_zero really freezes the other leaves (optax.masked would
     # pass their raw gradients through).
@@ -189,7 +255,14 @@ def fit_collections(model, trained: dict, frozen: dict, split, spec: TrainSpec,
   """
   frozen = dict(frozen)
   batch_stats = frozen.pop("batch_stats", None)
-  tx, step = _cached_step(model, dataclasses.replace(spec, epochs=0), num_classes)
+  if spec.augment not in AUGMENTATIONS:
+    raise ValueError(f"unknown augment {spec.augment!r}; choose one of {AUGMENTATIONS}")
+  if spec.schedule == "constant" and not spec.warmup_epochs:
+    tx, step = _cached_step(model, dataclasses.replace(spec, epochs=0), num_classes)
+  else:  # the schedule's steps depend on the epochs and on the batches per epoch
+    x, _ = split
+    steps_per_epoch = data_lib.num_batches(len(x), spec.batch_size)
+    tx, step = _cached_step(model, spec, num_classes, steps_per_epoch)
   if mesh is not None:
     from fastntk_jax import sharding  # pylint: disable=g-import-not-at-top
     step = sharding.sharded_train_step(step, mesh)
@@ -213,8 +286,13 @@ def fit_collections(model, trained: dict, frozen: dict, split, spec: TrainSpec,
   devices = 1 if mesh is None else int(mesh.size)
   for epoch in range(first_epoch, spec.epochs):
     total, count = 0.0, 0.0
-    for b in data_lib.iterate_batches(split, spec.batch_size, seed=seed, epoch=epoch,
-                                      remainder="partial" if batch_statistics else "pad"):
+    batches = data_lib.iterate_batches(split, spec.batch_size, seed=seed, epoch=epoch,
+                                       remainder="partial" if batch_statistics else "pad")
+    for index, b in enumerate(batches):
+      if spec.augment == "crop_flip":
+        # Drawn from (seed, epoch, batch): a resumed fit sees the same augmented batches.
+        rng = np.random.default_rng([seed, epoch, index, _AUGMENT_STREAM])
+        b = data_lib.Batch(data_lib.random_crop_flip(b.x, rng), b.y, b.mask)
       if b.x.shape[0] % devices:
         # A mesh splits a batch evenly: the few rows beyond a multiple of the device count
         # wait for a later epoch (the shuffle differs per epoch).
@@ -238,6 +316,9 @@ def fit_collections(model, trained: dict, frozen: dict, split, spec: TrainSpec,
     if stop_below is not None and history[-1] < stop_below:
       break
   return trained, batch_stats, history
+
+
+_AUGMENT_STREAM = 0xA46  # the random stream of train-time augmentation
 
 
 @functools.partial(jax.jit, static_argnums=0)

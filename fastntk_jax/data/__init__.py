@@ -45,7 +45,8 @@ Modules (a reader can go top to bottom; none imports JAX or TensorFlow at import
 * :mod:`~fastntk_jax.data.batches`: fixed-shape padded minibatches.
 """
 
-from fastntk_jax.data.batches import REMAINDERS, Batch, iterate_batches, num_batches
+from fastntk_jax.data.batches import (REMAINDERS, Batch, iterate_batches, num_batches,
+                                      random_crop_flip)
 from fastntk_jax.data.schema import (DATASETS, FORGET_MODES, NORMALIZATIONS, Split, UnlearningData,
                                      default_data_config, resolve_data_config)
 from fastntk_jax.data.sources import TFDS_INSTALL, DatasetNotPreparedError, normalize_images
@@ -67,4 +68,5 @@ __all__ = [
   "normalize_images",
   "iterate_batches",
   "num_batches",
+  "random_crop_flip",
 ]

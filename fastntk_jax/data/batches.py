@@ -87,3 +87,36 @@ def iterate_batches(data: schema.Split | tuple[np.ndarray, np.ndarray], batch_si
       yb = np.concatenate([yb, np.zeros((pad,), np.int32)])
       mask[idx.size:] = 0.0
     yield Batch(xb, yb, mask)
+
+
+def random_crop_flip(x: np.ndarray, rng: np.random.Generator, *, pad: int = 4) -> np.ndarray:
+  """The CIFAR training augmentation: a random ``H x W`` crop of each image zero-padded by
+  ``pad`` pixels on every side, then a horizontal flip with probability 1/2.
+
+  The padding is zeros of the array as given, i.e. of the *normalised* image (the dataset's
+  mean colour for per-channel mean/std normalisation), as in TF/JAX CIFAR pipelines that
+  augment after normalising; torchvision's ``RandomCrop(32, padding=4)`` before ``Normalize``
+  pads black instead. Every image draws its own offset and flip from ``rng``.
+
+  Args:
+    x: (n, H, W, C) images.
+    rng: a NumPy Generator (e.g. ``default_rng([seed, epoch, batch])`` for reproducibility).
+    pad: padding in pixels (4 for 32x32 CIFAR).
+
+  Returns:
+    (n, H, W, C) array of the same dtype.
+  """
+  x = np.asarray(x)
+  if x.ndim != 4:
+    raise ValueError(f"random_crop_flip expects (n, H, W, C) images, got shape {x.shape}")
+  if not schema.is_int(pad) or pad < 0:
+    raise ValueError(f"pad must be an int >= 0, got {pad!r}")
+  n, h, w, _ = x.shape
+  padded = np.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+  dy = rng.integers(0, 2 * pad + 1, size=n)
+  dx = rng.integers(0, 2 * pad + 1, size=n)
+  flip = rng.random(n) < 0.5
+  rows = dy[:, None] + np.arange(h)[None, :]  # (n, H)
+  cols = dx[:, None] + np.arange(w)[None, :]  # (n, W)
+  cols = np.where(flip[:, None], cols[:, ::-1], cols)
+  return padded[np.arange(n)[:, None, None], rows[:, :, None], cols[:, None, :]]

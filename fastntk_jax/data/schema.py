@@ -17,6 +17,11 @@ import numpy as np
 
 DATASETS = ("digits", "cifar10", "cifar100", "imagenet_r")
 FORGET_MODES = ("class", "samples")
+CLASS_CHOICES = ("first", "random")
+FORGET_CHOICES = ("fixed", "random")
+# Random-stream id (second entry of the seed sequence) of the forget-class draw; the class
+# draw uses splits._STREAM_CLASS_CHOICE. Distinct from every per-class stream of splits.py.
+STREAM_FORGET_CLASSES = 4
 
 # Per-channel (mean, std) of images scaled to [0, 1]; None means "map [0, 1] to [-1, 1]".
 # "cifar" is the CIFAR-10 training-set statistics (the std is the true per-pixel std, 0.247..,
@@ -75,8 +80,20 @@ def default_data_config() -> ml_collections.ConfigDict:
   # "none" ([0, 1]); dataset default: digits/cifar10 "cifar", cifar100 "cifar100",
   # imagenet_r "vit".
   c.normalization = placeholder(str)
-  c.num_classes = placeholder(int)  # number of classes used (first k of the dataset's classes); None = all
-  c.classes = None  # explicit list of dataset class ids (label i := classes[i]); None = first k
+  c.num_classes = placeholder(int)  # number of classes used (see class_choice); None = all
+  c.classes = None  # explicit list of dataset class ids (label i := classes[i]); None: class_choice
+  # How num_classes classes are chosen when `classes` is None: "first" (the first k dataset
+  # classes) | "random" (k classes drawn with the seed, uniformly among the classes that have
+  # enough images for holdout_per_class + pretrain_per_class + images_per_class; sorted by
+  # dataset id; the paper's ImageNet-R subsets).
+  c.class_choice = "first"
+  # "fixed": forget_classes as given | "random": len(forget_classes) labels drawn with the
+  # seed among the num_classes chosen ones (the paper: "we randomly choose one class").
+  c.forget_choice = "fixed"
+  # For the pipeline (the loader ignores it): False = one draw (`seed`) shared by every run
+  # seed; True = run seed s draws its own classes, forget classes and images with data seed
+  # `seed + s` (the paper's ImageNet-R runs: the ± then includes the choice of classes).
+  c.draw_per_seed = False
   c.images_per_class = 60  # #IPC of the fine-tuning set D; None = every image left in the pool
   # Hold-out images per class; dataset default: digits 30, CIFAR the whole test split,
   # ImageNet-R 25.
@@ -137,10 +154,13 @@ def resolve_data_config(cfg: Mapping[str, Any] | ml_collections.ConfigDict | Non
     **overrides: field values applied after ``cfg``.
 
   Returns:
-    A FrozenConfigDict: dataset defaults filled in, ``classes`` and ``num_classes`` always set.
-    None remains only where it means "all" (``images_per_class``; ``holdout_per_class`` for
-    CIFAR: the whole test split) or "unused" (``data_dir``, ``manual_dir``, ``forget_fraction``
-    in class mode, ``forget_classes`` in samples mode). Resolving it again returns it unchanged.
+    A FrozenConfigDict: dataset defaults filled in, ``num_classes`` always set, ``classes``
+    set unless ``class_choice="random"`` left the draw to the loader (whose
+    ``UnlearningData.config`` then holds it), ``forget_classes`` drawn if
+    ``forget_choice="random"``. None remains only where it means "all"
+    (``images_per_class``; ``holdout_per_class`` for CIFAR: the whole test split) or "unused"
+    (``data_dir``, ``manual_dir``, ``forget_fraction`` in class mode, ``forget_classes`` in
+    samples mode). Resolving it again returns it unchanged.
 
   Raises:
     ValueError: naming the field, for an unknown field or a bad value.
@@ -201,7 +221,10 @@ def resolve_data_config(cfg: Mapping[str, Any] | ml_collections.ConfigDict | Non
       raise ValueError(
         f"data config: num_classes={c['num_classes']} but {name} has {total} classes"
       )
-    c["classes"] = list(range(c["num_classes"]))
+    # class_choice="random" leaves `classes` to the loader, which knows how many images each
+    # class has (`splits.choose_classes`); its UnlearningData.config holds the draw.
+    if c["class_choice"] != "random":
+      c["classes"] = list(range(c["num_classes"]))
 
   _check_int("images_per_class", c["images_per_class"], minimum=1, allow_none=True,
              none_means="all")
@@ -210,6 +233,8 @@ def resolve_data_config(cfg: Mapping[str, Any] | ml_collections.ConfigDict | Non
   _check_int("pretrain_per_class", c["pretrain_per_class"], minimum=0, allow_none=False)
   _check_int("seed", c["seed"], minimum=0, allow_none=False)
 
+  check_choice("class_choice", c["class_choice"], CLASS_CHOICES)
+  check_choice("forget_choice", c["forget_choice"], FORGET_CHOICES)
   check_choice("forget_mode", c["forget_mode"], FORGET_MODES)
   if c["forget_mode"] == "class":
     if c["forget_fraction"] is not None:
@@ -227,6 +252,12 @@ def resolve_data_config(cfg: Mapping[str, Any] | ml_collections.ConfigDict | Non
         f"data config: forget_classes={list(forget)} covers all {c['num_classes']} "
         "classes; the retain set D_r would be empty"
       )
+    if c["forget_choice"] == "random":
+      # As many as given, drawn among the chosen labels; depends on (seed, num_classes) only,
+      # so resolving the result again draws the same.
+      rng = np.random.default_rng([c["seed"], STREAM_FORGET_CLASSES])
+      forget = sorted(int(k) for k in rng.choice(c["num_classes"], size=len(forget),
+                                                 replace=False))
     c["forget_classes"] = list(forget)
   else:
     f = c["forget_fraction"]

@@ -31,6 +31,60 @@ log = logging.getLogger(__name__)
 # Random-stream ids (second entry of the seed sequence) so that independent choices never share
 # a stream: class c of pool p uses default_rng([seed, p, c]).
 _STREAM_TRAIN_POOL, _STREAM_TEST_POOL, _STREAM_FORGET_SAMPLES = 0, 1, 2
+_STREAM_CLASS_CHOICE = 3  # (schema.STREAM_FORGET_CLASSES = 4)
+_LISTED = 10  # short classes named in an error
+
+
+def _needed(cfg, separate_test: bool) -> tuple[int, int]:
+  """Images a class needs (in the train pool, in the test pool) for the asked counts."""
+  holdout = cfg.holdout_per_class or 1  # None: the whole test split, at least one image
+  train = (cfg.pretrain_per_class or 0) + (cfg.images_per_class or 1)
+  if separate_test:
+    return train, holdout
+  return train + holdout, 0
+
+
+def _what_needed(cfg, separate_test: bool) -> str:
+  parts = []
+  if not separate_test:
+    parts.append(f"holdout_per_class {cfg.holdout_per_class}")
+  if cfg.pretrain_per_class:
+    parts.append(f"pretrain_per_class {cfg.pretrain_per_class}")
+  parts.append(f"images_per_class {cfg.images_per_class or '1 (None: all)'}")
+  return " + ".join(parts)
+
+
+def choose_classes(pools: sources.Pools, cfg: ml_collections.FrozenConfigDict) -> list[int]:
+  """class_choice="random": ``num_classes`` dataset classes drawn with ``default_rng([seed,
+  3])`` uniformly among the classes that can supply the asked counts (hold-out, pre-training,
+  #IPC), sorted by dataset id.
+
+  Raises:
+    ValueError: fewer classes than ``num_classes`` have enough images (names the counts).
+  """
+  separate = pools.test_labels is not None
+  need_train, need_test = _needed(cfg, separate)
+  total = len(pools.class_names)
+  train_counts = np.bincount(pools.train_labels, minlength=total)[:total]
+  ok = train_counts >= need_train
+  if separate:
+    ok &= np.bincount(pools.test_labels, minlength=total)[:total] >= need_test
+  eligible = np.flatnonzero(ok)
+  k = cfg.num_classes
+  if eligible.size < k:
+    raise ValueError(
+      f"data config: class_choice='random' needs num_classes={k} classes with at least "
+      f"{need_train} images each in {pools.train_source} ({_what_needed(cfg, separate)})"
+      + (f" and {need_test} in {pools.test_source}" if separate else "")
+      + f", but only {eligible.size} of the {total} classes have that many "
+      f"(fewest: {int(train_counts.min())}); lower images_per_class or holdout_per_class, "
+      "or num_classes"
+    )
+  rng = np.random.default_rng([cfg.seed, _STREAM_CLASS_CHOICE])
+  chosen = sorted(int(c) for c in rng.choice(eligible, size=k, replace=False))
+  log.info("class_choice='random' (seed %d): %d of %d eligible classes: %s", cfg.seed, k,
+           eligible.size, chosen)
+  return chosen
 
 
 def _class_indices(labels: np.ndarray, cls: int, seed: int, stream: int) -> np.ndarray:
@@ -44,7 +98,7 @@ def _take(field: str, want: int | None, avail: np.ndarray, cls: int, name: str,
   if want is None:
     return avail
   if want > avail.size:
-    raise ValueError(
+    raise _ShortClass(
       f"data config: {field}={want} but class {cls} ({name}) has only {avail.size} images "
       f"{what}; lower {field}"
     )
@@ -66,44 +120,73 @@ def select(pools: sources.Pools,
   """
   out: dict[str, list[np.ndarray]] = {"holdout": [], "pretrain": [], "train": []}
   num_present = len(pools.class_names)
+  short = []  # (class, its first error): every short class is named in one error
   for cls in cfg.classes:
-    if cls >= num_present:
-      raise ValueError(
-        f"data config: class {cls} requested but the prepared {cfg.name} data has only "
-        f"{num_present} classes"
-      )
-    name = pools.class_names[cls]
-    perm = _class_indices(pools.train_labels, cls, cfg.seed, _STREAM_TRAIN_POOL)
-    total = perm.size
-    if pools.test_labels is None:  # one pool: carve the hold-out first
-      holdout = _take("holdout_per_class", cfg.holdout_per_class, perm, cls, name,
-                      f"in {pools.train_source}")
-      perm = perm[holdout.size:]
-      after = f"after holding out {holdout.size}"
-    else:
-      test_perm = _class_indices(pools.test_labels, cls, cfg.seed, _STREAM_TEST_POOL)
-      holdout = _take("holdout_per_class", cfg.holdout_per_class, test_perm, cls, name,
-                      f"in {pools.test_source}")
-      after = "before pre-training" if not cfg.pretrain_per_class else ""
-    pretrain = _take("pretrain_per_class", cfg.pretrain_per_class, perm, cls, name,
-                     f"left in {pools.train_source} {after} ({total} in total)")
-    rest = perm[pretrain.size:]
-    if pretrain.size:
-      after = f"{after} and {pretrain.size} for pre-training".strip()
-    train = _take("images_per_class", cfg.images_per_class, rest, cls, name,
-                  f"left in {pools.train_source} {after} ({total} in total)")
-    if train.size == 0:
-      raise ValueError(
-        f"data config: class {cls} ({name}) has no fine-tuning images left in "
-        f"{pools.train_source} ({total} in total); lower holdout_per_class or "
-        "pretrain_per_class"
-      )
-    if holdout.size == 0:
-      raise ValueError(f"data config: class {cls} ({name}) has no hold-out images")
-    out["holdout"].append(holdout)
-    out["pretrain"].append(pretrain)
-    out["train"].append(train)
+    try:
+      parts = _select_class(pools, cfg, cls, num_present)
+    except _ShortClass as e:
+      short.append((cls, str(e)))
+      continue
+    for key, idx in parts.items():
+      out[key].append(idx)
+  if short:
+    separate = pools.test_labels is not None
+    need_train, need_test = _needed(cfg, separate)
+    counts = np.bincount(pools.train_labels, minlength=num_present)
+    message = short[0][1]
+    if len(short) > 1:
+      named = ", ".join(f"{c} ({pools.class_names[c]}): {int(counts[c])}"
+                        for c, _ in short[:_LISTED])
+      more = f" and {len(short) - _LISTED} more" if len(short) > _LISTED else ""
+      message += (f". {len(short)} of the {len(cfg.classes)} chosen classes are short of the "
+                  f"{need_train} images each needs in {pools.train_source} "
+                  f"({_what_needed(cfg, separate)}"
+                  + (f"; {need_test} in {pools.test_source}" if separate else "")
+                  + f"): {named}{more}")
+    raise ValueError(message)
   return out
+
+
+class _ShortClass(ValueError):
+  """A class cannot supply the asked counts (collected by `select`)."""
+
+
+def _select_class(pools: sources.Pools, cfg, cls: int, num_present: int) -> dict:
+  """The hold-out, pretrain and D indices of one class (see `select`)."""
+  if cls >= num_present:
+    raise ValueError(
+      f"data config: class {cls} requested but the prepared {cfg.name} data has only "
+      f"{num_present} classes"
+    )
+  name = pools.class_names[cls]
+  perm = _class_indices(pools.train_labels, cls, cfg.seed, _STREAM_TRAIN_POOL)
+  total = perm.size
+  if pools.test_labels is None:  # one pool: carve the hold-out first
+    holdout = _take("holdout_per_class", cfg.holdout_per_class, perm, cls, name,
+                    f"in {pools.train_source}")
+    perm = perm[holdout.size:]
+    after = f"after holding out {holdout.size}"
+  else:
+    test_perm = _class_indices(pools.test_labels, cls, cfg.seed, _STREAM_TEST_POOL)
+    holdout = _take("holdout_per_class", cfg.holdout_per_class, test_perm, cls, name,
+                    f"in {pools.test_source}")
+    after = "before pre-training" if not cfg.pretrain_per_class else ""
+  pretrain = _take("pretrain_per_class", cfg.pretrain_per_class, perm, cls, name,
+                   f"left in {pools.train_source} {after} ({total} in total)")
+  rest = perm[pretrain.size:]
+  if pretrain.size:
+    after = f"{after} and {pretrain.size} for pre-training".strip()
+  train = _take("images_per_class", cfg.images_per_class, rest, cls, name,
+                f"left in {pools.train_source} {after} ({total} in total)")
+  if train.size == 0:
+    raise _ShortClass(
+      f"data config: class {cls} ({name}) has no fine-tuning images left in "
+      f"{pools.train_source} ({total} in total); lower holdout_per_class or "
+      "pretrain_per_class"
+    )
+  if holdout.size == 0:
+    raise _ShortClass(f"data config: class {cls} ({name}) has no hold-out images")
+  return {"holdout": holdout, "pretrain": pretrain, "train": train}
 
 
 def forget_masks(d: schema.Split, holdout: schema.Split,
@@ -154,6 +237,9 @@ def load_unlearning_data(cfg: Mapping[str, Any] | ml_collections.ConfigDict | No
   """
   cfg = schema.resolve_data_config(cfg, **overrides)
   pools, fetch = sources.open_source(cfg)
+  if cfg.classes is None:  # class_choice="random": drawn now that the counts are known
+    cfg = ml_collections.FrozenConfigDict({**cfg.to_dict(),
+                                           "classes": choose_classes(pools, cfg)})
   sel = select(pools, cfg)
   remap = np.full((len(pools.class_names),), -1, np.int32)  # dataset class id -> 0..k-1
   remap[list(cfg.classes)] = np.arange(len(cfg.classes), dtype=np.int32)

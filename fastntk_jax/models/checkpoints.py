@@ -17,6 +17,7 @@ save never leaves a directory at `path`; a damaged one gives `CheckpointError`.
 from __future__ import annotations
 
 import glob
+import logging
 import os
 import re
 import shutil
@@ -44,6 +45,7 @@ __all__ = [
 ]
 
 POSEMB_NAME = "Transformer/posembed_input/pos_embedding"
+PRE_LOGITS = "pre_logits"
 # Prompts are new parameters introduced by prompt tuning: always left at their init.
 _PROMPT_RE = re.compile(r"(.*/)?prompt_[kv]")
 _MAX_LISTED = 30  # names listed per category in an error message
@@ -116,7 +118,8 @@ def resample_posemb(posemb: np.ndarray, num_tokens: int) -> np.ndarray:
 
 
 def load_vit_npz(path: str, variables: Mapping[str, Any], *,
-                 dont_load: Sequence[str] = ("head/.*",)) -> dict:
+                 dont_load: Sequence[str] = ("head/.*",),
+                 report: dict | None = None) -> dict:
   """Loads a public ViT `.npz` checkpoint into freshly initialised ViT variables.
 
   Args:
@@ -129,6 +132,14 @@ def load_vit_npz(path: str, variables: Mapping[str, Any], *,
     dont_load: regular expressions (full match against '/'-joined names). Matching model
       names keep their init value; matching checkpoint names are ignored. Default keeps the
       head fresh. Prompts (`.../prompt_k`, `.../prompt_v`) are always kept fresh.
+    report: if a dict, filled with "dropped" (checkpoint names dropped on purpose, e.g.
+      `pre_logits/*`) and "kept_at_init" (model names not loaded).
+
+  `pre_logits/{kernel,bias}` (the representation layer, a dense + tanh before the head, of
+  the original ImageNet-21k checkpoints such as imagenet21k/ViT-B_16.npz) is dropped with a
+  log message when the model has no such layer: ours classifies the cls token directly, as
+  vision_transformer's own fine-tuning does (`load_pretrained` drops `pre_logits` when
+  `representation_size` is None).
 
   Returns:
     A new variables dict (same structure as `variables`) with the checkpoint's values in
@@ -157,6 +168,18 @@ def load_vit_npz(path: str, variables: Mapping[str, Any], *,
   skipped = lambda name: any(r.fullmatch(name) for r in skip)
   to_load = {n for n in where if not _PROMPT_RE.fullmatch(n) and not skipped(n)}
   provided = {n for n in ckpt if not skipped(n)}
+  pre_logits = sorted(n for n in provided if n.startswith(PRE_LOGITS + "/"))
+  if pre_logits and not any(n.startswith(PRE_LOGITS + "/") for n in where):
+    logging.getLogger(__name__).info(
+        "ViT checkpoint %s: dropping %s (the ImageNet-21k representation layer; the model "
+        "classifies the cls token with a fresh head, as vision_transformer's fine-tuning)",
+        path, ", ".join(pre_logits))
+    provided -= set(pre_logits)
+  else:
+    pre_logits = []
+  if report is not None:
+    report["dropped"] = pre_logits
+    report["kept_at_init"] = sorted(n for n in where if n not in to_load)
 
   missing = sorted(to_load - provided)
   unexpected = sorted(provided - to_load)

@@ -1,0 +1,266 @@
+"""Pre-training a CNN backbone on another dataset (the paper: CIFAR-100 for its CIFAR-10
+CNNs), its accuracy on that dataset's test split, and a cache that shares one pre-training
+between every run that needs the same backbone.
+
+The cache (`load_or_train`, config `pretrain.cache_dir`) is content-addressed: an entry's
+name ends in the SHA-256 of the pre-training config (`cache_key`: model and its options,
+dataset, #images per class, image size, normalisation, data seed, the whole training recipe,
+the init seed and `CACHE_VERSION`), so every seed and every config (#IPC 100 or 500, ...)
+with the same backbone finds the same entry, and a change of recipe gets a new one. An entry
+holds:
+
+  <cache_dir>/<model>_<dataset>_<key[:16]>/
+    key.json        the pre-training config the key hashes (checked on every hit)
+    variables/      the pre-trained model on the pre-training dataset, its own head included
+                    (orbax; written atomically)
+    info.json       test accuracy, recipe, loss, seconds (written after variables/)
+    train.partial   the training state while training (resumable, removed when complete)
+    lock            a file lock (fcntl.flock): one process trains, the others wait for it;
+                    the kernel releases it if the trainer dies, and the next one resumes
+                    from train.partial
+
+Imports JAX and Flax (through the training code) only when a function is called.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import time
+from typing import Any, Callable, Optional
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+CACHE_VERSION = 1  # bump when the pre-training code changes what a key produces
+INIT_SEED = 10_001  # the backbone's init and batch-order seed (as before the cache)
+_INFO = "info.json"
+_KEY = "key.json"
+_VARIABLES = "variables"
+
+
+def _plain(value: Any) -> Any:
+  """ConfigDicts, tuples and numpy scalars as JSON-ready plain data (for the key)."""
+  if hasattr(value, "to_dict"):
+    value = value.to_dict()
+  if isinstance(value, dict):
+    return {str(k): _plain(v) for k, v in sorted(value.items())}
+  if isinstance(value, (list, tuple)):
+    return [_plain(v) for v in value]
+  if isinstance(value, np.generic):
+    return value.item()
+  return value
+
+
+def pretrain_data_config(cfg, image_size: int, normalization: str):
+  """The data config of the pre-training dataset: every class, `pretrain.images_per_class`
+  training images per class (None: all), the dataset's default hold-out (CIFAR: the whole
+  test split), at the task's image size and normalisation."""
+  from fastntk_jax import data as data_lib  # pylint: disable=g-import-not-at-top
+  pre = data_lib.default_data_config()
+  pre.update(dict(
+      name=cfg.pretrain.dataset, data_dir=cfg.data.data_dir, manual_dir=cfg.data.manual_dir,
+      image_size=int(image_size), normalization=normalization,
+      images_per_class=cfg.pretrain.images_per_class, pretrain_per_class=0,
+      forget_classes=[0], seed=cfg.data.seed))
+  return pre
+
+
+def cache_key(cfg, image_size: int, normalization: str) -> tuple[dict, str]:
+  """(the pre-training config that determines the backbone, its SHA-256 hex digest).
+
+  Nothing about the task (its dataset, #IPC, classes, seeds, fine-tuning, unlearning) enters,
+  nor where the data lives (`data_dir`), so every run needing this backbone shares it."""
+  key = {
+      "version": CACHE_VERSION,
+      "model": cfg.model.name,
+      "model_options": _plain(cfg.model.options),
+      "dataset": cfg.pretrain.dataset,
+      "images_per_class": cfg.pretrain.images_per_class,
+      "image_size": int(image_size),
+      "normalization": normalization,
+      "data_seed": int(cfg.data.seed),
+      "train": _plain(cfg.pretrain.train),
+      "init_seed": INIT_SEED,
+  }
+  text = json.dumps(key, sort_keys=True)
+  return key, hashlib.sha256(text.encode()).hexdigest()
+
+
+def _split_variables(variables: dict) -> tuple[dict, dict]:
+  trainable = variables["trainable"]
+  frozen = {k: v for k, v in variables.items() if k != "trainable"}
+  return trainable, frozen
+
+
+def accuracy(model, variables: dict, split, batch_size: int) -> Optional[float]:
+  """Top-1 accuracy (%) of a full variables dict on a `Split` (inference-mode BN)."""
+  from fastntk_jax import train as train_lib  # pylint: disable=g-import-not-at-top
+  trainable, frozen = _split_variables(variables)
+  logits = train_lib.predict(model, trainable, frozen, split.x, batch_size=batch_size)
+  return train_lib.accuracy(logits, split.y)
+
+
+def _abstract_variables(model, image_shape) -> dict:
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  x = jnp.zeros((1,) + tuple(image_shape), jnp.float32)
+  return dict(jax.eval_shape(lambda: model.init(jax.random.PRNGKey(INIT_SEED), x)))
+
+
+def pretrain_model(cfg):
+  """The architecture of the task with the pre-training dataset's head (all its classes)."""
+  from fastntk_jax.data import schema  # pylint: disable=g-import-not-at-top
+  from fastntk_jax.models import get_model  # pylint: disable=g-import-not-at-top
+  num_classes = schema.NUM_DATASET_CLASSES[cfg.pretrain.dataset]
+  return get_model(cfg.model.name, num_classes, **dict(cfg.model.options))
+
+
+def train_backbone(cfg, spec, image_size: int, normalization: str, *,
+                   progress: Optional[Callable[[int, float], None]] = None,
+                   checkpoint_path: Optional[str] = None, eval_batch_size: int = 256,
+                   mesh=None) -> tuple[dict, dict]:
+  """Trains the task's architecture on `cfg.pretrain.dataset` (its own head) with `spec`,
+  then evaluates it on that dataset's test split.
+
+  Args:
+    cfg: the experiment config (model, pretrain.*, data.data_dir/manual_dir/seed).
+    spec: the `train.TrainSpec` of `cfg.pretrain.train`.
+    image_size, normalization: the task's (the backbone must see images as the task will).
+    progress: per-epoch callback (epoch, loss).
+    checkpoint_path: the resumable training state (a killed pre-training resumes).
+    eval_batch_size: inference batch of the evaluation.
+    mesh: data-parallel mesh or None.
+
+  Returns:
+    (variables of the pre-trained model with its own head, info dict: dataset, recipe,
+    #classes, #train/#test images, final training loss, test accuracy, seconds).
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  from fastntk_jax import data as data_lib  # pylint: disable=g-import-not-at-top
+  from fastntk_jax import train as train_lib  # pylint: disable=g-import-not-at-top
+  start = time.perf_counter()
+  pre_data = data_lib.load_unlearning_data(pretrain_data_config(cfg, image_size, normalization))
+  model = pretrain_model(cfg)
+  x0 = np.zeros((1,) + tuple(pre_data.image_shape), np.float32)
+  init = jax.tree_util.tree_map(np.asarray, dict(model.init(jax.random.PRNGKey(INIT_SEED), x0)))
+  trained = {"params": init["params"], "trainable": init["trainable"]}
+  frozen = {k: v for k, v in init.items() if k not in trained}
+  train = pre_data.train
+  trained, stats, history = train_lib.fit_collections(
+      model, trained, frozen, train, spec, pre_data.num_classes, seed=INIT_SEED,
+      progress=progress, checkpoint_path=checkpoint_path,
+      tag=f"pretrain/{cfg.pretrain.dataset}", mesh=mesh)
+  variables = {**frozen, **trained}
+  if stats is not None:
+    variables["batch_stats"] = stats
+  variables = jax.tree_util.tree_map(np.asarray, variables)
+  test = pre_data.test
+  test_acc = accuracy(model, variables, test, eval_batch_size)
+  info = {
+      "source": "train",
+      "dataset": cfg.pretrain.dataset,
+      "num_classes": int(pre_data.num_classes),
+      "train_images": int(train.size),
+      "test_split": test.source,
+      "test_images": int(test.size),
+      "test_accuracy": test_acc,
+      "final_train_loss": float(history[-1]) if history else None,
+      "epochs": int(spec.epochs),
+      "recipe": spec.describe(),
+      "seconds": time.perf_counter() - start,
+  }
+  log.info("pre-trained %s on %s (%d images, %s): test accuracy %.2f%% on %s (%d images)",
+           cfg.model.name, cfg.pretrain.dataset, train.size, spec.describe(),
+           -1.0 if test_acc is None else test_acc, test.source, test.size)
+  return variables, info
+
+
+def transfer(pretrained: dict, init: dict) -> dict:
+  """The task's variables: everything of the pre-trained model but its head (which has the
+  pre-training dataset's classes); the task's fresh head from `init`."""
+  variables = dict(init)
+  variables["params"] = pretrained["params"]
+  variables["trainable"] = {**pretrained["trainable"], "head": init["trainable"]["head"]}
+  if "batch_stats" in pretrained:
+    variables["batch_stats"] = pretrained["batch_stats"]
+  return variables
+
+
+@contextlib.contextmanager
+def _file_lock(path: str):
+  """An exclusive fcntl.flock on `path` (released by the kernel if the holder dies)."""
+  import fcntl  # pylint: disable=g-import-not-at-top
+  with open(path, "a+") as f:
+    try:
+      fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+      log.info("waiting for another run pre-training into %s", os.path.dirname(path))
+      fcntl.flock(f, fcntl.LOCK_EX)
+    try:
+      yield
+    finally:
+      fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def entry_dir(cfg, cache_dir: str, image_size: int, normalization: str) -> tuple[str, dict]:
+  """(the cache entry folder of this config's backbone, the key it hashes)."""
+  key, digest = cache_key(cfg, image_size, normalization)
+  name = f"{cfg.model.name}_{cfg.pretrain.dataset}_{digest[:16]}"
+  return os.path.join(os.path.abspath(cache_dir), name), {**key, "sha256": digest}
+
+
+def load_or_train(cfg, spec, image_size: int, normalization: str, cache_dir: str, *,
+                  progress: Optional[Callable[[int, float], None]] = None,
+                  eval_batch_size: int = 256, mesh=None) -> tuple[dict, dict, dict]:
+  """The pre-trained backbone of `cfg` from the cache, training it there first if missing.
+
+  Returns:
+    (variables of the pre-trained model with its own head, its info (as
+    `train_backbone`), {"cache_entry", "cache_hit"}).
+
+  Raises:
+    ValueError: the entry's key.json differs from this config's key (a hash collision or
+      a hand-edited cache).
+  """
+  from fastntk_jax import workdir as wd  # pylint: disable=g-import-not-at-top
+  from fastntk_jax.models import checkpoints  # pylint: disable=g-import-not-at-top
+  entry, key = entry_dir(cfg, cache_dir, image_size, normalization)
+  os.makedirs(entry, exist_ok=True)
+  variables_path = os.path.join(entry, _VARIABLES)
+  info_path = os.path.join(entry, _INFO)
+  key_path = os.path.join(entry, _KEY)
+  with _file_lock(os.path.join(entry, "lock")):
+    if os.path.exists(key_path):
+      with open(key_path) as f:
+        stored = json.load(f)
+      if stored != json.loads(json.dumps(key)):
+        raise ValueError(f"pre-training cache entry {entry} holds another config's backbone "
+                         f"(its {_KEY} differs); remove that folder")
+    else:
+      wd.atomic_write_json(key_path, key)
+    hit = os.path.isdir(variables_path) and os.path.exists(info_path)
+    if hit:
+      with open(info_path) as f:
+        info = json.load(f)
+      model = pretrain_model(cfg)
+      target = _abstract_variables(model, (image_size, image_size, 3))
+      variables = checkpoints.restore_checkpoint(variables_path, target)
+      log.info("pre-trained backbone from the cache: %s (test accuracy %s%% on %s)", entry,
+               info.get("test_accuracy"), info.get("test_split"))
+    else:
+      partial = os.path.join(entry, "train.partial")
+      variables, info = train_backbone(cfg, spec, image_size, normalization,
+                                       progress=progress, checkpoint_path=partial,
+                                       eval_batch_size=eval_batch_size, mesh=mesh)
+      checkpoints.save_checkpoint(variables_path, variables, overwrite=True)
+      wd.atomic_write_json(info_path, info)  # last: an entry is complete once it exists
+      if os.path.exists(partial):
+        os.remove(partial)
+  import jax  # pylint: disable=g-import-not-at-top
+  variables = jax.tree_util.tree_map(np.asarray, dict(variables))
+  return variables, info, {"cache_entry": entry, "cache_hit": hit}
