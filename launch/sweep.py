@@ -7,7 +7,10 @@ Grid (one job per model × setting × seed; `--group-seeds` runs all seeds in on
 Each job is `python -m fastntk_jax.main --config=configs/<file>.py:<arg>
 --config.seeds='(s,)' --workdir=<root>/<job>`: the config file's own argument picks the
 setting, a config_flags override picks the seed, and every job has its own workdir (jobs
-are independent and individually resumable).
+are independent and individually resumable). The CNN jobs (PRETRAINED_HERE) also get
+--config.pretrain.cache_dir=<root>/pretrain_cache: their CIFAR-100 backbone is trained once
+per model, by the first job, and shared by every seed and #IPC; under SLURM the other jobs
+of that model are submitted with --dependency=afterany on the first one.
 
   python launch/sweep.py --dry-run                            # print every job's command
   python launch/sweep.py --backend=local --root=sweep         # run them here, one by one
@@ -56,6 +59,12 @@ MODELS = (
 )
 GROUPS = ("cifar10", "imagenet_r", "appendix")
 DEFAULT_GROUPS = ("cifar10", "imagenet_r")
+# Models whose configs pre-train their backbone (on CIFAR-100): every job of such a model
+# gets --config.pretrain.cache_dir=<root>/pretrain_cache, so the backbone is trained once and
+# shared by every seed and #IPC (fastntk_jax/pretraining.py); under SLURM the other jobs of
+# that model wait for the first one (--dependency=afterany), which trains it.
+PRETRAINED_HERE = ("resnet110", "mobilenetv2")
+CACHE_FOLDER = "pretrain_cache"
 
 MODEL_LABELS = {"resnet110": "ResNet-110", "mobilenetv2": "MobileNetV2",
                 "vit_s16": "ViT-S/16", "vit_b16": "ViT-B/16", "vit_ti16": "ViT-Ti/16"}
@@ -68,6 +77,7 @@ METRICS = (("acc_retain", "D_r acc"), ("acc_forget", "D_f acc"),
            ("acc_test_forget", "Test acc (forget cls)"), ("relearn_epochs", "Relearn (epochs)"))
 METHOD_LABELS = {"full": "Full", "retrain": "Retrain", "fastntk": "Fast-NTK",
                  "max_loss": "Max Loss", "random_label": "Random Label"}
+PROBE_METRICS = ("probe_acc_retain", "probe_acc_forget")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,8 +100,12 @@ class Job:
     """The arguments of `python -m fastntk_jax.main` for this job."""
     # A Python tuple literal for config_flags; "(0,)" needs its trailing comma.
     seeds = "(" + ",".join(str(s) for s in self.seeds) + ("," if len(self.seeds) == 1 else "") + ")"
+    # The shared pre-training cache first, so that a --config.pretrain.cache_dir of the
+    # user's (in `extra`) overrides it.
+    cache = ([f"--config.pretrain.cache_dir={os.path.join(root, CACHE_FOLDER)}"]
+             if self.model in PRETRAINED_HERE else [])
     return [f"--config={self.config}:{self.arg}", f"--config.seeds={seeds}",
-            f"--workdir={os.path.join(root, self.name)}", *extra]
+            f"--workdir={os.path.join(root, self.name)}", *cache, *extra]
 
 
 def grid(groups: Iterable[str] = DEFAULT_GROUPS, *, seeds: Sequence[int] = SEEDS,
@@ -132,16 +146,40 @@ def grid(groups: Iterable[str] = DEFAULT_GROUPS, *, seeds: Sequence[int] = SEEDS
 
 
 def command(job: Job, *, backend: str, root: str, python: str, extra: Sequence[str] = (),
-            sbatch_args: Sequence[str] = ()) -> list[str]:
-  """The exact command that runs (local) or submits (slurm) one job, run from REPO."""
+            sbatch_args: Sequence[str] = (), after: Optional[str] = None,
+            parsable: bool = False) -> list[str]:
+  """The exact command that runs (local) or submits (slurm) one job, run from REPO.
+
+  slurm only: `after` = a job id this job waits for (--dependency=afterany:ID: it runs even
+  if that one failed, and then trains the backbone itself); `parsable` = print the job id
+  (sbatch --parsable), for the job the others of its backbone wait for.
+  """
   args = job.main_args(root, extra)
   if backend == "local":
     return [python, "-m", "fastntk_jax.main", *args]
   if backend == "slurm":
     log = os.path.join(root, f"{job.name}.%j.out")
-    return ["sbatch", f"--job-name=fastntk-{job.name}", f"--output={log}", *sbatch_args,
-            "launch/slurm_gpu.sh", *args]
+    flags = (["--parsable"] if parsable else []) + (
+        [f"--dependency=afterany:{after}"] if after else [])
+    return ["sbatch", *flags, f"--job-name=fastntk-{job.name}", f"--output={log}",
+            *sbatch_args, "launch/slurm_gpu.sh", *args]
   raise ValueError(f"unknown backend {backend!r}; choose local or slurm")
+
+
+def backbone_waits(jobs: Sequence[Job]) -> list[tuple[bool, Optional[int]]]:
+  """Per job: (is the first job of its pre-trained backbone, index of that first job for the
+  others of the same backbone, else None)."""
+  first: dict[str, int] = {}
+  out = []
+  for i, job in enumerate(jobs):
+    if job.model not in PRETRAINED_HERE:
+      out.append((False, None))
+    elif job.model not in first:
+      first[job.model] = i
+      out.append((True, None))
+    else:
+      out.append((False, first[job.model]))
+  return out
 
 
 # --------------------------------------------------------------------------------------
@@ -192,7 +230,8 @@ def merge(paths: Sequence[str]) -> dict:
       methods = res["methods"]
     except (KeyError, TypeError, ValueError) as e:
       raise ValueError(f"{path}: not a fastntk_jax results.json (missing {e})") from None
-    entry = points.setdefault(key, {"seeds": [], "sources": [], "runs": {}})
+    entry = points.setdefault(key, {"seeds": [], "sources": [], "runs": {}, "probes": {},
+                                    "model": res.get("model", {}), "pretrain": []})
     clash = sorted(set(seeds) & set(entry["seeds"]))
     if clash:
       raise ValueError(f"seed(s) {clash} of {key} appear in both {path} and one of "
@@ -204,13 +243,29 @@ def merge(paths: Sequence[str]) -> dict:
       for m, _ in METRICS:
         per_seed = (metrics.get(m) or {}).get("per_seed") or [None] * len(seeds)
         run[m] += list(per_seed)
+    # Table III: the linear probes (Pre-Trained, Random-Init, Fast-NTK) on D_r and D_f.
+    for kind, metrics in (res.get("linear_probe") or {}).items():
+      run = entry["probes"].setdefault(kind, {m: [] for m in PROBE_METRICS})
+      for m in PROBE_METRICS:
+        run[m] += list((metrics.get(m) or {}).get("per_seed") or [None] * len(seeds))
+    if (res.get("pretrain") or {}).get("test_accuracy") is not None:
+      entry["pretrain"].append(res["pretrain"])
   out = []
   for key in sorted(points, key=lambda k: tuple("" if v is None else v for v in k)):
     entry = points[key]
     model, dataset, k, ipc = key
     methods = {name: {m: _stats(v) for m, v in run.items()} for name, run in entry["runs"].items()}
+    probes = {kind: {m: _stats(v) for m, v in run.items()}
+              for kind, run in entry["probes"].items()}
+    params = {f: entry["model"].get(f) for f in ("trainable_params", "total_params",
+                                                 "trainable_percent")}
+    pre = entry["pretrain"][0] if entry["pretrain"] else None
     out.append({"model": model, "dataset": dataset, "num_classes": k, "ipc": ipc,
-                "seeds": entry["seeds"], "sources": entry["sources"], "methods": methods})
+                "seeds": entry["seeds"], "sources": entry["sources"], "methods": methods,
+                "probes": probes, "params": params,
+                "pretrain": None if pre is None else {
+                    f: pre.get(f) for f in ("dataset", "test_accuracy", "test_split",
+                                            "recipe", "cache_key")}})
   return {"points": out}
 
 
@@ -292,7 +347,8 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
   ap.add_argument("--imagenet-r", type=_pairs, default=IMAGENET_R_SETTINGS,
                   help="comma-separated #classes/#IPC pairs, e.g. 20/20,20/50,50/20")
   ap.add_argument("--group-seeds", action="store_true",
-                  help="one job per grid point running all seeds (shares pre-training)")
+                  help="one job per grid point running all seeds (the CNNs' pre-training is "
+                  "shared either way: --config.pretrain.cache_dir=ROOT/pretrain_cache)")
   ap.add_argument("--python", default=sys.executable, help="interpreter for --backend=local")
   ap.add_argument("--sbatch-args", default="", help="extra sbatch options, shell-quoted")
   ap.add_argument("--merge", nargs="+", metavar="DIR", help="merge results.json files under DIR")
@@ -324,12 +380,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   sbatch_args = shlex.split(args.sbatch_args)
   # Absolute, because the jobs run from the repository root, not from here.
   root = os.path.abspath(args.root)
-  cmds = [command(j, backend=args.backend, root=root, python=args.python, extra=extra,
-                  sbatch_args=sbatch_args) for j in jobs]
+  waits = backbone_waits(jobs) if args.backend == "slurm" else [(False, None)] * len(jobs)
+  var = lambda i: f"JOB_{jobs[i].model}"  # the dry run's shell variable of a first job's id
+
+  def cmd_for(i, after=None):
+    return command(jobs[i], backend=args.backend, root=root, python=args.python, extra=extra,
+                   sbatch_args=sbatch_args, after=after, parsable=waits[i][0])
+
   if args.dry_run:
     print(f"cd {shlex.quote(REPO)}")
-    for c in cmds:
-      print(shlex.join(c))
+    for i in range(len(jobs)):
+      first, wait = waits[i]
+      line = shlex.join(cmd_for(i, after=None if wait is None else "@@"))
+      if wait is not None:
+        line = line.replace("afterany:@@", f"afterany:${{{var(wait)}}}")
+      print(f"{var(i)}=$({line})" if first else line)
     return 0
   missing = sorted({j.config for j in jobs if not os.path.isfile(os.path.join(REPO, j.config))})
   if missing:
@@ -337,16 +402,25 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     return 2
   os.makedirs(root, exist_ok=True)
   failed = []
-  for job, cmd in zip(jobs, cmds):
+  ids: dict[int, str] = {}  # slurm: job ids of the first job of each backbone
+  for i, job in enumerate(jobs):
     workdir = os.path.join(root, job.name)
     if args.backend == "local" and os.path.isfile(os.path.join(workdir, "results.json")):
       print(f"[skip] {job.name}: results.json exists")
       continue
+    first, wait = waits[i]
+    cmd = cmd_for(i, after=ids.get(wait) if wait is not None else None)
     print(f"[{args.backend}] {shlex.join(cmd)}", flush=True)
     if args.backend == "local":
       with open(os.path.join(root, f"{job.name}.log"), "w") as log:
         rc = subprocess.run(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
                             check=False).returncode
+    elif first:
+      proc = subprocess.run(cmd, cwd=REPO, check=False, capture_output=True, text=True)
+      rc = proc.returncode
+      if not rc:
+        ids[i] = proc.stdout.strip().split(";")[0]  # --parsable: "id" or "id;cluster"
+        print(f"Submitted batch job {ids[i]}")
     else:
       rc = subprocess.run(cmd, cwd=REPO, check=False).returncode
     if rc:

@@ -188,13 +188,36 @@ def test_sweep_dry_run_prints_exact_commands(tmp_path):
 def test_sweep_slurm_dry_run_submits_the_slurm_script(tmp_path):
   root = str(tmp_path / "sw")
   proc = _run_sweep("--dry-run", "--backend=slurm", f"--root={root}", "--models=resnet110",
-                    "--cifar-ipc=100", "--group-seeds", "--sbatch-args=--nodes=2 --partition=gpu")
+                    "--cifar-ipc=100,500", "--group-seeds",
+                    "--sbatch-args=--nodes=2 --partition=gpu")
   assert proc.returncode == 0, proc.stderr
-  name = "resnet110_cifar10_c10_ipc100_s0-1-2"
+  first, second = "resnet110_cifar10_c10_ipc100_s0-1-2", "resnet110_cifar10_c10_ipc500_s0-1-2"
+  cache = f"--config.pretrain.cache_dir={root}/pretrain_cache"
+  # One CIFAR-100 pre-training for both #IPC: the first job trains it into the shared cache
+  # (and prints its job id), the other waits for that job and finds it there.
   assert proc.stdout.splitlines()[1:] == [
-      f"sbatch --job-name=fastntk-{name} --output={root}/{name}.%j.out --nodes=2 "
+      f"JOB_resnet110=$(sbatch --parsable --job-name=fastntk-{first} "
+      f"--output={root}/{first}.%j.out --nodes=2 "
       "--partition=gpu launch/slurm_gpu.sh --config=configs/resnet110_cifar10.py:ipc=100 "
-      f"'--config.seeds=(0,1,2)' --workdir={root}/{name}"]
+      f"'--config.seeds=(0,1,2)' --workdir={root}/{first} {cache})",
+      f"sbatch --dependency=afterany:${{JOB_resnet110}} --job-name=fastntk-{second} "
+      f"--output={root}/{second}.%j.out --nodes=2 "
+      "--partition=gpu launch/slurm_gpu.sh --config=configs/resnet110_cifar10.py:ipc=500 "
+      f"'--config.seeds=(0,1,2)' --workdir={root}/{second} {cache}"]
+
+
+def test_sweep_local_jobs_share_one_pretraining(tmp_path):
+  root = str(tmp_path / "sw")
+  proc = _run_sweep("--dry-run", f"--root={root}", "--models=mobilenetv2,vit_s16",
+                    "--seeds=0,1", "--imagenet-r=20/20", "--python=python",
+                    "--config.pretrain.cache_dir=/mine")
+  assert proc.returncode == 0, proc.stderr
+  cnn = [l for l in proc.stdout.splitlines() if "mobilenetv2" in l]
+  vit = [l for l in proc.stdout.splitlines() if "vit_small" in l]
+  assert len(cnn) == 4 and len(vit) == 2
+  for line in cnn:  # the sweep's cache first, so that the user's own flag (later) wins
+    assert f"--config.pretrain.cache_dir={root}/pretrain_cache --config.pretrain.cache_dir=/mine" in line
+  assert not any(f"{root}/pretrain_cache" in line for line in vit)  # ViTs load AugReg files
 
 
 def test_sweep_full_dry_run_has_one_line_per_job():
