@@ -470,7 +470,8 @@ def parse_override_value(field: str, raw: str | None, kind: type, current: Any) 
   """Parses the text of `--config.<field>=<raw>` for a field of type `kind`.
 
   `raw` None means the flag was given without a value (only booleans: true). Any field may
-  be set to None with 'None'; `validate` then decides whether None is allowed there.
+  be set to None with 'None' (other fields also 'none' or 'null'; a text field keeps those as
+  text, e.g. augment='none'); `validate` then decides whether None is allowed there.
   """
   flag = f"--config.{field}" + ("" if raw is None else f"={raw}")
 
@@ -482,7 +483,7 @@ def parse_override_value(field: str, raw: str | None, kind: type, current: Any) 
       return True
     raise ConfigOverrideError(f"{flag}: config.{field} needs a value, e.g. --config.{field}=...")
   text = raw.strip()
-  if text.lower() in _NONE_WORDS:
+  if text == "None" or (kind is not str and text.lower() in _NONE_WORDS):
     return None
   if kind is bool:
     if text.lower() in _TRUE_WORDS:

@@ -114,6 +114,11 @@ def test_changed_values_of_each_type_land_in_the_config():
   assert cfg.pretrain.images_per_class is None
   assert cfg.unlearn.step_scale == 2.0 and isinstance(cfg.unlearn.step_scale, float)
   assert cfg.eval.relearn_threshold == float("inf")
+  # A text field keeps 'none' as text (augment='none' is a value); 'None' is None anywhere.
+  cfg = config_lib.apply_overrides(config_lib.base_config(), [
+      ("data.name", "none"), ("data.normalization", "None"), ("data.num_classes", "none")])
+  assert cfg.data.name == "none" and cfg.data.normalization is None
+  assert cfg.data.num_classes is None
 
 
 def test_split_overrides():
