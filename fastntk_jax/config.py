@@ -284,7 +284,9 @@ def vit_prompt_config(model: str, dataset: str, num_classes, ipc: int, npz: str,
     c.unlearn.solve_dtype = "float32"
     c.data.image_size = 32
     c.data.images_per_class = 2
-    c.data.holdout_per_class = 1
+    # 2: the membership attack's cross-validation needs 2 hold-out images of the forgotten
+    # class (pipeline.distances_to_retrain), at least as many folds as samples per side.
+    c.data.holdout_per_class = 2
     c.data.num_classes = 4 if num_classes else None
     c.model.options = {"prompt_length": 2, "patch_size": 16, "hidden_size": 16,
                        "num_layers": 2, "num_heads": 2, "mlp_dim": 32}

@@ -4,15 +4,18 @@ import glob
 import json
 import os
 
+import numpy as np
 import pytest
 from optional import HAS_TFDS, needs_tfds
 
 from fastntk_jax import config as config_lib
 from fastntk_jax import pipeline
-from test_data import _fake_imagenet_r
+from test_checkpoints import _npz_layout, _write_npz
+from test_data import _FAKE_IDS
 
 if HAS_TFDS:
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  import fake_tfds  # pylint: disable=g-import-not-at-top
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "*.py")))
@@ -48,7 +51,7 @@ def test_config_arguments():
 def _check(workdir):
   with open(os.path.join(workdir, "results.json")) as f:
     res = json.load(f)
-  assert set(res["methods"]) == {"full", "retrain", "fastntk", "max_loss", "random_label"}
+  assert set(res["methods"]) == set(res["config"]["methods"])
   forget = res["data"]["counts"]["forget"]
   for entry in res["methods"].values():
     correct = entry["acc_forget"]["mean"] * forget / 100.0  # k of the forget images
@@ -56,16 +59,134 @@ def _check(workdir):
   return res
 
 
+# Every CIFAR class (CIFAR-100's too, for the CNNs' pre-training) with 4 training and 2 test
+# images: plain mock data draws labels at random and leaves some of CIFAR-100's out.
+CIFAR_FAKE = fake_tfds.balanced({"train": 4, "test": 2}) if HAS_TFDS else None
+def _fake_imagenet_r(self, split, decoders=None, read_config=None, **kwargs):
+  """ImageNet-R with 4 images of each of its 200 classes (the tiny ViT configs' hold-out 2
+  and #IPC 2)."""
+  del split, read_config, kwargs
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  features = self.info.features
+  rng = np.random.default_rng(0)
+  labels = rng.permutation(np.repeat(_FAKE_IDS, 4))
+  examples = [features.encode_example({
+      "image": rng.integers(0, 256, size=(8, 8, 3), dtype=np.uint8), "label": int(label),
+      "file_name": f"fake/{k}.jpg"}) for k, label in enumerate(labels)]
+  specs = {k: tf.TensorSpec(t.shape, t.tf_dtype)
+           for k, t in features.get_serialized_info().items()}
+  ds = tf.data.Dataset.from_generator(lambda: iter(examples), output_signature=specs)
+  return ds.map(lambda ex: features.decode_example(ex, decoders=decoders))
+
+
+# Which test runs each config end to end at its tiny size (configs/default.py: the module
+# fixture of tests/test_pipeline.py).
+END_TO_END = {"default.py": "tests/test_pipeline.py::tiny_run",
+              "resnet110_cifar10.py": "test_resnet_cifar10_config_runs_on_mock_data",
+              "mobilenetv2_cifar10.py": "test_mobilenetv2_cifar10_config_runs_on_mock_data",
+              "vit_small_imagenet_r.py": "test_vit_imagenet_r_configs_run_on_mock_data",
+              "vit_base_imagenet_r.py": "test_vit_imagenet_r_configs_run_on_mock_data",
+              "vit_base_cifar10.py": "test_vit_base_cifar10_config_runs_on_mock_data"}
+
+
+def test_every_config_has_an_end_to_end_test():
+  assert set(END_TO_END) == {os.path.basename(p) for p in CONFIGS}
+  here = open(__file__).read()
+  for test in END_TO_END.values():
+    name = test.split("::")[-1]
+    assert f"def {name}(" in here or f"def {name}(" in open(
+        os.path.join(ROOT, test.split("::")[0])).read()
+
+
+def _pretrained_accuracy_is_reported(workdir, res):
+  pre = res["pretrain"]
+  assert (pre["source"], pre["dataset"], pre["test_split"]) == ("train", "cifar100",
+                                                                "cifar100/test")
+  assert pre["train_images"] == 200 and pre["test_images"] == 200  # 2 and 2 per class
+  correct = pre["test_accuracy"] * 200 / 100.0
+  assert abs(correct - round(correct)) < 1e-6
+  assert "augment crop_flip" in pre["recipe"] and "step schedule" in pre["recipe"]
+  md = open(os.path.join(workdir, "results.md")).read()
+  assert f"test accuracy {pre['test_accuracy']:.2f}%** on cifar100/test" in md
+
+
 @needs_tfds
 def test_resnet_cifar10_config_runs_on_mock_data(tmp_path):
-  with tfds.testing.mock_data(num_examples=60):
-    pipeline.run(load("resnet110_cifar10.py", "tiny"), str(tmp_path), show_progress=False)
-  assert _check(str(tmp_path))["data"]["counts"]["forget"] == 3
+  cache = str(tmp_path / "pretrain_cache")
+  cfg = load("resnet110_cifar10.py", "tiny")
+  cfg.pretrain.cache_dir = cache
+  with tfds.testing.mock_data(as_dataset_fn=CIFAR_FAKE):
+    pipeline.run(cfg, str(tmp_path / "a"), show_progress=False)
+    res = _check(str(tmp_path / "a"))
+    assert res["data"]["counts"]["forget"] == 3
+    _pretrained_accuracy_is_reported(str(tmp_path / "a"), res)
+    assert res["timing"]["pretrain"]["cache_hit"] is False
+    # Another #IPC and seed with the same backbone: no second pre-training (the sweep's jobs).
+    other = load("resnet110_cifar10.py", "tiny")
+    other.pretrain.cache_dir = cache
+    other.data.images_per_class = 2
+    other.seeds = (1,)
+    other.methods = ("full", "retrain")
+    pipeline.run(other, str(tmp_path / "b"), show_progress=False)
+  again = _check(str(tmp_path / "b"))
+  assert again["timing"]["pretrain"]["cache_hit"] is True
+  assert again["pretrain"] == res["pretrain"]
+  assert len(os.listdir(cache)) == 1
 
 
 @needs_tfds
-def test_vit_imagenet_r_config_runs_on_mock_data(tmp_path):
-  with tfds.testing.mock_data(as_dataset_fn=_fake_imagenet_r):
-    pipeline.run(load("vit_small_imagenet_r.py", "tiny"), str(tmp_path), show_progress=False)
+def test_mobilenetv2_cifar10_config_runs_on_mock_data(tmp_path):
+  cfg = load("mobilenetv2_cifar10.py", "tiny")
+  with tfds.testing.mock_data(as_dataset_fn=CIFAR_FAKE):
+    pipeline.run(cfg, str(tmp_path), show_progress=False)
   res = _check(str(tmp_path))
-  assert res["data"]["num_classes"] == 4 and res["model"]["name"] == "vit_s16"
+  assert res["model"]["name"] == "mobilenetv2" and res["data"]["counts"]["forget"] == 3
+  _pretrained_accuracy_is_reported(str(tmp_path), res)
+
+
+def _write_tiny_augreg(path):
+  """A checkpoint in the AugReg layout for the tiny ViT, with an ImageNet-21k `pre_logits`."""
+  shapes = _npz_layout(num_layers=2, d=16, heads=2, mlp=32, patch=16, grid=2, classes=21843)
+  shapes["pre_logits/kernel"] = (16, 16)
+  shapes["pre_logits/bias"] = (16,)
+  return _write_npz(path, shapes)
+
+
+@needs_tfds
+@pytest.mark.parametrize("name", ["vit_small_imagenet_r.py", "vit_base_imagenet_r.py"])
+def test_vit_imagenet_r_configs_run_on_mock_data(tmp_path, name):
+  cfg = load(name, "tiny")
+  cfg.pretrain.source = "npz"
+  cfg.pretrain.path = str(tmp_path / "augreg.npz")
+  arrays = _write_tiny_augreg(cfg.pretrain.path)
+  with tfds.testing.mock_data(as_dataset_fn=_fake_imagenet_r):
+    pipeline.run(cfg, str(tmp_path / "wd"), show_progress=False)
+  res = _check(str(tmp_path / "wd"))
+  assert res["data"]["num_classes"] == 4 and res["model"]["name"] == cfg.model.name
+  # The paper's sampling: 4 of the 200 classes drawn at random, one of them forgotten.
+  draw = res["data"]["per_seed"]["0"]
+  assert draw["classes"] != [0, 1, 2, 3] and len(draw["classes"]) == 4
+  assert len(draw["forget_classes"]) == 1
+  assert res["pretrain"]["dropped"] == ["pre_logits/bias", "pre_logits/kernel"]
+  from fastntk_jax.models import checkpoints  # pylint: disable=g-import-not-at-top
+  stored = checkpoints.restore_checkpoint(
+      str(tmp_path / "wd" / "pretrain"),
+      _tiny_vit_variables(cfg, 4))
+  np.testing.assert_array_equal(stored["params"]["cls"], arrays["cls"])
+
+
+def _tiny_vit_variables(cfg, classes):
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from fastntk_jax.models import get_model  # pylint: disable=g-import-not-at-top
+  model = get_model(cfg.model.name, classes, **dict(cfg.model.options))
+  return jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3))))
+
+
+@needs_tfds
+def test_vit_base_cifar10_config_runs_on_mock_data(tmp_path):
+  cfg = load("vit_base_cifar10.py", "tiny")
+  with tfds.testing.mock_data(as_dataset_fn=CIFAR_FAKE):
+    pipeline.run(cfg, str(tmp_path), show_progress=False)
+  res = _check(str(tmp_path))
+  assert res["data"]["num_classes"] == 10 and res["data"]["forget_classes"] == [0]
