@@ -111,9 +111,11 @@ def quiet_library_logs() -> None:
   absl_logging.set_verbosity(absl_logging.WARNING)
   logging.getLogger().setLevel(logging.WARNING)
   logging.getLogger("fastntk_jax").setLevel(logging.INFO)
-  # "Unable to initialize backend 'rocm'/'tpu'" (INFO) on every CPU-only machine; which
-  # devices JAX found is our own first line instead.
-  logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
+  # "Unable to initialize backend 'rocm'/'tpu'" (INFO) on every CPU-only machine, and "An
+  # NVIDIA GPU may be present on this machine, but a CUDA-enabled jaxlib is not installed"
+  # (WARNING): which devices JAX found, and that hint, are our own line instead
+  # (`describe_runtime`).
+  logging.getLogger("jax._src.xla_bridge").setLevel(logging.ERROR)
 
 
 # Lines that TensorFlow's native code writes straight to file descriptor 2 while it is first
@@ -189,8 +191,13 @@ def describe_runtime() -> str:
     nt = f"neural-tangents {md.version('neural-tangents')} (used when it imports)"
   except md.PackageNotFoundError:
     nt = "the built-in one (neural-tangents is not installed)"
-  return (f"jax {jax.__version__} on {'/'.join(kinds)} ({len(devices)} device"
+  line = (f"jax {jax.__version__} on {'/'.join(kinds)} ({len(devices)} device"
           f"{'s' if len(devices) != 1 else ''}); the dual solver's kernel: {nt}")
+  from fastntk_jax import devices as devices_lib  # pylint: disable=g-import-not-at-top
+  if kinds == ["cpu"] and devices_lib.nvidia_driver_present():
+    line += ("; an NVIDIA driver is present but this JAX runs on the CPU "
+             "(python -m fastntk_jax.devices says why)")
+  return line
 
 
 def main(argv):

@@ -232,3 +232,25 @@ def test_cifar_without_the_tfds_extra_is_one_line_naming_the_extra(tmp_path):
   assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
   errors = [l for l in proc.stderr.splitlines() if l.startswith("fastntk_jax: error:")]
   assert len(errors) == 1 and "pip install -e '.[tfds]'" in errors[0], proc.stderr[-3000:]
+
+
+def test_runtime_line_replaces_jaxs_no_gpu_warning(monkeypatch):
+  from fastntk_jax import devices  # pylint: disable=g-import-not-at-top
+  line = main_lib.describe_runtime()
+  assert re.match(r"^jax \S+ on \w+ \(\d+ devices?\); the dual solver's kernel: ", line), line
+  monkeypatch.setattr(devices, "nvidia_driver_present", lambda: True)
+  if " on cpu " in line:  # a CPU-only JAX on a machine with an NVIDIA driver: say so
+    assert main_lib.describe_runtime().endswith(
+        "an NVIDIA driver is present but this JAX runs on the CPU "
+        "(python -m fastntk_jax.devices says why)")
+  import logging  # pylint: disable=g-import-not-at-top
+  names = ("", "absl", "fastntk_jax", "jax._src.xla_bridge")
+  levels = {n: logging.getLogger(n).level for n in names}
+  try:
+    main_lib.quiet_library_logs()
+    assert not logging.getLogger("jax._src.xla_bridge").isEnabledFor(logging.WARNING)
+    assert logging.getLogger("fastntk_jax.pipeline").isEnabledFor(logging.INFO)
+    assert not logging.getLogger("orbax").isEnabledFor(logging.INFO)
+  finally:
+    for n, level in levels.items():
+      logging.getLogger(n).setLevel(level)
