@@ -378,7 +378,7 @@ def time_ntk_forget(apply_fn: Callable, params_init, params, retain: tuple, forg
   forgetter = unlearn.make_forgetter(apply_fn, num_classes=num_classes, **kwargs)
 
   def forget_fn(a, b, xr, yr, xf, yf):
-    new, info, _ = forgetter.forget_with_info(a, b, (xr, yr), (xf, yf))
+    new, info = forgetter.forget_with_info(a, b, (xr, yr), (xf, yf))
     return new, info
 
   try:

@@ -160,9 +160,10 @@ def test_dual_jacobian_count_follows_how_the_kernel_blocks_run():
 
 
 def test_precision_warning_is_the_round_off_bound_of_the_solve():
-  assert unlearn.precision_warning(1e6, jnp.float32) is None           # κ·ε = 0.12
+  assert unlearn.precision_warning(1e3, jnp.float32) is None           # κ·ε = 1.2e-4
   message = unlearn.precision_warning(1e8, jnp.float32)                 # κ·ε = 12
   assert "1e+08" in message and "float32" in message and "solve_dtype=jnp.float64" in message
+  assert "float32" in unlearn.precision_warning(1e6, jnp.float32)       # κ·ε = 0.12
   assert unlearn.precision_warning(1e8, jnp.float64) is None
   assert "increase damping" in unlearn.precision_warning(1e17, jnp.float64)
   assert "float64" not in unlearn.precision_warning(1e17, jnp.float64).split(";")[1]

@@ -23,11 +23,11 @@ from fastntk_jax.unlearn.plan import (PRECISION_WARNING_THRESHOLD, InsufficientM
                                       network_cost, precision_warning)
 from fastntk_jax.unlearn.solvers import (SolveInfo, accumulate_chunks, apply_delta, gram_stats,
                                          primal_solve, ridge_update)
-from fastntk_jax.unlearn.validate import SolveError
+from fastntk_jax.unlearn.validate import PrecisionWarning, SolveError
 
 __all__ = [
     "Diagnostics", "Forgetter", "Linearized", "linear", "linearize", "ridge_solution", "InsufficientMemoryError", "KernelImplementation",
-    "LinearizationPoint", "NetworkCost", "PRECISION_WARNING_THRESHOLD", "Plan", "SolveError",
+    "LinearizationPoint", "NetworkCost", "PRECISION_WARNING_THRESHOLD", "Plan", "PrecisionWarning", "SolveError",
     "SolveInfo", "Solver", "SolverCost", "accumulate_chunks", "apply_delta",
     "available_memory_bytes", "cg_iteration_budget", "choose_solver", "estimate_costs",
     "gram_stats", "make_diagnostics", "make_forgetter", "network_cost", "ntk_forget",

@@ -40,10 +40,11 @@ class Forgetter(NamedTuple):
 
   plan(params_init, params, retain, forget) -> Plan: the solver and its predicted cost.
   forget(params_init, params, retain, forget) -> params: the Fast-NTK update, checked.
-  forget_with_info(params_init, params, retain, forget, *, plan=None) -> (params, SolveInfo,
-    Plan): unchecked (the caller inspects `info.finite` / `info.converged`, or calls
-    `check`); `plan` skips planning (e.g. one made outside `jax.jit`).
-  check(info, plan): raises `validate.SolveError` for a non-finite or unconverged solve.
+  forget_with_info(params_init, params, retain, forget, *, plan=None) -> (params, SolveInfo):
+    unchecked (the caller inspects `info`, or calls `check`); `plan` (from `plan`, e.g.
+    made outside `jax.jit`) skips planning and must match these options and inputs.
+  check(info, plan): raises `validate.SolveError` for a non-finite, ill-conditioned
+    (κ·ε > 1) or unconverged solve.
   from_gram_stats(params, stats_retain, stats_forget, plan) -> (params, SolveInfo): the
     primal update from Gram statistics summed elsewhere (chunked, resumable, sharded).
   init(params_init, train) -> stream.ForgetState; serve(state, params, indices) ->
@@ -99,6 +100,7 @@ def make_forgetter(apply_fn: ApplyFn, *, num_classes: int, damping=1e-2,
   """
   if not callable(apply_fn):
     raise TypeError(f"apply_fn must be callable (params, x) -> logits, got {type(apply_fn)}")
+  stream.check_stream_options(factor_update, refactor_every)
   opts = validate.check_options(
       num_classes=num_classes, damping=damping, solver=solver, batch_size=batch_size,
       kernel_impl=kernel_impl, solve_dtype=solve_dtype, linearize_at=linearize_at,
@@ -121,7 +123,23 @@ def make_forgetter(apply_fn: ApplyFn, *, num_classes: int, damping=1e-2,
     if plan is None:
       plan = plan_lib.make_plan(apply_fn, w_lin, retain, forget, options=opts,
                                 solve_dtype=sdtype, traced=traced)
+    else:
+      check_plan(plan, w_lin, retain, forget, sdtype)
     return plan, w_lin, retain, forget
+
+  def check_plan(plan, w_lin, retain, forget, sdtype):
+    if not isinstance(plan, plan_lib.Plan):
+      raise TypeError(f"plan must be a Plan (from Forgetter.plan), got {type(plan).__name__}")
+    have = (ntk.num_params(w_lin), retain[0].shape[0], forget[0].shape[0], c,
+            jnp.dtype(sdtype))
+    want = (plan.num_params, plan.num_retain, plan.num_forget, plan.num_classes,
+            jnp.dtype(plan.solve_dtype))
+    if have != want:
+      raise ValueError(f"the plan was made for other inputs or options: (p, n_r, n_f, C, "
+                       f"solve dtype) = {want} in the plan, {have} here")
+    validate.allowed_solvers(plan.solver, opts.damping, num_params=plan.num_params,
+                             num_outputs=plan.num_outputs, cg_budget=plan.cg_maxiter,
+                             cg_dim=0)
 
   def plan_fn(params_init, params, retain, forget, *, traced=None) -> plan_lib.Plan:
     return prepare(params_init, params, retain, forget, traced)[0]
@@ -135,20 +153,30 @@ def make_forgetter(apply_fn: ApplyFn, *, num_classes: int, damping=1e-2,
         with_condition=True)
     return solvers.apply_delta(params, delta, opts.step_scale), info, delta
 
-  def forget_with_info(params_init, params, retain, forget, *, plan=None):
+  def planned(params_init, params, retain, forget, plan=None):
     plan, w_lin, retain, forget = prepare(params_init, params, retain, forget, plan=plan)
     new, info, _ = run(plan, w_lin, params, retain, forget)
     return new, info, plan
+
+  def forget_with_info(params_init, params, retain, forget, *, plan=None):
+    return planned(params_init, params, retain, forget, plan)[:2]
 
   def check(info, plan):
     check_solve(info, plan, opts.damping, opts.cg_tol)
 
   def forget_fn(params_init, params, retain, forget):
-    new, info, plan = forget_with_info(params_init, params, retain, forget)
+    new, info, plan = planned(params_init, params, retain, forget)
     check(info, plan)
     return new
 
   def from_gram_stats(params, stats_retain, stats_forget, plan):
+    p = ntk.num_params(params)
+    for name, st in (("retain", stats_retain), ("forget", stats_forget)):
+      if len(st) != 2 or jnp.shape(st[0]) != (p, p) or jnp.shape(st[1]) != (p,):
+        raise ValueError(f"stats_{name} must be (G [p, p], b [p]) with p = {p} (the params' "
+                         f"size), got shapes {[jnp.shape(a) for a in st]}")
+    if not isinstance(plan, plan_lib.Plan) or plan.num_params != p:
+      raise ValueError("plan must be the Plan of these params (Forgetter.plan)")
     dtype = plan.solve_dtype
     delta, info = solvers.primal_solve(
         *(jnp.asarray(a, dtype) for a in (*stats_retain, *stats_forget)),
@@ -170,8 +198,9 @@ def make_forgetter(apply_fn: ApplyFn, *, num_classes: int, damping=1e-2,
 
 
 def check_solve(info: solvers.SolveInfo, plan: plan_lib.Plan, damping, cg_tol=None) -> None:
-  """Raises `validate.SolveError` for a non-finite update or an unconverged cg (now, or when
-  the jitted computation runs)."""
+  """Raises `validate.SolveError` for a non-finite update, a direct solve whose matrix has
+  κ·ε > 1 (ε of the solve dtype, or of the logits when narrower: no digit can be trusted),
+  or an unconverged cg; now, or when the jitted computation runs."""
   dtype = jnp.dtype(plan.solve_dtype).name
   remedy = ("increase damping or pass solve_dtype=jnp.float64 (with JAX_ENABLE_X64=1)"
             if dtype != "float64" else "increase damping")
@@ -180,6 +209,26 @@ def check_solve(info: solvers.SolveInfo, plan: plan_lib.Plan, damping, cg_tol=No
       f"the Fast-NTK update is non-finite (solver={plan.solver.value}, damping={{}}): the "
       f"system is singular or too ill-conditioned in {dtype}; {remedy}",
       jnp.asarray(damping))
+  if plan.solver != Solver.CG:
+    eps = max(float(jnp.finfo(plan.solve_dtype).eps),
+              float(jnp.finfo(plan.logits_dtype or plan.solve_dtype).eps))
+    kappa = jnp.fmax(info.condition_estimate,
+                     jnp.where(jnp.isnan(info.condition_number), 0.0, info.condition_number))
+    narrow = (plan.logits_dtype is not None
+              and jnp.finfo(plan.logits_dtype).eps > jnp.finfo(plan.solve_dtype).eps)
+    source = f"{jnp.dtype(plan.logits_dtype).name} logits" if narrow else dtype
+    validate.runtime_warn(
+        (kappa * eps > validate.WARN_ABOVE) & (kappa * eps <= validate.REFUSE_ABOVE),
+        f"the {plan.solver.value} solve's round-off bound is {{:.2g}} (condition number "
+        f"{{:.3g}} x {source} epsilon {eps:.2g}): the update may be off by up to that "
+        f"relative amount; {remedy}", kappa * eps, kappa)
+    validate.runtime_check(
+        kappa * eps <= validate.REFUSE_ABOVE, validate.SolveError,
+        f"the {plan.solver.value} solve cannot be trusted: its matrix has condition number "
+        f"{{:.3g}} (at least), times the {source} epsilon {eps:.2g} > 1, so the update may "
+        f"carry no correct digit (damping={{}}); {remedy}"
+        + ("; or compute the logits in float64" if narrow else ""),
+        kappa, jnp.asarray(damping))
   if plan.solver == Solver.CG:
     tol = solvers.default_cg_tol(plan.solve_dtype) if cg_tol is None else cg_tol
     validate.runtime_check(
@@ -315,7 +364,7 @@ def ntk_forget_with_diagnostics(apply_fn: ApplyFn, params_init: PyTree, params: 
   probe = peak_memory_probe()
 
   def run(params_init, params, retain, forget):
-    new, info, _ = forgetter.forget_with_info(params_init, params, retain, forget, plan=plan)
+    new, info = forgetter.forget_with_info(params_init, params, retain, forget, plan=plan)
     diff = jax.tree_util.tree_map(lambda a, b: (a - b).astype(plan.solve_dtype), new, params)
     return new, info, jnp.sqrt(sum(jnp.vdot(d, d) for d in jax.tree_util.tree_leaves(diff)))
 

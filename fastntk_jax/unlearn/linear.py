@@ -19,6 +19,7 @@ import jax.numpy as jnp
 
 from fastntk_jax.models.trainable import LINEARIZATION_POINT
 from fastntk_jax.unlearn import solvers
+from fastntk_jax.unlearn import validate
 
 PyTree = Any
 ApplyFn = Callable[[PyTree, jnp.ndarray], jnp.ndarray]
@@ -55,7 +56,13 @@ def ridge_solution(w0: PyTree, stats: Sequence[tuple], damping) -> PyTree:
   g = sum(jnp.asarray(s[0]) for s in stats)
   b = sum(jnp.asarray(s[1]) for s in stats)
   with jax.default_matmul_precision("highest"):
-    step = solvers.cholesky_solver(g + damping * jnp.eye(g.shape[0], dtype=g.dtype))(b)
+    solve, estimate = solvers.cholesky_solver(g + damping * jnp.eye(g.shape[0], dtype=g.dtype))
+    step = solve(b)
+  validate.runtime_check(
+      jnp.all(jnp.isfinite(step)) & (estimate * jnp.finfo(g.dtype).eps <= 1.0),
+      validate.SolveError, "the ridge solution of the linearised model cannot be trusted in "
+      + jnp.dtype(g.dtype).name + " (condition number >= {}); increase the damping or solve "
+      "in float64", estimate)
   return solvers.apply_delta(w0, step)
 
 

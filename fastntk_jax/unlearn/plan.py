@@ -180,11 +180,12 @@ def available_memory_bytes() -> int:
   return int(psutil.virtual_memory().available)
 
 
-# κ·ε above which the solve may carry no correct digit. The bound is pessimistic below it:
-# the embedded digits default has κ·ε ≈ 0.3 in float32 (κ ≈ 2.8e6) and its float32 update
-# matches Retrain; ResNet-110 at 5,000 images, where a float32 solve differed from the
-# float64 one by 71% (benchmarks/RESULTS.md §7), is far above it.
-PRECISION_WARNING_THRESHOLD = 1.0
+# κ·ε above which a result comes with a warning naming that bound (`validate.WARN_ABOVE`);
+# above `validate.REFUSE_ABOVE` it is refused. The bound is pessimistic for a one-shot solve
+# (the digits default in float32: κ·ε ≈ 0.3, and its update matched Retrain) but tight for
+# the request stream after many downdates, and ResNet-110 at 5,000 images in float32 was 71%
+# off (benchmarks/RESULTS.md §7).
+PRECISION_WARNING_THRESHOLD = validate.WARN_ABOVE
 
 
 def precision_warning(condition_number: Optional[float], dtype,
@@ -351,6 +352,13 @@ def make_plan(apply_fn: ApplyFn, w_lin: PyTree, retain, forget, *, options,
                          network=network_cost(apply_fn, w_lin, x_r), traced=traced)
   budget = int(options.memory_limit_bytes if options.memory_limit_bytes is not None
                else 0.8 * available_memory_bytes())
+  if (options.solver == Solver.AUTO and p > n_r * c and jnp.dtype(solve_dtype).itemsize < 8
+      and costs[Solver.DUAL.value].bytes <= budget and Solver.DUAL.value not in excluded):
+    # G_r + λI then has eigenvalues λ (G_r has rank <= n_r·C < p): κ >= ‖G‖/λ, which a
+    # float32 solve may not survive, while the dual inverts the full-rank Θ_rr + λI.
+    excluded[Solver.PRIMAL.value] = (f"p={p} > n_r*C={n_r * c} makes its Gram rank-deficient "
+                                     f"(condition number >= |G|/damping) in "
+                                     f"{jnp.dtype(solve_dtype).name}")
   name, reason = choose_solver(costs, budget, options.solver, excluded)
   solver = Solver(name)
   kernel = ntk.resolve_implementation(options.kernel_impl) if solver == Solver.DUAL else None
@@ -358,6 +366,9 @@ def make_plan(apply_fn: ApplyFn, w_lin: PyTree, retain, forget, *, options,
   if logits.shape != (1, c):
     raise ValueError(f"apply_fn(params, x[:1]) returned shape {logits.shape}; expected "
                      f"(1, num_classes={c}): logits must be [n, C]")
+  if not jnp.issubdtype(logits.dtype, jnp.floating):
+    raise TypeError(f"apply_fn returns {logits.dtype} logits: they must be floating point "
+                    "(an integer output has no derivative)")
   log.info("ntk_forget: solver=%s (%s); p=%d, n*C=%d", name, reason, p, (n_r + n_f) * c)
   return Plan(solver=solver, reason=reason, num_params=p, num_retain=n_r, num_forget=n_f,
               num_classes=c, solve_dtype=jnp.dtype(solve_dtype), kernel=kernel,

@@ -42,13 +42,17 @@ class SolveInfo(NamedTuple):
 
   condition_number: 2-norm κ of the matrix inverted (dual: Θ_rr+λI, primal: G+λI); inf when
     round-off made it indefinite; NaN when not computed (cg, or `with_condition=False`).
+  condition_estimate: a lower bound on κ of every matrix factorised, (max L_ii / min L_ii)²
+    of its Cholesky factor L (O(p), always computed; NaN for cg).
   relative_residual: cg: max over its two solves of the true ‖A x - b‖/‖b‖ recomputed at the
     end (it also carries the round-off of evaluating A); 0 for the direct solvers.
-  converged: cg stopped on its tolerance, not on its iteration cap (both solves); True for
-    the direct solvers.
+  converged: cg stopped on its tolerance, not on its iteration cap, and its true residual is
+    at most sqrt(tol) (at least half the digits asked for: the rest may be the round-off of
+    evaluating the network twice); True for the direct solvers.
   finite: every entry of Δ is finite (False: a singular system, or overflow).
   """
   condition_number: jnp.ndarray
+  condition_estimate: jnp.ndarray
   relative_residual: jnp.ndarray
   converged: jnp.ndarray
   finite: jnp.ndarray
@@ -110,10 +114,21 @@ def gram_stats(apply_fn: ApplyFn, w_lin: PyTree, x, y, *, num_classes: int,
                   row_weights=row_weights, keep_jacobian=keep_jacobian)
 
 
-def cholesky_solver(a: jnp.ndarray) -> Callable[[jnp.ndarray], jnp.ndarray]:
-  """Factorises the symmetric positive definite `a` once; returns `b -> a⁻¹ b`."""
+def cholesky_solver(a: jnp.ndarray) -> tuple[Callable[[jnp.ndarray], jnp.ndarray], jnp.ndarray]:
+  """Factorises the symmetric positive definite `a` once.
+
+  Returns:
+    (`b -> a⁻¹ b`, a lower bound on κ(a): (max L_ii / min L_ii)² of the factor; NaN when the
+     factorisation failed).
+  """
   factor = jax.scipy.linalg.cho_factor(a, lower=True)
-  return lambda b: jax.scipy.linalg.cho_solve(factor, b)
+  return (lambda b: jax.scipy.linalg.cho_solve(factor, b)), diagonal_condition(factor[0])
+
+
+def diagonal_condition(chol: jnp.ndarray) -> jnp.ndarray:
+  """(max L_ii / min L_ii)² of a Cholesky factor: a lower bound on κ(L Lᵀ), in O(p)."""
+  d = jnp.abs(jnp.diagonal(chol))
+  return jnp.square(jnp.max(d) / jnp.min(d))
 
 
 def condition_number(a: jnp.ndarray) -> jnp.ndarray:
@@ -123,10 +138,10 @@ def condition_number(a: jnp.ndarray) -> jnp.ndarray:
   return jnp.where(eig[0] > 0, eig[-1] / eig[0], jnp.inf)
 
 
-def _direct_info(delta, a, with_condition):
+def _direct_info(delta, a, with_condition, estimates):
   cond = condition_number(a) if with_condition else jnp.asarray(jnp.nan, a.dtype)
-  return SolveInfo(cond, jnp.zeros((), a.dtype), jnp.asarray(True),
-                   jnp.all(jnp.isfinite(delta)))
+  return SolveInfo(cond, jnp.max(jnp.stack(estimates)), jnp.zeros((), a.dtype),
+                   jnp.asarray(True), jnp.all(jnp.isfinite(delta)))
 
 
 @functools.partial(jax.jit, static_argnames="with_condition")
@@ -140,10 +155,10 @@ def primal_solve(g_r, b_r, g_f, b_f, damping, *, with_condition: bool = False):
   """
   eye = damping * jnp.eye(g_r.shape[0], dtype=g_r.dtype)
   g_all = g_r + g_f + eye
-  w_retrain = cholesky_solver(g_r + eye)(b_r)  # w_r - w0
-  w_full = cholesky_solver(g_all)(b_r + b_f)   # w_D - w0
-  delta = w_retrain - w_full
-  return delta, _direct_info(delta, g_all, with_condition)
+  solve_r, est_r = cholesky_solver(g_r + eye)
+  solve_all, est_all = cholesky_solver(g_all)
+  delta = solve_r(b_r) - solve_all(b_r + b_f)  # (w_r - w0) - (w_D - w0)
+  return delta, _direct_info(delta, g_all, with_condition, [est_r, est_all])
 
 
 def _delta_primal(apply_s, w_s, retain, forget, lam, *, num_classes, batch_size, dtype,
@@ -165,16 +180,17 @@ def _delta_dual(apply_s, w_s, retain, forget, lam, *, num_classes, batch_size, d
   k_rr = kern(x_r, x_r) + lam * jnp.eye(x_r.shape[0] * c, dtype=dtype)
   k_rf = kern(x_r, x_f)
   k_ff = kern(x_f, x_f) + lam * jnp.eye(x_f.shape[0] * c, dtype=dtype)
-  solve_rr = cholesky_solver(k_rr)
+  solve_rr, est_rr = cholesky_solver(k_rr)
   a = solve_rr(k_rf)                                     # (Θ_rr+λI)⁻¹ Θ_rf
   schur = k_ff - k_rf.T @ a                              # M⁻¹
   v = -res(x_f, y_f) + a.T @ res(x_r, y_r)               # (f0_f - Y_f) + Θ_fr(Θ_rr+λI)⁻¹E_r
-  z = cholesky_solver(0.5 * (schur + schur.T))(v)        # M V
+  solve_schur, est_schur = cholesky_solver(0.5 * (schur + schur.T))
+  z = solve_schur(v)                                     # M V
   u = ntk.vjp_rows(apply_s, w_s, x_f, z.reshape(-1, c), batch_size=batch_size)  # J_fᵀ M V
   ju = ntk.jvp_rows(apply_s, w_s, x_r, u, batch_size=batch_size).reshape(-1)
   back = ntk.vjp_rows(apply_s, w_s, x_r, solve_rr(ju).reshape(-1, c), batch_size=batch_size)
   delta = flat(u) - flat(back)                           # P J_fᵀ M V
-  return delta, _direct_info(delta, k_rr, with_condition)
+  return delta, _direct_info(delta, k_rr, with_condition, [est_rr, est_schur])
 
 
 def _delta_cg(apply_s, w_s, retain, forget, lam, *, num_classes, batch_size, dtype, cg_tol,
@@ -192,9 +208,10 @@ def _delta_cg(apply_s, w_s, retain, forget, lam, *, num_classes, batch_size, dty
 
   def solve(matvec, rhs):
     x, ok = conjugate_gradients(matvec, rhs, tol=cg_tol, maxiter=cg_maxiter(rhs.size))
-    residual_norms.append(jnp.linalg.norm(matvec(x) - rhs)
-                          / jnp.maximum(jnp.linalg.norm(rhs), jnp.finfo(dtype).tiny))
-    converged.append(ok)
+    residual = (jnp.linalg.norm(matvec(x) - rhs)
+                / jnp.maximum(jnp.linalg.norm(rhs), jnp.finfo(dtype).tiny))
+    residual_norms.append(residual)
+    converged.append(ok & (residual <= cg_tol ** 0.5))
     return x
 
   if p <= (n_r + n_f) * num_classes:  # parameter space: (JᵀJ + λI) x = JᵀE
@@ -208,7 +225,8 @@ def _delta_cg(apply_s, w_s, retain, forget, lam, *, num_classes, batch_size, dty
     alpha_r = solve(lambda u: jv(x_r, jtu(x_r, u)) + lam * u, e_r)
     alpha = solve(lambda u: theta(u) + lam * u, jnp.concatenate([e_r, e_f], axis=0))
     delta = jtu(x_r, alpha_r) - jtu(x_r, alpha[:n_r]) - jtu(x_f, alpha[n_r:])
-  return delta, SolveInfo(jnp.asarray(jnp.nan, dtype), jnp.max(jnp.stack(residual_norms)),
+  nan = jnp.asarray(jnp.nan, dtype)
+  return delta, SolveInfo(nan, nan, jnp.max(jnp.stack(residual_norms)),
                           jnp.all(jnp.stack(converged)), jnp.all(jnp.isfinite(delta)))
 
 
@@ -278,6 +296,10 @@ def apply_delta(params: PyTree, delta: jnp.ndarray, step_scale=1.0) -> PyTree:
   """params + step_scale·Δ, Δ flat in the ravel order of `params`; each leaf keeps its dtype
   and is rounded once."""
   leaves, treedef = jax.tree_util.tree_flatten(params)
+  size = sum(int(np.prod(jnp.shape(l))) for l in leaves)
+  if jnp.shape(delta) != (size,):
+    raise ValueError(f"the update has shape {jnp.shape(delta)} but the params hold {size} "
+                     "scalars: the statistics or the plan belong to other params")
   out, start = [], 0
   for leaf in leaves:
     size = int(np.prod(jnp.shape(leaf)))

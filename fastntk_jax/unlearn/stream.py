@@ -122,6 +122,11 @@ class ForgetState:
     last_update: int32, how the last request updated the factor (UPDATE_* codes).
     last_pivot_ratio: smallest (L'_kk/L_kk)² of the last downdate (1 = nothing removed,
       → 0 = the request removed almost everything along some direction); 1 otherwise.
+    gram_scale: (max_k L0_kk)² of the initial factor, ~‖G_0 + λI‖: G is maintained by
+      subtraction from G_0, so its round-off is ~ε·gram_scale whatever is left of it.
+    last_condition_estimate: gram_scale / (min_k L_kk)² of the current factor, a lower bound
+      on the error amplification of the current solve; requests refuse when it times the
+      solve dtype's ε exceeds 1 (no digit could be trusted).
 
   Static fields (part of the pytree structure, hence of jit cache keys):
     apply_fn, num_classes, batch_size, factor_update, refactor_every.
@@ -141,6 +146,8 @@ class ForgetState:
   num_refactors: jnp.ndarray
   last_update: jnp.ndarray
   last_pivot_ratio: jnp.ndarray
+  gram_scale: jnp.ndarray
+  last_condition_estimate: jnp.ndarray
   apply_fn: ApplyFn = flax.struct.field(pytree_node=False)
   num_classes: int = flax.struct.field(pytree_node=False)
   batch_size: Optional[int] = flax.struct.field(pytree_node=False)
@@ -297,6 +304,14 @@ def cholesky_downdate(chol: jnp.ndarray, x: jnp.ndarray) -> tuple[jnp.ndarray, j
 # --------------------------------------------------------------------------------------
 
 
+def check_stream_options(factor_update, refactor_every) -> None:
+  """Validates the stream's own options (also at `make_forgetter`, before any request)."""
+  if factor_update not in FACTOR_UPDATES:
+    raise ValueError(f"unknown factor_update {factor_update!r}; choose one of "
+                     f"{list(FACTOR_UPDATES)}")
+  validate.check_positive_int("refactor_every", refactor_every, allow_none=True)
+
+
 @functools.partial(jax.jit, static_argnames=("apply_fn", "num_classes", "batch_size",
                                              "sdtype", "cache", "factor_update",
                                              "refactor_every"))
@@ -315,12 +330,15 @@ def _init_state(apply_fn, w_lin, x, y, damping, *, num_classes, batch_size, sdty
     chol = jnp.linalg.cholesky(g + lam * jnp.eye(g.shape[0], dtype=sdtype))
     solution = jax.scipy.linalg.cho_solve((chol, True), b)
   zero = jnp.zeros((), jnp.int32)
+  diag = jnp.abs(jnp.diagonal(chol))
+  scale = jnp.square(jnp.max(diag))
   return ForgetState(
       w_lin=w_lin, x=x, residuals=residuals, jac=stats[2] if cache else None, gram=g, rhs=b,
       chol=chol, solution=solution, forgotten=jnp.zeros((x.shape[0],), bool), damping=lam,
       num_requests=zero, downdates_since_refactor=zero, num_refactors=zero,
       last_update=jnp.asarray(UPDATE_NONE, jnp.int32),
-      last_pivot_ratio=jnp.asarray(1.0, sdtype), apply_fn=apply_fn,
+      last_pivot_ratio=jnp.asarray(1.0, sdtype), gram_scale=scale,
+      last_condition_estimate=scale / jnp.square(jnp.min(diag)), apply_fn=apply_fn,
       num_classes=int(num_classes), batch_size=batch_size, factor_update=factor_update,
       refactor_every=refactor_every)
 
@@ -373,10 +391,8 @@ def init_forget_state(apply_fn: ApplyFn, params_init: PyTree, *, train, num_clas
     raise ValueError(f"train must hold at least 2 samples (one to forget, one to retain), "
                      f"got {x.shape[0]}")
   validate.check_params(params_init, params_init)
-  if factor_update not in FACTOR_UPDATES:
-    raise ValueError(f"unknown factor_update {factor_update!r}; choose one of "
-                     f"{list(FACTOR_UPDATES)}")
-  refactor_every = validate.check_positive_int("refactor_every", refactor_every, allow_none=True)
+  check_stream_options(factor_update, refactor_every)
+  refactor_every = None if refactor_every is None else int(refactor_every)
   n, p, c = x.shape[0], ntk.num_params(params_init), opts.num_classes
   validate.allowed_solvers(Solver.PRIMAL, damping, num_params=p, num_outputs=n * c,
                            cg_budget=0, cg_dim=0)
@@ -394,11 +410,25 @@ def init_forget_state(apply_fn: ApplyFn, params_init: PyTree, *, train, num_clas
                       num_classes=c, batch_size=opts.batch_size, sdtype=sdtype,
                       cache=bool(cache_jacobian), factor_update=factor_update,
                       refactor_every=refactor_every)
-  validate.runtime_check(jnp.all(jnp.isfinite(state.solution)), validate.SolveError,
-                         "the stream's initial ridge solve is non-finite (damping={}): G + λI "
-                         "is singular or too ill-conditioned in " + sdtype.name
-                         + "; increase damping or pass solve_dtype=jnp.float64", state.damping)
+  _check_solve(state, "the stream's initial ridge solve")
   return state
+
+
+def _check_solve(state: ForgetState, what: str) -> None:
+  eps = float(jnp.finfo(state.rhs.dtype).eps)
+  bound = state.last_condition_estimate * eps
+  validate.runtime_warn(
+      (bound > validate.WARN_ABOVE) & (bound <= validate.REFUSE_ABOVE),
+      what + " may be off by up to {:.2g} relative (error amplification {:.3g} x epsilon "
+      f"{eps:.2g}: G is kept by subtraction from the initial Gram); use "
+      "solve_dtype=jnp.float64 or a larger damping", bound, state.last_condition_estimate)
+  validate.runtime_check(
+      jnp.all(jnp.isfinite(state.solution))
+      & (state.last_condition_estimate * eps <= 1.0), validate.SolveError,
+      what + " cannot be trusted in " + jnp.dtype(state.rhs.dtype).name + ": error "
+      "amplification >= {:.3g} (the initial Gram's scale over the smallest pivot now) times "
+      f"epsilon {eps:.2g} > 1, or non-finite (damping={{}}); increase damping or use "
+      "solve_dtype=jnp.float64", state.last_condition_estimate, state.damping)
 
 
 # --------------------------------------------------------------------------------------
@@ -494,10 +524,9 @@ def serve_request(state: ForgetState, params: PyTree, indices: jnp.ndarray,
           downdate)
     ratio = ratio.astype(sdtype)
   solution = jax.scipy.linalg.cho_solve((chol, True), rhs)
-  validate.runtime_check(jnp.all(jnp.isfinite(solution)), validate.SolveError,
-                         "the request's ridge solve is non-finite (damping={}): the retained "
-                         "system is singular or too ill-conditioned; increase damping or use "
-                         "solve_dtype=jnp.float64", state.damping)
+  estimate = state.gram_scale / jnp.square(jnp.min(jnp.abs(jnp.diagonal(chol))))
+  _check_solve(state.replace(solution=solution, last_condition_estimate=estimate),
+               "the request's ridge solve")
   new_params = solvers.apply_delta(params, solution - state.solution)
   downdated = code == UPDATE_DOWNDATE
   # Scatter-add of the mask (not a set): padding entries may repeat any index harmlessly.
@@ -508,7 +537,7 @@ def serve_request(state: ForgetState, params: PyTree, indices: jnp.ndarray,
       num_requests=state.num_requests + 1,
       downdates_since_refactor=jnp.where(downdated, state.downdates_since_refactor + 1, 0),
       num_refactors=state.num_refactors + jnp.where(downdated, 0, 1).astype(jnp.int32),
-      last_update=code, last_pivot_ratio=ratio)
+      last_update=code, last_pivot_ratio=ratio, last_condition_estimate=estimate)
   return new_params, new_state
 
 

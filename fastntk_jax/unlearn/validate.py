@@ -9,6 +9,8 @@ time (a host callback) when it is traced. One rule for the damping λ (`allowed_
 from __future__ import annotations
 
 import dataclasses
+import logging
+import warnings
 from typing import Any, Optional
 
 import jax
@@ -22,6 +24,16 @@ PyTree = Any
 
 class SolveError(ValueError):
   """The solve gave no trustworthy answer (singular system, non-finite, cg not converged)."""
+
+
+class PrecisionWarning(UserWarning):
+  """The update's round-off bound (condition number x epsilon) is large: it may be inexact."""
+
+
+# κ·ε above which a result is refused (no digit can be trusted) or comes with a warning that
+# names the bound (it may be off by up to that relative amount).
+REFUSE_ABOVE = 1.0
+WARN_ABOVE = 1e-3
 
 
 def is_concrete(x) -> bool:
@@ -41,21 +53,50 @@ def runtime_check(ok, error: type, message: str, *values) -> None:
     jax.debug.callback(check, ok, *values)
 
 
+def where(path) -> str:
+  return jax.tree_util.keystr(path) or "the root"
+
+
+def runtime_warn(bad, message: str, *values) -> None:
+  """Issues a `PrecisionWarning` (and logs it) when `bad`: now when concrete, when the
+  computation runs when traced."""
+  def warn(bad, *values):
+    if np.any(np.asarray(bad)):
+      text = message.format(*(np.asarray(v) for v in values))
+      logging.getLogger("fastntk_jax.unlearn").warning("%s", text)
+      warnings.warn(text, PrecisionWarning, stacklevel=2)
+  if is_concrete(bad) and all(is_concrete(v) for v in values):
+    warn(bad, *values)
+  else:
+    jax.debug.callback(warn, bad, *values)
+
+
 def check_finite(name: str, tree) -> None:
-  """Raises ValueError naming the first leaf of `tree` holding NaN/inf (concrete leaves)."""
+  """Raises ValueError naming the first leaf of `tree` holding NaN/inf: now for concrete
+  leaves, when the computation runs for traced ones."""
   for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
-    if is_concrete(leaf) and jnp.issubdtype(jnp.result_type(leaf), jnp.inexact):
-      if not np.all(np.isfinite(np.asarray(leaf))):
-        raise ValueError(f"{name} contains non-finite values (NaN/inf) at "
-                         f"{jax.tree_util.keystr(path) or 'the array'}")
+    if jnp.issubdtype(jnp.result_type(leaf), jnp.inexact):
+      if is_concrete(leaf):
+        if not np.all(np.isfinite(np.asarray(leaf))):
+          raise ValueError(f"{name} contains non-finite values (NaN/inf) at {where(path)}")
+      else:
+        runtime_check(jnp.all(jnp.isfinite(leaf)), ValueError,
+                      f"{name} contains non-finite values (NaN/inf) at {where(path)}")
 
 
 def check_labels(name: str, y, num_classes: int) -> None:
-  if is_concrete(y) and np.size(y):
+  """Labels in [0, C): checked now when concrete, when the computation runs when traced."""
+  if not np.size(y):
+    return
+  if is_concrete(y):
     y = np.asarray(y)
     lo, hi = int(y.min()), int(y.max())
     if lo < 0 or hi >= num_classes:
       raise ValueError(f"{name} labels must lie in [0, {num_classes}), found range [{lo}, {hi}]")
+  else:
+    runtime_check((jnp.min(y) >= 0) & (jnp.max(y) < num_classes), ValueError,
+                  f"{name} labels must lie in [0, {num_classes}), found range [{{}}, {{}}]",
+                  jnp.min(y), jnp.max(y))
 
 
 def check_split(name: str, split, num_classes: int) -> tuple[Any, Any]:
@@ -91,12 +132,17 @@ def check_params(params_init: PyTree, params: PyTree) -> None:
     raise ValueError("params is an empty pytree: there is nothing trainable to update")
   for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(params_init),
                           jax.tree_util.tree_leaves(params)):
-    where = jax.tree_util.keystr(path)
+    at = where(path)
+    for leaf in (a, b):
+      if not hasattr(leaf, "dtype") or not jnp.issubdtype(leaf.dtype, jnp.floating):
+        raise TypeError(f"every params leaf must be a floating-point array; at {at} got "
+                        f"{type(leaf).__name__}" + (f" of dtype {leaf.dtype}"
+                                                    if hasattr(leaf, "dtype") else ""))
     if jnp.shape(a) != jnp.shape(b):
-      raise ValueError(f"params and params_init differ in shape at {where}: "
+      raise ValueError(f"params and params_init differ in shape at {at}: "
                        f"{jnp.shape(b)} vs {jnp.shape(a)}")
     if jnp.result_type(a) != jnp.result_type(b):
-      raise TypeError(f"params and params_init differ in dtype at {where}: "
+      raise TypeError(f"params and params_init differ in dtype at {at}: "
                       f"{jnp.result_type(b)} vs {jnp.result_type(a)}; cast one to the other")
   check_finite("params", params)
   check_finite("params_init", params_init)
@@ -112,13 +158,22 @@ def check_positive_int(name: str, value, *, allow_none: bool = False) -> Optiona
 
 
 def check_damping(damping) -> None:
-  """λ must be a finite number >= 0 (checked when concrete; a traced λ is checked by the
-  finiteness of the result)."""
+  """λ must be a real, finite number >= 0: checked now when concrete, when the computation
+  runs when traced."""
+  if isinstance(damping, (bool, str, complex)) or not (
+      isinstance(damping, (int, float, np.number)) or hasattr(damping, "dtype")):
+    raise TypeError(f"damping must be a real number, got {type(damping).__name__} {damping!r}")
+  if hasattr(damping, "dtype") and not (jnp.issubdtype(damping.dtype, jnp.floating)
+                                        or jnp.issubdtype(damping.dtype, jnp.integer)):
+    raise TypeError(f"damping must be a real number, got dtype {damping.dtype}")
+  if np.ndim(damping) != 0:
+    raise ValueError(f"damping must be a scalar, got shape {np.shape(damping)}")
   if is_concrete(damping):
-    if np.ndim(damping) != 0:
-      raise ValueError(f"damping must be a scalar, got shape {np.shape(damping)}")
     if not np.isfinite(float(damping)) or float(damping) < 0:
       raise ValueError(f"damping must be a finite number >= 0, got {damping!r}")
+  else:
+    runtime_check(jnp.isfinite(damping) & (damping >= 0), ValueError,
+                  "damping must be a finite number >= 0, got {}", damping)
 
 
 def allowed_solvers(solver: Solver, damping, *, num_params: int, num_outputs: int,
@@ -144,8 +199,8 @@ def allowed_solvers(solver: Solver, damping, *, num_params: int, num_outputs: in
       raise ValueError(
           f"damping=0 makes the system singular: p={num_params} trainable parameters < "
           f"n*C={num_outputs} outputs, so the kernel has rank <= p; use damping > 0")
-    why = ("damping=0 leaves its p x p Gram singular (rank <= n_r*C < p); use solver='dual' "
-           "or damping > 0")
+    why = ("damping=0 leaves its p x p Gram singular (rank <= n_r*C < p); use damping > 0 "
+           "(or, for a one-shot update, solver='dual')")
     excluded[Solver.PRIMAL.value] = why
     if num_params <= num_outputs:  # cg would work in parameter space
       excluded[Solver.CG.value] = why
@@ -182,13 +237,14 @@ def check_options(*, num_classes, damping, solver, batch_size, kernel_impl, solv
   check_damping(damping)
   if solve_dtype is not None:
     solve_dtype = jnp.dtype(solve_dtype)
-    if not jnp.issubdtype(solve_dtype, jnp.floating):
-      raise ValueError(f"solve_dtype must be a floating dtype, got {solve_dtype}")
+    if not jnp.issubdtype(solve_dtype, jnp.floating) or solve_dtype.itemsize < 4:
+      raise ValueError(f"solve_dtype must be float32 or float64, got {solve_dtype}")
     if solve_dtype == jnp.float64 and not jax.config.read("jax_enable_x64"):
       raise ValueError("solve_dtype=float64 needs 64-bit JAX: set JAX_ENABLE_X64=1 or "
                        "jax.config.update('jax_enable_x64', True) before creating arrays")
-  if not np.isfinite(float(step_scale)):
-    raise ValueError(f"step_scale must be finite, got {step_scale!r}")
+  if isinstance(step_scale, (bool, str)) or not isinstance(step_scale, (int, float, np.number)) \
+      or not np.isfinite(float(step_scale)):
+    raise ValueError(f"step_scale must be a finite number, got {step_scale!r}")
   if cg_tol is not None and not (0 < float(cg_tol) < 1):
     raise ValueError(f"cg_tol must lie in (0, 1), got {cg_tol!r}")
   return Options(
@@ -205,7 +261,10 @@ def check_options(*, num_classes, damping, solver, batch_size, kernel_impl, solv
 
 
 def default_solve_dtype(*trees) -> np.dtype:
-  """The widest floating dtype among the leaves of `trees` (params and params_init)."""
+  """The widest floating dtype among the leaves of `trees` (params and params_init), at
+  least float32 (Cholesky has no half-precision kernels, and half precision would carry no
+  digit of an ill-conditioned solve)."""
   leaves = [l for t in trees for l in jax.tree_util.tree_leaves(t)
             if jnp.issubdtype(jnp.result_type(l), jnp.floating)]
-  return jnp.dtype(jnp.result_type(*leaves)) if leaves else jnp.dtype(jnp.float32)
+  widest = jnp.dtype(jnp.result_type(*leaves)) if leaves else jnp.dtype(jnp.float32)
+  return widest if widest.itemsize >= 4 else jnp.dtype(jnp.float32)
