@@ -613,6 +613,13 @@ def population_stage(cfg, model, data, pretrained: dict, workdir: str, progress:
       linearize_at=u.linearize_at, step_scale=float(u.step_scale))
   retain = (jnp.asarray(data.retain.x), jnp.asarray(data.retain.y))
   forget = (jnp.asarray(data.forget.x), jnp.asarray(data.forget.y))
+  # Linearised at w0 in closed form, the Gram statistics Full and Retrain were solved from
+  # are those the primal update needs: the update reuses them (the pipeline's primal path).
+  reuse = (cfg.finetune.mode == "linearized" and cfg.finetune.linearized_solver == "closed_form"
+           and u.linearize_at == "init")
+  plan = forgetter.plan(fresh_head(w_pre, model, data.image_shape, POPULATION_SEED_BASE),
+                        fresh_head(w_pre, model, data.image_shape, POPULATION_SEED_BASE),
+                        retain, forget) if reuse else None
 
   def one(k: int) -> dict:
     seed = POPULATION_SEED_BASE + k
@@ -628,7 +635,13 @@ def population_stage(cfg, model, data, pretrained: dict, workdir: str, progress:
     out = {"retrain": margin(retrain["trainable"], frozen_of(retrain))}
     if k < n:
       full, _ = tuner.fit(data.train, "full")
-      new = forgetter.forget(w0, full["trainable"], retain, forget)
+      if reuse:
+        new, _ = forgetter.from_gram_stats(
+            full["trainable"], tuner.gram(data.retain, "retain")[0],
+            tuner.gram(data.forget, "forget")[0],
+            dataclasses.replace(plan, solver=unlearn.Solver.PRIMAL))
+      else:
+        new = forgetter.forget(w0, full["trainable"], retain, forget)
       out["full"] = margin(full["trainable"], frozen_of(full))
       out["fastntk"] = margin(new, frozen_of(full))
     return out
