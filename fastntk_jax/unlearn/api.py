@@ -42,7 +42,9 @@ class Forgetter(NamedTuple):
   forget(params_init, params, retain, forget) -> params: the Fast-NTK update, checked.
   forget_with_info(params_init, params, retain, forget, *, plan=None) -> (params, SolveInfo):
     unchecked (the caller inspects `info`, or calls `check`); `plan` (from `plan`, e.g.
-    made outside `jax.jit`) skips planning and must match these options and inputs.
+    made outside `jax.jit`) skips planning and must match these options and inputs;
+    `with_condition` adds the exact κ (an O(dim³) eigensolve; otherwise the O(p) bound
+    from the Cholesky factors, `SolveInfo.condition_estimate`).
   check(info, plan): raises `validate.SolveError` for a non-finite, ill-conditioned
     (κ·ε > 1) or unconverged solve.
   from_gram_stats(params, stats_retain, stats_forget, plan) -> (params, SolveInfo): the
@@ -144,22 +146,23 @@ def make_forgetter(apply_fn: ApplyFn, *, num_classes: int, damping=1e-2,
   def plan_fn(params_init, params, retain, forget, *, traced=None) -> plan_lib.Plan:
     return prepare(params_init, params, retain, forget, traced)[0]
 
-  def run(plan, w_lin, params, retain, forget):
+  def run(plan, w_lin, params, retain, forget, with_condition):
     delta, info = solvers.ridge_update(
         apply_fn, w_lin, retain, forget, opts.damping, num_classes=c, solver=plan.solver,
         dtype=plan.solve_dtype, batch_size=opts.batch_size,
         kernel_impl=plan.kernel or ntk.KernelImplementation.JAX, cg_tol=opts.cg_tol,
         cg_maxiter=lambda dim: plan_lib.cg_iteration_budget(dim, opts.cg_maxiter),
-        with_condition=True)
+        with_condition=with_condition)
     return solvers.apply_delta(params, delta, opts.step_scale), info, delta
 
-  def planned(params_init, params, retain, forget, plan=None):
+  def planned(params_init, params, retain, forget, plan=None, with_condition=False):
     plan, w_lin, retain, forget = prepare(params_init, params, retain, forget, plan=plan)
-    new, info, _ = run(plan, w_lin, params, retain, forget)
+    new, info, _ = run(plan, w_lin, params, retain, forget, with_condition)
     return new, info, plan
 
-  def forget_with_info(params_init, params, retain, forget, *, plan=None):
-    return planned(params_init, params, retain, forget, plan)[:2]
+  def forget_with_info(params_init, params, retain, forget, *, plan=None,
+                       with_condition=False):
+    return planned(params_init, params, retain, forget, plan, with_condition)[:2]
 
   def check(info, plan):
     check_solve(info, plan, opts.damping, opts.cg_tol)
@@ -364,7 +367,8 @@ def ntk_forget_with_diagnostics(apply_fn: ApplyFn, params_init: PyTree, params: 
   probe = peak_memory_probe()
 
   def run(params_init, params, retain, forget):
-    new, info = forgetter.forget_with_info(params_init, params, retain, forget, plan=plan)
+    new, info = forgetter.forget_with_info(params_init, params, retain, forget, plan=plan,
+                                           with_condition=True)
     diff = jax.tree_util.tree_map(lambda a, b: (a - b).astype(plan.solve_dtype), new, params)
     return new, info, jnp.sqrt(sum(jnp.vdot(d, d) for d in jax.tree_util.tree_leaves(diff)))
 
