@@ -15,9 +15,10 @@ holds:
                     (orbax; written atomically)
     info.json       test accuracy, recipe, loss, seconds (written after variables/)
     train.partial   the training state while training (resumable, removed when complete)
-    lock            a file lock (fcntl.flock): one process trains, the others wait for it;
-                    the kernel releases it if the trainer dies, and the next one resumes
-                    from train.partial
+    lock            a file lock (fcntl.flock): one run trains, the others wait for it; the
+                    kernel releases it if the trainer dies, and the next one resumes from
+                    train.partial (the processes of one multi-host run train together and
+                    take no lock)
 
 Imports JAX and Flax (through the training code) only when a function is called.
 """
@@ -229,12 +230,18 @@ def load_or_train(cfg, spec, image_size: int, normalization: str, cache_dir: str
   """
   from fastntk_jax import workdir as wd  # pylint: disable=g-import-not-at-top
   from fastntk_jax.models import checkpoints  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
   entry, key = entry_dir(cfg, cache_dir, image_size, normalization)
   os.makedirs(entry, exist_ok=True)
   variables_path = os.path.join(entry, _VARIABLES)
   info_path = os.path.join(entry, _INFO)
   key_path = os.path.join(entry, _KEY)
-  with _file_lock(os.path.join(entry, "lock")):
+  # The processes of one multi-host run train together (their steps are collectives): a
+  # lock that let one of them in would deadlock it. They all train and write the same
+  # files, as they do in a shared workdir (BUILD.md); the lock serialises separate runs.
+  lock = (contextlib.nullcontext() if jax.process_count() > 1
+          else _file_lock(os.path.join(entry, "lock")))
+  with lock:
     if os.path.exists(key_path):
       with open(key_path) as f:
         stored = json.load(f)
@@ -261,6 +268,5 @@ def load_or_train(cfg, spec, image_size: int, normalization: str, cache_dir: str
       wd.atomic_write_json(info_path, info)  # last: an entry is complete once it exists
       if os.path.exists(partial):
         os.remove(partial)
-  import jax  # pylint: disable=g-import-not-at-top
   variables = jax.tree_util.tree_map(np.asarray, dict(variables))
   return variables, info, {"cache_entry": entry, "cache_hit": hit}
