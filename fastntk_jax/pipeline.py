@@ -434,6 +434,15 @@ def distances_to_retrain(model, methods: dict, data, cfg, w0) -> dict:
   return out
 
 
+def gram_stats_fn(cfg, model, frozen_pre, num_classes: int):
+  """`unlearn.gram_stats` at a given w0 over (x, y), jitted: one compilation per data shape,
+  shared by all the seeds that call it."""
+  apply_fn = tr.make_apply_fn(model, frozen_pre)
+  return jax.jit(lambda w0, x, y: unlearn.gram_stats(
+      apply_fn, w0, x, y, num_classes=num_classes, batch_size=cfg.unlearn.batch_size,
+      dtype=_solve_dtype(cfg)))
+
+
 class FineTuner:
   """Full and Retrain of one seed from w0: the network by SGD, or (finetune.mode=
   "linearized") the network linearised at w0 in closed form or by the same optax loop.
@@ -444,9 +453,12 @@ class FineTuner:
     frozen_net: its frozen collections (with w0 under LINEARIZATION_POINT when linearised).
   """
 
-  def __init__(self, cfg, model, frozen_pre, w0, data, seed, progress, mesh=None):
+  def __init__(self, cfg, model, frozen_pre, w0, data, seed, progress, mesh=None,
+               gram_fn=None):
     self.cfg, self.model, self.frozen_pre, self.w0, self.data = cfg, model, frozen_pre, w0, data
     self.seed, self.progress, self.mesh = seed, progress, mesh
+    # `(w0, x, y) -> (G, b)`, jitted once and shared by every seed (`gram_stats_fn`).
+    self.gram_fn = gram_fn or gram_stats_fn(cfg, model, frozen_pre, data.num_classes)
     self.linearized = cfg.finetune.mode == "linearized"
     self.net = linear.Linearized(model) if self.linearized else model
     self.frozen_net = ({**frozen_pre, tr.LINEARIZATION_POINT: w0} if self.linearized
@@ -457,10 +469,8 @@ class FineTuner:
     """Gram statistics of a split at w0 and the seconds they took (computed once)."""
     if tag not in self._grams:
       start = time.perf_counter()
-      g = jax.block_until_ready(unlearn.gram_stats(
-          tr.make_apply_fn(self.model, self.frozen_pre), self.w0, jnp.asarray(split.x),
-          jnp.asarray(split.y), num_classes=self.data.num_classes,
-          batch_size=self.cfg.unlearn.batch_size, dtype=_solve_dtype(self.cfg)))
+      g = jax.block_until_ready(self.gram_fn(self.w0, jnp.asarray(split.x),
+                                             jnp.asarray(split.y)))
       self._grams[tag] = (g, time.perf_counter() - start)
     return self._grams[tag]
 
@@ -621,11 +631,13 @@ def population_stage(cfg, model, data, pretrained: dict, workdir: str, progress:
                         fresh_head(w_pre, model, data.image_shape, POPULATION_SEED_BASE),
                         retain, forget) if reuse else None
 
+  gram_fn = gram_stats_fn(cfg, model, frozen_pre, data.num_classes)
+
   def one(k: int) -> dict:
     seed = POPULATION_SEED_BASE + k
     log.info("population: seed %d of %d", k + 1, 2 * n)
     w0 = fresh_head(w_pre, model, data.image_shape, seed)
-    tuner = FineTuner(cfg, model, frozen_pre, w0, data, seed, progress, mesh)
+    tuner = FineTuner(cfg, model, frozen_pre, w0, data, seed, progress, mesh, gram_fn=gram_fn)
     frozen_of = lambda out: {**tuner.frozen_net, **({"batch_stats": out["batch_stats"]}
                                                       if "batch_stats" in out else {})}
     margin = lambda params, frozen: klom.margins(train_lib.predict(
