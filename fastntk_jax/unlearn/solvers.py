@@ -108,9 +108,13 @@ def gram_stats(apply_fn: ApplyFn, w_lin: PyTree, x, y, *, num_classes: int,
   Returns:
     (G = JᵀJ [p, p], b = JᵀE [p]) or, with keep_jacobian, (G, b, J [n, C, p]).
   """
-  apply_s, w_s = in_dtype(apply_fn, w_lin, dtype)
-  e = residuals(apply_s, w_s, x, y, num_classes=num_classes, batch_size=batch_size, dtype=dtype)
-  return ntk.gram(apply_s, w_s, x, e, batch_size=batch_size, dtype=dtype,
+  # The network runs in its own dtype: each Jacobian row is exact to that dtype's rounding
+  # and is accumulated in `dtype` (widening the params would make a float32 network run in
+  # float64, several times slower on CPUs, for no digit the Grams need).
+  apply_s = lambda w, xx: apply_fn(w, xx).astype(dtype)
+  e = residuals(apply_s, w_lin, x, y, num_classes=num_classes, batch_size=batch_size,
+                dtype=dtype)
+  return ntk.gram(apply_s, w_lin, x, e, batch_size=batch_size, dtype=dtype,
                   row_weights=row_weights, keep_jacobian=keep_jacobian)
 
 

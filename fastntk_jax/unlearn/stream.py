@@ -318,11 +318,11 @@ def check_stream_options(factor_update, refactor_every) -> None:
 def _init_state(apply_fn, w_lin, x, y, damping, *, num_classes, batch_size, sdtype, cache,
                 factor_update, refactor_every):
   # `solvers.gram_stats`, unrolled to keep the residuals (the state's E).
-  apply_s, w_s = solvers.in_dtype(apply_fn, w_lin, sdtype)
-  residuals = solvers.residuals(apply_s, w_s, x, y, num_classes=num_classes,
+  apply_s = lambda w, xx: apply_fn(w, xx).astype(sdtype)
+  residuals = solvers.residuals(apply_s, w_lin, x, y, num_classes=num_classes,
                                 batch_size=batch_size, dtype=sdtype)
   with jax.default_matmul_precision("highest"):
-    stats = ntk.gram(apply_s, w_s, x, residuals, batch_size=batch_size, dtype=sdtype,
+    stats = ntk.gram(apply_s, w_lin, x, residuals, batch_size=batch_size, dtype=sdtype,
                      keep_jacobian=cache)
   g, b = stats[:2]
   lam = jnp.asarray(damping, sdtype)
@@ -444,8 +444,7 @@ def _request_rows(state: ForgetState, indices: jnp.ndarray, mask: jnp.ndarray):
   if state.jac is not None:
     jk = state.jac[indices]
   else:
-    apply_s, w_s = solvers.in_dtype(state.apply_fn, state.w_lin, sdtype)
-    jk = ntk.jacobian(apply_s, w_s, state.x[indices]).reshape(-1, c, p)
+    jk = ntk.jacobian(state.apply_fn, state.w_lin, state.x[indices]).reshape(-1, c, p)
   jk = jnp.where(mask[:, None, None], jk.astype(sdtype), 0).reshape(-1, p)
   ek = jnp.where(mask[:, None], state.residuals[indices], 0).reshape(-1)
   return jk, ek
