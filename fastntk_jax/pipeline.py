@@ -405,7 +405,8 @@ def distances_to_retrain(model, methods: dict, data, cfg, w0) -> dict:
   # The loss attack's non-members: in class forgetting, the forgotten classes' hold-out (the
   # same classes as D_f, never trained on), else the whole hold-out; another class's hold-out
   # would let the attack tell classes apart, not members (95% for Retrain too).
-  holdout = data.test_forget if data.forget_mode == "class" and data.test_forget.size else data.test
+  holdout = (data.test_forget if data.forget_mode == "class" and data.test_forget.size >= 2
+             else data.test)  # the attack's cross-validation needs 2 of each
   def logp(params, frozen, x):
     if len(x) == 0:
       return None

@@ -18,7 +18,7 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FLAGS = [
-    "--config=configs/default.py:tiny",
+    "--config=configs/default.py:tiny,standard",  # SGD fine-tuning: its epochs are kill points
     "--config.unlearn.solver=primal",        # the chunked, resumable Gram path
     "--config.unlearn.checkpoint_rows=8",    # 18 retain samples -> 3 chunks
     "--config.pretrain.train.epochs=3",
