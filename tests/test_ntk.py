@@ -104,7 +104,9 @@ def test_kernel_is_jacobian_product_and_helpers_agree():
     assert j.shape == (7 * 3, p)
     # kernel_to_matrix of the neural-tangents kernel is J Jᵀ in sample-major order.
     k = ntk.kernel_to_matrix(ntk.empirical_kernel(apply_fn, params, x, batch_size=3))
-    np.testing.assert_allclose(k, j @ j.T, rtol=1e-10, atol=1e-12)
+    # rtol 1e-6, not 1e-10: on jax >= 0.10 XLA's fused code evaluates the float32 BatchNorm
+    # statistics differently from op by op (~1e-7 relative); exact on jax 0.5.3.
+    np.testing.assert_allclose(k, j @ j.T, rtol=1e-6, atol=1e-9)
     # Streamed Gram and Jᵀr equal the dense ones. Eagerly, `gram` runs each block as its own
     # compiled program, and XLA:CPU evaluates this float64 conv net differently there than
     # op by op (~1e-8 relative; see test_unlearn_api), hence rtol 1e-6, not 1e-10.

@@ -318,7 +318,8 @@ def test_work_is_actually_split_over_devices(child):
   assert child["padded_rows"] == 16 and child["mask_sum"] == 13.0
   # One local sum per device, then one all-reduce each for G and b; nothing gathered.
   assert child["hlo_local_block"]
-  assert child["hlo_all_reduce"] == 2 and child["hlo_all_gather"] == 0
+  # One all-reduce each for G and b, or one for both where XLA combines them (jax >= 0.10).
+  assert child["hlo_all_reduce"] in (1, 2) and child["hlo_all_gather"] == 0
 
 
 def test_update_and_step_are_not_trivial(child):
