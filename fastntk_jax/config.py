@@ -301,9 +301,12 @@ def _choice(field: str, value: Any, allowed) -> None:
 
 
 def _positive(field: str, value: Any, *, integer: bool, allow_zero: bool = False) -> None:
+  """Refuses anything but a (finite, for floats) number > 0, or >= 0 with `allow_zero`."""
+  import math  # pylint: disable=g-import-not-at-top
   ok_type = isinstance(value, int) if integer else isinstance(value, (int, float))
-  if isinstance(value, bool) or not ok_type or value < 0 or (value == 0 and not allow_zero):
-    kind = "an int" if integer else "a number"
+  if (isinstance(value, bool) or not ok_type or not math.isfinite(value) or value < 0
+      or (value == 0 and not allow_zero)):
+    kind = "an int" if integer else "a finite number"
     raise ValueError(f"config.{field}={value!r} must be {kind} "
                      f"{'>= 0' if allow_zero else '> 0'}")
 
