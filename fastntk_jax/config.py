@@ -382,6 +382,8 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     raise ValueError(f"config.pretrain.path must name the file for pretrain.source="
                      f"{cfg.pretrain.source!r}")
   _check_patterns("pretrain.dont_load", cfg.pretrain.dont_load)
+  if cfg.pretrain.images_per_class is not None:  # None = every image of pretrain.dataset
+    _positive("pretrain.images_per_class", cfg.pretrain.images_per_class, integer=True)
   if cfg.data.draw_per_seed and cfg.pretrain.source == "train" and not cfg.pretrain.dataset:
     raise ValueError("config.data.draw_per_seed=True draws other images per seed, but "
                      "pretrain.source='train' pre-trains on the data's own pretrain split once; "

@@ -148,6 +148,7 @@ def test_split_overrides():
     (["--config.seeds=()"], ["config.seeds"]),                                 # validation
     (["--config.unlearn.damping=nan"], ["config.unlearn.damping=nan", "finite"]),
     (["--config.finetune.learning_rate=inf"], ["config.finetune.learning_rate=inf", "finite"]),
+    (["--config.pretrain.images_per_class=0"], ["config.pretrain.images_per_class=0", "> 0"]),
     (["--config=configs/nonexistent.py"], ["configs/nonexistent.py", "does not exist"]),
     (["--config=configs/default.py:bogus"], ["bogus"]),                       # the file's argument
     (["--bogus_flag=1"], ["bogus_flag"]),                                      # absl's flags
@@ -155,7 +156,7 @@ def test_split_overrides():
     (["stray_argument"], ["unexpected arguments", "stray_argument"]),
 ], ids=["unbalanced-list", "unknown-field", "unknown-group", "not-a-number", "not-an-int",
         "missing-value", "group-as-value", "value-as-group", "options-not-dict", "bad-choice",
-        "empty-seeds", "nan-damping", "inf-learning-rate", "missing-file", "bad-file-argument", "unknown-flag", "flag-no-value",
+        "empty-seeds", "nan-damping", "inf-learning-rate", "pretrain-ipc-0", "missing-file", "bad-file-argument", "unknown-flag", "flag-no-value",
         "positional"])
 def test_bad_flags_are_one_line_and_exit_2(args, needles):
   # With --dry_run the checks are the same; without it they also come before JAX starts.
