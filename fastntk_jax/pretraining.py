@@ -194,14 +194,24 @@ def transfer(pretrained: dict, init: dict) -> dict:
 
 @contextlib.contextmanager
 def _file_lock(path: str):
-  """An exclusive fcntl.flock on `path` (released by the kernel if the holder dies)."""
+  """An exclusive fcntl.flock on `path` (released by the kernel if the holder dies).
+
+  On a filesystem that does not support flock (Lustre mounted without `-o flock`, some NFS
+  setups: ENOSYS, ENOLCK, EINVAL, ...) it warns and holds no lock: the runs sharing the
+  cache must then not pre-train at the same time (launch/sweep.py's SLURM backend starts the
+  other jobs of a network after the first)."""
   import fcntl  # pylint: disable=g-import-not-at-top
   with open(path, "a+") as f:
     try:
       fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
+    except BlockingIOError:  # EWOULDBLOCK: another run holds it
       log.info("waiting for another run pre-training into %s", os.path.dirname(path))
       fcntl.flock(f, fcntl.LOCK_EX)
+    except OSError as e:  # no flock on this filesystem: no one holds it, nothing to wait for
+      log.warning("cannot lock %s (%s): using the pre-training cache without the lock; runs "
+                  "sharing it must not pre-train the same backbone at the same time", path, e)
+      yield
+      return
     try:
       yield
     finally:

@@ -209,6 +209,33 @@ def test_load_or_train_trains_once_under_a_lock_then_hits(tmp_path, monkeypatch)
     pretraining.load_or_train(cfg, spec, 8, "cifar", str(tmp_path))
 
 
+def test_load_or_train_on_a_filesystem_without_flock_warns_and_runs(tmp_path, monkeypatch,
+                                                                  caplog):
+  """Lustre without `-o flock` (or some NFS mounts) answers flock with ENOSYS/ENOLCK: that is
+  no other run holding the lock; the run must not wait for one and then die on it."""
+  import errno  # pylint: disable=g-import-not-at-top
+  import fcntl  # pylint: disable=g-import-not-at-top
+  import logging  # pylint: disable=g-import-not-at-top
+  cfg = _tiny_cfg()
+  model = pretraining.pretrain_model(cfg)
+  fresh = jax.tree_util.tree_map(np.asarray, dict(model.init(jax.random.PRNGKey(0),
+                                                             jnp.zeros((1, 8, 8, 3)))))
+
+  def no_flock(*args):
+    raise OSError(errno.ENOSYS, "Function not implemented")
+
+  monkeypatch.setattr(fcntl, "flock", no_flock)
+  monkeypatch.setattr(pretraining, "train_backbone", lambda *a, **k: (
+      fresh, {"source": "train", "test_accuracy": 50.0, "test_split": "cifar100/test"}))
+  spec = train_lib.TrainSpec(epochs=1, learning_rate=0.1, batch_size=4)
+  with caplog.at_level(logging.WARNING, logger="fastntk_jax.pretraining"):
+    _, info, cache = pretraining.load_or_train(cfg, spec, 8, "cifar", str(tmp_path))
+  assert info["test_accuracy"] == 50.0 and not cache["cache_hit"]
+  assert "Function not implemented" in caplog.text and "without the lock" in caplog.text
+  _, _, cache = pretraining.load_or_train(cfg, spec, 8, "cifar", str(tmp_path))
+  assert cache["cache_hit"]
+
+
 def test_transfer_keeps_the_backbone_and_the_tasks_fresh_head():
   pre = {"params": {"w": 1}, "trainable": {"bn": 2, "head": "100 classes"}, "batch_stats": 3}
   init = {"params": {"w": 0}, "trainable": {"bn": 0, "head": "10 classes"}, "batch_stats": 0}
