@@ -13,7 +13,9 @@ One pre-training for every seed and #IPC: --config.pretrain.cache_dir=DIR (launc
 and launch/reproduce.py pass one). Other backbones: --config.pretrain.source=checkpoint
 --config.pretrain.path=wd_r110/pretrain (any workdir's pretrain/ folder), or a public
 PyTorch CIFAR ResNet state dict: --config.pretrain.source=state_dict
---config.pretrain.path=resnet110.th (fastntk_jax/models/torch_import.py).
+--config.pretrain.path=resnet110.th --config.data.normalization=imagenet (akamaster's
+resnet110-1d1ed7c2.th was trained on ImageNet-normalised inputs; set the normalisation of
+the checkpoint you load, fastntk_jax/models/torch_import.py).
 
 Expected (the paper's claim for Table I; not measured here, CIFAR cannot be downloaded on
 our CI machines): Fast-NTK's D_f and forget-class test accuracy ≈ 0% like Retrain, D_r and

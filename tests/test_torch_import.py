@@ -245,3 +245,18 @@ def test_pipeline_pretrain_stage_loads_a_state_dict(tmp_path):
   assert variables["trainable"]["head"]["kernel"].shape == (16, 4)  # the task's fresh head
   assert pipeline.pretrain_info(str(tmp_path / "wd")) == {"source": "state_dict",
                                                           "path": cfg.pretrain.path}
+
+
+def test_docs_name_the_input_normalisation_of_the_public_checkpoints():
+  """Nothing in a state dict records how its inputs were normalised, and the configs' CIFAR
+  default (`cifar`) is not what akamaster's models were trained with (ImageNet's mean/std):
+  the import's docs and the README must say which `data.normalization` to set."""
+  from fastntk_jax import data as data_lib  # pylint: disable=g-import-not-at-top
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  with open(os.path.join(root, "README.md")) as f:
+    readme = f.read()
+  with open(os.path.join(root, "configs", "resnet110_cifar10.py")) as f:
+    config = f.read()
+  for text in (ti.__doc__, readme, config):
+    assert "--config.data.normalization=imagenet" in text
+  assert "cifar100" in ti.__doc__ and "imagenet" in data_lib.NORMALIZATIONS

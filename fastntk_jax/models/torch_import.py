@@ -22,6 +22,13 @@ zero-padded subsampling (`resnet.BasicBlock`), so the imported network computes 
 PyTorch one does (tests/test_torch_import.py checks the whole forward pass against a NumPy
 NCHW reference).
 
+Inputs: nothing in a state dict records how its inputs were normalised, and BN's running
+statistics hold the network to it: set `data.normalization` to what the checkpoint was
+trained with. akamaster's models: ImageNet's mean/std (`--config.data.normalization=imagenet`;
+the configs' CIFAR-10 default `cifar` is not it); chenyaofo's CIFAR-100 models: `cifar100`;
+chenyaofo's CIFAR-10 models used std (0.2023, 0.1994, 0.2010), which no `data.NORMALIZATIONS`
+entry has (`cifar`: the same mean, a ~20% larger std).
+
 Files: `.pt`/`.pth`/`.th`/`.tar` need PyTorch (`pip install -e '.[torch]'`, imported only
 here); `.npz` and `.safetensors` are read with NumPy alone (no torch, no safetensors
 package). A dict holding the weights under 'state_dict', 'model', 'model_state_dict' or
