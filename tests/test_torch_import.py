@@ -202,6 +202,34 @@ def test_files_npz_and_safetensors_without_torch(tmp_path):
     ti.read_safetensors(str(tmp_path / "cut.safetensors"))
 
 
+def test_malformed_safetensors_are_a_checkpoint_error_not_an_empty_state_dict(tmp_path):
+  """A file cut inside its header read as an empty state dict (then blamed on 35 missing
+  names); other malformed headers escaped as AttributeError/KeyError/ValueError."""
+  def write(name, header, data=b"", size=None):
+    text = json.dumps(header).encode()
+    path = tmp_path / name
+    path.write_bytes(struct.pack("<Q", len(text) if size is None else size) + text + data)
+    return str(path)
+
+  x = {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 16]}
+  cases = {
+      "header length beyond the file": (write("a.safetensors", {}, size=10**6), "truncated"),
+      "header not a mapping": (write("b.safetensors", [1, 2]), "header"),
+      "no data_offsets": (write("c.safetensors", {"x": {"dtype": "F32", "shape": [2]}},
+                                b"\0" * 8), "'x'"),
+      "bytes unlike the shape": (write("d.safetensors", {"x": {**x, "data_offsets": [0, 8]}},
+                                       b"\0" * 16), "'x'"),
+      "offsets reversed": (write("e.safetensors", {"x": {**x, "data_offsets": [16, 0]}},
+                                 b"\0" * 16), "'x'"),
+  }
+  for what, (path, match) in cases.items():
+    with pytest.raises(checkpoints.CheckpointError, match=match):
+      ti.read_safetensors(path)
+      pytest.fail(what)
+  np.testing.assert_array_equal(
+      ti.read_safetensors(write("ok.safetensors", {"x": x}, b"\0" * 16))["x"], np.zeros((2, 2)))
+
+
 def test_pt_file_needs_torch_or_names_the_extra(tmp_path):
   _, init = _model_and_init()
   sd = _torch_state_dict(prefix="module.")

@@ -68,12 +68,20 @@ def _checkpoint_error(message: str):
 
 def read_safetensors(path: str) -> dict[str, np.ndarray]:
   """Reads a `.safetensors` file with NumPy only (the format: an 8-byte little-endian header
-  length, a JSON header {name: {dtype, shape, data_offsets}}, then the raw tensor bytes)."""
+  length, a JSON header {name: {dtype, shape, data_offsets}}, then the raw tensor bytes).
+
+  Raises:
+    CheckpointError: a truncated or malformed file (naming the tensor where there is one).
+  """
   with open(path, "rb") as f:
     blob = f.read()
   try:
     (size,) = struct.unpack("<Q", blob[:8])
+    if 8 + size > len(blob):
+      raise ValueError(f"truncated: its header is {size} bytes, the file {len(blob)}")
     header = json.loads(blob[8:8 + size])
+    if not isinstance(header, dict):
+      raise ValueError(f"its header is a JSON {type(header).__name__}, not a mapping")
   except (struct.error, ValueError, UnicodeDecodeError) as e:
     raise _checkpoint_error(f"Could not read {path!r} as a .safetensors file: {e}") from e
   data = memoryview(blob)[8 + size:]
@@ -81,7 +89,11 @@ def read_safetensors(path: str) -> dict[str, np.ndarray]:
   for name, spec in header.items():
     if name == "__metadata__":
       continue
-    dtype = spec["dtype"]
+    try:
+      dtype, shape, (begin, end) = spec["dtype"], tuple(spec["shape"]), spec["data_offsets"]
+    except (TypeError, KeyError, ValueError) as e:
+      raise _checkpoint_error(f"{path!r}: tensor {name!r} has a malformed header entry "
+                              f"{spec!r} ({type(e).__name__}: {e})") from e
     if dtype == "BF16":
       import ml_dtypes  # pylint: disable=g-import-not-at-top  (a JAX dependency)
       np_dtype = ml_dtypes.bfloat16
@@ -89,11 +101,14 @@ def read_safetensors(path: str) -> dict[str, np.ndarray]:
       np_dtype = _SAFETENSORS_DTYPES[dtype]
     else:
       raise _checkpoint_error(f"{path!r}: tensor {name!r} has unsupported dtype {dtype}")
-    begin, end = spec["data_offsets"]
     if end > len(data):
       raise _checkpoint_error(f"{path!r} is truncated: tensor {name!r} ends at byte {end} of "
                               f"{len(data)}")
-    array = np.frombuffer(data[begin:end], dtype=np_dtype).reshape(spec["shape"])
+    expected = int(np.prod(shape, dtype=np.int64)) * np.dtype(np_dtype).itemsize
+    if not 0 <= begin <= end or end - begin != expected:
+      raise _checkpoint_error(f"{path!r}: tensor {name!r} has data_offsets [{begin}, {end}] "
+                              f"but {dtype} {list(shape)} needs {expected} bytes")
+    array = np.frombuffer(data[begin:end], dtype=np_dtype).reshape(shape)
     out[name] = np.array(array, dtype=np.float32 if dtype in ("BF16", "F16") else np_dtype)
   return out
 
