@@ -288,3 +288,19 @@ def test_docs_name_the_input_normalisation_of_the_public_checkpoints():
   for text in (ti.__doc__, readme, config):
     assert "--config.data.normalization=imagenet" in text
   assert "cifar100" in ti.__doc__ and "imagenet" in data_lib.NORMALIZATIONS
+
+
+def test_non_finite_weights_or_negative_running_variances_are_refused():
+  """A corrupt checkpoint (NaN/Inf, a negative BN running variance: rsqrt gives NaN) loaded
+  silently and turned every downstream number into NaN; it is refused, naming the tensors."""
+  _, init = _model_and_init()
+  sd = _torch_state_dict()
+  sd["layer2.0.conv1.weight"][0, 0, 0, 0] = np.nan
+  sd["bn1.bias"][1] = np.inf
+  sd["layer1.0.bn2.running_var"][2] = -0.5
+  with pytest.raises(checkpoints.CheckpointError) as e:
+    ti.load_cifar_resnet(sd, init)
+  msg = str(e.value)
+  assert "3 tensor(s) with non-finite values or negative variances" in msg
+  for name in ("layer2.0.conv1.weight", "bn1.bias", "layer1.0.bn2.running_var"):
+    assert name in msg

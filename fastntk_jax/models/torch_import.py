@@ -277,9 +277,10 @@ def load_cifar_resnet(path_or_dict, variables: Mapping[str, Any], *,
     A new variables dict with the state dict's values.
 
   Raises:
-    CheckpointError: names missing from the state dict, unexpected names, or shape
-      mismatches -- listed in one message, each missing name with its PyTorch counterpart,
-      plus a hint when the depth or the shortcut type differs.
+    CheckpointError: names missing from the state dict, unexpected names, shape
+      mismatches, or NaN/Inf values and negative BN running variances -- listed in one
+      message, each missing name with its PyTorch counterpart, plus a hint when the depth
+      or the shortcut type differs.
   """
   import flax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
@@ -297,7 +298,7 @@ def load_cifar_resnet(path_or_dict, variables: Mapping[str, Any], *,
   skip = [re.compile(p) for p in dont_load]
   skipped = lambda name: any(r.fullmatch(name) for r in skip)
 
-  missing, mismatched, values, used = [], [], {}, set()
+  missing, mismatched, corrupt, values, used = [], [], [], {}, set()
   for ours in sorted(owner):
     torch_name = _to_torch(ours, head, shortcut)
     if torch_name is None:
@@ -315,6 +316,10 @@ def load_cifar_resnet(path_or_dict, variables: Mapping[str, Any], *,
       mismatched.append(f"{torch_name} {state[torch_name].shape} -> {ours}: "
                         f"{value.shape} vs model {tuple(np.shape(target))}")
       continue
+    if np.issubdtype(value.dtype, np.floating) and (
+        not np.all(np.isfinite(value)) or (ours.endswith("/var") and np.any(value < 0))):
+      corrupt.append(f"{torch_name} (for {owner[ours]}/{ours})")
+      continue
     values[ours] = jnp.asarray(value, dtype=jnp.result_type(target))
   unexpected = []
   for name in sorted(set(state) - used):
@@ -322,7 +327,7 @@ def load_cifar_resnet(path_or_dict, variables: Mapping[str, Any], *,
     if ours is not None and skipped(ours):
       continue
     unexpected.append(name + (f"  (would be {ours})" if ours else ""))
-  if missing or unexpected or mismatched:
+  if missing or unexpected or mismatched or corrupt:
     theirs = _blocks_per_stage(state)
     mine = _blocks_per_stage([_to_torch(n, head, shortcut) for n in owner])
     parts = [f"PyTorch state dict {where} does not match the model "
@@ -345,6 +350,9 @@ def load_cifar_resnet(path_or_dict, variables: Mapping[str, Any], *,
       parts.append(f"  {len(unexpected)} unexpected state-dict name(s):\n{_list(unexpected)}")
     if mismatched:
       parts.append(f"  {len(mismatched)} shape mismatch(es):\n{_list(mismatched)}")
+    if corrupt:
+      parts.append(f"  {len(corrupt)} tensor(s) with non-finite values or negative variances "
+                   f"(a corrupt file?):\n{_list(corrupt)}")
     raise _checkpoint_error("\n".join(parts))
   for ours, value in values.items():
     flat[owner[ours]][ours] = value
