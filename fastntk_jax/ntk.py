@@ -136,15 +136,26 @@ def _block_size(n: int, batch_size: Optional[int]) -> int:
   return n if not batch_size or batch_size >= n else int(batch_size)
 
 
-def _nt_kernel_fn(apply_fn: ApplyFn, implementation: KernelImplementation):
-  """The neural-tangents kernel function `(x1, x2, params) -> [n1, n2, C, C]`."""
+def import_neural_tangents():
+  """The neural_tangents module, or an ImportError (one line) naming the fix.
+
+  Raised for an explicit neural-tangents `kernel_impl` on a stack without it (the lean
+  stack), or where it fails to import on the installed JAX (it needs JAX 0.5.x).
+  """
   try:
     import neural_tangents as nt  # pylint: disable=g-import-not-at-top
   except Exception as e:  # ImportError, or AttributeError on an unsupported JAX
     raise ImportError(
-        "neural-tangents could not be imported (it needs jax/jaxlib 0.5.3 and tf2jax 0.3.6: "
-        f"see BUILD.md); pass implementation='jax' to use the built-in kernel. Cause: {e!r}"
-    ) from e
+        f"neural-tangents could not be imported ({type(e).__name__}: {e}); it needs the nt "
+        "stack (jax/jaxlib 0.5.3, tf2jax 0.3.6): pip install -e '.[nt,tfds]' -c "
+        "constraints/nt.txt in its own venv (BUILD.md), or use the built-in kernel: "
+        "kernel_impl='auto' or 'jax' (--config.unlearn.kernel_impl=auto)") from e
+  return nt
+
+
+def _nt_kernel_fn(apply_fn: ApplyFn, implementation: KernelImplementation):
+  """The neural-tangents kernel function `(x1, x2, params) -> [n1, n2, C, C]`."""
+  nt = import_neural_tangents()
   nt_impl = {
       KernelImplementation.NEURAL_TANGENTS: nt.NtkImplementation.JACOBIAN_CONTRACTION,
       KernelImplementation.NEURAL_TANGENTS_NTK_VECTOR_PRODUCTS:

@@ -237,6 +237,29 @@ def test_cifar_without_the_tfds_extra_is_one_line_naming_the_extra(tmp_path):
   assert len(errors) == 1 and "pip install -e '.[tfds]'" in errors[0], proc.stderr[-3000:]
 
 
+BLOCK_NEURAL_TANGENTS_AND_RUN_MAIN = BLOCK_TFDS_AND_RUN_MAIN.replace(
+    '("tensorflow", "tensorflow_datasets")', '("neural_tangents",)')
+
+
+def test_neural_tangents_kernel_on_a_stack_without_it_is_one_line_before_any_work(tmp_path):
+  # The lean stack: an explicit kernel_impl='neural_tangents' used to end, after pre-training
+  # and fine-tuning, in a traceback (exit 1); now one line naming the nt stack and 'auto'.
+  workdir = tmp_path / "w"
+  proc = subprocess.run([sys.executable, "-c", BLOCK_NEURAL_TANGENTS_AND_RUN_MAIN,
+                         "--config=configs/default.py:tiny", "--noprogress",
+                         "--config.unlearn.kernel_impl=neural_tangents",
+                         f"--workdir={workdir}"],
+                        cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 2, proc.stderr[-3000:]
+  assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+  errors = [l for l in proc.stderr.splitlines() if l.startswith("fastntk_jax: error:")]
+  assert len(errors) == 1, proc.stderr[-3000:]
+  for needle in ("neural-tangents", "pip install -e '.[nt,tfds]' -c constraints/nt.txt",
+                 "--config.unlearn.kernel_impl=auto"):
+    assert needle in errors[0], errors[0]
+  assert not workdir.exists()
+
+
 def test_runtime_line_replaces_jaxs_no_gpu_warning(monkeypatch):
   from fastntk_jax import devices  # pylint: disable=g-import-not-at-top
   line = main_lib.describe_runtime()
