@@ -457,6 +457,26 @@ def _literal(raw: str):
     return raw
 
 
+def _split_top_level_commas(text: str) -> list:
+  """Splits at the commas outside brackets and quotes: 'a,b' -> ['a', 'b'], but a regular
+  expression's 'head/.{1,3}' or '(a,b)x' stays one element."""
+  parts, depth, quote, start = [], 0, None, 0
+  for i, ch in enumerate(text):
+    if quote:
+      quote = None if ch == quote else quote
+    elif ch in "'\"":
+      quote = ch
+    elif ch in "([{":
+      depth += 1
+    elif ch in ")]}":
+      depth = max(0, depth - 1)
+    elif ch == "," and depth == 0:
+      parts.append(text[start:i])
+      start = i + 1
+  parts.append(text[start:])
+  return parts
+
+
 def _literal_sequence(raw: str) -> list:
   """'(0, 1)', '[0,1]', '0,1', '3' or 'full,retrain' -> a list (elements parsed as literals)."""
   value = _literal(raw)
@@ -467,7 +487,7 @@ def _literal_sequence(raw: str) -> list:
   text = raw.strip()
   if text[:1] + text[-1:] in ("()", "[]"):
     text = text[1:-1]
-  parts = [p.strip() for p in text.split(",")]
+  parts = [p.strip() for p in _split_top_level_commas(text)]
   if parts and parts[-1] == "":  # '(a,)'
     parts = parts[:-1]
   return [_literal(p) for p in parts if p or len(parts) > 1]

@@ -73,6 +73,17 @@ def test_scalars_none_placeholders_free_form_options_and_the_space_form():
   assert cfg["unlearn"]["damping"] == 2.0 and cfg["model"]["options"] == {"shortcut": "A"}
 
 
+def test_bare_lists_split_only_at_top_level_commas():
+  # A regular expression's {m,n} stays one pattern ('head/.{1,3}' was silently split into
+  # 'head/.{1' and '3}', two valid patterns that matched other names).
+  parse = lambda raw: config_lib.parse_override_value("pretrain.dont_load", raw, tuple, ())
+  assert parse("head/.{1,3}") == ("head/.{1,3}",)
+  assert parse("(head/.{1,3})") == ("head/.{1,3}",)
+  assert parse("head/.{1,3},(a|b),c") == ("head/.{1,3}", "(a|b)", "c")
+  assert parse("head/.*,x") == ("head/.*", "x") and parse("3,") == (3,)
+  assert parse("full,retrain") == ("full", "retrain") and parse("()") == ()
+
+
 def _leaves(node, prefix=""):
   for key in node.keys():
     value = node[key]
