@@ -34,8 +34,13 @@ kind=""
 for arg in "$@"; do
   case "$arg" in
     --dry-run|--dry_run) DRY_RUN=1 ;;
-    cuda12|cuda13|tpu) kind="$arg" ;;
-    -h|--help) sed -n '2,27p' "$0"; exit 0 ;;
+    cuda12|cuda13|tpu)
+      if [[ -n "$kind" && "$kind" != "$arg" ]]; then
+        echo "install_accelerator.sh: one accelerator at a time, got $kind and $arg" >&2
+        exit 2
+      fi
+      kind="$arg" ;;
+    -h|--help) sed -n '2,/^set -euo pipefail$/p' "$0" | sed '$d'; exit 0 ;;
     *) echo "install_accelerator.sh: unknown argument '$arg' (cuda12 | cuda13 | tpu, --dry-run)" >&2
        exit 2 ;;
   esac

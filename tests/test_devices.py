@@ -137,7 +137,16 @@ def test_install_script_upgrades_pip_installs_the_stacks_jax_build_and_checks(
     (["rocm"], {}, "unknown argument 'rocm'"),
     (["cuda13"], {"STACK": "nt"}, "has no cuda13 build"),
     (["tpu"], {"STACK": "gpu"}, "STACK=gpu has no constraints/gpu.txt"),
-], ids=["no-kind", "unknown-kind", "nt-cuda13", "unknown-stack"])
+    (["cuda12", "tpu"], {}, "one accelerator at a time, got cuda12 and tpu"),
+], ids=["no-kind", "unknown-kind", "nt-cuda13", "unknown-stack", "two-kinds"])
 def test_install_script_refuses_clearly(args, env, message):
   proc = install(*args, "--dry-run", **env)
   assert proc.returncode == 2 and message in proc.stderr and not proc.stdout, proc.stderr
+
+
+@pytest.mark.skipif(BASH is None, reason="needs bash")
+def test_install_script_help_is_its_header_comment():
+  proc = install("--help")
+  assert proc.returncode == 0, proc.stderr
+  lines = proc.stdout.splitlines()
+  assert lines[0].startswith("# Installs fastntk_jax") and all(l.startswith("#") for l in lines)
