@@ -72,3 +72,17 @@ def test_readme_commands_and_ci_install_the_same_stacks():
 def test_ci_venvs_and_logs_are_ignored():
   ignored = open(os.path.join(ROOT, ".gitignore")).read().split()
   assert {"/.ci-venv-*/", "/.ci-*.log", ".venv/", ".venv-*/"} <= set(ignored)
+
+
+def test_constraints_say_which_pythons_they_install_on():
+  # setup.cfg allows Python 3.10, but numpy 2.4.6 (both files) and jax 0.10.2 (lean) have no
+  # 3.10 wheels: the README's commands fail there with pip's bare "No matching distribution".
+  cfg = open(os.path.join(ROOT, "setup.cfg")).read()
+  assert "python_requires = >=3.10," in cfg
+  for stack in ("lean", "nt"):
+    assert _constraints(stack)["numpy"] == "2.4.6"
+    with open(os.path.join(ROOT, "constraints", f"{stack}.txt")) as f:
+      header = " ".join(l for l in f if l.startswith("#"))
+    assert "Installs on Python 3.11 and 3.12 only" in header and "on 3.10" in header, header
+  build = open(os.path.join(ROOT, "BUILD.md")).read()
+  assert "install on Python 3.11 and 3.12 only" in build and "on Python 3.10" in build
