@@ -425,6 +425,8 @@ def load_config_file(path: str) -> ml_collections.ConfigDict:
   if not os.path.isfile(path):
     raise ValueError(f"config file {path!r} does not exist")
   spec = importlib.util.spec_from_file_location("fastntk_user_config", path)
+  if spec is None:  # not a .py file
+    raise ValueError(f"config file {path!r} is not a Python file (e.g. configs/default.py)")
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   if not hasattr(module, "get_config"):

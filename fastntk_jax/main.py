@@ -207,6 +207,8 @@ def main(argv):
     cfg = load_config(_CONFIG.value, _OVERRIDES)
   except (ValueError, TypeError, KeyError, OSError) as e:
     fail(e)
+  if not _WORKDIR.value.strip():
+    fail("--workdir is empty; name the output folder, e.g. --workdir=workdir_default")
   if _DRY_RUN.value:
     print(cfg.to_json_best_effort(indent=2, sort_keys=True))
     return

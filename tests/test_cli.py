@@ -164,10 +164,12 @@ def test_split_overrides():
     (["--config=configs/default.py:bogus"], ["bogus"]),                       # the file's argument
     (["--bogus_flag=1"], ["bogus_flag"]),                                      # absl's flags
     (["--workdir"], ["workdir"]),                                              # flag without value
+    (["--workdir="], ["--workdir is empty"]),
+    (["--config=README.md"], ["'README.md' is not a Python file"]),
     (["stray_argument"], ["unexpected arguments", "stray_argument"]),
 ], ids=["unbalanced-list", "unknown-field", "unknown-group", "not-a-number", "not-an-int",
         "missing-value", "group-as-value", "value-as-group", "options-not-dict", "bad-choice",
-        "empty-seeds", "nan-damping", "inf-learning-rate", "pretrain-ipc-0", "missing-file", "bad-file-argument", "unknown-flag", "flag-no-value",
+        "empty-seeds", "nan-damping", "inf-learning-rate", "pretrain-ipc-0", "missing-file", "bad-file-argument", "unknown-flag", "flag-no-value", "empty-workdir", "config-not-python",
         "positional"])
 def test_bad_flags_are_one_line_and_exit_2(args, needles):
   # With --dry_run the checks are the same; without it they also come before JAX starts.
