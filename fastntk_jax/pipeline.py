@@ -16,6 +16,7 @@ Workdir layout:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import glob
 import json
@@ -722,8 +723,24 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, *, show_progress: bool = T
     The dict written to `workdir/results.json`.
   """
   cfg = config_lib.validate(cfg)
-  if cfg.unlearn.solve_dtype == "float64":
+  with _x64_if(cfg.unlearn.solve_dtype == "float64"):
+    return _run(cfg, workdir, show_progress)
+
+
+@contextlib.contextmanager
+def _x64_if(wanted: bool):
+  """JAX's 64-bit mode for the run only: a caller's (or the next test's) setting is restored."""
+  before = bool(jax.config.read("jax_enable_x64"))
+  if wanted and not before:
     jax.config.update("jax_enable_x64", True)
+  try:
+    yield
+  finally:
+    if bool(jax.config.read("jax_enable_x64")) != before:
+      jax.config.update("jax_enable_x64", before)
+
+
+def _run(cfg: ml_collections.ConfigDict, workdir: str, show_progress: bool) -> dict:
   wd.claim(workdir, cfg)
   data = data_lib.load_unlearning_data(cfg.data)
   log.info("data: %s", data.describe())
