@@ -8,6 +8,8 @@ MIA-Efficacy, in points) and its relative parameter distance ‖w − w_r‖ / �
   linearised fine-tuning (closed form): damping,
 
 for class-level and sample-level forgetting. Writes regime_map.{json,md,png} into --out.
+The backbone is pre-trained once (in the first cell's workdir) and loaded by every other
+cell; each cell's workdir under --workdir is kept, so an interrupted map resumes.
 
     python -m benchmarks.regime_map --out benchmarks/results/regime_map
 """
@@ -19,7 +21,6 @@ import itertools
 import json
 import os
 import sys
-import tempfile
 import time
 
 import numpy as np
@@ -34,8 +35,9 @@ DEFAULT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 
 def cell(mode: str, forget: str, lr: float, loss: str, bn: str, damping: float,
-         seed: int) -> dict:
-  """One pipeline run; returns Fast-NTK's gap to Retrain and Full's D_f accuracy."""
+         seed: int, workdir: str, pretrained: str = "") -> dict:
+  """One pipeline run in `workdir` (resumed if it exists), from the backbone checkpoint
+  `pretrained` ("" = pre-train here); returns Fast-NTK's gap to Retrain and more."""
   arg = "standard" if mode == "standard" else ""
   if forget == "samples":
     arg = ",".join(a for a in (arg, "samples") if a)
@@ -48,13 +50,15 @@ def cell(mode: str, forget: str, lr: float, loss: str, bn: str, damping: float,
     cfg.eval.population_seeds = 0
     cfg.unlearn.damping = damping
     cfg.unlearn.solve_dtype = "float64"
+    if pretrained:
+      cfg.pretrain.source = "checkpoint"
+      cfg.pretrain.path = pretrained
     if mode == "standard":
       cfg.finetune.learning_rate = lr
       cfg.finetune.loss = loss
       cfg.finetune.bn_mode = bn
   start = time.perf_counter()
-  with tempfile.TemporaryDirectory() as workdir:
-    res = pipeline.run(cfg, workdir, show_progress=False)["methods"]
+  res = pipeline.run(cfg, workdir, show_progress=False)["methods"]
   f, r, full = res["fastntk"], res["retrain"], res["full"]
   return {"mode": mode, "forget": forget, "lr": lr, "loss": loss, "bn": bn, "damping": damping,
           "seed": seed, "avg_gap": f["avg_gap"]["mean"],
@@ -127,13 +131,19 @@ def main(argv=None) -> None:
   ap.add_argument("--bn-modes", default="frozen,train", type=lambda s: s.split(","))
   ap.add_argument("--dampings", default="0.01", type=lambda s: [float(v) for v in s.split(",")])
   ap.add_argument("--seed", type=int, default=0)
+  ap.add_argument("--workdir", default="workdir_regime_map",
+                  help="one pipeline workdir per cell (kept: a rerun resumes)")
   args = ap.parse_args(argv)
   os.makedirs(args.out, exist_ok=True)
   command = "python -m benchmarks.regime_map " + " ".join(argv if argv else sys.argv[1:])
   rows = []
   cells = grid(args)
+  pretrained = ""
   for i, c in enumerate(cells):
-    rows.append(cell(*c, seed=args.seed))
+    name = "_".join(str(v) for v in c)
+    workdir = os.path.join(args.workdir, name)
+    rows.append(cell(*c, seed=args.seed, workdir=workdir, pretrained=pretrained))
+    pretrained = pretrained or os.path.join(os.path.abspath(workdir), "pretrain")
     r = rows[-1]
     print(f"[{i + 1}/{len(cells)}] {c}: Avg. Gap {r['avg_gap']:.2f}, rel. distance "
           f"{r['rel_dist']:.1e} ({r['seconds']:.0f} s)", flush=True)
