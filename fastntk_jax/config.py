@@ -397,6 +397,18 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   _choice("finetune.mode", cfg.finetune.mode, enums.values(enums.FinetuneMode))
   _choice("finetune.linearized_solver", cfg.finetune.linearized_solver,
           enums.values(enums.LinearizedSolver))
+  if cfg.finetune.mode == "linearized":
+    # Linearised fine-tuning is the ridge problem Eq. (1) inverts: squared loss and the
+    # pre-trained BN statistics. Other choices would be silently ignored, so they are refused.
+    if cfg.finetune.loss != "mse":
+      raise ValueError(f"config.finetune.loss={cfg.finetune.loss!r} with finetune.mode="
+                       "'linearized': linearised fine-tuning minimises the squared loss (the "
+                       "objective the update inverts); set finetune.loss='mse', or "
+                       "finetune.mode='standard' to fine-tune the network with that loss")
+    if cfg.finetune.bn_mode != "frozen":
+      raise ValueError(f"config.finetune.bn_mode={cfg.finetune.bn_mode!r} with finetune.mode="
+                       "'linearized': the linearised network keeps the pre-trained BatchNorm "
+                       "statistics; set finetune.bn_mode='frozen', or finetune.mode='standard'")
   u = cfg.unlearn
   _positive("unlearn.damping", u.damping, integer=False, allow_zero=True)
   _choice("unlearn.solver", u.solver, enums.values(enums.Solver))

@@ -167,10 +167,12 @@ def test_split_overrides():
     (["--workdir="], ["--workdir is empty"]),
     (["--config=README.md"], ["'README.md' is not a Python file"]),
     (["stray_argument"], ["unexpected arguments", "stray_argument"]),
+    (["--config.finetune.loss=ce"], ["finetune.loss='ce'", "linearized", "finetune.mode='standard'"]),
+    (["--config.finetune.bn_mode=train"], ["finetune.bn_mode='train'", "linearized"]),
 ], ids=["unbalanced-list", "unknown-field", "unknown-group", "not-a-number", "not-an-int",
         "missing-value", "group-as-value", "value-as-group", "options-not-dict", "bad-choice",
         "empty-seeds", "nan-damping", "inf-learning-rate", "pretrain-ipc-0", "missing-file", "bad-file-argument", "unknown-flag", "flag-no-value", "empty-workdir", "config-not-python",
-        "positional"])
+        "positional", "ce-loss-in-linearized-mode", "bn-train-in-linearized-mode"])
 def test_bad_flags_are_one_line_and_exit_2(args, needles):
   # With --dry_run the checks are the same; without it they also come before JAX starts.
   assert_one_line_error(cli("--dry_run", *args), *needles)
