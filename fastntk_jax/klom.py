@@ -32,6 +32,12 @@ def margins(logits, labels) -> np.ndarray:
     raise ValueError(f"logits must be [n, C] and labels [n]; got {z.shape} and {y.shape}")
   if z.shape[1] < 2:
     raise ValueError("margins need at least 2 classes")
+  if not np.issubdtype(y.dtype, np.integer):
+    raise TypeError(f"labels must be integer class ids, got dtype {y.dtype}")
+  if y.size and (y.min() < 0 or y.max() >= z.shape[1]):
+    # A negative label would silently index from the end (another class's margin).
+    raise ValueError(f"labels must lie in [0, {z.shape[1]}), found range "
+                     f"[{int(y.min())}, {int(y.max())}]")
   rows = np.arange(z.shape[0])
   true = z[rows, y]
   others = z.copy()
@@ -51,7 +57,9 @@ def klom(unlearned, retrain, *, bins: int = BINS, clip: float = CLIP,
       smoothing added to every bin.
 
   Returns:
-    float64 [n], >= 0.
+    float64 [n], >= 0; NaN for an example whose margin is NaN in some model (e.g. NaN
+    logits of a diverged model): its histogram is undefined, and binning the NaN would give
+    a finite, meaningless value.
   """
   a = np.clip(np.asarray(unlearned, np.float64), -clip, clip)
   b = np.clip(np.asarray(retrain, np.float64), -clip, clip)
@@ -62,6 +70,9 @@ def klom(unlearned, retrain, *, bins: int = BINS, clip: float = CLIP,
     raise ValueError("KLoM needs at least 2 models on each side")
   out = np.empty(a.shape[1])
   for i in range(a.shape[1]):
+    if np.isnan(a[:, i]).any() or np.isnan(b[:, i]).any():
+      out[i] = np.nan
+      continue
     lo, hi = min(a[:, i].min(), b[:, i].min()), max(a[:, i].max(), b[:, i].max())
     if hi <= lo:  # every model gives the same margin: identical distributions
       out[i] = 0.0

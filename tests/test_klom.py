@@ -35,3 +35,20 @@ def test_klom_refuses_bad_shapes():
     klom.klom(np.zeros((4, 3)), np.zeros((4, 2)))
   with pytest.raises(ValueError, match="at least 2 models"):
     klom.klom(np.zeros((1, 3)), np.zeros((4, 3)))
+
+
+def test_margins_refuse_labels_outside_the_classes():
+  # -1 would index the last class and give another class's margin without a word.
+  with pytest.raises(ValueError, match=r"\[0, 3\)"):
+    klom.margins(np.zeros((2, 3)), np.array([0, -1]))
+  with pytest.raises(ValueError, match=r"\[0, 3\)"):
+    klom.margins(np.zeros((2, 3)), np.array([0, 3]))
+
+
+def test_klom_of_nan_margins_is_nan_not_a_finite_number():
+  # A diverged model (NaN logits) has no margin histogram; the other examples are unaffected.
+  a = np.array([[np.nan, 0.0], [1.0, 1.0], [2.0, 2.0]])
+  b = np.array([[0.0, 0.0], [1.0, 1.0], [2.0, 2.0]])
+  out = klom.klom(a, b)
+  assert np.isnan(out[0]) and out[1] == 0.0
+  assert np.isnan(klom.klom(b, a)[0])
