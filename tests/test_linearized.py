@@ -114,3 +114,25 @@ def test_pipeline_in_linearized_mode_gives_retrain(tmp_path):
   for key in ("acc_retain", "acc_forget", "acc_test_retain", "ua", "ra", "ta"):
     assert res["fastntk"][key]["mean"] == res["retrain"][key]["mean"], key
   assert res["fastntk"]["avg_gap"]["mean"] < 0.1
+
+
+def test_linearized_apply_takes_flax_forms_of_mutable():
+  """`mutable` as Flax takes it: a list, one collection name, or True; the statistics come
+  back unchanged (a name used to be iterated letter by letter, True raised TypeError)."""
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  from fastntk_jax.models.layers import BatchNorm, TrainableDense  # pylint: disable=g-import-not-at-top
+
+  class Net(nn.Module):
+    @nn.compact
+    def __call__(self, x, train=False):
+      return TrainableDense(3, name="head")(BatchNorm(name="bn")(nn.Dense(4)(x), train))
+
+  x = jax.random.normal(jax.random.PRNGKey(0), (5, 3))
+  w0, frozen = tr.split(Net().init(jax.random.PRNGKey(1), x))
+  variables = {**frozen, "trainable": w0, tr.LINEARIZATION_POINT: w0}
+  lin = unlearn.Linearized(Net())
+  plain = lin.apply(variables, x)
+  for mutable in (["batch_stats"], "batch_stats", True):
+    out, state = lin.apply(variables, x, train=True, mutable=mutable)
+    np.testing.assert_array_equal(out, plain)
+    assert state["batch_stats"] is frozen["batch_stats"]

@@ -84,7 +84,10 @@ class Linearized:
     apply_fn = lambda w, xx: self.model.apply({**base, "trainable": w}, xx, train=False)
     out = linearize(apply_fn, variables[LINEARIZATION_POINT])(variables["trainable"], x)
     if mutable:  # nothing is updated: the statistics stay those at w0
-      return out, {k: variables[k] for k in mutable if k in variables}
+      # Flax's forms: True (every collection), one name, or a sequence of names.
+      names = (list(variables) if mutable is True
+               else [mutable] if isinstance(mutable, str) else list(mutable))
+      return out, {k: variables[k] for k in names if k in variables}
     return out
 
   def __hash__(self):
