@@ -409,6 +409,17 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
       raise ValueError(f"config.finetune.bn_mode={cfg.finetune.bn_mode!r} with finetune.mode="
                        "'linearized': the linearised network keeps the pre-trained BatchNorm "
                        "statistics; set finetune.bn_mode='frozen', or finetune.mode='standard'")
+    # The closed form ignores both; the optax loop would minimise another objective (decay
+    # towards 0, not w0; augmented inputs), so the update would no longer land on Retrain.
+    if cfg.finetune.weight_decay:
+      raise ValueError(f"config.finetune.weight_decay={cfg.finetune.weight_decay!r} with "
+                       "finetune.mode='linearized': the linearised objective's only penalty is "
+                       "½·unlearn.damping·‖w - w0‖²; set finetune.weight_decay=0 (raise "
+                       "unlearn.damping instead), or finetune.mode='standard'")
+    if cfg.finetune.augment != "none":
+      raise ValueError(f"config.finetune.augment={cfg.finetune.augment!r} with finetune.mode="
+                       "'linearized': the update inverts the fit to the data as given; set "
+                       "finetune.augment='none', or finetune.mode='standard'")
   u = cfg.unlearn
   _positive("unlearn.damping", u.damping, integer=False, allow_zero=True)
   _choice("unlearn.solver", u.solver, enums.values(enums.Solver))

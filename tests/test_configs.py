@@ -190,3 +190,17 @@ def test_vit_base_cifar10_config_runs_on_mock_data(tmp_path):
     pipeline.run(cfg, str(tmp_path), show_progress=False)
   res = _check(str(tmp_path))
   assert res["data"]["num_classes"] == 10 and res["data"]["forget_classes"] == [0]
+
+
+@pytest.mark.parametrize("field, value", [("weight_decay", 1e-3), ("augment", "crop_flip")])
+@pytest.mark.parametrize("solver", ["closed_form", "optax"])
+def test_linearized_mode_refuses_what_it_would_ignore_or_change(field, value, solver):
+  """The closed form ignores weight decay and augmentation; the optax loop would minimise
+  another objective than the one the update inverts. Both are refused, not run."""
+  cfg = config_lib.base_config()
+  cfg.finetune.mode, cfg.finetune.linearized_solver = "linearized", solver
+  cfg.finetune.bn_mode = "frozen"
+  config_lib.validate(cfg)
+  cfg.finetune[field] = value
+  with pytest.raises(ValueError, match=f"finetune.{field}=.*linearized"):
+    config_lib.validate(cfg)
