@@ -192,15 +192,19 @@ def test_vit_base_cifar10_config_runs_on_mock_data(tmp_path):
   assert res["data"]["num_classes"] == 10 and res["data"]["forget_classes"] == [0]
 
 
-@pytest.mark.parametrize("field, value", [("weight_decay", 1e-3), ("augment", "crop_flip")])
+@pytest.mark.parametrize("field, value", [("finetune.weight_decay", 1e-3),
+                                          ("finetune.augment", "crop_flip"),
+                                          ("unlearn.linearize_at", "trained")])
 @pytest.mark.parametrize("solver", ["closed_form", "optax"])
 def test_linearized_mode_refuses_what_it_would_ignore_or_change(field, value, solver):
   """The closed form ignores weight decay and augmentation; the optax loop would minimise
-  another objective than the one the update inverts. Both are refused, not run."""
+  another objective than the one the update inverts; an update linearised at the trained
+  params uses another model's Jacobian than f_lin's J(w0). All are refused, not run."""
   cfg = config_lib.base_config()
   cfg.finetune.mode, cfg.finetune.linearized_solver = "linearized", solver
   cfg.finetune.bn_mode = "frozen"
   config_lib.validate(cfg)
-  cfg.finetune[field] = value
-  with pytest.raises(ValueError, match=f"finetune.{field}=.*linearized"):
+  group, name = field.split(".")
+  cfg[group][name] = value
+  with pytest.raises(ValueError, match=f"{field}=.*linearized"):
     config_lib.validate(cfg)
