@@ -347,9 +347,10 @@ def fastntk_stage(cfg, model, frozen_pre, w0, w_full, data, sdir: str, tag: str,
   devices (`sharding.data_parallel_sum`). The other solvers run in one piece.
 
   Args:
-    grams: with `reuses_finetuning_grams(cfg)`, a callable part -> ((G, b), seconds) giving the
-      fine-tuning's statistics of "retain" and "forget" at w0; the primal solver uses them
-      (their seconds count in the update's time) instead of recomputing them.
+    grams: with `reuses_finetuning_grams(cfg)`, a callable giving the fine-tuning's
+      statistics at w0 as (((G, b), seconds) of "retain", the same of "forget", seconds spent
+      compiling them); the primal solver uses them (their seconds count in the update's time,
+      their compilation is reported apart) instead of recomputing them.
   """
   u = cfg.unlearn
   apply_fn = tr.make_apply_fn(model, frozen_pre)
@@ -369,7 +370,7 @@ def fastntk_stage(cfg, model, frozen_pre, w0, w_full, data, sdir: str, tag: str,
   if grams is not None:
     plan = as_reference_model(plan)
     start = time.perf_counter()
-    (retain_stats, retain_s), (forget_stats, forget_s) = grams("retain"), grams("forget")
+    (retain_stats, retain_s), (forget_stats, forget_s), compile_seconds = grams()
     try:
       new, info = forgetter.from_gram_stats(w_full, retain_stats, forget_stats, plan)
     except unlearn.SolveError as e:
@@ -379,7 +380,7 @@ def fastntk_stage(cfg, model, frozen_pre, w0, w_full, data, sdir: str, tag: str,
     norm = float(np.linalg.norm(np.asarray(ravel_pytree(new)[0], np.float64)
                                 - np.asarray(ravel_pytree(w_full)[0], np.float64)))
     return new, unlearn.make_diagnostics(plan, info, update_norm=norm, seconds=seconds,
-                                         compile_seconds=0.0).as_dict()
+                                         compile_seconds=compile_seconds).as_dict()
 
   w_lin = w0 if u.linearize_at == "init" else w_full
   stats_fn = lambda w, x, y, weights: unlearn.gram_stats(
@@ -466,7 +467,10 @@ def distances_to_retrain(model, methods: dict, data, cfg, w0) -> dict:
       mine[split] = logp(params, frozen, x)
       entry[f"kl_to_retrain_{split}"] = (None if mine[split] is None else float(np.mean(
           np.sum(np.exp(ref[split]) * (ref[split] - mine[split]), axis=-1))))
-    if mine["forget"] is not None and mine["test"] is not None:
+    # The attack's cross-validation needs 2 samples on each side (a tiny D_f may have 1).
+    entry["mia_accuracy"] = entry["mia_auc"] = None
+    if mine["forget"] is not None and mine["test"] is not None and min(
+        data.forget.size, holdout.size) >= 2:
       attack = mia.mia_from_logits(mine["forget"], data.forget.y, mine["test"], holdout.y,
                                    num_folds=min(5, data.forget.size, holdout.size), seed=0)
       entry["mia_accuracy"] = 100.0 * attack.accuracy
@@ -475,11 +479,32 @@ def distances_to_retrain(model, methods: dict, data, cfg, w0) -> dict:
   return out
 
 
-def gram_stats_fn(cfg, model, frozen_pre, num_classes: int):
-  """`unlearn.gram_stats` at a given w0 over (x, y), jitted: one compilation per data shape,
-  shared by all the seeds that call it."""
+class CompiledOnce:
+  """`fn` jitted and compiled ahead of time once per argument signature (shapes, dtypes,
+  structure), so that a caller can time the computation apart from XLA's compilation:
+  `compile_seconds` holds what the last call spent compiling (0.0 when it reused one)."""
+
+  def __init__(self, fn: Callable):
+    self._jitted = jax.jit(fn)
+    self._executables = {}
+    self.compile_seconds = 0.0
+
+  def __call__(self, *args):
+    leaves, treedef = jax.tree_util.tree_flatten(args)
+    key = (treedef, tuple((jnp.shape(a), jnp.result_type(a)) for a in leaves))
+    self.compile_seconds = 0.0
+    if key not in self._executables:
+      start = time.perf_counter()
+      self._executables[key] = self._jitted.lower(*args).compile()
+      self.compile_seconds = time.perf_counter() - start
+    return self._executables[key](*args)
+
+
+def gram_stats_fn(cfg, model, frozen_pre, num_classes: int) -> CompiledOnce:
+  """`unlearn.gram_stats` at a given w0 over (x, y), compiled once per data shape and shared
+  by all the seeds that call it."""
   apply_fn = tr.make_apply_fn(model, frozen_pre)
-  return jax.jit(lambda w0, x, y: unlearn.gram_stats(
+  return CompiledOnce(lambda w0, x, y: unlearn.gram_stats(
       apply_fn, w0, x, y, num_classes=num_classes, batch_size=cfg.unlearn.batch_size,
       dtype=_solve_dtype(cfg)))
 
@@ -505,14 +530,18 @@ class FineTuner:
     self.frozen_net = ({**frozen_pre, tr.LINEARIZATION_POINT: w0} if self.linearized
                        else frozen_pre)
     self._grams = {}
+    self.compile_seconds = 0.0  # spent compiling the Gram statistics' computation
 
   def gram(self, split, tag):
-    """Gram statistics of a split at w0 and the seconds they took (computed once)."""
+    """Gram statistics of a split at w0 and the seconds they took, compilation excluded
+    (computed once; what compiling took is added to `compile_seconds`)."""
     if tag not in self._grams:
       start = time.perf_counter()
       g = jax.block_until_ready(self.gram_fn(self.w0, jnp.asarray(split.x),
                                              jnp.asarray(split.y)))
-      self._grams[tag] = (g, time.perf_counter() - start)
+      compiled = self.gram_fn.compile_seconds
+      self.compile_seconds += compiled
+      self._grams[tag] = (g, time.perf_counter() - start - compiled)
     return self._grams[tag]
 
   def fit(self, split, tag: str, checkpoint_path: Optional[str] = None) -> tuple[dict, float]:
@@ -574,7 +603,8 @@ def run_seed(cfg, model, data, pretrained: dict, seed: int, workdir: str,
     def fastntk():
       grams = None
       if reuses_finetuning_grams(cfg):
-        grams = lambda part: tuner.gram(getattr(data, part), part)
+        grams = lambda: (tuner.gram(data.retain, "retain"), tuner.gram(data.forget, "forget"),
+                         tuner.compile_seconds)
       new, diag = fastntk_stage(cfg, model, frozen_pre, w0, full["trainable"], data, sdir,
                                 tag=f"seed{seed}/fastntk", mesh=mesh, grams=grams)
       timings["fastntk"] = diag["seconds"]
