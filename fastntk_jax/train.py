@@ -10,7 +10,7 @@ BatchNorm running statistics are handled explicitly by `bn_mode`:
     uses batch statistics and updates the running ones (momentum 0.9); the returned
     `batch_stats` are the updated ones and are what the fine-tuned model is evaluated with.
     The NTK, however, is always taken at w0 with the *pre-trained* statistics (docs/derivation.md
-    §1); measured on digits, that combination forgets best (see README "Sensitivity").
+    §1); measured on digits, that combination forgets best (README "Regimes").
 """
 
 from __future__ import annotations
