@@ -105,6 +105,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.unlearn.linearize_at = "init"  # "init" (w0, docs/derivation.md §3) | "trained"
   c.unlearn.step_scale = 1.0  # 1.0 = the exact update
   c.unlearn.solve_dtype = "float32"  # "float32" | "float64" (float64 enables jax x64)
+  # True: Fast-NTK as a deletion request served on the state of D (Gram, Cholesky factor and
+  # ridge solution at w0 over all of D, `unlearn.stream`), built once per seed and kept in
+  # the workdir; results give the cold time (building it) and the request's latency apart.
+  # False: the one-shot update (the same parameters up to round-off).
+  c.unlearn.serve = False
 
   c.baselines = ml_collections.ConfigDict()
   # Max Loss: gradient ascent on D_f from Full.
@@ -436,6 +441,16 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   _choice("unlearn.linearize_at", u.linearize_at, enums.values(enums.LinearizationPoint))
   _positive("unlearn.step_scale", u.step_scale, integer=False, allow_zero=True)
   _choice("unlearn.solve_dtype", u.solve_dtype, enums.values(enums.SolveDtype))
+  if u.serve and u.linearize_at != "init":
+    raise ValueError(f"config.unlearn.serve=True with unlearn.linearize_at={u.linearize_at!r}: "
+                     "the state of D is built at w0 before any fine-tuning; set "
+                     "unlearn.linearize_at='init' or unlearn.serve=False")
+  if u.serve and u.step_scale != 1.0:
+    raise ValueError(f"config.unlearn.serve=True with unlearn.step_scale={u.step_scale}: a "
+                     "served request applies the exact update; set unlearn.step_scale=1.0")
+  if u.serve and not u.damping > 0:
+    raise ValueError(f"config.unlearn.serve=True needs unlearn.damping > 0 (got {u.damping}): "
+                     "requests downdate the Cholesky factor of G + λI, which λ keeps definite")
   _positive("eval.relearn_threshold", cfg.eval.relearn_threshold, integer=False)
   _positive("eval.batch_size", cfg.eval.batch_size, integer=True)
   _positive("eval.population_seeds", cfg.eval.population_seeds, integer=True, allow_zero=True)

@@ -168,6 +168,15 @@ def markdown(results: dict) -> str:
               f"{_fmt(f.get('condition_number'), 0)}; damping "
               f"{results['protocol']['unlearn']['damping']}; its time excludes XLA compilation"
               + (f" ({np.mean(comp):.1f} s per seed)" if comp else "") + ".", ""]
+    diags = results["timing"]["fastntk_diagnostics"].values()
+    cold = [d["cold_seconds"] for d in diags if d.get("cold_seconds") is not None]
+    if any("request_seconds" in d for d in diags):
+      request = [d["request_seconds"] for d in diags if d.get("request_seconds") is not None]
+      lines += ["Served as a request on the state of D (unlearn.serve): building the state "
+                + (f"{np.mean(cold):.2f} s per seed (cold, its compilation included)" if cold else
+                   "read back from the workdir")
+                + f"; the request {np.mean(request):.3f} s per seed (its latency, the time "
+                "above).", ""]
   lines += ["## The unlearning field's metrics (SalUn / Unlearn-Sparse)", "",
             "| Method | " + " | ".join(label for _, label in FIELD_METRICS + [GAP])
             + " | RTE (s) |", "|---|" + "---|" * (len(FIELD_METRICS) + 2)]

@@ -78,6 +78,46 @@ def test_sample_level_run_with_a_single_forget_sample(tmp_path):
   assert res["fastntk"]["relative_l2_to_retrain"]["mean"] < 1e-6
 
 
+def test_served_request_equals_the_one_shot_update(tmp_path):
+  """unlearn.serve: D_f forgotten as a request on the persisted state of D gives the one-shot
+  update's parameters (float64); the diagnostics give the cold time and the latency apart."""
+  results = {}
+  for serve in (False, True):
+    cfg = tiny()
+    with cfg.unlocked():
+      cfg.methods = ("full", "retrain", "fastntk")
+      cfg.eval.relearn.epochs = 1
+      cfg.eval.probe.epochs = 1
+      cfg.unlearn.serve = serve
+    workdir = tmp_path / f"serve_{serve}"
+    results[serve] = pipeline.run(cfg, str(workdir), show_progress=False)
+  served = results[True]["methods"]["fastntk"]
+  # The state's Gram is recomputed through the float32 network (the one-shot update reuses
+  # the closed-form fine-tuning's): float32 Jacobian rounding x κ, measured 1.1e-6.
+  assert served["relative_l2_to_retrain"]["mean"] < 1e-5
+  for key in ("ua", "ra", "ta", "mia_efficacy"):
+    assert served[key]["mean"] == results[False]["methods"]["fastntk"][key]["mean"], key
+  diag = results[True]["timing"]["fastntk_diagnostics"]["0"]
+  assert "state of D" in diag["reason"]
+  assert diag["cold_seconds"] > 0 and diag["request_seconds"] > 0
+  assert os.path.exists(tmp_path / "serve_True" / "seed_0" / pipeline.STATE_OF_D)
+  assert "Served as a request on the state of D" in (
+      tmp_path / "serve_True" / "results.md").read_text()
+
+
+def test_serving_config_refusals():
+  for mutate, message in ((dict(linearize_at="trained"), "linearize_at"),
+                          (dict(damping=0.0), "damping > 0"),
+                          (dict(step_scale=0.5), "step_scale")):
+    cfg = config_lib.load_config_file(DEFAULT + ":tiny,standard")
+    with cfg.unlocked():
+      cfg.unlearn.serve = True
+      for k, v in mutate.items():
+        cfg.unlearn[k] = v
+    with pytest.raises(ValueError, match=message):
+      config_lib.validate(cfg)
+
+
 def test_fastntk_forgets_what_full_fine_tuning_learned(tmp_path):
   """On the embedded default (one seed, baselines off), Full has learned the forget class and
   Fast-NTK removes it as Retrain does, keeping the retained classes."""

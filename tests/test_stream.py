@@ -374,3 +374,32 @@ def test_bad_init_is_refused():
         lambda l: jnp.asarray(l, jnp.float32), w),
         train=(jnp.asarray(x, jnp.float32), jnp.asarray(y)), num_classes=C, damping=0.1,
         solve_dtype=jnp.float64)
+
+
+@pytest.mark.parametrize("cache", [True, False])
+def test_state_persisted_and_read_back_serves_the_same_request(tmp_path, cache):
+  """state_arrays -> workdir.save_state -> load_state -> state_from_arrays: a request on the
+  state read back gives the same parameters as on the original, with and without the
+  Jacobian cache (jac None must survive the round trip)."""
+  from fastntk_jax import workdir as wd
+  with enable_x64():
+    model, x, y, w0 = problem(12)
+    w = model.unravel(w0)
+    state = stream.init_forget_state(model.apply, w, train=(jnp.asarray(x), jnp.asarray(y)),
+                                     num_classes=C, damping=0.1, solve_dtype=jnp.float64,
+                                     cache_jacobian=cache)
+    path = str(tmp_path / "state")
+    wd.save_state(path, stream.state_arrays(state))
+    back = stream.state_from_arrays({**wd.load_state(path, None), "w_lin": w},
+                                    apply_fn=model.apply, num_classes=C, batch_size=256)
+    assert (back.jac is None) == (not cache)
+    params = model.unravel(w0 + 0.05)
+    expected, _ = stream.forget_request(state, params, [2, 5])
+    got, _ = stream.forget_request(back, params, [2, 5])
+    np.testing.assert_array_equal(flat(got), flat(expected))
+    with pytest.raises(ValueError, match="fit together"):
+      stream.state_from_arrays({**stream.state_arrays(state), "solution": jnp.zeros(3)},
+                               apply_fn=model.apply, num_classes=C, batch_size=256)
+    with pytest.raises(ValueError, match="needs the fields"):
+      stream.state_from_arrays({"gram": state.gram}, apply_fn=model.apply, num_classes=C,
+                               batch_size=256)

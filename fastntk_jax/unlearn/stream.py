@@ -51,6 +51,7 @@ Public API:
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import math
@@ -163,6 +164,41 @@ class ForgetState:
   def num_params(self) -> int:
     """p, scalars in the trainable pytree."""
     return int(self.rhs.shape[0])
+
+
+def state_arrays(state: ForgetState) -> dict:
+  """The array fields of a state by name (None for an absent Jacobian cache): what persisting
+  it needs; `state_from_arrays` rebuilds it with the static fields."""
+  return {f.name: getattr(state, f.name) for f in dataclasses.fields(state)
+          if f.metadata.get("pytree_node", True)}
+
+
+def state_from_arrays(arrays: dict, *, apply_fn: ApplyFn, num_classes: int,
+                      batch_size: Optional[int], factor_update: FactorUpdate = "auto",
+                      refactor_every: Optional[int] = None) -> ForgetState:
+  """A `ForgetState` from `state_arrays`' dict (e.g. read back from disk) and the static
+  fields it was built with (`init_forget_state`'s arguments of the same names).
+
+  Raises:
+    ValueError: a missing or unexpected field, or shapes that do not fit together.
+  """
+  names = {f.name for f in dataclasses.fields(ForgetState) if f.metadata.get("pytree_node", True)}
+  arrays = {"jac": None, **arrays}
+  if set(arrays) != names:
+    raise ValueError(f"a stream state needs the fields {sorted(names)}; got {sorted(arrays)}")
+  check_stream_options(factor_update, refactor_every)
+  state = ForgetState(**{k: v if k == "w_lin" or v is None else jnp.asarray(v)
+                         for k, v in arrays.items()},
+                      apply_fn=apply_fn, num_classes=int(num_classes), batch_size=batch_size,
+                      factor_update=factor_update, refactor_every=refactor_every)
+  n, p = state.num_samples, state.num_params
+  if (state.gram.shape != (p, p) or state.chol.shape != (p, p) or state.solution.shape != (p,)
+      or state.residuals.shape != (n, num_classes) or state.x.shape[0] != n
+      or ntk.num_params(state.w_lin) != p):
+    raise ValueError("the stream state's arrays do not fit together (n samples, p params, "
+                     f"C={num_classes}): gram {state.gram.shape}, residuals "
+                     f"{state.residuals.shape}, x {state.x.shape}")
+  return state
 
 
 def retained_mask(state: ForgetState) -> jnp.ndarray:
