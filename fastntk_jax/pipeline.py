@@ -640,6 +640,33 @@ class FineTuner:
     return out, time.perf_counter() - start
 
 
+BASELINES = ("max_loss", "random_label")
+
+
+def baseline_fit(cfg, net, name: str, full_params, frozen_full: dict, data, seed: int,
+                 progress: _Progress, *, checkpoint_path: Optional[str] = None, mesh=None):
+  """A baseline unlearning method from Full's trainable params; returns the new ones.
+
+  "max_loss": gradient ascent on D_f (`baselines.max_loss`); "random_label": fine-tuning on
+  D_f with seeded random wrong labels (`baselines.random_label`). `net` is what the methods
+  are trained as (the model, or its linearisation).
+  """
+  c = data.num_classes
+  if name == "max_loss":
+    split, spec, offset = data.forget, train_spec(cfg.baselines.max_loss, ascent=True), 1
+  elif name == "random_label":
+    rng = np.random.default_rng([seed, 17])
+    wrong = (data.forget.y + rng.integers(1, c, size=data.forget.size)) % c  # never the true one
+    split, spec, offset = (data.forget.x, wrong), train_spec(cfg.baselines.random_label), 2
+  else:
+    raise ValueError(f"unknown baseline {name!r}; one of {BASELINES}")
+  params, _, _ = train_lib.fit(net, full_params, frozen_full, split, spec, c, seed=seed + offset,
+                               progress=progress.epochs(f"seed{seed}/{name}", spec.epochs),
+                               checkpoint_path=checkpoint_path, tag=f"seed{seed}/{name}",
+                               mesh=mesh)
+  return params
+
+
 def run_seed(cfg, model, data, pretrained: dict, seed: int, workdir: str,
              progress: _Progress, mesh=None) -> dict:
   """All methods for one seed; returns {method: metrics} and {probe kind: metrics}."""
@@ -684,26 +711,17 @@ def run_seed(cfg, model, data, pretrained: dict, seed: int, workdir: str,
     with open(os.path.join(sdir, "fastntk_diagnostics.json")) as f:
       diagnostics = json.load(f)
 
-  def baseline(name, split, spec, seed_offset):
-    """A baseline unlearning method: (re)training of Full's params on the forget data."""
-    def compute():
+  for name in BASELINES:
+    if name not in cfg.methods:
+      continue
+    def compute(name=name):
       start = time.perf_counter()
-      p, _, _ = train_lib.fit(net, full["trainable"], frozen_full, split, spec, c,
-                              seed=seed + seed_offset,
-                              progress=progress.epochs(f"seed{seed}/{name}", spec.epochs),
-                              checkpoint_path=os.path.join(sdir, f"{name}.partial"),
-                              tag=f"seed{seed}/{name}", mesh=mesh)
+      p = baseline_fit(cfg, net, name, full["trainable"], frozen_full, data, seed, progress,
+                       checkpoint_path=os.path.join(sdir, f"{name}.partial"), mesh=mesh)
       timings[name] = time.perf_counter() - start
       return {"trainable": p}
     out = _stage(os.path.join(sdir, name), {"trainable": w0}, compute)
     methods[name] = (out["trainable"], frozen_full)
-
-  if "max_loss" in cfg.methods:  # gradient ascent on D_f
-    baseline("max_loss", data.forget, train_spec(cfg.baselines.max_loss, ascent=True), 1)
-  if "random_label" in cfg.methods:  # fine-tune on D_f with random wrong labels
-    rng = np.random.default_rng([seed, 17])
-    wrong = (data.forget.y + rng.integers(1, c, size=data.forget.size)) % c  # never the true label
-    baseline("random_label", (data.forget.x, wrong), train_spec(cfg.baselines.random_label), 2)
 
   for name, (params, frozen) in methods.items():
     def compute(name=name, params=params, frozen=frozen):
@@ -744,7 +762,8 @@ def population_stage(cfg, model, data, pretrained: dict, workdir: str, progress:
                      mesh=None) -> Optional[dict]:
   """KLoM (`fastntk_jax.klom`) over `eval.population_seeds` = N seeds.
 
-  Seeds A (N of them) give Full, Retrain and Fast-NTK models; seeds B (N others) give Retrain
+  Seeds A (N of them) give Full, Retrain, Fast-NTK and the baselines of `cfg.methods`
+  (Max Loss, Random Label, from each seed's Full); seeds B (N others) give Retrain
   models only. Per forget example, KLoM compares the margin distribution of a method over A
   with Retrain's over B; Retrain over A against B is the noise floor. Each seed's margins are
   a resumable stage of their own (`population/seed_<k>.json`).
@@ -798,6 +817,11 @@ def population_stage(cfg, model, data, pretrained: dict, workdir: str, progress:
         new = forgetter.forget(w0, full["trainable"], retain, forget)
       out["full"] = margin(full["trainable"], frozen_of(full))
       out["fastntk"] = margin(new, frozen_of(full))
+      for name in BASELINES:
+        if name in cfg.methods:
+          out[name] = margin(baseline_fit(cfg, tuner.net, name, full["trainable"],
+                                          frozen_of(full), data, seed, progress, mesh=mesh),
+                             frozen_of(full))
     return out
 
   per = [_json_stage(os.path.join(pdir, f"seed_{k}.json"), lambda k=k: one(k))
@@ -806,7 +830,8 @@ def population_stage(cfg, model, data, pretrained: dict, workdir: str, progress:
   return {"num_seeds": n, "floor": "retrain",
           "per_method": {m: klom.summary(klom.klom(np.asarray([p[m] for p in per[:n]]),
                                                    reference))
-                         for m in ("fastntk", "full", "retrain")}}
+                         for m in ("fastntk", *BASELINES, "full", "retrain")
+                         if all(m in p for p in per[:n])}}
 
 
 _TRAIN_GROUPS = ("pretrain.train", "finetune", "baselines.max_loss", "baselines.random_label",

@@ -94,7 +94,7 @@ def test_pipeline_in_linearized_mode_gives_retrain(tmp_path):
   with cfg.unlocked():
     cfg.finetune.mode = "linearized"
     cfg.unlearn.solve_dtype = "float64"
-    cfg.methods = ("full", "retrain", "fastntk")
+    cfg.methods = ("full", "retrain", "fastntk", "max_loss")
     cfg.eval.population_seeds = 2
   out = pipeline.run(cfg, str(tmp_path), show_progress=False)
   res = out["methods"]
@@ -102,6 +102,9 @@ def test_pipeline_in_linearized_mode_gives_retrain(tmp_path):
   k = out["klom"]["per_method"]
   assert np.isclose(k["fastntk"]["mean"], k["retrain"]["mean"], rtol=1e-3, atol=1e-6)
   assert k["full"]["mean"] > k["retrain"]["mean"]
+  # KLoM per method: the baselines too, from each population seed's Full.
+  assert set(k) == {"fastntk", "max_loss", "full", "retrain"}
+  assert np.isfinite(k["max_loss"]["mean"])
   assert res["full"]["relative_l2_to_retrain"]["mean"] > 1e-2  # there was something to undo
   # The update reuses the Gram statistics Full and Retrain were solved from, so only the
   # float64 solves differ: measured 5.9e-8. It was 1.1e-6 when the update recomputed them
