@@ -430,6 +430,36 @@ def fastntk_stage(cfg, model, frozen_pre, w0, w_full, data, sdir: str, tag: str,
 STATE_OF_D = "fastntk_state_of_D.state"
 
 
+def _stale_state_of_d(stored, cfg, w0, x) -> Optional[str]:
+  """Why a state of D read back from the workdir cannot serve this run (None: it can).
+
+  `wd.claim` already refuses a workdir of another config; this also refuses a state that
+  reached the seed dir otherwise (copied in, or written by another version): one built at
+  another w0, with another damping or solve dtype, on other inputs, or that has already
+  served requests. Its arrays are compared as stored, before `jnp.asarray` could narrow a
+  float64 state to float32 silently.
+  """
+  if not isinstance(stored, dict):
+    return f"holds a {type(stored).__name__}, not a state of D"
+  if "w_lin" not in stored or not np.array_equal(
+      np.asarray(ravel_pytree(stored["w_lin"])[0]), np.asarray(ravel_pytree(w0)[0])):
+    return "was built at another w0"
+  u = cfg.unlearn
+  dtype = (np.dtype(np.float64) if u.solve_dtype == "float64"
+           else np.dtype(unlearn.validate.default_solve_dtype(w0)))
+  for name in ("gram", "rhs", "chol", "solution", "residuals", "damping"):
+    got = np.asarray(stored[name]).dtype
+    if got != dtype:
+      return f"was solved in {got.name} ({name}), this run in {dtype.name}"
+  if float(np.asarray(stored["damping"])) != float(np.asarray(u.damping, dtype)):
+    return f"was built with damping {float(np.asarray(stored['damping']))}, not {u.damping}"
+  if not np.array_equal(np.asarray(stored["x"]), np.asarray(x)):
+    return "was built on other inputs than this run's D"
+  if int(np.asarray(stored["num_requests"])) or np.asarray(stored["forgotten"]).any():
+    return "has already served requests"
+  return None
+
+
 def served_update(cfg, forgetter, apply_fn, w0, w_full, data, sdir: str, tag: str):
   """Fast-NTK as a deletion request on the state of D (`unlearn.stream`): the Gram,
   Cholesky factor and ridge solution at w0 over all of D, built once and kept in
@@ -438,26 +468,27 @@ def served_update(cfg, forgetter, apply_fn, w0, w_full, data, sdir: str, tag: st
 
   Returns:
     (new trainable params, diagnostics dict) whose "seconds" is the request's latency and
-    "cold_seconds" what building the state took (None when it was read back from the
-    workdir); compilation of both is reported apart in "compile_seconds".
+    "cold_seconds" what building the state took, its compilation included (None when it was
+    read back from the workdir); the request's compilation is reported apart in
+    "compile_seconds".
   """
   u, train = cfg.unlearn, data.train
   path = os.path.join(sdir, STATE_OF_D)
   restore = lambda arrays: unlearn.stream.state_from_arrays(
       {**arrays, "w_lin": w0}, apply_fn=apply_fn, num_classes=data.num_classes,
       batch_size=u.batch_size)
+  x, y = jnp.asarray(train.x), jnp.asarray(train.y)
   stored = wd.load_state(path, None)
   cold_seconds, state = None, None
   if stored is not None:
     try:
-      state = restore({k: v for k, v in stored.items() if k != "w_lin"})
-    except ValueError as e:
+      why = _stale_state_of_d(stored, cfg, w0, x)
+      if why is None:
+        state = restore({k: v for k, v in stored.items() if k != "w_lin"})
+      else:
+        log.warning("%s: %s %s; building it again", tag, path, why)
+    except (ValueError, TypeError, KeyError, AttributeError) as e:
       log.warning("%s: discarding %s (%s); building it again", tag, path, e)
-  if state is not None and not np.array_equal(
-      np.asarray(ravel_pytree(stored["w_lin"])[0]), np.asarray(ravel_pytree(w0)[0])):
-    log.warning("%s: %s was built at another w0; building it again", tag, path)
-    state = None
-  x, y = jnp.asarray(train.x), jnp.asarray(train.y)
   compile_seconds = 0.0
   if state is None:
     start = time.perf_counter()

@@ -105,6 +105,56 @@ def test_served_request_equals_the_one_shot_update(tmp_path):
       tmp_path / "serve_True" / "results.md").read_text()
 
 
+def _served(tmp_dir, damping, *, x_shift=0.0):
+  """`pipeline.served_update` on a small tanh model (float32) in `tmp_dir`; its params."""
+  import types
+  import jax.numpy as jnp
+  from jax.flatten_util import ravel_pytree
+  from fastntk_jax import unlearn
+  rng = np.random.default_rng(0)
+  n, d, c = 20, 5, 3
+  x = (rng.normal(size=(n, d)) + x_shift).astype(np.float32)
+  y = rng.integers(0, c, size=n).astype(np.int32)
+  apply_fn = lambda w, xx: jnp.tanh(xx @ w["a"]) @ w["b"]
+  w0 = {"a": jnp.asarray(0.5 * rng.normal(size=(d, 4)), jnp.float32),
+        "b": jnp.asarray(0.5 * rng.normal(size=(4, c)), jnp.float32)}
+  w_full = {k: v + 0.1 for k, v in w0.items()}
+  cfg = tiny()
+  with cfg.unlocked():
+    cfg.unlearn.serve, cfg.unlearn.damping, cfg.unlearn.solve_dtype = True, damping, "float32"
+  data = types.SimpleNamespace(train=types.SimpleNamespace(x=x, y=y, size=n),
+                               retain=types.SimpleNamespace(size=n - 4), num_classes=c)
+  forgetter = unlearn.make_forgetter(apply_fn, num_classes=c, damping=damping,
+                                     solver="primal", batch_size=8)
+  os.makedirs(tmp_dir, exist_ok=True)
+  new, diag = pipeline.served_update(cfg, forgetter, apply_fn, w0, w_full, data, str(tmp_dir),
+                                     "test")
+  return np.asarray(ravel_pytree(new)[0]), diag
+
+
+def test_served_update_never_reuses_a_state_of_other_damping_or_inputs(tmp_path):
+  """A state of D left in the seed dir by another damping (or built on other inputs of the
+  same shape, or corrupt) is rebuilt, never served: the parameters are those of a state
+  built fresh. Without the check the other damping's factor answered silently."""
+  expected, _ = _served(tmp_path / "fresh", 1.0)
+  _served(tmp_path / "shared", 0.01)  # leaves a state of damping 0.01 there
+  got, diag = _served(tmp_path / "shared", 1.0)
+  assert diag["cold_seconds"] is not None  # rebuilt, not read back
+  np.testing.assert_array_equal(got, expected)
+  _served(tmp_path / "inputs", 1.0, x_shift=1.0)  # the same shapes, other D
+  got, diag = _served(tmp_path / "inputs", 1.0)
+  assert diag["cold_seconds"] is not None
+  np.testing.assert_array_equal(got, expected)
+  got, diag = _served(tmp_path / "inputs", 1.0)  # now the right state: read back
+  assert diag["cold_seconds"] is None
+  np.testing.assert_array_equal(got, expected)
+  path = tmp_path / "inputs" / pipeline.STATE_OF_D
+  path.write_bytes(path.read_bytes()[:-100])  # truncated: fails its checksum
+  got, diag = _served(tmp_path / "inputs", 1.0)
+  assert diag["cold_seconds"] is not None
+  np.testing.assert_array_equal(got, expected)
+
+
 def test_serving_config_refusals():
   for mutate, message in ((dict(linearize_at="trained"), "linearize_at"),
                           (dict(damping=0.0), "damping > 0"),
