@@ -164,8 +164,14 @@ def markdown(results: dict) -> str:
     comp = [d.get("compile_seconds") for d in results["timing"]["fastntk_diagnostics"].values()]
     comp = [c for c in comp if c is not None]
     kernel = f" (kernel: {f['kernel']})" if f.get("kernel") else ""
+    # A served request reports the stream's estimate, gram_scale / (min L_kk)^2 of its
+    # factor: a lower bound on κ, not κ itself (unlearn.stream.ForgetState).
+    bound = any(d.get("condition_is_lower_bound")
+                for d in results["timing"]["fastntk_diagnostics"].values())
     lines += [f"Fast-NTK solver: {f.get('solver')}{kernel}; condition number "
-              f"{_fmt(f.get('condition_number'), 0)}; damping "
+              + ("≥ " if bound else "") + f"{_fmt(f.get('condition_number'), 0)}"
+              + (" (a lower bound, estimated from the Cholesky factor's pivots)" if bound
+                 else "") + "; damping "
               f"{results['protocol']['unlearn']['damping']}; its time excludes XLA compilation"
               + (f" ({np.mean(comp):.1f} s per seed)" if comp else "") + ".", ""]
     diags = results["timing"]["fastntk_diagnostics"].values()

@@ -101,8 +101,12 @@ def test_served_request_equals_the_one_shot_update(tmp_path):
   assert "state of D" in diag["reason"]
   assert diag["cold_seconds"] > 0 and diag["request_seconds"] > 0
   assert os.path.exists(tmp_path / "serve_True" / "seed_0" / pipeline.STATE_OF_D)
-  assert "Served as a request on the state of D" in (
-      tmp_path / "serve_True" / "results.md").read_text()
+  text = (tmp_path / "serve_True" / "results.md").read_text()
+  assert "Served as a request on the state of D" in text
+  # The served request's κ is the stream's estimate from the factor's pivots: labelled as the
+  # lower bound it is; the one-shot update's is the κ of G + λI itself.
+  assert "condition number ≥ " in text and "a lower bound" in text
+  assert "condition number ≥" not in (tmp_path / "serve_False" / "results.md").read_text()
 
 
 def _served(tmp_dir, damping, *, x_shift=0.0):
