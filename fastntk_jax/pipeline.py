@@ -705,15 +705,16 @@ def baseline_fit(cfg, net, name: str, full_params, frozen_full: dict, data, seed
 
 
 def run_seed(cfg, model, data, pretrained: dict, seed: int, workdir: str,
-             progress: _Progress, mesh=None) -> dict:
-  """All methods for one seed; returns {method: metrics} and {probe kind: metrics}."""
+             progress: _Progress, mesh=None, gram_fn=None) -> dict:
+  """All methods for one seed; returns {method: metrics} and {probe kind: metrics}.
+  `gram_fn` (`gram_stats_fn`), when given, is shared with the other seeds (compiled once)."""
   sdir = os.path.join(workdir, f"seed_{seed}")
   os.makedirs(sdir, exist_ok=True)
   w_pre, frozen_pre = tr.split(pretrained)
   w0 = fresh_head(w_pre, model, data.image_shape, seed)
   c = data.num_classes
   results, timings = {}, {}
-  tuner = FineTuner(cfg, model, frozen_pre, w0, data, seed, progress, mesh)
+  tuner = FineTuner(cfg, model, frozen_pre, w0, data, seed, progress, mesh, gram_fn=gram_fn)
   linearized, net, frozen_net = tuner.linearized, tuner.net, tuner.frozen_net
 
   def finetune(split, tag):
@@ -951,11 +952,14 @@ def _run(cfg: ml_collections.ConfigDict, workdir: str, show_progress: bool) -> d
   mesh = data_mesh(cfg)
   pretrained = pretrain_stage(cfg, model, data, workdir, progress, mesh)
   per_seed, draws = {}, {}
+  # One Gram computation for every seed: compiled once per data shape, not once per seed.
+  gram_fn = gram_stats_fn(cfg, model, tr.split(pretrained)[1], data.num_classes)
   for seed in cfg.seeds:
     log.info("seed %d", seed)
     seed_data = data_for_seed(cfg, data, seed)
     draws[seed] = data_draw(seed_data)
-    per_seed[seed] = run_seed(cfg, model, seed_data, pretrained, seed, workdir, progress, mesh)
+    per_seed[seed] = run_seed(cfg, model, seed_data, pretrained, seed, workdir, progress, mesh,
+                              gram_fn=gram_fn)
   population = population_stage(cfg, model, data, pretrained, workdir, progress, mesh)
   progress.close()
   results = report.build_results(cfg, data, model, pretrained, per_seed)
