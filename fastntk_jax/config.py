@@ -110,6 +110,10 @@ def base_config() -> ml_collections.ConfigDict:
   # the workdir; results give the cold time (building it) and the request's latency apart.
   # False: the one-shot update (the same parameters up to round-off).
   c.unlearn.serve = False
+  # serve: keep D's Jacobian rows (n·C·p numbers in the solve dtype) when they take at most
+  # this many GiB; a request then needs no backward pass and subtracts the very rows summed
+  # into G (recomputed rows may round differently: a warning names the bound). 0: never.
+  c.unlearn.jacobian_cache_gib = 4.0
 
   c.baselines = ml_collections.ConfigDict()
   # Max Loss: gradient ascent on D_f from Full.
@@ -441,6 +445,7 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   _choice("unlearn.linearize_at", u.linearize_at, enums.values(enums.LinearizationPoint))
   _positive("unlearn.step_scale", u.step_scale, integer=False, allow_zero=True)
   _choice("unlearn.solve_dtype", u.solve_dtype, enums.values(enums.SolveDtype))
+  _positive("unlearn.jacobian_cache_gib", u.jacobian_cache_gib, integer=False, allow_zero=True)
   if u.serve and u.linearize_at != "init":
     raise ValueError(f"config.unlearn.serve=True with unlearn.linearize_at={u.linearize_at!r}: "
                      "the state of D is built at w0 before any fine-tuning; set "

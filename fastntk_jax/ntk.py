@@ -18,10 +18,12 @@ whole data set compiles once, whatever its size.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import functools
 import logging
 import math
+import time
 from typing import Any, Callable, Optional
 
 import jax
@@ -45,7 +47,31 @@ __all__ = [
     "jvp_rows",
     "vjp_rows",
     "num_params",
+    "jacobian_rows",
+    "compile_timer",
 ]
+
+# Open `compile_timer` records; the eager block loops add their compile seconds to each.
+_COMPILE_RECORDS: list[dict] = []
+
+
+@contextlib.contextmanager
+def compile_timer():
+  """Measures XLA compilation inside eager block loops (`gram`, `apply_rows`, ...).
+
+  Called eagerly, those loops compile one block step ahead of time and run it per block;
+  within this context the seconds spent compiling are added to the yielded dict's
+  "seconds", so callers can report the run and its compilation apart.
+
+  Yields:
+    {"seconds": float}, updated in place.
+  """
+  record = {"seconds": 0.0}
+  _COMPILE_RECORDS.append(record)
+  try:
+    yield record
+  finally:
+    _COMPILE_RECORDS.remove(record)
 
 
 @functools.lru_cache(maxsize=None)
@@ -114,10 +140,18 @@ def _scan(step, init, xs):
     # Called eagerly: a host loop over one compiled block step has neither the loop-body
     # slowdown nor an unrolled program's compile time (which for a ResNet-110 Jacobian
     # block is minutes per copy).
-    jstep = jax.jit(step)
+    start = time.perf_counter()
+    jstep = jax.jit(step).lower(init, jax.tree_util.tree_map(lambda a: a[0], xs)).compile()
+    for record in _COMPILE_RECORDS:
+      record["seconds"] += time.perf_counter() - start
     carry, ys = init, []
     for i in range(num_blocks):
-      carry, y = jstep(carry, jax.tree_util.tree_map(lambda a: a[i], xs))
+      block = jax.tree_util.tree_map(lambda a: a[i], xs)
+      try:
+        carry, y = jstep(carry, block)
+      except TypeError:  # the carry's types changed after a step (e.g. weak types): retrace
+        jstep = jax.jit(step)
+        carry, y = jstep(carry, block)
       ys.append(y)
     return carry, jax.tree_util.tree_map(lambda *a: jnp.stack(a), *ys)
   if num_blocks == 1:  # no loop at all (a length-1 scan measured 5x slower on XLA:CPU)
@@ -255,6 +289,19 @@ def jacobian(apply_fn: ApplyFn, params: PyTree, x: jnp.ndarray) -> jnp.ndarray:
   """
   j = _per_sample_jacobian(apply_fn, params, x)
   return j.reshape(-1, j.shape[-1])
+
+
+def jacobian_rows(apply_fn: ApplyFn, params: PyTree, x: jnp.ndarray,
+                  *, batch_size: Optional[int] = 256) -> jnp.ndarray:
+  """Per-sample Jacobians computed in fixed-size blocks (bounded activation memory).
+
+  Returns:
+    J [n, C, p], sample-major like `jacobian` (which is this with one block, flattened).
+  """
+  n = x.shape[0]
+  blocks, _ = _pad_to_blocks(x, _block_size(n, batch_size))
+  out = _map(lambda xb: _per_sample_jacobian(apply_fn, params, xb), blocks)
+  return out.reshape((-1,) + out.shape[2:])[:n]
 
 
 def gram(apply_fn: ApplyFn, params: PyTree, x: jnp.ndarray, residuals: jnp.ndarray,

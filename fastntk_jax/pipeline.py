@@ -360,9 +360,11 @@ def fastntk_stage(cfg, model, frozen_pre, w0, w_full, data, sdir: str, tag: str,
                  batch_size=u.batch_size, kernel_impl=u.kernel_impl,
                  solve_dtype=jnp.float64 if u.solve_dtype == "float64" else None,
                  linearize_at=u.linearize_at, step_scale=float(u.step_scale))
-  forgetter = unlearn.make_forgetter(apply_fn, **options)
   if u.serve:
+    forgetter = unlearn.make_forgetter(
+        apply_fn, **options, max_cache_bytes=int(u.jacobian_cache_gib * 2**30))
     return served_update(cfg, forgetter, apply_fn, w0, w_full, data, sdir, tag)
+  forgetter = unlearn.make_forgetter(apply_fn, **options)
   plan = forgetter.plan(w0, w_full, retain, forget, traced=True)
   if plan.solver != unlearn.Solver.PRIMAL:
     new, diag = unlearn.ntk_forget_with_diagnostics(apply_fn, w0, w_full, retain=retain,
@@ -467,10 +469,10 @@ def served_update(cfg, forgetter, apply_fn, w0, w_full, data, sdir: str, tag: st
   The parameters equal the one-shot update's up to round-off.
 
   Returns:
-    (new trainable params, diagnostics dict) whose "seconds" is the request's latency and
-    "cold_seconds" what building the state took, its compilation included (None when it was
-    read back from the workdir); the request's compilation is reported apart in
-    "compile_seconds".
+    (new trainable params, diagnostics dict) whose "seconds" is the request's latency,
+    "cold_seconds" what building the state took, its compilation included, and
+    "cold_compile_seconds" that compilation (both None when the state was read back from
+    the workdir); the request's compilation is reported apart in "compile_seconds".
   """
   u, train = cfg.unlearn, data.train
   path = os.path.join(sdir, STATE_OF_D)
@@ -489,11 +491,11 @@ def served_update(cfg, forgetter, apply_fn, w0, w_full, data, sdir: str, tag: st
         log.warning("%s: %s %s; building it again", tag, path, why)
     except (ValueError, TypeError, KeyError, AttributeError) as e:
       log.warning("%s: discarding %s (%s); building it again", tag, path, e)
-  compile_seconds = 0.0
+  compile_seconds, cold_compile_seconds = 0.0, None
   if state is None:
-    start = time.perf_counter()
-    state = jax.block_until_ready(forgetter.init(w0, (x, y)))
-    cold_seconds = time.perf_counter() - start
+    timings = {}
+    state = jax.block_until_ready(forgetter.init(w0, (x, y), timings=timings))
+    cold_seconds, cold_compile_seconds = timings["seconds"], timings["compile_seconds"]
     wd.save_state(path, unlearn.stream.state_arrays(state))
     faults.maybe_kill(f"{tag}:state_of_D_saved")
   forget_indices = np.arange(data.retain.size, train.size)
@@ -525,10 +527,14 @@ def served_update(cfg, forgetter, apply_fn, w0, w_full, data, sdir: str, tag: st
       "condition_estimate": float(after.last_condition_estimate),  # the stream's lower bound
       "cg_relative_residual": None, "converged": True, "seconds": seconds,
       "request_seconds": seconds, "cold_seconds": cold_seconds,
+      "cold_compile_seconds": cold_compile_seconds, "jacobian_cache": state.jac is not None,
       "compile_seconds": max(compile_seconds, 0.0), "update_norm": norm,
       "factor_update": ("none", "downdate", "refactor", "refactor after a failed downdate")[
           int(after.last_update)],
-      "precision_warning": unlearn.precision_warning(cond, after.rhs.dtype)}
+      # Recomputed request rows carry the network's round-off into G - J_fᵀJ_f (stream).
+      "precision_warning": unlearn.precision_warning(
+          cond, after.rhs.dtype,
+          logits_dtype=None if state.jac is not None else ravel_pytree(w0)[0].dtype)}
 
 
 def _log_softmax(logits: np.ndarray) -> np.ndarray:

@@ -176,13 +176,20 @@ def markdown(results: dict) -> str:
               + (f" ({np.mean(comp):.1f} s per seed)" if comp else "") + ".", ""]
     diags = results["timing"]["fastntk_diagnostics"].values()
     cold = [d["cold_seconds"] for d in diags if d.get("cold_seconds") is not None]
+    cold_compile = [d["cold_compile_seconds"] for d in diags
+                    if d.get("cold_compile_seconds") is not None]
     if any("request_seconds" in d for d in diags):
       request = [d["request_seconds"] for d in diags if d.get("request_seconds") is not None]
+      cached = [d.get("jacobian_cache") for d in diags]
       lines += ["Served as a request on the state of D (unlearn.serve): building the state "
-                + (f"{np.mean(cold):.2f} s per seed (cold, its compilation included)" if cold else
-                   "read back from the workdir")
+                + (f"{np.mean(cold):.2f} s per seed (cold, its compilation included"
+                   + (f": {np.mean(cold_compile):.2f} s" if cold_compile else "") + ")"
+                   if cold else "read back from the workdir")
                 + f"; the request {np.mean(request):.3f} s per seed (its latency, the time "
-                "above).", ""]
+                "above)"
+                + ("; Jacobian rows cached" if all(cached) else
+                   "; Jacobian rows recomputed per request (unlearn.jacobian_cache_gib)"
+                   if not any(cached) else "") + ".", ""]
   lines += ["## The unlearning field's metrics (SalUn / Unlearn-Sparse)", "",
             "| Method | " + " | ".join(label for _, label in FIELD_METRICS + [GAP])
             + " | RTE (s) |", "|---|" + "---|" * (len(FIELD_METRICS) + 2)]

@@ -100,6 +100,9 @@ def test_served_request_equals_the_one_shot_update(tmp_path):
   diag = results[True]["timing"]["fastntk_diagnostics"]["0"]
   assert "state of D" in diag["reason"]
   assert diag["cold_seconds"] > 0 and diag["request_seconds"] > 0
+  # The cold time's compilation is reported apart (AOT block steps and factorisation).
+  assert 0 < diag["cold_compile_seconds"] < diag["cold_seconds"]
+  assert diag["jacobian_cache"] is True  # D's rows fit unlearn.jacobian_cache_gib
   assert os.path.exists(tmp_path / "serve_True" / "seed_0" / pipeline.STATE_OF_D)
   text = (tmp_path / "serve_True" / "results.md").read_text()
   assert "Served as a request on the state of D" in text
@@ -153,7 +156,7 @@ def test_served_update_never_reuses_a_state_of_other_damping_or_inputs(tmp_path)
   assert diag["cold_seconds"] is not None
   np.testing.assert_array_equal(got, expected)
   got, diag = _served(tmp_path / "inputs", 1.0)  # now the right state: read back
-  assert diag["cold_seconds"] is None
+  assert diag["cold_seconds"] is None and diag["cold_compile_seconds"] is None
   np.testing.assert_array_equal(got, expected)
   path = tmp_path / "inputs" / pipeline.STATE_OF_D
   path.write_bytes(path.read_bytes()[:-100])  # truncated: fails its checksum
@@ -165,7 +168,9 @@ def test_served_update_never_reuses_a_state_of_other_damping_or_inputs(tmp_path)
 def test_serving_config_refusals():
   for mutate, message in ((dict(linearize_at="trained"), "linearize_at"),
                           (dict(damping=0.0), "damping > 0"),
-                          (dict(step_scale=0.5), "step_scale")):
+                          (dict(step_scale=0.5), "step_scale"),
+                          (dict(jacobian_cache_gib=-1.0), "jacobian_cache_gib"),
+                          (dict(jacobian_cache_gib=float("nan")), "jacobian_cache_gib")):
     cfg = config_lib.load_config_file(DEFAULT + ":tiny,standard")
     with cfg.unlocked():
       cfg.unlearn.serve = True

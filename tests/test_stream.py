@@ -5,6 +5,8 @@ explicitly built feature matrix Φ of a model linear in its parameters, and the 
 `unlearn.ntk_forget` with the union of the requests.
 """
 
+import warnings
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -403,3 +405,50 @@ def test_state_persisted_and_read_back_serves_the_same_request(tmp_path, cache):
     with pytest.raises(ValueError, match="needs the fields"):
       stream.state_from_arrays({"gram": state.gram}, apply_fn=model.apply, num_classes=C,
                                batch_size=256)
+
+
+def test_jacobian_rows_in_blocks_equal_the_features():
+  """`ntk.jacobian_rows` (blocks of 4, the last one padded) against Φ built by hand."""
+  from fastntk_jax import ntk
+  model, x, _, w0 = problem(10)
+  with enable_x64():
+    rows = ntk.jacobian_rows(model.apply, model.unravel(w0), jnp.asarray(x), batch_size=4)
+    assert rows.shape == (10, C, P)
+    np.testing.assert_allclose(np.asarray(rows).reshape(-1, P), model.features(x), atol=1e-12)
+
+
+def test_init_reports_its_compilation_apart():
+  """`timings` gets the cold time and the part of it spent compiling (the eager block loops'
+  AOT compiles and the factorisation's)."""
+  model, x, y, w0 = problem(30)
+  timings = {}
+  with enable_x64():
+    stream.init_forget_state(model.apply, model.unravel(w0), train=(x, y), num_classes=C,
+                             damping=0.1, batch_size=8, timings=timings)
+  assert set(timings) == {"seconds", "compile_seconds"}
+  assert 0 < timings["compile_seconds"] <= timings["seconds"]
+
+
+def test_uncached_request_in_a_narrower_dtype_warns_and_the_cache_does_not():
+  """Rows recomputed for a request (no Jacobian cache) in float32 need not equal the rows
+  summed into the float64 G at init, so the request warns with κ·ε32; the cached rows are
+  the very rows of G, so the cached request does not."""
+  model, x, y, w0 = problem(7)
+  to32 = lambda v: jax.tree_util.tree_map(lambda l: jnp.asarray(l, jnp.float32),
+                                          model.unravel(v))
+  train = (jnp.asarray(x, jnp.float32), jnp.asarray(y))
+  with enable_x64():
+    for cache in (False, True):
+      state = stream.init_forget_state(model.apply, to32(w0), train=train, num_classes=C,
+                                       damping=1e-4, solve_dtype=jnp.float64,
+                                       cache_jacobian=cache)
+      assert float(state.last_condition_estimate) * np.finfo(np.float32).eps > 1e-3
+      with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        stream.forget_request(state, to32(w0), np.array([2]))
+      recomputed = [w for w in caught if "recomputed" in str(w.message)]
+      if cache:
+        assert not recomputed
+      else:
+        assert recomputed and issubclass(recomputed[0].category, unlearn.PrecisionWarning)
+        assert "cache_jacobian=True" in str(recomputed[0].message)

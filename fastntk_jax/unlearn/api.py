@@ -49,7 +49,8 @@ class Forgetter(NamedTuple):
     (κ·ε > 1) or unconverged solve.
   from_gram_stats(params, stats_retain, stats_forget, plan) -> (params, SolveInfo): the
     primal update from Gram statistics summed elsewhere (chunked, resumable, sharded).
-  init(params_init, train) -> stream.ForgetState; serve(state, params, indices) ->
+  init(params_init, train, *, timings=None) -> stream.ForgetState (`timings`: see
+    `stream.init_forget_state`); serve(state, params, indices) ->
     (params, state): the request stream (`fastntk_jax.unlearn.stream`).
   """
   plan: Callable
@@ -187,13 +188,14 @@ def make_forgetter(apply_fn: ApplyFn, *, num_classes: int, damping=1e-2,
     check(info, plan)
     return solvers.apply_delta(params, delta, opts.step_scale), info
 
-  def init(params_init, train):
+  def init(params_init, train, *, timings=None):
     return stream.init_forget_state(apply_fn, params_init, train=train, num_classes=c,
                                     damping=opts.damping, batch_size=opts.batch_size,
                                     solve_dtype=opts.solve_dtype,
                                     cache_jacobian=cache_jacobian,
                                     max_cache_bytes=max_cache_bytes,
-                                    factor_update=factor_update, refactor_every=refactor_every)
+                                    factor_update=factor_update, refactor_every=refactor_every,
+                                    timings=timings)
 
   return Forgetter(plan=plan_fn, forget=forget_fn, forget_with_info=forget_with_info,
                    check=check, from_gram_stats=from_gram_stats, init=init,

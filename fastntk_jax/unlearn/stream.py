@@ -55,6 +55,7 @@ import dataclasses
 import functools
 import logging
 import math
+import time
 from typing import Any, Callable, Optional, Sequence
 
 import flax.struct
@@ -348,28 +349,49 @@ def check_stream_options(factor_update, refactor_every) -> None:
   validate.check_positive_int("refactor_every", refactor_every, allow_none=True)
 
 
-@functools.partial(jax.jit, static_argnames=("apply_fn", "num_classes", "batch_size",
-                                             "sdtype", "cache", "factor_update",
-                                             "refactor_every"))
-def _init_state(apply_fn, w_lin, x, y, damping, *, num_classes, batch_size, sdtype, cache,
-                factor_update, refactor_every):
-  # `solvers.gram_stats`, unrolled to keep the residuals (the state's E).
+def _gram_of_d(apply_fn, w_lin, x, y, *, num_classes, batch_size, sdtype, cache):
+  """(E [n, C], G [p, p], b [p], J [n, C, p] or None) at w_lin over all of D.
+
+  `solvers.gram_stats`, unrolled to keep the residuals (the state's E). Called eagerly: the
+  block loops then run one compiled block step per block (`ntk._scan`), the reverse-mode
+  floor, where one jitted program would run them as an XLA while loop (several times slower
+  on CPU) or unroll them (minutes of compilation per block for a deep network).
+  """
   apply_s = lambda w, xx: apply_fn(w, xx).astype(sdtype)
   residuals = solvers.residuals(apply_s, w_lin, x, y, num_classes=num_classes,
                                 batch_size=batch_size, dtype=sdtype)
   with jax.default_matmul_precision("highest"):
     stats = ntk.gram(apply_s, w_lin, x, residuals, batch_size=batch_size, dtype=sdtype,
                      keep_jacobian=cache)
-  g, b = stats[:2]
-  lam = jnp.asarray(damping, sdtype)
+  return residuals, stats[0], stats[1], (stats[2] if cache else None)
+
+
+@jax.jit
+def _factor(g, b, lam):
+  """(Cholesky factor of G + λI, the ridge solution s = (G + λI)⁻¹ b)."""
   with jax.default_matmul_precision("highest"):
-    chol = jnp.linalg.cholesky(g + lam * jnp.eye(g.shape[0], dtype=sdtype))
-    solution = jax.scipy.linalg.cho_solve((chol, True), b)
+    chol = jnp.linalg.cholesky(g + lam * jnp.eye(g.shape[0], dtype=g.dtype))
+    return chol, jax.scipy.linalg.cho_solve((chol, True), b)
+
+
+def _init_state(apply_fn, w_lin, x, y, damping, *, num_classes, batch_size, sdtype, cache,
+                factor_update, refactor_every, timings=None):
+  with ntk.compile_timer() as compiled:
+    start = time.perf_counter()
+    residuals, g, b, jac = _gram_of_d(apply_fn, w_lin, x, y, num_classes=num_classes,
+                                      batch_size=batch_size, sdtype=sdtype, cache=cache)
+    lam = jnp.asarray(damping, sdtype)
+    factor_start = time.perf_counter()
+    factor = _factor.lower(g, b, lam).compile()
+    compiled["seconds"] += time.perf_counter() - factor_start
+    chol, solution = jax.block_until_ready(factor(g, b, lam))
+  if timings is not None:
+    timings.update(seconds=time.perf_counter() - start, compile_seconds=compiled["seconds"])
   zero = jnp.zeros((), jnp.int32)
   diag = jnp.abs(jnp.diagonal(chol))
   scale = jnp.square(jnp.max(diag))
   return ForgetState(
-      w_lin=w_lin, x=x, residuals=residuals, jac=stats[2] if cache else None, gram=g, rhs=b,
+      w_lin=w_lin, x=x, residuals=residuals, jac=jac, gram=g, rhs=b,
       chol=chol, solution=solution, forgotten=jnp.zeros((x.shape[0],), bool), damping=lam,
       num_requests=zero, downdates_since_refactor=zero, num_refactors=zero,
       last_update=jnp.asarray(UPDATE_NONE, jnp.int32),
@@ -383,7 +405,8 @@ def init_forget_state(apply_fn: ApplyFn, params_init: PyTree, *, train, num_clas
                       damping: float = 1e-2, batch_size: Optional[int] = 256,
                       solve_dtype=None, cache_jacobian: Optional[bool] = None,
                       max_cache_bytes: int = 2 ** 28, factor_update: FactorUpdate = "auto",
-                      refactor_every: Optional[int] = None) -> ForgetState:
+                      refactor_every: Optional[int] = None,
+                      timings: Optional[dict] = None) -> ForgetState:
   """Computes, once, what every later forget request reuses (the expensive part).
 
   At the linearisation point w0 = `params_init`: the residuals E = one_hot(y) - f(w0, x),
@@ -409,6 +432,8 @@ def init_forget_state(apply_fn: ApplyFn, params_init: PyTree, *, train, num_clas
       `refactor_flops` predicts cheaper for that request's rank).
     refactor_every: if set, refactorise (instead of downdating) after this many
       consecutive downdates, bounding the accumulation of round-off in the factor.
+    timings: if a dict, filled with "seconds" (wall time of building the state, its
+      compilation included) and "compile_seconds" (the part spent compiling).
 
   Returns:
     A `ForgetState` with nothing forgotten yet.
@@ -445,7 +470,7 @@ def init_forget_state(apply_fn: ApplyFn, params_init: PyTree, *, train, num_clas
   state = _init_state(apply_fn, params_init, jnp.asarray(x), jnp.asarray(y), damping,
                       num_classes=c, batch_size=opts.batch_size, sdtype=sdtype,
                       cache=bool(cache_jacobian), factor_update=factor_update,
-                      refactor_every=refactor_every)
+                      refactor_every=refactor_every, timings=timings)
   _check_solve(state, "the stream's initial ridge solve")
   return state
 
@@ -474,16 +499,19 @@ def _check_solve(state: ForgetState, what: str) -> None:
 
 def _request_rows(state: ForgetState, indices: jnp.ndarray, mask: jnp.ndarray):
   """Jacobian rows [m, p] (m = len(indices)·C) and residuals [m] of the requested samples,
-  zeroed where `mask` is False (padding)."""
+  zeroed where `mask` is False (padding), and the machine epsilon the rows were computed in
+  (the Jacobian cache's dtype, or the network's when they are recomputed)."""
   sdtype = state.rhs.dtype
   c, p = state.num_classes, state.num_params
   if state.jac is not None:
     jk = state.jac[indices]
   else:
-    jk = ntk.jacobian(state.apply_fn, state.w_lin, state.x[indices]).reshape(-1, c, p)
+    jk = ntk.jacobian_rows(state.apply_fn, state.w_lin, state.x[indices],
+                           batch_size=state.batch_size)
+  rows_eps = float(jnp.finfo(jk.dtype).eps)
   jk = jnp.where(mask[:, None, None], jk.astype(sdtype), 0).reshape(-1, p)
   ek = jnp.where(mask[:, None], state.residuals[indices], 0).reshape(-1)
-  return jk, ek
+  return jk, ek, rows_eps
 
 
 def _check_request_in_jit(state: ForgetState, indices, mask) -> None:
@@ -524,7 +552,7 @@ def serve_request(state: ForgetState, params: PyTree, indices: jnp.ndarray,
   if mask is None:
     mask = jnp.ones(indices.shape, bool)
   _check_request_in_jit(state, indices, mask)
-  jk, ek = _request_rows(state, indices, mask)
+  jk, ek, rows_eps = _request_rows(state, indices, mask)
   p, m = jk.shape[1], jk.shape[0]
   sdtype = state.rhs.dtype
   with jax.default_matmul_precision("highest"):
@@ -562,6 +590,18 @@ def serve_request(state: ForgetState, params: PyTree, indices: jnp.ndarray,
   estimate = state.gram_scale / jnp.square(jnp.min(jnp.abs(jnp.diagonal(chol))))
   _check_solve(state.replace(solution=solution, last_condition_estimate=estimate),
                "the request's ridge solve")
+  if state.jac is None and rows_eps > float(jnp.finfo(sdtype).eps):
+    # Recomputed rows need not equal, bit for bit, the rows summed into G at init (another
+    # block shape or program may round differently), so G - J_kᵀJ_k keeps a residue of
+    # J_k's round-off, amplified by κ. The cache reuses the very rows: no such residue.
+    bound = estimate * rows_eps
+    validate.runtime_warn(
+        bound > validate.WARN_ABOVE,
+        "the request's Jacobian rows were recomputed (no Jacobian cache) in a dtype with "
+        f"epsilon {rows_eps:.2g} and may differ by round-off from the rows summed into G, so "
+        "the update may be off by up to {:.2g} relative (condition estimate {:.3g} x that "
+        "epsilon); build the state with cache_jacobian=True (the request then reuses the "
+        "exact rows) or use a larger damping", bound, estimate)
   new_params = solvers.apply_delta(params, solution - state.solution)
   downdated = code == UPDATE_DOWNDATE
   # Scatter-add of the mask (not a set): padding entries may repeat any index harmlessly.
