@@ -403,19 +403,21 @@ def fastntk_stage(cfg, model, frozen_pre, w0, w_full, data, sdir: str, tag: str,
   compile_seconds = time.perf_counter() - compile_start
   start = time.perf_counter()
   stats = {}
-  for part, split in (("retain", data.retain), ("forget", data.forget)):
-    path = os.path.join(sdir, f"fastntk_gram_{part}.state")
-    empty = {"g": np.zeros((p, p), plan.solve_dtype), "b": np.zeros((p,), plan.solve_dtype),
-             "next": 0}
+  # Each chunk's checkpoint (p×p) is written while the next chunk computes.
+  with wd.BackgroundSaver() as saver:
+    for part, split in (("retain", data.retain), ("forget", data.forget)):
+      path = os.path.join(sdir, f"fastntk_gram_{part}.state")
+      empty = {"g": np.zeros((p, p), plan.solve_dtype), "b": np.zeros((p,), plan.solve_dtype),
+               "next": 0}
 
-    def save(state, path=path, part=part):
-      wd.save_state(path, state)
-      faults.maybe_kill(f"{tag}:gram_{part}_chunk{state['next'] // rows - 1}")
+      def save(state, path=path, part=part):
+        point = f"{tag}:gram_{part}_chunk{state['next'] // rows - 1}"
+        saver.submit(path, state, then=lambda: faults.maybe_kill(point))
 
-    state = unlearn.accumulate_chunks(
-        lambda x, y, weights: chunk_stats(w_lin, x, y, weights), split.x, split.y,
-        chunk_rows=rows, state=wd.load_state(path, empty) or empty, on_chunk=save)
-    stats[part] = (state["g"], state["b"])
+      state = unlearn.accumulate_chunks(
+          lambda x, y, weights: chunk_stats(w_lin, x, y, weights), split.x, split.y,
+          chunk_rows=rows, state=wd.load_state(path, empty) or empty, on_chunk=save)
+      stats[part] = (state["g"], state["b"])
   try:
     new, info = forgetter.from_gram_stats(w_full, stats["retain"], stats["forget"], plan)
   except unlearn.SolveError as e:
@@ -426,7 +428,7 @@ def fastntk_stage(cfg, model, frozen_pre, w0, w_full, data, sdir: str, tag: str,
   diag = unlearn.make_diagnostics(plan, info, update_norm=norm, seconds=seconds,
                                   compile_seconds=compile_seconds,
                                   reason_suffix="; chunked Gram accumulation, resumable")
-  return new, diag.as_dict()
+  return new, {**diag.as_dict(), "checkpoint_wait_seconds": saver.wait_seconds}
 
 
 STATE_OF_D = "fastntk_state_of_D.state"

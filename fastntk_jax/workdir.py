@@ -7,7 +7,9 @@ import json
 import logging
 import os
 import tempfile
-from typing import Any, Optional
+import threading
+import time
+from typing import Any, Callable, Optional
 
 import ml_collections
 
@@ -105,6 +107,65 @@ def save_state(path: str, tree: Any) -> None:
   from flax import serialization  # pylint: disable=g-import-not-at-top
   payload = serialization.to_bytes(tree)
   atomic_write_bytes(path, _MAGIC + hashlib.sha256(payload).digest() + payload)
+
+
+class BackgroundSaver:
+  """`save_state` off the caller's thread, so a long loop's checkpoints overlap its compute.
+
+  At most one write is in flight: `submit` first waits for the previous one (files advance
+  in order; memory holds at most one state besides the caller's), then starts the next.
+  Leaving the `with` block waits for the last write, also when the loop raised, so a crash
+  loses no finished chunk; a failed write raises from the next `submit` or from the exit.
+  Each write is atomic: a process killed mid-write leaves the previous complete file.
+
+  Attributes:
+    wait_seconds: time the caller spent blocked on writes (the part not overlapped).
+  """
+
+  def __init__(self):
+    self._thread: Optional[threading.Thread] = None
+    self._error: Optional[BaseException] = None
+    self.wait_seconds = 0.0
+
+  def submit(self, path: str, tree: Any, then: Optional[Callable[[], None]] = None) -> None:
+    """Waits for the previous write, then writes `tree` to `path` in the background and
+    calls `then` (e.g. a fault-injection point) once it is on disk."""
+    self.wait()
+
+    def write():
+      try:
+        save_state(path, tree)
+        if then is not None:
+          then()
+      except BaseException as e:  # pylint: disable=broad-except
+        self._error = e
+
+    self._thread = threading.Thread(target=write, name=f"save {os.path.basename(path)}",
+                                    daemon=True)
+    self._thread.start()
+
+  def wait(self) -> None:
+    """Blocks until no write is in flight; raises the error of a failed one."""
+    if self._thread is not None:
+      start = time.perf_counter()
+      self._thread.join()
+      self.wait_seconds += time.perf_counter() - start
+      self._thread = None
+    if self._error is not None:
+      error, self._error = self._error, None
+      raise error
+
+  def __enter__(self) -> "BackgroundSaver":
+    return self
+
+  def __exit__(self, exc_type, exc, tb) -> None:
+    if exc_type is None:
+      self.wait()
+    else:  # keep the loop's own error; still let the last write finish
+      try:
+        self.wait()
+      except BaseException:  # pylint: disable=broad-except
+        log.exception("a background checkpoint write failed as well")
 
 
 def load_state(path: str, target: Any) -> Optional[Any]:
