@@ -31,6 +31,7 @@ import ml_collections
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
+from fastntk_jax import audit
 from fastntk_jax import config as config_lib
 from fastntk_jax import data as data_lib
 from fastntk_jax import faults
@@ -712,6 +713,32 @@ def baseline_fit(cfg, net, name: str, full_params, frozen_full: dict, data, seed
   return params
 
 
+def certify_deletion(cfg, model, frozen_pre, w0, params, data, workdir: str, *,
+                     request_id: str, solver: str, linearized: bool) -> dict:
+  """The certificate of a deletion (`unlearn.certify`) and its record in the workdir's
+  audit log (`fastntk_jax.audit`); returns the diagnostics entries to add."""
+  start = time.perf_counter()
+  apply_fn = tr.make_apply_fn(model, frozen_pre)
+  retain, forget = (data.retain.x, data.retain.y), (data.forget.x, data.forget.y)
+  u = cfg.unlearn
+  cert = unlearn.certify(apply_fn, w0, params, retain, num_classes=data.num_classes,
+                         damping=float(u.damping), batch_size=u.batch_size,
+                         linearized=linearized,
+                         dtype=jnp.float64 if u.solve_dtype == "float64" else None)
+  seconds = time.perf_counter() - start
+  log.info("%s: certificate: %s", request_id, cert.statement)
+  record = audit.record_deletion(
+      workdir, request_id=request_id,
+      model={"name": cfg.model.name, "num_classes": int(data.num_classes),
+             "options": wd.config_dict(cfg)["model"]["options"]},
+      frozen=frozen_pre, params_init=w0, params=params, retain=retain, forget=forget,
+      # D is D_r followed by D_f (`data.train`): the forgotten ids are D_f's rows of D.
+      forget_ids=np.arange(data.retain.size, data.retain.size + data.forget.size),
+      damping=float(u.damping), solver=solver, certificate=cert, batch_size=u.batch_size)
+  return {"certificate": cert.as_dict(), "certificate_seconds": seconds,
+          "audit_record": record["index"]}
+
+
 def run_seed(cfg, model, data, pretrained: dict, seed: int, workdir: str,
              progress: _Progress, mesh=None, gram_fn=None) -> dict:
   """All methods for one seed; returns {method: metrics} and {probe kind: metrics}.
@@ -750,6 +777,9 @@ def run_seed(cfg, model, data, pretrained: dict, seed: int, workdir: str,
       new, diag = fastntk_stage(cfg, model, frozen_pre, w0, full["trainable"], data, sdir,
                                 tag=f"seed{seed}/fastntk", mesh=mesh, grams=grams)
       timings["fastntk"] = diag["seconds"]
+      diag.update(certify_deletion(cfg, model, frozen_pre, w0, new, data, workdir,
+                                   request_id=f"seed{seed}/fastntk", solver=diag["solver"],
+                                   linearized=linearized))
       wd.atomic_write_json(os.path.join(sdir, "fastntk_diagnostics.json"), diag)
       return {"trainable": new}
     out = _stage(os.path.join(sdir, "fastntk"), {"trainable": w0}, fastntk)

@@ -190,6 +190,19 @@ def markdown(results: dict) -> str:
                 + ("; Jacobian rows cached" if all(cached) else
                    "; Jacobian rows recomputed per request (unlearn.jacobian_cache_gib)"
                    if not any(cached) else "") + ".", ""]
+  certs = [d["certificate"] for d in results["timing"]["fastntk_diagnostics"].values()
+           if d.get("certificate")]
+  if certs:
+    rel = [c["retrain_relative_bound"] for c in certs]
+    lines += ["Certificate of each deletion (`unlearn.certify`): ‖w − w_r‖ ≤ ‖∇L_r(w)‖/λ, "
+              + ("w_r the retrain of the linearised model in use" if all(
+                  c["linearized"] for c in certs) else
+                 "w_r the retrain of the linearised model at w0: standard fine-tuning, so a "
+                 "distance measure that certifies nothing about the network")
+              + f"; ‖w − w_r‖/‖w_r − w0‖ ≤ {max(rel):.2g} (worst seed), relative to the "
+              "pre-trained backbone w0, which may itself have seen the forgotten data. Each "
+              "deletion is in the hash-chained log audit/log.jsonl; re-verify it with "
+              "`python -m fastntk_jax.audit --workdir=<this workdir>`.", ""]
   lines += ["## The unlearning field's metrics (SalUn / Unlearn-Sparse)", "",
             "| Method | " + " | ".join(label for _, label in FIELD_METRICS + [GAP])
             + " | RTE (s) |", "|---|" + "---|" * (len(FIELD_METRICS) + 2)]

@@ -1,0 +1,342 @@
+"""An append-only, hash-chained log of deletions, and its verifier.
+
+Every deletion the pipeline performs (the one-shot Fast-NTK update or a request served on
+the state of D) appends one record to `<workdir>/audit/log.jsonl`. A record names the
+request, its time, the ids and a content hash of the forgotten samples, hashes of D_r, of w0
+(the linearisation point), of the frozen network and of the resulting parameters, λ, the
+solver, and the certificate of `unlearn.certify`. The arrays it hashes are kept beside it in
+an evidence file (checksummed), so the record can be re-checked without the pipeline:
+
+    python -m fastntk_jax.audit --workdir=DIR
+
+re-verifies the chain (each record's hash covers its content and the previous record's
+hash), every evidence file against its record, that no forgotten sample is still in D_r,
+and recomputes each certificate from the stored data and parameters (one forward, jvp and
+vjp per batch of D_r); one line per request, exit status 1 when anything does not verify.
+
+What it proves is what the certificate proves (`fastntk_jax.unlearn.certificate`): the
+parameters are within the stated distance of retraining the linearised model on D_r from
+w0. It says nothing about w0 itself: a backbone that saw the forgotten data still knows it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import hashlib
+import json
+import math
+import os
+import re
+import sys
+from typing import Any, Callable, Optional, Sequence
+
+import numpy as np
+
+from fastntk_jax import workdir as wd
+
+LOG_NAME = os.path.join("audit", "log.jsonl")
+GENESIS = "0" * 64
+# The recomputed bound may exceed the recorded one by this much (relative) before the
+# certificate fails: reductions may be summed in another order on another machine.
+RECOMPUTE_SLACK = 1e-3
+
+PyTree = Any
+
+
+def _sha(*chunks: bytes) -> str:
+  h = hashlib.sha256()
+  for c in chunks:
+    h.update(c)
+  return h.hexdigest()
+
+
+def hash_array(a) -> str:
+  """SHA-256 of an array's dtype, shape and bytes (C order)."""
+  a = np.ascontiguousarray(np.asarray(a))
+  return _sha(a.dtype.str.encode(), repr(a.shape).encode(), a.tobytes())
+
+
+def hash_tree(tree: PyTree) -> str:
+  """SHA-256 over a pytree's leaves with their key paths (dicts and flax dicts alike)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+  parts = sorted((jax.tree_util.keystr(path), hash_array(leaf)) for path, leaf in leaves)
+  return _sha(json.dumps(parts).encode())
+
+
+def sample_hashes(x, y) -> list[str]:
+  """One SHA-256 per sample over its input's bytes and its label."""
+  x, y = np.asarray(x), np.asarray(y)
+  return [_sha(np.ascontiguousarray(x[i]).tobytes(), np.asarray(y[i]).tobytes())
+          for i in range(x.shape[0])]
+
+
+def _canonical(record: dict) -> bytes:
+  return json.dumps(record, sort_keys=True, separators=(",", ":")).encode()
+
+
+def _chain_hash(prev: str, record: dict) -> str:
+  body = {k: v for k, v in record.items() if k != "hash"}
+  return _sha(prev.encode(), _canonical(body))
+
+
+def _file_sha(path: str) -> str:
+  h = hashlib.sha256()
+  with open(path, "rb") as f:
+    for block in iter(lambda: f.read(1 << 20), b""):
+      h.update(block)
+  return h.hexdigest()
+
+
+def read_log(workdir: str) -> list[dict]:
+  """The records in order; a line that is not a JSON object raises ValueError naming it."""
+  path = os.path.join(workdir, LOG_NAME)
+  if not os.path.exists(path):
+    return []
+  records = []
+  with open(path, encoding="utf-8") as f:
+    for k, line in enumerate(f):
+      try:
+        record = json.loads(line)
+      except json.JSONDecodeError as e:
+        raise ValueError(f"{path} line {k + 1} is not a record (the log was edited): {e}") from e
+      if not isinstance(record, dict):
+        raise ValueError(f"{path} line {k + 1} is not a record (the log was edited)")
+      records.append(record)
+  return records
+
+
+def _append(workdir: str, record: dict) -> dict:
+  path = os.path.join(workdir, LOG_NAME)
+  records = read_log(workdir)
+  record = {**record, "index": len(records),
+            "prev_hash": records[-1]["hash"] if records else GENESIS}
+  record["hash"] = _chain_hash(record["prev_hash"], record)
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path, "a", encoding="utf-8") as f:
+    f.write(json.dumps(record, sort_keys=True) + "\n")
+    f.flush()
+    os.fsync(f.fileno())
+  return record
+
+
+def record_deletion(workdir: str, *, request_id: str, model: Optional[dict], frozen: PyTree,
+                    params_init: PyTree, params: PyTree, retain, forget, forget_ids,
+                    damping: float, solver: str, certificate, batch_size: Optional[int]) -> dict:
+  """Appends one deletion to `<workdir>/audit/log.jsonl` and writes its evidence.
+
+  Args:
+    request_id: names the request (e.g. "seed0/fastntk").
+    model: {"name", "num_classes", "options"} of `models.get_model`, so the verifier can
+      rebuild the network; None for a network it cannot rebuild (verify then needs
+      `apply_fn_for`).
+    frozen: the frozen collections closed over by the network's apply_fn (hashed, and kept
+      once per content in `audit/frozen-<hash>.state`).
+    params_init, params: w0 and the parameters after the deletion (trainable pytrees).
+    retain, forget: (x, y) of D_r and of the forgotten samples.
+    forget_ids: the forgotten samples' ids (indices into D).
+    damping, solver, batch_size: of the update (batch_size: the certificate's blocks).
+    certificate: the `unlearn.Certificate` of `params`.
+
+  Returns:
+    The record as written (with its index, previous hash and hash).
+  """
+  adir = os.path.join(workdir, "audit")
+  os.makedirs(adir, exist_ok=True)
+  frozen_hash = hash_tree(frozen)
+  frozen_rel = os.path.join("audit", f"frozen-{frozen_hash[:16]}.state")
+  if not os.path.exists(os.path.join(workdir, frozen_rel)):
+    wd.save_state(os.path.join(workdir, frozen_rel), frozen)
+  xr, yr = (np.asarray(a) for a in retain)
+  xf, yf = (np.asarray(a) for a in forget)
+  ids = np.asarray(forget_ids, np.int64)
+  evidence = {"x_retain": xr, "y_retain": yr, "x_forget": xf, "y_forget": yf,
+              "forget_ids": ids, "params_init": params_init, "params": params}
+  index = len(read_log(workdir))
+  safe = re.sub(r"[^A-Za-z0-9_.-]+", "-", request_id)
+  evidence_rel = os.path.join("audit", f"{index:05d}-{safe}.evidence")
+  wd.save_state(os.path.join(workdir, evidence_rel), evidence)
+  cert = certificate.as_dict() if dataclasses.is_dataclass(certificate) else dict(certificate)
+  return _append(workdir, {
+      "request_id": request_id,
+      "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+      "forgotten": {"ids": ids.tolist(), "count": int(ids.size),
+                    "sha256": _sha(hash_array(xf).encode(), hash_array(yf).encode())},
+      "retain": {"count": int(xr.shape[0]),
+                 "sha256": _sha(hash_array(xr).encode(), hash_array(yr).encode())},
+      "params_init_sha256": hash_tree(params_init), "params_sha256": hash_tree(params),
+      "frozen_sha256": frozen_hash, "frozen_path": frozen_rel,
+      "model": model, "damping": float(damping), "solver": str(solver),
+      "batch_size": batch_size, "certificate": cert,
+      "evidence": {"path": evidence_rel,
+                   "sha256": _file_sha(os.path.join(workdir, evidence_rel))},
+  })
+
+
+@dataclasses.dataclass
+class Verdict:
+  """The verification of one record."""
+  index: int
+  request_id: str
+  problems: list
+  summary: str = ""
+
+  @property
+  def ok(self) -> bool:
+    return not self.problems
+
+  def line(self) -> str:
+    head = f"{'OK  ' if self.ok else 'FAIL'} #{self.index} {self.request_id}"
+    return head + (f": {self.summary}" if self.summary else "") + (
+        "" if self.ok else " -- " + "; ".join(self.problems))
+
+
+def _default_apply_fn(model_spec: dict, frozen: PyTree) -> Callable:
+  from fastntk_jax import models  # pylint: disable=g-import-not-at-top
+  options = {k: tuple(v) if isinstance(v, list) else v
+             for k, v in (model_spec.get("options") or {}).items()}
+  net = models.get_model(model_spec["name"], int(model_spec["num_classes"]), **options)
+  return models.make_apply_fn(net, frozen)
+
+
+def _check_certificate(workdir: str, record: dict, ev: dict, apply_fn_for) -> tuple[list, str]:
+  """Recomputes the certificate; (problems, summary)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from fastntk_jax import unlearn  # pylint: disable=g-import-not-at-top
+  cert = record.get("certificate") or {}
+  frozen_path = os.path.join(workdir, record.get("frozen_path", ""))
+  if not os.path.isfile(frozen_path):
+    return [f"the frozen network {record.get('frozen_path')} is missing"], ""
+  frozen = wd.load_state(frozen_path, None)
+  if frozen is None or hash_tree(frozen) != record.get("frozen_sha256"):
+    return [f"the frozen network {record.get('frozen_path')} does not match the record"], ""
+  if apply_fn_for is not None:
+    apply_fn = apply_fn_for(record, frozen)
+  elif record.get("model"):
+    apply_fn = _default_apply_fn(record["model"], frozen)
+  else:
+    return ["no model spec in the record to rebuild the network (pass apply_fn_for to "
+            "audit.verify)"], ""
+  wide = cert.get("dtype") == "float64"
+  before = bool(jax.config.read("jax_enable_x64"))
+  if wide and not before:
+    jax.config.update("jax_enable_x64", True)
+  try:
+    again = unlearn.certify(
+        apply_fn, ev["params_init"], ev["params"], (ev["x_retain"], ev["y_retain"]),
+        num_classes=int(record["model"]["num_classes"]) if record.get("model")
+        else int(np.max(ev["y_retain"])) + 1,
+        damping=record["damping"], batch_size=record.get("batch_size"),
+        linearized=bool(cert.get("linearized", True)), dtype=cert.get("dtype"))
+  finally:
+    if wide and not before:
+      jax.config.update("jax_enable_x64", False)
+  claimed = float(cert.get("distance_bound", math.nan))
+  summary = (f"‖w − w_r‖ ≤ {again.distance_bound:.3g} ({again.relative_bound:.3g} of ‖w − w0‖"
+             + ("" if again.linearized else "; standard mode: a distance, not a certificate")
+             + f"), {record['forgotten']['count']} sample(s) forgotten")
+  slack = RECOMPUTE_SLACK * claimed + 1e-9 * again.update_norm
+  if not again.distance_bound <= claimed + slack:
+    return [f"the recomputed bound {again.distance_bound:.6g} exceeds the recorded "
+            f"{claimed:.6g}: the certificate does not hold"], summary
+  return [], summary
+
+
+def verify(workdir: str, *, certificates: bool = True,
+           apply_fn_for: Optional[Callable[[dict, PyTree], Callable]] = None) -> list[Verdict]:
+  """Re-verifies `<workdir>/audit/log.jsonl`; one `Verdict` per record.
+
+  Args:
+    certificates: also recompute every certificate (the costly part).
+    apply_fn_for: `(record, frozen) -> apply_fn` for networks the record's model spec
+      cannot rebuild (default: `models.get_model` from the spec).
+
+  Raises:
+    FileNotFoundError: no log in `workdir`.
+    ValueError: a line of the log is not a record.
+  """
+  if not os.path.exists(os.path.join(workdir, LOG_NAME)):
+    raise FileNotFoundError(f"no audit log at {os.path.join(workdir, LOG_NAME)}")
+  verdicts = []
+  prev = GENESIS
+  for k, record in enumerate(read_log(workdir)):
+    v = Verdict(index=k, request_id=str(record.get("request_id")), problems=[])
+    verdicts.append(v)
+    if record.get("index") != k or record.get("prev_hash") != prev:
+      v.problems.append("the chain is broken here: a record before it was removed, reordered "
+                        "or altered")
+    if _chain_hash(record.get("prev_hash", ""), record) != record.get("hash"):
+      v.problems.append("its hash does not match its content: the record was edited")
+    prev = record.get("hash", "")
+    try:
+      ev_rel = record["evidence"]["path"]
+      ev_path = os.path.join(workdir, ev_rel)
+      if not os.path.isfile(ev_path):
+        v.problems.append(f"its evidence {ev_rel} is missing")
+        continue
+      if _file_sha(ev_path) != record["evidence"]["sha256"]:
+        v.problems.append(f"its evidence {ev_rel} was replaced or altered")
+      ev = wd.load_state(ev_path, None)
+      if ev is None:
+        v.problems.append(f"its evidence {ev_rel} fails its checksum")
+        continue
+      checks = (
+          ("params", hash_tree(ev["params"]) == record["params_sha256"],
+           "the parameters in the evidence are not the ones recorded (a swapped parameter "
+           "file)"),
+          ("params_init", hash_tree(ev["params_init"]) == record["params_init_sha256"],
+           "w0 in the evidence is not the one recorded"),
+          ("retain", _sha(hash_array(ev["x_retain"]).encode(),
+                          hash_array(ev["y_retain"]).encode()) == record["retain"]["sha256"],
+           "D_r in the evidence is not the one recorded"),
+          ("forget", _sha(hash_array(ev["x_forget"]).encode(),
+                          hash_array(ev["y_forget"]).encode()) == record["forgotten"]["sha256"],
+           "the forgotten samples in the evidence are not the ones recorded"),
+          ("ids", np.asarray(ev["forget_ids"]).tolist() == record["forgotten"]["ids"],
+           "the forgotten ids in the evidence are not the ones recorded"))
+      v.problems += [msg for _, ok, msg in checks if not ok]
+      retained = set(sample_hashes(ev["x_retain"], ev["y_retain"]))
+      still = [int(i) for i, h in zip(np.asarray(ev["forget_ids"]).tolist(),
+                                      sample_hashes(ev["x_forget"], ev["y_forget"]))
+               if h in retained]
+      if still:
+        v.problems.append(f"{len(still)} forgotten sample(s) are still in D_r (ids "
+                          f"{still[:10]}{' ...' if len(still) > 10 else ''}): the deletion did "
+                          "not remove them")
+      if certificates and not v.problems:
+        problems, v.summary = _check_certificate(workdir, record, ev, apply_fn_for)
+        v.problems += problems
+    except (KeyError, TypeError, ValueError) as e:
+      v.problems.append(f"malformed record or evidence ({type(e).__name__}: {e})")
+  return verdicts
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+  import argparse  # pylint: disable=g-import-not-at-top
+  ap = argparse.ArgumentParser(
+      prog="python -m fastntk_jax.audit",
+      description="Re-verify a workdir's deletion log: hash chain, evidence, that no forgotten "
+                  "sample is left in D_r, and every certificate recomputed.")
+  ap.add_argument("--workdir", required=True)
+  ap.add_argument("--no-certificates", action="store_true",
+                  help="skip recomputing the certificates (chain and evidence only)")
+  args = ap.parse_args(argv)
+  try:
+    verdicts = verify(args.workdir, certificates=not args.no_certificates)
+  except (FileNotFoundError, ValueError) as e:
+    print(f"audit: {e}", file=sys.stderr)
+    return 1
+  for v in verdicts:
+    print(v.line())
+  bad = sum(not v.ok for v in verdicts)
+  if not verdicts:
+    print(f"audit: the log in {args.workdir} is empty", file=sys.stderr)
+    return 1
+  print(f"{len(verdicts) - bad} of {len(verdicts)} record(s) verified"
+        + ("" if not bad else f"; {bad} FAILED"))
+  return 1 if bad else 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

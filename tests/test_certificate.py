@@ -1,0 +1,101 @@
+"""The certificate of forgetting (`unlearn.certify`) against the closed form of a model linear
+in its parameters: ‖w − w_r‖ ≤ ‖∇L_r(w)‖/λ holds, and is attained up to the exact factor
+(μ + λ)/λ along an eigenvector of J_rᵀJ_r with eigenvalue μ."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from x64 import enable_x64
+
+from fastntk_jax import unlearn
+from test_stream import C, problem, ridge
+
+
+def _setup(lam=0.1, n=30, n_forget=5):
+  model, x, y, w0 = problem(n)
+  phi = model.features(x)
+  keep = np.arange(n_forget, n)
+  phi_r = phi.reshape(n, C, -1)[keep].reshape(-1, phi.shape[1])
+  w_r = ridge(phi_r, w0, y[keep], lam)
+  return model, x[keep], y[keep], w0, w_r, phi_r
+
+
+def _certify(model, xr, yr, w0, w, lam, **kw):
+  return unlearn.certify(model.apply, model.unravel(w0), model.unravel(w), (xr, yr),
+                         num_classes=C, damping=lam, batch_size=8, **kw)
+
+
+def test_gradient_equals_the_closed_form():
+  lam = 0.1
+  model, xr, yr, w0, w_r, phi_r = _setup(lam)
+  w = w_r + 0.05 * np.random.default_rng(3).normal(size=w_r.shape)
+  with enable_x64():
+    got = unlearn.retain_gradient(model.apply, model.unravel(w0), model.unravel(w), (xr, yr),
+                                  num_classes=C, damping=lam, batch_size=8)
+  want = phi_r.T @ (phi_r @ w - np.eye(C)[yr].reshape(-1)) + lam * (w - w0)
+  np.testing.assert_allclose(np.asarray(got), want, rtol=1e-10, atol=1e-12)
+
+
+def test_bound_holds_and_is_attained_up_to_the_eigen_factor():
+  lam = 0.1
+  model, xr, yr, w0, w_r, phi_r = _setup(lam)
+  mu, vecs = np.linalg.eigh(phi_r.T @ phi_r)
+  with enable_x64():
+    at_optimum = _certify(model, xr, yr, w0, w_r, lam)
+    assert at_optimum.distance_bound < 1e-10 * np.linalg.norm(w_r - w0)
+    for k in (0, -1):  # smallest and largest eigenvalue: ratio (μ + λ)/λ exactly
+      w = w_r + 1e-2 * vecs[:, k]
+      cert = _certify(model, xr, yr, w0, w, lam)
+      true = np.linalg.norm(w - w_r)
+      assert cert.distance_bound == pytest.approx(true * (mu[k] + lam) / lam, rel=1e-8)
+    rng = np.random.default_rng(0)
+    for _ in range(5):  # any direction: true ≤ bound ≤ (μ_max + λ)/λ · true
+      w = w_r + 1e-2 * rng.normal(size=w_r.shape)
+      cert = _certify(model, xr, yr, w0, w, lam)
+      true = np.linalg.norm(w - w_r)
+      assert true <= cert.distance_bound <= true * (mu[-1] + lam) / lam * (1 + 1e-9)
+      assert cert.update_norm == pytest.approx(np.linalg.norm(w - w0), rel=1e-12)
+      assert cert.relative_bound == pytest.approx(cert.distance_bound / cert.update_norm)
+      # the bound on ‖w − w_r‖/‖w_r − w0‖ holds
+      assert true / np.linalg.norm(w_r - w0) <= cert.retrain_relative_bound
+      assert cert.linearized and "linearised fine-tuning" in cert.statement
+
+
+def test_logit_bound_covers_every_input():
+  lam = 0.1
+  model, xr, yr, w0, w_r, _ = _setup(lam)
+  w = w_r + 1e-2 * np.random.default_rng(1).normal(size=w_r.shape)
+  x_test = np.random.default_rng(2).normal(size=(12, xr.shape[1]))
+  with enable_x64():
+    cert = _certify(model, xr, yr, w0, w, lam)
+    bounds = unlearn.logit_bound(model.apply, model.unravel(w0), x_test, cert, batch_size=5)
+  phi = model.features(x_test).reshape(12, C, -1)
+  true = np.linalg.norm(np.einsum("ncp,p->nc", phi, w - w_r), axis=1)
+  spectral = np.linalg.norm(phi, ord=2, axis=(1, 2))
+  np.testing.assert_allclose(bounds, spectral * cert.distance_bound, rtol=1e-9)
+  assert np.all(true <= bounds)
+
+
+def test_standard_mode_says_it_certifies_nothing_about_the_network():
+  lam = 0.1
+  model, xr, yr, w0, w_r, _ = _setup(lam)
+  with enable_x64():
+    cert = _certify(model, xr, yr, w0, w_r + 1e-3, lam, linearized=False)
+  assert not cert.linearized and "certifies nothing about the network" in cert.statement
+
+
+def test_bad_input_is_refused():
+  model, xr, yr, w0, w_r, _ = _setup()
+  with enable_x64():
+    for lam, err in ((0.0, ValueError), (-1.0, ValueError), (float("nan"), ValueError),
+                     ("1", TypeError)):
+      with pytest.raises(err, match="damping"):
+        _certify(model, xr, yr, w0, w_r, lam)
+    with pytest.raises(TypeError, match="outside jax.jit"):
+      jax.jit(lambda lam: _certify(model, xr, yr, w0, w_r, lam).gradient_norm)(0.1)
+    with pytest.raises(ValueError, match="label"):
+      _certify(model, xr, yr + C, w0, w_r, 0.1)
+    with pytest.raises(ValueError, match="structure"):
+      unlearn.certify(model.apply, model.unravel(w0), {"x": jnp.zeros(3)}, (xr, yr),
+                      num_classes=C, damping=0.1)
