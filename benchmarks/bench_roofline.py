@@ -9,7 +9,14 @@ Measures, in one run on one machine:
     2·m²·p FLOPs), m = n·C rows; the primal's p×p Cholesky (p³/3 FLOPs);
   * the dual's matrix-free passes: a batched jvp and vjp over the same samples (XLA's count).
 Each is compiled first and timed as the best of several runs; the table gives GFLOP/s and the
-fraction of the measured GEMM peak. Writes `roofline.md` and `roofline.png` into --out.
+fraction of the measured GEMM peak.
+
+Then the **reverse-mode floor** of the cold path, per `--floor-models` (default ResNet-110
+BN+head at 32x32 and ViT-S/16 prompts at 224x224, C = 10): the per-sample Jacobian of a
+block (`ntk.jacobian_rows`, what the state of D and the primal Grams compute) against one
+forward and C backward passes over the same block (`jax.vjp` once, C pullbacks of one-hot
+cotangents: what any reverse-mode Jacobian must do at least), per image; the ratio is the
+cold path's distance from its bound (target ≤ 1.1). Writes `roofline.{md,json,png}`.
 
     python -m benchmarks.bench_roofline --out benchmarks/results
 """
@@ -48,12 +55,36 @@ def xla_flops(fn, *args) -> float:
   return float(analysis.get("flops", float("nan")))
 
 
+def reverse_mode_floor(name: str, image_size: int, block: int, *, num_classes: int) -> dict:
+  """Per-image seconds of a block's per-sample Jacobian and of forward + C backward passes."""
+  model = get_model(name, num_classes)
+  variables = model.init(jax.random.PRNGKey(1), jnp.zeros((1, image_size, image_size, 3)))
+  w, frozen = tr.split(variables)
+  apply_fn = tr.make_apply_fn(model, frozen)
+  x = jax.random.normal(jax.random.PRNGKey(2), (block, image_size, image_size, 3), jnp.float32)
+  jac = jax.jit(lambda w, x: ntk.jacobian_rows(apply_fn, w, x, batch_size=None))
+
+  def forward_and_backwards(w, x):
+    out, pull = jax.vjp(lambda w: apply_fn(w, x), w)
+    return out, [pull(jax.nn.one_hot(jnp.full((x.shape[0],), c), num_classes,
+                                     dtype=out.dtype))[0] for c in range(num_classes)]
+
+  floor = jax.jit(forward_and_backwards)
+  t_jac = best_time(jac, w, x, repeats=3)
+  t_floor = best_time(floor, w, x, repeats=3)
+  return {"model": name, "image_size": image_size, "block": block,
+          "num_params": int(ntk.num_params(w)), "jacobian_s_per_image": t_jac / block,
+          "floor_s_per_image": t_floor / block, "ratio": t_jac / t_floor}
+
+
 def main():
   ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   ap.add_argument("--out", default="benchmarks/results")
   ap.add_argument("--gemm", type=int, default=2048)
   ap.add_argument("--model", default="resnet20")
   ap.add_argument("--n", type=int, default=64, help="samples per Jacobian block")
+  ap.add_argument("--floor-models", default="resnet110:32:64,vit_s16:224:8",
+                  help="name:image_size:block,... for the reverse-mode floor ('' = none)")
   args = ap.parse_args()
   os.makedirs(args.out, exist_ok=True)
   machine = common.machine_info()
@@ -107,10 +138,28 @@ def main():
     record.append({"name": name, "flops": fl, "seconds": secs, "flops_per_s": rate})
   lines += ["", "Jacobian FLOPs are XLA's cost analysis of the compiled program; the "
             "contractions' are the analytic 2·m·k·n.", ""]
+  floors = []
+  for spec in filter(None, args.floor_models.split(",")):
+    name, size, block = spec.split(":")
+    floors.append(reverse_mode_floor(name, int(size), int(block), num_classes=10))
+    print(floors[-1], flush=True)
+  if floors:
+    lines += ["## The cold path against its reverse-mode floor", "",
+              "Per image: the per-sample Jacobian of a block (`ntk.jacobian_rows`) vs one "
+              "forward and C = 10 backward passes over the same block (the least any "
+              "reverse-mode Jacobian does). Best of 3 after compiling.", "",
+              "| model | image | p | block | Jacobian s/image | forward + C backward s/image "
+              "| ratio |", "|---|---|---|---|---|---|---|"]
+    for f in floors:
+      lines.append(f"| {f['model']} | {f['image_size']}² | {f['num_params']:,} | {f['block']} "
+                   f"| {f['jacobian_s_per_image']:.4f} | {f['floor_s_per_image']:.4f} | "
+                   f"**{f['ratio']:.2f}** |")
+    lines.append("")
   with open(os.path.join(args.out, "roofline.md"), "w") as f:
     f.write("\n".join(lines))
   with open(os.path.join(args.out, "roofline.json"), "w") as f:
-    json.dump({"machine": machine, "rows": record, "peak_flops_per_s": peak}, f, indent=1)
+    json.dump({"machine": machine, "rows": record, "peak_flops_per_s": peak,
+               "floors": floors}, f, indent=1)
 
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")

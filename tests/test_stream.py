@@ -452,3 +452,28 @@ def test_uncached_request_in_a_narrower_dtype_warns_and_the_cache_does_not():
       else:
         assert recomputed and issubclass(recomputed[0].category, unlearn.PrecisionWarning)
         assert "cache_jacobian=True" in str(recomputed[0].message)
+
+
+def test_uncached_request_of_several_blocks_computes_its_rows_outside_the_jit(monkeypatch):
+  """A request spanning several Jacobian blocks on a state without the cache gets its rows
+  from the eager block loop (a compiled block step, not copies unrolled in the request's
+  program), and equals the cached state's request."""
+  from fastntk_jax import ntk
+  model, x, y, w0 = problem(30)
+  calls = []
+  real = ntk.jacobian_rows
+
+  def spy(apply_fn, params, xs, **kw):
+    calls.append(isinstance(xs, jax.core.Tracer))
+    return real(apply_fn, params, xs, **kw)
+
+  monkeypatch.setattr(ntk, "jacobian_rows", spy)
+  with enable_x64():
+    out = {}
+    for cache in (True, False):
+      state = stream.init_forget_state(model.apply, model.unravel(w0), train=(x, y),
+                                       num_classes=C, damping=0.1, batch_size=2,
+                                       cache_jacobian=cache)
+      out[cache], _ = stream.forget_request(state, model.unravel(w0), np.arange(3, 8))
+  assert calls == [False]  # once, eagerly, for the uncached request (bucket 8 > 2)
+  np.testing.assert_allclose(flat(out[False]), flat(out[True]), rtol=1e-12, atol=1e-12)

@@ -497,7 +497,7 @@ def _check_solve(state: ForgetState, what: str) -> None:
 # --------------------------------------------------------------------------------------
 
 
-def _request_rows(state: ForgetState, indices: jnp.ndarray, mask: jnp.ndarray):
+def _request_rows(state: ForgetState, indices: jnp.ndarray, mask: jnp.ndarray, rows=None):
   """Jacobian rows [m, p] (m = len(indices)·C) and residuals [m] of the requested samples,
   zeroed where `mask` is False (padding), and the machine epsilon the rows were computed in
   (the Jacobian cache's dtype, or the network's when they are recomputed)."""
@@ -505,6 +505,11 @@ def _request_rows(state: ForgetState, indices: jnp.ndarray, mask: jnp.ndarray):
   c, p = state.num_classes, state.num_params
   if state.jac is not None:
     jk = state.jac[indices]
+  elif rows is not None:
+    if rows.shape != (indices.shape[0], c, p):
+      raise ValueError(f"rows must have shape {(indices.shape[0], c, p)} (requested samples, "
+                       f"C, p), got {rows.shape}")
+    jk = rows
   else:
     jk = ntk.jacobian_rows(state.apply_fn, state.w_lin, state.x[indices],
                            batch_size=state.batch_size)
@@ -532,7 +537,8 @@ def _check_request_in_jit(state: ForgetState, indices, mask) -> None:
 
 
 def serve_request(state: ForgetState, params: PyTree, indices: jnp.ndarray,
-                  mask: Optional[jnp.ndarray] = None) -> tuple[PyTree, ForgetState]:
+                  mask: Optional[jnp.ndarray] = None,
+                  rows: Optional[jnp.ndarray] = None) -> tuple[PyTree, ForgetState]:
   """Serves one forget request: the pure, jit-able core.
 
   `forget_request` checks the request on the host (messages naming the indices), pads it to
@@ -545,6 +551,8 @@ def serve_request(state: ForgetState, params: PyTree, indices: jnp.ndarray,
     params: the current trainable params (pytree like `state.w_lin`).
     indices: int [k], indices into D of the samples to forget.
     mask: bool [k], False marks padding entries to ignore (default: all True).
+    rows: optional [k, C, p] Jacobian rows of `indices` at w0, computed by the caller (for a
+      state without the Jacobian cache); default: the cache, or computed here.
 
   Returns:
     (params + Δ with Δ = s' - s, the state after the request).
@@ -552,7 +560,7 @@ def serve_request(state: ForgetState, params: PyTree, indices: jnp.ndarray,
   if mask is None:
     mask = jnp.ones(indices.shape, bool)
   _check_request_in_jit(state, indices, mask)
-  jk, ek, rows_eps = _request_rows(state, indices, mask)
+  jk, ek, rows_eps = _request_rows(state, indices, mask, rows)
   p, m = jk.shape[1], jk.shape[0]
   sdtype = state.rhs.dtype
   with jax.default_matmul_precision("highest"):
@@ -695,7 +703,14 @@ def forget_request(state: ForgetState, params: PyTree,
   padded = np.full(size, idx[0], np.int32)
   padded[:k] = idx
   mask = np.arange(size) < k
-  return _serve_jit(state, params, jnp.asarray(padded), jnp.asarray(mask))
+  rows = None
+  if state.jac is None and size > state.batch_size:
+    # Several Jacobian blocks: computed here by the eager block loop (one compiled block
+    # step, as the state's init), not unrolled inside the jitted request (each unrolled
+    # copy of a deep network's Jacobian compiles for minutes).
+    rows = ntk.jacobian_rows(state.apply_fn, state.w_lin, state.x[jnp.asarray(padded)],
+                             batch_size=state.batch_size)
+  return _serve_jit(state, params, jnp.asarray(padded), jnp.asarray(mask), rows)
 
 
 def forget_requests(state: ForgetState, params: PyTree,
