@@ -99,3 +99,30 @@ def test_bad_input_is_refused():
     with pytest.raises(ValueError, match="structure"):
       unlearn.certify(model.apply, model.unravel(w0), {"x": jnp.zeros(3)}, (xr, yr),
                       num_classes=C, damping=0.1)
+
+
+def test_traced_arrays_are_refused_clearly():
+  """Not only a traced damping: traced params, w0 or D_r gave a ConcretizationTypeError
+  from deep inside."""
+  model, xr, yr, w0, w_r, _ = _setup()
+  w0_t, w_t = model.unravel(w0.astype(np.float32)), model.unravel(w_r.astype(np.float32))
+  xr = xr.astype(np.float32)
+  calls = (lambda w: unlearn.certify(model.apply, w0_t, w, (xr, yr), num_classes=C, damping=0.1),
+           lambda w: unlearn.certify(model.apply, w, w_t, (xr, yr), num_classes=C, damping=0.1),
+           lambda x: unlearn.certify(model.apply, w0_t, w_t, (x, yr), num_classes=C,
+                                     damping=0.1))
+  for f, arg in zip(calls, (w_t, w0_t, xr)):
+    with pytest.raises(TypeError, match="outside jax.jit"):
+      jax.jit(lambda a, f=f: f(a).gradient_norm)(arg)
+
+
+def test_mismatched_num_classes_and_dtype_are_refused_clearly():
+  model, xr, yr, w0, w_r, _ = _setup()
+  with pytest.raises(ValueError, match="num_classes=4"):
+    unlearn.certify(model.apply, model.unravel(w0), model.unravel(w_r), (xr, yr),
+                    num_classes=C + 1, damping=0.1)
+  with pytest.raises(ValueError, match="dtype must be float32 or float64"):
+    _certify(model, xr, yr, w0, w_r, 0.1, dtype=jnp.int32)
+  if not jax.config.read("jax_enable_x64"):  # was: a float32 certificate, silently
+    with pytest.raises(ValueError, match="64-bit JAX"):
+      _certify(model, xr, yr, w0, w_r, 0.1, dtype=jnp.float64)

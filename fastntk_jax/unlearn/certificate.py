@@ -126,9 +126,27 @@ def certify(apply_fn: Callable, params_init: PyTree, params: PyTree, retain, *,
   if not float(damping) > 0:
     raise ValueError(f"damping must be > 0 to certify (the bound divides by it), got "
                      f"{damping!r}")
+  traced = [name for name, tree in (("params_init", params_init), ("params", params),
+                                      ("retain", retain))
+            if not all(map(validate.is_concrete, jax.tree_util.tree_leaves(tree)))]
+  if traced:
+    raise TypeError(f"certify runs on the host (it returns Python floats): call it outside "
+                    f"jax.jit / vmap / grad, with concrete arrays (traced: {', '.join(traced)})")
   num_classes = validate.check_positive_int("num_classes", num_classes)
+  if dtype is not None:
+    dtype = jnp.dtype(dtype)
+    if not jnp.issubdtype(dtype, jnp.floating) or dtype.itemsize < 4:
+      raise ValueError(f"dtype must be float32 or float64, got {dtype}")
+    if dtype == jnp.float64 and not jax.config.read("jax_enable_x64"):
+      raise ValueError("dtype=float64 needs 64-bit JAX: set JAX_ENABLE_X64=1 or "
+                       "jax.config.update('jax_enable_x64', True) before creating arrays "
+                       "(without it the certificate would silently be float32)")
   x, y = validate.check_split("retain", retain, num_classes)
   validate.check_params(params_init, params)
+  out = jax.eval_shape(apply_fn, params_init, jnp.asarray(x)[:1])
+  if getattr(out, "shape", None) != (1, num_classes):
+    raise ValueError(f"apply_fn must return logits [n, num_classes={num_classes}]; on one "
+                     f"input it returned shape {getattr(out, 'shape', type(out).__name__)}")
   grad = retain_gradient(apply_fn, params_init, params, (x, y), num_classes=int(num_classes),
                          damping=float(damping), batch_size=batch_size, dtype=dtype)
   gnorm = float(jnp.linalg.norm(grad))
