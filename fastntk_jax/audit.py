@@ -154,7 +154,8 @@ def record_deletion(workdir: str, *, request_id: str, model: Optional[dict], fro
   evidence = {"x_retain": xr, "y_retain": yr, "x_forget": xf, "y_forget": yf,
               "forget_ids": ids, "params_init": params_init, "params": params}
   index = len(read_log(workdir))
-  safe = re.sub(r"[^A-Za-z0-9_.-]+", "-", request_id)
+  # The id can be any text: the file name keeps a bounded, portable part of it.
+  safe = re.sub(r"[^A-Za-z0-9_.-]+", "-", request_id)[:64]
   evidence_rel = os.path.join("audit", f"{index:05d}-{safe}.evidence")
   wd.save_state(os.path.join(workdir, evidence_rel), evidence)
   cert = certificate.as_dict() if dataclasses.is_dataclass(certificate) else dict(certificate)
@@ -200,6 +201,14 @@ def _default_apply_fn(model_spec: dict, frozen: PyTree) -> Callable:
   return models.make_apply_fn(net, frozen)
 
 
+def _num_outputs(apply_fn: Callable, ev: dict) -> int:
+  """C of a network the record has no model spec for: its logits' width (D_r's labels may
+  not include the last class, e.g. when that class is the one forgotten)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  out = jax.eval_shape(apply_fn, ev["params_init"], np.asarray(ev["x_retain"])[:1])
+  return int(out.shape[-1])
+
+
 def _check_certificate(workdir: str, record: dict, ev: dict, apply_fn_for) -> tuple[list, str]:
   """Recomputes the certificate; (problems, summary)."""
   import jax  # pylint: disable=g-import-not-at-top
@@ -226,7 +235,7 @@ def _check_certificate(workdir: str, record: dict, ev: dict, apply_fn_for) -> tu
     again = unlearn.certify(
         apply_fn, ev["params_init"], ev["params"], (ev["x_retain"], ev["y_retain"]),
         num_classes=int(record["model"]["num_classes"]) if record.get("model")
-        else int(np.max(ev["y_retain"])) + 1,
+        else _num_outputs(apply_fn, ev),
         damping=record["damping"], batch_size=record.get("batch_size"),
         linearized=bool(cert.get("linearized", True)), dtype=cert.get("dtype"))
   finally:
@@ -235,12 +244,33 @@ def _check_certificate(workdir: str, record: dict, ev: dict, apply_fn_for) -> tu
   claimed = float(cert.get("distance_bound", math.nan))
   summary = (f"‖w − w_r‖ ≤ {again.distance_bound:.3g} ({again.relative_bound:.3g} of ‖w − w0‖"
              + ("" if again.linearized else "; standard mode: a distance, not a certificate")
-             + f"), {record['forgotten']['count']} sample(s) forgotten")
+             + f"), {len(ev['forget_ids'])} sample(s) forgotten")
   slack = RECOMPUTE_SLACK * claimed + 1e-9 * again.update_norm
   if not again.distance_bound <= claimed + slack:
     return [f"the recomputed bound {again.distance_bound:.6g} exceeds the recorded "
             f"{claimed:.6g}: the certificate does not hold"], summary
-  return [], summary
+  # The figures derived from the bound are claims too (results.md reports them): each must be
+  # what the (verified) recorded bound and the recomputed ‖w − w0‖ and |D_r| give.
+  problems = []
+  update = float(cert.get("update_norm", math.nan))
+  if not abs(update - again.update_norm) <= 1e-6 * again.update_norm + 1e-30:
+    problems.append(f"the recorded update_norm {update:.6g} is not ‖w − w0‖ = "
+                    f"{again.update_norm:.6g}")
+  if float(cert.get("damping", math.nan)) != float(record["damping"]):
+    problems.append(f"the certificate's damping {cert.get('damping')!r} is not the record's "
+                    f"{record['damping']!r}")
+  if cert.get("num_retain") != again.num_retain:
+    problems.append(f"the recorded num_retain {cert.get('num_retain')!r} is not |D_r| = "
+                    f"{again.num_retain}")
+  derived = {"relative_bound": claimed / update if update > 0 else math.inf,
+             "retrain_relative_bound": claimed / (update - claimed) if update > claimed
+             else math.inf}
+  for key, want in derived.items():
+    got = float(cert.get(key, math.nan))
+    if not (got >= want * (1 - 1e-9) or (math.isinf(want) and math.isinf(got))):
+      problems.append(f"the recorded {key} {got:.6g} is below the {want:.6g} its bound gives: "
+                      "the certificate does not hold")
+  return problems, summary
 
 
 def verify(workdir: str, *, certificates: bool = True,
@@ -294,7 +324,10 @@ def verify(workdir: str, *, certificates: bool = True,
                           hash_array(ev["y_forget"]).encode()) == record["forgotten"]["sha256"],
            "the forgotten samples in the evidence are not the ones recorded"),
           ("ids", np.asarray(ev["forget_ids"]).tolist() == record["forgotten"]["ids"],
-           "the forgotten ids in the evidence are not the ones recorded"))
+           "the forgotten ids in the evidence are not the ones recorded"),
+          ("counts", record["forgotten"]["count"] == len(record["forgotten"]["ids"])
+           == len(ev["x_forget"]) and record["retain"]["count"] == len(ev["x_retain"]),
+           "the recorded sample counts are not those of the evidence"))
       v.problems += [msg for _, ok, msg in checks if not ok]
       retained = set(sample_hashes(ev["x_retain"], ev["y_retain"]))
       still = [int(i) for i, h in zip(np.asarray(ev["forget_ids"]).tolist(),

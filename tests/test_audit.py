@@ -143,3 +143,68 @@ def test_missing_or_garbled_log_is_refused(tmp_path, capsys):
   (tmp_path / audit.LOG_NAME).write_text("not json\n")
   assert audit.main(["--workdir", str(tmp_path)]) == 1
   assert "line 1 is not a record" in capsys.readouterr().err
+
+
+def _linear_log(workdir, request_ids=("r",)):
+  """A log of a model linear in its parameters, without a model spec (verify needs
+  apply_fn_for); the last class occurs only among the forgotten samples."""
+  import sys  # pylint: disable=g-import-not-at-top
+  sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+  from test_stream import C, problem  # pylint: disable=g-import-not-at-top
+  from fastntk_jax import unlearn  # pylint: disable=g-import-not-at-top
+  model, x, y, w0 = problem(20)
+  x, w0 = x.astype(np.float32), w0.astype(np.float32)
+  y = np.where(y == C - 1, 0, y).astype(np.int32)
+  y[0] = C - 1
+  w0_tree, w_tree = model.unravel(w0), model.unravel(w0 + 1e-2)
+  retain, forget = (x[1:], y[1:]), (x[:1], y[:1])
+  cert = unlearn.certify(model.apply, w0_tree, w_tree, retain, num_classes=C, damping=0.1,
+                         batch_size=8)
+  for rid in request_ids:
+    audit.record_deletion(workdir, request_id=rid, model=None, frozen={"k": np.zeros(2)},
+                          params_init=w0_tree, params=w_tree, retain=retain, forget=forget,
+                          forget_ids=[0], damping=0.1, solver="primal", certificate=cert,
+                          batch_size=8)
+  return lambda record, frozen: model.apply
+
+
+def _rehash(records):
+  prev, out = audit.GENESIS, []
+  for k, r in enumerate(records):
+    r = {**r, "index": k, "prev_hash": prev}
+    r["hash"] = audit._chain_hash(prev, r)  # pylint: disable=protected-access
+    prev = r["hash"]
+    out.append(json.dumps(r, sort_keys=True))
+  return out
+
+
+def test_a_network_without_model_spec_verifies_when_its_last_class_is_forgotten(tmp_path):
+  """C comes from the network's logits, not from D_r's largest label (was: a shape error)."""
+  apply_fn_for = _linear_log(str(tmp_path), request_ids=("r", "é/✓ 名前 " + "x" * 300))
+  verdicts = audit.verify(str(tmp_path), apply_fn_for=apply_fn_for)
+  assert all(v.ok for v in verdicts), [v.line() for v in verdicts]
+
+
+@pytest.mark.parametrize("field, value", [
+    ("retrain_relative_bound", 1e-12), ("relative_bound", 1e-12), ("update_norm", 1e6),
+    ("num_retain", 10**6), ("damping", 10.0)])
+def test_a_forged_derived_claim_with_a_valid_chain_fails(tmp_path, field, value):
+  """Only distance_bound was checked: a re-hashed record claiming a better relative bound
+  (what results.md reports) verified."""
+  workdir = str(tmp_path)
+  apply_fn_for = _linear_log(workdir)
+  records = [json.loads(l) for l in _lines(workdir)]
+  records[0]["certificate"][field] = value
+  _write_lines(workdir, _rehash(records))
+  (verdict,) = audit.verify(workdir, apply_fn_for=apply_fn_for)
+  assert not verdict.ok and field in verdict.line()
+
+
+def test_forged_sample_counts_fail(tmp_path):
+  workdir = str(tmp_path)
+  apply_fn_for = _linear_log(workdir)
+  records = [json.loads(l) for l in _lines(workdir)]
+  records[0]["forgotten"]["count"] = 1000
+  _write_lines(workdir, _rehash(records))
+  (verdict,) = audit.verify(workdir, apply_fn_for=apply_fn_for)
+  assert not verdict.ok and "counts" in verdict.line()
