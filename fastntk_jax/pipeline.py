@@ -982,6 +982,9 @@ def _x64_if(wanted: bool):
 
 
 def _run(cfg: ml_collections.ConfigDict, workdir: str, show_progress: bool) -> dict:
+  # The model's options are checked before the data load (minutes for ImageNet-R): an
+  # unknown option is refused by get_model, whatever the number of classes.
+  get_model(cfg.model.name, 2, **dict(cfg.model.options))
   wd.claim(workdir, cfg)
   data = data_lib.load_unlearning_data(cfg.data)
   log.info("data: %s", data.describe())

@@ -306,3 +306,18 @@ def test_chunked_primal_update_equals_ntk_forget_in_float64(tmp_path):
   # The network's logits are float32: the warning (κ·ε_float32 = 0.02 here) names them.
   assert np.isfinite(diag["condition_number"])
   assert diag["precision_warning"] is None or "float32 logits" in diag["precision_warning"]
+
+
+def test_unknown_model_option_is_refused_before_the_data_loads(tmp_path, monkeypatch):
+  from fastntk_jax import data as data_lib
+
+  def no_load(*a, **k):
+    raise AssertionError("the data were loaded before the model options were checked")
+
+  monkeypatch.setattr(data_lib, "load_unlearning_data", no_load)
+  cfg = tiny()
+  with cfg.unlocked():
+    cfg.model.options = {"shortcut": "B", "widhts": (4, 8, 8)}
+  with pytest.raises(ValueError, match="widhts"):
+    pipeline.run(cfg, str(tmp_path / "wd"), show_progress=False)
+  assert not (tmp_path / "wd" / "config.json").exists()  # nor was the workdir claimed
