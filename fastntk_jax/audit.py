@@ -25,6 +25,7 @@ import dataclasses
 import datetime
 import hashlib
 import json
+import logging
 import math
 import os
 import re
@@ -36,6 +37,7 @@ import numpy as np
 from fastntk_jax import workdir as wd
 
 LOG_NAME = os.path.join("audit", "log.jsonl")
+log = logging.getLogger(__name__)
 GENESIS = "0" * 64
 # The recomputed bound may exceed the recorded one by this much (relative) before the
 # certificate fails: reductions may be summed in another order on another machine.
@@ -107,8 +109,37 @@ def read_log(workdir: str) -> list[dict]:
   return records
 
 
+def _drop_torn_tail(path: str) -> None:
+  """Removes a last line without its newline that is not a record: a write the process did
+  not finish (killed mid-write), never a committed record (each ends with its newline and is
+  fsynced before the next). Without this the log could never be appended to again."""
+  if not os.path.exists(path):
+    return
+  with open(path, "rb") as f:
+    blob = f.read()
+  if not blob or blob.endswith(b"\n"):
+    return
+  cut = blob.rfind(b"\n") + 1
+  try:
+    json.loads(blob[cut:].decode("utf-8"))
+    torn = False
+  except (json.JSONDecodeError, UnicodeDecodeError):
+    torn = True
+  with open(path, "r+b") as f:
+    if torn:
+      log.warning("%s: dropping an unfinished last line (%d bytes): a write interrupted by a "
+                  "crash", path, len(blob) - cut)
+      f.truncate(cut)
+    else:  # a complete record whose newline was lost: keep it, end the line
+      f.seek(0, os.SEEK_END)
+      f.write(b"\n")
+    f.flush()
+    os.fsync(f.fileno())
+
+
 def _append(workdir: str, record: dict) -> dict:
   path = os.path.join(workdir, LOG_NAME)
+  _drop_torn_tail(path)
   records = read_log(workdir)
   record = {**record, "index": len(records),
             "prev_hash": records[-1]["hash"] if records else GENESIS}
@@ -140,7 +171,8 @@ def record_deletion(workdir: str, *, request_id: str, model: Optional[dict], fro
     certificate: the `unlearn.Certificate` of `params`.
 
   Returns:
-    The record as written (with its index, previous hash and hash).
+    The record as written (with its index, previous hash and hash), or the earlier record
+    of the same deletion (same request id, parameters, D_r and forgotten samples).
   """
   adir = os.path.join(workdir, "audit")
   os.makedirs(adir, exist_ok=True)
@@ -151,6 +183,17 @@ def record_deletion(workdir: str, *, request_id: str, model: Optional[dict], fro
   xr, yr = (np.asarray(a) for a in retain)
   xf, yf = (np.asarray(a) for a in forget)
   ids = np.asarray(forget_ids, np.int64)
+  forgotten_sha = _sha(hash_array(xf).encode(), hash_array(yf).encode())
+  retain_sha = _sha(hash_array(xr).encode(), hash_array(yr).encode())
+  params_sha = hash_tree(params)
+  _drop_torn_tail(os.path.join(workdir, LOG_NAME))
+  for earlier in read_log(workdir):
+    # The same deletion again (a run resumed after its record was written but before its
+    # stage was saved recomputes it): one deletion, one record.
+    if (earlier.get("request_id") == request_id and earlier.get("params_sha256") == params_sha
+        and earlier.get("forgotten", {}).get("sha256") == forgotten_sha
+        and earlier.get("retain", {}).get("sha256") == retain_sha):
+      return earlier
   evidence = {"x_retain": xr, "y_retain": yr, "x_forget": xf, "y_forget": yf,
               "forget_ids": ids, "params_init": params_init, "params": params}
   index = len(read_log(workdir))
@@ -162,11 +205,9 @@ def record_deletion(workdir: str, *, request_id: str, model: Optional[dict], fro
   return _append(workdir, {
       "request_id": request_id,
       "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-      "forgotten": {"ids": ids.tolist(), "count": int(ids.size),
-                    "sha256": _sha(hash_array(xf).encode(), hash_array(yf).encode())},
-      "retain": {"count": int(xr.shape[0]),
-                 "sha256": _sha(hash_array(xr).encode(), hash_array(yr).encode())},
-      "params_init_sha256": hash_tree(params_init), "params_sha256": hash_tree(params),
+      "forgotten": {"ids": ids.tolist(), "count": int(ids.size), "sha256": forgotten_sha},
+      "retain": {"count": int(xr.shape[0]), "sha256": retain_sha},
+      "params_init_sha256": hash_tree(params_init), "params_sha256": params_sha,
       "frozen_sha256": frozen_hash, "frozen_path": frozen_rel,
       "model": model, "damping": float(damping), "solver": str(solver),
       "batch_size": batch_size, "certificate": cert,

@@ -208,3 +208,37 @@ def test_forged_sample_counts_fail(tmp_path):
   _write_lines(workdir, _rehash(records))
   (verdict,) = audit.verify(workdir, apply_fn_for=apply_fn_for)
   assert not verdict.ok and "counts" in verdict.line()
+
+
+def _rerecord(workdir, record, request_id=None):
+  """record_deletion again from a record's own evidence."""
+  ev = wd.load_state(os.path.join(workdir, record["evidence"]["path"]), None)
+  frozen = wd.load_state(os.path.join(workdir, record["frozen_path"]), None)
+  return audit.record_deletion(
+      workdir, request_id=request_id or record["request_id"], model=record["model"],
+      frozen=frozen, params_init=ev["params_init"], params=ev["params"],
+      retain=(ev["x_retain"], ev["y_retain"]), forget=(ev["x_forget"], ev["y_forget"]),
+      forget_ids=ev["forget_ids"], damping=record["damping"], solver=record["solver"],
+      certificate=record["certificate"], batch_size=record["batch_size"])
+
+
+def test_the_same_deletion_recorded_again_is_one_record(audited, tmp_path):
+  """A run resumed after the record was written but before its stage was saved recomputes
+  the deletion: it must not appear twice."""
+  workdir = _copy(audited, tmp_path)
+  first = json.loads(_lines(workdir)[0])
+  again = _rerecord(workdir, first)
+  assert again["hash"] == first["hash"] and len(_lines(workdir)) == 2
+  other = _rerecord(workdir, first, request_id="another request")  # a different deletion
+  assert other["index"] == 2 and len(_lines(workdir)) == 3
+
+
+def test_a_write_torn_by_a_crash_does_not_block_the_log(audited, tmp_path):
+  workdir = _copy(audited, tmp_path)
+  first = json.loads(_lines(workdir)[0])
+  with open(os.path.join(workdir, audit.LOG_NAME), "ab") as f:
+    f.write(b'{"request_id": "seed2/fastntk", "certif')  # killed mid-write
+  record = _rerecord(workdir, first, request_id="after the crash")
+  assert record["index"] == 2
+  verdicts = audit.verify(workdir, certificates=False)
+  assert [v.ok for v in verdicts] == [True, True, True], [v.line() for v in verdicts]
