@@ -196,6 +196,9 @@ def record_deletion(workdir: str, *, request_id: str, model: Optional[dict], fro
       return earlier
   evidence = {"x_retain": xr, "y_retain": yr, "x_forget": xf, "y_forget": yf,
               "forget_ids": ids, "params_init": params_init, "params": params}
+  witness = getattr(certificate, "witness", None)
+  if witness is not None:  # the verifier bounds with the same d: two passes over D_r
+    evidence["witness"] = np.asarray(witness)
   index = len(read_log(workdir))
   # The id can be any text: the file name keeps a bounded, portable part of it.
   safe = re.sub(r"[^A-Za-z0-9_.-]+", "-", request_id)[:64]
@@ -278,7 +281,8 @@ def _check_certificate(workdir: str, record: dict, ev: dict, apply_fn_for) -> tu
         num_classes=int(record["model"]["num_classes"]) if record.get("model")
         else _num_outputs(apply_fn, ev),
         damping=record["damping"], batch_size=record.get("batch_size"),
-        linearized=bool(cert.get("linearized", True)), dtype=cert.get("dtype"))
+        linearized=bool(cert.get("linearized", True)), dtype=cert.get("dtype"),
+        witness=ev.get("witness"), witness_iterations=0)
   finally:
     if wide and not before:
       jax.config.update("jax_enable_x64", False)

@@ -38,21 +38,23 @@ def test_gradient_equals_the_closed_form():
 
 
 def test_bound_holds_and_is_attained_up_to_the_eigen_factor():
+  """The gradient bound alone (no witness)."""
   lam = 0.1
   model, xr, yr, w0, w_r, phi_r = _setup(lam)
   mu, vecs = np.linalg.eigh(phi_r.T @ phi_r)
+  _certify_plain = lambda *a: _certify(*a, witness_iterations=0)
   with enable_x64():
-    at_optimum = _certify(model, xr, yr, w0, w_r, lam)
+    at_optimum = _certify_plain(model, xr, yr, w0, w_r, lam)
     assert at_optimum.distance_bound < 1e-10 * np.linalg.norm(w_r - w0)
     for k in (0, -1):  # smallest and largest eigenvalue: ratio (μ + λ)/λ exactly
       w = w_r + 1e-2 * vecs[:, k]
-      cert = _certify(model, xr, yr, w0, w, lam)
+      cert = _certify_plain(model, xr, yr, w0, w, lam)
       true = np.linalg.norm(w - w_r)
       assert cert.distance_bound == pytest.approx(true * (mu[k] + lam) / lam, rel=1e-8)
     rng = np.random.default_rng(0)
     for _ in range(5):  # any direction: true ≤ bound ≤ (μ_max + λ)/λ · true
       w = w_r + 1e-2 * rng.normal(size=w_r.shape)
-      cert = _certify(model, xr, yr, w0, w, lam)
+      cert = _certify_plain(model, xr, yr, w0, w, lam)
       true = np.linalg.norm(w - w_r)
       assert true <= cert.distance_bound <= true * (mu[-1] + lam) / lam * (1 + 1e-9)
       assert cert.update_norm == pytest.approx(np.linalg.norm(w - w0), rel=1e-12)
@@ -126,3 +128,40 @@ def test_mismatched_num_classes_and_dtype_are_refused_clearly():
   if not jax.config.read("jax_enable_x64"):  # was: a float32 certificate, silently
     with pytest.raises(ValueError, match="64-bit JAX"):
       _certify(model, xr, yr, w0, w_r, 0.1, dtype=jnp.float64)
+
+
+def test_the_witness_makes_the_bound_tight_and_any_witness_is_safe():
+  """With conjugate-gradient steps the bound is ‖d‖ + ‖∇L_r − H d‖/λ ≈ ‖w − w_r‖ (p = 25:
+  CG is exact), where the gradient bound alone is off by up to (μ_max + λ)/λ; a random or
+  zero witness still gives a bound ≥ the true distance."""
+  lam = 0.1
+  model, xr, yr, w0, w_r, phi_r = _setup(lam)
+  mu = np.linalg.eigvalsh(phi_r.T @ phi_r)
+  rng = np.random.default_rng(4)
+  w = w_r + 1e-2 * rng.normal(size=w_r.shape)
+  true = np.linalg.norm(w - w_r)
+  with enable_x64():
+    plain = _certify(model, xr, yr, w0, w, lam, witness_iterations=0)
+    tight = _certify(model, xr, yr, w0, w, lam, witness_iterations=60)
+    np.testing.assert_allclose(tight.witness, w - w_r, rtol=1e-6, atol=1e-12)
+    assert true * (1 - 1e-9) <= tight.distance_bound <= true * (1 + 1e-6)
+    assert plain.distance_bound > 2 * tight.distance_bound  # the gradient bound is loose here
+    assert 0 < tight.witness_iterations <= 60 and "witness" not in tight.as_dict()
+    for d in (rng.normal(size=w.size), np.zeros(w.size)):
+      other = _certify(model, xr, yr, w0, w, lam, witness=d)
+      assert other.distance_bound >= true * (1 - 1e-9) and other.witness_iterations == 0
+    again = _certify(model, xr, yr, w0, w, lam, witness=tight.witness)  # a verifier's check
+    assert again.distance_bound == pytest.approx(tight.distance_bound, rel=1e-9)
+  print(f"true {true:.3g}, witness bound {tight.distance_bound:.3g}, gradient bound "
+        f"{plain.distance_bound:.3g} (factor ≤ {(mu[-1] + lam) / lam:.3g})")
+
+
+def test_bad_witness_options_are_refused():
+  model, xr, yr, w0, w_r, _ = _setup()
+  with enable_x64():
+    with pytest.raises(ValueError, match="witness must be a finite vector"):
+      _certify(model, xr, yr, w0, w_r, 0.1, witness=np.zeros(3))
+    with pytest.raises(ValueError, match="witness must be a finite vector"):
+      _certify(model, xr, yr, w0, w_r, 0.1, witness=np.full(w_r.size, np.nan))
+    with pytest.raises(ValueError, match="witness_iterations"):
+      _certify(model, xr, yr, w0, w_r, 0.1, witness_iterations=-1)

@@ -11,6 +11,16 @@ convexity gives, for any w,
 
     ‖w − w_r‖₂ ≤ ‖∇L_r(w)‖₂ / λ,     ∇L_r(w) = J_rᵀ(f_lin(w, X_r) − Y_r) + λ(w − w0).
 
+That bound is loose by up to κ = (μ_max + λ)/λ when ∇L_r(w) lies along large eigenvalues
+of J_rᵀJ_r (round-off of float32 parameters does). Since L_r is quadratic with Hessian
+H = J_rᵀJ_r + λI, w − w_r = H⁻¹∇L_r(w), so for any vector d (a "witness"),
+
+    ‖w − w_r‖₂ ≤ ‖d‖₂ + ‖∇L_r(w) − H d‖₂ / λ,
+
+and a few conjugate-gradient steps on H d = ∇L_r(w) (matrix-free: one jvp and one vjp per
+batch of D_r each) give a d that makes it tight. The witness is kept with the certificate, so
+re-checking it costs two passes over D_r (the gradient and H d), whoever made d.
+
 The gradient costs one forward, one jvp and one vjp per batch of D_r: anyone holding D_r,
 w0, λ and the network can recompute it without retraining (`python -m fastntk_jax.audit`).
 It bounds the parameters relative to the backbone w0 only: a backbone that saw D_f before
@@ -56,6 +66,11 @@ class Certificate:
     num_retain: |D_r|.
     dtype: the dtype the gradient was accumulated in.
     statement: the claim in words.
+    gradient_bound: ‖∇L_r(w)‖/λ, the bound without the witness.
+    witness_norm, witness_residual: ‖d‖ and ‖∇L_r(w) − H d‖ (0, ‖∇L_r‖ without a witness);
+      distance_bound = min(gradient_bound, witness_norm + witness_residual / λ).
+    witness_iterations: conjugate-gradient steps that made d (0: given or none).
+    witness: d [p] (not in `as_dict`; the audit log keeps it in the evidence).
   """
   gradient_norm: float
   damping: float
@@ -67,9 +82,15 @@ class Certificate:
   num_retain: int
   dtype: str
   statement: str
+  gradient_bound: float = math.nan
+  witness_norm: float = 0.0
+  witness_residual: float = math.nan
+  witness_iterations: int = 0
+  witness: Optional[np.ndarray] = dataclasses.field(default=None, repr=False, compare=False)
 
   def as_dict(self) -> dict:
-    return dataclasses.asdict(self)
+    return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+            if f.name != "witness"}
 
 
 def retain_gradient(apply_fn: Callable, params_init: PyTree, params: PyTree, retain, *,
@@ -95,9 +116,48 @@ def retain_gradient(apply_fn: Callable, params_init: PyTree, params: PyTree, ret
   return flat_pulled + jnp.asarray(damping, dtype) * ravel_pytree(d)[0].astype(dtype)
 
 
+def _retain_hvp(apply_fn: Callable, params_init: PyTree, x, *, damping: float,
+                batch_size: Optional[int], dtype) -> Callable:
+  """v [p] -> (J_rᵀJ_r + λI) v, compiled once (the Hessian of L_r, matrix-free)."""
+  w0 = jax.tree_util.tree_map(lambda a: jnp.asarray(a, dtype), params_init)
+  unravel = ravel_pytree(w0)[1]
+  lam = jnp.asarray(damping, dtype)
+
+  @jax.jit
+  def hvp(w0, x, v):
+    jv = ntk.jvp_rows(apply_fn, w0, x, unravel(v), batch_size=batch_size).astype(dtype)
+    back = ntk.vjp_rows(apply_fn, w0, x, jv, batch_size=batch_size)
+    return ravel_pytree(back)[0].astype(dtype) + lam * v
+
+  x = jnp.asarray(x)
+  return lambda v: hvp(w0, x, jnp.asarray(v, dtype))
+
+
+def _cg_witness(hvp: Callable, grad: jnp.ndarray, iterations: int, tol: float):
+  """d ≈ H⁻¹ grad by conjugate gradients on the host; (d, steps taken)."""
+  d = jnp.zeros_like(grad)
+  r, p = grad, grad
+  rs = float(jnp.vdot(r, r))
+  stop = (tol * float(jnp.linalg.norm(grad))) ** 2
+  steps = 0
+  for steps in range(1, iterations + 1):
+    hp = hvp(p)
+    curvature = float(jnp.vdot(p, hp))
+    if not curvature > 0:
+      break
+    alpha = rs / curvature
+    d, r = d + alpha * p, r - alpha * hp
+    rs_new = float(jnp.vdot(r, r))
+    if rs_new <= stop:
+      break
+    p, rs = r + (rs_new / rs) * p, rs_new
+  return d, steps
+
+
 def certify(apply_fn: Callable, params_init: PyTree, params: PyTree, retain, *,
             num_classes: int, damping: float, batch_size: Optional[int] = 256,
-            linearized: bool = True, dtype=None) -> Certificate:
+            linearized: bool = True, dtype=None, witness=None,
+            witness_iterations: int = 100, witness_tol: float = 1e-10) -> Certificate:
   """Certifies how close `params` are to retraining the linearised model on D_r alone.
 
   Args:
@@ -110,6 +170,9 @@ def certify(apply_fn: Callable, params_init: PyTree, params: PyTree, retain, *,
     batch_size: samples per streamed block.
     linearized: whether `params` come from linearised fine-tuning (see `Certificate`).
     dtype: accumulation dtype (default: the widest of the params; float64 needs x64).
+    witness: d [p] to bound with (e.g. a stored certificate's); None: made here by up to
+      `witness_iterations` conjugate-gradient steps (stopping at relative residual
+      `witness_tol`); `witness_iterations=0`: the gradient bound alone.
 
   Returns:
     A `Certificate`.
@@ -153,7 +216,32 @@ def certify(apply_fn: Callable, params_init: PyTree, params: PyTree, retain, *,
   if not math.isfinite(gnorm):
     raise validate.SolveError("the retain gradient is non-finite: the network's logits or "
                               "Jacobian at w0 overflow on D_r, so nothing can be certified")
-  bound = gnorm / float(damping)
+  gradient_bound = gnorm / float(damping)
+  p = int(grad.shape[0])
+  steps, d = 0, None
+  if witness is not None:
+    d = jnp.asarray(np.asarray(witness), grad.dtype)
+    if d.shape != (p,) or not bool(jnp.all(jnp.isfinite(d))):
+      raise ValueError(f"witness must be a finite vector of shape ({p},) (the ravelled "
+                       f"params), got shape {tuple(d.shape)}")
+  elif (isinstance(witness_iterations, bool)
+        or not isinstance(witness_iterations, (int, np.integer)) or witness_iterations < 0):
+    raise ValueError(f"witness_iterations must be an int >= 0, got {witness_iterations!r}")
+  hvp = None
+  if d is not None or witness_iterations > 0:
+    hvp = _retain_hvp(apply_fn, params_init, x, damping=float(damping),
+                      batch_size=batch_size, dtype=grad.dtype)
+    if d is None:
+      d, steps = _cg_witness(hvp, grad, int(witness_iterations), float(witness_tol))
+    # The residual is recomputed, not taken from the recursion: the bound must hold for d.
+    residual = float(jnp.linalg.norm(grad - hvp(d)))
+    witness_norm = float(jnp.linalg.norm(d))
+    bound = min(gradient_bound, witness_norm + residual / float(damping))
+  else:
+    residual, witness_norm, bound = gnorm, 0.0, gradient_bound
+  if not math.isfinite(bound):
+    raise validate.SolveError("the certificate's bound is non-finite (the Hessian-vector "
+                              "products overflow on D_r), so nothing can be certified")
   update = float(np.linalg.norm(np.asarray(ravel_pytree(params)[0], np.float64)
                                 - np.asarray(ravel_pytree(params_init)[0], np.float64)))
   relative = bound / update if update > 0 else math.inf
@@ -168,7 +256,10 @@ def certify(apply_fn: Callable, params_init: PyTree, params: PyTree, retain, *,
   return Certificate(gradient_norm=gnorm, damping=float(damping), distance_bound=bound,
                      update_norm=update, relative_bound=relative,
                      retrain_relative_bound=retrain_relative, linearized=bool(linearized),
-                     num_retain=int(x.shape[0]), dtype=str(grad.dtype), statement=statement)
+                     num_retain=int(x.shape[0]), dtype=str(grad.dtype), statement=statement,
+                     gradient_bound=gradient_bound, witness_norm=witness_norm,
+                     witness_residual=residual, witness_iterations=int(steps),
+                     witness=None if d is None else np.asarray(d))
 
 
 def logit_bound(apply_fn: Callable, params_init: PyTree, x, certificate: Certificate, *,
