@@ -165,3 +165,19 @@ def test_bad_witness_options_are_refused():
       _certify(model, xr, yr, w0, w_r, 0.1, witness=np.full(w_r.size, np.nan))
     with pytest.raises(ValueError, match="witness_iterations"):
       _certify(model, xr, yr, w0, w_r, 0.1, witness_iterations=-1)
+
+
+def test_a_witness_solver_the_caller_holds_gives_the_tight_bound():
+  """`witness_solver` (e.g. the update's Cholesky factor): the exact H⁻¹ makes the bound the
+  true distance; a useless one (zeros) still gives a valid bound."""
+  lam = 0.1
+  model, xr, yr, w0, w_r, phi_r = _setup(lam)
+  h = phi_r.T @ phi_r + lam * np.eye(phi_r.shape[1])
+  w = w_r + 1e-2 * np.random.default_rng(5).normal(size=w_r.shape)
+  true = np.linalg.norm(w - w_r)
+  with enable_x64():
+    exact = _certify(model, xr, yr, w0, w, lam, witness_solver=lambda g: np.linalg.solve(h, g))
+    useless = _certify(model, xr, yr, w0, w, lam, witness_solver=np.zeros_like)
+  assert exact.witness_iterations == 0
+  assert true * (1 - 1e-9) <= exact.distance_bound <= true * (1 + 1e-8)
+  assert useless.distance_bound >= true
