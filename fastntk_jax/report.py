@@ -194,7 +194,8 @@ def markdown(results: dict) -> str:
            if d.get("certificate")]
   if certs:
     rel = [c["retrain_relative_bound"] for c in certs]
-    lines += ["Certificate of each deletion (`unlearn.certify`): ‖w − w_r‖ ≤ ‖∇L_r(w)‖/λ, "
+    lines += ["Certificate of each deletion (`unlearn.certify`): ‖w − w_r‖ ≤ ‖d‖ + "
+              "‖∇L_r(w) − H d‖/λ for its witness d (≤ ‖∇L_r(w)‖/λ), "
               + ("w_r the retrain of the linearised model in use" if all(
                   c["linearized"] for c in certs) else
                  "w_r the retrain of the linearised model at w0: standard fine-tuning, so a "
