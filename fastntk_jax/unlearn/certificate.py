@@ -200,14 +200,7 @@ def certify(apply_fn: Callable, params_init: PyTree, params: PyTree, retain, *,
     raise TypeError(f"certify runs on the host (it returns Python floats): call it outside "
                     f"jax.jit / vmap / grad, with concrete arrays (traced: {', '.join(traced)})")
   num_classes = validate.check_positive_int("num_classes", num_classes)
-  if dtype is not None:
-    dtype = jnp.dtype(dtype)
-    if not jnp.issubdtype(dtype, jnp.floating) or dtype.itemsize < 4:
-      raise ValueError(f"dtype must be float32 or float64, got {dtype}")
-    if dtype == jnp.float64 and not jax.config.read("jax_enable_x64"):
-      raise ValueError("dtype=float64 needs 64-bit JAX: set JAX_ENABLE_X64=1 or "
-                       "jax.config.update('jax_enable_x64', True) before creating arrays "
-                       "(without it the certificate would silently be float32)")
+  dtype = validate.check_float_dtype("dtype", dtype)
   x, y = validate.check_split("retain", retain, num_classes)
   validate.check_params(params_init, params)
   out = jax.eval_shape(apply_fn, params_init, jnp.asarray(x)[:1])

@@ -228,6 +228,20 @@ class Options:
   memory_limit_bytes: Optional[int]
 
 
+def check_float_dtype(name: str, dtype) -> Optional[np.dtype]:
+  """None, or float32 / float64 (float64 only with 64-bit JAX, else it would silently be
+  float32); returns the normalised dtype."""
+  if dtype is None:
+    return None
+  dtype = jnp.dtype(dtype)
+  if not jnp.issubdtype(dtype, jnp.floating) or dtype.itemsize < 4:
+    raise ValueError(f"{name} must be float32 or float64, got {dtype}")
+  if dtype == jnp.float64 and not jax.config.read("jax_enable_x64"):
+    raise ValueError(f"{name}=float64 needs 64-bit JAX: set JAX_ENABLE_X64=1 or "
+                     "jax.config.update('jax_enable_x64', True) before creating arrays")
+  return dtype
+
+
 def check_options(*, num_classes, damping, solver, batch_size, kernel_impl, solve_dtype,
                   linearize_at, step_scale, cg_tol, cg_maxiter, memory_limit_bytes) -> Options:
   """Validates the data-independent options once; returns them normalised (enums, dtypes)."""
@@ -235,13 +249,7 @@ def check_options(*, num_classes, damping, solver, batch_size, kernel_impl, solv
       or num_classes < 1:
     raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
   check_damping(damping)
-  if solve_dtype is not None:
-    solve_dtype = jnp.dtype(solve_dtype)
-    if not jnp.issubdtype(solve_dtype, jnp.floating) or solve_dtype.itemsize < 4:
-      raise ValueError(f"solve_dtype must be float32 or float64, got {solve_dtype}")
-    if solve_dtype == jnp.float64 and not jax.config.read("jax_enable_x64"):
-      raise ValueError("solve_dtype=float64 needs 64-bit JAX: set JAX_ENABLE_X64=1 or "
-                       "jax.config.update('jax_enable_x64', True) before creating arrays")
+  solve_dtype = check_float_dtype("solve_dtype", solve_dtype)
   if isinstance(step_scale, (bool, str)) or not isinstance(step_scale, (int, float, np.number)) \
       or not np.isfinite(float(step_scale)):
     raise ValueError(f"step_scale must be a finite number, got {step_scale!r}")
