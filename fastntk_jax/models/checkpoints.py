@@ -22,7 +22,7 @@ import os
 import re
 import shutil
 import zipfile
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import flax
 import jax
@@ -266,6 +266,19 @@ def _abstract(leaf: Any, sharding: jax.sharding.Sharding) -> jax.ShapeDtypeStruc
   return jax.ShapeDtypeStruct(tuple(np.shape(leaf)), jnp.result_type(leaf), sharding=sharding)
 
 
+def _saved_tree(meta: Any) -> Optional[PyTree]:
+  """The stored tree's metadata from what `PyTreeCheckpointer.metadata` returns, or None.
+
+  Orbax 0.6-0.11 return the tree (or a TreeMetadata with `.tree`); 0.12+ wrap it in a
+  StepMetadata whose `item_metadata` is the TreeMetadata, or None when the folder holds none.
+  """
+  if meta is not None and hasattr(meta, "item_metadata"):
+    meta = meta.item_metadata
+  if meta is not None and hasattr(meta, "tree"):
+    meta = meta.tree
+  return meta if meta else None
+
+
 def restore_checkpoint(path: str, target: PyTree) -> PyTree:
   """Restores a checkpoint written by `save_checkpoint` into the structure of `target`.
 
@@ -298,10 +311,16 @@ def restore_checkpoint(path: str, target: PyTree) -> PyTree:
         f"({type(e).__name__}: {first}). Recreate it with save_checkpoint().")
 
   try:
-    meta = ckptr.metadata(path)
-    saved = meta.tree if hasattr(meta, "tree") else meta
+    saved = _saved_tree(ckptr.metadata(path))
   except Exception as e:  # pylint: disable=broad-except  (missing _METADATA, bad JSON, ...)
     raise corrupt(e) from e
+  if saved is None:
+    # Newer orbax answers a folder without its metadata with an empty StepMetadata instead of
+    # raising; restoring it anyway fails inside orbax's event loop, which prints a traceback
+    # per leaf before the error reaches us.
+    raise corrupt(FileNotFoundError(
+        "no orbax tree metadata (_METADATA) in the folder: it was not written by "
+        "save_checkpoint, or the save did not finish"))
 
   saved_flat = {"/".join(map(str, k)): v for k, v in
                 flax.traverse_util.flatten_dict(_as_plain(saved)).items()} \
