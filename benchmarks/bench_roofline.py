@@ -13,12 +13,14 @@ fraction of the measured GEMM peak.
 
 Then the **reverse-mode floor** of the cold path, per `--floor-models` (default ResNet-110
 BN+head at 32x32 and ViT-S/16 prompts at 224x224, C = 10): the per-sample Jacobian of a
-block (`ntk.jacobian_rows`, what the state of D and the primal Grams compute) against one
+block (`ntk.jacobian_rows`, what the state of D and the primal Grams compute, by each
+`ntk.JacobianMethod`, with compile seconds) against one
 forward and C backward passes over the same block (`jax.vjp` once, C pullbacks of one-hot
 cotangents: what any reverse-mode Jacobian must do at least), per image; the ratio is the
 cold path's distance from its bound (target ≤ 1.1). Writes `roofline.{md,json,png}`.
 
     python -m benchmarks.bench_roofline --out benchmarks/results
+    python -m benchmarks.bench_roofline --out DIR --floor-only   # the floor table alone
 """
 
 from __future__ import annotations
@@ -55,14 +57,20 @@ def xla_flops(fn, *args) -> float:
   return float(analysis.get("flops", float("nan")))
 
 
+def compile_seconds(fn, *args) -> float:
+  start = time.perf_counter()
+  fn.lower(*args).compile()
+  return time.perf_counter() - start
+
+
 def reverse_mode_floor(name: str, image_size: int, block: int, *, num_classes: int) -> dict:
-  """Per-image seconds of a block's per-sample Jacobian and of forward + C backward passes."""
+  """Per-image seconds of a block's per-sample Jacobian (each `ntk.JacobianMethod`) and of
+  forward + C backward passes, with each program's compile seconds."""
   model = get_model(name, num_classes)
   variables = model.init(jax.random.PRNGKey(1), jnp.zeros((1, image_size, image_size, 3)))
   w, frozen = tr.split(variables)
   apply_fn = tr.make_apply_fn(model, frozen)
   x = jax.random.normal(jax.random.PRNGKey(2), (block, image_size, image_size, 3), jnp.float32)
-  jac = jax.jit(lambda w, x: ntk.jacobian_rows(apply_fn, w, x, batch_size=None))
 
   def forward_and_backwards(w, x):
     out, pull = jax.vjp(lambda w: apply_fn(w, x), w)
@@ -70,11 +78,50 @@ def reverse_mode_floor(name: str, image_size: int, block: int, *, num_classes: i
                                      dtype=out.dtype))[0] for c in range(num_classes)]
 
   floor = jax.jit(forward_and_backwards)
-  t_jac = best_time(jac, w, x, repeats=3)
+  floor_compile_s = compile_seconds(floor, w, x)  # first: later calls hit the cache
   t_floor = best_time(floor, w, x, repeats=3)
-  return {"model": name, "image_size": image_size, "block": block,
-          "num_params": int(ntk.num_params(w)), "jacobian_s_per_image": t_jac / block,
-          "floor_s_per_image": t_floor / block, "ratio": t_jac / t_floor}
+  out = {"model": name, "image_size": image_size, "block": block,
+         "num_params": int(ntk.num_params(w)), "floor_s_per_image": t_floor / block,
+         "floor_compile_s": floor_compile_s,
+         "auto": ntk.resolve_jacobian_method("auto", apply_fn, w, x).value, "methods": {}}
+  for method in (ntk.JacobianMethod.BATCHED_COTANGENTS, ntk.JacobianMethod.PULLBACKS):
+    jac = jax.jit(lambda w, x, m=method: ntk.jacobian_rows(apply_fn, w, x, batch_size=None,
+                                                           method=m))
+    compile_s = compile_seconds(jac, w, x)
+    t_jac = best_time(jac, w, x, repeats=3)
+    out["methods"][method.value] = {"jacobian_s_per_image": t_jac / block,
+                                    "compile_s": compile_s,
+                                    "ratio": t_jac / t_floor}
+  return out
+
+
+def measure_floors(spec_list: str) -> list:
+  floors = []
+  for spec in filter(None, spec_list.split(",")):
+    name, size, block = spec.split(":")
+    floors.append(reverse_mode_floor(name, int(size), int(block), num_classes=10))
+    print(floors[-1], flush=True)
+  return floors
+
+
+def floor_table(floors: list) -> list:
+  if not floors:
+    return []
+  lines = ["## The cold path against its reverse-mode floor", "",
+           "Per image: the per-sample Jacobian of a block (`ntk.jacobian_rows`, each "
+           "`JacobianMethod`) vs one forward and C = 10 backward passes over the same block "
+           "(the least any reverse-mode Jacobian does). Best of 3 after compiling; compile "
+           "seconds apart. AUTO's choice in bold.", "",
+           "| model | image | p | block | method | Jacobian s/image | forward + C backward "
+           "s/image | ratio | compile s (floor's) |", "|---|---|---|---|---|---|---|---|---|"]
+  for f in floors:
+    for method, m in f["methods"].items():
+      mark = "**" if method == f["auto"] else ""
+      lines.append(f"| {f['model']} | {f['image_size']}² | {f['num_params']:,} | "
+                   f"{f['block']} | {mark}{method}{mark} | {m['jacobian_s_per_image']:.4f} | "
+                   f"{f['floor_s_per_image']:.4f} | {mark}{m['ratio']:.2f}{mark} | "
+                   f"{m['compile_s']:.1f} ({f['floor_compile_s']:.1f}) |")
+  return lines + [""]
 
 
 def main():
@@ -85,9 +132,23 @@ def main():
   ap.add_argument("--n", type=int, default=64, help="samples per Jacobian block")
   ap.add_argument("--floor-models", default="resnet110:32:64,vit_s16:224:8",
                   help="name:image_size:block,... for the reverse-mode floor ('' = none)")
+  ap.add_argument("--floor-only", action="store_true",
+                  help="only the floor table (floor.{md,json}), not the roofline")
   args = ap.parse_args()
   os.makedirs(args.out, exist_ok=True)
   machine = common.machine_info()
+  if args.floor_only:
+    floors = measure_floors(args.floor_models)
+    lines = ["# The cold path against its reverse-mode floor", "",
+             f"    python -m benchmarks.bench_roofline --out {args.out} --floor-only "
+             f"--floor-models={args.floor_models}", "", common.machine_markdown(machine), ""]
+    lines += floor_table(floors)
+    with open(os.path.join(args.out, "floor.md"), "w") as f:
+      f.write("\n".join(lines))
+    with open(os.path.join(args.out, "floor.json"), "w") as f:
+      json.dump({"machine": machine, "floors": floors}, f, indent=1)
+    print("\n".join(lines))
+    return
 
   rows = []
   k = jax.random.PRNGKey(0)
@@ -138,23 +199,8 @@ def main():
     record.append({"name": name, "flops": fl, "seconds": secs, "flops_per_s": rate})
   lines += ["", "Jacobian FLOPs are XLA's cost analysis of the compiled program; the "
             "contractions' are the analytic 2·m·k·n.", ""]
-  floors = []
-  for spec in filter(None, args.floor_models.split(",")):
-    name, size, block = spec.split(":")
-    floors.append(reverse_mode_floor(name, int(size), int(block), num_classes=10))
-    print(floors[-1], flush=True)
-  if floors:
-    lines += ["## The cold path against its reverse-mode floor", "",
-              "Per image: the per-sample Jacobian of a block (`ntk.jacobian_rows`) vs one "
-              "forward and C = 10 backward passes over the same block (the least any "
-              "reverse-mode Jacobian does). Best of 3 after compiling.", "",
-              "| model | image | p | block | Jacobian s/image | forward + C backward s/image "
-              "| ratio |", "|---|---|---|---|---|---|---|"]
-    for f in floors:
-      lines.append(f"| {f['model']} | {f['image_size']}² | {f['num_params']:,} | {f['block']} "
-                   f"| {f['jacobian_s_per_image']:.4f} | {f['floor_s_per_image']:.4f} | "
-                   f"**{f['ratio']:.2f}** |")
-    lines.append("")
+  floors = measure_floors(args.floor_models)
+  lines += floor_table(floors)
   with open(os.path.join(args.out, "roofline.md"), "w") as f:
     f.write("\n".join(lines))
   with open(os.path.join(args.out, "roofline.json"), "w") as f:

@@ -26,17 +26,21 @@ import math
 import time
 from typing import Any, Callable, Optional
 
+import weakref
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.flatten_util import ravel_pytree
 
-from fastntk_jax.enums import KernelImplementation
+from fastntk_jax.enums import JacobianMethod, KernelImplementation
 
 ApplyFn = Callable[[Any, jnp.ndarray], jnp.ndarray]
 PyTree = Any
 log = logging.getLogger(__name__)
 
 __all__ = [
+    "JacobianMethod",
     "KernelImplementation",
     "empirical_kernel",
     "reference_kernel",
@@ -217,19 +221,105 @@ def reference_kernel(apply_fn: ApplyFn, params: PyTree, x1: jnp.ndarray,
   Returns:
     Kernel [n1, n2, C, C] with entry [i, j, a, b] = <d f_a(x1_i), d f_b(x2_j)>.
   """
-  j1 = _per_sample_jacobian(apply_fn, params, x1)
-  j2 = j1 if x2 is None else _per_sample_jacobian(apply_fn, params, x2)
+  method = JacobianMethod.BATCHED_COTANGENTS  # the plain vmap(jacrev), whatever AUTO picks
+  j1 = _per_sample_jacobian(apply_fn, params, x1, method)
+  j2 = j1 if x2 is None else _per_sample_jacobian(apply_fn, params, x2, method)
   return jnp.einsum("iap,jbp->ijab", j1, j2)
 
 
-def _per_sample_jacobian(apply_fn: ApplyFn, params: PyTree, x: jnp.ndarray) -> jnp.ndarray:
+# PULLBACKS compiles one backward pass per group of logits; beyond this many logits, the
+# logits are split into this many groups, each group's cotangents batched together.
+MAX_UNROLLED_PULLBACKS = 16
+
+# apply_fn -> whether its backward pass (w.r.t. the trainable params) convolves. Cached:
+# tracing a deep network's pullback takes seconds.
+_BACKWARD_CONVOLVES: "weakref.WeakKeyDictionary[Any, bool]" = weakref.WeakKeyDictionary()
+
+
+def _count_convolutions(jaxpr) -> int:
+  count = 0
+  for eqn in jaxpr.eqns:
+    count += eqn.primitive.name == "conv_general_dilated"
+    for value in eqn.params.values():
+      for sub in value if isinstance(value, (tuple, list)) else (value,):
+        sub = getattr(sub, "jaxpr", sub)  # ClosedJaxpr -> Jaxpr
+        if hasattr(sub, "eqns"):
+          count += _count_convolutions(sub)
+  return count
+
+
+def _backward_convolves(apply_fn: ApplyFn, params: PyTree, x: jnp.ndarray) -> bool:
+  """Whether the pullback to `params` runs a convolution (a frozen patch embedding before
+  the first trainable parameter, as in a prompted ViT, does not count)."""
+  try:
+    return _BACKWARD_CONVOLVES[apply_fn]
+  except (KeyError, TypeError):  # TypeError: not weak-referenceable, so not cached
+    pass
+  shape = lambda a: jax.ShapeDtypeStruct(jnp.shape(a), jnp.result_type(a))
+  args = (jax.tree_util.tree_map(shape, params),
+          jax.ShapeDtypeStruct((1,) + tuple(x.shape[1:]), x.dtype))
+
+  def forward_and_pullback(w, xb):
+    logits, pullback = jax.vjp(lambda w: apply_fn(w, xb), w)
+    return pullback(jnp.ones_like(logits))
+
+  forward = _count_convolutions(jax.make_jaxpr(apply_fn)(*args).jaxpr)
+  both = _count_convolutions(jax.make_jaxpr(forward_and_pullback)(*args).jaxpr)
+  found = both > forward
+  try:
+    _BACKWARD_CONVOLVES[apply_fn] = found
+  except TypeError:
+    pass
+  return found
+
+
+def resolve_jacobian_method(method: JacobianMethod | str, apply_fn: ApplyFn, params: PyTree,
+                            x: jnp.ndarray) -> JacobianMethod:
+  """AUTO -> PULLBACKS on CPU when the pullback to `params` convolves, else BATCHED_COTANGENTS.
+
+  On XLA:CPU a convolution's backward pass with the n x C cotangents batched together ran
+  2-3x slower than C backward passes of n (benchmarks/RESULTS.md, the cold path against its
+  floor); matmul-only backward passes (prompted ViT) were faster batched. Other backends keep
+  the batched form (not measured there).
+  """
+  try:
+    method = JacobianMethod(method)
+  except ValueError:
+    raise ValueError(f"jacobian method {method!r}: expected one of "
+                     f"{[m.value for m in JacobianMethod]}") from None
+  if method != JacobianMethod.AUTO:
+    return method
+  if jax.default_backend() == "cpu" and _backward_convolves(apply_fn, params, x):
+    return JacobianMethod.PULLBACKS
+  return JacobianMethod.BATCHED_COTANGENTS
+
+
+def _per_sample_jacobian(apply_fn: ApplyFn, params: PyTree, x: jnp.ndarray,
+                         method: JacobianMethod | str = JacobianMethod.AUTO) -> jnp.ndarray:
   """[n, C, p] Jacobian of each sample's logits w.r.t. the ravelled params."""
+  method = resolve_jacobian_method(method, apply_fn, params, x)
   flat, unravel = ravel_pytree(params)
 
   def logits_one(w, xi):
     return apply_fn(unravel(w), xi[None])[0]
 
-  return jax.vmap(jax.jacrev(logits_one), in_axes=(None, 0))(flat, x)
+  if method == JacobianMethod.BATCHED_COTANGENTS:
+    return jax.vmap(jax.jacrev(logits_one), in_axes=(None, 0))(flat, x)
+  # One copy of the params per sample: the pullback of a [n, C] cotangent is then each
+  # sample's own gradient [n, p], at the cost of one batched backward pass.
+  n = x.shape[0]
+  per_sample = jnp.broadcast_to(flat, (n,) + flat.shape)
+  logits, pullback = jax.vjp(lambda ws: jax.vmap(logits_one)(ws, x), per_sample)
+  c = logits.shape[-1]
+  eye = jnp.eye(c, dtype=logits.dtype)
+  parts = []
+  for group in np.array_split(np.arange(c), min(c, MAX_UNROLLED_PULLBACKS)):
+    cotangents = jnp.broadcast_to(eye[group][:, None, :], (len(group), n, c))
+    if len(group) == 1:
+      parts.append(pullback(cotangents[0])[0][None])
+    else:
+      parts.append(jax.vmap(lambda ct: pullback(ct)[0])(cotangents))
+  return jnp.concatenate(parts, axis=0).transpose(1, 0, 2)  # [C, n, p] -> [n, C, p]
 
 
 def empirical_kernel(apply_fn: ApplyFn, params: PyTree, x1: jnp.ndarray,
@@ -255,7 +345,10 @@ def empirical_kernel(apply_fn: ApplyFn, params: PyTree, x1: jnp.ndarray,
   implementation = resolve_implementation(implementation)
   x2_ = x1 if x2 is None else x2
   if implementation == KernelImplementation.JAX:
-    block_fn = lambda a, b: reference_kernel(apply_fn, params, a, b)
+    def block_fn(a, b):
+      ja = _per_sample_jacobian(apply_fn, params, a)
+      jb = _per_sample_jacobian(apply_fn, params, b)
+      return jnp.einsum("iap,jbp->ijab", ja, jb)
   else:
     nt_fn = _nt_kernel_fn(apply_fn, implementation)
     block_fn = lambda a, b: nt_fn(a, b, params)
@@ -279,34 +372,49 @@ def kernel_to_matrix(kernel: jnp.ndarray) -> jnp.ndarray:
   return kernel.transpose(0, 2, 1, 3).reshape(n1 * c1, n2 * c2)
 
 
-def jacobian(apply_fn: ApplyFn, params: PyTree, x: jnp.ndarray) -> jnp.ndarray:
+def jacobian(apply_fn: ApplyFn, params: PyTree, x: jnp.ndarray, *,
+             method: JacobianMethod | str = JacobianMethod.AUTO) -> jnp.ndarray:
   """Full Jacobian of the logits w.r.t. the ravelled params, sample-major.
 
   Holds n*C*p numbers: meant for small problems and tests; the solvers stream instead.
 
+  Args:
+    apply_fn: `(params, x) -> logits [n, C]`.
+    params: trainable pytree.
+    x: inputs [n, ...].
+    method: a `JacobianMethod` (how the reverse passes are batched; same result).
+
   Returns:
     J [n*C, p].
   """
-  j = _per_sample_jacobian(apply_fn, params, x)
+  j = _per_sample_jacobian(apply_fn, params, x, method)
   return j.reshape(-1, j.shape[-1])
 
 
 def jacobian_rows(apply_fn: ApplyFn, params: PyTree, x: jnp.ndarray,
-                  *, batch_size: Optional[int] = 256) -> jnp.ndarray:
+                  *, batch_size: Optional[int] = 256,
+                  method: JacobianMethod | str = JacobianMethod.AUTO) -> jnp.ndarray:
   """Per-sample Jacobians computed in fixed-size blocks (bounded activation memory).
+
+  Args:
+    apply_fn, params, x: as for `jacobian`.
+    batch_size: samples per block (None: one block).
+    method: a `JacobianMethod`.
 
   Returns:
     J [n, C, p], sample-major like `jacobian` (which is this with one block, flattened).
   """
   n = x.shape[0]
+  method = resolve_jacobian_method(method, apply_fn, params, x)
   blocks, _ = _pad_to_blocks(x, _block_size(n, batch_size))
-  out = _map(lambda xb: _per_sample_jacobian(apply_fn, params, xb), blocks)
+  out = _map(lambda xb: _per_sample_jacobian(apply_fn, params, xb, method), blocks)
   return out.reshape((-1,) + out.shape[2:])[:n]
 
 
 def gram(apply_fn: ApplyFn, params: PyTree, x: jnp.ndarray, residuals: jnp.ndarray,
          *, batch_size: Optional[int] = 256, dtype: Optional[jnp.dtype] = None,
-         row_weights: Optional[jnp.ndarray] = None, keep_jacobian: bool = False):
+         row_weights: Optional[jnp.ndarray] = None, keep_jacobian: bool = False,
+         method: JacobianMethod | str = JacobianMethod.AUTO):
   """Streams G = JᵀJ [p, p] and b = Jᵀ r [p] over row blocks, never holding all of J.
 
   Args:
@@ -318,11 +426,13 @@ def gram(apply_fn: ApplyFn, params: PyTree, x: jnp.ndarray, residuals: jnp.ndarr
     dtype: accumulation dtype (e.g. float64 for a float64 solve); default: logits dtype.
     row_weights: optional [n] 0/1 weights (e.g. to mask padding rows of a fixed-size chunk).
     keep_jacobian: also return the (weighted) Jacobian rows [n, C, p] in `dtype`.
+    method: a `JacobianMethod` (how each block's Jacobian is taken).
 
   Returns:
     (G [p, p], b [p]), or (G, b, J [n, C, p]) with keep_jacobian.
   """
   n = x.shape[0]
+  method = resolve_jacobian_method(method, apply_fn, params, x)
   blocks, mask = _pad_to_blocks(x, _block_size(n, batch_size))
   if row_weights is not None:
     w_blocks, _ = _pad_to_blocks(row_weights.astype(mask.dtype), _block_size(n, batch_size))
@@ -334,7 +444,7 @@ def gram(apply_fn: ApplyFn, params: PyTree, x: jnp.ndarray, residuals: jnp.ndarr
   def step(carry, inputs):
     g, b = carry
     xb, rb, mb = inputs
-    jb = _per_sample_jacobian(apply_fn, params, xb).astype(acc_dtype)  # [bs, C, p]
+    jb = _per_sample_jacobian(apply_fn, params, xb, method).astype(acc_dtype)  # [bs, C, p]
     jb = jb * mb[:, None, None].astype(acc_dtype)
     jb2 = jb.reshape(-1, p)
     g = g + jb2.T @ jb2

@@ -126,3 +126,61 @@ def test_kernel_is_jacobian_product_and_helpers_agree():
     np.testing.assert_allclose(pulled, j.T @ r.reshape(-1), rtol=1e-6, atol=1e-7)
     np.testing.assert_allclose(ntk.apply_rows(apply_fn, params, x, batch_size=3),
                                apply_fn(params, x), rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("model,prefixes", [
+    (TinyBNCNN(num_classes=10), ("BatchNorm_", "Dense_")),  # 10 > 4 logits: grouped pullbacks
+    (TinyAttention(), ("MultiHeadDotProductAttention_0/query", "Dense_1")),
+    (TinyBNMLP(), ("BatchNorm_", "Dense_2")),
+], ids=["bn_cnn_c10", "attention", "bn_mlp"])
+def test_jacobian_methods_equal_forward_mode(model, prefixes, monkeypatch):
+  """Both ways of batching the reverse passes give forward mode's per-sample Jacobian."""
+  monkeypatch.setattr(ntk, "MAX_UNROLLED_PULLBACKS", 4)  # groups of 3, 3, 2, 2 logits at C=10
+  with enable_x64():
+    x = jax.random.normal(jax.random.PRNGKey(0), (5, 4, 4, 2), jnp.float64)
+    apply_fn, params = split_apply(model, x, prefixes)
+    flat, unravel = jax.flatten_util.ravel_pytree(params)
+    want = jax.jit(jax.jacfwd(lambda w: apply_fn(unravel(w), x)))(flat)  # [n, C, p]
+    n, c, p = want.shape
+    scale = float(jnp.abs(want).max())
+    assert scale > 1e-3
+    # The BatchNorm statistics are float32: XLA evaluates them differently per program
+    # (~1e-7 relative), hence tolerances of float32 round-off, not float64's.
+    tol = dict(rtol=1e-5, atol=1e-6 * scale)
+    w2 = want.reshape(-1, p)
+    for method in (ntk.JacobianMethod.BATCHED_COTANGENTS, ntk.JacobianMethod.PULLBACKS):
+      # Blocks of 2 (the last one padded) inside one traced program, as the solvers run it.
+      rows, g = jax.jit(lambda w, x: (
+          ntk.jacobian_rows(apply_fn, w, x, batch_size=2, method=method),
+          ntk.gram(apply_fn, w, x, jnp.zeros((n, c)), batch_size=2, method=method)[0]))(
+              params, x)
+      np.testing.assert_allclose(rows, want, **tol, err_msg=method.value)
+      np.testing.assert_allclose(g, w2.T @ w2, rtol=1e-5, atol=1e-6 * scale ** 2,
+                                 err_msg=method.value)
+
+
+def test_auto_jacobian_method_takes_pullbacks_for_backward_convolutions_on_cpu():
+  with enable_x64():
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, 4, 4, 2), jnp.float64)
+    cnn, cnn_params = split_apply(TinyBNCNN(), x, ("BatchNorm_", "Dense_"))
+    mlp, mlp_params = split_apply(TinyBNMLP(), x, ("BatchNorm_", "Dense_2"))
+    conv_method = ntk.resolve_jacobian_method("auto", cnn, cnn_params, x)
+    if jax.default_backend() == "cpu":
+      assert conv_method == ntk.JacobianMethod.PULLBACKS
+    else:
+      assert conv_method == ntk.JacobianMethod.BATCHED_COTANGENTS
+    assert (ntk.resolve_jacobian_method("auto", mlp, mlp_params, x)
+            == ntk.JacobianMethod.BATCHED_COTANGENTS)
+    # Convolutions before every trainable parameter (a frozen stem, a ViT's patch embedding)
+    # are not in the backward pass: the head-only CNN backpropagates through no convolution.
+    head, head_params = split_apply(TinyBNCNN(), x, ("Dense_",))
+    assert (ntk.resolve_jacobian_method("auto", head, head_params, x)
+            == ntk.JacobianMethod.BATCHED_COTANGENTS)
+    # A convolution inside a jit-compiled sub-function is found too.
+    inner = jax.jit(cnn)
+    assert (ntk.resolve_jacobian_method("auto", lambda w, x: inner(w, x), cnn_params, x)
+            == conv_method)
+    assert (ntk.resolve_jacobian_method("batched_cotangents", cnn, cnn_params, x)
+            == ntk.JacobianMethod.BATCHED_COTANGENTS)
+    with pytest.raises(ValueError, match="jacobian method 'svd'"):
+      ntk.jacobian(cnn, cnn_params, x, method="svd")
