@@ -26,8 +26,6 @@ import math
 import time
 from typing import Any, Callable, Optional
 
-import weakref
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -231,56 +229,21 @@ def reference_kernel(apply_fn: ApplyFn, params: PyTree, x1: jnp.ndarray,
 # logits are split into this many groups, each group's cotangents batched together.
 MAX_UNROLLED_PULLBACKS = 16
 
-# apply_fn -> whether its backward pass (w.r.t. the trainable params) convolves. Cached:
-# tracing a deep network's pullback takes seconds.
-_BACKWARD_CONVOLVES: "weakref.WeakKeyDictionary[Any, bool]" = weakref.WeakKeyDictionary()
+def _platform() -> str:
+  """The platform computations land on: `jax_default_device` if set, else the default backend."""
+  device = jax.config.jax_default_device
+  if isinstance(device, str):
+    return device
+  return getattr(device, "platform", None) or jax.default_backend()
 
 
-def _count_convolutions(jaxpr) -> int:
-  count = 0
-  for eqn in jaxpr.eqns:
-    count += eqn.primitive.name == "conv_general_dilated"
-    for value in eqn.params.values():
-      for sub in value if isinstance(value, (tuple, list)) else (value,):
-        sub = getattr(sub, "jaxpr", sub)  # ClosedJaxpr -> Jaxpr
-        if hasattr(sub, "eqns"):
-          count += _count_convolutions(sub)
-  return count
+def resolve_jacobian_method(method: JacobianMethod | str) -> JacobianMethod:
+  """AUTO -> PULLBACKS on CPU, else BATCHED_COTANGENTS.
 
-
-def _backward_convolves(apply_fn: ApplyFn, params: PyTree, x: jnp.ndarray) -> bool:
-  """Whether the pullback to `params` runs a convolution (a frozen patch embedding before
-  the first trainable parameter, as in a prompted ViT, does not count)."""
-  try:
-    return _BACKWARD_CONVOLVES[apply_fn]
-  except (KeyError, TypeError):  # TypeError: not weak-referenceable, so not cached
-    pass
-  shape = lambda a: jax.ShapeDtypeStruct(jnp.shape(a), jnp.result_type(a))
-  args = (jax.tree_util.tree_map(shape, params),
-          jax.ShapeDtypeStruct((1,) + tuple(x.shape[1:]), x.dtype))
-
-  def forward_and_pullback(w, xb):
-    logits, pullback = jax.vjp(lambda w: apply_fn(w, xb), w)
-    return pullback(jnp.ones_like(logits))
-
-  forward = _count_convolutions(jax.make_jaxpr(apply_fn)(*args).jaxpr)
-  both = _count_convolutions(jax.make_jaxpr(forward_and_pullback)(*args).jaxpr)
-  found = both > forward
-  try:
-    _BACKWARD_CONVOLVES[apply_fn] = found
-  except TypeError:
-    pass
-  return found
-
-
-def resolve_jacobian_method(method: JacobianMethod | str, apply_fn: ApplyFn, params: PyTree,
-                            x: jnp.ndarray) -> JacobianMethod:
-  """AUTO -> PULLBACKS on CPU when the pullback to `params` convolves, else BATCHED_COTANGENTS.
-
-  On XLA:CPU a convolution's backward pass with the n x C cotangents batched together ran
-  2-3x slower than C backward passes of n (benchmarks/RESULTS.md, the cold path against its
-  floor); matmul-only backward passes (prompted ViT) were faster batched. Other backends keep
-  the batched form (not measured there).
+  On XLA:CPU, ResNet-110's batched-cotangent Jacobian ran 2.5x slower than C backward passes
+  of the block (its floor), PULLBACKS at 0.96x of it; a prompted ViT-S ran both at the floor
+  (benchmarks/RESULTS.md, the cold path against its floor). Other platforms keep the batched
+  form (not measured there).
   """
   try:
     method = JacobianMethod(method)
@@ -289,43 +252,60 @@ def resolve_jacobian_method(method: JacobianMethod | str, apply_fn: ApplyFn, par
                      f"{[m.value for m in JacobianMethod]}") from None
   if method != JacobianMethod.AUTO:
     return method
-  if jax.default_backend() == "cpu" and _backward_convolves(apply_fn, params, x):
-    return JacobianMethod.PULLBACKS
-  return JacobianMethod.BATCHED_COTANGENTS
+  return JacobianMethod.PULLBACKS if _platform() == "cpu" else JacobianMethod.BATCHED_COTANGENTS
 
 
 def _per_sample_jacobian(apply_fn: ApplyFn, params: PyTree, x: jnp.ndarray,
                          method: JacobianMethod | str = JacobianMethod.AUTO) -> jnp.ndarray:
   """[n, C, p] Jacobian of each sample's logits w.r.t. the ravelled params."""
-  method = resolve_jacobian_method(method, apply_fn, params, x)
+  method = resolve_jacobian_method(method)
   flat, unravel = ravel_pytree(params)
 
-  def logits_one(w, xi):
-    return apply_fn(unravel(w), xi[None])[0]
-
   if method == JacobianMethod.BATCHED_COTANGENTS:
+    logits_one = lambda w, xi: apply_fn(unravel(w), xi[None])[0]
     return jax.vmap(jax.jacrev(logits_one), in_axes=(None, 0))(flat, x)
   # One copy of the params per sample: the pullback of a [n, C] cotangent is then each
-  # sample's own gradient [n, p], at the cost of one batched backward pass.
+  # sample's own gradient, at the cost of one batched backward pass. The copies stay a
+  # pytree (ravelling inside the vmap cost a concatenation of every leaf per pullback: 1.6x).
   n = x.shape[0]
-  per_sample = jnp.broadcast_to(flat, (n,) + flat.shape)
-  logits, pullback = jax.vjp(lambda ws: jax.vmap(logits_one)(ws, x), per_sample)
+  per_sample = jax.tree_util.tree_map(lambda l: jnp.broadcast_to(l, (n,) + jnp.shape(l)),
+                                      params)
+  out_shape = []  # one sample's logits shape, e.g. (C,); flattened for the cotangents
+
+  def flat_logits(ws):
+    out = jax.vmap(lambda w, xi: apply_fn(w, xi[None])[0])(ws, x)
+    out_shape[:] = out.shape[1:]
+    return out.reshape(n, -1)
+
+  logits, pullback = jax.vjp(flat_logits, per_sample)
   c = logits.shape[-1]
   eye = jnp.eye(c, dtype=logits.dtype)
-  parts = []
-  for group in np.array_split(np.arange(c), min(c, MAX_UNROLLED_PULLBACKS)):
+  parts = []  # per group: the gradient pytree, leaves [len(group), n, ...]
+  for group in np.array_split(np.arange(c), max(1, min(c, int(MAX_UNROLLED_PULLBACKS)))):
+    if not len(group):
+      continue
     cotangents = jnp.broadcast_to(eye[group][:, None, :], (len(group), n, c))
     if len(group) == 1:
-      parts.append(pullback(cotangents[0])[0][None])
+      parts.append(jax.tree_util.tree_map(lambda g: g[None], pullback(cotangents[0])[0]))
     else:
       parts.append(jax.vmap(lambda ct: pullback(ct)[0])(cotangents))
-  return jnp.concatenate(parts, axis=0).transpose(1, 0, 2)  # [C, n, p] -> [n, C, p]
+  # Ravel in `ravel_pytree`'s leaf order (and dtype): [C, n, ...] leaves -> [n, C, p].
+  leaves = [jnp.concatenate(group_leaves, axis=0) for group_leaves in
+            zip(*(jax.tree_util.tree_leaves(part) for part in parts))]
+  if leaves:
+    jac = jnp.concatenate([l.reshape(c, n, math.prod(l.shape[2:])).astype(flat.dtype)
+                           for l in leaves], axis=-1).transpose(1, 0, 2)
+  else:
+    jac = jnp.zeros((n, c, 0), flat.dtype)
+  return jac.reshape((n,) + tuple(out_shape) + (flat.shape[0],))  # as vmap(jacrev) shapes it
 
 
 def empirical_kernel(apply_fn: ApplyFn, params: PyTree, x1: jnp.ndarray,
                      x2: Optional[jnp.ndarray] = None, *, batch_size: Optional[int] = 256,
                      implementation: KernelImplementation | str =
-                     KernelImplementation.AUTO) -> jnp.ndarray:
+                     KernelImplementation.AUTO,
+                     jacobian_method: JacobianMethod | str = JacobianMethod.AUTO
+                     ) -> jnp.ndarray:
   """Empirical NTK over `params` only, in row/column blocks of `batch_size`.
 
   Memory beyond the output is bounded by two blocks' Jacobians (2 * batch_size * C * p).
@@ -338,16 +318,18 @@ def empirical_kernel(apply_fn: ApplyFn, params: PyTree, x1: jnp.ndarray,
     batch_size: rows per block (None: one block).
     implementation: a `KernelImplementation` (or its string value); default AUTO
       (neural-tangents when it imports).
+    jacobian_method: the built-in (JAX) kernel's `JacobianMethod`.
 
   Returns:
     Kernel [n1, n2, C, C], dtype of the logits.
   """
   implementation = resolve_implementation(implementation)
   x2_ = x1 if x2 is None else x2
+  jacobian_method = resolve_jacobian_method(jacobian_method)
   if implementation == KernelImplementation.JAX:
     def block_fn(a, b):
-      ja = _per_sample_jacobian(apply_fn, params, a)
-      jb = _per_sample_jacobian(apply_fn, params, b)
+      ja = _per_sample_jacobian(apply_fn, params, a, jacobian_method)
+      jb = _per_sample_jacobian(apply_fn, params, b, jacobian_method)
       return jnp.einsum("iap,jbp->ijab", ja, jb)
   else:
     nt_fn = _nt_kernel_fn(apply_fn, implementation)
@@ -388,7 +370,7 @@ def jacobian(apply_fn: ApplyFn, params: PyTree, x: jnp.ndarray, *,
     J [n*C, p].
   """
   j = _per_sample_jacobian(apply_fn, params, x, method)
-  return j.reshape(-1, j.shape[-1])
+  return j.reshape(math.prod(j.shape[:-1]), j.shape[-1])  # not -1: p may be 0
 
 
 def jacobian_rows(apply_fn: ApplyFn, params: PyTree, x: jnp.ndarray,
@@ -405,10 +387,10 @@ def jacobian_rows(apply_fn: ApplyFn, params: PyTree, x: jnp.ndarray,
     J [n, C, p], sample-major like `jacobian` (which is this with one block, flattened).
   """
   n = x.shape[0]
-  method = resolve_jacobian_method(method, apply_fn, params, x)
+  method = resolve_jacobian_method(method)
   blocks, _ = _pad_to_blocks(x, _block_size(n, batch_size))
   out = _map(lambda xb: _per_sample_jacobian(apply_fn, params, xb, method), blocks)
-  return out.reshape((-1,) + out.shape[2:])[:n]
+  return out.reshape((out.shape[0] * out.shape[1],) + out.shape[2:])[:n]
 
 
 def gram(apply_fn: ApplyFn, params: PyTree, x: jnp.ndarray, residuals: jnp.ndarray,
@@ -432,7 +414,7 @@ def gram(apply_fn: ApplyFn, params: PyTree, x: jnp.ndarray, residuals: jnp.ndarr
     (G [p, p], b [p]), or (G, b, J [n, C, p]) with keep_jacobian.
   """
   n = x.shape[0]
-  method = resolve_jacobian_method(method, apply_fn, params, x)
+  method = resolve_jacobian_method(method)
   blocks, mask = _pad_to_blocks(x, _block_size(n, batch_size))
   if row_weights is not None:
     w_blocks, _ = _pad_to_blocks(row_weights.astype(mask.dtype), _block_size(n, batch_size))

@@ -159,28 +159,56 @@ def test_jacobian_methods_equal_forward_mode(model, prefixes, monkeypatch):
                                  err_msg=method.value)
 
 
-def test_auto_jacobian_method_takes_pullbacks_for_backward_convolutions_on_cpu():
-  with enable_x64():
-    x = jax.random.normal(jax.random.PRNGKey(0), (2, 4, 4, 2), jnp.float64)
-    cnn, cnn_params = split_apply(TinyBNCNN(), x, ("BatchNorm_", "Dense_"))
-    mlp, mlp_params = split_apply(TinyBNMLP(), x, ("BatchNorm_", "Dense_2"))
-    conv_method = ntk.resolve_jacobian_method("auto", cnn, cnn_params, x)
-    if jax.default_backend() == "cpu":
-      assert conv_method == ntk.JacobianMethod.PULLBACKS
-    else:
-      assert conv_method == ntk.JacobianMethod.BATCHED_COTANGENTS
-    assert (ntk.resolve_jacobian_method("auto", mlp, mlp_params, x)
-            == ntk.JacobianMethod.BATCHED_COTANGENTS)
-    # Convolutions before every trainable parameter (a frozen stem, a ViT's patch embedding)
-    # are not in the backward pass: the head-only CNN backpropagates through no convolution.
-    head, head_params = split_apply(TinyBNCNN(), x, ("Dense_",))
-    assert (ntk.resolve_jacobian_method("auto", head, head_params, x)
-            == ntk.JacobianMethod.BATCHED_COTANGENTS)
-    # A convolution inside a jit-compiled sub-function is found too.
-    inner = jax.jit(cnn)
-    assert (ntk.resolve_jacobian_method("auto", lambda w, x: inner(w, x), cnn_params, x)
-            == conv_method)
-    assert (ntk.resolve_jacobian_method("batched_cotangents", cnn, cnn_params, x)
-            == ntk.JacobianMethod.BATCHED_COTANGENTS)
-    with pytest.raises(ValueError, match="jacobian method 'svd'"):
-      ntk.jacobian(cnn, cnn_params, x, method="svd")
+def test_auto_jacobian_method_and_bad_names():
+  want = "pullbacks" if jax.default_backend() == "cpu" else "batched_cotangents"
+  assert ntk.resolve_jacobian_method("auto").value == want
+  with jax.default_device(jax.devices("cpu")[0]):
+    assert ntk.resolve_jacobian_method("auto") == ntk.JacobianMethod.PULLBACKS
+  assert (ntk.resolve_jacobian_method("batched_cotangents")
+          == ntk.JacobianMethod.BATCHED_COTANGENTS)
+  x = jnp.ones((2, 4, 4, 2))
+  apply_fn, params = split_apply(TinyBNMLP(), x, ("Dense_2",))
+  for bad in ("svd", "PULLBACKS", None):
+    with pytest.raises(ValueError, match="jacobian method"):
+      ntk.jacobian(apply_fn, params, x, method=bad)
+
+
+class ScalarCNN(nn.Module):
+  """One logit per sample, as [n] (not [n, 1]), through a convolution."""
+
+  @nn.compact
+  def __call__(self, x):
+    x = nn.relu(nn.Conv(3, (3, 3))(x))
+    return nn.Dense(1)(x.mean(axis=(1, 2)))[:, 0]
+
+
+class TokenCNN(nn.Module):
+  """Logits [n, T, C] (per-token outputs)."""
+
+  @nn.compact
+  def __call__(self, x):
+    x = nn.relu(nn.Conv(3, (3, 3))(x))
+    return nn.Dense(3)(x.reshape(x.shape[0], -1, 3 * x.shape[2]))
+
+
+@pytest.mark.parametrize("model", [ScalarCNN(), TokenCNN()], ids=["logits_n", "logits_n_t_c"])
+def test_pullbacks_take_outputs_of_any_rank_like_vmap_jacrev(model):
+  """Helper-10 found PULLBACKS (AUTO's choice on CPU) refusing [n] and [n, T, C] outputs that
+  vmap(jacrev) took: each sample's output is flattened for the cotangents and shaped back."""
+  x = jax.random.normal(jax.random.PRNGKey(0), (3, 4, 4, 2))
+  v = model.init(jax.random.PRNGKey(1), x)
+  apply_fn = lambda p, x: model.apply(p, x)
+  want = ntk._per_sample_jacobian(apply_fn, v, x, "batched_cotangents")  # pylint: disable=protected-access
+  got = ntk._per_sample_jacobian(apply_fn, v, x, "pullbacks")  # pylint: disable=protected-access
+  assert got.shape == want.shape
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+  assert ntk.jacobian(apply_fn, v, x, method="pullbacks").shape == (
+      want.size // want.shape[-1], want.shape[-1])
+
+
+def test_jacobian_of_an_empty_parameter_tree_is_empty():
+  x = jnp.ones((3, 4, 4, 2))
+  apply_fn = lambda p, x: jnp.tile(x.reshape(x.shape[0], -1)[:, :1], (1, 4))  # no params
+  for method in ("pullbacks", "batched_cotangents"):
+    assert ntk.jacobian(apply_fn, {}, x, method=method).shape == (12, 0)
+    assert ntk.jacobian_rows(apply_fn, {}, x, batch_size=2, method=method).shape == (3, 4, 0)
