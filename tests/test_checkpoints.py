@@ -239,6 +239,6 @@ def test_orbax_folder_without_metadata_is_refused_before_restoring(tmp_path, cap
   bad.mkdir()
   (bad / "garbage").write_bytes(b"not a checkpoint")
   with caplog.at_level("ERROR"):
-    with pytest.raises(ck.CheckpointError, match="no orbax tree metadata"):
+    with pytest.raises(ck.CheckpointError, match="_METADATA"):  # orbax < 0.12 says it too
       ck.restore_checkpoint(str(bad), abstract)
   assert not [r for r in caplog.records if r.name == "asyncio"], caplog.text
