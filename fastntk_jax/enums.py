@@ -42,8 +42,8 @@ class KernelImplementation(str, enum.Enum):
   NEURAL_TANGENTS: `neural_tangents.empirical_ntk_fn` with JACOBIAN_CONTRACTION.
   NEURAL_TANGENTS_NTK_VECTOR_PRODUCTS: neural-tangents' NTK-vector-product implementation
     (less memory for wide outputs, slower for small p).
-  JAX: the built-in `vmap(jacrev)` + einsum; needs no neural-tangents, so it also runs on
-    JAX versions neural-tangents does not import on.
+  JAX: the built-in per-sample Jacobians (`JacobianMethod`) + einsum; needs no
+    neural-tangents, so it also runs on JAX versions neural-tangents does not import on.
   AUTO: NEURAL_TANGENTS when it imports, else JAX (the choice is recorded in diagnostics).
   """
   NEURAL_TANGENTS = "neural_tangents"
