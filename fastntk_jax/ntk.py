@@ -229,6 +229,7 @@ def reference_kernel(apply_fn: ApplyFn, params: PyTree, x1: jnp.ndarray,
 # logits are split into this many groups, each group's cotangents batched together.
 MAX_UNROLLED_PULLBACKS = 16
 
+
 def _platform() -> str:
   """The platform computations land on: `jax_default_device` if set, else the default backend."""
   device = jax.config.jax_default_device
@@ -329,7 +330,7 @@ def empirical_kernel(apply_fn: ApplyFn, params: PyTree, x1: jnp.ndarray,
   if implementation == KernelImplementation.JAX:
     def block_fn(a, b):
       ja = _per_sample_jacobian(apply_fn, params, a, jacobian_method)
-      jb = _per_sample_jacobian(apply_fn, params, b, jacobian_method)
+      jb = ja if b is a else _per_sample_jacobian(apply_fn, params, b, jacobian_method)
       return jnp.einsum("iap,jbp->ijab", ja, jb)
   else:
     nt_fn = _nt_kernel_fn(apply_fn, implementation)

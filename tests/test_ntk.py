@@ -212,3 +212,16 @@ def test_jacobian_of_an_empty_parameter_tree_is_empty():
   for method in ("pullbacks", "batched_cotangents"):
     assert ntk.jacobian(apply_fn, {}, x, method=method).shape == (12, 0)
     assert ntk.jacobian_rows(apply_fn, {}, x, batch_size=2, method=method).shape == (3, 4, 0)
+
+
+def test_builtin_kernel_equals_reference_one_block_and_blocked():
+  with enable_x64():
+    x1 = jax.random.normal(jax.random.PRNGKey(0), (5, 4, 4, 2), jnp.float64)
+    x2 = jax.random.normal(jax.random.PRNGKey(1), (3, 4, 4, 2), jnp.float64)
+    apply_fn, params = split_apply(TinyBNMLP(), x1, ("BatchNorm_", "Dense_2"))
+    for a, b in ((x1, None), (x1, x2)):
+      ref = ntk.reference_kernel(apply_fn, params, a, b)
+      for batch_size in (None, 2):  # one block (x2=None: one Jacobian for both sides); blocks
+        got = ntk.empirical_kernel(apply_fn, params, a, b, batch_size=batch_size,
+                                   implementation="jax", jacobian_method="pullbacks")
+        np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-7)
