@@ -44,7 +44,9 @@ class KernelImplementation(str, enum.Enum):
     (less memory for wide outputs, slower for small p).
   JAX: the built-in per-sample Jacobians (`JacobianMethod`) + einsum; needs no
     neural-tangents, so it also runs on JAX versions neural-tangents does not import on.
-  AUTO: NEURAL_TANGENTS when it imports, else JAX (the choice is recorded in diagnostics).
+  AUTO: NEURAL_TANGENTS when it imports, else JAX; but JAX on the Jacobian rows of D kept in
+    memory wherever a set spans several blocks and the rows fit (`Plan.keep_jacobian_rows`:
+    each sample's Jacobian taken once). The choice is recorded in diagnostics.
   """
   NEURAL_TANGENTS = "neural_tangents"
   NEURAL_TANGENTS_NTK_VECTOR_PRODUCTS = "neural_tangents_ntk_vector_products"

@@ -188,7 +188,8 @@ def describe_runtime() -> str:
   devices = jax.devices()
   kinds = sorted({d.platform for d in devices})
   try:
-    nt = f"neural-tangents {md.version('neural-tangents')} (used when it imports)"
+    nt = (f"neural-tangents {md.version('neural-tangents')} (used when it imports, except "
+          "where the Jacobian rows of D are kept: see results.json)")
   except md.PackageNotFoundError:
     nt = "the built-in one (neural-tangents is not installed)"
   line = (f"jax {jax.__version__} on {'/'.join(kinds)} ({len(devices)} device"

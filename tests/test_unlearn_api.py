@@ -257,3 +257,106 @@ def test_zero_damping_allowed_when_kernel_is_invertible():
     with pytest.raises(ValueError, match="solver='primal' with damping=0"):
       unlearn.ntk_forget(apply_fn, w0, w_d, **kwargs(retain, forget, damping=0.0,
                                                     solver="primal"))
+
+
+def test_dual_on_kept_jacobian_rows_equals_the_blocked_dual_and_the_primal():
+  # Kept rows take each sample's Jacobian once and form every kernel block and P J_fᵀ as
+  # products of rows (in column chunks): the same Δ as the blocked kernel and the primal, to
+  # the network's fusion-dependent float64 round-off times κ (as in the test above); a
+  # wrong product gives O(1).
+  with enable_x64():
+    apply_fn, w0, _, retain, forget = problem()
+    update = lambda solver, keep: unlearn.ridge_update(
+        apply_fn, w0, retain, forget, 1e-2, num_classes=C, solver=solver, dtype=jnp.float64,
+        batch_size=4, keep_rows=keep)[0]
+    kept, blocked, primal = update("dual", True), update("dual", False), update("primal", False)
+    rel = lambda a: np.linalg.norm(a - primal) / np.linalg.norm(primal)
+    assert np.linalg.norm(primal) > 1e-3
+    assert rel(kept) < 1e-4 and rel(blocked) < 1e-4, (rel(kept), rel(blocked))
+    jitted = jax.jit(lambda: unlearn.ridge_update(
+        apply_fn, w0, retain, forget, 1e-2, num_classes=C, solver="dual", dtype=jnp.float64,
+        batch_size=4, keep_rows=True)[0])()
+    assert rel(jitted) < 1e-4, rel(jitted)
+
+
+def test_dual_on_kept_rows_is_exact_on_a_linear_model():
+  # f(w, x) = x W + b, linear in w: Δ = (G_r+λI)⁻¹b_r - (G+λI)⁻¹b, with J from jacfwd.
+  with enable_x64():
+    rng = np.random.default_rng(3)
+    x = jnp.asarray(rng.normal(size=(9, 5)))
+    y = jnp.asarray(rng.integers(0, C, size=9))
+    w0 = {"W": jnp.asarray(rng.normal(size=(5, C))), "b": jnp.zeros(C)}
+    apply_fn = lambda w, xx: xx @ w["W"] + w["b"]
+    retain, forget = (x[:6], y[:6]), (x[6:], y[6:])
+    lam = 0.1
+    flat, unravel = ravel_pytree(w0)
+    jac = lambda xx: np.asarray(jax.jacfwd(lambda f: apply_fn(unravel(f), xx).reshape(-1))(flat))
+    stats = lambda xx, yy: (jac(xx).T @ jac(xx), jac(xx).T @ np.asarray(
+        (jax.nn.one_hot(yy, C) - apply_fn(w0, xx)).reshape(-1)))
+    (g_r, b_r), (g_f, b_f) = stats(*retain), stats(*forget)
+    eye = lam * np.eye(flat.size)
+    want = np.linalg.solve(g_r + eye, b_r) - np.linalg.solve(g_r + g_f + eye, b_r + b_f)
+    got = unlearn.ridge_update(apply_fn, w0, retain, forget, lam, num_classes=C, solver="dual",
+                               dtype=jnp.float64, batch_size=2, keep_rows=True)[0]
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-10 * np.linalg.norm(want))
+
+
+def test_row_products_widen_column_chunks_to_the_solve_dtype(monkeypatch):
+  monkeypatch.setattr(unlearn.solvers, "ROW_PRODUCT_COLUMNS", 3)  # p = 7: chunks 3, 3, 1
+  with enable_x64():
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(5, 7)).astype(np.float32)
+    b = rng.normal(size=(4, 7)).astype(np.float32)
+    v, u = rng.normal(size=7), rng.normal(size=5)
+    a64 = a.astype(np.float64)
+    prod = unlearn.solvers.rows_product(jnp.asarray(a), jnp.asarray(b), jnp.float64)
+    assert prod.dtype == jnp.float64
+    np.testing.assert_allclose(prod, a64 @ b.astype(np.float64).T, rtol=1e-14, atol=1e-14)
+    np.testing.assert_allclose(unlearn.solvers.rows_matvec(jnp.asarray(a), v, jnp.float64),
+                               a64 @ v, rtol=1e-13)
+    np.testing.assert_allclose(unlearn.solvers.rows_rmatvec(jnp.asarray(a), u, jnp.float64),
+                               a64.T @ u, rtol=1e-13)
+    assert unlearn.solvers.rows_rmatvec(jnp.zeros((5, 0)), u, jnp.float64).shape == (0,)
+
+
+def test_plan_keeps_the_rows_when_the_blocked_kernel_would_recompute_and_they_fit():
+  with enable_x64():
+    apply_fn, w0, w_d, retain, forget = problem()
+    plan = lambda **kw: unlearn.make_forgetter(
+        apply_fn, num_classes=C, solver="dual", batch_size=4, **kw).plan(
+            w0, w_d, retain, forget, traced=False)
+    kept = plan()
+    assert kept.keep_jacobian_rows and kept.kernel == unlearn.KernelImplementation.JAX
+    assert "keeps the Jacobian rows" in kept.reason
+    # Eagerly with 3 + 1 blocks of 4 the blocked kernel takes 10 + 3·3·4 + ... Jacobians; with
+    # the rows n = 14, and the rows' 14·3·40 float64 numbers count in its memory.
+    blocked = unlearn.estimate_costs(40, 10, 4, C, batch_size=4, dtype_bytes=8,
+                                     traced=False, network=unlearn.network_cost(
+                                         apply_fn, w0, retain[0]))
+    assert kept.costs["dual"].flops < blocked["dual"].flops
+    assert kept.costs["dual"].bytes >= blocked["dual"].bytes + 8 * 14 * C * 40
+    # Rows that do not fit the budget: the blocked kernel.
+    tight = plan(memory_limit_bytes=blocked["dual"].bytes + 8 * 14 * C * 40 - 1)
+    assert not tight.keep_jacobian_rows
+    # One block: nothing is recomputed, nothing kept.
+    one = unlearn.make_forgetter(apply_fn, num_classes=C, solver="dual", batch_size=64).plan(
+        w0, w_d, retain, forget, traced=False)
+    assert not one.keep_jacobian_rows
+
+
+def test_diagnostics_run_the_kept_rows_dual_eagerly_and_match_the_compiled_dual():
+  with enable_x64():
+    # Under jit (how the diagnostics plan) 20 blocks of one sample are a rolled loop that
+    # would take both blocks of every pair: the rows are kept and the update runs eagerly.
+    apply_fn, w0, w_d, retain, forget = problem(n_r=20)
+    run = lambda **kw: unlearn.ntk_forget_with_diagnostics(
+        apply_fn, w0, w_d, **kwargs(retain, forget, solver="dual", **kw))
+    kept, diag = run(batch_size=1)
+    assert diag.kernel == "jax" and "keeps the Jacobian rows" in diag.reason
+    assert diag.compile_seconds > 0 and diag.seconds > 0
+    assert np.isfinite(diag.condition_number) and diag.condition_number > 1
+    one_block, diag1 = run(batch_size=64)  # one block: compiled, nothing kept
+    assert "keeps the Jacobian rows" not in diag1.reason
+    diff = np.linalg.norm(ravel_pytree(kept)[0] - ravel_pytree(one_block)[0])
+    assert diff < 1e-4 * diag.update_norm, diff / diag.update_norm  # see the tests above
+    np.testing.assert_allclose(diag.condition_number, diag1.condition_number, rtol=1e-4)

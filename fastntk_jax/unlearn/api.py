@@ -84,7 +84,8 @@ def make_forgetter(apply_fn: ApplyFn, *, num_classes: int, damping=1e-2,
       solver that fits in memory; logged).
     batch_size: rows per streamed block (bounds memory; None = all at once).
     kernel_impl: the dual's kernel, a `KernelImplementation` value ("auto": neural-tangents
-      when it imports, else the built-in one; the one that ran is in `Plan.kernel`).
+      when it imports, else the built-in one, and the built-in one on kept Jacobian rows
+      where a set spans several blocks; the one that ran is in `Plan.kernel`).
     solve_dtype: dtype of kernels, Grams and solves (jnp.float64 needs x64); default: the
       widest dtype of the params.
     linearize_at: "init" (w0, default) | "trained" (w_D; see `LinearizationPoint`).
@@ -153,7 +154,7 @@ def make_forgetter(apply_fn: ApplyFn, *, num_classes: int, damping=1e-2,
         dtype=plan.solve_dtype, batch_size=opts.batch_size,
         kernel_impl=plan.kernel or ntk.KernelImplementation.JAX, cg_tol=opts.cg_tol,
         cg_maxiter=lambda dim: plan_lib.cg_iteration_budget(dim, opts.cg_maxiter),
-        with_condition=with_condition)
+        with_condition=with_condition, keep_rows=plan.keep_jacobian_rows)
     return solvers.apply_delta(params, delta, opts.step_scale), info, delta
 
   def planned(params_init, params, retain, forget, plan=None, with_condition=False):
@@ -354,7 +355,10 @@ def peak_memory_probe() -> Callable[[], Optional[int]]:
 def ntk_forget_with_diagnostics(apply_fn: ApplyFn, params_init: PyTree, params: PyTree, *,
                                 retain, forget, num_classes: int, **options
                                 ) -> tuple[PyTree, Diagnostics]:
-  """`ntk_forget` compiled and run eagerly, timed, with a `Diagnostics` record.
+  """`ntk_forget` compiled and run, timed, with a `Diagnostics` record (compilation apart).
+
+  A dual that keeps the Jacobian rows of D (`Plan.keep_jacobian_rows`) runs eagerly, its
+  blocks through one compiled block step; every other update runs as one compiled program.
 
   Args: as `ntk_forget` (options are `make_forgetter`'s).
 
@@ -375,12 +379,23 @@ def ntk_forget_with_diagnostics(apply_fn: ApplyFn, params_init: PyTree, params: 
     return new, info, jnp.sqrt(sum(jnp.vdot(d, d) for d in jax.tree_util.tree_leaves(diff)))
 
   args = (params_init, params, retain, forget)
-  start = time.perf_counter()
-  compiled = jax.jit(run).lower(*args).compile()
-  compile_seconds = time.perf_counter() - start
-  start = time.perf_counter()
-  new, info, norm = jax.block_until_ready(compiled(*args))
-  seconds = time.perf_counter() - start
+  if plan.keep_jacobian_rows:
+    # Run eagerly: the rows are then taken by a host loop over one compiled block step
+    # (`ntk._scan`), not a rolled XLA loop (slower per block on XLA:CPU); the linear algebra
+    # is a few large operations either way.
+    with ntk.compile_timer() as compiled_blocks:
+      start = time.perf_counter()
+      new, info, norm = jax.block_until_ready(run(*args))
+      elapsed = time.perf_counter() - start
+    compile_seconds = compiled_blocks["seconds"]
+    seconds = elapsed - compile_seconds
+  else:
+    start = time.perf_counter()
+    compiled = jax.jit(run).lower(*args).compile()
+    compile_seconds = time.perf_counter() - start
+    start = time.perf_counter()
+    new, info, norm = jax.block_until_ready(compiled(*args))
+    seconds = time.perf_counter() - start
   forgetter.check(info, plan)
   diag = make_diagnostics(plan, info, update_norm=float(norm), seconds=seconds,
                           compile_seconds=compile_seconds, measured_bytes=probe())

@@ -9,7 +9,8 @@ sample-major), `Θ_ab = J_a J_bᵀ`, residuals `E_a = one_hot(Y_a) - f(w_lin, X_
     P = I - J_rᵀ(Θ_rr+λI)⁻¹J_r,   M = (Θ_ff+λI - Θ_fr(Θ_rr+λI)⁻¹Θ_rf)⁻¹,
     V = (f(w_lin, X_f) - Y_f) + Θ_fr(Θ_rr+λI)⁻¹E_r.
 
-  * dual:   Eq. (1) literally (kernel blocks, Cholesky, Schur complement). Memory ~ (n·C)².
+  * dual:   Eq. (1) literally (kernel blocks, Cholesky, Schur complement). Memory ~ (n·C)²,
+            plus n·C·p when it keeps the Jacobian rows of D (each sample's Jacobian once).
   * primal: Δ = (G_r+λI)⁻¹b_r - (G_r+G_f+λI)⁻¹(b_r+b_f), G_a = J_aᵀJ_a, b_a = J_aᵀE_a
             (push-through identity), the Grams streamed. Memory ~ p².
   * cg:     the same two ridge solves by conjugate gradients with jvp/vjp matvecs, in the
@@ -172,8 +173,84 @@ def _delta_primal(apply_s, w_s, retain, forget, lam, *, num_classes, batch_size,
   return primal_solve(*stats(retain), *stats(forget), lam, with_condition=with_condition)
 
 
+# Columns of the kept Jacobian rows widened to the solve dtype at a time: the products run in
+# that dtype without a widened copy of all the rows (n·C·p numbers) in memory.
+ROW_PRODUCT_COLUMNS = 4096
+
+
+def _column_chunks(p: int):
+  return [(s, min(s + ROW_PRODUCT_COLUMNS, p)) for s in range(0, p, ROW_PRODUCT_COLUMNS)]
+
+
+# Jitted so that the chunks accumulate in place (eagerly, each sum is a new [m1, m2] array).
+@functools.partial(jax.jit, static_argnames="dtype")
+def rows_product(a: jnp.ndarray, b: jnp.ndarray, dtype) -> jnp.ndarray:
+  """a bᵀ in `dtype` for Jacobian rows a [m1, p], b [m2, p] of any (narrower) dtype, widening
+  `ROW_PRODUCT_COLUMNS` columns at a time."""
+  out = jnp.zeros((a.shape[0], b.shape[0]), dtype)
+  for s, e in _column_chunks(a.shape[1]):
+    out = out + a[:, s:e].astype(dtype) @ b[:, s:e].astype(dtype).T
+  return out
+
+
+@functools.partial(jax.jit, static_argnames="dtype")
+def rows_matvec(j: jnp.ndarray, v: jnp.ndarray, dtype) -> jnp.ndarray:
+  """J v in `dtype` for rows j [m, p] and v [p] (widened a column chunk at a time)."""
+  out = jnp.zeros((j.shape[0],), dtype)
+  for s, e in _column_chunks(j.shape[1]):
+    out = out + j[:, s:e].astype(dtype) @ v[s:e].astype(dtype)
+  return out
+
+
+@functools.partial(jax.jit, static_argnames="dtype")
+def rows_rmatvec(j: jnp.ndarray, u: jnp.ndarray, dtype) -> jnp.ndarray:
+  """Jᵀ u in `dtype` for rows j [m, p] and u [m]."""
+  parts = [j[:, s:e].astype(dtype).T @ u.astype(dtype) for s, e in _column_chunks(j.shape[1])]
+  return jnp.concatenate(parts) if parts else jnp.zeros((0,), dtype)
+
+
+@jax.jit
+def _plus_diagonal(k, lam):  # k + λI without materialising I (an [m, m] array eagerly)
+  i = jnp.arange(k.shape[0])
+  return k.at[i, i].add(lam)
+
+
+def _delta_dual_rows(apply_fn, w_lin, retain, forget, lam, *, num_classes, batch_size, dtype,
+                     with_condition):
+  """The dual with the Jacobian rows of D computed once and kept ([n·C, p] in the network's
+  dtype): every kernel block and P J_fᵀ are products of those rows, so no sample's Jacobian
+  is taken twice (the blocked kernel takes a column block's once per row block)."""
+  (x_r, y_r), (x_f, y_f) = retain, forget
+  c, m_r = num_classes, x_r.shape[0] * num_classes
+  # The network runs in its own dtype, as for the primal's Grams (`gram_stats`): each row is
+  # exact to that dtype's rounding, and every product of rows is taken in `dtype`. D's rows
+  # are taken in one call (one compiled block step) and never sliced (a slice is a copy).
+  apply_n = lambda w, x: apply_fn(w, x).astype(dtype)
+  x = jnp.concatenate([x_r, x_f], axis=0)
+  j = ntk.jacobian_rows(apply_n, w_lin, x, batch_size=batch_size).reshape(x.shape[0] * c, -1)
+  e = residuals(apply_n, w_lin, x, jnp.concatenate([y_r, y_f]), num_classes=c,
+                batch_size=batch_size, dtype=dtype).reshape(-1)
+  e_r, e_f = e[:m_r], e[m_r:]
+  k = _plus_diagonal(rows_product(j, j, dtype), lam)     # Θ + λI over D
+  k_rr, k_rf, k_ff = k[:m_r, :m_r], k[:m_r, m_r:], k[m_r:, m_r:]
+  del k
+  solve_rr, est_rr = cholesky_solver(k_rr)
+  a = solve_rr(k_rf)                                     # (Θ_rr+λI)⁻¹ Θ_rf
+  schur = k_ff - k_rf.T @ a                              # M⁻¹
+  v = -e_f + a.T @ e_r                                   # (f0_f - Y_f) + Θ_fr(Θ_rr+λI)⁻¹E_r
+  solve_schur, est_schur = cholesky_solver(0.5 * (schur + schur.T))
+  z = jnp.concatenate([jnp.zeros((m_r,), dtype), solve_schur(v)])
+  u = rows_rmatvec(j, z, dtype)                          # J_fᵀ M V
+  back = solve_rr(rows_matvec(j, u, dtype)[:m_r])        # (Θ_rr+λI)⁻¹ J_r u
+  delta = u - rows_rmatvec(j, jnp.concatenate([back, jnp.zeros_like(z[m_r:])]), dtype)
+  return delta, _direct_info(delta, k_rr, with_condition, [est_rr, est_schur])
+
+
 def _delta_dual(apply_s, w_s, retain, forget, lam, *, num_classes, batch_size, dtype,
-                kernel_impl, with_condition, **_):
+                kernel_impl, with_condition, keep_rows=False, network=None, **_):
+  if keep_rows:
+    return _delta_dual_rows(*network, retain, forget, lam, num_classes=num_classes,
+                            batch_size=batch_size, dtype=dtype, with_condition=with_condition)
   (x_r, y_r), (x_f, y_f) = retain, forget
   c = num_classes
   res = lambda x, y: residuals(apply_s, w_s, x, y, num_classes=c, batch_size=batch_size,
@@ -271,7 +348,8 @@ def ridge_update(apply_fn: ApplyFn, w_lin: PyTree, retain, forget, damping, *,
                  kernel_impl: KernelImplementation = KernelImplementation.JAX,
                  cg_tol: Optional[float] = None,
                  cg_maxiter: Callable[[int], int] = lambda dim: 2 * dim,
-                 with_condition: bool = False) -> tuple[jnp.ndarray, SolveInfo]:
+                 with_condition: bool = False,
+                 keep_rows: bool = False) -> tuple[jnp.ndarray, SolveInfo]:
   """Δ = w_r - w_D of kernel ridge regression linearised at `w_lin` (no validation).
 
   Args:
@@ -284,6 +362,8 @@ def ridge_update(apply_fn: ApplyFn, w_lin: PyTree, retain, forget, damping, *,
     cg_tol: cg relative tolerance (default `default_cg_tol(dtype)`).
     cg_maxiter: cg iteration cap as a function of the system's dimension.
     with_condition: compute κ (an O(dim³) eigensolve) for the direct solvers.
+    keep_rows: dual only: compute the Jacobian rows of D once and keep them (n·C·p numbers in
+      the network's dtype) instead of the blocked kernel (`Plan.keep_jacobian_rows`).
 
   Returns:
     (Δ flat [p] in `dtype`, in the ravel order of `w_lin`; SolveInfo).
@@ -293,7 +373,8 @@ def ridge_update(apply_fn: ApplyFn, w_lin: PyTree, retain, forget, damping, *,
   return _SOLVERS[Solver(solver)](
       apply_s, w_s, retain, forget, jnp.asarray(damping, dtype), num_classes=num_classes,
       batch_size=batch_size, dtype=jnp.dtype(dtype), kernel_impl=kernel_impl, cg_tol=tol,
-      cg_maxiter=cg_maxiter, with_condition=with_condition)
+      cg_maxiter=cg_maxiter, with_condition=with_condition, keep_rows=keep_rows,
+      network=(apply_fn, w_lin))
 
 
 def apply_delta(params: PyTree, delta: jnp.ndarray, step_scale=1.0) -> PyTree:
