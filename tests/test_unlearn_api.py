@@ -35,7 +35,7 @@ def test_three_solvers_agree_on_nonlinear_flax_model(lam, n_r):
     for solver in ("dual", "primal", "cg"):
       new, diag = unlearn.ntk_forget_with_diagnostics(
           apply_fn, w0, w_d, **kwargs(retain, forget, damping=lam, solver=solver, batch_size=4))
-      assert diag.solver == solver and diag.reason == "requested"
+      assert diag.solver == solver and diag.reason.startswith("requested")
       results[solver] = ravel_pytree(new)[0]
     delta = np.linalg.norm(results["dual"] - ravel_pytree(w_d)[0])
     assert delta > 1e-2  # the update is not trivially zero

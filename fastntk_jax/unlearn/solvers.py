@@ -243,6 +243,9 @@ def _delta_dual_rows(apply_fn, w_lin, retain, forget, lam, *, num_classes, batch
   u = rows_rmatvec(j, z, dtype)                          # J_fᵀ M V
   back = solve_rr(rows_matvec(j, u, dtype)[:m_r])        # (Θ_rr+λI)⁻¹ J_r u
   delta = u - rows_rmatvec(j, jnp.concatenate([back, jnp.zeros_like(z[m_r:])]), dtype)
+  # Called eagerly, free the rows and the factors before κ's eigensolve (its own copy of
+  # Θ_rr+λI and workspace): at ViT-S/16 with 1,000 images they are 3.6 and 2.9 GB.
+  del j, solve_rr, solve_schur, a
   return delta, _direct_info(delta, k_rr, with_condition, [est_rr, est_schur])
 
 
