@@ -10,6 +10,7 @@ results.json must equal an uninterrupted run's (timing and machine fields aside)
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -75,21 +76,41 @@ def reference(tmp_path_factory, compile_cache):
   return comparable(workdir)
 
 
-def test_killed_at_every_stage_resumes_to_identical_results(reference, compile_cache, tmp_path):
-  workdir = str(tmp_path / "killed")
-  evidence = {
-      "pretrain:epoch1": "pretrain.partial",
-      "seed0/full:epoch1": "seed_0/full.partial",
-      "seed0/fastntk:gram_retain_chunk1": "seed_0/fastntk_gram_retain.state",
-  }
+EVIDENCE = {  # the periodic checkpoint each restart resumes from is there
+    "pretrain:epoch1": "pretrain.partial",
+    "seed0/full:epoch1": "seed_0/full.partial",
+    "seed0/fastntk:gram_retain_chunk1": "seed_0/fastntk_gram_retain.state",
+}
+SNAPSHOT_AT = "seed0/full:epoch1"  # the corrupt-checkpoint test starts from a copy made here
+
+
+@pytest.fixture(scope="module")
+def killed(tmp_path_factory, compile_cache):
+  """One workdir killed at every point in turn, then run to the end; what each run did, and a
+  copy of the workdir as the kill at SNAPSHOT_AT left it (the corrupt-checkpoint test resumes
+  from it instead of running pre-training and Full's first epoch again)."""
+  base = tmp_path_factory.mktemp("killed")
+  workdir, snapshot = str(base / "killed"), str(base / "snapshot")
+  kills = []
   for point in KILL_POINTS:
     proc = run_cli(workdir, kill_at=point, cache=compile_cache)
-    assert proc.returncode == -signal.SIGKILL, (point, proc.returncode, proc.stderr[-2000:])
-    assert not os.path.exists(os.path.join(workdir, "results.json")), point
-    if point in evidence:  # the periodic checkpoint the restart resumes from is there
-      assert os.path.exists(os.path.join(workdir, evidence[point])), point
-  proc = run_cli(workdir, cache=compile_cache)
-  assert proc.returncode == 0, proc.stderr[-3000:]
+    kills.append((point, proc.returncode, proc.stderr[-2000:],
+                  os.path.exists(os.path.join(workdir, "results.json")),
+                  point not in EVIDENCE or os.path.exists(os.path.join(workdir, EVIDENCE[point]))))
+    if point == SNAPSHOT_AT:
+      shutil.copytree(workdir, snapshot)
+  final = run_cli(workdir, cache=compile_cache)
+  return workdir, kills, final, snapshot
+
+
+def test_killed_at_every_stage_resumes_to_identical_results(reference, killed):
+  workdir, kills, final, _ = killed
+  assert [k[0] for k in kills] == KILL_POINTS
+  for point, returncode, stderr, has_results, has_evidence in kills:
+    assert returncode == -signal.SIGKILL, (point, returncode, stderr)
+    assert not has_results, point
+    assert has_evidence, point
+  assert final.returncode == 0, final.stderr[-3000:]
   assert json.dumps(comparable(workdir), sort_keys=True) == json.dumps(reference, sort_keys=True)
   # Completed stages cleaned up their periodic checkpoints.
   leftovers = [f for f in os.listdir(os.path.join(workdir, "seed_0"))
@@ -97,10 +118,12 @@ def test_killed_at_every_stage_resumes_to_identical_results(reference, compile_c
   assert not leftovers, leftovers
 
 
-def test_corrupt_periodic_checkpoint_is_discarded_not_trusted(reference, compile_cache, tmp_path):
+def test_corrupt_periodic_checkpoint_is_discarded_not_trusted(reference, killed, compile_cache,
+                                                              tmp_path):
+  _, kills, _, snapshot = killed
+  assert dict((k[0], k[1]) for k in kills)[SNAPSHOT_AT] == -signal.SIGKILL
   workdir = str(tmp_path / "corrupt")
-  proc = run_cli(workdir, kill_at="seed0/full:epoch1", cache=compile_cache)
-  assert proc.returncode == -signal.SIGKILL
+  shutil.copytree(snapshot, workdir)  # as the SIGKILL at seed0/full:epoch1 left it
   partial = os.path.join(workdir, "seed_0", "full.partial")
   with open(partial, "r+b") as f:  # flip bytes in the payload: the checksum must catch it
     f.seek(100)
