@@ -360,3 +360,47 @@ def test_diagnostics_run_the_kept_rows_dual_eagerly_and_match_the_compiled_dual(
     diff = np.linalg.norm(ravel_pytree(kept)[0] - ravel_pytree(one_block)[0])
     assert diff < 1e-4 * diag.update_norm, diff / diag.update_norm  # see the tests above
     np.testing.assert_allclose(diag.condition_number, diag1.condition_number, rtol=1e-4)
+
+
+def test_kept_rows_precision_check_counts_the_params_dtype():
+  # Review finding: kept rows are taken with the params in their own dtype, so a float32
+  # leaf under a float64 solve carries float32 round-off even when the logits are float64;
+  # the plan's logits_dtype (what the precision check uses) must say so.
+  with enable_x64():
+    apply_fn, w0, w_d, retain, forget = problem()
+    w32 = jax.tree_util.tree_map(lambda l: l.astype(jnp.float32), w0)
+    wide = lambda w, x: apply_fn(w, x).astype(jnp.float64)
+    plan = lambda w, bs: unlearn.make_forgetter(
+        wide, num_classes=C, solver="dual", batch_size=bs, solve_dtype=jnp.float64).plan(
+            w, w, retain, forget, traced=False)
+    kept = plan(w32, 4)
+    assert kept.keep_jacobian_rows and kept.logits_dtype == jnp.float32
+    assert plan(w32, None).logits_dtype == jnp.float64  # blocked: the params are widened
+    assert plan(w0, 4).logits_dtype == jnp.float64  # float64 params: nothing narrower
+    bf = dict(w32, **{"Dense_2/bias": w32["Dense_2/bias"].astype(jnp.bfloat16)})
+    assert plan(bf, 4).logits_dtype == jnp.bfloat16
+
+
+def test_compile_timer_counts_eager_ops_compiled_on_first_use():
+  # Review finding: the kept-rows dual reported the first-use compilation of its eager
+  # linear algebra as run time.
+  from fastntk_jax import ntk
+  a = jnp.eye(37) * 2.0 + 0.1
+  with ntk.compile_timer() as record:
+    jax.block_until_ready(jnp.linalg.cholesky(a * 1.5))
+  assert record["seconds"] > 0
+  with ntk.compile_timer() as again:  # cached: nothing compiled
+    jax.block_until_ready(jnp.linalg.cholesky(a * 1.5))
+  assert again["seconds"] < record["seconds"]
+
+
+def test_a_kept_rows_plan_is_refused_by_a_forgetter_naming_another_kernel():
+  with enable_x64():
+    apply_fn, w0, w_d, retain, forget = problem()
+    plan = unlearn.make_forgetter(apply_fn, num_classes=C, solver="dual", batch_size=4).plan(
+        w0, w_d, retain, forget, traced=False)
+    assert plan.keep_jacobian_rows
+    named = unlearn.make_forgetter(apply_fn, num_classes=C, solver="dual", batch_size=4,
+                                   kernel_impl="neural_tangents")
+    with pytest.raises(ValueError, match="kept Jacobian rows.*kernel_impl='neural_tangents'"):
+      named.forget_with_info(w0, w_d, retain, forget, plan=plan)

@@ -141,6 +141,13 @@ def make_forgetter(apply_fn: ApplyFn, *, num_classes: int, damping=1e-2,
     if have != want:
       raise ValueError(f"the plan was made for other inputs or options: (p, n_r, n_f, C, "
                        f"solve dtype) = {want} in the plan, {have} here")
+    explicit = opts.kernel_impl not in (ntk.KernelImplementation.AUTO,
+                                        ntk.KernelImplementation.JAX)
+    if plan.solver == Solver.DUAL and explicit and plan.kernel != opts.kernel_impl:
+      raise ValueError(f"the plan runs the dual's kernel {plan.kernel and plan.kernel.value!r}"
+                       f"{' on kept Jacobian rows' if plan.keep_jacobian_rows else ''} but "
+                       f"this forgetter names kernel_impl={opts.kernel_impl.value!r}: make "
+                       "the plan with this forgetter's `plan`")
     validate.allowed_solvers(plan.solver, opts.damping, num_params=plan.num_params,
                              num_outputs=plan.num_outputs, cg_budget=plan.cg_maxiter,
                              cg_dim=0)

@@ -323,7 +323,8 @@ class Plan:
     cg_maxiter: cg's iteration cap for the largest of its systems.
     costs: {solver value: SolverCost}, predicted.
     logits_dtype: dtype of apply_fn's logits (when narrower than the solve dtype, the
-      Jacobians carry its round-off: `precision_warning`).
+      Jacobians carry its round-off: `precision_warning`); with kept Jacobian rows, the
+      narrowest of it and the params' floating dtypes (the rows are taken in those).
     keep_jacobian_rows: dual only: the Jacobian rows of D are computed once, block by block,
       and kept (n·C·p numbers in the params' dtype), because a set spans several blocks
       (where the blocked kernel recomputes Jacobians or unrolls one program per block pair)
@@ -421,8 +422,16 @@ def make_plan(apply_fn: ApplyFn, w_lin: PyTree, retain, forget, *, options,
   if not jnp.issubdtype(logits.dtype, jnp.floating):
     raise TypeError(f"apply_fn returns {logits.dtype} logits: they must be floating point "
                     "(an integer output has no derivative)")
+  logits_dtype = jnp.dtype(logits.dtype)
+  if keep_rows:
+    # Kept rows are taken with the params in their own dtypes (not widened to the solve
+    # dtype): they carry the round-off of the narrowest floating leaf as well as the logits'.
+    for leaf in jax.tree_util.tree_leaves(w_lin):
+      dt = jnp.dtype(getattr(leaf, "dtype", jnp.float32))
+      if jnp.issubdtype(dt, jnp.floating) and jnp.finfo(dt).eps > jnp.finfo(logits_dtype).eps:
+        logits_dtype = dt
   log.info("ntk_forget: solver=%s (%s); p=%d, n*C=%d", name, reason, p, (n_r + n_f) * c)
   return Plan(solver=solver, reason=reason, num_params=p, num_retain=n_r, num_forget=n_f,
               num_classes=c, solve_dtype=jnp.dtype(solve_dtype), kernel=kernel,
-              cg_maxiter=cg_budget, costs=costs, logits_dtype=jnp.dtype(logits.dtype),
+              cg_maxiter=cg_budget, costs=costs, logits_dtype=logits_dtype,
               keep_jacobian_rows=keep_rows)

@@ -222,8 +222,11 @@ def _delta_dual_rows(apply_fn, w_lin, retain, forget, lam, *, num_classes, batch
   is taken twice (the blocked kernel takes a column block's once per row block)."""
   (x_r, y_r), (x_f, y_f) = retain, forget
   c, m_r = num_classes, x_r.shape[0] * num_classes
-  # The network runs in its own dtype, as for the primal's Grams (`gram_stats`): each row is
-  # exact to that dtype's rounding, and every product of rows is taken in `dtype`. D's rows
+  # The network runs in its own dtypes, as for the pipeline's chunked Grams (`gram_stats`):
+  # widened params would run the whole network in `dtype` (several times slower on CPUs,
+  # and twice the rows' memory); each row is exact to the rounding of the params' and
+  # logits' dtypes (the plan's `logits_dtype`, which the precision check uses), and every
+  # product of rows is taken in `dtype`. D's rows
   # are taken in one call (one compiled block step) and never sliced (a slice is a copy).
   apply_n = lambda w, x: apply_fn(w, x).astype(dtype)
   x = jnp.concatenate([x_r, x_f], axis=0)
