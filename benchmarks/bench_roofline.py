@@ -83,7 +83,7 @@ def reverse_mode_floor(name: str, image_size: int, block: int, *, num_classes: i
   out = {"model": name, "image_size": image_size, "block": block,
          "num_params": int(ntk.num_params(w)), "floor_s_per_image": t_floor / block,
          "floor_compile_s": floor_compile_s,
-         "auto": ntk.resolve_jacobian_method("auto").value, "methods": {}}
+         "auto": ntk.resolve_jacobian_method("auto", num_classes).value, "methods": {}}
   for method in (ntk.JacobianMethod.BATCHED_COTANGENTS, ntk.JacobianMethod.PULLBACKS):
     jac = jax.jit(lambda w, x, m=method: ntk.jacobian_rows(apply_fn, w, x, batch_size=None,
                                                            method=m))

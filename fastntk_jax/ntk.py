@@ -257,28 +257,45 @@ def _platform() -> str:
   return getattr(device, "platform", None) or jax.default_backend()
 
 
-def resolve_jacobian_method(method: JacobianMethod | str) -> JacobianMethod:
-  """AUTO -> PULLBACKS on CPU, else BATCHED_COTANGENTS.
+# AUTO takes PULLBACKS on CPU up to this many logits per sample. Its C unrolled backward
+# passes compile slowly as C grows: a prompted ViT-Ti block at C = 16 compiled in 251 s
+# against 28 s batched (C = 20), and ran no faster (benchmarks/RESULTS.md §15).
+PULLBACKS_MAX_OUTPUTS = 10
 
-  On XLA:CPU, ResNet-110's batched-cotangent Jacobian ran 2.5x slower than C backward passes
-  of the block (its floor), PULLBACKS at 0.96x of it; a prompted ViT-S ran both at the floor
-  (benchmarks/RESULTS.md, the cold path against its floor). Other platforms keep the batched
-  form (not measured there).
-  """
+
+def _as_jacobian_method(method: JacobianMethod | str) -> JacobianMethod:
   try:
-    method = JacobianMethod(method)
+    return JacobianMethod(method)
   except ValueError:
     raise ValueError(f"jacobian method {method!r}: expected one of "
                      f"{[m.value for m in JacobianMethod]}") from None
+
+
+def resolve_jacobian_method(method: JacobianMethod | str,
+                            num_outputs: Optional[int] = None) -> JacobianMethod:
+  """AUTO -> PULLBACKS on CPU for at most `PULLBACKS_MAX_OUTPUTS` logits per sample (None:
+  not known), else BATCHED_COTANGENTS.
+
+  On XLA:CPU, ResNet-110's batched-cotangent Jacobian ran 2.5x slower than C backward passes
+  of the block (its floor), PULLBACKS at 0.96x of it; a prompted ViT-S ran both at the floor
+  (benchmarks/RESULTS.md, the cold path against its floor), and with many logits PULLBACKS
+  compiles several times longer. Other platforms keep the batched form (not measured there).
+  """
+  method = _as_jacobian_method(method)
   if method != JacobianMethod.AUTO:
     return method
-  return JacobianMethod.PULLBACKS if _platform() == "cpu" else JacobianMethod.BATCHED_COTANGENTS
+  few = num_outputs is None or num_outputs <= PULLBACKS_MAX_OUTPUTS
+  return (JacobianMethod.PULLBACKS if _platform() == "cpu" and few
+          else JacobianMethod.BATCHED_COTANGENTS)
 
 
 def _per_sample_jacobian(apply_fn: ApplyFn, params: PyTree, x: jnp.ndarray,
                          method: JacobianMethod | str = JacobianMethod.AUTO) -> jnp.ndarray:
   """[n, C, p] Jacobian of each sample's logits w.r.t. the ravelled params."""
-  method = resolve_jacobian_method(method)
+  method = _as_jacobian_method(method)
+  if method == JacobianMethod.AUTO:
+    out = jax.eval_shape(lambda w: apply_fn(w, x[:1]), params)
+    method = resolve_jacobian_method(method, math.prod(out.shape[1:]))
   flat, unravel = ravel_pytree(params)
 
   if method == JacobianMethod.BATCHED_COTANGENTS:
@@ -345,7 +362,7 @@ def empirical_kernel(apply_fn: ApplyFn, params: PyTree, x1: jnp.ndarray,
   """
   implementation = resolve_implementation(implementation)
   x2_ = x1 if x2 is None else x2
-  jacobian_method = resolve_jacobian_method(jacobian_method)
+  jacobian_method = _as_jacobian_method(jacobian_method)
   if implementation == KernelImplementation.JAX:
     def block_fn(a, b):
       ja = _per_sample_jacobian(apply_fn, params, a, jacobian_method)
@@ -407,7 +424,7 @@ def jacobian_rows(apply_fn: ApplyFn, params: PyTree, x: jnp.ndarray,
     J [n, C, p], sample-major like `jacobian` (which is this with one block, flattened).
   """
   n = x.shape[0]
-  method = resolve_jacobian_method(method)
+  method = _as_jacobian_method(method)
   blocks, _ = _pad_to_blocks(x, _block_size(n, batch_size))
   out = _map(lambda xb: _per_sample_jacobian(apply_fn, params, xb, method), blocks)
   return out.reshape((out.shape[0] * out.shape[1],) + out.shape[2:])[:n]
@@ -434,7 +451,7 @@ def gram(apply_fn: ApplyFn, params: PyTree, x: jnp.ndarray, residuals: jnp.ndarr
     (G [p, p], b [p]), or (G, b, J [n, C, p]) with keep_jacobian.
   """
   n = x.shape[0]
-  method = resolve_jacobian_method(method)
+  method = _as_jacobian_method(method)
   blocks, mask = _pad_to_blocks(x, _block_size(n, batch_size))
   if row_weights is not None:
     w_blocks, _ = _pad_to_blocks(row_weights.astype(mask.dtype), _block_size(n, batch_size))

@@ -164,6 +164,13 @@ def test_auto_jacobian_method_and_bad_names():
   assert ntk.resolve_jacobian_method("auto").value == want
   with jax.default_device(jax.devices("cpu")[0]):
     assert ntk.resolve_jacobian_method("auto") == ntk.JacobianMethod.PULLBACKS
+    # Many logits: PULLBACKS' unrolled backward passes compile slowly; AUTO batches them.
+    limit = ntk.PULLBACKS_MAX_OUTPUTS
+    assert ntk.resolve_jacobian_method("auto", limit) == ntk.JacobianMethod.PULLBACKS
+    assert (ntk.resolve_jacobian_method("auto", limit + 1)
+            == ntk.JacobianMethod.BATCHED_COTANGENTS)
+    assert (ntk.resolve_jacobian_method("pullbacks", limit + 1)
+            == ntk.JacobianMethod.PULLBACKS)
   assert (ntk.resolve_jacobian_method("batched_cotangents")
           == ntk.JacobianMethod.BATCHED_COTANGENTS)
   x = jnp.ones((2, 4, 4, 2))
@@ -225,3 +232,17 @@ def test_builtin_kernel_equals_reference_one_block_and_blocked():
         got = ntk.empirical_kernel(apply_fn, params, a, b, batch_size=batch_size,
                                    implementation="jax", jacobian_method="pullbacks")
         np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-7)
+
+
+def test_auto_jacobian_method_counts_the_logits_of_the_network(monkeypatch):
+  seen = []
+  real = ntk.resolve_jacobian_method
+  monkeypatch.setattr(ntk, "resolve_jacobian_method",
+                      lambda m, num_outputs=None: seen.append(num_outputs) or real(m, num_outputs))
+  x = jnp.ones((3, 4, 4, 2))
+  apply_fn, params = split_apply(TinyBNMLP(num_classes=7), x, ("Dense_2",))
+  auto = ntk.jacobian_rows(apply_fn, params, x, batch_size=2)
+  assert seen and set(seen) == {7}
+  np.testing.assert_allclose(auto, ntk.jacobian_rows(apply_fn, params, x, batch_size=2,
+                                                     method="batched_cotangents"),
+                             rtol=1e-5, atol=1e-6)
