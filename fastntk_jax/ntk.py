@@ -257,9 +257,8 @@ def _platform() -> str:
   return getattr(device, "platform", None) or jax.default_backend()
 
 
-# AUTO takes PULLBACKS on CPU up to this many logits per sample. Its C unrolled backward
-# passes compile slowly as C grows: a prompted ViT-Ti block at C = 16 compiled in 251 s
-# against 28 s batched (C = 20), and ran no faster (benchmarks/RESULTS.md §15).
+# AUTO takes PULLBACKS on CPU up to this many logits per sample: its C unrolled backward
+# passes compile far longer as C grows (benchmarks/RESULTS.md §15).
 PULLBACKS_MAX_OUTPUTS = 10
 
 
