@@ -76,10 +76,13 @@ def cache_key(cfg, image_size: int, normalization: str) -> tuple[dict, str]:
 
   Nothing about the task (its dataset, #IPC, classes, seeds, fine-tuning, unlearning) enters,
   nor where the data lives (`data_dir`), so every run needing this backbone shares it."""
+  from fastntk_jax import models  # pylint: disable=g-import-not-at-top
   key = {
       "version": CACHE_VERSION,
       "model": cfg.model.name,
-      "model_options": _plain(cfg.model.options),
+      # Resolved, so that spelling out a default option keys the same backbone.
+      "model_options": _plain(models.architecture(cfg.model.name,
+                                                  **_plain(cfg.model.options))),
       "dataset": cfg.pretrain.dataset,
       "images_per_class": cfg.pretrain.images_per_class,
       "image_size": int(image_size),

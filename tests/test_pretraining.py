@@ -165,6 +165,18 @@ def test_cache_key_is_shared_by_seeds_and_ipc_and_changes_with_the_recipe():
   assert pretraining.cache_key(a, 32, "cifar100")[1] != key(a)  # how the images look
 
 
+def test_cache_key_resolves_default_model_options():
+  """The same backbone, its default options spelled out or not, has one key (it had two and
+  was pre-trained twice); a non-default option still changes it."""
+  key = lambda c: pretraining.cache_key(c, 32, "cifar")[1]
+  a = _cfg("resnet110_cifar10.py", "ipc=100")
+  spelled = _cfg("resnet110_cifar10.py", "ipc=100")
+  spelled.model.options = {**dict(a.model.options), "widths": [16, 32, 64], "shortcut": "A"}
+  assert key(spelled) == key(a)
+  spelled.model.options = {**dict(a.model.options), "shortcut": "B"}
+  assert key(spelled) != key(a)
+
+
 def _tiny_cfg():
   c = _cfg("resnet110_cifar10.py", "tiny")
   c.model.options = {"shortcut": "A", "widths": (2, 2, 2)}

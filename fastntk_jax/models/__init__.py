@@ -11,6 +11,7 @@ Collections: `trainable` (BN scale/bias, ViT prompts, head), `params` (frozen we
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import flax.linen as nn
@@ -26,6 +27,7 @@ from fastntk_jax.models.vit import DEFAULT_PROMPT_LENGTH, VIT_SIZES, VisionTrans
 __all__ = [
     "MODEL_NAMES",
     "get_model",
+    "architecture",
     "default_input_shape",
     "TRAINABLE",
     "FROZEN_PARAMS",
@@ -108,6 +110,27 @@ def get_model(name: str, num_classes: int, **kwargs: Any) -> nn.Module:
   if cfg["prompt_blocks"] is not None:
     cfg["prompt_blocks"] = tuple(cfg["prompt_blocks"])
   return VisionTransformer(num_classes=num_classes, **cfg)
+
+
+def architecture(name: str, **options: Any) -> dict:
+  """Every option of the named model as `get_model` builds it, defaults filled in.
+
+  Two option dicts that build the same network (one spelling out a default, one omitting it)
+  give the same dict, so it can identify an architecture (e.g. in a cache key).
+
+  Args:
+    name: one of `MODEL_NAMES`.
+    **options: the model's options, as for `get_model`.
+
+  Returns:
+    {option: value} without the head size (num_classes) and Flax's own fields.
+
+  Raises:
+    ValueError: as `get_model` (unknown name or option).
+  """
+  module = get_model(name, 1, **options)
+  return {f.name: getattr(module, f.name) for f in dataclasses.fields(module)
+          if f.name not in ("num_classes", "parent", "name")}
 
 
 def default_input_shape(name: str) -> tuple[int, int, int]:
