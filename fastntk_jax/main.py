@@ -22,6 +22,8 @@ import importlib.machinery  # pylint: disable=g-import-not-at-top,wrong-import-p
 import logging  # pylint: disable=g-import-not-at-top,wrong-import-position
 import re  # pylint: disable=g-import-not-at-top,wrong-import-position
 import sys  # pylint: disable=g-import-not-at-top,wrong-import-position
+import tempfile  # pylint: disable=g-import-not-at-top,wrong-import-position
+import traceback  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from absl import app  # pylint: disable=g-import-not-at-top,wrong-import-position
 from absl import flags  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -57,6 +59,22 @@ def fail(message: str) -> "NoReturn":  # noqa: F821
   lines = [l.strip() for l in str(message).replace("\\n", "\n").splitlines() if l.strip()]
   print(f"{PROG}: error: {' '.join(lines)}", file=sys.stderr)
   sys.exit(2)
+
+
+def save_traceback(workdir: str) -> str:
+  """Writes the exception being handled, with its traceback, to `<workdir>/error_traceback.txt`
+  (or a temporary file when the workdir was never made: a refusal must not create it);
+  returns the file's path."""
+  text = traceback.format_exc()
+  if os.path.isdir(workdir):
+    path = os.path.join(workdir, "error_traceback.txt")
+    with open(path, "w") as f:
+      f.write(text)
+    return path
+  with tempfile.NamedTemporaryFile("w", prefix="fastntk_jax_error_", suffix=".txt",
+                                   delete=False) as f:
+    f.write(text)
+    return f.name
 
 
 def split_overrides(argv):
@@ -234,8 +252,9 @@ def main(argv):
     from fastntk_jax import pipeline  # pylint: disable=g-import-not-at-top
     results = pipeline.run(cfg, _WORKDIR.value, show_progress=_PROGRESS.value)
   except (ValueError, TypeError, KeyError, OSError) as e:
-    # Bad input: one clear line and a non-zero exit, never a traceback.
-    fail(e)
+    # Bad input: one clear line and a non-zero exit, never a traceback on the terminal; but
+    # the same exception types also come from bugs, so the traceback is kept in a file.
+    fail(f"{e} (traceback: {save_traceback(_WORKDIR.value)})")
   except ImportError as e:
     if "pip install" not in str(e):  # a broken install or a bug: keep the traceback
       raise

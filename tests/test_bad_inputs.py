@@ -1,6 +1,7 @@
 """Bad input through every door of the CLI: one clear line, exit code 2, nothing touched."""
 
 import os
+import re
 import subprocess
 import sys
 
@@ -47,9 +48,15 @@ def test_corrupt_checkpoint(tmp_path):
   bad = tmp_path / "ckpt"
   bad.mkdir()
   (bad / "garbage").write_bytes(b"not a checkpoint")
-  assert_refused(run_cli(TINY, "--config.pretrain.source=checkpoint",
-                         f"--config.pretrain.path={bad}", workdir=str(tmp_path / "w")),
-                 "ckpt")
+  line = assert_refused(run_cli(TINY, "--config.pretrain.source=checkpoint",
+                                f"--config.pretrain.path={bad}", workdir=str(tmp_path / "w")),
+                        "ckpt")
+  # One line on the terminal, but the traceback is kept (the same exception types come from
+  # bugs, which a bare line would hide): the line names the file holding it.
+  match = re.search(r"\(traceback: (.+)\)$", line)
+  assert match, line
+  kept = open(match.group(1)).read()
+  assert kept.startswith("Traceback") and "ckpt" in kept, kept[-2000:]
 
 
 def test_truncated_npz(tmp_path):
