@@ -390,7 +390,8 @@ def make_plan(apply_fn: ApplyFn, w_lin: PyTree, retain, forget, *, options,
     # a rolled loop under jit), or unrolls a Jacobian program per block pair (a ViT-S/16 at
     # 160 images in 5 blocks passed 8 GiB compiling it). An explicitly named
     # neural-tangents kernel is kept.
-    rows_dtype = jnp.result_type(*jax.tree_util.tree_leaves(w_lin)) if p else jnp.float32
+    rows_leaves = jax.tree_util.tree_leaves(solvers.rows_params(w_lin))
+    rows_dtype = jnp.result_type(*rows_leaves) if p else jnp.float32
     with_rows = estimate_costs(p, n_r, n_f, c, **cost_args,
                                dual_rows_bytes=jnp.dtype(rows_dtype).itemsize)
     dual = Solver.DUAL.value
@@ -424,9 +425,10 @@ def make_plan(apply_fn: ApplyFn, w_lin: PyTree, retain, forget, *, options,
                     "(an integer output has no derivative)")
   logits_dtype = jnp.dtype(logits.dtype)
   if keep_rows:
-    # Kept rows are taken with the params in their own dtypes (not widened to the solve
-    # dtype): they carry the round-off of the narrowest floating leaf as well as the logits'.
-    for leaf in jax.tree_util.tree_leaves(w_lin):
+    # Kept rows are taken with the params in their own dtypes, at least float32 (not widened
+    # to the solve dtype): they carry the round-off of the narrowest such leaf as well as
+    # the logits'.
+    for leaf in rows_leaves:
       dt = jnp.dtype(getattr(leaf, "dtype", jnp.float32))
       if jnp.issubdtype(dt, jnp.floating) and jnp.finfo(dt).eps > jnp.finfo(logits_dtype).eps:
         logits_dtype = dt

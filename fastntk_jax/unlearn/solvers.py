@@ -209,8 +209,21 @@ def rows_rmatvec(j: jnp.ndarray, u: jnp.ndarray, dtype) -> jnp.ndarray:
   return jnp.concatenate(parts) if parts else jnp.zeros((0,), dtype)
 
 
-@jax.jit
-def _plus_diagonal(k, lam):  # k + λI without materialising I (an [m, m] array eagerly)
+def rows_params(w: PyTree) -> PyTree:
+  """The params the kept rows are taken at: floating leaves narrower than float32 (bfloat16,
+  float16) widened to it, since rows in those dtypes lose digits that the blocked kernel
+  (params widened to the solve dtype) keeps; other leaves as they are, to keep the rows'
+  memory and the network's speed."""
+  def widen(leaf):
+    dt = jnp.dtype(getattr(leaf, "dtype", jnp.float32))
+    if jnp.issubdtype(dt, jnp.floating) and dt.itemsize < 4:
+      return jnp.asarray(leaf, jnp.float32)
+    return leaf
+  return jax.tree_util.tree_map(widen, w)
+
+
+@functools.partial(jax.jit, donate_argnums=0)
+def _plus_diagonal(k, lam):  # k + λI in place (donated) and without materialising I
   i = jnp.arange(k.shape[0])
   return k.at[i, i].add(lam)
 
@@ -230,7 +243,7 @@ def _delta_dual_rows(apply_fn, w_lin, retain, forget, lam, *, num_classes, batch
   # are taken in one call (one compiled block step) and never sliced (a slice is a copy).
   apply_n = lambda w, x: apply_fn(w, x).astype(dtype)
   x = jnp.concatenate([x_r, x_f], axis=0)
-  j = ntk.jacobian_rows(apply_n, w_lin, x, batch_size=batch_size).reshape(x.shape[0] * c, -1)
+  j = ntk.jacobian_rows(apply_n, rows_params(w_lin), x, batch_size=batch_size, flatten=True)
   e = residuals(apply_n, w_lin, x, jnp.concatenate([y_r, y_f]), num_classes=c,
                 batch_size=batch_size, dtype=dtype).reshape(-1)
   e_r, e_f = e[:m_r], e[m_r:]
