@@ -148,6 +148,30 @@ def _pad_to_blocks(x: jnp.ndarray, block_size: int) -> tuple[jnp.ndarray, jnp.nd
 MAX_UNROLLED_BLOCKS = 16
 
 
+def _traced(*trees) -> bool:
+  return any(isinstance(l, jax.core.Tracer) for t in trees for l in jax.tree_util.tree_leaves(t))
+
+
+def _compile_timed(fn, *args):
+  """`jax.jit(fn)` compiled for `args` ahead of time, its tracing and compile seconds added to
+  the open `compile_timer` records."""
+  start = time.perf_counter()
+  _TIMING_OWN_COMPILE[0] = True
+  try:
+    compiled = jax.jit(fn).lower(*args).compile()
+  finally:
+    _TIMING_OWN_COMPILE[0] = False
+  for record in _COMPILE_RECORDS:
+    record["seconds"] += time.perf_counter() - start
+  return compiled
+
+
+@functools.partial(jax.jit, donate_argnums=0)
+def _write_rows(buffer: jnp.ndarray, rows: jnp.ndarray, start) -> jnp.ndarray:
+  """`buffer` with `rows` written from row `start`; the buffer is donated (filled in place)."""
+  return jax.lax.dynamic_update_slice_in_dim(buffer, rows, start, axis=0)
+
+
 def _scan(step, init, xs):
   """`lax.scan` over the leading (block) axis, fully unrolled for few blocks."""
   leaves = jax.tree_util.tree_leaves(xs)
@@ -157,14 +181,7 @@ def _scan(step, init, xs):
     # Called eagerly: a host loop over one compiled block step has neither the loop-body
     # slowdown nor an unrolled program's compile time (which for a ResNet-110 Jacobian
     # block is minutes per copy).
-    start = time.perf_counter()
-    _TIMING_OWN_COMPILE[0] = True
-    try:
-      jstep = jax.jit(step).lower(init, jax.tree_util.tree_map(lambda a: a[0], xs)).compile()
-    finally:
-      _TIMING_OWN_COMPILE[0] = False
-    for record in _COMPILE_RECORDS:
-      record["seconds"] += time.perf_counter() - start
+    jstep = _compile_timed(step, init, jax.tree_util.tree_map(lambda a: a[0], xs))
     carry, ys = init, []
     for i in range(num_blocks):
       block = jax.tree_util.tree_map(lambda a: a[i], xs)
@@ -411,22 +428,50 @@ def jacobian(apply_fn: ApplyFn, params: PyTree, x: jnp.ndarray, *,
 
 def jacobian_rows(apply_fn: ApplyFn, params: PyTree, x: jnp.ndarray,
                   *, batch_size: Optional[int] = 256,
-                  method: JacobianMethod | str = JacobianMethod.AUTO) -> jnp.ndarray:
+                  method: JacobianMethod | str = JacobianMethod.AUTO,
+                  flatten: bool = False) -> jnp.ndarray:
   """Per-sample Jacobians computed in fixed-size blocks (bounded activation memory).
+
+  Called eagerly over several blocks, each block is written into one preallocated output
+  (donated, so filled in place): the rows are held once, plus one block.
 
   Args:
     apply_fn, params, x: as for `jacobian`.
     batch_size: samples per block (None: one block).
     method: a `JacobianMethod`.
+    flatten: return [n*C, p] (as `jacobian`) instead of [n, C, p]; eagerly, a reshape of
+      the result would be a copy.
 
   Returns:
-    J [n, C, p], sample-major like `jacobian` (which is this with one block, flattened).
+    J [n, C, p] (or [n*C, p] with `flatten`), sample-major like `jacobian`.
   """
   n = x.shape[0]
   method = _as_jacobian_method(method)
-  blocks, _ = _pad_to_blocks(x, _block_size(n, batch_size))
-  out = _map(lambda xb: _per_sample_jacobian(apply_fn, params, xb, method), blocks)
-  return out.reshape((out.shape[0] * out.shape[1],) + out.shape[2:])[:n]
+  bs = _block_size(n, batch_size)
+
+  def block_rows(w, xb):
+    j = _per_sample_jacobian(apply_fn, w, xb, method)
+    return j.reshape((j.shape[0] * j.shape[1], j.shape[2])) if flatten else j
+
+  num_blocks = max(1, -(-n // bs))
+  if num_blocks > 1 and not _traced(params, x):
+    step = _compile_timed(block_rows, params, x[:bs])
+    shape = jax.eval_shape(block_rows, params, x[:bs])
+    per_sample = shape.shape[0] // bs  # C rows per sample when flattened, else 1
+    out = jnp.zeros((n * per_sample,) + shape.shape[1:], shape.dtype)
+    for start in range(0, n, bs):
+      xb = x[start:start + bs]
+      real = xb.shape[0]
+      if real < bs:  # the last block, padded with its first row (a valid input)
+        xb = jnp.concatenate([xb, jnp.repeat(xb[:1], bs - real, axis=0)], axis=0)
+      rows = step(params, xb)
+      out = _write_rows(out, rows if real == bs else rows[:real * per_sample],
+                        start * per_sample)
+    return out
+  blocks, _ = _pad_to_blocks(x, bs)
+  out = _map(lambda xb: block_rows(params, xb), blocks)
+  per_sample = out.shape[1] // bs
+  return out.reshape((out.shape[0] * out.shape[1],) + out.shape[2:])[:n * per_sample]
 
 
 def gram(apply_fn: ApplyFn, params: PyTree, x: jnp.ndarray, residuals: jnp.ndarray,

@@ -246,3 +246,52 @@ def test_auto_jacobian_method_counts_the_logits_of_the_network(monkeypatch):
   np.testing.assert_allclose(auto, ntk.jacobian_rows(apply_fn, params, x, batch_size=2,
                                                      method="batched_cotangents"),
                              rtol=1e-5, atol=1e-6)
+
+
+def test_eager_jacobian_rows_equal_the_traced_ones_in_both_layouts():
+  # Eagerly over several blocks the rows are written block by block into one buffer; the
+  # last block (2 of 3 samples real) is padded and only its real rows written.
+  with enable_x64():
+    x = jax.random.normal(jax.random.PRNGKey(0), (5, 4, 4, 2), jnp.float64)
+    apply_fn, params = split_apply(TinyBNMLP(), x, ("BatchNorm_", "Dense_2"))
+    flat, unravel = jax.flatten_util.ravel_pytree(params)
+    want = jax.jacfwd(lambda w: apply_fn(unravel(w), x))(flat)  # [n, C, p]
+    n, c, p = want.shape
+    for flatten, shape in ((False, (n, c, p)), (True, (n * c, p))):
+      eager = ntk.jacobian_rows(apply_fn, params, x, batch_size=3, flatten=flatten)
+      traced = jax.jit(lambda w, xx: ntk.jacobian_rows(apply_fn, w, xx, batch_size=3,
+                                                       flatten=flatten))(params, x)
+      assert eager.shape == traced.shape == shape
+      # float32 BatchNorm statistics: round-off differs per program (as above)
+      tol = dict(rtol=1e-5, atol=1e-6 * float(jnp.abs(want).max()))
+      np.testing.assert_allclose(eager, want.reshape(shape), **tol)
+      np.testing.assert_allclose(traced, want.reshape(shape), **tol)
+
+
+_ROWS_MEMORY_SCRIPT = """
+import resource, sys
+import jax, jax.numpy as jnp, numpy as np
+from fastntk_jax import ntk
+d, c, n = 25_000, 10, 50                       # p = 250,000: rows of 500 MB in float32
+w = {"W": jnp.ones((d, c), jnp.float32) * 1e-3}
+x = jnp.asarray(np.random.default_rng(0).normal(size=(n, d)), jnp.float32)
+apply_fn = lambda w, xx: xx @ w["W"]
+ntk.jacobian_rows(apply_fn, w, x[:7], batch_size=4, flatten=True).block_until_ready()  # compile
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+rows = ntk.jacobian_rows(apply_fn, w, x, batch_size=8, flatten=True).block_until_ready()
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+assert rows.shape == (n * c, d * c)
+print(rows.nbytes, peak - before)
+"""
+
+
+def test_eager_jacobian_rows_are_held_once():
+  # Review finding: the eager block loop kept a list of blocks and their stacked, padded and
+  # sliced copies (2-3x the rows at its peak, which the plan's memory rule did not count).
+  # The peak growth of a fresh process must stay near one copy of the rows (+ one block).
+  import subprocess, sys  # pylint: disable=g-import-not-at-top,multiple-imports
+  proc = subprocess.run([sys.executable, "-c", _ROWS_MEMORY_SCRIPT], capture_output=True,
+                        text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  rows_bytes, growth = map(int, proc.stdout.split()[-2:])
+  assert growth < 1.4 * rows_bytes, (growth / rows_bytes)
