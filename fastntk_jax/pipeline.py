@@ -365,13 +365,17 @@ def fastntk_stage(cfg, model, frozen_pre, w0, w_full, data, sdir: str, tag: str,
     forgetter = unlearn.make_forgetter(
         apply_fn, **options, max_cache_bytes=int(u.jacobian_cache_gib * 2**30))
     return served_update(cfg, forgetter, apply_fn, w0, w_full, data, sdir, tag)
-  if grams is not None and unlearn.Solver(u.solver) == unlearn.Solver.AUTO:
+  auto_to_primal = grams is not None and unlearn.Solver(u.solver) == unlearn.Solver.AUTO
+  if auto_to_primal:
     # Full/Retrain already paid for the primal Gram statistics: reusing them costs only the
     # p×p solve, whatever another solver would cost from scratch, and keeps the update on the
     # very model they define (a recomputation through narrower logits would drift from it).
     options["solver"] = unlearn.Solver.PRIMAL
   forgetter = unlearn.make_forgetter(apply_fn, **options)
   plan = forgetter.plan(w0, w_full, retain, forget, traced=True)
+  if auto_to_primal:
+    plan = dataclasses.replace(plan, reason="auto: primal, the solver whose Gram statistics "
+                               "the linearised Full/Retrain computed")
   if plan.solver != unlearn.Solver.PRIMAL:
     new, diag = unlearn.ntk_forget_with_diagnostics(apply_fn, w0, w_full, retain=retain,
                                                     forget=forget, **options)

@@ -112,6 +112,8 @@ def test_pipeline_in_linearized_mode_gives_retrain(tmp_path):
   assert res["fastntk"]["relative_l2_to_retrain"]["mean"] < 5e-7
   diag = out["timing"]["fastntk_diagnostics"]["0"]
   assert "shared with the linearised Full/Retrain" in diag["reason"]
+  # solver=auto resolved to primal for the reuse; the diagnostics must not claim it was asked.
+  assert diag["solver"] == "primal" and diag["reason"].startswith("auto: primal"), diag["reason"]
   assert diag["precision_warning"] is None
   assert diag["seconds"] > 0  # the Grams' time counts as the update's
   for key in ("acc_retain", "acc_forget", "acc_test_retain", "ua", "ra", "ta"):
