@@ -68,13 +68,19 @@ def save_traceback(workdir: str) -> str:
   text = traceback.format_exc()
   if os.path.isdir(workdir):
     path = os.path.join(workdir, "error_traceback.txt")
-    with open(path, "w") as f:
+    try:
+      with open(path, "w") as f:
+        f.write(text)
+      return path
+    except OSError:  # an unwritable workdir or a full disk, maybe the error itself
+      pass
+  try:
+    with tempfile.NamedTemporaryFile("w", prefix="fastntk_jax_error_", suffix=".txt",
+                                     delete=False) as f:
       f.write(text)
-    return path
-  with tempfile.NamedTemporaryFile("w", prefix="fastntk_jax_error_", suffix=".txt",
-                                   delete=False) as f:
-    f.write(text)
-    return f.name
+      return f.name
+  except OSError as e:
+    return f"not saved: {e}"
 
 
 def split_overrides(argv):

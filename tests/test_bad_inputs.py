@@ -92,3 +92,16 @@ def test_workdir_of_other_config_is_refused_and_left_untouched(tmp_path):
   assert_refused(run_cli(TINY, workdir=str(workdir)), "different config")
   assert (workdir / "results.json").read_text() == "earlier results\n"
   assert (workdir / "config.json").read_text() == '{"seeds": [5]}\n'
+
+
+def test_a_traceback_that_cannot_go_to_the_workdir_goes_to_a_temporary_file(tmp_path):
+  # Review finding: an unwritable workdir (or a full disk, maybe the very error reported)
+  # made the handler itself raise, ending in a chained traceback and exit 1.
+  from fastntk_jax import main as main_lib  # pylint: disable=g-import-not-at-top
+  (tmp_path / "error_traceback.txt").mkdir()  # opening it for writing fails
+  try:
+    raise ValueError("boom")
+  except ValueError:
+    path = main_lib.save_traceback(str(tmp_path))
+  assert not path.startswith(str(tmp_path)), path
+  assert "ValueError: boom" in open(path).read()
