@@ -12,7 +12,8 @@ float64 solve, blocks of 32), the pipeline's path. Recorded: the plan (solver, w
 dual keeps the Jacobian rows, predicted bytes), the run and compile seconds, κ, whether the
 update is finite, the process's peak RSS (ru_maxrss) and its RSS sampled every second.
 
-Writes vit_memory.{json,md} into --out (the JSON rewritten as phases finish).
+Writes vit_memory.{json,md} and vit_memory_rss.png into --out (the JSON rewritten as phases
+finish; `--replot` redraws the table and the plot from it).
 """
 
 import argparse
@@ -50,8 +51,15 @@ def main(argv=None):
                   help="rows per Jacobian block (default: the config's unlearn.batch_size)")
   ap.add_argument("--solve-dtype", choices=("float32", "float64"), default=None,
                   help="default: the config's unlearn.solve_dtype (float64 needs x64)")
+  ap.add_argument("--replot", action="store_true",
+                  help="only rewrite vit_memory.md and vit_memory_rss.png from --out's JSON")
   args = ap.parse_args(argv)
   out = Path(args.out)
+  if args.replot:
+    record = json.loads((out / "vit_memory.json").read_text())
+    write_markdown(record, out)
+    write_plot(record, out)
+    return
   out.mkdir(parents=True, exist_ok=True)
   record = {"machine": common.machine_info(), "command": "python -m benchmarks.bench_vit_memory "
             + " ".join(argv if argv is not None else __import__("sys").argv[1:])}
@@ -119,6 +127,7 @@ def main(argv=None):
     record["rss_samples"] = samples
     save()
     write_markdown(record, out)
+    write_plot(record, out)
   print(json.dumps({k: record[k] for k in ("update_wall_s", "peak_rss_bytes")}), flush=True)
 
 
@@ -148,6 +157,36 @@ def write_markdown(record: dict, out: Path) -> None:
           common.markdown_table(["what", "value"], rows), "",
           f"Plan's reason: {p.get('reason')}", ""]
   common.atomic_write(out / "vit_memory.md", "\n".join(text))
+
+
+def write_plot(record: dict, out: Path) -> None:
+  """The process's RSS during the update (sampled every second) against the host's memory
+  and the plan's predicted working set on top of the RSS before the update."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  samples = record.get("rss_samples") or []
+  if not samples:
+    return
+  t, rss = zip(*samples)
+  gib = 2.0 ** 30
+  fig, ax = plt.subplots(figsize=(7, 3.5))
+  ax.plot([v / 60 for v in t], [b / gib for b in rss], label="process RSS")
+  ax.axhline(record["machine"]["host_memory_gib"], color="k", ls=":", label="host memory")
+  plan, setup = record.get("plan", {}), record["setup"]
+  predicted = plan.get("predicted_bytes", {}).get(plan.get("solver"))
+  if predicted:
+    ax.axhline((setup["rss_before_update_bytes"] + predicted) / gib, color="C1", ls="--",
+               label="RSS before + predicted working set")
+  ax.set_xlabel("minutes into the update")
+  ax.set_ylabel("GiB")
+  ax.set_ylim(bottom=0)
+  ax.set_title(f"{setup['model']} prompts, {setup['n']} images at {setup['image_size']}², "
+               f"{plan.get('solver')} solver")
+  ax.legend(loc="lower right", fontsize=8)
+  fig.tight_layout()
+  fig.savefig(out / "vit_memory_rss.png", dpi=120)
+  plt.close(fig)
 
 
 if __name__ == "__main__":
