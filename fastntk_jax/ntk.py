@@ -204,6 +204,47 @@ def _map(fn, xs):
   return _scan(lambda carry, x: (carry, fn(x)), None, xs)[1]
 
 
+def _scan_rows(step, init, xs, n: int):
+  """`_scan` over blocks of samples whose outputs are rows: (carry, outputs concatenated over
+  the blocks and cut to the first n samples' rows).
+
+  Each output leaf's leading axis holds k rows per sample of its block (k = its length over
+  the block size; e.g. C when a block's Jacobian is flattened). Called eagerly over several
+  blocks, each block's real rows are written into one preallocated output, donated and so
+  filled in place: the rows are held once (a list of blocks, stacked, reshaped and sliced,
+  held them up to three times at the peak).
+  """
+  leaves = jax.tree_util.tree_leaves(xs)
+  num_blocks, block = leaves[0].shape[:2]
+  per_sample = lambda a: a.shape[0] // block
+  if num_blocks > 1 and not _traced(xs, init):
+    jstep = _compile_timed(step, init, jax.tree_util.tree_map(lambda a: a[0], xs))
+    carry, out = init, None
+    for i in range(num_blocks):
+      inputs = jax.tree_util.tree_map(lambda a: a[i], xs)
+      try:
+        carry, y = jstep(carry, inputs)
+      except TypeError:  # the carry's types changed after a step (e.g. weak types): retrace
+        jstep = jax.jit(step)
+        carry, y = jstep(carry, inputs)
+      real = min(block, n - i * block)  # the last block is padded
+      if out is None:
+        out = jax.tree_util.tree_map(
+            lambda a: jnp.zeros((n * per_sample(a),) + a.shape[1:], a.dtype), y)
+      out = jax.tree_util.tree_map(
+          lambda o, a: _write_rows(o, a if real == block else a[:real * per_sample(a)],
+                                   i * block * per_sample(a)), out, y)
+    return carry, out
+  carry, ys = _scan(step, init, xs)
+  return carry, jax.tree_util.tree_map(
+      lambda a: a.reshape((-1,) + a.shape[2:])[:n * (a.shape[1] // block)], ys)
+
+
+def _map_rows(fn, xs, n: int):
+  """`_map` over blocks of samples, as `_scan_rows` (rows concatenated, cut to n samples)."""
+  return _scan_rows(lambda carry, x: (carry, fn(x)), None, xs, n)[1]
+
+
 def _block_size(n: int, batch_size: Optional[int]) -> int:
   return n if not batch_size or batch_size >= n else int(batch_size)
 
@@ -447,31 +488,13 @@ def jacobian_rows(apply_fn: ApplyFn, params: PyTree, x: jnp.ndarray,
   """
   n = x.shape[0]
   method = _as_jacobian_method(method)
-  bs = _block_size(n, batch_size)
 
-  def block_rows(w, xb):
-    j = _per_sample_jacobian(apply_fn, w, xb, method)
+  def block_rows(xb):
+    j = _per_sample_jacobian(apply_fn, params, xb, method)
     return j.reshape((j.shape[0] * j.shape[1], j.shape[2])) if flatten else j
 
-  num_blocks = max(1, -(-n // bs))
-  if num_blocks > 1 and not _traced(params, x):
-    step = _compile_timed(block_rows, params, x[:bs])
-    shape = jax.eval_shape(block_rows, params, x[:bs])
-    per_sample = shape.shape[0] // bs  # C rows per sample when flattened, else 1
-    out = jnp.zeros((n * per_sample,) + shape.shape[1:], shape.dtype)
-    for start in range(0, n, bs):
-      xb = x[start:start + bs]
-      real = xb.shape[0]
-      if real < bs:  # the last block, padded with its first row (a valid input)
-        xb = jnp.concatenate([xb, jnp.repeat(xb[:1], bs - real, axis=0)], axis=0)
-      rows = step(params, xb)
-      out = _write_rows(out, rows if real == bs else rows[:real * per_sample],
-                        start * per_sample)
-    return out
-  blocks, _ = _pad_to_blocks(x, bs)
-  out = _map(lambda xb: block_rows(params, xb), blocks)
-  per_sample = out.shape[1] // bs
-  return out.reshape((out.shape[0] * out.shape[1],) + out.shape[2:])[:n * per_sample]
+  blocks, _ = _pad_to_blocks(x, _block_size(n, batch_size))
+  return _map_rows(block_rows, blocks, n)
 
 
 def gram(apply_fn: ApplyFn, params: PyTree, x: jnp.ndarray, residuals: jnp.ndarray,
@@ -515,10 +538,8 @@ def gram(apply_fn: ApplyFn, params: PyTree, x: jnp.ndarray, residuals: jnp.ndarr
     return (g, b), (jb if keep_jacobian else None)
 
   init = (jnp.zeros((p, p), acc_dtype), jnp.zeros((p,), acc_dtype))
-  (g, b), jac = _scan(step, init, (blocks, r_blocks, mask))
-  if keep_jacobian:
-    return g, b, jac.reshape((-1,) + jac.shape[2:])[:n]
-  return g, b
+  (g, b), jac = _scan_rows(step, init, (blocks, r_blocks, mask), n)
+  return (g, b, jac) if keep_jacobian else (g, b)
 
 
 def apply_rows(apply_fn: ApplyFn, params: PyTree, x: jnp.ndarray,
@@ -530,8 +551,7 @@ def apply_rows(apply_fn: ApplyFn, params: PyTree, x: jnp.ndarray,
   """
   n = x.shape[0]
   blocks, _ = _pad_to_blocks(x, _block_size(n, batch_size))
-  out = _map(lambda xb: apply_fn(params, xb), blocks)
-  return out.reshape((-1,) + out.shape[2:])[:n]
+  return _map_rows(lambda xb: apply_fn(params, xb), blocks, n)
 
 
 def jvp_rows(apply_fn: ApplyFn, params: PyTree, x: jnp.ndarray, tangent: PyTree,
@@ -553,8 +573,7 @@ def jvp_rows(apply_fn: ApplyFn, params: PyTree, x: jnp.ndarray, tangent: PyTree,
   def one(xb):
     return jax.jvp(lambda w: apply_fn(w, xb), (params,), (tangent,))[1]
 
-  out = _map(one, blocks)
-  return out.reshape((-1,) + out.shape[2:])[:n]
+  return _map_rows(one, blocks, n)
 
 
 def vjp_rows(apply_fn: ApplyFn, params: PyTree, x: jnp.ndarray, cotangent: jnp.ndarray,
