@@ -319,6 +319,28 @@ def test_row_products_widen_column_chunks_to_the_solve_dtype(monkeypatch):
     assert unlearn.solvers.rows_rmatvec(jnp.zeros((5, 0)), u, jnp.float64).shape == (0,)
 
 
+@pytest.mark.parametrize("name", ["rows_product", "rows_matvec", "rows_rmatvec"])
+def test_row_products_compile_with_one_column_chunk_widened(name):
+  # Found by benchmarks/bench_vit_memory (ViT-S/16, 1,000 images: rows [20,000, 44,564]):
+  # the chunks as a Python loop in one program were all widened at once, 34 GB of compiled
+  # temporaries, and the update died allocating them after 71 min of Jacobians. Compiled
+  # only (nothing allocated): the temporaries must be one chunk per side (+ the carry).
+  m, p = 512, 10 * unlearn.solvers.ROW_PRODUCT_COLUMNS + 100
+  j = jax.ShapeDtypeStruct((m, p), jnp.float32)
+  fn = getattr(unlearn.solvers, name)
+  other = {"rows_product": j, "rows_matvec": jax.ShapeDtypeStruct((p,), jnp.float32),
+           "rows_rmatvec": jax.ShapeDtypeStruct((m,), jnp.float32)}[name]
+  with enable_x64():
+    compiled = jax.jit(lambda a, b: fn(a, b, jnp.float64)).lower(j, other).compile()
+  analysis = compiled.memory_analysis()
+  if analysis is None:
+    pytest.skip("this backend gives no memory analysis")
+  chunk = 8 * m * unlearn.solvers.ROW_PRODUCT_COLUMNS
+  bound = 2 * chunk + 2 * 8 * m * m + 8 * p
+  assert analysis.temp_size_in_bytes < bound, (analysis.temp_size_in_bytes, bound)
+  assert analysis.temp_size_in_bytes < 8 * m * p / 2  # far below one widened copy of the rows
+
+
 def test_plan_keeps_the_rows_when_the_blocked_kernel_would_recompute_and_they_fit():
   with enable_x64():
     apply_fn, w0, w_d, retain, forget = problem()

@@ -167,8 +167,10 @@ def estimate_costs(num_params: int, num_retain: int, num_forget: int, num_classe
   dual_bytes = b * (2 * mr * mr + 2 * mr * mf + 2 * mf * mf + 2 * jac_block + (bs * c) ** 2)
   if dual_rows_bytes is not None:
     dual_jacobians = n
-    # the rows, and one chunk of columns widened to the solve dtype
-    dual_bytes += dual_rows_bytes * m * p + b * m * min(p, solvers.ROW_PRODUCT_COLUMNS)
+    # the rows; while Θ is formed from them, a second [m, m] (the product's loop carry, as
+    # compiled) and one column chunk of each side widened to the solve dtype
+    dual_bytes += (dual_rows_bytes * m * p + b * m * m
+                   + 2 * b * m * min(p, solvers.ROW_PRODUCT_COLUMNS))
   else:
     dual_jacobians = blocked_kernel_jacobians(n_r, n_f, batch_size=batch_size, traced=traced)
   apply_p = (4.0 * m * p if dual_rows_bytes is not None  # J_fᵀz, J_r u, J_rᵀ(...) from rows

@@ -178,8 +178,24 @@ def _delta_primal(apply_s, w_s, retain, forget, lam, *, num_classes, batch_size,
 ROW_PRODUCT_COLUMNS = 4096
 
 
-def _column_chunks(p: int):
-  return [(s, min(s + ROW_PRODUCT_COLUMNS, p)) for s in range(0, p, ROW_PRODUCT_COLUMNS)]
+def _column_chunk_loop(p: int, body, init):
+  """Runs `body(start, width, valid, carry)` over column chunks of width
+  `ROW_PRODUCT_COLUMNS` (p if smaller) inside `lax.fori_loop`, so that one chunk is widened at a
+  time: as a Python loop in one program, XLA widened every chunk at once (a [20,000, 44,564]
+  float32 product compiled with 34 GB of temporaries). The last chunk starts at p - width and
+  `valid` [width] masks its columns that the chunk before covered.
+  """
+  width = min(p, ROW_PRODUCT_COLUMNS)
+  if width == 0:
+    return init
+
+  def step(i, carry):
+    s = i * width
+    start = jnp.minimum(s, p - width)
+    valid = start + jnp.arange(width) >= s
+    return body(start, width, valid, carry)
+
+  return jax.lax.fori_loop(0, -(-p // width), step, init)
 
 
 # Jitted so that the chunks accumulate in place (eagerly, each sum is a new [m1, m2] array).
@@ -187,26 +203,31 @@ def _column_chunks(p: int):
 def rows_product(a: jnp.ndarray, b: jnp.ndarray, dtype) -> jnp.ndarray:
   """a bᵀ in `dtype` for Jacobian rows a [m1, p], b [m2, p] of any (narrower) dtype, widening
   `ROW_PRODUCT_COLUMNS` columns at a time."""
-  out = jnp.zeros((a.shape[0], b.shape[0]), dtype)
-  for s, e in _column_chunks(a.shape[1]):
-    out = out + a[:, s:e].astype(dtype) @ b[:, s:e].astype(dtype).T
-  return out
+  def body(start, width, valid, out):
+    ac = jax.lax.dynamic_slice_in_dim(a, start, width, axis=1).astype(dtype)
+    bc = jax.lax.dynamic_slice_in_dim(b, start, width, axis=1).astype(dtype)
+    return out + (ac * valid.astype(dtype)) @ bc.T
+  return _column_chunk_loop(a.shape[1], body, jnp.zeros((a.shape[0], b.shape[0]), dtype))
 
 
 @functools.partial(jax.jit, static_argnames="dtype")
 def rows_matvec(j: jnp.ndarray, v: jnp.ndarray, dtype) -> jnp.ndarray:
   """J v in `dtype` for rows j [m, p] and v [p] (widened a column chunk at a time)."""
-  out = jnp.zeros((j.shape[0],), dtype)
-  for s, e in _column_chunks(j.shape[1]):
-    out = out + j[:, s:e].astype(dtype) @ v[s:e].astype(dtype)
-  return out
+  def body(start, width, valid, out):
+    jc = jax.lax.dynamic_slice_in_dim(j, start, width, axis=1).astype(dtype)
+    vc = jax.lax.dynamic_slice_in_dim(v, start, width).astype(dtype)
+    return out + jc @ jnp.where(valid, vc, 0)
+  return _column_chunk_loop(j.shape[1], body, jnp.zeros((j.shape[0],), dtype))
 
 
 @functools.partial(jax.jit, static_argnames="dtype")
 def rows_rmatvec(j: jnp.ndarray, u: jnp.ndarray, dtype) -> jnp.ndarray:
-  """Jᵀ u in `dtype` for rows j [m, p] and u [m]."""
-  parts = [j[:, s:e].astype(dtype).T @ u.astype(dtype) for s, e in _column_chunks(j.shape[1])]
-  return jnp.concatenate(parts) if parts else jnp.zeros((0,), dtype)
+  """Jᵀ u in `dtype` for rows j [m, p] and u [m] (widened a column chunk at a time)."""
+  def body(start, width, valid, out):  # the last chunk rewrites its overlap with equal values
+    del valid
+    jc = jax.lax.dynamic_slice_in_dim(j, start, width, axis=1).astype(dtype)
+    return jax.lax.dynamic_update_slice_in_dim(out, jc.T @ u.astype(dtype), start, axis=0)
+  return _column_chunk_loop(j.shape[1], body, jnp.zeros((j.shape[1],), dtype))
 
 
 def rows_params(w: PyTree) -> PyTree:
