@@ -172,6 +172,22 @@ def _write_rows(buffer: jnp.ndarray, rows: jnp.ndarray, start) -> jnp.ndarray:
   return jax.lax.dynamic_update_slice_in_dim(buffer, rows, start, axis=0)
 
 
+def _eager_blocks(step, init, xs, on_output) -> Any:
+  """Runs `step` block by block on the host, compiled once for a block; calls
+  `on_output(i, y)` with each block's output and returns the final carry."""
+  jstep = _compile_timed(step, init, jax.tree_util.tree_map(lambda a: a[0], xs))
+  carry = init
+  for i in range(jax.tree_util.tree_leaves(xs)[0].shape[0]):
+    block = jax.tree_util.tree_map(lambda a: a[i], xs)
+    try:
+      carry, y = jstep(carry, block)
+    except TypeError:  # the carry's types changed after a step (e.g. weak types): retrace
+      jstep = jax.jit(step)
+      carry, y = jstep(carry, block)
+    on_output(i, y)
+  return carry
+
+
 def _scan(step, init, xs):
   """`lax.scan` over the leading (block) axis, fully unrolled for few blocks."""
   leaves = jax.tree_util.tree_leaves(xs)
@@ -181,16 +197,8 @@ def _scan(step, init, xs):
     # Called eagerly: a host loop over one compiled block step has neither the loop-body
     # slowdown nor an unrolled program's compile time (which for a ResNet-110 Jacobian
     # block is minutes per copy).
-    jstep = _compile_timed(step, init, jax.tree_util.tree_map(lambda a: a[0], xs))
-    carry, ys = init, []
-    for i in range(num_blocks):
-      block = jax.tree_util.tree_map(lambda a: a[i], xs)
-      try:
-        carry, y = jstep(carry, block)
-      except TypeError:  # the carry's types changed after a step (e.g. weak types): retrace
-        jstep = jax.jit(step)
-        carry, y = jstep(carry, block)
-      ys.append(y)
+    ys = []
+    carry = _eager_blocks(step, init, xs, lambda i, y: ys.append(y))
     return carry, jax.tree_util.tree_map(lambda *a: jnp.stack(a), *ys)
   if num_blocks == 1:  # no loop at all (a length-1 scan measured 5x slower on XLA:CPU)
     carry, y = step(init, jax.tree_util.tree_map(lambda a: a[0], xs))
@@ -218,23 +226,19 @@ def _scan_rows(step, init, xs, n: int):
   num_blocks, block = leaves[0].shape[:2]
   per_sample = lambda a: a.shape[0] // block
   if num_blocks > 1 and not _traced(xs, init):
-    jstep = _compile_timed(step, init, jax.tree_util.tree_map(lambda a: a[0], xs))
-    carry, out = init, None
-    for i in range(num_blocks):
-      inputs = jax.tree_util.tree_map(lambda a: a[i], xs)
-      try:
-        carry, y = jstep(carry, inputs)
-      except TypeError:  # the carry's types changed after a step (e.g. weak types): retrace
-        jstep = jax.jit(step)
-        carry, y = jstep(carry, inputs)
+    out = [None]
+
+    def write(i, y):
       real = min(block, n - i * block)  # the last block is padded
-      if out is None:
-        out = jax.tree_util.tree_map(
+      if out[0] is None:
+        out[0] = jax.tree_util.tree_map(
             lambda a: jnp.zeros((n * per_sample(a),) + a.shape[1:], a.dtype), y)
-      out = jax.tree_util.tree_map(
+      out[0] = jax.tree_util.tree_map(
           lambda o, a: _write_rows(o, a if real == block else a[:real * per_sample(a)],
-                                   i * block * per_sample(a)), out, y)
-    return carry, out
+                                   i * block * per_sample(a)), out[0], y)
+
+    carry = _eager_blocks(step, init, xs, write)
+    return carry, out[0]
   carry, ys = _scan(step, init, xs)
   return carry, jax.tree_util.tree_map(
       lambda a: a.reshape((-1,) + a.shape[2:])[:n * (a.shape[1] // block)], ys)
