@@ -51,6 +51,10 @@ def main(argv=None):
                   help="rows per Jacobian block (default: the config's unlearn.batch_size)")
   ap.add_argument("--solve-dtype", choices=("float32", "float64"), default=None,
                   help="default: the config's unlearn.solve_dtype (float64 needs x64)")
+  ap.add_argument("--damping", type=float, default=None,
+                  help="λ (default: the config's unlearn.damping). On random weights Θ's "
+                  "spectrum is wide: with the config's λ the update is refused for precision "
+                  "(κ·ε32 > 1) at these sizes; the cost does not depend on λ")
   ap.add_argument("--replot", action="store_true",
                   help="only rewrite vit_memory.md and vit_memory_rss.png from --out's JSON")
   args = ap.parse_args(argv)
@@ -84,7 +88,7 @@ def main(argv=None):
   retain = (jnp.asarray(x[~forget_mask]), jnp.asarray(y[~forget_mask]))
   forget = (jnp.asarray(x[forget_mask]), jnp.asarray(y[forget_mask]))
   u = cfg.unlearn
-  options = dict(num_classes=c, damping=float(u.damping), solver=u.solver,
+  options = dict(num_classes=c, damping=float(u.damping if args.damping is None else args.damping), solver=u.solver,
                  batch_size=int(args.batch_size or u.batch_size), kernel_impl=u.kernel_impl,
                  solve_dtype=(jnp.float64 if (args.solve_dtype or u.solve_dtype) == "float64"
                               else None))
@@ -139,6 +143,7 @@ def write_markdown(record: dict, out: Path) -> None:
       ["images (forgotten)", f"{s['n']} ({s['n_forget']})"],
       ["p (prompts + head)", f"{s['num_params']:,}"],
       ["n·C", f"{s['n'] * s['num_classes']:,}"],
+      ["λ (damping)", s["options"].get("damping")],
       ["solver (plan)", f"{p.get('solver')}, Jacobian rows kept: {p.get('keep_jacobian_rows')}"],
       ["predicted working set", gib(p.get("predicted_bytes", {}).get(p.get("solver")))],
       ["status", upd.get("status")],

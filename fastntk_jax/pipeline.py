@@ -743,10 +743,10 @@ def certify_deletion(cfg, model, frozen_pre, w0, params, data, workdir: str, *,
   start = time.perf_counter()
   witness_solver = None
   if retain_gram is not None:
-    import scipy.linalg  # pylint: disable=g-import-not-at-top
-    g_r = np.asarray(retain_gram, np.float64)
-    factor = scipy.linalg.cho_factor(g_r + float(cfg.unlearn.damping) * np.eye(len(g_r)))
-    witness_solver = lambda g: scipy.linalg.cho_solve(factor, np.asarray(g, np.float64))
+    g_r = jnp.asarray(retain_gram)  # float64 with the run's solve dtype (x64 on)
+    solve, _ = unlearn.solvers.cholesky_solver(
+        g_r + float(cfg.unlearn.damping) * jnp.eye(g_r.shape[0], dtype=g_r.dtype))
+    witness_solver = lambda g: np.asarray(solve(jnp.asarray(g, g_r.dtype)), np.float64)
   apply_fn = tr.make_apply_fn(model, frozen_pre)
   retain, forget = (data.retain.x, data.retain.y), (data.forget.x, data.forget.y)
   u = cfg.unlearn

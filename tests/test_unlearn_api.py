@@ -1,5 +1,8 @@
 """Solver agreement on a nonlinear Flax model, diagnostics, and every input refusal."""
 
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -454,3 +457,81 @@ def test_a_kept_rows_plan_is_refused_by_a_forgetter_naming_another_kernel():
                                    kernel_impl="neural_tangents")
     with pytest.raises(ValueError, match="kept Jacobian rows.*kernel_impl='neural_tangents'"):
       named.forget_with_info(w0, w_d, retain, forget, plan=plan)
+
+
+@pytest.mark.parametrize("n,block", [(10, 3), (12, 4), (9, 1), (7, 7), (40, 16)])
+def test_blocked_cholesky_matches_lapack_eagerly_and_jitted(n, block):
+  rng = np.random.default_rng(n)
+  a = rng.normal(size=(n, n))
+  a = a @ a.T + n * np.eye(n)
+  want = np.linalg.cholesky(a)
+  with enable_x64():
+    eager = unlearn.solvers.cholesky(jnp.asarray(a), block=block)
+    jitted = jax.jit(lambda m: unlearn.solvers.cholesky(m, block=block))(jnp.asarray(a))
+  for got in (eager, jitted):
+    np.testing.assert_allclose(np.asarray(got), want, rtol=0, atol=1e-13 * np.abs(want).max())
+
+
+def test_blocked_cholesky_of_an_indefinite_matrix_is_all_nan_as_lapack():
+  rng = np.random.default_rng(0)
+  a = rng.normal(size=(10, 10))
+  a = a @ a.T + np.eye(10)
+  a[6, 6] = -5.0  # the failure is in the third block of 3: earlier blocks factorise
+  with enable_x64():
+    got = np.asarray(unlearn.solvers.cholesky(jnp.asarray(a), block=3))
+    whole = np.asarray(jnp.linalg.cholesky(jnp.asarray(a)))
+  assert np.isnan(whole[np.tril_indices(10)]).all()
+  assert np.isnan(got[np.tril_indices(10)]).all() and (got[np.triu_indices(10, 1)] == 0).all()
+  _, estimate = unlearn.solvers.cholesky_solver(jnp.asarray(a))
+  assert np.isnan(float(estimate))
+
+
+def test_cholesky_refuses_a_bad_block():
+  with pytest.raises(ValueError, match="block=0"):
+    unlearn.solvers.cholesky(jnp.eye(3), block=0)
+
+
+def test_dual_with_blocked_factorisations_matches_lapacks_whole(monkeypatch):
+  # The blocked path replaces LAPACK's whole factorisation on CPUs above CPU_CHOLESKY_BLOCK;
+  # forced here (blocks of 5 for Θ_rr+λI of order 30 and the Schur complement of 12), the
+  # update must not move.
+  with enable_x64():
+    apply_fn, w0, w_d, retain, forget = problem()
+    run = lambda solver: ravel_pytree(unlearn.ntk_forget(
+        apply_fn, w0, w_d, **kwargs(retain, forget, damping=1e-2, solver=solver,
+                                    batch_size=4)))[0]
+    whole = run("dual")
+    monkeypatch.setattr(unlearn.solvers, "CPU_CHOLESKY_BLOCK", 5)
+    orders, blocked = [], unlearn.solvers._blocked_cholesky
+    monkeypatch.setattr(unlearn.solvers, "_blocked_cholesky",
+                        lambda a, block: orders.append(a.shape[0]) or blocked(a, block))
+    dual = run("dual")
+  assert sorted(orders) == [4 * C, 10 * C], orders  # Θ_rr+λI and the Schur complement
+  np.testing.assert_allclose(dual, whole, rtol=1e-10, atol=1e-13)
+
+
+LARGE_CHOLESKY = """
+import jax, jax.numpy as jnp, numpy as np
+jax.config.update("jax_enable_x64", True)
+from fastntk_jax.unlearn import solvers
+import time; t0 = time.time(); n = 20000
+a = jax.random.normal(jax.random.PRNGKey(0), (n, 64), jnp.float64)
+k = a @ a.T + jnp.eye(n)
+chol = solvers.cholesky(k)
+cols = np.array([0, 4095, 4096, 12345, n - 1])
+residual = np.abs(np.asarray(chol @ chol[cols].T - k[:, cols])).max()
+print("finite", bool(jnp.all(jnp.isfinite(chol))), "residual", residual, "seconds", round(time.time() - t0, 1))
+"""
+
+
+def test_cholesky_of_order_20000_completes_on_cpu():
+  # Found by benchmarks/bench_vit_memory (ViT-S/16, 1,000 images: Θ_rr+λI of order 19,000):
+  # the process died with a segmentation fault in LAPACK's multithreaded potrf (scipy's
+  # OpenBLAS 0.3.30, which jaxlib calls on CPUs); at order 20,000 it did on every try on this
+  # 2-core machine, from scipy alone as well. In a subprocess, so that a crash fails the test.
+  proc = subprocess.run([sys.executable, "-c", LARGE_CHOLESKY], capture_output=True,
+                        text=True, timeout=900, check=False)
+  assert proc.returncode == 0, (proc.returncode, proc.stderr[-2000:])
+  words = proc.stdout.split()
+  assert words[:2] == ["finite", "True"], proc.stdout
+  assert float(words[3]) < 1e-9, proc.stdout  # L Lᵀ = K on columns across the blocks

@@ -119,14 +119,66 @@ def gram_stats(apply_fn: ApplyFn, w_lin: PyTree, x, y, *, num_classes: int,
                   row_weights=row_weights, keep_jacobian=keep_jacobian)
 
 
+# Order above which CPUs factorise by blocks of this order (`cholesky`): the multithreaded
+# LAPACK potrf that jaxlib calls on CPUs (scipy's OpenBLAS 0.3.30) segfaults from about
+# n = 19,000 on two threads (OpenBLAS issues #1413, #2562; benchmarks/RESULTS.md §16).
+CPU_CHOLESKY_BLOCK = 4096
+
+
+def _blocked_cholesky(a: jnp.ndarray, block: int) -> jnp.ndarray:
+  """Right-looking block Cholesky (lower) of the symmetric `a` [n, n]: LAPACK factorises only
+  [block, block] diagonal blocks; panels are triangular solves, the trailing updates matmuls
+  of the lower block columns. NaN from the failing block on when `a` is not positive
+  definite, as `lax.linalg.cholesky`."""
+  n = a.shape[0]
+  hi = jax.lax.Precision.HIGHEST
+  for k0 in range(0, n, block):
+    k1 = min(k0 + block, n)
+    diag = jax.lax.linalg.cholesky(a[k0:k1, k0:k1], symmetrize_input=False)
+    a = a.at[k0:k1, k0:k1].set(diag)
+    if k1 == n:
+      break
+    panel = jax.lax.linalg.triangular_solve(diag, a[k1:, k0:k1], left_side=False, lower=True,
+                                            transpose_a=True)   # A₂₁ L₁₁⁻ᵀ
+    a = a.at[k1:, k0:k1].set(panel)
+    for j0 in range(k1, n, block):                              # A₂₂ -= L₂₁ L₂₁ᵀ (lower part)
+      j1 = min(j0 + block, n)
+      a = a.at[j0:, j0:j1].add(-jnp.matmul(panel[j0 - k1:], panel[j0 - k1:j1 - k1].T,
+                                           precision=hi))
+  ok = jnp.all(jnp.isfinite(jnp.diagonal(a)))  # a failed block's NaN reach every later one
+  return jnp.tril(jnp.where(ok, a, jnp.nan))
+
+
+def cholesky(a: jnp.ndarray, *, block: Optional[int] = None) -> jnp.ndarray:
+  """Lower Cholesky factor of the symmetric positive definite `a` [n, n] (its lower triangle
+  is read); NaN when the factorisation failed. The one factorisation of the package.
+
+  Args:
+    a: [n, n] matrix.
+    block: on CPUs, factorise by blocks of this order when n exceeds it (default
+      `CPU_CHOLESKY_BLOCK`); other platforms call their LAPACK whole.
+
+  Returns:
+    L [n, n] lower triangular with L Lᵀ = a.
+  """
+  block = CPU_CHOLESKY_BLOCK if block is None else int(block)
+  if block < 1:
+    raise ValueError(f"block={block!r}: must be a positive int")
+  whole = lambda m: jax.lax.linalg.cholesky(m, symmetrize_input=False)
+  if a.ndim != 2 or a.shape[0] <= block:
+    return whole(a)
+  return jax.lax.platform_dependent(a, cpu=lambda m: _blocked_cholesky(m, block),
+                                    default=whole)
+
+
 def cholesky_solver(a: jnp.ndarray) -> tuple[Callable[[jnp.ndarray], jnp.ndarray], jnp.ndarray]:
-  """Factorises the symmetric positive definite `a` once.
+  """Factorises the symmetric positive definite `a` once (`cholesky`).
 
   Returns:
     (`b -> a⁻¹ b`, a lower bound on κ(a): (max L_ii / min L_ii)² of the factor; NaN when the
      factorisation failed).
   """
-  factor = jax.scipy.linalg.cho_factor(a, lower=True)
+  factor = (cholesky(a), True)
   return (lambda b: jax.scipy.linalg.cho_solve(factor, b)), diagonal_condition(factor[0])
 
 

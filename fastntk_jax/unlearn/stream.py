@@ -370,7 +370,7 @@ def _gram_of_d(apply_fn, w_lin, x, y, *, num_classes, batch_size, sdtype, cache)
 def _factor(g, b, lam):
   """(Cholesky factor of G + λI, the ridge solution s = (G + λI)⁻¹ b)."""
   with jax.default_matmul_precision("highest"):
-    chol = jnp.linalg.cholesky(g + lam * jnp.eye(g.shape[0], dtype=g.dtype))
+    chol = solvers.cholesky(g + lam * jnp.eye(g.shape[0], dtype=g.dtype))
     return chol, jax.scipy.linalg.cho_solve((chol, True), b)
 
 
@@ -570,7 +570,7 @@ def serve_request(state: ForgetState, params: PyTree, indices: jnp.ndarray,
   eye = jnp.eye(p, dtype=sdtype)
 
   def refactor():
-    return jnp.linalg.cholesky(gram + state.damping * eye)
+    return solvers.cholesky(gram + state.damping * eye)
 
   method = state.factor_update
   if method == "auto":
