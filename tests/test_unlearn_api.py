@@ -486,6 +486,24 @@ def test_blocked_cholesky_of_an_indefinite_matrix_is_all_nan_as_lapack():
   assert np.isnan(float(estimate))
 
 
+def test_blocked_cholesky_compiles_with_the_memory_of_lapacks_whole():
+  # Eagerly, each block update was a new [n, n] array (an order-20,000 factorisation was
+  # OOM-killed); compiled (nothing allocated here), the temporaries must be one working copy
+  # and the panels, as LAPACK's whole factorisation (one copy), not several copies.
+  n, block = 2000, 512
+  s = jax.ShapeDtypeStruct((n, n), jnp.float32)
+  compiled = unlearn.solvers._blocked_cholesky.lower(s, block).compile()
+  whole = jax.jit(lambda a: jax.lax.linalg.cholesky(a, symmetrize_input=False)).lower(
+      s).compile()
+  blocked, lapack = compiled.memory_analysis(), whole.memory_analysis()
+  if blocked is None or lapack is None:
+    pytest.skip("this backend gives no memory analysis")
+  matrix = 4 * n * n
+  assert blocked.temp_size_in_bytes < 1.2 * matrix, blocked.temp_size_in_bytes / matrix
+  assert blocked.temp_size_in_bytes < lapack.temp_size_in_bytes + 0.2 * matrix
+  assert blocked.output_size_in_bytes == matrix
+
+
 def test_cholesky_refuses_a_bad_block():
   with pytest.raises(ValueError, match="block=0"):
     unlearn.solvers.cholesky(jnp.eye(3), block=0)

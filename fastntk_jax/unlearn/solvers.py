@@ -125,6 +125,11 @@ def gram_stats(apply_fn: ApplyFn, w_lin: PyTree, x, y, *, num_classes: int,
 CPU_CHOLESKY_BLOCK = 4096
 
 
+# Jitted: eagerly each block update is a new [n, n] array (three at once at the peak, and an
+# order-20,000 test was OOM-killed). Compiled, the temporaries are one [n, n] (the working
+# copy, written in place) and the panels, as LAPACK's whole factorisation: checked by
+# tests/test_unlearn_api.py on the compiled memory analysis.
+@functools.partial(jax.jit, static_argnums=1)
 def _blocked_cholesky(a: jnp.ndarray, block: int) -> jnp.ndarray:
   """Right-looking block Cholesky (lower) of the symmetric `a` [n, n]: LAPACK factorises only
   [block, block] diagonal blocks; panels are triangular solves, the trailing updates matmuls
@@ -145,7 +150,9 @@ def _blocked_cholesky(a: jnp.ndarray, block: int) -> jnp.ndarray:
       j1 = min(j0 + block, n)
       a = a.at[j0:, j0:j1].add(-jnp.matmul(panel[j0 - k1:], panel[j0 - k1:j1 - k1].T,
                                            precision=hi))
-  ok = jnp.all(jnp.isfinite(jnp.diagonal(a)))  # a failed block's NaN reach every later one
+  # A failed block's NaN reach every later block; all NaN as LAPACK's. In one fusion with the
+  # tril, XLA writes the output from the working copy (a separate tril was one more [n, n]).
+  ok = jnp.all(jnp.isfinite(jnp.diagonal(a)))
   return jnp.tril(jnp.where(ok, a, jnp.nan))
 
 
