@@ -731,6 +731,20 @@ def baseline_fit(cfg, net, name: str, full_params, frozen_full: dict, data, seed
 CERTIFICATE_CG_STEPS = 30
 
 
+def ridge_witness_solver(gram, damping: float) -> Callable[[np.ndarray], np.ndarray]:
+  """`g [p] -> (gram + damping·I)⁻¹ g` in float64 whatever JAX's 64-bit mode (factorised once,
+  by `unlearn.solvers.cholesky`): a float32 witness loosened the certificate's bound up to 2x
+  (still valid: `certify` recomputes it from the witness's residual)."""
+  with _x64_if(True):
+    g = jnp.asarray(np.asarray(gram, np.float64))
+    solve, _ = unlearn.solvers.cholesky_solver(g + damping * jnp.eye(g.shape[0], dtype=g.dtype))
+
+  def witness_solver(rhs):
+    with _x64_if(True):
+      return np.asarray(solve(jnp.asarray(np.asarray(rhs, np.float64))), np.float64)
+  return witness_solver
+
+
 def certify_deletion(cfg, model, frozen_pre, w0, params, data, workdir: str, *,
                      request_id: str, solver: str, linearized: bool,
                      retain_gram=None) -> dict:
@@ -743,10 +757,7 @@ def certify_deletion(cfg, model, frozen_pre, w0, params, data, workdir: str, *,
   start = time.perf_counter()
   witness_solver = None
   if retain_gram is not None:
-    g_r = jnp.asarray(retain_gram)  # float64 with the run's solve dtype (x64 on)
-    solve, _ = unlearn.solvers.cholesky_solver(
-        g_r + float(cfg.unlearn.damping) * jnp.eye(g_r.shape[0], dtype=g_r.dtype))
-    witness_solver = lambda g: np.asarray(solve(jnp.asarray(g, g_r.dtype)), np.float64)
+    witness_solver = ridge_witness_solver(retain_gram, float(cfg.unlearn.damping))
   apply_fn = tr.make_apply_fn(model, frozen_pre)
   retain, forget = (data.retain.x, data.retain.y), (data.forget.x, data.forget.y)
   u = cfg.unlearn

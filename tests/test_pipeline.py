@@ -327,3 +327,18 @@ def test_unknown_model_option_is_refused_before_the_data_loads(tmp_path, monkeyp
   with pytest.raises(ValueError, match="widhts"):
     pipeline.run(cfg, str(tmp_path / "wd"), show_progress=False)
   assert not (tmp_path / "wd" / "config.json").exists()  # nor was the workdir claimed
+
+
+def test_certificate_witness_is_solved_in_float64_with_x64_off():
+  # Review finding: with the package's one factorisation the witness followed the run's solve
+  # dtype, float32 by default, and the certificate's bound came out up to 2x looser.
+  import jax  # pylint: disable=g-import-not-at-top
+  assert not jax.config.read("jax_enable_x64")
+  rng = np.random.default_rng(0)
+  j = rng.normal(size=(40, 30)) * np.logspace(0, -3, 30)  # κ(G + λI) ≈ 1e6
+  gram, lam, rhs = j.T @ j, 1e-6, rng.normal(size=30)
+  want = np.linalg.solve(gram + lam * np.eye(30), rhs)
+  got = pipeline.ridge_witness_solver(gram, lam)(rhs)
+  assert got.dtype == np.float64
+  np.testing.assert_allclose(got, want, rtol=1e-8)
+  assert not jax.config.read("jax_enable_x64")  # the caller's mode is restored

@@ -121,8 +121,13 @@ def gram_stats(apply_fn: ApplyFn, w_lin: PyTree, x, y, *, num_classes: int,
 
 # Order above which CPUs factorise by blocks of this order (`cholesky`): the multithreaded
 # LAPACK potrf that jaxlib calls on CPUs (scipy's OpenBLAS 0.3.30) segfaults from about
-# n = 19,000 on two threads (OpenBLAS issues #1413, #2562; benchmarks/RESULTS.md §16).
+# n = 19,000 on two threads (OpenBLAS issues #1413, #2562; benchmarks/RESULTS.md §16). Read
+# when a caller is traced: a changed value reaches functions compiled before only after
+# `jax.clear_caches()`.
 CPU_CHOLESKY_BLOCK = 4096
+# The block loops are unrolled ((n/block)²/2 updates): compile time and memory grow with the
+# square of the count (200 blocks of 1 exhausted 3 GB compiling).
+MAX_CHOLESKY_BLOCKS = 64
 
 
 # Jitted: eagerly each block update is a new [n, n] array (three at once at the peak, and an
@@ -131,10 +136,9 @@ CPU_CHOLESKY_BLOCK = 4096
 # tests/test_unlearn_api.py on the compiled memory analysis.
 @functools.partial(jax.jit, static_argnums=1)
 def _blocked_cholesky(a: jnp.ndarray, block: int) -> jnp.ndarray:
-  """Right-looking block Cholesky (lower) of the symmetric `a` [n, n]: LAPACK factorises only
+  """Right-looking block Cholesky (lower) of the Hermitian `a` [n, n]: LAPACK factorises only
   [block, block] diagonal blocks; panels are triangular solves, the trailing updates matmuls
-  of the lower block columns. NaN from the failing block on when `a` is not positive
-  definite, as `lax.linalg.cholesky`."""
+  of the lower block columns. All NaN when `a` is not positive definite, as LAPACK's."""
   n = a.shape[0]
   hi = jax.lax.Precision.HIGHEST
   for k0 in range(0, n, block):
@@ -144,11 +148,11 @@ def _blocked_cholesky(a: jnp.ndarray, block: int) -> jnp.ndarray:
     if k1 == n:
       break
     panel = jax.lax.linalg.triangular_solve(diag, a[k1:, k0:k1], left_side=False, lower=True,
-                                            transpose_a=True)   # A₂₁ L₁₁⁻ᵀ
+                                            transpose_a=True, conjugate_a=True)  # A₂₁ L₁₁⁻ᴴ
     a = a.at[k1:, k0:k1].set(panel)
-    for j0 in range(k1, n, block):                              # A₂₂ -= L₂₁ L₂₁ᵀ (lower part)
+    for j0 in range(k1, n, block):                              # A₂₂ -= L₂₁ L₂₁ᴴ (lower part)
       j1 = min(j0 + block, n)
-      a = a.at[j0:, j0:j1].add(-jnp.matmul(panel[j0 - k1:], panel[j0 - k1:j1 - k1].T,
+      a = a.at[j0:, j0:j1].add(-jnp.matmul(panel[j0 - k1:], panel[j0 - k1:j1 - k1].conj().T,
                                            precision=hi))
   # A failed block's NaN reach every later block; all NaN as LAPACK's. In one fusion with the
   # tril, XLA writes the output from the working copy (a separate tril was one more [n, n]).
@@ -157,25 +161,43 @@ def _blocked_cholesky(a: jnp.ndarray, block: int) -> jnp.ndarray:
 
 
 def cholesky(a: jnp.ndarray, *, block: Optional[int] = None) -> jnp.ndarray:
-  """Lower Cholesky factor of the symmetric positive definite `a` [n, n] (its lower triangle
-  is read); NaN when the factorisation failed. The one factorisation of the package.
+  """Lower Cholesky factor of the Hermitian positive definite `a` (its lower triangle is
+  read); NaN when the factorisation failed. The one factorisation of the package.
 
   Args:
-    a: [n, n] matrix.
+    a: [..., n, n] matrices.
     block: on CPUs, factorise by blocks of this order when n exceeds it (default
-      `CPU_CHOLESKY_BLOCK`); other platforms call their LAPACK whole.
+      `CPU_CHOLESKY_BLOCK`, raised to n / `MAX_CHOLESKY_BLOCKS` for larger n; a given block
+      must leave at most that many blocks); other platforms call their LAPACK whole.
 
   Returns:
-    L [n, n] lower triangular with L Lᵀ = a.
+    L [..., n, n] lower triangular with L Lᴴ = a.
+
+  Raises:
+    ValueError: `a` is not a stack of square matrices, or `block` is not a positive int or
+      leaves more than `MAX_CHOLESKY_BLOCKS` blocks.
   """
-  block = CPU_CHOLESKY_BLOCK if block is None else int(block)
-  if block < 1:
+  a = jnp.asarray(a)
+  if a.ndim < 2 or a.shape[-1] != a.shape[-2]:
+    raise ValueError(f"cholesky needs square matrices [..., n, n], got shape {a.shape}")
+  n = a.shape[-1]
+  if block is None:
+    block = max(CPU_CHOLESKY_BLOCK, -(-n // MAX_CHOLESKY_BLOCKS))
+  elif isinstance(block, bool) or not isinstance(block, (int, np.integer)) or block < 1:
     raise ValueError(f"block={block!r}: must be a positive int")
+  elif -(-n // block) > MAX_CHOLESKY_BLOCKS:
+    raise ValueError(f"block={block} splits order {n} into {-(-n // block)} blocks, more than "
+                     f"MAX_CHOLESKY_BLOCKS={MAX_CHOLESKY_BLOCKS} (the loops are unrolled); "
+                     f"use block >= {-(-n // MAX_CHOLESKY_BLOCKS)}")
   whole = lambda m: jax.lax.linalg.cholesky(m, symmetrize_input=False)
-  if a.ndim != 2 or a.shape[0] <= block:
+  if n <= block:
     return whole(a)
-  return jax.lax.platform_dependent(a, cpu=lambda m: _blocked_cholesky(m, block),
-                                    default=whole)
+  blocked = lambda m: _blocked_cholesky(m, int(block))
+  if a.ndim > 2:
+    blocked = jax.vmap(blocked)
+    flat = a.reshape((-1, n, n))
+    return jax.lax.platform_dependent(flat, cpu=blocked, default=whole).reshape(a.shape)
+  return jax.lax.platform_dependent(a, cpu=blocked, default=whole)
 
 
 def cholesky_solver(a: jnp.ndarray) -> tuple[Callable[[jnp.ndarray], jnp.ndarray], jnp.ndarray]:
