@@ -88,7 +88,8 @@ def main(argv=None):
   retain = (jnp.asarray(x[~forget_mask]), jnp.asarray(y[~forget_mask]))
   forget = (jnp.asarray(x[forget_mask]), jnp.asarray(y[forget_mask]))
   u = cfg.unlearn
-  options = dict(num_classes=c, damping=float(u.damping if args.damping is None else args.damping), solver=u.solver,
+  damping = u.damping if args.damping is None else args.damping
+  options = dict(num_classes=c, damping=float(damping), solver=u.solver,
                  batch_size=int(args.batch_size or u.batch_size), kernel_impl=u.kernel_impl,
                  solve_dtype=(jnp.float64 if (args.solve_dtype or u.solve_dtype) == "float64"
                               else None))
