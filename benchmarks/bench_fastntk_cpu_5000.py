@@ -6,7 +6,7 @@ images, on this machine, phase by phase.
 The primal solver's two phases are run with the library's own pieces, exactly as
 `unlearn.ntk_forget(..., solver="primal")` composes them (`ntk.apply_rows` for the residuals,
 `ntk.gram` streaming J_rᵀJ_r and J_fᵀJ_f in blocks of 64 — called eagerly, a host loop over
-one compiled block step — and `unlearn.primal_solve`), so each phase is timed on its own and
+one compiled block step — and `solvers.primal_delta`), so each phase is timed on its own and
 the one set of Grams is solved twice: in float64 (the reference) and in float32 (what a
 float32 run would get), with the relative residual of each. That answers "does it complete,
 how long, how much memory, and is the result right" in one 20-minute run.
@@ -36,6 +36,7 @@ import numpy as np
 from benchmarks import common
 from fastntk_jax import ntk, unlearn
 from fastntk_jax.models import make_apply_fn
+from fastntk_jax.unlearn import solvers
 
 
 def _timed(fn, *args):
@@ -115,7 +116,7 @@ def main(argv=None):
     logits = ntk.apply_rows(apply_fn, w0, xs, batch_size=args.batch_size)
     return jax.nn.one_hot(ys, c, dtype=logits.dtype) - logits
 
-  # The same precision scope as unlearn.ridge_update (a no-op on CPU, TF32 off on GPU).
+  # The same precision scope as solvers.ridge_update (a no-op on CPU, TF32 off on GPU).
   with jax.default_matmul_precision("highest"):
     (e_r, e_f), *rows["residuals (forward passes)"] = _timed(
         lambda: (residuals(x_r, y_r), residuals(x_f, y_f)))
@@ -126,7 +127,7 @@ def main(argv=None):
     (g_f, b_f), *rows[forget_gram] = _timed(
         lambda: ntk.gram(apply_fn, w0, x_f, e_f, batch_size=args.batch_size, dtype=jnp.float64))
     print(f"forget Gram: {rows[forget_gram][0]:.1f} s", flush=True)
-    solve = jax.jit(lambda *a: unlearn.primal_solve(*a, lam)[0])
+    solve = jax.jit(lambda *a: solvers.primal_delta(*a, lam)[0])
     delta64, *rows["primal solve, float64 (2 Cholesky of p×p)"] = _timed(
         solve, g_r, b_r, g_f, b_f)
     f32 = [a.astype(jnp.float32) for a in (g_r, b_r, g_f, b_f)]

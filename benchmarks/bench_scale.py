@@ -55,6 +55,7 @@ LABEL = {"fast": "Fast-NTK (BN+head, primal)", "full": "full-model NTK (all weig
 def worker(cfg: dict) -> dict:
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from fastntk_jax import ntk, unlearn  # pylint: disable=g-import-not-at-top
+  from fastntk_jax.unlearn import plan as unlearn_plan  # pylint: disable=g-import-not-at-top
   from fastntk_jax.models import make_apply_fn  # pylint: disable=g-import-not-at-top
 
   c, n, n_f = cfg["num_classes"], cfg["n"], cfg["n_forget"]
@@ -78,7 +79,7 @@ def worker(cfg: dict) -> dict:
   del x
   kwargs = dict(num_classes=c, damping=cfg["damping"], solver=cfg["solver"],
                 batch_size=cfg["batch_size"], memory_limit_bytes=cfg["memory_limit_bytes"])
-  costs = unlearn.estimate_costs(p, n - n_f, n_f, c, batch_size=cfg["batch_size"],
+  costs = unlearn_plan.estimate_costs(p, n - n_f, n_f, c, batch_size=cfg["batch_size"],
                                  dtype_bytes=4)
   out = {"p": p, "estimated_bytes": costs[cfg["solver"]].bytes,
          "kernel_impl": ntk.resolve_implementation("auto").value,
@@ -198,13 +199,14 @@ def write_outputs(out_dir: Path, info: dict, args, records: list, stops: dict) -
       extra.append([LABEL[m], args.target_n, f"≈ {pred:.3g} s run", basis])
       try:
         from fastntk_jax import unlearn  # pylint: disable=g-import-not-at-top
+        from fastntk_jax.unlearn import plan as unlearn_plan  # pylint: disable=g-import-not-at-top
         pfull = next(r["result"]["p"] for r in records if r["method"] == m and r.get("result")
                      and "p" in r["result"])
         nf = max(1, round(args.forget_frac * args.target_n))
-        est = unlearn.estimate_costs(pfull, args.target_n - nf, nf, args.num_classes,
+        est = unlearn_plan.estimate_costs(pfull, args.target_n - nf, nf, args.num_classes,
                                      batch_size=args.full_batch_size)["dual"].bytes
         extra.append([LABEL[m], args.target_n, f"≈ {common.fmt_bytes(est)} working memory",
-                      "**model estimate** (`unlearn.estimate_costs`, dual), not measured"])
+                      "**model estimate** (`unlearn.plan.estimate_costs`, dual), not measured"])
       except Exception as e:  # pylint: disable=broad-except
         extra.append([LABEL[m], args.target_n, "–", f"estimate failed: {e!r}"])
 

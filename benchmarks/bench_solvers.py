@@ -16,8 +16,8 @@ initial trainable collection and params = params_init + noise, then:
 
 Peak memory is the child's peak RSS (CPU; whole process: runtime + data + both calls) or the
 device's peak_bytes_in_use (accelerators). Each Δ is compared with primal's:
-||Δ_s - Δ_primal|| / ||Δ_primal||. `auto`'s choice comes from `unlearn.estimate_costs` +
-`unlearn.choose_solver` with the same arguments `ntk_forget` uses.
+||Δ_s - Δ_primal|| / ||Δ_primal||. `auto`'s choice comes from `unlearn.plan.estimate_costs` +
+`unlearn.plan.choose_solver` with the same arguments `ntk_forget` uses.
 
 Writes <out>/bench_solvers.md, bench_solvers.png and bench_solvers.json (rewritten after
 every configuration, so a run stopped early still leaves its partial tables).
@@ -63,6 +63,7 @@ def worker(cfg: dict) -> dict:
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   from fastntk_jax import ntk, unlearn  # pylint: disable=g-import-not-at-top
+  from fastntk_jax.unlearn import plan as unlearn_plan  # pylint: disable=g-import-not-at-top
   from fastntk_jax.models import make_apply_fn  # pylint: disable=g-import-not-at-top
 
   c, n, n_f = cfg["num_classes"], cfg["n"], cfg["n_forget"]
@@ -81,20 +82,20 @@ def worker(cfg: dict) -> dict:
   kwargs = dict(num_classes=c, damping=cfg["damping"], solver=cfg["solver"],
                 batch_size=cfg["batch_size"], cg_maxiter=cfg["cg_maxiter"],
                 solve_dtype=solve_dtype)
-  network = unlearn.network_cost(apply_fn, p0, xr)  # what ntk_forget's auto uses
-  costs = unlearn.estimate_costs(p, n - n_f, n_f, c, batch_size=cfg["batch_size"],
+  network = unlearn_plan.network_cost(apply_fn, p0, xr)  # what ntk_forget's auto uses
+  costs = unlearn_plan.estimate_costs(p, n - n_f, n_f, c, batch_size=cfg["batch_size"],
                                  dtype_bytes=dtype_bytes, cg_maxiter=cfg["cg_maxiter"],
                                  network=network)
-  budget = int(0.8 * unlearn.available_memory_bytes())
+  budget = int(0.8 * unlearn_plan.available_memory_bytes())
   # What `solver="auto"` picks with the library's defaults (cg_maxiter=None), with the cg
   # iteration cap this benchmark passes (the cap lowers cg's predicted cost), and with the
   # first cost model (a linear model's Jacobian cost, no network passes) for comparison.
-  default_costs = unlearn.estimate_costs(p, n - n_f, n_f, c, batch_size=cfg["batch_size"],
+  default_costs = unlearn_plan.estimate_costs(p, n - n_f, n_f, c, batch_size=cfg["batch_size"],
                                          dtype_bytes=dtype_bytes, network=network)
-  auto, auto_reason = unlearn.choose_solver(default_costs, budget, "auto")
-  auto_capped, _ = unlearn.choose_solver(costs, budget, "auto")
-  auto_linear, _ = unlearn.choose_solver(
-      unlearn.estimate_costs(p, n - n_f, n_f, c, batch_size=cfg["batch_size"],
+  auto, auto_reason = unlearn_plan.choose_solver(default_costs, budget, "auto")
+  auto_capped, _ = unlearn_plan.choose_solver(costs, budget, "auto")
+  auto_linear, _ = unlearn_plan.choose_solver(
+      unlearn_plan.estimate_costs(p, n - n_f, n_f, c, batch_size=cfg["batch_size"],
                              dtype_bytes=dtype_bytes), budget, "auto")
   out = {"p": p, "n_outputs": n * c, "auto": auto, "auto_reason": auto_reason,
          "auto_with_cg_cap": auto_capped, "auto_linear_proxy": auto_linear,
@@ -245,7 +246,7 @@ def write_outputs(out_dir: Path, info: dict, args, records: list, notes: list[st
              "status"], rows), "",
         "## Crossover and `auto`", "",
         "*predicted FLOPs* from `estimate_costs` with the library defaults (primal / dual / "
-        "cg; network passes counted with the forward FLOPs of `unlearn.network_cost`), which "
+        "cg; network passes counted with the forward FLOPs of `unlearn_plan.network_cost`), which "
         "`auto` minimises among the solvers predicted to fit in memory; *linear-proxy model "
         "picked* = the first cost model's choice (Jacobians costed as a linear model's); *auto's "
         "run / fastest* = how much slower auto's choice ran than the fastest (1.00 = none); *auto "

@@ -12,7 +12,7 @@ labels, class 0 forgotten, λ = 1e-2 (the configs').
 
 The Jacobian rows J [n·C, p] are computed once, in float32 (the network's dtype in the
 pipeline), by `jax.vmap(jax.jacrev)` in blocks. From them the dual solver's update
-(Eq. (1), as `unlearn.solvers._delta_dual`: Θ = J Jᵀ, Cholesky of Θ_rr + λI, Schur
+(Eq. (1), as `solvers._delta_dual`: Θ = J Jᵀ, Cholesky of Θ_rr + λI, Schur
 complement, Δ = P J_fᵀ M V) is evaluated in NumPy twice: with Θ and every solve in float32,
 and in float64. Reported: ‖Δ₃₂ − Δ₆₄‖/‖Δ₆₄‖, the 2-norm condition number of Θ_rr + λI, and
 whether κ·ε(float32) > 1 (the library's precision-warning rule). `--check` first runs the

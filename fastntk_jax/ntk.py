@@ -51,6 +51,10 @@ __all__ = [
     "num_params",
     "jacobian_rows",
     "compile_timer",
+    "residuals",
+    "gram_stats",
+    "rows_params",
+    "apply_delta",
 ]
 
 # Open `compile_timer` records; the eager block loops add their compile seconds to each.
@@ -604,3 +608,75 @@ def vjp_rows(apply_fn: ApplyFn, params: PyTree, x: jnp.ndarray, cotangent: jnp.n
   zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
   out, _ = _scan(step, zeros, (blocks, u_blocks, mask))
   return out
+
+
+# --------------------------------------------------------------------------------------
+# The primal solver's statistics and flat parameter vectors.
+# --------------------------------------------------------------------------------------
+
+
+def residuals(apply_fn: ApplyFn, w_lin: PyTree, x, y, *, num_classes: int,
+              batch_size: Optional[int], dtype) -> jnp.ndarray:
+  """E = one_hot(y) - f(w_lin, x), [n, C] in `dtype`."""
+  logits = apply_rows(apply_fn, w_lin, x, batch_size=batch_size).astype(dtype)
+  return jax.nn.one_hot(y, num_classes, dtype=dtype) - logits
+
+
+def gram_stats(apply_fn: ApplyFn, w_lin: PyTree, x, y, *, num_classes: int,
+               batch_size: Optional[int], dtype, row_weights=None,
+               keep_jacobian: bool = False):
+  """The primal solver's sufficient statistics of labelled rows (x, y) at `w_lin`.
+
+  Sums over rows, so the statistics of a set are the sums over any split of it into chunks
+  (the resumable pipeline) or devices (`sharding.data_parallel`).
+
+  Args:
+    apply_fn, w_lin: the network and its linearisation point (trainable pytree).
+    x: inputs [n, ...]; y: int labels [n].
+    num_classes: C. batch_size: rows per Jacobian block. dtype: accumulation dtype.
+    row_weights: optional [n] 0/1 weights (the padding of a fixed-shape chunk).
+    keep_jacobian: also return the Jacobian rows [n, C, p] (the stream's cache).
+
+  Returns:
+    (G = JᵀJ [p, p], b = JᵀE [p]) or, with keep_jacobian, (G, b, J [n, C, p]).
+  """
+  # The network runs in its own dtype: each Jacobian row is exact to that dtype's rounding
+  # and is accumulated in `dtype` (widening the params would make a float32 network run in
+  # float64, several times slower on CPUs, for no digit the Grams need).
+  # Full matmul precision (no TF32 passes on accelerators), as every solve (`linalg`).
+  apply_s = lambda w, xx: apply_fn(w, xx).astype(dtype)
+  with jax.default_matmul_precision("highest"):
+    e = residuals(apply_s, w_lin, x, y, num_classes=num_classes, batch_size=batch_size,
+                  dtype=dtype)
+    return gram(apply_s, w_lin, x, e, batch_size=batch_size, dtype=dtype,
+                row_weights=row_weights, keep_jacobian=keep_jacobian)
+
+
+def rows_params(w: PyTree) -> PyTree:
+  """The params the kept rows are taken at: floating leaves narrower than float32 (bfloat16,
+  float16) widened to it, since rows in those dtypes lose digits that the blocked kernel
+  (params widened to the solve dtype) keeps; other leaves as they are, to keep the rows'
+  memory and the network's speed."""
+  def widen(leaf):
+    dt = jnp.dtype(getattr(leaf, "dtype", jnp.float32))
+    if jnp.issubdtype(dt, jnp.floating) and dt.itemsize < 4:
+      return jnp.asarray(leaf, jnp.float32)
+    return leaf
+  return jax.tree_util.tree_map(widen, w)
+
+
+def apply_delta(params: PyTree, delta: jnp.ndarray, step_scale=1.0) -> PyTree:
+  """params + step_scale·Δ, Δ flat in the ravel order of `params`; each leaf keeps its dtype
+  and is rounded once."""
+  leaves, treedef = jax.tree_util.tree_flatten(params)
+  size = sum(int(np.prod(jnp.shape(l))) for l in leaves)
+  if jnp.shape(delta) != (size,):
+    raise ValueError(f"the update has shape {jnp.shape(delta)} but the params hold {size} "
+                     "scalars: the statistics or the plan belong to other params")
+  out, start = [], 0
+  for leaf in leaves:
+    size = int(np.prod(jnp.shape(leaf)))
+    d = step_scale * delta[start:start + size].reshape(jnp.shape(leaf))
+    start += size
+    out.append((leaf.astype(jnp.result_type(leaf.dtype, d.dtype)) + d).astype(leaf.dtype))
+  return jax.tree_util.tree_unflatten(treedef, out)

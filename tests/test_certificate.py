@@ -9,6 +9,7 @@ import pytest
 from x64 import enable_x64
 
 from fastntk_jax import unlearn
+from fastntk_jax.unlearn import certificate
 from test_stream import C, problem, ridge
 
 
@@ -31,7 +32,7 @@ def test_gradient_equals_the_closed_form():
   model, xr, yr, w0, w_r, phi_r = _setup(lam)
   w = w_r + 0.05 * np.random.default_rng(3).normal(size=w_r.shape)
   with enable_x64():
-    got = unlearn.retain_gradient(model.apply, model.unravel(w0), model.unravel(w), (xr, yr),
+    got = certificate.retain_gradient(model.apply, model.unravel(w0), model.unravel(w), (xr, yr),
                                   num_classes=C, damping=lam, batch_size=8)
   want = phi_r.T @ (phi_r @ w - np.eye(C)[yr].reshape(-1)) + lam * (w - w0)
   np.testing.assert_allclose(np.asarray(got), want, rtol=1e-10, atol=1e-12)
@@ -71,7 +72,7 @@ def test_logit_bound_covers_every_input():
   x_test = np.random.default_rng(2).normal(size=(12, xr.shape[1]))
   with enable_x64():
     cert = _certify(model, xr, yr, w0, w, lam)
-    bounds = unlearn.logit_bound(model.apply, model.unravel(w0), x_test, cert, batch_size=5)
+    bounds = certificate.logit_bound(model.apply, model.unravel(w0), x_test, cert, batch_size=5)
   phi = model.features(x_test).reshape(12, C, -1)
   true = np.linalg.norm(np.einsum("ncp,p->nc", phi, w - w_r), axis=1)
   spectral = np.linalg.norm(phi, ord=2, axis=(1, 2))
@@ -167,17 +168,17 @@ def test_bad_witness_options_are_refused():
       _certify(model, xr, yr, w0, w_r, 0.1, witness_iterations=-1)
 
 
-def test_a_witness_solver_the_caller_holds_gives_the_tight_bound():
-  """`witness_solver` (e.g. the update's Cholesky factor): the exact H⁻¹ makes the bound the
-  true distance; a useless one (zeros) still gives a valid bound."""
+def test_the_retain_gram_the_caller_holds_gives_the_tight_bound():
+  """`retain_gram` (G_r, e.g. from linearised fine-tuning): the witness (G_r + λI)⁻¹∇L_r is
+  exact, so the bound is the true distance; a useless witness (zeros) still gives a valid
+  bound."""
   lam = 0.1
   model, xr, yr, w0, w_r, phi_r = _setup(lam)
-  h = phi_r.T @ phi_r + lam * np.eye(phi_r.shape[1])
   w = w_r + 1e-2 * np.random.default_rng(5).normal(size=w_r.shape)
   true = np.linalg.norm(w - w_r)
   with enable_x64():
-    exact = _certify(model, xr, yr, w0, w, lam, witness_solver=lambda g: np.linalg.solve(h, g))
-    useless = _certify(model, xr, yr, w0, w, lam, witness_solver=np.zeros_like)
+    exact = _certify(model, xr, yr, w0, w, lam, retain_gram=phi_r.T @ phi_r)
+    useless = _certify(model, xr, yr, w0, w, lam, witness=np.zeros_like(w))
   assert exact.witness_iterations == 0
   assert true * (1 - 1e-9) <= exact.distance_bound <= true * (1 + 1e-8)
   assert useless.distance_bound >= true

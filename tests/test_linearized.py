@@ -14,6 +14,8 @@ from fastntk_jax import pipeline
 from fastntk_jax import train as train_lib
 from fastntk_jax import unlearn
 from fastntk_jax.models import trainable as tr
+from fastntk_jax import ntk
+from fastntk_jax.unlearn import linear
 from test_ntk import TinyBNMLP, split_apply
 
 C = 3
@@ -33,7 +35,7 @@ def _flat(t):
 def test_linearize_is_affine_and_equals_the_network_at_w0():
   with enable_x64():
     apply_fn, w0, (x, _), _ = _problem()
-    f_lin = unlearn.linearize(apply_fn, w0)
+    f_lin = linear.linearize(apply_fn, w0)
     np.testing.assert_allclose(f_lin(w0, x), apply_fn(w0, x), rtol=1e-12)
     d = jax.tree_util.tree_map(lambda l: 0.1 * jnp.cos(jnp.arange(l.size)).reshape(l.shape), w0)
     at = lambda t: f_lin(jax.tree_util.tree_map(lambda a, b: a + t * b, w0, d), x)
@@ -47,10 +49,10 @@ def test_fastntk_on_linearized_full_equals_linearized_retrain(solver):
   with enable_x64():
     apply_fn, w0, retain, forget = _problem()
     lam = 1e-2
-    stats = lambda xy: unlearn.gram_stats(apply_fn, w0, *xy, num_classes=C, batch_size=5,
+    stats = lambda xy: ntk.gram_stats(apply_fn, w0, *xy, num_classes=C, batch_size=5,
                                           dtype=jnp.float64)
-    w_full = unlearn.ridge_solution(w0, [stats(retain), stats(forget)], lam)
-    w_retrain = unlearn.ridge_solution(w0, [stats(retain)], lam)
+    w_full = linear.ridge_solution(w0, [stats(retain), stats(forget)], lam)
+    w_retrain = linear.ridge_solution(w0, [stats(retain)], lam)
     new = unlearn.ntk_forget(apply_fn, w0, w_full, retain=retain, forget=forget,
                              num_classes=C, damping=lam, solver=solver)
     learned = np.linalg.norm(_flat(w_retrain) - _flat(w0))
@@ -68,8 +70,8 @@ def test_optax_on_f_lin_approaches_the_closed_form():
     lam = 1.0
     x = jnp.concatenate([retain[0], forget[0]])
     y = jnp.concatenate([retain[1], forget[1]])
-    closed = unlearn.ridge_solution(
-        w0, [unlearn.gram_stats(apply_fn, w0, x, y, num_classes=C, batch_size=None,
+    closed = linear.ridge_solution(
+        w0, [ntk.gram_stats(apply_fn, w0, x, y, num_classes=C, batch_size=None,
                                 dtype=jnp.float64)], lam)
 
     class Net:  # f_lin through the Linearized wrapper, as the pipeline trains it
@@ -81,7 +83,7 @@ def test_optax_on_f_lin_approaches_the_closed_form():
     spec = train_lib.TrainSpec(epochs=400, learning_rate=0.05, batch_size=x.shape[0],
                                loss="mse", l2_to_init=lam / x.shape[0])
     frozen = {tr.LINEARIZATION_POINT: w0}
-    w, _, hist = train_lib.fit(unlearn.Linearized(Net()), w0, frozen, (np.asarray(x),
+    w, _, hist = train_lib.fit(linear.Linearized(Net()), w0, frozen, (np.asarray(x),
                                np.asarray(y)), spec, C, seed=0)
     rel = np.linalg.norm(_flat(w) - _flat(closed)) / np.linalg.norm(_flat(closed) - _flat(w0))
     assert rel < 1e-2, rel
@@ -135,7 +137,7 @@ def test_linearized_apply_takes_flax_forms_of_mutable():
   x = jax.random.normal(jax.random.PRNGKey(0), (5, 3))
   w0, frozen = tr.split(Net().init(jax.random.PRNGKey(1), x))
   variables = {**frozen, "trainable": w0, tr.LINEARIZATION_POINT: w0}
-  lin = unlearn.Linearized(Net())
+  lin = linear.Linearized(Net())
   plain = lin.apply(variables, x)
   for mutable in (["batch_stats"], "batch_stats", True):
     out, state = lin.apply(variables, x, train=True, mutable=mutable)

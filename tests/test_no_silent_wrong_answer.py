@@ -14,6 +14,8 @@ from x64 import enable_x64
 from fastntk_jax import report
 from fastntk_jax import unlearn
 from fastntk_jax.unlearn import stream
+from fastntk_jax import linalg
+from fastntk_jax.unlearn import plan as unlearn_plan
 from test_unlearn_exact import make_problem, ridge
 
 C = 3
@@ -57,8 +59,8 @@ def test_auto_with_zero_damping_never_picks_a_singular_solver():
     w_d, w_r = solutions(0.0)
     # In small blocks, run eagerly, the dual recomputes Jacobians per block pair: by FLOPs
     # alone auto would take the primal, whose Grams are singular at damping = 0.
-    costs = unlearn.estimate_costs(44, 7, 2, C, batch_size=2, dtype_bytes=8, traced=False,
-                                   network=unlearn.network_cost(model.apply, w0, retain[0]))
+    costs = unlearn_plan.estimate_costs(44, 7, 2, C, batch_size=2, dtype_bytes=8, traced=False,
+                                   network=unlearn_plan.network_cost(model.apply, w0, retain[0]))
     assert costs["primal"].flops < costs["dual"].flops
     new = unlearn.ntk_forget(model.apply, w0, w_d, retain=retain, forget=forget,
                              num_classes=C, damping=0.0, solver="auto", batch_size=2)
@@ -118,7 +120,7 @@ def test_cg_is_accurate_or_refused():
     assert not bool(info.converged)
     assert forgetter.plan(w0, w_d, retain, forget).cg_maxiter == 5
     # auto, with a budget only cg fits, refuses a cg capped below the system's dimension.
-    costs = unlearn.estimate_costs(36, 16, 6, C, dtype_bytes=8, cg_maxiter=5)
+    costs = unlearn_plan.estimate_costs(36, 16, 6, C, dtype_bytes=8, cg_maxiter=5)
     with pytest.raises(unlearn.InsufficientMemoryError, match="cg is excluded: cg_maxiter=5"):
       unlearn.ntk_forget(model.apply, w0, w_d, retain=retain, forget=forget, num_classes=C,
                          damping=1e-5, cg_maxiter=5, memory_limit_bytes=costs["cg"].bytes + 1)
@@ -160,8 +162,8 @@ def test_float64_solve_reaches_every_solver_with_float32_params(solver):
 
 
 def test_narrow_logits_are_named_in_the_precision_warning():
-  assert "float32 logits" in unlearn.precision_warning(1e8, jnp.float64, jnp.float32)
-  assert unlearn.precision_warning(1e8, jnp.float64, jnp.float64) is None
+  assert "float32 logits" in linalg.precision_warning(1e8, jnp.float64, jnp.float32)
+  assert linalg.precision_warning(1e8, jnp.float64, jnp.float64) is None
 
 
 # 6. The default solve dtype came from params_init; mixed float32/float64 leaves crashed.
@@ -388,8 +390,8 @@ def test_stream_refuses_zero_damping_naming_the_fix_it_has():
 
 def test_integer_logits_are_refused():
   w = {"w": jnp.ones((4, C))}
-  x = jnp.ones((5, 4), jnp.int32)
+  x = jnp.arange(24, dtype=jnp.int32).reshape(6, 4)
   with pytest.raises(TypeError, match="int32 logits"):
     unlearn.ntk_forget(lambda p, xx: xx @ p["w"].astype(jnp.int32), w, w,
-                       retain=(x, jnp.zeros(5, jnp.int32)), forget=(x[:1], jnp.zeros(1, jnp.int32)),
-                       num_classes=C)
+                       retain=(x[:5], jnp.zeros(5, jnp.int32)),
+                       forget=(x[5:], jnp.zeros(1, jnp.int32)), num_classes=C)

@@ -98,7 +98,7 @@ def _sharded_update(t, mesh, *, block_size):
                                      solver="primal", batch_size=block_size)
   plan = forgetter.plan(t.w0, t.params, retain, forget)
   run = S.data_parallel_sum(
-      lambda w, x, y, m: unlearn.gram_stats(t.apply_fn, w, x, y, num_classes=t.num_classes,
+      lambda w, x, y, m: ntk.gram_stats(t.apply_fn, w, x, y, num_classes=t.num_classes,
                                             batch_size=block_size, dtype=plan.solve_dtype,
                                             row_weights=m), mesh, block_size=block_size)
   new, _ = forgetter.from_gram_stats(t.params, run(t.w0, t.x_r, t.y_r),
@@ -142,7 +142,7 @@ def _child() -> dict:
   # `gram_stats`, run over the mesh by `data_parallel_sum`, with several blocks per device
   # (block_size=1) and one block (None), and with row weights (a padded chunk).
   weights = (np.arange(13) < 10).astype(np.float32)
-  stats = lambda bs: (lambda w, x, y, m: unlearn.gram_stats(
+  stats = lambda bs: (lambda w, x, y, m: ntk.gram_stats(
       apply_fn, w, x, y, num_classes=num_classes, batch_size=bs, dtype=jnp.float64,
       row_weights=m))
   g0, b0 = stats(4)(w0, jnp.asarray(x_r), jnp.asarray(y_r), None)
@@ -216,7 +216,7 @@ def _multiprocess_child() -> dict:
          "processes": jax.process_count(), "devices": jax.device_count(),
          "local_devices": jax.local_device_count()}
   errors = {}
-  stats = lambda w, x, y, m: unlearn.gram_stats(
+  stats = lambda w, x, y, m: ntk.gram_stats(
       t.apply_fn, w, x, y, num_classes=t.num_classes, batch_size=1, dtype=jnp.float64,
       row_weights=m)
   weights = (np.arange(13) < 10).astype(np.float32)

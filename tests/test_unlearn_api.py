@@ -10,7 +10,11 @@ import pytest
 from x64 import enable_x64
 from jax.flatten_util import ravel_pytree
 
+from fastntk_jax import linalg
+from fastntk_jax import ntk
 from fastntk_jax import unlearn
+from fastntk_jax.unlearn import plan as unlearn_plan
+from fastntk_jax.unlearn import solvers
 from test_ntk import TinyBNMLP, split_apply
 
 C = 3
@@ -91,8 +95,8 @@ def test_diagnostics_and_auto_choice():
     assert diag.condition_number > 1 and np.isfinite(diag.condition_number)
     assert diag.seconds > 0 and diag.estimated_bytes > 0 and diag.update_norm > 0
     # auto takes the fewest predicted FLOPs among fitting solvers, network passes included.
-    costs = unlearn.estimate_costs(40, 10, 4, C,
-                                   network=unlearn.network_cost(apply_fn, w_d, retain[0]))
+    costs = unlearn_plan.estimate_costs(40, 10, 4, C,
+                                   network=unlearn_plan.network_cost(apply_fn, w_d, retain[0]))
     assert diag.solver == min(costs.values(), key=lambda c: c.flops).solver
     _, diag = unlearn.ntk_forget_with_diagnostics(
         apply_fn, w0, w_d, **kwargs(retain, forget, solver="cg"))
@@ -101,27 +105,27 @@ def test_diagnostics_and_auto_choice():
 
 def test_auto_prefers_primal_for_small_p_and_dual_for_few_outputs():
   big = 1 << 40
-  assert unlearn.choose_solver(unlearn.estimate_costs(1000, 5000, 500, 10), big)[0] == "primal"
-  assert unlearn.choose_solver(unlearn.estimate_costs(10**6, 40, 10, 10), big)[0] == "dual"
+  assert unlearn_plan.choose_solver(unlearn_plan.estimate_costs(1000, 5000, 500, 10), big)[0] == "primal"
+  assert unlearn_plan.choose_solver(unlearn_plan.estimate_costs(10**6, 40, 10, 10), big)[0] == "dual"
 
 
 def test_network_cost_is_the_forward_flops_of_one_sample():
   # A dense layer x @ W + b on one d-vector: 2·d·C multiply-adds plus C additions.
   d, c = 7, 3
   w = {"k": jnp.ones((d, c)), "b": jnp.zeros((c,))}
-  cost = unlearn.network_cost(lambda w, x: x @ w["k"] + w["b"], w, jnp.ones((5, d)))
+  cost = unlearn_plan.network_cost(lambda w, x: x @ w["k"] + w["b"], w, jnp.ones((5, d)))
   assert cost.flops == 2 * d * c + c
   # The batch size of `x` does not matter: the analysis is per sample.
-  assert unlearn.network_cost(lambda w, x: x @ w["k"] + w["b"], w, jnp.ones((50, d))) == cost
+  assert unlearn_plan.network_cost(lambda w, x: x @ w["k"] + w["b"], w, jnp.ones((50, d))) == cost
 
 
 def test_cost_model_counts_the_network_passes_of_each_solver():
   p, n_r, n_f, c = 10_000, 36, 4, 10
   n = n_r + n_f
   fwd = 1e9
-  net = unlearn.NetworkCost(flops=fwd, bytes_accessed=0.0)
-  without = unlearn.estimate_costs(p, n_r, n_f, c)
-  with_net = unlearn.estimate_costs(p, n_r, n_f, c, network=net)
+  net = unlearn_plan.NetworkCost(flops=fwd, bytes_accessed=0.0)
+  without = unlearn_plan.estimate_costs(p, n_r, n_f, c)
+  with_net = unlearn_plan.estimate_costs(p, n_r, n_f, c, network=net)
   jac = (1 + c) * fwd
   # Primal: one Jacobian per sample on top of the linear algebra (unchanged by the network).
   lin_algebra = 2.0 * n * c * p * p + 2 * p ** 3 / 3 + 2.0 * n * c * p
@@ -133,19 +137,19 @@ def test_cost_model_counts_the_network_passes_of_each_solver():
   assert with_net["dual"].flops == pytest.approx(dual_passes + dual_rest)
   # With n·C = 400 << p both models pick the dual (the primal's p³ Cholesky dominates) ...
   big = 1 << 50
-  assert unlearn.choose_solver(without, big)[0] == "dual"
-  assert unlearn.choose_solver(with_net, big)[0] == "dual"
+  assert unlearn_plan.choose_solver(without, big)[0] == "dual"
+  assert unlearn_plan.choose_solver(with_net, big)[0] == "dual"
   # ... but when the network is expensive enough, the dual's extra jvp/vjp passes decide.
-  huge = unlearn.estimate_costs(p, n_r, n_f, c, network=unlearn.NetworkCost(1e13, 0.0))
-  assert unlearn.choose_solver(huge, big)[0] == "primal"
+  huge = unlearn_plan.estimate_costs(p, n_r, n_f, c, network=unlearn_plan.NetworkCost(1e13, 0.0))
+  assert unlearn_plan.choose_solver(huge, big)[0] == "primal"
   # Memory does not depend on the network (activations are not modelled).
   assert {k: v.bytes for k, v in with_net.items()} == {k: v.bytes for k, v in without.items()}
 
 
 def test_dual_jacobian_count_follows_how_the_kernel_blocks_run():
-  net = unlearn.NetworkCost(flops=1e8, bytes_accessed=0.0)
+  net = unlearn_plan.NetworkCost(flops=1e8, bytes_accessed=0.0)
   jac = 11 * 1e8
-  cost = lambda bs, traced: unlearn.estimate_costs(100, 900, 100, 10, batch_size=bs,
+  cost = lambda bs, traced: unlearn_plan.estimate_costs(100, 900, 100, 10, batch_size=bs,
                                                    network=net, traced=traced)
   one = cost(1000, True)
   # Under jit with <= MAX_UNROLLED_BLOCKS blocks (9 + 1 of 100) the program is unrolled and
@@ -163,16 +167,16 @@ def test_dual_jacobian_count_follows_how_the_kernel_blocks_run():
 
 
 def test_precision_warning_is_the_round_off_bound_of_the_solve():
-  assert unlearn.precision_warning(1e3, jnp.float32) is None           # κ·ε = 1.2e-4
-  message = unlearn.precision_warning(1e8, jnp.float32)                 # κ·ε = 12
+  assert linalg.precision_warning(1e3, jnp.float32) is None           # κ·ε = 1.2e-4
+  message = linalg.precision_warning(1e8, jnp.float32)                 # κ·ε = 12
   assert "1e+08" in message and "float32" in message and "solve_dtype=jnp.float64" in message
-  assert "float32" in unlearn.precision_warning(1e6, jnp.float32)       # κ·ε = 0.12
-  assert unlearn.precision_warning(1e8, jnp.float64) is None
-  assert "increase damping" in unlearn.precision_warning(1e17, jnp.float64)
-  assert "float64" not in unlearn.precision_warning(1e17, jnp.float64).split(";")[1]
-  assert unlearn.precision_warning(None, jnp.float32) is None
-  assert unlearn.precision_warning(float("nan"), jnp.float32) is None
-  assert "numerically singular" in unlearn.precision_warning(float("inf"), jnp.float32)
+  assert "float32" in linalg.precision_warning(1e6, jnp.float32)       # κ·ε = 0.12
+  assert linalg.precision_warning(1e8, jnp.float64) is None
+  assert "increase the damping" in linalg.precision_warning(1e17, jnp.float64)
+  assert "float64" not in linalg.precision_warning(1e17, jnp.float64).split(";")[1]
+  assert linalg.precision_warning(None, jnp.float32) is None
+  assert linalg.precision_warning(float("nan"), jnp.float32) is None
+  assert "numerically singular" in linalg.precision_warning(float("inf"), jnp.float32)
 
 
 def test_diagnostics_warn_when_a_float32_solve_is_ill_conditioned():
@@ -194,7 +198,7 @@ def test_diagnostics_warn_when_a_float32_solve_is_ill_conditioned():
 
 def test_memory_refusal_names_a_solver_that_fits():
   apply_fn, w0, w_d, retain, forget = problem()
-  costs = unlearn.estimate_costs(40, 10, 4, C, batch_size=256, dtype_bytes=4)
+  costs = unlearn_plan.estimate_costs(40, 10, 4, C, batch_size=256, dtype_bytes=4)
   small, large = sorted(("dual", "primal"), key=lambda k: costs[k].bytes)
   limit = costs[small].bytes + 1
   assert costs[large].bytes > limit
@@ -269,14 +273,14 @@ def test_dual_on_kept_jacobian_rows_equals_the_blocked_dual_and_the_primal():
   # wrong product gives O(1).
   with enable_x64():
     apply_fn, w0, _, retain, forget = problem()
-    update = lambda solver, keep: unlearn.ridge_update(
+    update = lambda solver, keep: solvers.ridge_update(
         apply_fn, w0, retain, forget, 1e-2, num_classes=C, solver=solver, dtype=jnp.float64,
         batch_size=4, keep_rows=keep)[0]
     kept, blocked, primal = update("dual", True), update("dual", False), update("primal", False)
     rel = lambda a: np.linalg.norm(a - primal) / np.linalg.norm(primal)
     assert np.linalg.norm(primal) > 1e-3
     assert rel(kept) < 1e-4 and rel(blocked) < 1e-4, (rel(kept), rel(blocked))
-    jitted = jax.jit(lambda: unlearn.ridge_update(
+    jitted = jax.jit(lambda: solvers.ridge_update(
         apply_fn, w0, retain, forget, 1e-2, num_classes=C, solver="dual", dtype=jnp.float64,
         batch_size=4, keep_rows=True)[0])()
     assert rel(jitted) < 1e-4, rel(jitted)
@@ -299,27 +303,27 @@ def test_dual_on_kept_rows_is_exact_on_a_linear_model():
     (g_r, b_r), (g_f, b_f) = stats(*retain), stats(*forget)
     eye = lam * np.eye(flat.size)
     want = np.linalg.solve(g_r + eye, b_r) - np.linalg.solve(g_r + g_f + eye, b_r + b_f)
-    got = unlearn.ridge_update(apply_fn, w0, retain, forget, lam, num_classes=C, solver="dual",
+    got = solvers.ridge_update(apply_fn, w0, retain, forget, lam, num_classes=C, solver="dual",
                                dtype=jnp.float64, batch_size=2, keep_rows=True)[0]
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-10 * np.linalg.norm(want))
 
 
 def test_row_products_widen_column_chunks_to_the_solve_dtype(monkeypatch):
-  monkeypatch.setattr(unlearn.solvers, "ROW_PRODUCT_COLUMNS", 3)  # p = 7: chunks 3, 3, 1
+  monkeypatch.setattr(linalg, "ROW_PRODUCT_COLUMNS", 3)  # p = 7: chunks 3, 3, 1
   with enable_x64():
     rng = np.random.default_rng(0)
     a = rng.normal(size=(5, 7)).astype(np.float32)
     b = rng.normal(size=(4, 7)).astype(np.float32)
     v, u = rng.normal(size=7), rng.normal(size=5)
     a64 = a.astype(np.float64)
-    prod = unlearn.solvers.rows_product(jnp.asarray(a), jnp.asarray(b), jnp.float64)
+    prod = linalg.rows_product(jnp.asarray(a), jnp.asarray(b), jnp.float64)
     assert prod.dtype == jnp.float64
     np.testing.assert_allclose(prod, a64 @ b.astype(np.float64).T, rtol=1e-14, atol=1e-14)
-    np.testing.assert_allclose(unlearn.solvers.rows_matvec(jnp.asarray(a), v, jnp.float64),
+    np.testing.assert_allclose(linalg.rows_matvec(jnp.asarray(a), v, jnp.float64),
                                a64 @ v, rtol=1e-13)
-    np.testing.assert_allclose(unlearn.solvers.rows_rmatvec(jnp.asarray(a), u, jnp.float64),
+    np.testing.assert_allclose(linalg.rows_rmatvec(jnp.asarray(a), u, jnp.float64),
                                a64.T @ u, rtol=1e-13)
-    assert unlearn.solvers.rows_rmatvec(jnp.zeros((5, 0)), u, jnp.float64).shape == (0,)
+    assert linalg.rows_rmatvec(jnp.zeros((5, 0)), u, jnp.float64).shape == (0,)
 
 
 @pytest.mark.parametrize("name", ["rows_product", "rows_matvec", "rows_rmatvec"])
@@ -328,9 +332,9 @@ def test_row_products_compile_with_one_column_chunk_widened(name):
   # the chunks as a Python loop in one program were all widened at once, 34 GB of compiled
   # temporaries, and the update died allocating them after 71 min of Jacobians. Compiled
   # only (nothing allocated): the temporaries must be one chunk per side (+ the carry).
-  m, p = 512, 10 * unlearn.solvers.ROW_PRODUCT_COLUMNS + 100
+  m, p = 512, 10 * linalg.ROW_PRODUCT_COLUMNS + 100
   j = jax.ShapeDtypeStruct((m, p), jnp.float32)
-  fn = getattr(unlearn.solvers, name)
+  fn = getattr(linalg, name)
   other = {"rows_product": j, "rows_matvec": jax.ShapeDtypeStruct((p,), jnp.float32),
            "rows_rmatvec": jax.ShapeDtypeStruct((m,), jnp.float32)}[name]
   with enable_x64():
@@ -338,7 +342,7 @@ def test_row_products_compile_with_one_column_chunk_widened(name):
   analysis = compiled.memory_analysis()
   if analysis is None:
     pytest.skip("this backend gives no memory analysis")
-  chunk = 8 * m * unlearn.solvers.ROW_PRODUCT_COLUMNS
+  chunk = 8 * m * linalg.ROW_PRODUCT_COLUMNS
   bound = 2 * chunk + 2 * 8 * m * m + 8 * p
   assert analysis.temp_size_in_bytes < bound, (analysis.temp_size_in_bytes, bound)
   assert analysis.temp_size_in_bytes < 8 * m * p / 2  # far below one widened copy of the rows
@@ -355,8 +359,8 @@ def test_plan_keeps_the_rows_when_the_blocked_kernel_would_recompute_and_they_fi
     assert "keeps the Jacobian rows" in kept.reason
     # Eagerly with 3 + 1 blocks of 4 the blocked kernel takes 10 + 3·3·4 + ... Jacobians; with
     # the rows n = 14, and the rows' 14·3·40 float64 numbers count in its memory.
-    blocked = unlearn.estimate_costs(40, 10, 4, C, batch_size=4, dtype_bytes=8,
-                                     traced=False, network=unlearn.network_cost(
+    blocked = unlearn_plan.estimate_costs(40, 10, 4, C, batch_size=4, dtype_bytes=8,
+                                     traced=False, network=unlearn_plan.network_cost(
                                          apply_fn, w0, retain[0]))
     assert kept.costs["dual"].flops < blocked["dual"].flops
     assert kept.costs["dual"].bytes >= blocked["dual"].bytes + 8 * 14 * C * 40
@@ -418,10 +422,10 @@ def test_kept_rows_of_half_precision_params_are_as_accurate_as_the_blocked_kerne
   retain = (retain[0].astype(jnp.float32), retain[1])
   forget = (forget[0].astype(jnp.float32), forget[1])
   with enable_x64():  # the reference: the same half-precision values, solved in float64
-    want = np.asarray(unlearn.ridge_update(
+    want = np.asarray(solvers.ridge_update(
         apply_fn, to(w0h, jnp.float64), retain, forget, 1e-2,
         num_classes=C, solver="primal", dtype=jnp.float64, batch_size=None)[0])
-  update = lambda keep: np.asarray(unlearn.ridge_update(
+  update = lambda keep: np.asarray(solvers.ridge_update(
       apply_fn, w0h, retain, forget, 1e-2, num_classes=C, solver="dual", dtype=jnp.float32,
       batch_size=4, keep_rows=keep)[0], np.float64)
   err = lambda d: np.linalg.norm(d - want) / np.linalg.norm(want)
@@ -466,8 +470,8 @@ def test_blocked_cholesky_matches_lapack_eagerly_and_jitted(n, block):
   a = a @ a.T + n * np.eye(n)
   want = np.linalg.cholesky(a)
   with enable_x64():
-    eager = unlearn.solvers.cholesky(jnp.asarray(a), block=block)
-    jitted = jax.jit(lambda m: unlearn.solvers.cholesky(m, block=block))(jnp.asarray(a))
+    eager = linalg.cholesky(jnp.asarray(a), block=block)
+    jitted = jax.jit(lambda m: linalg.cholesky(m, block=block))(jnp.asarray(a))
   for got in (eager, jitted):
     np.testing.assert_allclose(np.asarray(got), want, rtol=0, atol=1e-13 * np.abs(want).max())
 
@@ -478,11 +482,11 @@ def test_blocked_cholesky_of_an_indefinite_matrix_is_all_nan_as_lapack():
   a = a @ a.T + np.eye(10)
   a[6, 6] = -5.0  # the failure is in the third block of 3: earlier blocks factorise
   with enable_x64():
-    got = np.asarray(unlearn.solvers.cholesky(jnp.asarray(a), block=3))
+    got = np.asarray(linalg.cholesky(jnp.asarray(a), block=3))
     whole = np.asarray(jnp.linalg.cholesky(jnp.asarray(a)))
   assert np.isnan(whole[np.tril_indices(10)]).all()
   assert np.isnan(got[np.tril_indices(10)]).all() and (got[np.triu_indices(10, 1)] == 0).all()
-  _, estimate = unlearn.solvers.cholesky_solver(jnp.asarray(a))
+  _, estimate = linalg.cholesky_solver(jnp.asarray(a))
   assert np.isnan(float(estimate))
 
 
@@ -492,7 +496,7 @@ def test_blocked_cholesky_compiles_with_the_memory_of_lapacks_whole():
   # and the panels, as LAPACK's whole factorisation (one copy), not several copies.
   n, block = 2000, 512
   s = jax.ShapeDtypeStruct((n, n), jnp.float32)
-  compiled = unlearn.solvers._blocked_cholesky.lower(s, block).compile()
+  compiled = linalg._blocked_cholesky.lower(s, block).compile()
   whole = jax.jit(lambda a: jax.lax.linalg.cholesky(a, symmetrize_input=False)).lower(
       s).compile()
   blocked, lapack = compiled.memory_analysis(), whole.memory_analysis()
@@ -507,17 +511,17 @@ def test_blocked_cholesky_compiles_with_the_memory_of_lapacks_whole():
 @pytest.mark.parametrize("block", [0, -2, True, "3", 3.7])
 def test_cholesky_refuses_a_bad_block(block):
   with pytest.raises(ValueError, match="must be a positive int"):
-    unlearn.solvers.cholesky(jnp.eye(5), block=block)
+    linalg.cholesky(jnp.eye(5), block=block)
 
 
 def test_cholesky_refuses_too_many_blocks_and_non_square_input():
   # Review findings: block=1 at order 200 (unrolled loops) exhausted 3 GB compiling; a [6, 8]
   # input came back as a [6, 8] "factor" without a word.
   with pytest.raises(ValueError, match="200 blocks, more than MAX_CHOLESKY_BLOCKS"):
-    unlearn.solvers.cholesky(jnp.eye(200), block=1)
+    linalg.cholesky(jnp.eye(200), block=1)
   for shape in [(6, 8), (3,)]:
     with pytest.raises(ValueError, match="square matrices"):
-      unlearn.solvers.cholesky(jnp.ones(shape), block=3)
+      linalg.cholesky(jnp.ones(shape), block=3)
 
 
 def test_blocked_cholesky_of_complex_and_batched_matrices_matches_lapack(monkeypatch):
@@ -528,12 +532,12 @@ def test_blocked_cholesky_of_complex_and_batched_matrices_matches_lapack(monkeyp
   a = a @ a.conj().T + 8 * np.eye(8)
   stack = rng.normal(size=(3, 9, 9))
   stack = stack @ stack.transpose(0, 2, 1) + 9 * np.eye(9)
-  orders, blocked = [], unlearn.solvers._blocked_cholesky
-  monkeypatch.setattr(unlearn.solvers, "_blocked_cholesky",
+  orders, blocked = [], linalg._blocked_cholesky
+  monkeypatch.setattr(linalg, "_blocked_cholesky",
                       lambda m, block: orders.append(m.shape) or blocked(m, block))
   with enable_x64():
-    got = unlearn.solvers.cholesky(jnp.asarray(a), block=3)
-    got_stack = unlearn.solvers.cholesky(jnp.asarray(stack), block=4)
+    got = linalg.cholesky(jnp.asarray(a), block=3)
+    got_stack = linalg.cholesky(jnp.asarray(stack), block=4)
   assert orders == [(8, 8), (9, 9)], orders  # the stack's members by blocks too
   np.testing.assert_allclose(np.asarray(got), np.linalg.cholesky(a), atol=1e-13)
   np.testing.assert_allclose(np.asarray(got_stack), np.linalg.cholesky(stack), atol=1e-13)
@@ -549,9 +553,9 @@ def test_dual_with_blocked_factorisations_matches_lapacks_whole(monkeypatch):
         apply_fn, w0, w_d, **kwargs(retain, forget, damping=1e-2, solver=solver,
                                     batch_size=4)))[0]
     whole = run("dual")
-    monkeypatch.setattr(unlearn.solvers, "CPU_CHOLESKY_BLOCK", 5)
-    orders, blocked = [], unlearn.solvers._blocked_cholesky
-    monkeypatch.setattr(unlearn.solvers, "_blocked_cholesky",
+    monkeypatch.setattr(linalg, "CPU_CHOLESKY_BLOCK", 5)
+    orders, blocked = [], linalg._blocked_cholesky
+    monkeypatch.setattr(linalg, "_blocked_cholesky",
                         lambda a, block: orders.append(a.shape[0]) or blocked(a, block))
     dual = run("dual")
   assert sorted(orders) == [4 * C, 10 * C], orders  # Θ_rr+λI and the Schur complement
@@ -561,11 +565,11 @@ def test_dual_with_blocked_factorisations_matches_lapacks_whole(monkeypatch):
 LARGE_CHOLESKY = """
 import jax, jax.numpy as jnp, numpy as np
 jax.config.update("jax_enable_x64", True)
-from fastntk_jax.unlearn import solvers
+from fastntk_jax import linalg
 import time; t0 = time.time(); n = 20000
 a = jax.random.normal(jax.random.PRNGKey(0), (n, 64), jnp.float64)
 k = a @ a.T + jnp.eye(n)
-chol = solvers.cholesky(k)
+chol = linalg.cholesky(k)
 cols = np.array([0, 4095, 4096, 12345, n - 1])
 residual = np.abs(np.asarray(chol @ chol[cols].T - k[:, cols])).max()
 print("finite", bool(jnp.all(jnp.isfinite(chol))), "residual", residual, "seconds", round(time.time() - t0, 1))

@@ -6,10 +6,17 @@
     new_params, state = forgetter.serve(state, new_params, indices)
 
 `ntk_forget` is the one-call form of `forget`; `ntk_forget_with_diagnostics` runs it compiled,
-timed, with a `Diagnostics` record. A result is either right or refused: a non-finite update
-or an unconverged cg raises `validate.SolveError`, immediately when called eagerly and when the
-computation runs under `jax.jit` (a host callback); `forget_with_info` instead hands the
-`SolveInfo` flags to the caller.
+timed, with a `Diagnostics` record. A result is either right or refused: a non-finite update,
+a solve failing the precision rule or an unconverged cg raises `SolveError`, immediately when
+called eagerly and when the computation runs under `jax.jit` (a host callback);
+`forget_with_info` instead hands the `SolveInfo` flags to the caller.
+
+Samples are passed by value: `forget` must list samples that D held (each once) and
+`retain` the rest of D. A forget sample listed twice, or also left in `retain`, is refused
+(exact match of input and label, checked when the data are concrete); a sample that was
+never in D cannot be detected here (the update would move the parameters as if it had been
+trained on): pass only samples of D, or use the request stream (`init`/`serve`), which names
+samples by their index in D.
 """
 
 from __future__ import annotations
@@ -23,8 +30,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fastntk_jax import linalg
 from fastntk_jax import ntk
+from fastntk_jax import sharding
 from fastntk_jax.enums import LinearizationPoint, Solver
+from fastntk_jax.linalg import SolveError
+from fastntk_jax.unlearn import certificate
 from fastntk_jax.unlearn import plan as plan_lib
 from fastntk_jax.unlearn import solvers
 from fastntk_jax.unlearn import stream
@@ -34,32 +45,62 @@ PyTree = Any
 ApplyFn = Callable[[PyTree, jnp.ndarray], jnp.ndarray]
 log = logging.getLogger(__name__)
 
+# Conjugate-gradient steps that make a certificate's witness when no Gram factor is held
+# (`Forgetter.certify`): each is one jvp and one vjp over D_r (benchmarks/RESULTS.md).
+CERTIFICATE_CG_STEPS = 30
+
 
 class Forgetter(NamedTuple):
   """Pure functions sharing one set of validated options (from `make_forgetter`).
 
-  plan(params_init, params, retain, forget) -> Plan: the solver and its predicted cost.
-  forget(params_init, params, retain, forget) -> params: the Fast-NTK update, checked.
-  forget_with_info(params_init, params, retain, forget, *, plan=None) -> (params, SolveInfo):
-    unchecked (the caller inspects `info`, or calls `check`); `plan` (from `plan`, e.g.
-    made outside `jax.jit`) skips planning and must match these options and inputs;
-    `with_condition` adds the exact κ (an O(dim³) eigensolve; otherwise the O(p) bound
-    from the Cholesky factors, `SolveInfo.condition_estimate`).
-  check(info, plan): raises `validate.SolveError` for a non-finite, ill-conditioned
-    (κ·ε > 1) or unconverged solve.
-  from_gram_stats(params, stats_retain, stats_forget, plan) -> (params, SolveInfo): the
-    primal update from Gram statistics summed elsewhere (chunked, resumable, sharded).
-  init(params_init, train, *, timings=None) -> stream.ForgetState (`timings`: see
-    `stream.init_forget_state`); serve(state, params, indices) ->
-    (params, state): the request stream (`fastntk_jax.unlearn.stream`).
+  The update (pure, jit-able):
+    plan(params_init, params, retain, forget) -> Plan: the solver and its predicted cost.
+    forget(params_init, params, retain, forget) -> params: the Fast-NTK update, checked.
+    forget_with_info(params_init, params, retain, forget, *, plan=None,
+      with_condition=False) -> (params, SolveInfo): unchecked (the caller inspects `info`,
+      or calls `check`); `plan` (from `plan`, e.g. made outside `jax.jit`) skips planning and
+      must match these options and inputs; `with_condition` adds the exact κ (an O(dim³)
+      eigensolve; otherwise the O(p) bound from the Cholesky factors).
+    check(info, plan): raises `SolveError` for a non-finite, ill-conditioned (κ·ε > 1) or
+      unconverged solve, and warns once (`PrecisionWarning`) when κ·ε > 1e-3.
+  The primal update from Gram statistics summed elsewhere (pure, jit-able):
+    gram_stats(w_lin, x, y, row_weights=None) -> (G [p, p], b [p]) in the solve dtype.
+    from_gram_stats(params, stats_retain, stats_forget, plan) -> (params, SolveInfo), checked.
+  Host-side drivers (timed, resumable):
+    forget_with_diagnostics(params_init, params, retain, forget, *, plan=None) ->
+      (params, Diagnostics): compiled and run, compilation timed apart.
+    accumulate(w_lin, x, y, *, chunk_rows, state=None, on_chunk=None, mesh=None) ->
+      (state, compile_seconds): `gram_stats` summed over fixed-shape chunks of rows,
+      resumable from `state` ({"g", "b", "next"}, what `on_chunk` saved); with a `mesh` each
+      chunk's rows are split over its devices.
+    diagnostics(plan, info, *, params, new_params, seconds, compile_seconds, ...) ->
+      Diagnostics of an update made by the functions above.
+    certify(params_init, params, retain, *, linearized=True, retain_gram=None, ...) ->
+      Certificate (`certificate.certify` with these options' damping and batch size).
+  The request stream (`fastntk_jax.unlearn.stream`):
+    init(params_init, train, *, timings=None) -> ForgetState.
+    serve(state, params, indices) -> (params, state).
+    serve_with_diagnostics(state, params, indices) -> (params, state, Diagnostics).
+    restore(arrays, params_init, train) -> ForgetState: a state persisted as
+      `stream.state_arrays(state)`, refused (ValueError naming why) when it was built at
+      another w0, on other data, with other options, or has served requests.
+  options: the validated options (`validate.Options`).
   """
+  options: Any
   plan: Callable
   forget: Callable
   forget_with_info: Callable
   check: Callable
+  gram_stats: Callable
   from_gram_stats: Callable
+  forget_with_diagnostics: Callable
+  accumulate: Callable
+  diagnostics: Callable
+  certify: Callable
   init: Callable
   serve: Callable
+  serve_with_diagnostics: Callable
+  restore: Callable
 
 
 def make_forgetter(apply_fn: ApplyFn, *, num_classes: int, damping=1e-2,
@@ -71,7 +112,8 @@ def make_forgetter(apply_fn: ApplyFn, *, num_classes: int, damping=1e-2,
                    memory_limit_bytes: Optional[int] = None,
                    cache_jacobian: Optional[bool] = None, max_cache_bytes: int = 2 ** 28,
                    factor_update: str = "auto",
-                   refactor_every: Optional[int] = None) -> Forgetter:
+                   refactor_every: Optional[int] = None,
+                   duplicate_tolerance: float = 0.0) -> Forgetter:
   """Validates the options once and returns the update's pure functions (`Forgetter`).
 
   Args:
@@ -95,6 +137,9 @@ def make_forgetter(apply_fn: ApplyFn, *, num_classes: int, damping=1e-2,
     memory_limit_bytes: budget for the solver choice (default 80% of free memory).
     cache_jacobian, max_cache_bytes, factor_update, refactor_every: for `init` (see
       `stream.init_forget_state`).
+    duplicate_tolerance: a forget sample listed twice, or also in the retain set, is refused
+      (`validate.check_disjoint`); 0 matches inputs exactly, > 0 also inputs of the same
+      label within this distance in every entry (near-duplicates, O(n_r·n_f) comparisons).
 
   Returns:
     Forgetter.
@@ -109,8 +154,13 @@ def make_forgetter(apply_fn: ApplyFn, *, num_classes: int, damping=1e-2,
       num_classes=num_classes, damping=damping, solver=solver, batch_size=batch_size,
       kernel_impl=kernel_impl, solve_dtype=solve_dtype, linearize_at=linearize_at,
       step_scale=step_scale, cg_tol=cg_tol, cg_maxiter=cg_maxiter,
-      memory_limit_bytes=memory_limit_bytes)
+      memory_limit_bytes=memory_limit_bytes, duplicate_tolerance=duplicate_tolerance)
   c = opts.num_classes
+  stream_options = dict(cache_jacobian=cache_jacobian, max_cache_bytes=max_cache_bytes,
+                        factor_update=factor_update, refactor_every=refactor_every)
+
+  def solve_dtype_of(*trees):
+    return opts.solve_dtype or validate.default_solve_dtype(*trees)
 
   def prepare(params_init, params, retain, forget, traced=None, plan=None):
     validate.check_params(params_init, params)
@@ -119,8 +169,9 @@ def make_forgetter(apply_fn: ApplyFn, *, num_classes: int, damping=1e-2,
     if retain[0].shape[1:] != forget[0].shape[1:]:
       raise ValueError(f"retain and forget inputs differ in per-sample shape: "
                        f"{retain[0].shape[1:]} vs {forget[0].shape[1:]}")
+    validate.check_disjoint(retain, forget, tolerance=opts.duplicate_tolerance)
     w_lin = params_init if opts.linearize_at == LinearizationPoint.INIT else params
-    sdtype = opts.solve_dtype or validate.default_solve_dtype(params_init, params)
+    sdtype = solve_dtype_of(params_init, params)
     if traced is None:
       traced = not all(validate.is_concrete(l) for l in jax.tree_util.tree_leaves(
           (params_init, params, retain, forget, opts.damping)))
@@ -162,24 +213,25 @@ def make_forgetter(apply_fn: ApplyFn, *, num_classes: int, damping=1e-2,
         kernel_impl=plan.kernel or ntk.KernelImplementation.JAX, cg_tol=opts.cg_tol,
         cg_maxiter=lambda dim: plan_lib.cg_iteration_budget(dim, opts.cg_maxiter),
         with_condition=with_condition, keep_rows=plan.keep_jacobian_rows)
-    return solvers.apply_delta(params, delta, opts.step_scale), info, delta
-
-  def planned(params_init, params, retain, forget, plan=None, with_condition=False):
-    plan, w_lin, retain, forget = prepare(params_init, params, retain, forget, plan=plan)
-    new, info, _ = run(plan, w_lin, params, retain, forget, with_condition)
-    return new, info, plan
+    return ntk.apply_delta(params, delta, opts.step_scale), info
 
   def forget_with_info(params_init, params, retain, forget, *, plan=None,
                        with_condition=False):
-    return planned(params_init, params, retain, forget, plan, with_condition)[:2]
+    plan, w_lin, retain, forget = prepare(params_init, params, retain, forget, plan=plan)
+    return run(plan, w_lin, params, retain, forget, with_condition)
 
   def check(info, plan):
     check_solve(info, plan, opts.damping, opts.cg_tol)
 
   def forget_fn(params_init, params, retain, forget):
-    new, info, plan = planned(params_init, params, retain, forget)
+    plan, w_lin, retain, forget = prepare(params_init, params, retain, forget)
+    new, info = run(plan, w_lin, params, retain, forget, False)
     check(info, plan)
     return new
+
+  def gram_stats(w_lin, x, y, row_weights=None):
+    return ntk.gram_stats(apply_fn, w_lin, x, y, num_classes=c, batch_size=opts.batch_size,
+                          dtype=solve_dtype_of(w_lin), row_weights=row_weights)
 
   def from_gram_stats(params, stats_retain, stats_forget, plan):
     p = ntk.num_params(params)
@@ -190,64 +242,163 @@ def make_forgetter(apply_fn: ApplyFn, *, num_classes: int, damping=1e-2,
     if not isinstance(plan, plan_lib.Plan) or plan.num_params != p:
       raise ValueError("plan must be the Plan of these params (Forgetter.plan)")
     dtype = plan.solve_dtype
-    delta, info = solvers.primal_solve(
+    delta, info = solvers.primal_delta(
         *(jnp.asarray(a, dtype) for a in (*stats_retain, *stats_forget)),
         jnp.asarray(opts.damping, dtype), with_condition=True)
     check(info, plan)
-    return solvers.apply_delta(params, delta, opts.step_scale), info
+    return ntk.apply_delta(params, delta, opts.step_scale), info
+
+  def diagnostics(plan, info, *, params, new_params, seconds, compile_seconds,
+                  measured_bytes=None, reason_suffix="", extra=None):
+    return make_diagnostics(plan, info, update_norm=_distance(new_params, params),
+                            seconds=seconds, compile_seconds=compile_seconds,
+                            measured_bytes=measured_bytes, reason_suffix=reason_suffix,
+                            extra=extra)
+
+  def forget_with_diagnostics(params_init, params, retain, forget, *, plan=None):
+    if plan is None:
+      plan = plan_fn(params_init, params, retain, forget, traced=True)
+    probe = peak_memory_probe()
+    args = (params_init, params, retain, forget)
+    run_planned = lambda *a: forget_with_info(*a, plan=plan, with_condition=True)
+    if plan.keep_jacobian_rows:
+      # Run eagerly: the rows are then taken by a host loop over one compiled block step
+      # (`ntk._scan`), not a rolled XLA loop (slower per block on XLA:CPU); the linear
+      # algebra is a few large operations either way.
+      with ntk.compile_timer() as compiled_blocks:
+        start = time.perf_counter()
+        new, info = jax.block_until_ready(run_planned(*args))
+        elapsed = time.perf_counter() - start
+      compile_seconds = compiled_blocks["seconds"]
+      seconds = elapsed - compile_seconds
+    else:
+      start = time.perf_counter()
+      compiled = jax.jit(run_planned).lower(*args).compile()
+      compile_seconds = time.perf_counter() - start
+      start = time.perf_counter()
+      new, info = jax.block_until_ready(compiled(*args))
+      seconds = time.perf_counter() - start
+    check(info, plan)
+    diag = diagnostics(plan, info, params=params, new_params=new, seconds=seconds,
+                       compile_seconds=compile_seconds, measured_bytes=probe())
+    log.info("ntk_forget: solver=%s, %.3f s (compilation %.1f s apart), condition number %s",
+             diag.solver, diag.seconds, diag.compile_seconds, diag.condition_number)
+    return new, diag
+
+  def accumulate(w_lin, x, y, *, chunk_rows, state=None, on_chunk=None, mesh=None):
+    rows = validate.check_positive_int("chunk_rows", chunk_rows)
+    p, dtype = ntk.num_params(w_lin), solve_dtype_of(w_lin)
+    if state is None:
+      state = {"g": np.zeros((p, p), dtype), "b": np.zeros((p,), dtype), "next": 0}
+    start = time.perf_counter()
+    if mesh is None:
+      # Compiled before any chunk runs (every chunk has this shape), so that the caller can
+      # time the accumulation apart from XLA's compilation.
+      example = (np.zeros((rows,) + x.shape[1:], x.dtype), np.zeros(rows, np.int32),
+                 np.zeros(rows, np.float32))
+      compiled = jax.jit(gram_stats).lower(w_lin, *example).compile()
+      chunk = lambda xc, yc, wc: compiled(w_lin, xc, yc, wc)
+    else:  # each chunk's rows split over the devices, one all-reduce per statistic
+      stats = sharding.data_parallel_sum(gram_stats, mesh, block_size=opts.batch_size)
+      chunk = lambda xc, yc, wc: stats(w_lin, xc, yc, wc)
+    compile_seconds = time.perf_counter() - start
+    state = solvers.accumulate_chunks(chunk, x, y, chunk_rows=rows, state=state,
+                                      on_chunk=on_chunk or (lambda _: None))
+    return state, compile_seconds
+
+  def certify(params_init, params, retain, *, linearized=True, retain_gram=None,
+              witness_iterations=CERTIFICATE_CG_STEPS, witness=None):
+    return certificate.certify(
+        apply_fn, params_init, params, retain, num_classes=c, damping=opts.damping,
+        batch_size=opts.batch_size, linearized=linearized, dtype=opts.solve_dtype,
+        witness=witness, witness_iterations=witness_iterations, retain_gram=retain_gram)
 
   def init(params_init, train, *, timings=None):
     return stream.init_forget_state(apply_fn, params_init, train=train, num_classes=c,
                                     damping=opts.damping, batch_size=opts.batch_size,
-                                    solve_dtype=opts.solve_dtype,
-                                    cache_jacobian=cache_jacobian,
-                                    max_cache_bytes=max_cache_bytes,
-                                    factor_update=factor_update, refactor_every=refactor_every,
-                                    timings=timings)
+                                    solve_dtype=opts.solve_dtype, timings=timings,
+                                    **stream_options)
 
-  return Forgetter(plan=plan_fn, forget=forget_fn, forget_with_info=forget_with_info,
-                   check=check, from_gram_stats=from_gram_stats, init=init,
-                   serve=stream.forget_request)
+  def restore(arrays, params_init, train):
+    sdtype = solve_dtype_of(params_init)
+    why = stream.stale_reason(arrays, params_init=params_init, train=train,
+                              damping=opts.damping, solve_dtype=sdtype)
+    if why is not None:
+      raise ValueError(f"the stored state of D {why}")
+    return stream.state_from_arrays(
+        {**{k: v for k, v in arrays.items() if k != "w_lin"}, "w_lin": params_init},
+        apply_fn=apply_fn, num_classes=c, batch_size=opts.batch_size,
+        factor_update=factor_update, refactor_every=refactor_every)
+
+  def serve_with_diagnostics(state, params, indices):
+    indices = np.asarray(indices)
+    # The request's computation compiles on its first call: served once untimed on the same
+    # shapes (the state is immutable, so this changes nothing), then timed.
+    start = time.perf_counter()
+    jax.block_until_ready(stream.forget_request(state, params, indices))
+    first = time.perf_counter() - start
+    start = time.perf_counter()
+    new, after = jax.block_until_ready(stream.forget_request(state, params, indices))
+    seconds = time.perf_counter() - start
+    # κ of both matrices the result was solved with (G + λI of D for the state's solution,
+    # G_r + λI for the request's), as the one-shot primal reports; the stream's own estimate
+    # is a lower bound only.
+    lam = float(after.damping)
+    cond = max(linalg.ridge_condition_number(after.gram, lam),
+               linalg.ridge_condition_number(state.gram, lam))
+    n, p = state.num_samples, state.num_params
+    itemsize = jnp.dtype(after.rhs.dtype).itemsize
+    cached = state.jac is not None
+    # Recomputed request rows carry the network's round-off into G - J_fᵀJ_f.
+    source = None if cached else jnp.result_type(*jax.tree_util.tree_leaves(state.w_lin))
+    diag = Diagnostics(
+        solver=Solver.PRIMAL.value, reason="served as a request on the state of D",
+        kernel=None, num_params=p, num_outputs=n * c, condition_number=cond,
+        cg_relative_residual=None, converged=True,
+        estimated_bytes=int(itemsize * (3 * p * p + (n * c * p if cached else 0))),
+        measured_bytes=None, seconds=seconds, compile_seconds=max(first - seconds, 0.0),
+        update_norm=_distance(new, params), costs={},
+        precision_warning=linalg.precision_warning(cond, after.rhs.dtype, source),
+        extra={"request_seconds": seconds, "jacobian_cache": cached,
+               "condition_estimate": float(after.last_condition_estimate),
+               "factor_update": stream.UPDATE_NAMES[int(after.last_update)]})
+    return new, after, diag
+
+  return Forgetter(options=opts, plan=plan_fn, forget=forget_fn,
+                   forget_with_info=forget_with_info, check=check, gram_stats=gram_stats,
+                   from_gram_stats=from_gram_stats,
+                   forget_with_diagnostics=forget_with_diagnostics, accumulate=accumulate,
+                   diagnostics=diagnostics, certify=certify, init=init,
+                   serve=stream.forget_request, serve_with_diagnostics=serve_with_diagnostics,
+                   restore=restore)
 
 
-def check_solve(info: solvers.SolveInfo, plan: plan_lib.Plan, damping, cg_tol=None) -> None:
-  """Raises `validate.SolveError` for a non-finite update, a direct solve whose matrix has
-  κ·ε > 1 (ε of the solve dtype, or of the logits when narrower: no digit can be trusted),
-  or an unconverged cg; now, or when the jitted computation runs."""
-  dtype = jnp.dtype(plan.solve_dtype).name
-  remedy = ("increase damping or pass solve_dtype=jnp.float64 (with JAX_ENABLE_X64=1)"
-            if dtype != "float64" else "increase damping")
-  validate.runtime_check(
-      info.finite, validate.SolveError,
-      f"the Fast-NTK update is non-finite (solver={plan.solver.value}, damping={{}}): the "
-      f"system is singular or too ill-conditioned in {dtype}; {remedy}",
-      jnp.asarray(damping))
+def _distance(a: PyTree, b: PyTree) -> float:
+  """‖a − b‖₂ over the ravelled pytrees, in float64 on the host."""
+  flat = lambda t: np.concatenate([np.asarray(l, np.float64).ravel()
+                                   for l in jax.tree_util.tree_leaves(t)] or [np.zeros(0)])
+  return float(np.linalg.norm(flat(a) - flat(b)))
+
+
+def check_solve(info: linalg.SolveInfo, plan: plan_lib.Plan, damping, cg_tol=None) -> None:
+  """Raises `SolveError` for a non-finite update, a direct solve that fails the precision rule
+  (`linalg.check_precision`: κ·ε > 1, ε of the solve dtype or of the logits when narrower; a
+  `PrecisionWarning` when κ·ε > 1e-3), or an unconverged cg; now, or when the jitted
+  computation runs."""
+  dtype = jnp.dtype(plan.solve_dtype)
+  what = f"the Fast-NTK update ({plan.solver.value} solve)"
+  linalg.runtime_check(
+      info.finite, SolveError,
+      f"{what} is non-finite (damping {{}}): the system is singular or overflows in "
+      f"{dtype.name}; {linalg.precision_remedy(dtype)}", jnp.asarray(damping))
   if plan.solver != Solver.CG:
-    eps = max(float(jnp.finfo(plan.solve_dtype).eps),
-              float(jnp.finfo(plan.logits_dtype or plan.solve_dtype).eps))
-    kappa = jnp.fmax(info.condition_estimate,
-                     jnp.where(jnp.isnan(info.condition_number), 0.0, info.condition_number))
-    narrow = (plan.logits_dtype is not None
-              and jnp.finfo(plan.logits_dtype).eps > jnp.finfo(plan.solve_dtype).eps)
-    source = f"{jnp.dtype(plan.logits_dtype).name} logits" if narrow else dtype
-    validate.runtime_warn(
-        (kappa * eps > validate.WARN_ABOVE) & (kappa * eps <= validate.REFUSE_ABOVE),
-        f"the {plan.solver.value} solve's round-off bound is {{:.2g}} (condition number "
-        f"{{:.3g}} x {source} epsilon {eps:.2g}): the update may be off by up to that "
-        f"relative amount; {remedy}", kappa * eps, kappa)
-    validate.runtime_check(
-        kappa * eps <= validate.REFUSE_ABOVE, validate.SolveError,
-        f"the {plan.solver.value} solve cannot be trusted: its matrix has condition number "
-        f"{{:.3g}} (at least), times the {source} epsilon {eps:.2g} > 1, so the update may "
-        f"carry no correct digit (damping={{}}); {remedy}"
-        + ("; or compute the logits in float64" if narrow else ""),
-        kappa, jnp.asarray(damping))
-  if plan.solver == Solver.CG:
-    tol = solvers.default_cg_tol(plan.solve_dtype) if cg_tol is None else cg_tol
-    validate.runtime_check(
-        info.converged, validate.SolveError,
+    linalg.check_precision(info.kappa, dtype, plan.logits_dtype, what=what, damping=damping)
+  else:
+    tol = solvers.default_cg_tol(dtype) if cg_tol is None else cg_tol
+    linalg.runtime_check(
+        info.converged, SolveError,
         f"cg did not reach its tolerance {tol:.1e} within {plan.cg_maxiter} iterations "
-        "(relative residual {}, damping={}): the result would be inaccurate; raise "
+        "(relative residual {}, damping {}): the result would be inaccurate; raise "
         "cg_maxiter, increase damping, or use solver='primal' or 'dual'",
         info.relative_residual, jnp.asarray(damping))
 
@@ -257,7 +408,8 @@ def ntk_forget(apply_fn: ApplyFn, params_init: PyTree, params: PyTree, *, retain
                batch_size: Optional[int] = 256, kernel_impl: str = "auto",
                solve_dtype=None, linearize_at: str = "init", step_scale: float = 1.0,
                cg_tol: Optional[float] = None, cg_maxiter: Optional[int] = None,
-               memory_limit_bytes: Optional[int] = None) -> PyTree:
+               memory_limit_bytes: Optional[int] = None,
+               duplicate_tolerance: float = 0.0) -> PyTree:
   """Forgets `forget` from `params` with the Fast-NTK update (docs/derivation.md §1).
 
   The one-call form of `make_forgetter(apply_fn, ...).forget`: pure and jit-able (shapes
@@ -265,12 +417,16 @@ def ntk_forget(apply_fn: ApplyFn, params_init: PyTree, params: PyTree, *, retain
 
   Args:
     apply_fn, num_classes, damping, solver, batch_size, kernel_impl, solve_dtype,
-      linearize_at, step_scale, cg_tol, cg_maxiter, memory_limit_bytes: see `make_forgetter`.
+      linearize_at, step_scale, cg_tol, cg_maxiter, memory_limit_bytes,
+      duplicate_tolerance: see `make_forgetter`.
     params_init: w0, the trainable params before fine-tuning (the linearisation point).
     params: w_D, the trainable params after fine-tuning on D = D_r ∪ D_f (same structure,
       shapes and dtypes as params_init).
-    retain: (x_r [n_r, ...], y_r [n_r] int labels in [0, C)).
-    forget: (x_f [n_f, ...], y_f [n_f] int labels in [0, C)).
+    retain: (x_r [n_r, ...], y_r [n_r] int labels in [0, C)): the rest of D.
+    forget: (x_f [n_f, ...], y_f [n_f] int labels in [0, C)): samples of D, each once and
+      none of them in `retain` (refused otherwise). A sample that was never in D cannot be
+      detected from values: the update would move the parameters as if it had been trained
+      on, so pass only samples of D (or serve requests by index, `Forgetter.init`/`serve`).
 
   Returns:
     Pytree with exactly the structure, shapes and dtypes of `params`: w_D + step_scale·Δ.
@@ -284,12 +440,14 @@ def ntk_forget(apply_fn: ApplyFn, params_init: PyTree, params: PyTree, *, retain
       apply_fn, num_classes=num_classes, damping=damping, solver=solver,
       batch_size=batch_size, kernel_impl=kernel_impl, solve_dtype=solve_dtype,
       linearize_at=linearize_at, step_scale=step_scale, cg_tol=cg_tol, cg_maxiter=cg_maxiter,
-      memory_limit_bytes=memory_limit_bytes).forget(params_init, params, retain, forget)
+      memory_limit_bytes=memory_limit_bytes,
+      duplicate_tolerance=duplicate_tolerance).forget(params_init, params, retain, forget)
 
 
 @dataclasses.dataclass
 class Diagnostics:
-  """What `ntk_forget_with_diagnostics` (or the pipeline's chunked primal) measured.
+  """What one update measured (`Forgetter.forget_with_diagnostics`, `diagnostics`,
+  `serve_with_diagnostics`).
 
   Attributes:
     solver: the solver that ran. reason: why it was chosen. kernel: the dual's kernel
@@ -300,9 +458,9 @@ class Diagnostics:
     estimated_bytes: predicted peak working memory. measured_bytes: measured peak growth
       (device stats, or the process's peak RSS on CPU); None where unknown.
     seconds: wall-clock of the compiled update. compile_seconds: tracing and compiling.
-    update_norm: ‖step_scale·Δ‖₂. costs: every solver's predicted cost.
-    precision_warning: set when κ·ε exceeds 1, ε that of the solve dtype or of the logits
-      when they are narrower (`plan.precision_warning`).
+    update_norm: ‖w − w_D‖₂. costs: every solver's predicted cost.
+    precision_warning: the text of the `PrecisionWarning` the update gave (κ·ε > 1e-3), if any.
+    extra: what a particular path adds (e.g. a served request's cold time).
   """
   solver: str
   reason: str
@@ -319,20 +477,19 @@ class Diagnostics:
   update_norm: float
   costs: dict
   precision_warning: Optional[str] = None
+  extra: dict = dataclasses.field(default_factory=dict)
 
   def as_dict(self) -> dict:
-    return dataclasses.asdict(self)
+    out = dataclasses.asdict(self)
+    return {**{k: v for k, v in out.items() if k != "extra"}, **out["extra"]}
 
 
-def make_diagnostics(plan: plan_lib.Plan, info: solvers.SolveInfo, *, update_norm: float,
+def make_diagnostics(plan: plan_lib.Plan, info: linalg.SolveInfo, *, update_norm: float,
                      seconds: float, compile_seconds: float, measured_bytes=None,
-                     reason_suffix: str = "") -> Diagnostics:
-  """The `Diagnostics` of a finished update (shared by every path that reports one)."""
+                     reason_suffix: str = "", extra: Optional[dict] = None) -> Diagnostics:
+  """The `Diagnostics` of a finished, checked update (its warning was given by the check)."""
   cond = float(info.condition_number)
   cond = None if np.isnan(cond) else cond
-  warning = plan_lib.precision_warning(cond, plan.solve_dtype, plan.logits_dtype)
-  if warning:
-    log.warning("ntk_forget: %s", warning)
   return Diagnostics(
       solver=plan.solver.value, reason=plan.reason + reason_suffix,
       kernel=plan.kernel.value if plan.kernel is not None else None,
@@ -342,7 +499,9 @@ def make_diagnostics(plan: plan_lib.Plan, info: solvers.SolveInfo, *, update_nor
       converged=bool(info.converged), estimated_bytes=plan.costs[plan.solver.value].bytes,
       measured_bytes=measured_bytes, seconds=seconds, compile_seconds=compile_seconds,
       update_norm=update_norm, costs={k: dataclasses.asdict(v) for k, v in plan.costs.items()},
-      precision_warning=warning)
+      precision_warning=linalg.precision_warning(cond, plan.solve_dtype, plan.logits_dtype,
+                                                 what=f"the {plan.solver.value} solve"),
+      extra=dict(extra or {}))
 
 
 def peak_memory_probe() -> Callable[[], Optional[int]]:
@@ -376,38 +535,7 @@ def ntk_forget_with_diagnostics(apply_fn: ApplyFn, params_init: PyTree, params: 
     As `ntk_forget`; a non-finite update or an unconverged cg raises `SolveError`.
   """
   forgetter = make_forgetter(apply_fn, num_classes=num_classes, **options)
-  plan = forgetter.plan(params_init, params, retain, forget, traced=True)
-  probe = peak_memory_probe()
-
-  def run(params_init, params, retain, forget):
-    new, info = forgetter.forget_with_info(params_init, params, retain, forget, plan=plan,
-                                           with_condition=True)
-    diff = jax.tree_util.tree_map(lambda a, b: (a - b).astype(plan.solve_dtype), new, params)
-    return new, info, jnp.sqrt(sum(jnp.vdot(d, d) for d in jax.tree_util.tree_leaves(diff)))
-
-  args = (params_init, params, retain, forget)
-  if plan.keep_jacobian_rows:
-    # Run eagerly: the rows are then taken by a host loop over one compiled block step
-    # (`ntk._scan`), not a rolled XLA loop (slower per block on XLA:CPU); the linear algebra
-    # is a few large operations either way.
-    with ntk.compile_timer() as compiled_blocks:
-      start = time.perf_counter()
-      new, info, norm = jax.block_until_ready(run(*args))
-      elapsed = time.perf_counter() - start
-    compile_seconds = compiled_blocks["seconds"]
-    seconds = elapsed - compile_seconds
-  else:
-    start = time.perf_counter()
-    compiled = jax.jit(run).lower(*args).compile()
-    compile_seconds = time.perf_counter() - start
-    start = time.perf_counter()
-    new, info, norm = jax.block_until_ready(compiled(*args))
-    seconds = time.perf_counter() - start
-  forgetter.check(info, plan)
-  diag = make_diagnostics(plan, info, update_norm=float(norm), seconds=seconds,
-                          compile_seconds=compile_seconds, measured_bytes=probe())
-  log.info("ntk_forget: %s", diag)
-  return new, diag
+  return forgetter.forget_with_diagnostics(params_init, params, retain, forget)
 
 
 def ntk_forget_requests(apply_fn: ApplyFn, params_init: PyTree, params: PyTree, *, train,

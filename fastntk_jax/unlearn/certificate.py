@@ -40,6 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
+from fastntk_jax import linalg
 from fastntk_jax import ntk
 from fastntk_jax.unlearn import validate
 
@@ -116,49 +117,23 @@ def retain_gradient(apply_fn: Callable, params_init: PyTree, params: PyTree, ret
   return flat_pulled + jnp.asarray(damping, dtype) * ravel_pytree(d)[0].astype(dtype)
 
 
-def _retain_hvp(apply_fn: Callable, params_init: PyTree, x, *, damping: float,
-                batch_size: Optional[int], dtype) -> Callable:
-  """v [p] -> (J_rᵀJ_r + λI) v, compiled once (the Hessian of L_r, matrix-free)."""
-  w0 = jax.tree_util.tree_map(lambda a: jnp.asarray(a, dtype), params_init)
-  unravel = ravel_pytree(w0)[1]
+def _retain_hvp(apply_fn: Callable, *, damping: float, batch_size: Optional[int], dtype):
+  """(w0, x, v [p]) -> (J_rᵀJ_r + λI) v: the Hessian of L_r, matrix-free (traceable)."""
   lam = jnp.asarray(damping, dtype)
 
-  @jax.jit
   def hvp(w0, x, v):
+    unravel = ravel_pytree(w0)[1]
     jv = ntk.jvp_rows(apply_fn, w0, x, unravel(v), batch_size=batch_size).astype(dtype)
     back = ntk.vjp_rows(apply_fn, w0, x, jv, batch_size=batch_size)
     return ravel_pytree(back)[0].astype(dtype) + lam * v
-
-  x = jnp.asarray(x)
-  return lambda v: hvp(w0, x, jnp.asarray(v, dtype))
-
-
-def _cg_witness(hvp: Callable, grad: jnp.ndarray, iterations: int, tol: float):
-  """d ≈ H⁻¹ grad by conjugate gradients on the host; (d, steps taken)."""
-  d = jnp.zeros_like(grad)
-  r, p = grad, grad
-  rs = float(jnp.vdot(r, r))
-  stop = (tol * float(jnp.linalg.norm(grad))) ** 2
-  steps = 0
-  for steps in range(1, iterations + 1):
-    hp = hvp(p)
-    curvature = float(jnp.vdot(p, hp))
-    if not curvature > 0:
-      break
-    alpha = rs / curvature
-    d, r = d + alpha * p, r - alpha * hp
-    rs_new = float(jnp.vdot(r, r))
-    if rs_new <= stop:
-      break
-    p, rs = r + (rs_new / rs) * p, rs_new
-  return d, steps
+  return hvp
 
 
 def certify(apply_fn: Callable, params_init: PyTree, params: PyTree, retain, *,
             num_classes: int, damping: float, batch_size: Optional[int] = 256,
             linearized: bool = True, dtype=None, witness=None,
             witness_iterations: int = 100, witness_tol: float = 1e-10,
-            witness_solver: Optional[Callable] = None) -> Certificate:
+            retain_gram=None) -> Certificate:
   """Certifies how close `params` are to retraining the linearised model on D_r alone.
 
   Args:
@@ -174,9 +149,10 @@ def certify(apply_fn: Callable, params_init: PyTree, params: PyTree, retain, *,
     witness: d [p] to bound with (e.g. a stored certificate's); None: made here by up to
       `witness_iterations` conjugate-gradient steps (stopping at relative residual
       `witness_tol`); `witness_iterations=0`: the gradient bound alone.
-    witness_solver: `g [p] -> d [p]` approximating H⁻¹g with what the caller holds (e.g. a
-      Cholesky factor of J_rᵀJ_r + λI from the update); used instead of the CG steps. The
-      bound holds whatever it returns: it is checked with H d computed here.
+    retain_gram: G_r = J_rᵀJ_r [p, p] at w0 when the caller holds it (e.g. linearised
+      fine-tuning in closed form): the witness is then d = (G_r + λI)⁻¹∇L_r(w), one Cholesky
+      solve in float64 (`linalg.ridge_solve`), instead of the CG steps. The bound holds
+      whatever d is: it is checked with H d computed here.
 
   Returns:
     A `Certificate`.
@@ -216,8 +192,11 @@ def certify(apply_fn: Callable, params_init: PyTree, params: PyTree, retain, *,
   gradient_bound = gnorm / float(damping)
   p = int(grad.shape[0])
   steps, d = 0, None
-  if witness is None and witness_solver is not None:
-    witness = witness_solver(np.asarray(grad))
+  if witness is None and retain_gram is not None:
+    with linalg.enable_x64():  # a float32 witness loosens the bound (still valid)
+      witness = np.asarray(linalg.ridge_solve(
+          jnp.asarray(np.asarray(retain_gram, np.float64)),
+          jnp.asarray(np.asarray(grad, np.float64)), float(damping))[0])
   if witness is not None:
     d = jnp.asarray(np.asarray(witness), grad.dtype)
     if d.shape != (p,) or not bool(jnp.all(jnp.isfinite(d))):
@@ -226,14 +205,18 @@ def certify(apply_fn: Callable, params_init: PyTree, params: PyTree, retain, *,
   elif (isinstance(witness_iterations, bool)
         or not isinstance(witness_iterations, (int, np.integer)) or witness_iterations < 0):
     raise ValueError(f"witness_iterations must be an int >= 0, got {witness_iterations!r}")
-  hvp = None
   if d is not None or witness_iterations > 0:
-    hvp = _retain_hvp(apply_fn, params_init, x, damping=float(damping),
-                      batch_size=batch_size, dtype=grad.dtype)
-    if d is None:
-      d, steps = _cg_witness(hvp, grad, int(witness_iterations), float(witness_tol))
+    hvp = _retain_hvp(apply_fn, damping=float(damping), batch_size=batch_size,
+                      dtype=grad.dtype)
+    w0 = jax.tree_util.tree_map(lambda a: jnp.asarray(a, grad.dtype), params_init)
+    x = jnp.asarray(x)
+    if d is None:  # conjugate gradients on H d = ∇L_r(w), matrix-free, in one program
+      cg = jax.jit(lambda w0, x, g: linalg.conjugate_gradients(
+          lambda v: hvp(w0, x, v), g, tol=float(witness_tol), maxiter=int(witness_iterations)))
+      d, _, steps = cg(w0, x, grad)
+      steps = int(steps)
     # The residual is recomputed, not taken from the recursion: the bound must hold for d.
-    residual = float(jnp.linalg.norm(grad - hvp(d)))
+    residual = float(jnp.linalg.norm(grad - jax.jit(hvp)(w0, x, d)))
     witness_norm = float(jnp.linalg.norm(d))
     bound = min(gradient_bound, witness_norm + residual / float(damping))
   else:
@@ -275,5 +258,5 @@ def logit_bound(apply_fn: Callable, params_init: PyTree, x, certificate: Certifi
   x = jnp.asarray(x)
   rows = ntk.jacobian_rows(apply_fn, params_init, x, batch_size=batch_size)  # [n, C, p]
   blocks = np.einsum("ncp,ndp->ncd", np.asarray(rows, np.float64), np.asarray(rows, np.float64))
-  spectral = np.sqrt(np.maximum(np.linalg.eigvalsh(blocks)[:, -1], 0.0))
+  spectral = np.sqrt(linalg.spectral_norms_squared(blocks))
   return spectral * certificate.distance_bound

@@ -17,9 +17,9 @@ from typing import Any, Callable, Sequence
 import jax
 import jax.numpy as jnp
 
+from fastntk_jax import linalg
+from fastntk_jax import ntk
 from fastntk_jax.models.trainable import LINEARIZATION_POINT
-from fastntk_jax.unlearn import solvers
-from fastntk_jax.unlearn import validate
 
 PyTree = Any
 ApplyFn = Callable[[PyTree, jnp.ndarray], jnp.ndarray]
@@ -46,24 +46,22 @@ def ridge_solution(w0: PyTree, stats: Sequence[tuple], damping) -> PyTree:
 
   Args:
     w0: the linearisation point.
-    stats: [(G [p, p], b [p]), ...] from `solvers.gram_stats` at w0, one per part of S (e.g.
+    stats: [(G [p, p], b [p]), ...] from `ntk.gram_stats` at w0, one per part of S (e.g.
       D_r and D_f for Full; D_r alone for Retrain).
     damping: λ (the same as the update's).
 
   Returns:
     Pytree like `w0`.
+
+  Raises:
+    SolveError: G + λI is not positive definite, or κ·ε > 1 (`linalg.check_precision`).
   """
   g = sum(jnp.asarray(s[0]) for s in stats)
   b = sum(jnp.asarray(s[1]) for s in stats)
-  with jax.default_matmul_precision("highest"):
-    solve, estimate = solvers.cholesky_solver(g + damping * jnp.eye(g.shape[0], dtype=g.dtype))
-    step = solve(b)
-  validate.runtime_check(
-      jnp.all(jnp.isfinite(step)) & (estimate * jnp.finfo(g.dtype).eps <= 1.0),
-      validate.SolveError, "the ridge solution of the linearised model cannot be trusted in "
-      + jnp.dtype(g.dtype).name + " (condition number >= {}); increase the damping or solve "
-      "in float64", estimate)
-  return solvers.apply_delta(w0, step)
+  step, info = linalg.ridge_solve(g, b, damping)
+  linalg.check_precision(jnp.where(info.finite, info.kappa, jnp.nan), g.dtype,
+                         what="the ridge solution of the linearised model", damping=damping)
+  return ntk.apply_delta(w0, step)
 
 
 class Linearized:

@@ -17,9 +17,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fastntk_jax import linalg
 from fastntk_jax import ntk
 from fastntk_jax.enums import KernelImplementation, Solver
-from fastntk_jax.unlearn import solvers
 from fastntk_jax.unlearn import validate
 
 PyTree = Any
@@ -170,7 +170,7 @@ def estimate_costs(num_params: int, num_retain: int, num_forget: int, num_classe
     # the rows; while Θ is formed from them, a second [m, m] (the product's loop carry, as
     # compiled) and one column chunk of each side widened to the solve dtype
     dual_bytes += (dual_rows_bytes * m * p + b * m * m
-                   + 2 * b * m * min(p, solvers.ROW_PRODUCT_COLUMNS))
+                   + 2 * b * m * min(p, linalg.ROW_PRODUCT_COLUMNS))
   else:
     dual_jacobians = blocked_kernel_jacobians(n_r, n_f, batch_size=batch_size, traced=traced)
   apply_p = (4.0 * m * p if dual_rows_bytes is not None  # J_fᵀz, J_r u, J_rᵀ(...) from rows
@@ -203,54 +203,6 @@ def available_memory_bytes() -> int:
       return int(stats["bytes_limit"] - stats.get("bytes_in_use", 0))
   import psutil  # pylint: disable=g-import-not-at-top
   return int(psutil.virtual_memory().available)
-
-
-# κ·ε above which a result comes with a warning naming that bound (`validate.WARN_ABOVE`);
-# above `validate.REFUSE_ABOVE` it is refused. The bound is pessimistic for a one-shot solve
-# (the digits default in float32: κ·ε ≈ 0.3, and its update matched Retrain) but tight for
-# the request stream after many downdates, and ResNet-110 at 5,000 images in float32 was 71%
-# off (benchmarks/RESULTS.md §7).
-PRECISION_WARNING_THRESHOLD = validate.WARN_ABOVE
-
-
-def precision_warning(condition_number: Optional[float], dtype,
-                      logits_dtype=None) -> Optional[str]:
-  """A message when the solve's round-off bound κ·ε exceeds `PRECISION_WARNING_THRESHOLD`.
-
-  A Cholesky solve in a dtype with machine epsilon ε loses up to κ·ε of relative accuracy
-  (κ = condition number of the matrix it inverts). Jacobians of logits computed in a narrower
-  dtype than the solve carry that dtype's ε into the matrix, whatever the solve dtype.
-
-  Args:
-    condition_number: κ of the matrix the solver inverts (None: nothing to say).
-    dtype: dtype of the solve.
-    logits_dtype: dtype of the network's logits (None: as the solve's).
-
-  Returns:
-    The message, or None.
-  """
-  if condition_number is None or np.isnan(condition_number):
-    return None
-  dtype = jnp.dtype(dtype)
-  source = dtype
-  if logits_dtype is not None and jnp.finfo(logits_dtype).eps > jnp.finfo(dtype).eps:
-    source = jnp.dtype(logits_dtype)
-  eps = float(jnp.finfo(source).eps)
-  bound = condition_number * eps
-  if bound <= PRECISION_WARNING_THRESHOLD:
-    return None
-  if source != dtype:
-    what = f"apply_fn's {source.name} logits (their Jacobians' round-off)"
-    remedy = "compute the logits in float64 too, or increase damping"
-  else:
-    what = dtype.name
-    remedy = ("pass solve_dtype=jnp.float64 (with JAX_ENABLE_X64=1) or increase damping"
-              if dtype != jnp.float64 else "increase damping")
-  if np.isinf(condition_number):
-    return (f"the matrix the solver inverts is numerically singular in {dtype.name} "
-            f"(an eigenvalue <= 0 after round-off): the update may be meaningless; {remedy}")
-  return (f"condition number {condition_number:.3g} x {what} epsilon {eps:.2g} = "
-          f"{bound:.2g}: the update may be inaccurate by up to that relative amount; {remedy}")
 
 
 def _gib(n: float) -> str:
@@ -325,7 +277,7 @@ class Plan:
     cg_maxiter: cg's iteration cap for the largest of its systems.
     costs: {solver value: SolverCost}, predicted.
     logits_dtype: dtype of apply_fn's logits (when narrower than the solve dtype, the
-      Jacobians carry its round-off: `precision_warning`); with kept Jacobian rows, the
+      Jacobians carry its round-off: `linalg.precision_warning`); with kept Jacobian rows, the
       narrowest of it and the params' floating dtypes (the rows are taken in those).
     keep_jacobian_rows: dual only: the Jacobian rows of D are computed once, block by block,
       and kept (n·C·p numbers in the params' dtype), because a set spans several blocks
@@ -392,7 +344,7 @@ def make_plan(apply_fn: ApplyFn, w_lin: PyTree, retain, forget, *, options,
     # a rolled loop under jit), or unrolls a Jacobian program per block pair (a ViT-S/16 at
     # 160 images in 5 blocks passed 8 GiB compiling it). An explicitly named
     # neural-tangents kernel is kept.
-    rows_leaves = jax.tree_util.tree_leaves(solvers.rows_params(w_lin))
+    rows_leaves = jax.tree_util.tree_leaves(ntk.rows_params(w_lin))
     rows_dtype = jnp.result_type(*rows_leaves) if p else jnp.float32
     with_rows = estimate_costs(p, n_r, n_f, c, **cost_args,
                                dual_rows_bytes=jnp.dtype(rows_dtype).itemsize)

@@ -2,7 +2,7 @@
 
 Deletion requests name individual samples of the fine-tuning set D and arrive one after
 another. Each request is served with the primal form of the Fast-NTK update
-(docs/derivation.md §2, `solvers.primal_solve`): with the model linearised at w0, `J` the Jacobian
+(docs/derivation.md §2, `solvers.primal_delta`): with the model linearised at w0, `J` the Jacobian
 rows of the *currently retained* samples and `E` their residuals `one_hot(y) - f(w0, x)`,
 
     G = JᵀJ  [p, p],   b = JᵀE  [p],   s = (G + λI)⁻¹ b = (ridge solution on them) - w0.
@@ -16,7 +16,7 @@ and the parameters move by Δ = s' - s: exactly Eq. (1)'s `w_r - w_D` between th
 before and after the request. The Δ's telescope, so after k requests the parameters are
 `params + s_k - s_0`, which is what `unlearn.ntk_forget` gives for the union of the k forget
 sets in one call (tested to float64 precision on models linear in their parameters).
-The state is built by the same `solvers.gram_stats` as the one-shot primal solver.
+The state is built by the same `ntk.gram_stats` as the one-shot primal solver.
 
 What is reused between requests (the reason a later request is cheap):
   * G, b and the lower Cholesky factor L of G + λI over the retained samples: the factor is
@@ -63,9 +63,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fastntk_jax import linalg
 from fastntk_jax import ntk
 from fastntk_jax.enums import Solver
-from fastntk_jax.unlearn import solvers
+from fastntk_jax.linalg import cholesky_downdate, downdate_flops, refactor_flops
 from fastntk_jax.unlearn import validate
 
 PyTree = Any
@@ -92,15 +93,10 @@ UPDATE_DOWNDATE = 1      # the factor was downdated
 UPDATE_REFACTOR = 2      # refactorised by choice (factor_update / refactor_every)
 UPDATE_FALLBACK = 3      # the downdate lost definiteness; refactorised instead
 
+UPDATE_NAMES = ("none", "downdate", "refactor", "refactor after a failed downdate")
+
 FACTOR_UPDATES = ("auto", "downdate", "refactor")
 FactorUpdate = str  # one of FACTOR_UPDATES
-
-# Blocking of the downdate: columns of L are processed in blocks of _DD_BLOCK, the rank-m
-# correction in chunks of at most _DD_CHUNK columns (so the small sequential part of a block
-# stays small and the rest is matrix-matrix products). Measured on a 2-core CPU at p = 1500.
-_DD_BLOCK = 32
-_DD_CHUNK = 64
-
 
 @flax.struct.dataclass
 class ForgetState:
@@ -202,138 +198,37 @@ def state_from_arrays(arrays: dict, *, apply_fn: ApplyFn, num_classes: int,
   return state
 
 
+def stale_reason(arrays, *, params_init: PyTree, train, damping, solve_dtype) -> Optional[str]:
+  """Why a persisted state (`state_arrays`, read back from disk) cannot serve requests for
+  these inputs and options, or None when it can: one built at another w0, on other inputs,
+  with another damping or solve dtype, or that has already served requests. Arrays are
+  compared as stored, before `jnp.asarray` could narrow a float64 state to float32.
+  """
+  if not isinstance(arrays, dict):
+    return f"holds a {type(arrays).__name__}, not a state of D"
+  flat = lambda t: np.concatenate([np.asarray(l).ravel() for l in jax.tree_util.tree_leaves(t)])
+  if "w_lin" not in arrays or not np.array_equal(flat(arrays["w_lin"]), flat(params_init)):
+    return "was built at another w0"
+  dtype = np.dtype(solve_dtype)
+  for name in ("gram", "rhs", "chol", "solution", "residuals", "damping"):
+    if name not in arrays:
+      return f"has no {name!r}"
+    got = np.asarray(arrays[name]).dtype
+    if got != dtype:
+      return f"was solved in {got.name} ({name}), not {dtype.name}"
+  if float(np.asarray(arrays["damping"])) != float(np.asarray(damping, dtype)):
+    return f"was built with damping {float(np.asarray(arrays['damping']))}, not {damping}"
+  if not np.array_equal(np.asarray(arrays.get("x")), np.asarray(train[0])):
+    return "was built on other inputs than this D"
+  if int(np.asarray(arrays.get("num_requests", 0))) or np.asarray(
+      arrays.get("forgotten", False)).any():
+    return "has already served requests"
+  return None
+
+
 def retained_mask(state: ForgetState) -> jnp.ndarray:
   """bool [n]: the samples of D not forgotten so far (the "current D")."""
   return jnp.logical_not(state.forgotten)
-
-
-# --------------------------------------------------------------------------------------
-# Cholesky downdate.
-# --------------------------------------------------------------------------------------
-
-
-def downdate_flops(p: int, m: int) -> float:
-  """Predicted FLOPs of `cholesky_downdate` of a [p, p] factor by m columns."""
-  pp = math.ceil(p / _DD_BLOCK) * _DD_BLOCK
-  chunks, mc = _chunking(m)
-  return chunks * 2.0 * pp * pp * (_DD_BLOCK + mc) ** 2 / _DD_BLOCK
-
-
-def _chunking(m: int) -> tuple[int, int]:
-  """(number of chunks, columns per chunk): at most _DD_CHUNK each, split evenly so that
-  little zero padding is added (e.g. 80 -> 2 x 40, not 64 + 64)."""
-  if m <= 0:
-    return 0, 0
-  chunks = math.ceil(m / _DD_CHUNK)
-  return chunks, math.ceil(m / chunks)
-
-
-def refactor_flops(p: int) -> float:
-  """Predicted FLOPs of a Cholesky factorisation of a [p, p] matrix."""
-  return p ** 3 / 3.0
-
-
-def _pivot_block(s: jnp.ndarray, i, nb: int) -> tuple[jnp.ndarray, jnp.ndarray]:
-  """One column of a blocked hyperbolic-Householder downdate.
-
-  `s` stacks rows of [L[:, block] | X] (width nb + m) and of the accumulated transformation.
-  Row i of `s` is the pivot row a = (x1 = L_kk, x2 = X_k). With φ = diag(1, -I_m) on the
-  coordinates (i, X), the reflector y ↦ y + (yφv) vᵀ / (r·v1), v = (v1, x2),
-  r = sqrt(x1² - |x2|²), v1 = |x2|² / (x1 + r) (= x1 - r without cancellation), preserves
-  y φ yᵀ-type products (so L Lᵀ - X Xᵀ is unchanged) and maps a to (r, 0).
-
-  Returns:
-    (transformed s, pivot ratio r²/x1²).
-  """
-  a = s[i]
-  x1 = a[i]
-  x2 = a[nb:]
-  s2 = x2 @ x2
-  r2 = x1 * x1 - s2
-  r = jnp.sqrt(jnp.maximum(r2, jnp.finfo(s.dtype).tiny))
-  v1 = s2 / (x1 + r)
-  denom = r * v1
-  # x2 = 0 (nothing to remove along this column) makes the reflector the identity.
-  active = denom > 0
-  inv = jnp.where(active, 1.0 / jnp.where(active, denom, 1.0), 0.0)
-  c = (s[:, i] * v1 - s[:, nb:] @ x2) * inv
-  s = s.at[:, i].add(c * v1)
-  s = s.at[:, nb:].add(c[:, None] * x2[None, :])
-  s = s.at[i, i].set(r).at[i, nb:].set(0.0)  # exactly (r, 0), as the algebra says
-  return s, r2 / (x1 * x1)
-
-
-def _downdate_chunk(l: jnp.ndarray, x: jnp.ndarray, nb: int):
-  """Downdates a padded factor l [P, P] (P % nb == 0) by x [P, mc]; see cholesky_downdate."""
-  big_p, mc = x.shape
-  width = nb + mc
-  dtype = l.dtype
-
-  def block(carry, j0):
-    l, x, min_ratio = carry
-    w = jnp.concatenate([jax.lax.dynamic_slice(l, (0, j0), (big_p, nb)), x], axis=1)
-    head = jax.lax.dynamic_slice(w, (j0, 0), (nb, width))
-    # The reflectors of this block depend only on its nb head rows; applying them to the
-    # identity as well accumulates their product T, applied to all rows in one matmul.
-    s = jnp.concatenate([head, jnp.eye(width, dtype=dtype)], axis=0)
-
-    def column(i, c):
-      s, mr = c
-      s, ratio = _pivot_block(s, i, nb)
-      return s, jnp.minimum(mr, ratio)
-
-    s, min_ratio = jax.lax.fori_loop(0, nb, column, (s, min_ratio))
-    # Rows above the block are zero in these columns (l lower triangular, x already
-    # zeroed there), so w @ T leaves them zero; the head rows take their exact values.
-    w = jax.lax.dynamic_update_slice(w @ s[nb:], s[:nb], (j0, 0))
-    l = jax.lax.dynamic_update_slice(l, w[:, :nb], (0, j0))
-    return (l, w[:, nb:], min_ratio), None
-
-  init = (l, x, jnp.asarray(jnp.inf, dtype))
-  (l, _, min_ratio), _ = jax.lax.scan(block, init, jnp.arange(0, big_p, nb))
-  return l, min_ratio
-
-
-def cholesky_downdate(chol: jnp.ndarray, x: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
-  """Rank-m Cholesky downdate: L' with L' L'ᵀ = L Lᵀ - X Xᵀ, in O(m·p²).
-
-  Blocked hyperbolic Householder reflections (see `_pivot_block`): columns of L in blocks
-  of 32, X in even chunks of at most 64 columns, so most of the work is matrix products.
-  Zero columns of X are no-ops (padding is free apart from its FLOPs). Pure and jit-able.
-
-  Args:
-    chol: lower-triangular L [p, p] with positive diagonal.
-    x: X [p, m].
-
-  Returns:
-    (L' [p, p] lower triangular, min_ratio): min_ratio is the smallest (L'_kk/L_kk)² over
-    all columns and chunks; it is <= 0 or non-finite iff L Lᵀ - X Xᵀ was not (numerically)
-    positive definite, in which case L' is garbage and the caller must refactorise.
-  """
-  p, m = x.shape
-  dtype = jnp.result_type(chol.dtype, x.dtype)
-  chol, x = chol.astype(dtype), x.astype(dtype)
-  nb = _DD_BLOCK
-  big_p = math.ceil(p / nb) * nb
-  if big_p != p:  # pad with an identity block: unit pivots, nothing to remove there
-    pad = big_p - p
-    chol = jnp.pad(chol, ((0, pad), (0, pad)))
-    chol = chol.at[jnp.arange(p, big_p), jnp.arange(p, big_p)].set(1.0)
-    x = jnp.pad(x, ((0, pad), (0, 0)))
-  chunks, mc = _chunking(m)
-  if chunks * mc != m:
-    x = jnp.pad(x, ((0, 0), (0, chunks * mc - m)))
-  min_ratio = jnp.asarray(1.0, dtype)
-  if chunks:
-    xs = x.reshape(big_p, chunks, mc).transpose(1, 0, 2)
-
-    def one(carry, xc):
-      l, mr = carry
-      l, r = _downdate_chunk(l, xc, nb)
-      return (l, jnp.minimum(mr, r)), None
-
-    (chol, min_ratio), _ = jax.lax.scan(one, (chol, min_ratio), xs)
-  return chol[:p, :p], min_ratio
 
 
 # --------------------------------------------------------------------------------------
@@ -352,14 +247,14 @@ def check_stream_options(factor_update, refactor_every) -> None:
 def _gram_of_d(apply_fn, w_lin, x, y, *, num_classes, batch_size, sdtype, cache):
   """(E [n, C], G [p, p], b [p], J [n, C, p] or None) at w_lin over all of D.
 
-  `solvers.gram_stats`, unrolled to keep the residuals (the state's E). Called eagerly: the
+  `ntk.gram_stats`, unrolled to keep the residuals (the state's E). Called eagerly: the
   block loops then run one compiled block step per block (`ntk._scan`), the reverse-mode
   floor, where one jitted program would run them as an XLA while loop (several times slower
   on CPU) or unroll them (minutes of compilation per block for a deep network).
   """
   apply_s = lambda w, xx: apply_fn(w, xx).astype(sdtype)
-  residuals = solvers.residuals(apply_s, w_lin, x, y, num_classes=num_classes,
-                                batch_size=batch_size, dtype=sdtype)
+  residuals = ntk.residuals(apply_s, w_lin, x, y, num_classes=num_classes,
+                            batch_size=batch_size, dtype=sdtype)
   with jax.default_matmul_precision("highest"):
     stats = ntk.gram(apply_s, w_lin, x, residuals, batch_size=batch_size, dtype=sdtype,
                      keep_jacobian=cache)
@@ -367,11 +262,11 @@ def _gram_of_d(apply_fn, w_lin, x, y, *, num_classes, batch_size, sdtype, cache)
 
 
 @jax.jit
+@linalg.full_precision
 def _factor(g, b, lam):
   """(Cholesky factor of G + λI, the ridge solution s = (G + λI)⁻¹ b)."""
-  with jax.default_matmul_precision("highest"):
-    chol = solvers.cholesky(g + lam * jnp.eye(g.shape[0], dtype=g.dtype))
-    return chol, jax.scipy.linalg.cho_solve((chol, True), b)
+  chol = linalg.ridge_factor(g, lam)
+  return chol, linalg.cho_solve(chol, b)
 
 
 def _init_state(apply_fn, w_lin, x, y, damping, *, num_classes, batch_size, sdtype, cache,
@@ -476,20 +371,12 @@ def init_forget_state(apply_fn: ApplyFn, params_init: PyTree, *, train, num_clas
 
 
 def _check_solve(state: ForgetState, what: str) -> None:
-  eps = float(jnp.finfo(state.rhs.dtype).eps)
-  bound = state.last_condition_estimate * eps
-  validate.runtime_warn(
-      (bound > validate.WARN_ABOVE) & (bound <= validate.REFUSE_ABOVE),
-      what + " may be off by up to {:.2g} relative (error amplification {:.3g} x epsilon "
-      f"{eps:.2g}: G is kept by subtraction from the initial Gram); use "
-      "solve_dtype=jnp.float64 or a larger damping", bound, state.last_condition_estimate)
-  validate.runtime_check(
-      jnp.all(jnp.isfinite(state.solution))
-      & (state.last_condition_estimate * eps <= 1.0), validate.SolveError,
-      what + " cannot be trusted in " + jnp.dtype(state.rhs.dtype).name + ": error "
-      "amplification >= {:.3g} (the initial Gram's scale over the smallest pivot now) times "
-      f"epsilon {eps:.2g} > 1, or non-finite (damping={{}}); increase damping or use "
-      "solve_dtype=jnp.float64", state.last_condition_estimate, state.damping)
+  """The precision rule (`linalg.check_precision`) on the stream's error amplification,
+  gram_scale / (min L_kk)²: G is kept by subtraction from the initial Gram, so its round-off is
+  relative to that Gram's scale whatever is left of it. A non-finite solution is refused."""
+  kappa = jnp.where(jnp.all(jnp.isfinite(state.solution)), state.last_condition_estimate,
+                    jnp.nan)
+  linalg.check_precision(kappa, state.rhs.dtype, what=what, damping=state.damping)
 
 
 # --------------------------------------------------------------------------------------
@@ -499,8 +386,8 @@ def _check_solve(state: ForgetState, what: str) -> None:
 
 def _request_rows(state: ForgetState, indices: jnp.ndarray, mask: jnp.ndarray, rows=None):
   """Jacobian rows [m, p] (m = len(indices)·C) and residuals [m] of the requested samples,
-  zeroed where `mask` is False (padding), and the machine epsilon the rows were computed in
-  (the Jacobian cache's dtype, or the network's when they are recomputed)."""
+  zeroed where `mask` is False (padding), and the dtype the rows were computed in (the
+  Jacobian cache's, or the network's when they are recomputed)."""
   sdtype = state.rhs.dtype
   c, p = state.num_classes, state.num_params
   if state.jac is not None:
@@ -513,10 +400,10 @@ def _request_rows(state: ForgetState, indices: jnp.ndarray, mask: jnp.ndarray, r
   else:
     jk = ntk.jacobian_rows(state.apply_fn, state.w_lin, state.x[indices],
                            batch_size=state.batch_size)
-  rows_eps = float(jnp.finfo(jk.dtype).eps)
+  rows_dtype = jk.dtype
   jk = jnp.where(mask[:, None, None], jk.astype(sdtype), 0).reshape(-1, p)
   ek = jnp.where(mask[:, None], state.residuals[indices], 0).reshape(-1)
-  return jk, ek, rows_eps
+  return jk, ek, rows_dtype
 
 
 def _check_request_in_jit(state: ForgetState, indices, mask) -> None:
@@ -560,17 +447,16 @@ def serve_request(state: ForgetState, params: PyTree, indices: jnp.ndarray,
   if mask is None:
     mask = jnp.ones(indices.shape, bool)
   _check_request_in_jit(state, indices, mask)
-  jk, ek, rows_eps = _request_rows(state, indices, mask, rows)
+  jk, ek, rows_dtype = _request_rows(state, indices, mask, rows)
   p, m = jk.shape[1], jk.shape[0]
   sdtype = state.rhs.dtype
   with jax.default_matmul_precision("highest"):
     gram = state.gram - jk.T @ jk
     gram = 0.5 * (gram + gram.T)  # keep it exactly symmetric for the fallback factorisation
     rhs = state.rhs - jk.T @ ek
-  eye = jnp.eye(p, dtype=sdtype)
 
   def refactor():
-    return solvers.cholesky(gram + state.damping * eye)
+    return linalg.ridge_factor(gram, state.damping)
 
   method = state.factor_update
   if method == "auto":
@@ -594,23 +480,21 @@ def serve_request(state: ForgetState, params: PyTree, indices: jnp.ndarray,
                         jnp.asarray(1.0, sdtype)),
           downdate)
     ratio = ratio.astype(sdtype)
-  solution = jax.scipy.linalg.cho_solve((chol, True), rhs)
+  solution = linalg.cho_solve(chol, rhs)
   estimate = state.gram_scale / jnp.square(jnp.min(jnp.abs(jnp.diagonal(chol))))
   _check_solve(state.replace(solution=solution, last_condition_estimate=estimate),
                "the request's ridge solve")
-  if state.jac is None and rows_eps > float(jnp.finfo(sdtype).eps):
+  if state.jac is None and jnp.finfo(rows_dtype).eps > jnp.finfo(sdtype).eps:
     # Recomputed rows need not equal, bit for bit, the rows summed into G at init (another
     # block shape or program may round differently), so G - J_kᵀJ_k keeps a residue of
     # J_k's round-off, amplified by κ. The cache reuses the very rows: no such residue.
-    bound = estimate * rows_eps
-    validate.runtime_warn(
-        bound > validate.WARN_ABOVE,
-        "the request's Jacobian rows were recomputed (no Jacobian cache) in a dtype with "
-        f"epsilon {rows_eps:.2g} and may differ by round-off from the rows summed into G, so "
-        "the update may be off by up to {:.2g} relative (condition estimate {:.3g} x that "
-        "epsilon); build the state with cache_jacobian=True (the request then reuses the "
-        "exact rows) or use a larger damping", bound, estimate)
-  new_params = solvers.apply_delta(params, solution - state.solution)
+    linalg.check_precision(
+        estimate, sdtype, rows_dtype,
+        what="the request (its Jacobian rows recomputed: no Jacobian cache)",
+        damping=state.damping,
+        remedy="build the state with cache_jacobian=True (a request then reuses the exact "
+               "rows) or increase the damping")
+  new_params = ntk.apply_delta(params, solution - state.solution)
   downdated = code == UPDATE_DOWNDATE
   # Scatter-add of the mask (not a set): padding entries may repeat any index harmlessly.
   hits = jnp.zeros(state.forgotten.shape, jnp.int32).at[indices].add(mask.astype(jnp.int32))

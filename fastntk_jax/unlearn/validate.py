@@ -3,14 +3,13 @@
 Checks on concrete values run in NumPy, so they also run at trace time under `jax.jit` when
 the data are closed over (a jnp reduction there would be staged and fail). Checks that need
 traced values go through `runtime_check`: an error raised when the value is known, at run
-time (a host callback) when it is traced. One rule for the damping λ (`allowed_solvers`).
+time (a host callback) when it is traced. One rule for the damping λ (`allowed_solvers`); the
+one rule for precision is `linalg.check_precision`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import logging
-import warnings
 from typing import Any, Optional
 
 import jax
@@ -18,57 +17,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from fastntk_jax.enums import KernelImplementation, LinearizationPoint, Solver, parse
+# The errors and the run-time checks are the linear-algebra home's (its precision rule raises
+# them); the input checks below use them too.
+from fastntk_jax.linalg import PrecisionWarning, SolveError, is_concrete, runtime_check
 
 PyTree = Any
 
 
-class SolveError(ValueError):
-  """The solve gave no trustworthy answer (singular system, non-finite, cg not converged)."""
-
-
-class PrecisionWarning(UserWarning):
-  """The update's round-off bound (condition number x epsilon) is large: it may be inexact."""
-
-
-# κ·ε above which a result is refused (no digit can be trusted) or comes with a warning that
-# names the bound (it may be off by up to that relative amount).
-REFUSE_ABOVE = 1.0
-WARN_ABOVE = 1e-3
-
-
-def is_concrete(x) -> bool:
-  """True for a concrete value (value checks possible), False while traced under jit."""
-  return not isinstance(x, jax.core.Tracer)
-
-
-def runtime_check(ok, error: type, message: str, *values) -> None:
-  """Raises `error(message.format(*values))` unless `ok`: now when `ok` is concrete, when the
-  computation runs (via `jax.debug.callback`) when it is traced."""
-  def check(ok, *values):
-    if not np.all(np.asarray(ok)):
-      raise error(message.format(*(np.asarray(v) for v in values)))
-  if is_concrete(ok) and all(is_concrete(v) for v in values):
-    check(ok, *values)
-  else:
-    jax.debug.callback(check, ok, *values)
-
-
 def where(path) -> str:
   return jax.tree_util.keystr(path) or "the root"
-
-
-def runtime_warn(bad, message: str, *values) -> None:
-  """Issues a `PrecisionWarning` (and logs it) when `bad`: now when concrete, when the
-  computation runs when traced."""
-  def warn(bad, *values):
-    if np.any(np.asarray(bad)):
-      text = message.format(*(np.asarray(v) for v in values))
-      logging.getLogger("fastntk_jax.unlearn").warning("%s", text)
-      warnings.warn(text, PrecisionWarning, stacklevel=2)
-  if is_concrete(bad) and all(is_concrete(v) for v in values):
-    warn(bad, *values)
-  else:
-    jax.debug.callback(warn, bad, *values)
 
 
 def check_finite(name: str, tree) -> None:
@@ -120,6 +77,62 @@ def check_split(name: str, split, num_classes: int) -> tuple[Any, Any]:
   check_labels(name, y, num_classes)
   check_finite(f"{name} inputs", x)
   return x, y
+
+
+def _listed(indices, limit: int = 10) -> str:
+  indices = [int(i) for i in indices]
+  return str(indices[:limit])[:-1] + (", ...]" if len(indices) > limit else "]")
+
+
+def check_disjoint(retain, forget, *, tolerance: float = 0.0) -> None:
+  """Refuses a forget set that lists a sample twice, or a sample that `retain` also holds.
+
+  A sample is an (input, label) pair. With `tolerance` 0 rows match exactly; with
+  `tolerance` > 0 two samples of the same label match when their inputs differ by at most
+  `tolerance` in every entry (near-duplicates: O(n_r·n_f) comparisons, chunked). Runs on
+  concrete data only (under `jax.jit` with traced data it cannot look at values).
+
+  Raises:
+    ValueError: naming the forget rows (and the retain rows they match).
+  """
+  (x_r, y_r), (x_f, y_f) = retain, forget
+  if not all(is_concrete(a) for a in (x_r, y_r, x_f, y_f)):
+    return
+  x_r, x_f = (np.ascontiguousarray(np.asarray(a)).reshape(a.shape[0], -1) for a in (x_r, x_f))
+  y_r, y_f = np.asarray(y_r), np.asarray(y_f)
+  if tolerance == 0:
+    key = lambda x, y, i: x[i].tobytes() + np.asarray(y[i]).tobytes()
+    seen, repeated = {}, []
+    for i in range(x_f.shape[0]):
+      k = key(x_f, y_f, i)
+      if k in seen:
+        repeated.append((seen[k], i))
+      else:
+        seen[k] = i
+    if repeated:
+      raise ValueError(f"the forget set lists {len(repeated)} sample(s) more than once (forget "
+                       f"rows {_listed(j for _, j in repeated)} repeat rows "
+                       f"{_listed(i for i, _ in repeated)}): each sample of D must be "
+                       "forgotten once; drop the repeats")
+    shared = [(i, seen[k]) for i in range(x_r.shape[0]) if (k := key(x_r, y_r, i)) in seen]
+  else:
+    near = lambda a, b: np.abs(a[:, None, :] - b[None, :, :]).max(axis=-1) <= tolerance
+    pairs = [(i, j) for i, j in zip(*np.nonzero(np.triu(near(x_f, x_f), k=1)
+                                                & (y_f[:, None] == y_f[None, :])))]
+    if pairs:
+      raise ValueError(f"the forget set lists {len(pairs)} pair(s) of samples within "
+                       f"duplicate_tolerance={tolerance:g} of each other (forget rows "
+                       f"{_listed(j for _, j in pairs)} match rows {_listed(i for i, _ in pairs)}"
+                       "): each sample of D must be forgotten once; drop the repeats")
+    shared, chunk = [], max(1, 2 ** 22 // max(1, x_f.shape[0] * x_f.shape[1]))
+    for start in range(0, x_r.shape[0], chunk):
+      hit = near(x_r[start:start + chunk], x_f) & (y_r[start:start + chunk, None] == y_f[None])
+      shared += [(start + i, j) for i, j in zip(*np.nonzero(hit))]
+  if shared:
+    raise ValueError(f"{len(shared)} sample(s) of the forget set are also in the retain set "
+                     f"(forget rows {_listed(j for _, j in shared)}, retain rows "
+                     f"{_listed(i for i, _ in shared)}): a sample left in the retain set is "
+                     "not forgotten; remove it from the retain set")
 
 
 def check_params(params_init: PyTree, params: PyTree) -> None:
@@ -226,6 +239,7 @@ class Options:
   cg_tol: Optional[float]
   cg_maxiter: Optional[int]
   memory_limit_bytes: Optional[int]
+  duplicate_tolerance: float = 0.0
 
 
 def check_float_dtype(name: str, dtype) -> Optional[np.dtype]:
@@ -243,7 +257,8 @@ def check_float_dtype(name: str, dtype) -> Optional[np.dtype]:
 
 
 def check_options(*, num_classes, damping, solver, batch_size, kernel_impl, solve_dtype,
-                  linearize_at, step_scale, cg_tol, cg_maxiter, memory_limit_bytes) -> Options:
+                  linearize_at, step_scale, cg_tol, cg_maxiter, memory_limit_bytes,
+                  duplicate_tolerance=0.0) -> Options:
   """Validates the data-independent options once; returns them normalised (enums, dtypes)."""
   if isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)) \
       or num_classes < 1:
@@ -255,6 +270,11 @@ def check_options(*, num_classes, damping, solver, batch_size, kernel_impl, solv
     raise ValueError(f"step_scale must be a finite number, got {step_scale!r}")
   if cg_tol is not None and not (0 < float(cg_tol) < 1):
     raise ValueError(f"cg_tol must lie in (0, 1), got {cg_tol!r}")
+  if (isinstance(duplicate_tolerance, (bool, str))
+      or not isinstance(duplicate_tolerance, (int, float, np.number))
+      or not np.isfinite(float(duplicate_tolerance)) or duplicate_tolerance < 0):
+    raise ValueError(f"duplicate_tolerance must be a finite number >= 0, got "
+                     f"{duplicate_tolerance!r}")
   return Options(
       num_classes=int(num_classes), damping=damping,
       solver=parse(Solver, solver, name="solver"),
@@ -265,7 +285,8 @@ def check_options(*, num_classes, damping, solver, batch_size, kernel_impl, solv
       step_scale=float(step_scale), cg_tol=None if cg_tol is None else float(cg_tol),
       cg_maxiter=check_positive_int("cg_maxiter", cg_maxiter, allow_none=True),
       memory_limit_bytes=check_positive_int("memory_limit_bytes", memory_limit_bytes,
-                                            allow_none=True))
+                                            allow_none=True),
+      duplicate_tolerance=float(duplicate_tolerance))
 
 
 def default_solve_dtype(*trees) -> np.dtype:
