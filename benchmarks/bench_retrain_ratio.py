@@ -23,7 +23,6 @@ import numpy as np
 
 from benchmarks import common
 from fastntk_jax import config as config_lib
-from fastntk_jax import pipeline
 from fastntk_jax import train
 
 
@@ -39,8 +38,8 @@ def main(argv=None):
   out = common.Path(args.out)
   info = common.machine_info()
   cfg = config_lib.load_config_file(str(common.REPO_ROOT / "configs" / "resnet110_cifar10.py"))
-  protocol = pipeline.train_spec(cfg.finetune)
-  spec = pipeline.train_spec(cfg.finetune, epochs=args.epochs)
+  protocol = train.TrainSpec.from_config(cfg.finetune)
+  spec = train.TrainSpec.from_config(cfg.finetune, epochs=args.epochs)
   c = 10
   calib_x, _ = common.random_data(128, c, 1000, 0)
   model, w0, frozen = common.build_resnet(args.model, c, None, 0, calib_x)

@@ -42,7 +42,6 @@ import numpy as np
 
 from benchmarks import common
 from fastntk_jax import config as config_lib
-from fastntk_jax import pipeline
 from fastntk_jax import train
 from fastntk_jax import unlearn
 from fastntk_jax.models import make_apply_fn
@@ -102,7 +101,7 @@ def main(argv=None):
   out = common.Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
   cfg = config_lib.load_config_file(str(common.REPO_ROOT / "configs" / "resnet110_cifar10.py"))
-  protocol = pipeline.train_spec(cfg.finetune)
+  protocol = train.TrainSpec.from_config(cfg.finetune)
   epochs = args.retrain_epochs or protocol.epochs
   c, n = 10, args.n
   n_forget = n // c
@@ -178,7 +177,7 @@ def main(argv=None):
   del state, uncached, requests
 
   print(f"Retrain: {epochs} epochs on {n - n_forget} images ...", flush=True)
-  spec = pipeline.train_spec(cfg.finetune, epochs=epochs)
+  spec = train.TrainSpec.from_config(cfg.finetune, epochs=epochs)
   stamps, losses = [time.perf_counter()], []
 
   def progress(epoch, loss):

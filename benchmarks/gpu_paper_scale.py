@@ -32,7 +32,6 @@ import numpy as np
 
 from benchmarks import common
 from fastntk_jax import config as config_lib
-from fastntk_jax import pipeline
 from fastntk_jax import train
 from fastntk_jax.models import get_model, make_apply_fn, split
 
@@ -98,7 +97,7 @@ def run_model(key: str, args, record: dict, save) -> None:
     a, b = deltas.values()
     entry["solver_relative_difference"] = float(np.linalg.norm(a - b) / np.linalg.norm(a))
   epochs = args.retrain_epochs or cfg.finetune.epochs
-  spec = pipeline.train_spec(cfg.finetune, epochs=epochs)
+  spec = train.TrainSpec.from_config(cfg.finetune, epochs=epochs)
   stamps = [time.perf_counter()]
 
   def progress(epoch, loss):

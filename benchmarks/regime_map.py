@@ -28,7 +28,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from fastntk_jax import config as config_lib  # pylint: disable=wrong-import-position
-from fastntk_jax import pipeline  # pylint: disable=wrong-import-position
+from fastntk_jax.experiment import run as run_lib  # pylint: disable=wrong-import-position
 
 DEFAULT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                        "configs", "default.py")
@@ -62,7 +62,7 @@ def cell(mode: str, forget: str, lr: float, loss: str, bn: str, damping: float,
     if edit is not None:
       edit(cfg)
   start = time.perf_counter()
-  res = pipeline.run(cfg, workdir, show_progress=False)["methods"]
+  res = run_lib.run(cfg, workdir, show_progress=False)["methods"]
   f, r, full = res["fastntk"], res["retrain"], res["full"]
   return {"mode": mode, "forget": forget, "lr": lr, "loss": loss, "bn": bn, "damping": damping,
           "seed": seed, "avg_gap": f["avg_gap"]["mean"],

@@ -15,20 +15,27 @@ few points on D_r and the retain-class test set.
 Arguments: `ipc=N` (default 100), `width=W` (width multiplier ×100, default 100), `tiny`.
 """
 
-from fastntk_jax.config import base_config, cifar_pretrain_recipe, parse_arg, tiny_cifar_cnn
+import os
+import sys
+
+if os.path.dirname(os.path.abspath(__file__)) not in sys.path:  # configs/common.py, beside
+  sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402  pylint: disable=wrong-import-position
+
+from fastntk_jax.config import base_config
 
 
 def get_config(arg=None):
-  a = parse_arg(arg, {"ipc": 100, "width": 100})
+  a = common.parse_arg(arg, {"ipc": 100, "width": 100})
   c = base_config()
   c.data.name = "cifar10"
   c.data.image_size = 32
   c.data.images_per_class = a["ipc"]
   c.model.name = "mobilenetv2"
   c.model.options = {"width_mult": a["width"] / 100.0}
-  # The same pre-training recipe as ResNet-110 (config.cifar_pretrain_recipe; weight decay
+  # The same pre-training recipe as ResNet-110 (common.cifar_pretrain_recipe; weight decay
   # 5e-4, as the common CIFAR MobileNetV2 code, instead of ImageNet's 4e-5).
-  cifar_pretrain_recipe(c, "cifar100")
+  common.cifar_pretrain_recipe(c, "cifar100")
   c.finetune.epochs = 40
   c.finetune.learning_rate = 0.002
   c.unlearn.batch_size = 128
@@ -37,7 +44,7 @@ def get_config(arg=None):
   c.unlearn.solve_dtype = "float64"
   if a["tiny"]:
     c.unlearn.solve_dtype = "float32"  # in-process tests (see resnet110_cifar10.py)
-    tiny_cifar_cnn(c)
+    common.tiny_cifar_cnn(c)
     # Three of the 17 inverted-residual blocks: seconds to compile, every kind of block kept
     # (stride 1 with and without expansion, stride 2).
     c.model.options = {"width_mult": 0.25, "last_channel": 32,

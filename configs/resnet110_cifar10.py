@@ -5,7 +5,7 @@ BUILD.md):
   python -m fastntk_jax.main --config=configs/resnet110_cifar10.py:ipc=100 --workdir=wd_r110
 
 Pipeline: pre-train ResNet-110 on CIFAR-100 (all 100 classes, 50k images; the recipe of
-`config.cifar_pretrain_recipe`: crop + flip, 160 epochs, lr 0.1 ×0.1 at 80/120, 1 warm-up
+`common.cifar_pretrain_recipe`: crop + flip, 160 epochs, lr 0.1 ×0.1 at 80/120, 1 warm-up
 epoch, weight decay 5e-4) and report its CIFAR-100 test accuracy; transfer all but the head;
 fine-tune BN scale/bias + a fresh 10-class head (p = 8,746 of 1.73M, 0.51%) on #IPC images
 per CIFAR-10 class (no augmentation); forget class 0; evaluate on the CIFAR-10 test split.
@@ -26,11 +26,18 @@ narrow widths, 8x8 images, a 2-epoch pre-training on 2 CIFAR-100 images per clas
 under tfds.testing.mock_data).
 """
 
-from fastntk_jax.config import base_config, cifar_pretrain_recipe, parse_arg, tiny_cifar_cnn
+import os
+import sys
+
+if os.path.dirname(os.path.abspath(__file__)) not in sys.path:  # configs/common.py, beside
+  sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402  pylint: disable=wrong-import-position
+
+from fastntk_jax.config import base_config
 
 
 def get_config(arg=None):
-  a = parse_arg(arg, {"ipc": 100})
+  a = common.parse_arg(arg, {"ipc": 100})
   c = base_config()
   c.data.name = "cifar10"
   c.data.image_size = 32
@@ -38,7 +45,7 @@ def get_config(arg=None):
   c.data.forget_classes = [0]
   c.model.name = "resnet110"
   c.model.options = {"shortcut": "A"}
-  cifar_pretrain_recipe(c, "cifar100")
+  common.cifar_pretrain_recipe(c, "cifar100")
   c.finetune.epochs = 40
   c.finetune.learning_rate = 0.002
   c.finetune.batch_size = 64
@@ -51,7 +58,7 @@ def get_config(arg=None):
     # The tests run the tiny mode in-process, where x64 would stay switched on for the
     # tests that follow; its float64 path is tested in a subprocess (test_configs.py).
     c.unlearn.solve_dtype = "float32"
-    tiny_cifar_cnn(c)
+    common.tiny_cifar_cnn(c)
     c.model.name = "resnet8"
     c.model.options = {"shortcut": "A", "widths": (4, 8, 8)}
   return c

@@ -15,12 +15,17 @@ D_r and the retain-class test set.
 Arguments: `ipc=N` (default 50), `weights=i1k|i21k_i1k|i21k` (default i1k), `tiny`.
 """
 
-from fastntk_jax.config import VIT_WEIGHTS, parse_arg, vit_checkpoint, vit_prompt_config
+import os
+import sys
+
+if os.path.dirname(os.path.abspath(__file__)) not in sys.path:  # configs/common.py, beside
+  sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402  pylint: disable=wrong-import-position
 
 
 def get_config(arg=None):
-  a = parse_arg(arg, {"ipc": 50, "weights": "i1k"}, {"weights": VIT_WEIGHTS})
-  c = vit_prompt_config("vit_b16", "cifar10", None, a["ipc"],
-                        vit_checkpoint("vit_b16", a["weights"]), a["tiny"])
+  a = common.parse_arg(arg, {"ipc": 50, "weights": "i1k"}, {"weights": common.VIT_WEIGHTS})
+  c = common.vit_prompt_config("vit_b16", "cifar10", None, a["ipc"],
+                               common.vit_checkpoint("vit_b16", a["weights"]), a["tiny"])
   c.data.normalization = "vit"
   return c

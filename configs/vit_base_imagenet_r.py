@@ -25,12 +25,17 @@ Arguments: `classes=K` (default 20), `ipc=N` (default 20), `random=1|0`,
 `weights=i1k|i21k_i1k|i21k`, `tiny`.
 """
 
-from fastntk_jax.config import VIT_WEIGHTS, parse_arg, vit_checkpoint, vit_prompt_config
+import os
+import sys
+
+if os.path.dirname(os.path.abspath(__file__)) not in sys.path:  # configs/common.py, beside
+  sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402  pylint: disable=wrong-import-position
 
 
 def get_config(arg=None):
-  a = parse_arg(arg, {"classes": 20, "ipc": 20, "random": 1, "weights": "i1k"},
-                {"weights": VIT_WEIGHTS})
-  return vit_prompt_config("vit_b16", "imagenet_r", a["classes"], a["ipc"],
-                           vit_checkpoint("vit_b16", a["weights"]), a["tiny"],
-                           random_classes=bool(a["random"]))
+  a = common.parse_arg(arg, {"classes": 20, "ipc": 20, "random": 1, "weights": "i1k"},
+                       {"weights": common.VIT_WEIGHTS})
+  return common.vit_prompt_config("vit_b16", "imagenet_r", a["classes"], a["ipc"],
+                                  common.vit_checkpoint("vit_b16", a["weights"]), a["tiny"],
+                                  random_classes=bool(a["random"]))

@@ -15,7 +15,7 @@ Weights (`weights=`): i1k (default; the paper: "pre-trained on ImageNet-1K") =
   checkpoints/S_16-i1k-300ep-lr_0.001-aug_medium2-wd_0.1-do_0.0-sd_0.0--imagenet2012-steps_20k-lr_0.01-res_224.npz
 i21k_i1k = S_16-i21k-300ep-lr_0.001-aug_light1-wd_0.03-do_0.0-sd_0.0--imagenet2012-steps_20k-lr_0.03-res_224.npz,
 i21k = S_16-i21k-300ep-lr_0.001-aug_light1-wd_0.03-do_0.0-sd_0.0.npz; all from
-https://storage.googleapis.com/vit_models/augreg/ (config.VIT_CHECKPOINTS). Any other file:
+https://storage.googleapis.com/vit_models/augreg/ (common.VIT_CHECKPOINTS). Any other file:
 --config.pretrain.path=...; names kept at init: --config.pretrain.dont_load='("head/.*",)'.
 
 Expected (the paper's claim, not measured here): Fast-NTK's D_f accuracy ≈ Retrain's,
@@ -26,12 +26,17 @@ Arguments: `classes=K` (default 20), `ipc=N` (default 20), `random=1|0` (default
 run under tfds.testing.mock_data).
 """
 
-from fastntk_jax.config import VIT_WEIGHTS, parse_arg, vit_checkpoint, vit_prompt_config
+import os
+import sys
+
+if os.path.dirname(os.path.abspath(__file__)) not in sys.path:  # configs/common.py, beside
+  sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402  pylint: disable=wrong-import-position
 
 
 def get_config(arg=None):
-  a = parse_arg(arg, {"classes": 20, "ipc": 20, "random": 1, "weights": "i1k"},
-                {"weights": VIT_WEIGHTS})
-  return vit_prompt_config("vit_s16", "imagenet_r", a["classes"], a["ipc"],
-                           vit_checkpoint("vit_s16", a["weights"]), a["tiny"],
-                           random_classes=bool(a["random"]))
+  a = common.parse_arg(arg, {"classes": 20, "ipc": 20, "random": 1, "weights": "i1k"},
+                       {"weights": common.VIT_WEIGHTS})
+  return common.vit_prompt_config("vit_s16", "imagenet_r", a["classes"], a["ipc"],
+                                  common.vit_checkpoint("vit_s16", a["weights"]), a["tiny"],
+                                  random_classes=bool(a["random"]))

@@ -255,8 +255,8 @@ def _num_outputs(apply_fn: Callable, ev: dict) -> int:
 
 def _check_certificate(workdir: str, record: dict, ev: dict, apply_fn_for) -> tuple[list, str]:
   """Recomputes the certificate; (problems, summary)."""
-  import jax  # pylint: disable=g-import-not-at-top
-  from fastntk_jax import unlearn  # pylint: disable=g-import-not-at-top
+  from fastntk_jax import linalg  # pylint: disable=g-import-not-at-top
+  from fastntk_jax.unlearn import certificate  # pylint: disable=g-import-not-at-top
   cert = record.get("certificate") or {}
   frozen_path = os.path.join(workdir, record.get("frozen_path", ""))
   if not os.path.isfile(frozen_path):
@@ -271,21 +271,14 @@ def _check_certificate(workdir: str, record: dict, ev: dict, apply_fn_for) -> tu
   else:
     return ["no model spec in the record to rebuild the network (pass apply_fn_for to "
             "audit.verify)"], ""
-  wide = cert.get("dtype") == "float64"
-  before = bool(jax.config.read("jax_enable_x64"))
-  if wide and not before:
-    jax.config.update("jax_enable_x64", True)
-  try:
-    again = unlearn.certify(
+  with linalg.enable_x64(cert.get("dtype") == "float64"):
+    again = certificate.certify(
         apply_fn, ev["params_init"], ev["params"], (ev["x_retain"], ev["y_retain"]),
         num_classes=int(record["model"]["num_classes"]) if record.get("model")
         else _num_outputs(apply_fn, ev),
         damping=record["damping"], batch_size=record.get("batch_size"),
         linearized=bool(cert.get("linearized", True)), dtype=cert.get("dtype"),
         witness=ev.get("witness"), witness_iterations=0)
-  finally:
-    if wide and not before:
-      jax.config.update("jax_enable_x64", False)
   claimed = float(cert.get("distance_bound", math.nan))
   summary = (f"‖w − w_r‖ ≤ {again.distance_bound:.3g} ({again.relative_bound:.3g} of ‖w − w0‖"
              + ("" if again.linearized else "; standard mode: a distance, not a certificate")

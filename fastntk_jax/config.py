@@ -1,26 +1,34 @@
 """The experiment config: one schema with a commented default for every knob, and validation.
 
 Config files in `configs/` start from `base_config()` and override fields; the dict is
-locked, so a misspelt field fails at assignment (`KeyError` naming it), and `validate`
-rejects bad values with a message naming the field and what is allowed.
+locked, so a misspelt field fails at assignment (`KeyError` naming it). The command line
+loads them through `ml_collections.config_flags` (`--config=file.py[:arg]`, overrides
+`--config.a.b=value`; `fastntk_jax.main`), and `validate` rejects a bad value, naming the
+field, the value and what is allowed, before any work. Helpers shared by the config files
+live beside them (`configs/common.py`).
 """
 
 from __future__ import annotations
 
-from typing import Any
+import importlib.util
+import os
+from typing import Any, Optional
 
 import ml_collections
+import numpy as np
 
 # Light modules only (pure Python, numpy, ml_collections): importing the config must not import
 # JAX, Flax, Optax or TensorFlow (tests/test_light_imports.py).
 from fastntk_jax import enums
 from fastntk_jax.data import schema as data_schema
+from fastntk_jax.experiment import methods as methods_registry
 
-METHODS = ("full", "retrain", "fastntk", "max_loss", "random_label")
+DEFAULT_METHODS = ("full", "retrain", "fastntk", "max_loss", "random_label")
 
 
-def _train(epochs, lr, batch_size, optimizer="sgd", loss="mse", bn_mode="frozen",
+def train_group(epochs, lr, batch_size, optimizer="sgd", loss="mse", bn_mode="frozen",
            momentum=0.9, weight_decay=0.0) -> ml_collections.ConfigDict:
+  """A training group: every field of `train.TrainSpec.from_config`, commented."""
   c = ml_collections.ConfigDict()
   c.epochs = epochs  # passes over the training split
   c.learning_rate = lr  # peak learning rate (the constant one with schedule="constant")
@@ -43,9 +51,9 @@ def _train(epochs, lr, batch_size, optimizer="sgd", loss="mse", bn_mode="frozen"
   return c
 
 
-def _finetune(epochs, lr, batch_size, **kwargs) -> ml_collections.ConfigDict:
+def finetune_group(epochs, lr, batch_size, **kwargs) -> ml_collections.ConfigDict:
   """The fine-tuning group (Full on D, Retrain on D_r): a training group plus its mode."""
-  c = _train(epochs, lr, batch_size, **kwargs)
+  c = train_group(epochs, lr, batch_size, **kwargs)
   # "standard" (SGD on the network, the paper's protocol) | "linearized" (the network
   # linearised at w0, squared loss, penalty ½λ‖w - w0‖² with unlearn.damping: Fast-NTK then
   # equals Retrain exactly; BN uses the pre-trained statistics; docs/derivation.md §5).
@@ -60,7 +68,9 @@ def base_config() -> ml_collections.ConfigDict:
   """Every field of an experiment with its default (the embedded digits run)."""
   c = ml_collections.ConfigDict()
   c.seeds = (0, 1, 2)  # training seeds (head init, batch order); results give mean ± std
-  c.methods = METHODS  # which methods to run and report (full and retrain always run)
+  # Which methods to run and report, by name: "full" and "retrain" (always run) and the
+  # plug-ins of fastntk_jax/experiment/methods (each with its block below).
+  c.methods = DEFAULT_METHODS
 
   c.data = data_schema.default_data_config()
 
@@ -87,14 +97,14 @@ def base_config() -> ml_collections.ConfigDict:
   # head) and transfers everything but the head, as the paper pre-trains on CIFAR-100.
   c.pretrain.dataset = ""
   c.pretrain.images_per_class = ml_collections.config_dict.placeholder(int)  # None = all
-  c.pretrain.train = _train(epochs=30, lr=0.05, batch_size=64, loss="ce", bn_mode="train")
+  c.pretrain.train = train_group(epochs=30, lr=0.05, batch_size=64, loss="ce", bn_mode="train")
   c.pretrain.train.weight_decay = 5e-4
 
   # PEFT fine-tuning of the trainable collection (Full on D, Retrain on D_r; same protocol).
   # Squared loss, a small learning rate and BN in train mode keep standard fine-tuning close
   # to the linearised model the update assumes: the best cell of the README's regime map
   # (Avg. Gap 0.09 at lr 0.002; cross-entropy or lr 0.05 leave it at 46-50 points).
-  c.finetune = _finetune(epochs=40, lr=0.002, batch_size=64, bn_mode="train")
+  c.finetune = finetune_group(epochs=40, lr=0.002, batch_size=64, bn_mode="train")
 
   c.unlearn = ml_collections.ConfigDict()
   c.unlearn.damping = 1e-2  # λ added to every inverted kernel block
@@ -114,193 +124,28 @@ def base_config() -> ml_collections.ConfigDict:
   # this many GiB; a request then needs no backward pass and subtracts the very rows summed
   # into G (recomputed rows may round differently: a warning names the bound). 0: never.
   c.unlearn.jacobian_cache_gib = 4.0
+  # A forget sample listed twice, or also in D_r, is refused; 0 compares inputs exactly, > 0
+  # also inputs of the same label within this distance in every entry (near-duplicates).
+  c.unlearn.duplicate_tolerance = 0.0
 
+  # The blocks of the method plug-ins (fastntk_jax/experiment/methods/<name>.py; Fast-NTK's
+  # is `unlearn`).
   c.baselines = ml_collections.ConfigDict()
   # Max Loss: gradient ascent on D_f from Full.
-  c.baselines.max_loss = _train(epochs=5, lr=0.01, batch_size=64, loss="ce")
+  c.baselines.max_loss = train_group(epochs=5, lr=0.01, batch_size=64, loss="ce")
   # Random Label: fine-tune Full on D_f with random wrong labels.
-  c.baselines.random_label = _train(epochs=5, lr=0.01, batch_size=64, loss="ce")
+  c.baselines.random_label = train_group(epochs=5, lr=0.01, batch_size=64, loss="ce")
 
   c.eval = ml_collections.ConfigDict()
-  c.eval.relearn = _train(epochs=100, lr=0.01, batch_size=64, loss="ce")  # epochs = the cap
+  c.eval.relearn = train_group(epochs=100, lr=0.01, batch_size=64, loss="ce")  # epochs = the cap
   c.eval.relearn_threshold = 0.05  # relearn time = epochs until D_f training loss < this
-  c.eval.probe = _train(epochs=30, lr=0.05, batch_size=64, loss="ce")  # linear probe of a fresh head
+  c.eval.probe = train_group(epochs=30, lr=0.05, batch_size=64, loss="ce")  # linear probe of a fresh head
   c.eval.batch_size = 256  # inference batch
   # KLoM (population level): N seeds of Full/Retrain/Fast-NTK and N other seeds of Retrain
   # (the noise floor); 0 = off. Affordable in linearised closed-form mode (one Gram per seed).
   c.eval.population_seeds = 0
 
   c.lock()
-  return c
-
-
-def parse_arg(arg, allowed: dict, choices: dict | None = None) -> dict:
-  """Parses a config file's `:arg` such as "tiny" or "classes=20,ipc=50".
-
-  Args:
-    arg: None, "tiny", or comma-separated key=value pairs (optionally with "tiny").
-    allowed: {key: default}: an int default takes digits; a str default takes a word, one of
-      `choices[key]` when given.
-    choices: {key: allowed words} for str-valued keys.
-
-  Returns:
-    {"tiny": bool, **{key: value}}.
-  """
-  out = {"tiny": False, **allowed}
-  for part in (arg or "").split(","):
-    part = part.strip()
-    if not part:
-      continue
-    if part == "tiny":
-      out["tiny"] = True
-      continue
-    key, _, value = part.partition("=")
-    if key in allowed and isinstance(allowed[key], str) and value:
-      if choices and key in choices and value not in choices[key]:
-        raise ValueError(f"bad config argument {part!r}: {key} must be one of "
-                         f"{list(choices[key])}")
-      out[key] = value
-      continue
-    if key not in allowed or not value.isdigit():
-      raise ValueError(f"bad config argument {part!r}: expected 'tiny' or key=int with key in "
-                       f"{sorted(allowed)}")
-    out[key] = int(value)
-  return out
-
-
-def tiny_training(c: ml_collections.ConfigDict) -> None:
-  """Shrinks every training loop of `c` to seconds (the configs' test mode)."""
-  c.seeds = (0,)
-  c.pretrain.train.epochs = 1
-  c.finetune.epochs = 2
-  c.baselines.max_loss.epochs = 1
-  c.baselines.random_label.epochs = 1
-  c.eval.relearn.epochs = 2
-  c.eval.probe.epochs = 1
-  c.eval.batch_size = 32
-  c.unlearn.batch_size = 16
-  c.unlearn.checkpoint_rows = 16  # one Gram chunk = one block: one small compile
-
-
-def cifar_pretrain_recipe(c: ml_collections.ConfigDict, dataset: str = "cifar100") -> None:
-  """The CNN configs' pre-training on `dataset`'s train split (the paper: CIFAR-100), the
-  usual CIFAR recipe: SGD momentum 0.9, lr 0.1, batch 128, 160 epochs, ×0.1 at epochs 80
-  and 120 after a 1-epoch linear warm-up (He et al. 2016's schedule for ResNet-110, which
-  warms up for ~400 iterations), weight decay 5e-4 (the value common for CIFAR-100), random
-  crop (4-pixel padding) + horizontal flip, cross-entropy, BN in train mode. Its accuracy on
-  the dataset's test split goes to results.json (`pretrain.test_accuracy`): ResNet-110 with
-  such a recipe commonly reaches ~72% on CIFAR-100 (not measured here: no CIFAR on our
-  machines)."""
-  c.pretrain.source = "train"
-  c.pretrain.dataset = dataset
-  t = c.pretrain.train
-  t.epochs = 160
-  t.learning_rate = 0.1
-  t.batch_size = 128
-  t.momentum = 0.9
-  t.weight_decay = 5e-4
-  t.loss = "ce"
-  t.bn_mode = "train"
-  t.augment = "crop_flip"
-  t.schedule = "step"
-  t.decay_epochs = (80, 120)
-  t.decay_factor = 0.1
-  t.warmup_epochs = 1.0
-
-
-def tiny_cifar_cnn(c: ml_collections.ConfigDict) -> None:
-  """The CIFAR CNN configs' seconds-long test mode (run under tfds.testing.mock_data, which
-  must give every CIFAR-100 class 2 training and 1 test image): tiny training, 8x8 images,
-  4 classes of 3 training and 2 hold-out images, and the pre-training recipe (augmentation,
-  warm-up, step decay, test accuracy) shrunk to 2 epochs on 2 CIFAR-100 images per class."""
-  tiny_training(c)
-  c.data.image_size = 8
-  c.data.images_per_class = 3
-  c.data.holdout_per_class = 2
-  c.data.num_classes = 4
-  c.pretrain.images_per_class = 2
-  t = c.pretrain.train
-  t.epochs = 2
-  t.batch_size = 32
-  t.decay_epochs = (1,)
-  t.warmup_epochs = 0.5
-
-
-# The published AugReg ViT checkpoints (google-research/vision_transformer, bucket
-# gs://vit_models/augreg/ = https://storage.googleapis.com/vit_models/augreg/; "How to train
-# your ViT?", Steiner et al. 2021). Names as listed in vision_transformer's README (i21k) and
-# in timm's vision_transformer.py default_cfgs, which loads these URLs: `augreg_in1k`
-# (i1k), `augreg_in21k` (i21k), `augreg_in21k_ft_in1k` (i21k_i1k). All at 224x224, inception
-# normalisation ([-1, 1]: data.normalization "vit"). The paper pre-trains its ViTs "on
-# ImageNet-1K", so "i1k" (trained on ImageNet-1k only) is the default; "i21k_i1k" is
-# ImageNet-21k pre-training fine-tuned on ImageNet-1k, "i21k" the ImageNet-21k upstream.
-AUGREG_URL = "https://storage.googleapis.com/vit_models/augreg/"
-VIT_CHECKPOINTS = {
-    ("vit_s16", "i1k"): "S_16-i1k-300ep-lr_0.001-aug_medium2-wd_0.1-do_0.0-sd_0.0"
-                        "--imagenet2012-steps_20k-lr_0.01-res_224.npz",
-    ("vit_b16", "i1k"): "B_16-i1k-300ep-lr_0.001-aug_strong2-wd_0.1-do_0.1-sd_0.1"
-                        "--imagenet2012-steps_20k-lr_0.01-res_224.npz",
-    ("vit_s16", "i21k_i1k"): "S_16-i21k-300ep-lr_0.001-aug_light1-wd_0.03-do_0.0-sd_0.0"
-                             "--imagenet2012-steps_20k-lr_0.03-res_224.npz",
-    ("vit_b16", "i21k_i1k"): "B_16-i21k-300ep-lr_0.001-aug_medium1-wd_0.1-do_0.0-sd_0.0"
-                             "--imagenet2012-steps_20k-lr_0.01-res_224.npz",
-    ("vit_s16", "i21k"): "S_16-i21k-300ep-lr_0.001-aug_light1-wd_0.03-do_0.0-sd_0.0.npz",
-    ("vit_b16", "i21k"): "B_16-i21k-300ep-lr_0.001-aug_medium1-wd_0.1-do_0.0-sd_0.0.npz",
-}
-VIT_WEIGHTS = ("i1k", "i21k_i1k", "i21k")
-
-
-def vit_checkpoint(model: str, weights: str, folder: str = "checkpoints") -> str:
-  """The local path the configs expect for a published AugReg file (download it from
-  AUGREG_URL + its name; see README "Reproducing the paper")."""
-  return f"{folder}/{VIT_CHECKPOINTS[(model, weights)]}"
-
-
-def vit_prompt_config(model: str, dataset: str, num_classes, ipc: int, npz: str,
-                      tiny: bool, *, random_classes: bool = False) -> ml_collections.ConfigDict:
-  """Shared body of the prompted-ViT configs (paper Table II and Appendix B).
-
-  Pre-trained weights come from an AugReg/vision_transformer `.npz` (`npz`; head and prompts
-  stay fresh, a `pre_logits` layer is dropped); the trainable collection is the K/V prompts
-  of every block plus the head. The update solves in float64: at the ViT-B/16 prompt size
-  (p = 89,108) a float32 solve is not accurate enough (benchmarks/RESULTS.md §8).
-  `random_classes`: the paper's ImageNet-R sampling, #classes drawn at random and one of them
-  forgotten at random, a new draw for every seed (data.class_choice/forget_choice/
-  draw_per_seed); otherwise the first #classes and label 0, the same for every seed.
-  """
-  c = base_config()
-  c.data.name = dataset
-  c.data.image_size = 224
-  c.data.normalization = "vit"
-  c.data.num_classes = num_classes
-  c.data.images_per_class = ipc
-  if random_classes:
-    c.data.class_choice = "random"
-    c.data.forget_choice = "random"
-    c.data.draw_per_seed = True
-  c.model.name = model
-  c.model.options = {"prompt_length": 4}
-  c.pretrain.source = "npz"
-  c.pretrain.path = npz
-  c.finetune = _finetune(epochs=20, lr=0.01, batch_size=32, bn_mode="frozen")  # no BN in ViTs
-  c.unlearn.batch_size = 32
-  c.unlearn.solve_dtype = "float64"
-  c.eval.batch_size = 64
-  if tiny:
-    tiny_training(c)
-    # In-process tests: x64 would stay on for the tests that follow (test_configs runs the
-    # float64 path of the CNN config in a subprocess).
-    c.unlearn.solve_dtype = "float32"
-    c.data.image_size = 32
-    c.data.images_per_class = 2
-    # 2: the membership attack's cross-validation needs 2 hold-out images of the forgotten
-    # class (pipeline.distances_to_retrain), at least as many folds as samples per side.
-    c.data.holdout_per_class = 2
-    c.data.num_classes = 4 if num_classes else None
-    c.model.options = {"prompt_length": 2, "patch_size": 16, "hidden_size": 16,
-                       "num_layers": 2, "num_heads": 2, "mlp_dim": 32}
-    c.pretrain.source = "none"
-    c.pretrain.path = ""
   return c
 
 
@@ -377,12 +222,12 @@ def check_keys(cfg, reference=None, prefix="") -> None:
 def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """Checks every field; returns the config unchanged or raises ValueError naming the field."""
   check_keys(cfg)
-  seeds = tuple(cfg.seeds)
-  if not seeds or any(isinstance(s, bool) or not isinstance(s, int) for s in seeds) \
-      or len(set(seeds)) != len(seeds):
-    raise ValueError(f"config.seeds={cfg.seeds!r} must be a non-empty list of distinct ints")
-  for m in cfg.methods:
-    _choice("methods[]", m, METHODS)
+  seeds = tuple(cfg.seeds) if isinstance(cfg.seeds, (tuple, list)) else None
+  if not seeds or any(isinstance(s, bool) or not isinstance(s, (int, np.integer)) or s < 0
+                      for s in seeds) or len(set(seeds)) != len(seeds):
+    raise ValueError(f"config.seeds={cfg.seeds!r} must be a non-empty list of distinct ints "
+                     ">= 0, e.g. '(0, 1, 2)'")
+  _check_methods(cfg)
   _choice("model.name", cfg.model.name, enums.values(enums.ModelName))
   _choice("pretrain.source", cfg.pretrain.source, PRETRAIN_SOURCES)
   if cfg.pretrain.dataset:
@@ -397,12 +242,8 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     raise ValueError("config.data.draw_per_seed=True draws other images per seed, but "
                      "pretrain.source='train' pre-trains on the data's own pretrain split once; "
                      "set pretrain.dataset, another pretrain.source, or draw_per_seed=False")
-  for prefix in ("pretrain.train", "finetune", "baselines.max_loss", "baselines.random_label",
-                 "eval.relearn", "eval.probe"):
-    node = cfg
-    for part in prefix.split("."):
-      node = node[part]
-    _validate_train(prefix, node)
+  for prefix in train_groups(cfg):
+    _validate_train(prefix, _node(cfg, prefix))
   _choice("finetune.mode", cfg.finetune.mode, enums.values(enums.FinetuneMode))
   _choice("finetune.linearized_solver", cfg.finetune.linearized_solver,
           enums.values(enums.LinearizedSolver))
@@ -438,6 +279,12 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
                        "or finetune.mode='standard'")
   u = cfg.unlearn
   _positive("unlearn.damping", u.damping, integer=False, allow_zero=True)
+  _positive("unlearn.duplicate_tolerance", u.duplicate_tolerance, integer=False, allow_zero=True)
+  if cfg.finetune.mode == "linearized" and not u.damping > 0:
+    raise ValueError(f"config.unlearn.damping={u.damping!r} with finetune.mode='linearized': the "
+                     "linearised objective's ridge penalty must be > 0 (its minimiser inverts "
+                     "G + λI, singular when p exceeds the n·C outputs); e.g. "
+                     "--config.unlearn.damping=0.01")
   _choice("unlearn.solver", u.solver, enums.values(enums.Solver))
   _positive("unlearn.batch_size", u.batch_size, integer=True)
   _positive("unlearn.checkpoint_rows", u.checkpoint_rows, integer=True)
@@ -465,10 +312,61 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   return cfg
 
 
+def _node(cfg, dotted: str):
+  node = cfg
+  for part in dotted.split("."):
+    node = node[part]
+  return node
+
+
+def train_groups(cfg) -> tuple[str, ...]:
+  """The dotted paths of every training group of `cfg` (each validated as one, and each
+  batch size a multiple of the device count under data parallelism)."""
+  fixed = ("pretrain.train", "finetune", "eval.relearn", "eval.probe")
+  return fixed + tuple(f"baselines.{k}" for k in cfg.baselines.keys())
+
+
+def _check_methods(cfg) -> None:
+  allowed = tuple(methods_registry.REFERENCES) + methods_registry.names()
+  methods = cfg.methods
+  if isinstance(methods, str) or not isinstance(methods, (tuple, list)):
+    raise ValueError(f"config.methods={methods!r} must be a list of method names, e.g. "
+                     "'(\"fastntk\", \"max_loss\")'; allowed: " + str(list(allowed)))
+  for m in methods:
+    if m not in allowed:
+      raise ValueError(f"config.methods: unknown method {m!r}; allowed: {list(allowed)}")
+  if len(set(methods)) != len(methods):
+    raise ValueError(f"config.methods={tuple(methods)!r} names a method twice")
+
+
+def solve_dtype(cfg) -> Optional[Any]:
+  """The solve dtype `unlearn.solve_dtype` asks for: numpy's float64 (JAX's 64-bit mode on for
+  the run), or None for the params' own (float32)."""
+  return np.dtype(np.float64) if cfg.unlearn.solve_dtype == "float64" else None
+
+
+def ignored_fields(cfg) -> list[str]:
+  """One note per config field the chosen mode does not use (logged once per run)."""
+  notes = []
+  ft = cfg.finetune
+  if ft.mode == "linearized" and ft.linearized_solver == "closed_form":
+    notes.append("finetune.linearized_solver='closed_form': Full and Retrain are the ridge "
+                 "minimisers in closed form, so finetune.epochs, learning_rate, batch_size, "
+                 "optimizer, momentum, schedule, warmup_epochs, decay_epochs and decay_factor "
+                 "are not used")
+  if not cfg.unlearn.serve:
+    notes.append("unlearn.serve=False: unlearn.jacobian_cache_gib is not used")
+  return notes
+
+
 def load_config_file(path: str) -> ml_collections.ConfigDict:
-  """Imports a config file and calls its `get_config(arg)`; `path` may be 'file.py:arg'."""
-  import importlib.util  # pylint: disable=g-import-not-at-top
-  import os  # pylint: disable=g-import-not-at-top
+  """A config file's `get_config(arg)` for `path` = "file.py" or "file.py:arg" (what
+  `--config` loads; for programs that build configs without the command line).
+
+  Raises:
+    ValueError: no such file, not a Python file, no `get_config`, or it returned something
+      other than a ConfigDict (the message names the file).
+  """
   arg = None
   if ":" in os.path.basename(path):
     path, arg = path.rsplit(":", 1)
@@ -482,184 +380,15 @@ def load_config_file(path: str) -> ml_collections.ConfigDict:
   if not hasattr(module, "get_config"):
     raise ValueError(f"config file {path!r} defines no get_config()")
   try:
-    return module.get_config(arg) if arg is not None else module.get_config()
+    cfg = module.get_config(arg) if arg is not None else module.get_config()
   except (AttributeError, KeyError) as e:  # a misspelt field of the locked ConfigDict
     raise ValueError(f"config file {path!r}: {e}") from None
+  return check_is_config(cfg, path)
 
 
-# --------------------------------------------------------------------------------------------------
-# Command-line overrides: --config.a.b=value (fastntk_jax.main)
-# --------------------------------------------------------------------------------------------------
-
-_NONE_WORDS = ("none", "null")
-_TRUE_WORDS = ("true", "yes", "on", "1")
-_FALSE_WORDS = ("false", "no", "off", "0")
-_FREE_FORM = ("model.options",)  # groups whose keys are free (get_model(**options))
-
-
-class ConfigOverrideError(ValueError):
-  """A `--config.field=value` override that names no field or whose value does not parse."""
-
-
-def _literal(raw: str):
-  import ast  # pylint: disable=g-import-not-at-top
-  try:
-    return ast.literal_eval(raw.strip())
-  except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
-    return raw
-
-
-def _split_top_level_commas(text: str) -> list:
-  """Splits at the commas outside brackets and quotes: 'a,b' -> ['a', 'b'], but a regular
-  expression's 'head/.{1,3}' or '(a,b)x' stays one element."""
-  parts, depth, quote, start = [], 0, None, 0
-  for i, ch in enumerate(text):
-    if quote:
-      quote = None if ch == quote else quote
-    elif ch in "'\"":
-      quote = ch
-    elif ch in "([{":
-      depth += 1
-    elif ch in ")]}":
-      depth = max(0, depth - 1)
-    elif ch == "," and depth == 0:
-      parts.append(text[start:i])
-      start = i + 1
-  parts.append(text[start:])
-  return parts
-
-
-def _literal_sequence(raw: str) -> list:
-  """'(0, 1)', '[0,1]', '0,1', '3' or 'full,retrain' -> a list (elements parsed as literals)."""
-  value = _literal(raw)
-  if isinstance(value, (tuple, list)):
-    return list(value)
-  if not isinstance(value, str):  # a single number, bool or None
-    return [value]
-  text = raw.strip()
-  if text[:1] + text[-1:] in ("()", "[]"):
-    text = text[1:-1]
-  parts = [p.strip() for p in _split_top_level_commas(text)]
-  if parts and parts[-1] == "":  # '(a,)'
-    parts = parts[:-1]
-  return [_literal(p) for p in parts if p or len(parts) > 1]
-
-
-def parse_override_value(field: str, raw: str | None, kind: type, current: Any) -> Any:
-  """Parses the text of `--config.<field>=<raw>` for a field of type `kind`.
-
-  `raw` None means the flag was given without a value (only booleans: true). Any field may
-  be set to None with 'None' (other fields also 'none' or 'null'; a text field keeps those as
-  text, e.g. augment='none'); `validate` then decides whether None is allowed there.
-  """
-  flag = f"--config.{field}" + ("" if raw is None else f"={raw}")
-
-  def bad(expected: str):
-    return ConfigOverrideError(f"{flag}: config.{field} expects {expected}, got {raw!r}")
-
-  if raw is None:
-    if kind is bool:
-      return True
-    raise ConfigOverrideError(f"{flag}: config.{field} needs a value, e.g. --config.{field}=...")
-  text = raw.strip()
-  if text == "None" or (kind is not str and text.lower() in _NONE_WORDS):
-    return None
-  if kind is bool:
-    if text.lower() in _TRUE_WORDS:
-      return True
-    if text.lower() in _FALSE_WORDS:
-      return False
-    raise bad("true or false")
-  if kind is int:
-    value = _literal(text)
-    if isinstance(value, bool) or not isinstance(value, int):
-      raise bad("an int")
-    return value
-  if kind is float:
-    value = _literal(text)
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-      try:
-        value = float(text)  # 'inf', 'nan'
-      except ValueError:
-        raise bad("a number") from None
-    return float(value)
-  if kind is str:
-    return raw
-  if kind in (tuple, list):
-    opened, closed = text[:1] in "([", text[-1:] in ")]"
-    if opened != closed or (opened and text[:1] + text[-1:] not in ("()", "[]")):
-      raise bad("a list such as '(3,)', '[3, 4]' or '3,4'")
-    return kind(_literal_sequence(raw))
-  if isinstance(current, ml_collections.ConfigDict) or kind is dict:
-    value = _literal(text)
-    if not isinstance(value, dict):
-      raise bad("a dict such as \"{'key': value}\"")
-    return value
-  return _literal(raw)  # a field that is None by default: any Python literal, else the text
-
-
-def _did_you_mean(key: str, options) -> str:
-  import difflib  # pylint: disable=g-import-not-at-top
-  close = difflib.get_close_matches(key, [str(o) for o in options], n=1, cutoff=0.6)
-  return f"; did you mean {close[0]!r}?" if close else ""
-
-
-def apply_overrides(cfg: ml_collections.ConfigDict, overrides) -> ml_collections.ConfigDict:
-  """Applies `[(field, raw_text_or_None), ...]` from `--config.field=raw` flags, in order.
-
-  Every field of the config can be set, lists and tuples too ('(0,1)', '[3]', '3' or '0,1');
-  a group's free-form keys (`model.options`) can be added. Raises `ConfigOverrideError`
-  (a ValueError) with one line naming the flag and what it expects.
-  """
-  for field, raw in overrides:
-    flag = f"--config.{field}" + ("" if raw is None else f"={raw}")
-    parts = field.split(".")
-    if not field or any(not p for p in parts):
-      raise ConfigOverrideError(f"{flag}: empty config field name")
-    node, walked = cfg, []
-    for key in parts[:-1]:
-      if not isinstance(node, ml_collections.ConfigDict):
-        raise ConfigOverrideError(f"{flag}: config.{'.'.join(walked)} is a value, not a group "
-                                  "of fields")
-      if key not in node:
-        where = "config" + "".join(f".{w}" for w in walked)
-        raise ConfigOverrideError(
-            f"{flag}: unknown config field {'.'.join(walked + [key])!r}"
-            f"{_did_you_mean(key, node.keys())} ({where} has {sorted(node.keys())})")
-      node = node[key]
-      walked.append(key)
-    key = parts[-1]
-    group = ".".join(walked)
-    if not isinstance(node, ml_collections.ConfigDict):
-      raise ConfigOverrideError(f"{flag}: config.{group} is a value, not a group of fields")
-    free_form = group in _FREE_FORM
-    if key not in node:
-      if not free_form:
-        where = "config" + "".join(f".{w}" for w in walked)
-        raise ConfigOverrideError(
-            f"{flag}: unknown config field {field!r}{_did_you_mean(key, node.keys())} "
-            f"({where} has {sorted(node.keys())})")
-      value = None if raw is None else _literal(raw)
-      with node.unlocked():
-        node[key] = value
-      continue
-    current = node[key]
-    if isinstance(current, ml_collections.ConfigDict) and field not in _FREE_FORM:
-      raise ConfigOverrideError(
-          f"{flag}: config.{field} is a group of fields; set one of them, e.g. "
-          f"--config.{field}.{sorted(current.keys())[0] if current.keys() else 'name'}=...")
-    kind = node.get_type(key)
-    value = parse_override_value(field, raw, kind, current)
-    try:
-      if isinstance(current, ml_collections.ConfigDict):  # model.options: a whole new dict
-        with node.unlocked():
-          node[key] = ml_collections.ConfigDict(value)
-      elif free_form:
-        with node.unlocked():
-          node[key] = value
-      else:
-        node[key] = value
-    except (TypeError, ValueError, KeyError) as e:
-      raise ConfigOverrideError(f"{flag}: cannot set config.{field}: "
-                                f"{' '.join(str(e).split())}") from None
+def check_is_config(cfg, path: str) -> ml_collections.ConfigDict:
+  """`cfg` if it is a ConfigDict, else a ValueError naming the file and what it returned."""
+  if not isinstance(cfg, ml_collections.ConfigDict):
+    raise ValueError(f"config file {path!r}: get_config() returned {type(cfg).__name__}, not "
+                     "an ml_collections.ConfigDict (start from fastntk_jax.config.base_config())")
   return cfg

@@ -24,11 +24,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from fastntk_jax import data as data_lib
+from fastntk_jax.data import batches as batches_lib
 from fastntk_jax import enums
 from fastntk_jax import faults
 from fastntk_jax import workdir as workdir_lib
-from fastntk_jax.models.trainable import LINEARIZATION_POINT
+from fastntk_jax.models.layers import LINEARIZATION_POINT
 
 PyTree = Any
 
@@ -94,6 +94,21 @@ class TrainSpec:
   warmup_epochs: float = 0.0
   decay_epochs: tuple = ()
   decay_factor: float = 0.1
+
+  @classmethod
+  def from_config(cls, group, **overrides) -> "TrainSpec":
+    """The spec of a training group of the config (`config.train_group`: epochs,
+    learning_rate, batch_size, optimizer, momentum, weight_decay, loss, bn_mode, augment,
+    schedule, warmup_epochs, decay_epochs, decay_factor), with `overrides` applied."""
+    fields = dict(epochs=int(group.epochs), learning_rate=float(group.learning_rate),
+                  batch_size=int(group.batch_size), optimizer=group.optimizer,
+                  momentum=float(group.momentum), weight_decay=float(group.weight_decay),
+                  loss=group.loss, bn_mode=group.bn_mode, augment=group.augment,
+                  schedule=group.schedule, warmup_epochs=float(group.warmup_epochs),
+                  decay_epochs=tuple(int(e) for e in group.decay_epochs),
+                  decay_factor=float(group.decay_factor))
+    fields.update(overrides)
+    return cls(**fields)
 
   def describe(self) -> str:
     extra = ""
@@ -261,7 +276,7 @@ def fit_collections(model, trained: dict, frozen: dict, split, spec: TrainSpec,
     tx, step = _cached_step(model, dataclasses.replace(spec, epochs=0), num_classes)
   else:  # the schedule's steps depend on the epochs and on the batches per epoch
     x, _ = split
-    steps_per_epoch = data_lib.num_batches(len(x), spec.batch_size)
+    steps_per_epoch = batches_lib.num_batches(len(x), spec.batch_size)
     tx, step = _cached_step(model, spec, num_classes, steps_per_epoch)
   if mesh is not None:
     from fastntk_jax import sharding  # pylint: disable=g-import-not-at-top
@@ -286,17 +301,17 @@ def fit_collections(model, trained: dict, frozen: dict, split, spec: TrainSpec,
   devices = 1 if mesh is None else int(mesh.size)
   for epoch in range(first_epoch, spec.epochs):
     total, count = 0.0, 0.0
-    batches = data_lib.iterate_batches(split, spec.batch_size, seed=seed, epoch=epoch,
+    batches = batches_lib.iterate_batches(split, spec.batch_size, seed=seed, epoch=epoch,
                                        remainder="partial" if batch_statistics else "pad")
     for index, b in enumerate(batches):
       if spec.augment == "crop_flip":
         # Drawn from (seed, epoch, batch): a resumed fit sees the same augmented batches.
         rng = np.random.default_rng([seed, epoch, index, _AUGMENT_STREAM])
-        b = data_lib.Batch(data_lib.random_crop_flip(b.x, rng), b.y, b.mask)
+        b = batches_lib.Batch(batches_lib.random_crop_flip(b.x, rng), b.y, b.mask)
       if b.x.shape[0] % devices:
         # A mesh splits a batch evenly: the few rows beyond a multiple of the device count
         # wait for a later epoch (the shuffle differs per epoch).
-        b = data_lib.Batch(*(a[:b.x.shape[0] - b.x.shape[0] % devices] for a in b))
+        b = batches_lib.Batch(*(a[:b.x.shape[0] - b.x.shape[0] % devices] for a in b))
         if not b.x.shape[0]:
           continue
       trained, opt_state, batch_stats, loss = step(trained, opt_state, batch_stats,
@@ -331,7 +346,7 @@ def predict(model, trainable: PyTree, frozen: dict, x: np.ndarray,
   """Logits [n, C] in inference mode, in fixed-size padded batches (one compile)."""
   variables = {**frozen, "trainable": trainable}
   out = []
-  for b in data_lib.iterate_batches((x, np.zeros(x.shape[0], np.int32)), batch_size,
+  for b in batches_lib.iterate_batches((x, np.zeros(x.shape[0], np.int32)), batch_size,
                                     shuffle=False):
     out.append(np.asarray(_infer(model, variables, b.x))[b.mask > 0])
   return np.concatenate(out) if out else np.zeros((0, 0), np.float32)

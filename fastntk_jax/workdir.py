@@ -1,11 +1,15 @@
-"""Atomic files and the workdir's ownership by one config."""
+"""Atomic files, and the workdir's ownership: by one config (`claim`), and by one running
+process at a time (`hold`)."""
 
 from __future__ import annotations
 
+import contextlib
+import datetime
 import hashlib
 import json
 import logging
 import os
+import socket
 import tempfile
 import threading
 import time
@@ -14,6 +18,7 @@ from typing import Any, Callable, Optional
 import ml_collections
 
 CONFIG_FILE = "config.json"
+LOCK_FILE = ".lock"
 log = logging.getLogger(__name__)
 _MAGIC = b"FASTNTK1"
 
@@ -88,6 +93,83 @@ def claim(workdir: str, cfg: ml_collections.ConfigDict) -> None:
           "or delete that one")
     return
   atomic_write_json(path, mine)
+
+
+class WorkdirBusyError(ValueError):
+  """Another running process holds the workdir."""
+
+
+def _holder(path: str) -> str:
+  try:
+    with open(path) as f:
+      info = json.load(f)
+    return f"pid {info.get('pid')} on {info.get('host')}, since {info.get('since')}"
+  except (OSError, ValueError):
+    return "a process that left no details"
+
+
+def _pid_alive(pid) -> bool:
+  try:
+    os.kill(int(pid), 0)
+  except (OSError, ValueError, TypeError):
+    return False
+  return True
+
+
+@contextlib.contextmanager
+def hold(workdir: str, *, exclusive: bool = True):
+  """Holds `workdir` for this process while the block runs: a second run on it is refused.
+
+  The lock is an `fcntl.flock` on `<workdir>/.lock`, which records the holder's pid, host and
+  start time; the kernel releases it when the holder exits or is killed, so the lock of a
+  killed run is taken over by the next one. On a filesystem without flock (some NFS or
+  Lustre mounts) the recorded pid decides: a holder on this host that is no longer running
+  is taken over; one on another host is refused (remove `.lock` if it is gone).
+
+  Args:
+    exclusive: False for the processes of one multi-host run other than the first, which
+      share the workdir by design and take no lock.
+
+  Raises:
+    WorkdirBusyError: another run holds it (the message names the holder).
+  """
+  if not exclusive:
+    yield
+    return
+  import fcntl  # pylint: disable=g-import-not-at-top
+  os.makedirs(workdir, exist_ok=True)
+  path = os.path.join(workdir, LOCK_FILE)
+  busy = lambda: WorkdirBusyError(
+      f"workdir {workdir!r} is in use by another run ({_holder(path)}); wait for it to "
+      "finish or use another --workdir")
+  with open(path, "a+") as f:
+    locked = False
+    try:
+      fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+      locked = True
+    except BlockingIOError:
+      raise busy() from None
+    except OSError:  # no flock here: the recorded holder decides
+      try:
+        with open(path) as g:
+          info = json.load(g)
+      except (OSError, ValueError):
+        info = {}
+      if info and (info.get("host") != socket.gethostname() or _pid_alive(info.get("pid"))):
+        raise busy() from None
+    f.seek(0)
+    f.truncate()
+    f.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                        "since": datetime.datetime.now().isoformat(timespec="seconds")}))
+    f.flush()
+    try:
+      yield
+    finally:
+      f.seek(0)
+      f.truncate()
+      f.flush()
+      if locked:
+        fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _diff(a, b, prefix="") -> list[str]:

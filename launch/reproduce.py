@@ -262,7 +262,8 @@ def results_table(title: str, points, dataset: str, models: Sequence[str]) -> li
   for key, label in TABLE_METRICS:
     for m in METHODS:
       cells = [_fmt(p["methods"].get(m, {}).get(key)) for p in cols]
-      lines.append(f"| {label} | {sweep.METHOD_LABELS[m]} | " + " | ".join(cells) + " |")
+      name = next((p["labels"][m] for p in cols if m in p.get("labels", {})), m)
+      lines.append(f"| {label} | {name} | " + " | ".join(cells) + " |")
   params = [(f"{p['params']['trainable_params']:,} ({p['params']['trainable_percent']:.2f}%)"
              if p.get("params", {}).get("trainable_params") else "–") for p in cols]
   lines.append("| #Params (trainable) | | " + " | ".join(params) + " |")

@@ -61,7 +61,7 @@ GROUPS = ("cifar10", "imagenet_r", "appendix")
 DEFAULT_GROUPS = ("cifar10", "imagenet_r")
 # Models whose configs pre-train their backbone (on CIFAR-100): every job of such a model
 # gets --config.pretrain.cache_dir=<root>/pretrain_cache, so the backbone is trained once and
-# shared by every seed and #IPC (fastntk_jax/pretraining.py); under SLURM the other jobs of
+# shared by every seed and #IPC (fastntk_jax/experiment/pretrain.py); under SLURM the other jobs of
 # that model wait for the first one (--dependency=afterany), which trains it.
 PRETRAINED_HERE = ("resnet110", "mobilenetv2")
 CACHE_FOLDER = "pretrain_cache"
@@ -70,13 +70,11 @@ MODEL_LABELS = {"resnet110": "ResNet-110", "mobilenetv2": "MobileNetV2",
                 "vit_s16": "ViT-S/16", "vit_b16": "ViT-B/16", "vit_ti16": "ViT-Ti/16"}
 DATASET_LABELS = {"cifar10": "CIFAR-10", "cifar100": "CIFAR-100", "imagenet_r": "ImageNet-R",
                   "digits": "digits"}
-# Kept in step with fastntk_jax/report.py (METRICS, METHOD_LABELS); duplicated so that the
-# merge runs without importing JAX.
+# Kept in step with fastntk_jax/experiment/report.py (METRICS); duplicated so that the merge
+# runs without importing JAX. Method labels come from results.json.
 METRICS = (("acc_retain", "D_r acc"), ("acc_forget", "D_f acc"),
            ("acc_test_retain", "Test acc (retain cls)"),
            ("acc_test_forget", "Test acc (forget cls)"), ("relearn_epochs", "Relearn (epochs)"))
-METHOD_LABELS = {"full": "Full", "retrain": "Retrain", "fastntk": "Fast-NTK",
-                 "max_loss": "Max Loss", "random_label": "Random Label"}
 PROBE_METRICS = ("probe_acc_retain", "probe_acc_forget")
 
 
@@ -231,7 +229,8 @@ def merge(paths: Sequence[str]) -> dict:
     except (KeyError, TypeError, ValueError) as e:
       raise ValueError(f"{path}: not a fastntk_jax results.json (missing {e})") from None
     entry = points.setdefault(key, {"seeds": [], "sources": [], "runs": {}, "probes": {},
-                                    "model": res.get("model", {}), "pretrain": []})
+                                    "model": res.get("model", {}), "pretrain": [],
+                                    "labels": {}})
     clash = sorted(set(seeds) & set(entry["seeds"]))
     if clash:
       raise ValueError(f"seed(s) {clash} of {key} appear in both {path} and one of "
@@ -239,6 +238,7 @@ def merge(paths: Sequence[str]) -> dict:
     entry["seeds"] += seeds
     entry["sources"].append(path)
     for name, metrics in methods.items():
+      entry["labels"].setdefault(name, metrics.get("label", name))
       run = entry["runs"].setdefault(name, {m: [] for m, _ in METRICS})
       for m, _ in METRICS:
         per_seed = (metrics.get(m) or {}).get("per_seed") or [None] * len(seeds)
@@ -262,6 +262,7 @@ def merge(paths: Sequence[str]) -> dict:
     pre = entry["pretrain"][0] if entry["pretrain"] else None
     out.append({"model": model, "dataset": dataset, "num_classes": k, "ipc": ipc,
                 "seeds": entry["seeds"], "sources": entry["sources"], "methods": methods,
+                "labels": entry["labels"],
                 "probes": probes, "params": params,
                 "pretrain": None if pre is None else {
                     f: pre.get(f) for f in ("dataset", "test_accuracy", "test_split",
@@ -289,12 +290,10 @@ def markdown(merged: dict) -> str:
            "point across jobs.", "",
            "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   for p in merged["points"]:
-    order = [m for m in METHOD_LABELS if m in p["methods"]]
-    order += [m for m in p["methods"] if m not in METHOD_LABELS]
-    for name in order:
+    for name in p["methods"]:
       row = [MODEL_LABELS.get(p["model"], p["model"]),
              DATASET_LABELS.get(p["dataset"], p["dataset"]),
-             f"{p['num_classes']}/{p['ipc']}", METHOD_LABELS.get(name, name),
+             f"{p['num_classes']}/{p['ipc']}", p.get("labels", {}).get(name, name),
              *(_fmt(p["methods"][name][m]) for m, _ in METRICS),
              ",".join(str(s) for s in sorted(p["seeds"]))]
       lines.append("| " + " | ".join(row) + " |")

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 import scipy.ndimage
 
-from fastntk_jax.models.trainable import FROZEN_PARAMS, TRAINABLE
+from fastntk_jax.models.layers import FROZEN_PARAMS, TRAINABLE
 
 PyTree = Any
 

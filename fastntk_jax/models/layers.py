@@ -13,7 +13,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from fastntk_jax.models.trainable import BATCH_STATS, TRAINABLE
+# The Flax collections of every model (`models.trainable` documents and splits them).
+TRAINABLE = "trainable"
+FROZEN_PARAMS = "params"
+BATCH_STATS = "batch_stats"
+# w0, beside the frozen collections, for a model linearised at w0 (`unlearn.linear`).
+LINEARIZATION_POINT = "linearization_point"
 
 Initializer = Callable[[jax.Array, tuple, jnp.dtype], jax.Array]
 

@@ -27,13 +27,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-PyTree = Any
+from fastntk_jax.models.layers import (BATCH_STATS, FROZEN_PARAMS, LINEARIZATION_POINT,
+                                       TRAINABLE)
 
-TRAINABLE = "trainable"
-FROZEN_PARAMS = "params"
-BATCH_STATS = "batch_stats"
-# w0, beside the frozen collections, for a model linearised at w0 (`unlearn.linear`).
-LINEARIZATION_POINT = "linearization_point"
+PyTree = Any
 
 __all__ = [
     "TRAINABLE",
@@ -45,6 +42,8 @@ __all__ = [
     "make_train_apply_fn",
     "count_params",
     "param_names",
+    "init_variables",
+    "fresh_head",
 ]
 
 
@@ -200,3 +199,17 @@ def make_train_apply_fn(model: nn.Module, frozen: Mapping[str, Any]
     return logits, updates.get(BATCH_STATS, {})
 
   return train_apply_fn
+
+
+def init_variables(model: nn.Module, image_shape, seed: int) -> dict:
+  """The model's variables at init for one input shape [H, W, 3], as host (numpy) arrays."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  x = jnp.zeros((1,) + tuple(image_shape), jnp.float32)
+  return jax.tree_util.tree_map(np.asarray, dict(model.init(jax.random.PRNGKey(seed), x)))
+
+
+def fresh_head(trainable: PyTree, model: nn.Module, image_shape, seed: int) -> PyTree:
+  """The trainable collection with the model's head freshly initialised (one per task)."""
+  if "head" not in trainable:
+    raise ValueError(f"the trainable collection has no 'head' (keys: {sorted(trainable)})")
+  return {**trainable, "head": init_variables(model, image_shape, seed)[TRAINABLE]["head"]}

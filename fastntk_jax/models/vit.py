@@ -38,7 +38,7 @@ import jax
 import jax.numpy as jnp
 
 from fastntk_jax.models.layers import TrainableDense
-from fastntk_jax.models.trainable import TRAINABLE
+from fastntk_jax.models.layers import TRAINABLE
 
 # name -> (hidden size D, layers, heads, MLP dim); patch 16 for all.
 VIT_SIZES = {

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 
 from fastntk_jax import linalg
 from fastntk_jax import ntk
-from fastntk_jax.models.trainable import LINEARIZATION_POINT
+from fastntk_jax.models.layers import LINEARIZATION_POINT
 
 PyTree = Any
 ApplyFn = Callable[[PyTree, jnp.ndarray], jnp.ndarray]

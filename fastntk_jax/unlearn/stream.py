@@ -162,6 +162,10 @@ class ForgetState:
     """p, scalars in the trainable pytree."""
     return int(self.rhs.shape[0])
 
+  def arrays(self) -> dict:
+    """The array fields by name (`state_arrays`): what persisting the state needs."""
+    return state_arrays(self)
+
 
 def state_arrays(state: ForgetState) -> dict:
   """The array fields of a state by name (None for an absent Jacobian cache): what persisting

@@ -11,9 +11,8 @@ from typing import Optional
 import numpy as np
 
 from fastntk_jax import workdir as wd
+from fastntk_jax.experiment import methods as methods_lib
 
-METHOD_LABELS = {"full": "Full", "retrain": "Retrain", "fastntk": "Fast-NTK",
-                 "max_loss": "Max Loss", "random_label": "Random Label"}
 METRICS = [("acc_retain", "D_r acc"), ("acc_forget", "D_f acc"),
            ("acc_test_retain", "Test acc (retain cls)"), ("acc_test_forget", "Test acc (forget cls)"),
            ("relearn_epochs", "Relearn (epochs)")]
@@ -30,6 +29,14 @@ TIMING_FIELDS = ("seconds",)
 # over those four; RTE = the run time of the unlearning step (compilation excluded).
 FIELD_METRICS = [("ua", "UA"), ("ra", "RA"), ("ta", "TA"), ("mia_efficacy", "MIA-Efficacy")]
 GAP = ("avg_gap", "Avg. Gap")
+
+
+def _label(name: str) -> str:
+  """A method's label in tables and plots (its plug-in's), or its name."""
+  try:
+    return methods_lib.label(name)
+  except ValueError:
+    return name
 
 
 def avg_gap(entry: dict, retrain: dict) -> Optional[float]:
@@ -97,6 +104,7 @@ def build_results(cfg, data, model, pretrained, per_seed: dict) -> dict:
     entry["per_seed"] = {str(s): {k: per_seed[s]["methods"][name].get(k)
                                   for k, _ in METRICS + FIELD_METRICS}
                          for s in seeds}  # run times per seed are under "timing"
+    entry["label"] = _label(name)
     entry["relearn_protocol"] = runs[0]["relearn_protocol"]
     entry["relearn_curves"] = [r["relearn_curve"] for r in runs]
     methods[name] = entry
@@ -153,7 +161,7 @@ def markdown(results: dict) -> str:
   ]
   for name, entry in results["methods"].items():
     secs = results["timing"]["methods"][name]["seconds"]
-    row = [METHOD_LABELS.get(name, name)] + [_fmt(entry[k]) for k, _ in METRICS] + [_fmt(secs, 2)]
+    row = [_label(name)] + [_fmt(entry[k]) for k, _ in METRICS] + [_fmt(secs, 2)]
     lines.append("| " + " | ".join(row) + " |")
   first = next(iter(results["methods"].values()))
   lines += ["", f"Relearn protocol: {first['relearn_protocol']}. Time: fine-tuning for Full/"
@@ -209,7 +217,7 @@ def markdown(results: dict) -> str:
             + " | RTE (s) |", "|---|" + "---|" * (len(FIELD_METRICS) + 2)]
   for name, entry in results["methods"].items():
     secs = results["timing"]["methods"][name]["seconds"]
-    lines.append("| " + " | ".join([METHOD_LABELS.get(name, name)]
+    lines.append("| " + " | ".join([_label(name)]
                                    + [_fmt(entry.get(k)) for k, _ in FIELD_METRICS + [GAP]]
                                    + [_fmt(secs, 2)]) + " |")
   lines += ["", "UA = 100 − D_f acc; RA = D_r acc; TA = test acc of the retained classes; "
@@ -223,7 +231,7 @@ def markdown(results: dict) -> str:
               "| Method (seeds A) vs Retrain (seeds B) | mean | median | q90 | q99 |",
               "|---|---|---|---|---|"]
     for name, st in k["per_method"].items():
-      label = METHOD_LABELS.get(name, name) + (" (noise floor)" if name == k["floor"] else "")
+      label = _label(name) + (" (noise floor)" if name == k["floor"] else "")
       lines.append(f"| {label} | {st['mean']:.3f} | {st['median']:.3f} | {st['q90']:.3f} | "
                    f"{st['q99']:.3f} |")
     lines += ["", "Per forget example: KL between the histograms (20 bins, margins clipped to "
@@ -233,7 +241,7 @@ def markdown(results: dict) -> str:
             "| Method | " + " | ".join(label for _, label in DISTANCES) + " |",
             "|---|" + "---|" * len(DISTANCES)]
   for name, entry in results["methods"].items():
-    lines.append("| " + " | ".join([METHOD_LABELS.get(name, name)]
+    lines.append("| " + " | ".join([_label(name)]
                                    + [_fmt(entry.get(k), 3) for k, _ in DISTANCES]) + " |")
   lines += ["", "KL(Retrain ‖ method) of the predicted class distributions, mean over samples. "
             "MIA: logistic regression on per-example cross-entropy, D_f (members) vs the "
@@ -249,7 +257,7 @@ def markdown(results: dict) -> str:
       for key, _ in METRICS[:4] + DISTANCES[3:]:
         a, b = (entry.get(key) or {}).get("mean"), (ref.get(key) or {}).get("mean")
         cells.append("–" if a is None or b is None else f"{a - b:+.2f}")
-      lines.append(f"| {METHOD_LABELS.get(name, name)} | " + " | ".join(cells) + " |")
+      lines.append(f"| {_label(name)} | " + " | ".join(cells) + " |")
     lines.append("")
   lines += ["## Linear probing (fresh head on D, backbone frozen)", "",
             "| Backbone | D_r acc | D_f acc |", "|---|---|---|"]
@@ -276,7 +284,7 @@ def plot_accuracy(results: dict, path: str) -> None:
     stds = [results["methods"][n][key]["std"] or 0.0 for n in names]
     ax.bar(np.arange(len(names)) + (i - (len(splits) - 1) / 2) * width, means, width,
            yerr=stds, capsize=3, label=label)
-  ax.set_xticks(np.arange(len(names)), [METHOD_LABELS.get(n, n) for n in names])
+  ax.set_xticks(np.arange(len(names)), [_label(n) for n in names])
   ax.set_ylabel("accuracy (%)")
   ax.set_ylim(0, 105)
   ax.set_title(f"{results['model']['name']} on {results['config']['data']['name']}: "
@@ -295,7 +303,7 @@ def plot_relearn(results: dict, path: str) -> None:
   for name, entry in results["methods"].items():
     for i, curve in enumerate(entry["relearn_curves"]):
       ax.plot(np.arange(1, len(curve) + 1), curve, color=f"C{list(results['methods']).index(name)}",
-              alpha=0.8, label=METHOD_LABELS.get(name, name) if i == 0 else None)
+              alpha=0.8, label=_label(name) if i == 0 else None)
   thr = results["config"]["eval"]["relearn_threshold"]
   ax.axhline(thr, color="k", ls="--", lw=0.8, label=f"threshold {thr:g}")
   ax.set_yscale("log")
@@ -308,12 +316,12 @@ def plot_relearn(results: dict, path: str) -> None:
   plt.close(fig)
 
 
-# What `pipeline.pretrain_info` records that differs between identical runs.
+# What `pretrain.pretrain_info` records that differs between identical runs.
 _PRETRAIN_TIMING = ("seconds", "cache_entry", "cache_hit")
 
 
 def add_pretrain(results: dict, info: dict) -> dict:
-  """Adds the backbone's record (`pipeline.pretrain_info`): `results["pretrain"]` (source,
+  """Adds the backbone's record (`pretrain.pretrain_info`): `results["pretrain"]` (source,
   dataset, recipe, test accuracy on the pre-training dataset's test split, cache key) and,
   under `timing.pretrain`, what differs between identical runs (seconds, cache entry, hit)."""
   results["pretrain"] = {k: v for k, v in info.items() if k not in _PRETRAIN_TIMING}

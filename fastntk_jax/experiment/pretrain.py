@@ -1,6 +1,8 @@
-"""Pre-training a CNN backbone on another dataset (the paper: CIFAR-100 for its CIFAR-10
-CNNs), its accuracy on that dataset's test split, and a cache that shares one pre-training
-between every run that needs the same backbone.
+"""The backbone every method starts from (`pretrain_stage`): trained on the task data's own
+pre-training split, or on another dataset (the paper: CIFAR-100 for its CIFAR-10 CNNs) with
+its accuracy on that dataset's test split and a cache that shares one pre-training between
+every run that needs the same backbone; or loaded (a ViT `.npz`, a PyTorch state dict, a
+checkpoint); or random.
 
 The cache (`load_or_train`, config `pretrain.cache_dir`) is content-addressed: an entry's
 name ends in the SHA-256 of the pre-training config (`cache_key`: model and its options,
@@ -20,7 +22,6 @@ holds:
                     train.partial (the processes of one multi-host run train together and
                     take no lock)
 
-Imports JAX and Flax (through the training code) only when a function is called.
 """
 
 from __future__ import annotations
@@ -33,7 +34,16 @@ import os
 import time
 from typing import Any, Callable, Optional
 
+import jax
 import numpy as np
+
+from fastntk_jax import models
+from fastntk_jax import train as train_lib
+from fastntk_jax import workdir as wd
+from fastntk_jax.data import schema
+from fastntk_jax.data import splits
+from fastntk_jax.models import checkpoints
+from fastntk_jax.models import trainable as tr
 
 log = logging.getLogger(__name__)
 
@@ -61,8 +71,7 @@ def pretrain_data_config(cfg, image_size: int, normalization: str):
   """The data config of the pre-training dataset: every class, `pretrain.images_per_class`
   training images per class (None: all), the dataset's default hold-out (CIFAR: the whole
   test split), at the task's image size and normalisation."""
-  from fastntk_jax import data as data_lib  # pylint: disable=g-import-not-at-top
-  pre = data_lib.default_data_config()
+  pre = schema.default_data_config()
   pre.update(dict(
       name=cfg.pretrain.dataset, data_dir=cfg.data.data_dir, manual_dir=cfg.data.manual_dir,
       image_size=int(image_size), normalization=normalization,
@@ -76,7 +85,6 @@ def cache_key(cfg, image_size: int, normalization: str) -> tuple[dict, str]:
 
   Nothing about the task (its dataset, #IPC, classes, seeds, fine-tuning, unlearning) enters,
   nor where the data lives (`data_dir`), so every run needing this backbone shares it."""
-  from fastntk_jax import models  # pylint: disable=g-import-not-at-top
   key = {
       "version": CACHE_VERSION,
       "model": cfg.model.name,
@@ -103,25 +111,20 @@ def _split_variables(variables: dict) -> tuple[dict, dict]:
 
 def accuracy(model, variables: dict, split, batch_size: int) -> Optional[float]:
   """Top-1 accuracy (%) of a full variables dict on a `Split` (inference-mode BN)."""
-  from fastntk_jax import train as train_lib  # pylint: disable=g-import-not-at-top
   trainable, frozen = _split_variables(variables)
   logits = train_lib.predict(model, trainable, frozen, split.x, batch_size=batch_size)
   return train_lib.accuracy(logits, split.y)
 
 
 def _abstract_variables(model, image_shape) -> dict:
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  x = jnp.zeros((1,) + tuple(image_shape), jnp.float32)
-  return dict(jax.eval_shape(lambda: model.init(jax.random.PRNGKey(INIT_SEED), x)))
+  x = jax.ShapeDtypeStruct((1,) + tuple(image_shape), np.float32)
+  return dict(jax.eval_shape(lambda x: model.init(jax.random.PRNGKey(INIT_SEED), x), x))
 
 
 def pretrain_model(cfg):
   """The architecture of the task with the pre-training dataset's head (all its classes)."""
-  from fastntk_jax.data import schema  # pylint: disable=g-import-not-at-top
-  from fastntk_jax.models import get_model  # pylint: disable=g-import-not-at-top
   num_classes = schema.NUM_DATASET_CLASSES[cfg.pretrain.dataset]
-  return get_model(cfg.model.name, num_classes, **dict(cfg.model.options))
+  return models.get_model(cfg.model.name, num_classes, **dict(cfg.model.options))
 
 
 def train_backbone(cfg, spec, image_size: int, normalization: str, *,
@@ -144,14 +147,10 @@ def train_backbone(cfg, spec, image_size: int, normalization: str, *,
     (variables of the pre-trained model with its own head, info dict: dataset, recipe,
     #classes, #train/#test images, final training loss, test accuracy, seconds).
   """
-  import jax  # pylint: disable=g-import-not-at-top
-  from fastntk_jax import data as data_lib  # pylint: disable=g-import-not-at-top
-  from fastntk_jax import train as train_lib  # pylint: disable=g-import-not-at-top
   start = time.perf_counter()
-  pre_data = data_lib.load_unlearning_data(pretrain_data_config(cfg, image_size, normalization))
+  pre_data = splits.load_unlearning_data(pretrain_data_config(cfg, image_size, normalization))
   model = pretrain_model(cfg)
-  x0 = np.zeros((1,) + tuple(pre_data.image_shape), np.float32)
-  init = jax.tree_util.tree_map(np.asarray, dict(model.init(jax.random.PRNGKey(INIT_SEED), x0)))
+  init = tr.init_variables(model, pre_data.image_shape, INIT_SEED)
   trained = {"params": init["params"], "trainable": init["trainable"]}
   frozen = {k: v for k, v in init.items() if k not in trained}
   train = pre_data.train
@@ -241,9 +240,6 @@ def load_or_train(cfg, spec, image_size: int, normalization: str, cache_dir: str
     ValueError: the entry's key.json differs from this config's key (a hash collision or
       a hand-edited cache).
   """
-  from fastntk_jax import workdir as wd  # pylint: disable=g-import-not-at-top
-  from fastntk_jax.models import checkpoints  # pylint: disable=g-import-not-at-top
-  import jax  # pylint: disable=g-import-not-at-top
   entry, key = entry_dir(cfg, cache_dir, image_size, normalization)
   os.makedirs(entry, exist_ok=True)
   variables_path = os.path.join(entry, _VARIABLES)
@@ -283,3 +279,99 @@ def load_or_train(cfg, spec, image_size: int, normalization: str, cache_dir: str
         os.remove(partial)
   variables = jax.tree_util.tree_map(np.asarray, dict(variables))
   return variables, info, {"cache_entry": entry, "cache_hit": hit}
+
+
+PRETRAIN_INFO = "pretrain.json"
+
+
+def pretrain_stage(cfg, model, data, workdir: str, progress, mesh=None) -> dict:
+  """The backbone every method starts from: trained here or in the shared cache, loaded, or
+  random. What it is (and, when trained, its test accuracy) goes to `pretrain.json`
+  (`pretrain_info`), written before the checkpoint, so a resumed run still reports it.
+
+  Args:
+    cfg: the run's config. model: the task's model. data: the task's `UnlearningData`.
+    workdir: the run's folder. progress: `experiment.progress.Progress`. mesh: or None.
+
+  Returns:
+    The variables of the task's model (host arrays), its head fresh.
+  """
+  path = os.path.join(workdir, "pretrain")
+  info_path = os.path.join(workdir, PRETRAIN_INFO)
+  init = tr.init_variables(model, data.image_shape, seed=10_000)
+  if os.path.isdir(path):
+    return checkpoints.restore_checkpoint(path, init)
+  source = cfg.pretrain.source
+  info = {"source": source}
+  if source == "train" and cfg.pretrain.dataset:
+    spec = train_lib.TrainSpec.from_config(cfg.pretrain.train)
+    size, norm = data.image_shape[0], data.config.normalization
+    epochs = progress.epochs(f"pretrain/{cfg.pretrain.dataset}", spec.epochs)
+    if cfg.pretrain.cache_dir:
+      pre_vars, info, cache = load_or_train(
+          cfg, spec, size, norm, cfg.pretrain.cache_dir, progress=epochs,
+          eval_batch_size=cfg.eval.batch_size, mesh=mesh)
+      info = {**info, **cache}
+    else:
+      pre_vars, info = train_backbone(
+          cfg, spec, size, norm, progress=epochs, checkpoint_path=path + ".partial",
+          eval_batch_size=cfg.eval.batch_size, mesh=mesh)
+    info["cache_key"] = cache_key(cfg, size, norm)[1]
+    variables = transfer(pre_vars, init)
+  elif source == "train":
+    if data.pretrain is None or data.pretrain.size == 0:
+      raise ValueError("config.pretrain.source='train' but the data has no pretrain split; set "
+                       "data.pretrain_per_class > 0 or use pretrain.source='npz'/'checkpoint'")
+    start = time.perf_counter()
+    spec = train_lib.TrainSpec.from_config(cfg.pretrain.train)
+    trained = {"params": init["params"], "trainable": init["trainable"]}
+    frozen = {k: v for k, v in init.items() if k not in trained}
+    trained, stats, history = train_lib.fit_collections(
+        model, trained, frozen, data.pretrain, spec, data.num_classes, seed=10_000,
+        progress=progress.epochs("pretrain", spec.epochs),
+        checkpoint_path=os.path.join(workdir, "pretrain.partial"), tag="pretrain", mesh=mesh)
+    variables = {**frozen, **trained}
+    if stats is not None:
+      variables["batch_stats"] = stats
+    test = data.test  # the task's hold-out: same classes, same head
+    info.update(dataset=f"{data.config.name} (pretrain split)", train_images=data.pretrain.size,
+                test_split=f"{test.source} (hold-out)", test_images=test.size,
+                test_accuracy=accuracy(model, variables, test, cfg.eval.batch_size),
+                final_train_loss=float(history[-1]) if history else None,
+                epochs=spec.epochs, recipe=spec.describe(),
+                seconds=time.perf_counter() - start)
+  elif source == "npz":
+    loaded = {}
+    variables = checkpoints.load_vit_npz(cfg.pretrain.path, init,
+                                         dont_load=tuple(cfg.pretrain.dont_load), report=loaded)
+    info.update(path=cfg.pretrain.path, **loaded)
+  elif source == "state_dict":
+    from fastntk_jax.models import torch_import  # pylint: disable=g-import-not-at-top
+    variables = torch_import.load_cifar_resnet(cfg.pretrain.path, init,
+                                               dont_load=tuple(cfg.pretrain.dont_load))
+    info["path"] = cfg.pretrain.path
+  elif source == "checkpoint":
+    variables = checkpoints.restore_checkpoint(cfg.pretrain.path, init)
+    info["path"] = cfg.pretrain.path
+  else:  # "none": a randomly initialised backbone
+    variables = init
+  if info.get("test_accuracy") is not None:
+    log.info("pre-trained backbone: test accuracy %.2f%% on %s (%d images)",
+             info["test_accuracy"], info["test_split"], info["test_images"])
+  wd.atomic_write_json(info_path, info)
+  variables = jax.tree_util.tree_map(np.asarray, dict(variables))
+  checkpoints.save_checkpoint(path, variables, overwrite=True)
+  if os.path.exists(path + ".partial"):
+    os.remove(path + ".partial")
+  return variables
+
+
+def pretrain_info(workdir: str) -> dict:
+  """What `pretrain_stage` recorded about the backbone ({} for a workdir from before it did)."""
+  path = os.path.join(workdir, PRETRAIN_INFO)
+  if not os.path.exists(path):
+    return {}
+  with open(path) as f:
+    return json.load(f)
+
+

@@ -1,0 +1,181 @@
+"""Helpers shared by the config files (`configs/*.py`): the `:arg` parser, the tiny test
+modes, the CIFAR pre-training recipe, and the prompted-ViT configs with their published
+AugReg checkpoints. A config file imports this module by its folder (`import common` after
+putting `configs/` on sys.path), so it works from any working directory."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastntk_jax import config
+
+
+def parse_arg(arg, allowed: dict, choices: dict | None = None) -> dict:
+  """Parses a config file's `:arg` such as "tiny" or "classes=20,ipc=50".
+
+  Args:
+    arg: None, "tiny", or comma-separated key=value pairs (optionally with "tiny").
+    allowed: {key: default}: an int default takes digits; a str default takes a word, one of
+      `choices[key]` when given.
+    choices: {key: allowed words} for str-valued keys.
+
+  Returns:
+    {"tiny": bool, **{key: value}}.
+  """
+  out = {"tiny": False, **allowed}
+  for part in (arg or "").split(","):
+    part = part.strip()
+    if not part:
+      continue
+    if part == "tiny":
+      out["tiny"] = True
+      continue
+    key, _, value = part.partition("=")
+    if key in allowed and isinstance(allowed[key], str) and value:
+      if choices and key in choices and value not in choices[key]:
+        raise ValueError(f"bad config argument {part!r}: {key} must be one of "
+                         f"{list(choices[key])}")
+      out[key] = value
+      continue
+    if key not in allowed or not value.isdigit():
+      raise ValueError(f"bad config argument {part!r}: expected 'tiny' or key=int with key in "
+                       f"{sorted(allowed)}")
+    out[key] = int(value)
+  return out
+
+
+def tiny_training(c: ml_collections.ConfigDict) -> None:
+  """Shrinks every training loop of `c` to seconds (the configs' test mode)."""
+  c.seeds = (0,)
+  c.pretrain.train.epochs = 1
+  c.finetune.epochs = 2
+  c.baselines.max_loss.epochs = 1
+  c.baselines.random_label.epochs = 1
+  c.eval.relearn.epochs = 2
+  c.eval.probe.epochs = 1
+  c.eval.batch_size = 32
+  c.unlearn.batch_size = 16
+  c.unlearn.checkpoint_rows = 16  # one Gram chunk = one block: one small compile
+
+
+def cifar_pretrain_recipe(c: ml_collections.ConfigDict, dataset: str = "cifar100") -> None:
+  """The CNN configs' pre-training on `dataset`'s train split (the paper: CIFAR-100), the
+  usual CIFAR recipe: SGD momentum 0.9, lr 0.1, batch 128, 160 epochs, ×0.1 at epochs 80
+  and 120 after a 1-epoch linear warm-up (He et al. 2016's schedule for ResNet-110, which
+  warms up for ~400 iterations), weight decay 5e-4 (the value common for CIFAR-100), random
+  crop (4-pixel padding) + horizontal flip, cross-entropy, BN in train mode. Its accuracy on
+  the dataset's test split goes to results.json (`pretrain.test_accuracy`): ResNet-110 with
+  such a recipe commonly reaches ~72% on CIFAR-100 (not measured here: no CIFAR on our
+  machines)."""
+  c.pretrain.source = "train"
+  c.pretrain.dataset = dataset
+  t = c.pretrain.train
+  t.epochs = 160
+  t.learning_rate = 0.1
+  t.batch_size = 128
+  t.momentum = 0.9
+  t.weight_decay = 5e-4
+  t.loss = "ce"
+  t.bn_mode = "train"
+  t.augment = "crop_flip"
+  t.schedule = "step"
+  t.decay_epochs = (80, 120)
+  t.decay_factor = 0.1
+  t.warmup_epochs = 1.0
+
+
+def tiny_cifar_cnn(c: ml_collections.ConfigDict) -> None:
+  """The CIFAR CNN configs' seconds-long test mode (run under tfds.testing.mock_data, which
+  must give every CIFAR-100 class 2 training and 1 test image): tiny training, 8x8 images,
+  4 classes of 3 training and 2 hold-out images, and the pre-training recipe (augmentation,
+  warm-up, step decay, test accuracy) shrunk to 2 epochs on 2 CIFAR-100 images per class."""
+  tiny_training(c)
+  c.data.image_size = 8
+  c.data.images_per_class = 3
+  c.data.holdout_per_class = 2
+  c.data.num_classes = 4
+  c.pretrain.images_per_class = 2
+  t = c.pretrain.train
+  t.epochs = 2
+  t.batch_size = 32
+  t.decay_epochs = (1,)
+  t.warmup_epochs = 0.5
+
+
+# The published AugReg ViT checkpoints (google-research/vision_transformer, bucket
+# gs://vit_models/augreg/ = https://storage.googleapis.com/vit_models/augreg/; "How to train
+# your ViT?", Steiner et al. 2021). Names as listed in vision_transformer's README (i21k) and
+# in timm's vision_transformer.py default_cfgs, which loads these URLs: `augreg_in1k`
+# (i1k), `augreg_in21k` (i21k), `augreg_in21k_ft_in1k` (i21k_i1k). All at 224x224, inception
+# normalisation ([-1, 1]: data.normalization "vit"). The paper pre-trains its ViTs "on
+# ImageNet-1K", so "i1k" (trained on ImageNet-1k only) is the default; "i21k_i1k" is
+# ImageNet-21k pre-training fine-tuned on ImageNet-1k, "i21k" the ImageNet-21k upstream.
+AUGREG_URL = "https://storage.googleapis.com/vit_models/augreg/"
+VIT_CHECKPOINTS = {
+    ("vit_s16", "i1k"): "S_16-i1k-300ep-lr_0.001-aug_medium2-wd_0.1-do_0.0-sd_0.0"
+                        "--imagenet2012-steps_20k-lr_0.01-res_224.npz",
+    ("vit_b16", "i1k"): "B_16-i1k-300ep-lr_0.001-aug_strong2-wd_0.1-do_0.1-sd_0.1"
+                        "--imagenet2012-steps_20k-lr_0.01-res_224.npz",
+    ("vit_s16", "i21k_i1k"): "S_16-i21k-300ep-lr_0.001-aug_light1-wd_0.03-do_0.0-sd_0.0"
+                             "--imagenet2012-steps_20k-lr_0.03-res_224.npz",
+    ("vit_b16", "i21k_i1k"): "B_16-i21k-300ep-lr_0.001-aug_medium1-wd_0.1-do_0.0-sd_0.0"
+                             "--imagenet2012-steps_20k-lr_0.01-res_224.npz",
+    ("vit_s16", "i21k"): "S_16-i21k-300ep-lr_0.001-aug_light1-wd_0.03-do_0.0-sd_0.0.npz",
+    ("vit_b16", "i21k"): "B_16-i21k-300ep-lr_0.001-aug_medium1-wd_0.1-do_0.0-sd_0.0.npz",
+}
+VIT_WEIGHTS = ("i1k", "i21k_i1k", "i21k")
+
+
+def vit_checkpoint(model: str, weights: str, folder: str = "checkpoints") -> str:
+  """The local path the configs expect for a published AugReg file (download it from
+  AUGREG_URL + its name; see README "Reproducing the paper")."""
+  return f"{folder}/{VIT_CHECKPOINTS[(model, weights)]}"
+
+
+def vit_prompt_config(model: str, dataset: str, num_classes, ipc: int, npz: str,
+                      tiny: bool, *, random_classes: bool = False) -> ml_collections.ConfigDict:
+  """Shared body of the prompted-ViT configs (paper Table II and Appendix B).
+
+  Pre-trained weights come from an AugReg/vision_transformer `.npz` (`npz`; head and prompts
+  stay fresh, a `pre_logits` layer is dropped); the trainable collection is the K/V prompts
+  of every block plus the head. The update solves in float64: at the ViT-B/16 prompt size
+  (p = 89,108) a float32 solve is not accurate enough (benchmarks/RESULTS.md §8).
+  `random_classes`: the paper's ImageNet-R sampling, #classes drawn at random and one of them
+  forgotten at random, a new draw for every seed (data.class_choice/forget_choice/
+  draw_per_seed); otherwise the first #classes and label 0, the same for every seed.
+  """
+  c = config.base_config()
+  c.data.name = dataset
+  c.data.image_size = 224
+  c.data.normalization = "vit"
+  c.data.num_classes = num_classes
+  c.data.images_per_class = ipc
+  if random_classes:
+    c.data.class_choice = "random"
+    c.data.forget_choice = "random"
+    c.data.draw_per_seed = True
+  c.model.name = model
+  c.model.options = {"prompt_length": 4}
+  c.pretrain.source = "npz"
+  c.pretrain.path = npz
+  c.finetune = config.finetune_group(epochs=20, lr=0.01, batch_size=32,
+                                     bn_mode="frozen")  # no BN in ViTs
+  c.unlearn.batch_size = 32
+  c.unlearn.solve_dtype = "float64"
+  c.eval.batch_size = 64
+  if tiny:
+    tiny_training(c)
+    # In-process tests: x64 would stay on for the tests that follow (test_configs runs the
+    # float64 path of the CNN config in a subprocess).
+    c.unlearn.solve_dtype = "float32"
+    c.data.image_size = 32
+    c.data.images_per_class = 2
+    # 2: the membership attack's cross-validation needs 2 hold-out images of the forgotten
+    # class (pipeline.distances_to_retrain), at least as many folds as samples per side.
+    c.data.holdout_per_class = 2
+    c.data.num_classes = 4 if num_classes else None
+    c.model.options = {"prompt_length": 2, "patch_size": 16, "hidden_size": 16,
+                       "num_layers": 2, "num_heads": 2, "mlp_dim": 32}
+    c.pretrain.source = "none"
+    c.pretrain.path = ""
+  return c

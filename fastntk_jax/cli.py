@@ -1,0 +1,292 @@
+"""The command line's plumbing: flags through `ml_collections.config_flags`, wrapped so that
+every bad flag, config file or value is one line `fastntk_jax: error: ...` and exit code 2
+before any work; quiet library logs; one line on the runtime.
+
+`parse_flags` is the flags parser of `absl.app.run` (`fastntk_jax.main`). It leaves parsing
+to config_flags and adds what the command line promised before it: `--config` may come after
+its overrides; `--config.model.options.<key>=<value>` may add a model option the config
+file did not list (the options are free-form: `models.get_model(**options)` checks them);
+`--config.<field>=None` sets a field to None (config_flags cannot parse None for a typed
+field; `config.validate` decides whether None is allowed there).
+"""
+
+from __future__ import annotations
+
+import ast
+import difflib
+import importlib.abc
+import importlib.machinery
+import logging
+import os
+import re
+import sys
+import tempfile
+import traceback
+
+from absl import flags
+
+PROG = "fastntk_jax"
+CONFIG_FLAG = "config"
+_HELP_FLAGS = ("help", "h", "?", "helpshort", "helpfull", "helpxml")
+FREE_FORM = "model.options"  # a group whose keys are free (get_model(**options))
+
+
+def fail(message: str) -> "NoReturn":  # noqa: F821
+  """One line on stderr, exit code 2: the contract for every bad input at the command line."""
+  lines = [l.strip() for l in str(message).replace("\\n", "\n").splitlines() if l.strip()]
+  print(f"{PROG}: error: {' '.join(lines)}", file=sys.stderr)
+  sys.exit(2)
+
+
+def save_traceback(workdir: str) -> str:
+  """Writes the exception being handled, with its traceback, to `<workdir>/error_traceback.txt`
+  (or a temporary file when the workdir was never made: a refusal must not create it);
+  returns the file's path."""
+  text = traceback.format_exc()
+  if os.path.isdir(workdir):
+    path = os.path.join(workdir, "error_traceback.txt")
+    try:
+      with open(path, "w") as f:
+        f.write(text)
+      return path
+    except OSError:  # an unwritable workdir or a full disk, maybe the error itself
+      pass
+  try:
+    with tempfile.NamedTemporaryFile("w", prefix="fastntk_jax_error_", suffix=".txt",
+                                     delete=False) as f:
+      f.write(text)
+      return f.name
+  except OSError as e:
+    return f"not saved: {e}"
+
+
+
+
+def quiet_library_logs() -> None:
+  """Our own progress at INFO; absl, orbax and JAX backend chatter at WARNING and above."""
+  from absl import logging as absl_logging  # pylint: disable=g-import-not-at-top
+  absl_logging.set_verbosity(absl_logging.WARNING)
+  logging.getLogger().setLevel(logging.WARNING)
+  logging.getLogger("fastntk_jax").setLevel(logging.INFO)
+  # "Unable to initialize backend 'rocm'/'tpu'" (INFO) on every CPU-only machine, and "An
+  # NVIDIA GPU may be present on this machine, but a CUDA-enabled jaxlib is not installed"
+  # (WARNING): which devices JAX found, and that hint, are our own line instead
+  # (`describe_runtime`).
+  logging.getLogger("jax._src.xla_bridge").setLevel(logging.ERROR)
+
+
+# Lines that TensorFlow's native code writes straight to file descriptor 2 while it is first
+# imported (neural-tangents, TFDS), whatever TF_CPP_MIN_LOG_LEVEL says: absl's pre-init notice,
+# INFO/WARNING records (oneDNN, "Could not find cuda drivers"), the CPU-feature note, and its
+# CUDA build's failed cuInit on a machine without a GPU driver (TF only reads data here).
+_NATIVE_CHATTER = re.compile(
+    r"^(WARNING: All log messages before absl::InitializeLog\(\)|[IW]\d{4} \d\d:\d\d:\d\d"
+    r"|To enable the following instructions:|This TensorFlow binary is optimized"
+    r"|E\d{4} \d\d:\d\d:\d\d\S* +\d+ cuda_platform\.cc:\d+\] failed call to cuInit)")
+
+
+class _QuietFirstImport(importlib.abc.MetaPathFinder):
+  """Holds back what `import tensorflow` writes to fd 2; replays all of it if the import
+  fails and, if it succeeds, every line that is not start-up chatter (`_NATIVE_CHATTER`)."""
+
+  def __init__(self, names=("tensorflow",)):
+    self.names = names
+
+  def find_spec(self, name, path=None, target=None):
+    # Libraries probe with importlib.util.find_spec without importing: stay in place until
+    # a module is actually executed (then `_FdQuietLoader` removes this finder).
+    if name not in self.names:
+      return None
+    spec = importlib.machinery.PathFinder.find_spec(name, path)
+    if spec is not None and spec.loader is not None:
+      spec.loader = _FdQuietLoader(spec.loader, self)
+    return spec
+
+
+class _FdQuietLoader(importlib.abc.Loader):
+
+  def __init__(self, loader, finder):
+    self.loader = loader
+    self.finder = finder
+
+  def create_module(self, spec):
+    return self.loader.create_module(spec)
+
+  def exec_module(self, module):
+    import tempfile  # pylint: disable=g-import-not-at-top
+    if self.finder in sys.meta_path:  # the first import only
+      sys.meta_path.remove(self.finder)
+    sys.stderr.flush()
+    with tempfile.TemporaryFile() as held:
+      saved = os.dup(2)
+      os.dup2(held.fileno(), 2)
+      ok = False
+      try:
+        self.loader.exec_module(module)
+        ok = True
+      finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+        held.seek(0)
+        text = held.read().decode("utf-8", "replace")
+        keep = [l for l in text.splitlines() if not ok or not _NATIVE_CHATTER.match(l)]
+        if keep:
+          print("\n".join(keep), file=sys.stderr)
+
+  def __getattr__(self, name):  # get_resource_reader, is_package, ... of the real loader
+    return getattr(self.loader, name)
+
+
+def describe_runtime() -> str:
+  """One line: JAX version and devices, and which kernel the dual solver will use."""
+  import importlib.metadata as md  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  devices = jax.devices()
+  kinds = sorted({d.platform for d in devices})
+  try:
+    nt = (f"neural-tangents {md.version('neural-tangents')} (used when it imports, except "
+          "where the Jacobian rows of D are kept: see results.json)")
+  except md.PackageNotFoundError:
+    nt = "the built-in one (neural-tangents is not installed)"
+  line = (f"jax {jax.__version__} on {'/'.join(kinds)} ({len(devices)} device"
+          f"{'s' if len(devices) != 1 else ''}); the dual solver's kernel: {nt}")
+  from fastntk_jax import devices as devices_lib  # pylint: disable=g-import-not-at-top
+  if kinds == ["cpu"] and devices_lib.nvidia_driver_present():
+    line += ("; an NVIDIA driver is present but this JAX runs on the CPU "
+             "(python -m fastntk_jax.devices says why)")
+  return line
+
+
+def _literal(raw: str):
+  try:
+    return ast.literal_eval(raw.strip())
+  except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+    return raw
+
+
+def _split(argv):
+  """(argv for absl with --config first, [(field, raw) kept aside for `_apply`])."""
+  head, rest = argv[:1], list(argv[1:])
+  config, others, aside = [], [], []
+  i = 0
+  while i < len(rest):
+    arg = rest[i]
+    if arg == "--":
+      others.extend(rest[i:])
+      break
+    name, eq, raw = arg.lstrip("-").partition("=")
+    if arg.startswith("-") and name == CONFIG_FLAG:
+      if not eq and i + 1 < len(rest):  # --config path
+        config, i = [arg, rest[i + 1]], i + 2
+        continue
+      config = [arg]
+    elif arg.startswith("-") and name.startswith(CONFIG_FLAG + ".") and eq:
+      field = name[len(CONFIG_FLAG) + 1:]
+      if field.startswith(FREE_FORM + ".") or raw.strip() == "None":
+        aside.append((field, raw))
+      else:
+        others.append(arg)
+    else:
+      others.append(arg)
+    i += 1
+  return head + config + others, aside
+
+
+def _apply(cfg, aside) -> None:
+  """Sets the fields kept aside by `_split`: free-form model options and None values."""
+  for field, raw in aside:
+    parts = field.split(".")
+    node = cfg
+    for key in parts[:-1]:
+      if key not in node:
+        raise ValueError(f"--config.{field}={raw}: unknown config field "
+                         f"{'.'.join(parts[:-1])!r}")
+      node = node[key]
+    value = None if raw.strip() == "None" else _literal(raw)
+    if field.startswith(FREE_FORM + "."):
+      with node.unlocked():
+        node[parts[-1]] = value
+    elif parts[-1] not in node:
+      raise ValueError(f"--config.{field}=None: unknown config field {field!r}"
+                       f"{_did_you_mean(parts[-1], node.keys())}")
+    else:
+      try:
+        node[parts[-1]] = None
+      except (TypeError, ValueError) as e:
+        raise ValueError(f"--config.{field}=None: config.{field} cannot be None") from e
+
+
+def _did_you_mean(key: str, options) -> str:
+  close = difflib.get_close_matches(key, [str(o) for o in options], n=1, cutoff=0.6)
+  return f"; did you mean {close[0]!r}?" if close else ""
+
+
+def _unknown_field(argv, error: Exception) -> str:
+  """A one-line message for an override naming no field of the config."""
+  key = str(error).strip("'\"")
+  for arg in argv[1:]:
+    name = arg.lstrip("-").partition("=")[0]
+    if name.startswith(CONFIG_FLAG + ".") and key in name.split("."):
+      return (f"{arg}: unknown config field {name[len(CONFIG_FLAG) + 1:]!r} "
+              f"(python -m fastntk_jax.main --dry_run prints every field)")
+  return f"unknown config field {key!r}"
+
+
+def parse_flags(argv):
+  """absl's parsing through config_flags, one line and exit 2 for anything it refuses."""
+  argv, aside = _split(argv)
+  try:
+    rest = flags.FLAGS(argv)
+    cfg = flags.FLAGS[CONFIG_FLAG].value
+    if cfg is None or not hasattr(cfg, "unlocked"):
+      raise ValueError(f"config file {flags.FLAGS[CONFIG_FLAG].config_filename!r}: "
+                       f"get_config() returned {type(cfg).__name__}, not an "
+                       "ml_collections.ConfigDict (start from fastntk_jax.config.base_config())")
+    _apply(cfg, aside)
+  except SystemExit as e:  # absl exits 1 after printing --help; asking for help is no error
+    if any(a.lstrip("-").split("=")[0] in _HELP_FLAGS for a in argv[1:] if a.startswith("-")):
+      sys.exit(0)
+    raise
+  except (AttributeError, KeyError) as e:
+    fail(_unknown_field(argv, e))
+  except flags.Error as e:
+    fail(f"bad flags: {e}")
+  except Exception as e:  # pylint: disable=broad-except  # a config file that fails to load
+    fail(f"--config={flags.FLAGS[CONFIG_FLAG].serialize().partition('=')[2] or '?'}: "
+         f"{type(e).__name__}: {e}")
+  return rest
+
+
+def start_logging() -> logging.Logger:
+  """Our progress at INFO, library chatter quiet, TensorFlow's first-import chatter held back,
+  and Python warnings (e.g. a `PrecisionWarning`) shown once, as log lines."""
+  quiet_library_logs()
+  logging.captureWarnings(True)
+  if "tensorflow" not in sys.modules:
+    sys.meta_path.insert(0, _QuietFirstImport())
+  return logging.getLogger("fastntk_jax.main")
+
+
+# What a full disk or a refused write looks like in a library's message (tensorstore puts
+# its whole specification, kilobytes of JSON, around the operating system's words).
+_OS_WORDS = re.compile(r"(No space left on device|Disk quota exceeded|Permission denied|"
+                       r"Read-only file system)")
+_PATH = re.compile(r"(?:file|path|\")\W{0,3}(/[^\"'\s,}]+)")
+LONGEST_LINE = 400
+
+
+def short_error(error: BaseException) -> str:
+  """One short line for an error: an operating system's refusal as its words and the path
+  (a full disk, a permission); any other message cut to `LONGEST_LINE` characters (the
+  whole of it goes to the traceback file)."""
+  if isinstance(error, OSError) and error.errno is not None and error.filename:
+    return f"{error.strerror or os.strerror(error.errno)}: {error.filename}"
+  text = " ".join(str(error).split())
+  words = _OS_WORDS.search(text)
+  if words:
+    path = _PATH.search(text)
+    return words.group(1) + (f": {path.group(1)}" if path else "")
+  if len(text) > LONGEST_LINE:
+    return text[:LONGEST_LINE] + " ..."
+  return text

@@ -1,0 +1,97 @@
+"""Full and Retrain: the fine-tuning every method starts from and is measured against.
+
+`finetune.mode="standard"` fine-tunes the network's trainable collection by SGD (the paper's
+protocol). `"linearized"` fine-tunes the network linearised at w0 (docs/derivation.md §5):
+in closed form (`linearized_solver="closed_form"`: the ridge minimiser from the Gram
+statistics at w0, one Jacobian pass, which the Fast-NTK update then reuses) or by the same
+optax loop on f_lin (`"optax"`: squared loss with the penalty ½λ‖w − w0‖², λ the update's).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any, Callable, Optional
+
+import jax.numpy as jnp
+
+from fastntk_jax import train as train_lib
+from fastntk_jax.models.layers import LINEARIZATION_POINT
+from fastntk_jax.unlearn import linear
+
+PyTree = Any
+
+
+class FineTuner:
+  """Full (on D) and Retrain (on D_r) of one seed from w0.
+
+  Attributes:
+    linearized: whether every method is f_lin (docs/derivation.md §5).
+    net: what methods are trained and evaluated as: the model, or `unlearn.linear.Linearized`.
+    frozen_net: its frozen collections (with w0 under LINEARIZATION_POINT when linearised).
+    closed_form: Full and Retrain are the linearised model's ridge minimisers, solved from
+      the Gram statistics at w0 (`gram`), which the Fast-NTK update may then reuse.
+  """
+
+  def __init__(self, cfg, model, frozen_pre: dict, w0: PyTree, data, seed: int, *,
+               forgetter, fit: Callable, mesh=None):
+    """
+    Args:
+      cfg: the run's config (finetune, unlearn.damping).
+      model: the Flax model. frozen_pre: its pre-trained frozen collections.
+      w0: the trainable parameters before fine-tuning.
+      data: the seed's `UnlearningData`.
+      forgetter: the run's `unlearn.Forgetter` (its Gram statistics: `accumulate`).
+      fit: `(net, params, frozen, split, spec, *, seed, tag, checkpoint_path) ->
+        (params, batch_stats, history)`: `train.fit` with the run's progress and mesh.
+    """
+    self.cfg, self.model, self.w0, self.data, self.seed = cfg, model, w0, data, seed
+    self.forgetter, self._fit, self.mesh = forgetter, fit, mesh
+    ft = cfg.finetune
+    self.linearized = ft.mode == "linearized"
+    self.closed_form = self.linearized and ft.linearized_solver == "closed_form"
+    self.net = linear.Linearized(model) if self.linearized else model
+    self.frozen_net = ({**frozen_pre, LINEARIZATION_POINT: w0} if self.linearized
+                       else frozen_pre)
+    self._grams = {}
+    self.compile_seconds = 0.0  # spent compiling the Gram statistics' computation
+
+  def gram(self, part: str):
+    """((G, b) at w0 of "retain" (D_r) or "forget" (D_f), seconds they took with compilation
+    apart); each computed once (`Forgetter.accumulate` in one chunk, compiled once a shape)."""
+    if part not in self._grams:
+      split = getattr(self.data, part)
+      start = time.perf_counter()
+      state, compiled = self.forgetter.accumulate(self.w0, split.x, split.y,
+                                                  chunk_rows=split.size, mesh=self.mesh)
+      self.compile_seconds += compiled
+      self._grams[part] = ((state["g"], state["b"]), time.perf_counter() - start - compiled)
+    return self._grams[part]
+
+  def shared_grams(self):
+    """What the Fast-NTK update reuses in closed form (`methods.Context.grams`)."""
+    (retain, seconds_r), (forget, seconds_f) = self.gram("retain"), self.gram("forget")
+    return (retain, forget), (seconds_r, seconds_f), self.compile_seconds
+
+  def fit(self, split, tag: str, checkpoint_path: Optional[str] = None) -> tuple[dict, float]:
+    """Fine-tunes on `split` (a `data.Split`: D for tag "full", D_r for "retrain"); returns
+    ({"trainable"[, "batch_stats"]}, seconds)."""
+    cfg, data = self.cfg, self.data
+    start = time.perf_counter()
+    if self.closed_form:
+      parts = [self.gram("retain")] + ([self.gram("forget")] if tag == "full" else [])
+      solve_start = time.perf_counter()
+      params = linear.ridge_solution(self.w0, [g for g, _ in parts],
+                                     jnp.asarray(cfg.unlearn.damping, parts[0][0][0].dtype))
+      return {"trainable": params}, sum(t for _, t in parts) + time.perf_counter() - solve_start
+    spec = train_lib.TrainSpec.from_config(cfg.finetune)
+    if self.linearized:  # mean squared loss over the split: the ridge penalty λ/n
+      spec = dataclasses.replace(spec, loss="mse", bn_mode="frozen",
+                                 l2_to_init=float(cfg.unlearn.damping) / split.size)
+    name = f"seed{self.seed}/{tag}"
+    params, stats, _ = self._fit(self.net, self.w0, self.frozen_net, split, spec,
+                                 seed=self.seed, tag=name, checkpoint_path=checkpoint_path)
+    out = {"trainable": params}
+    if stats is not None and not self.linearized:
+      out["batch_stats"] = stats
+    return out, time.perf_counter() - start

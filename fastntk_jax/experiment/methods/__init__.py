@@ -1,0 +1,145 @@
+"""Unlearning methods as plug-ins: one module of this package per method, found by name.
+
+A plug-in module defines `METHOD = Method(...)`: its name (the entry of `config.methods`),
+its label in the tables, the dotted path of its config block, and `run(context, block)`,
+which receives what every method receives (`Context`: the model as the methods are trained
+and evaluated, Full's parameters, D_r and D_f, a seed, the run's Forgetter, a training
+helper) and returns the new trainable parameters with the seconds the unlearning took
+(`Result`). The harness runs, evaluates and reports every method of `config.methods`
+without naming it: adding a method touches its own module and its config block only.
+
+Full and Retrain are not plug-ins: they are the fine-tuning every method starts from and
+is measured against (`experiment.finetune`).
+
+Example (plain fine-tuning on D_r, `finetune_retain.py`; its block `baselines.finetune_retain`
+a training group of `config.base_config`):
+
+    from fastntk_jax import train
+    from fastntk_jax.experiment import methods
+
+    def run(ctx: methods.Context, block) -> methods.Result:
+      spec = train.TrainSpec.from_config(block)
+      params, seconds = ctx.fit(ctx.full, ctx.data.retain, spec, seed_offset=5)
+      return methods.Result(params, seconds)
+
+    METHOD = methods.Method(name="finetune_retain", label="FT (D_r)", run=run,
+                            config_group="baselines.finetune_retain",
+                            reference="Unlearn-Sparse `FT` (Jia et al., NeurIPS 2023)")
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import os
+import pkgutil
+from typing import Any, Callable, Optional
+
+# The reference methods every run has (`experiment.finetune`), and their labels.
+REFERENCES = {"full": "Full", "retrain": "Retrain"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Context:
+  """What a method receives for one seed.
+
+  Attributes:
+    seed: the run seed.
+    net: what every method is trained and evaluated as: the Flax model, or the model
+      linearised at w0 (`unlearn.linear.Linearized`).
+    frozen: Full's frozen collections for `net` (its BatchNorm statistics; w0 under
+      `LINEARIZATION_POINT` when linearised).
+    w0: the trainable parameters before fine-tuning (the linearisation point).
+    full: Full's trainable parameters, where every method starts.
+    data: the run's `UnlearningData` (`retain` = D_r, `forget` = D_f, `train` = D, ...).
+    linearized: whether fine-tuning was linearised (`finetune.mode`).
+    forgetter: the run's `unlearn.Forgetter` (its options are `config.unlearn`'s).
+    fit: `(params, split, spec, *, seed_offset, tag=None) -> (params, seconds)`: trains
+      `params` of `net` on `split` = (x, y) with a `train.TrainSpec`, batch order seeded by
+      seed + seed_offset, resumable under the method's stage when the run keeps files.
+    grams: `() -> ((G_r, b_r), (G_f, b_f), seconds, compile_seconds)`: the Gram statistics
+      at w0 that linearised fine-tuning in closed form solved Full and Retrain from, or None.
+    folder: the seed's folder for a method's resumable files (None: keep none).
+    workdir: the run's folder (its audit log), None in the KLoM population.
+    record: whether this is a reported seed (certificates and the audit log), not a model
+      of the KLoM population.
+    mesh: the data-parallel mesh, or None.
+  """
+  seed: int
+  net: Any
+  frozen: dict
+  w0: Any
+  full: Any
+  data: Any
+  linearized: bool
+  forgetter: Any
+  fit: Callable
+  grams: Optional[Callable] = None
+  folder: Optional[str] = None
+  workdir: Optional[str] = None
+  record: bool = False
+  mesh: Any = None
+
+
+@dataclasses.dataclass
+class Result:
+  """What a method returns: its trainable parameters (like `Context.full`), the seconds the
+  unlearning took (compilation apart, where the method can tell), and anything it reports
+  (`diagnostics`, written to `seed_<s>/<name>_diagnostics.json` and results.json)."""
+  params: Any
+  seconds: Optional[float]
+  diagnostics: dict = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+  """An unlearning method (see the module docstring).
+
+  Attributes:
+    name: its entry in `config.methods` and key in results.json.
+    label: its name in tables and plots.
+    run: `(Context, block: ConfigDict) -> Result`.
+    config_group: the dotted path of its config block (e.g. "baselines.max_loss").
+    reference: the paper and code its recipe follows.
+    validate: `(block) -> None`, raising ValueError naming a bad field of its block (run
+      before any work); None when `config.validate` already checks every field.
+  """
+  name: str
+  label: str
+  run: Callable[[Context, Any], Result]
+  config_group: str
+  reference: str = ""
+  validate: Optional[Callable[[Any], None]] = None
+
+
+def names() -> tuple[str, ...]:
+  """The plug-ins of this package, by module name (without importing them)."""
+  here = os.path.dirname(__file__)
+  return tuple(sorted(m.name for m in pkgutil.iter_modules([here]) if not m.name.startswith("_")))
+
+
+def get(name: str) -> Method:
+  """The plug-in named `name` (its module's `METHOD`).
+
+  Raises:
+    ValueError: no such plug-in (the message lists them).
+  """
+  if name not in names():
+    raise ValueError(f"unknown method {name!r}; the plug-ins are {list(names())}")
+  method = importlib.import_module(f"{__name__}.{name}").METHOD
+  if not isinstance(method, Method) or method.name != name:
+    raise ValueError(f"{__name__}.{name}.METHOD must be a Method named {name!r}")
+  return method
+
+
+def label(name: str) -> str:
+  """The table label of a method or reference ("full", "retrain") by name."""
+  return REFERENCES.get(name) or get(name).label
+
+
+def block(cfg, method: Method):
+  """The method's config block (`method.config_group` of `cfg`)."""
+  node = cfg
+  for part in method.config_group.split("."):
+    node = node[part]
+  return node

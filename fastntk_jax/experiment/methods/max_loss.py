@@ -1,0 +1,22 @@
+"""Max Loss (gradient ascent on D_f from Full; Unlearn-Sparse's `GA`): the paper's baseline.
+
+Reference: Thudi et al., "Unrolling SGD" (2022); as run by Jia et al., "Model sparsity can
+simplify machine unlearning" (NeurIPS 2023), github.com/OPTML-Group/Unlearn-Sparse
+(`unlearn/GA.py`): the cross-entropy of D_f maximised by SGD. Config block:
+`baselines.max_loss` (a training group; the paper's protocol: 5 epochs, lr 0.01).
+"""
+
+from fastntk_jax import train
+from fastntk_jax.experiment import methods
+
+
+def run(ctx: methods.Context, block) -> methods.Result:
+  spec = train.TrainSpec.from_config(block, ascent=True)
+  params, seconds = ctx.fit(ctx.full, (ctx.data.forget.x, ctx.data.forget.y), spec,
+                            seed_offset=1)
+  return methods.Result(params, seconds)
+
+
+METHOD = methods.Method(
+    name="max_loss", label="Max Loss", run=run, config_group="baselines.max_loss",
+    reference="gradient ascent on D_f (Unlearn-Sparse `GA`, Jia et al. NeurIPS 2023)")

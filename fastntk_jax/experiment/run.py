@@ -1,0 +1,428 @@
+"""The main job: pre-train → fine-tune (Full) → Retrain → every method of `config.methods` →
+evaluate, for several seeds, then the KLoM population; resumable stage by stage.
+
+`run` resolves the config once (the model, the network's `apply_fn` at w0, one Forgetter
+with `config.unlearn`'s options, the training protocol) and passes them down; the methods are
+plug-ins (`experiment.methods`) that the harness runs and reports without naming them.
+Everything is validated before the workdir is touched: a refused run leaves nothing behind.
+
+Every stage writes its result atomically into the workdir and is skipped when that result
+is already there, so a killed run restarted with the same command continues where it
+stopped and ends with the same numbers. A workdir holding another config, or held by
+another running process, is refused.
+
+Workdir layout:
+  config.json                  the validated config (compared on restart)
+  .lock                        held while a run works in it (pid, host)
+  pretrain/, pretrain.json     pre-trained variables (orbax) and what they are
+  seed_<s>/<method>/           trainable params (+ batch_stats) of each method (orbax)
+  seed_<s>/<method>.json       that method's metrics
+  seed_<s>/<method>_diagnostics.json   what the method reported (solver, timings, ...)
+  seed_<s>/probe_<kind>.json   linear-probe accuracies
+  population/seed_<k>.json     KLoM margins of the population's models
+  audit/                       the deletions' hash-chained log (`fastntk_jax.audit`)
+  results.json, results.md, *.png, tb/   the report (`experiment.report`)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import time
+from typing import Any, Optional
+
+import jax
+import ml_collections
+import numpy as np
+
+from fastntk_jax import audit
+from fastntk_jax import config as config_lib
+from fastntk_jax import faults
+from fastntk_jax import klom
+from fastntk_jax import linalg
+from fastntk_jax import models
+from fastntk_jax import sharding
+from fastntk_jax import train as train_lib
+from fastntk_jax import workdir as wd
+from fastntk_jax.data import splits as data_splits
+from fastntk_jax.experiment import evaluate
+from fastntk_jax.experiment import finetune
+from fastntk_jax.experiment import methods as methods_lib
+from fastntk_jax.experiment import pretrain
+from fastntk_jax.experiment import progress as progress_lib
+from fastntk_jax.experiment import report
+from fastntk_jax.experiment import stages
+from fastntk_jax.models import trainable as tr
+from fastntk_jax.unlearn import api as unlearn_api
+
+log = logging.getLogger(__name__)
+PyTree = Any
+
+POPULATION_SEED_BASE = 100_000  # population seeds never coincide with the report's seeds
+
+
+@dataclasses.dataclass(frozen=True)
+class Setup:
+  """What `run` resolves once from the config and passes down.
+
+  Attributes:
+    cfg: the validated config. workdir: the run's folder.
+    model: the Flax model (the task's head). frozen_pre: its pre-trained frozen collections.
+    w_pre: the pre-trained trainable collection (head included; each seed draws a fresh one).
+    forgetter: the one `unlearn.Forgetter` (config.unlearn's options, the network at w0).
+    methods: the plug-ins of `config.methods`, in order.
+    progress: bars and TensorBoard scalars. mesh: the data-parallel mesh or None.
+  """
+  cfg: ml_collections.ConfigDict
+  workdir: str
+  model: Any
+  frozen_pre: dict
+  w_pre: PyTree
+  forgetter: Any
+  methods: tuple
+  progress: Any
+  mesh: Any
+
+
+def make_forgetter(cfg, model, frozen_pre: dict, num_classes: int):
+  """The run's one Forgetter: `config.unlearn`'s options, the network's apply_fn at the
+  pre-trained frozen collections (BatchNorm in inference mode, docs/derivation.md §1)."""
+  u = cfg.unlearn
+  return unlearn_api.make_forgetter(
+      tr.make_apply_fn(model, frozen_pre), num_classes=num_classes, damping=float(u.damping),
+      solver=u.solver, batch_size=u.batch_size, kernel_impl=u.kernel_impl,
+      solve_dtype=config_lib.solve_dtype(cfg), linearize_at=u.linearize_at,
+      step_scale=float(u.step_scale), max_cache_bytes=int(u.jacobian_cache_gib * 2 ** 30),
+      duplicate_tolerance=float(u.duplicate_tolerance))
+
+
+def _fit(setup: Setup, num_classes: int):
+  """`train.fit` with the run's progress bars and mesh: `(net, params, frozen, split, spec, *,
+  seed, tag, checkpoint_path=None, stop_below=None) -> (params, batch_stats, history)`."""
+  def fit(net, params, frozen, split, spec, *, seed, tag, checkpoint_path=None,
+          stop_below=None):
+    return train_lib.fit(net, params, frozen, split, spec, num_classes, seed=seed,
+                         stop_below=stop_below, checkpoint_path=checkpoint_path, tag=tag,
+                         progress=setup.progress.epochs(tag, spec.epochs), mesh=setup.mesh)
+  return fit
+
+
+def _method_fit(setup: Setup, ctx_net, frozen, num_classes: int, seed: int, name: str,
+                folder: Optional[str]):
+  """`methods.Context.fit` for method `name`: timed, resumable under its stage's folder."""
+  fit = _fit(setup, num_classes)
+
+  def method_fit(params, split, spec, *, seed_offset, tag=None):
+    tag = tag or f"seed{seed}/{name}"
+    checkpoint = None if folder is None else os.path.join(folder, f"{name}.partial")
+    start = time.perf_counter()
+    out, _, _ = fit(ctx_net, params, frozen, split, spec, seed=seed + seed_offset, tag=tag,
+                    checkpoint_path=checkpoint)
+    return out, time.perf_counter() - start
+  return method_fit
+
+
+def _frozen_of(tuner, out: dict) -> dict:
+  """The frozen side of a fine-tuned model: its BN statistics (updated only in train mode)."""
+  return {**tuner.frozen_net, **({"batch_stats": out["batch_stats"]}
+                                 if "batch_stats" in out else {})}
+
+
+def _certify(setup: Setup, ctx, params, data, diagnostics: dict) -> dict:
+  """The certificate of a deletion (`Forgetter.certify`) and its record in the workdir's audit
+  log (`fastntk_jax.audit`); returns the diagnostics entries to add."""
+  cfg, forgetter = setup.cfg, setup.forgetter
+  start = time.perf_counter()
+  retain = (data.retain.x, data.retain.y)
+  grams = ctx.grams() if ctx.grams is not None else None
+  cert = forgetter.certify(ctx.w0, params, retain, linearized=ctx.linearized,
+                           retain_gram=None if grams is None else grams[0][0][0])
+  seconds = time.perf_counter() - start
+  request_id = f"seed{ctx.seed}/fastntk"
+  log.info("%s: certificate: %s", request_id, cert.statement)
+  record = audit.record_deletion(
+      setup.workdir, request_id=request_id,
+      model={"name": cfg.model.name, "num_classes": int(data.num_classes),
+             "options": wd.config_dict(cfg)["model"]["options"]},
+      frozen=setup.frozen_pre, params_init=ctx.w0, params=params, retain=retain,
+      forget=(data.forget.x, data.forget.y),
+      # D is D_r followed by D_f (`data.train`): the forgotten ids are D_f's rows of D.
+      forget_ids=np.arange(data.retain.size, data.retain.size + data.forget.size),
+      damping=float(cfg.unlearn.damping), solver=diagnostics.get("solver"),
+      certificate=cert, batch_size=cfg.unlearn.batch_size)
+  return {"certificate": cert.as_dict(), "certificate_seconds": seconds,
+          "audit_record": record["index"]}
+
+
+def run_seed(setup: Setup, data, seed: int) -> dict:
+  """Full, Retrain and every method for one seed, evaluated; {"methods", "probes"}."""
+  cfg, model = setup.cfg, setup.model
+  sdir = os.path.join(setup.workdir, f"seed_{seed}")
+  os.makedirs(sdir, exist_ok=True)
+  w0 = tr.fresh_head(setup.w_pre, model, data.image_shape, seed)
+  fit = _fit(setup, data.num_classes)
+  tuner = finetune.FineTuner(cfg, model, setup.frozen_pre, w0, data, seed,
+                             forgetter=setup.forgetter, fit=fit, mesh=setup.mesh)
+  timings = {}
+
+  def finetune_stage(split, tag):
+    def compute():
+      out, timings[tag] = tuner.fit(split, tag, checkpoint_path=os.path.join(sdir, f"{tag}.partial"))
+      return out
+    target = {"trainable": w0}
+    if "batch_stats" in setup.frozen_pre and not tuner.linearized:
+      target["batch_stats"] = setup.frozen_pre["batch_stats"]
+    return stages.array_stage(os.path.join(sdir, tag), target, compute)
+
+  full = finetune_stage(data.train, "full")
+  retrain = finetune_stage(data.retain, "retrain")
+  frozen_full = _frozen_of(tuner, full)
+  models_of = {"full": (full["trainable"], frozen_full),
+               "retrain": (retrain["trainable"], _frozen_of(tuner, retrain))}
+  diagnostics = {}
+  for method in setup.methods:
+    name = method.name
+    ctx = methods_lib.Context(
+        seed=seed, net=tuner.net, frozen=frozen_full, w0=w0, full=full["trainable"],
+        data=data, linearized=tuner.linearized, forgetter=setup.forgetter,
+        fit=_method_fit(setup, tuner.net, frozen_full, data.num_classes, seed, name, sdir),
+        grams=tuner.shared_grams if _shares_grams(cfg, tuner) else None, folder=sdir,
+        workdir=setup.workdir, record=True, mesh=setup.mesh)
+    diag_path = os.path.join(sdir, f"{name}_diagnostics.json")
+
+    def compute(method=method, ctx=ctx, diag_path=diag_path):
+      result = method.run(ctx, methods_lib.block(cfg, method))
+      timings[method.name] = result.seconds
+      diag = dict(result.diagnostics)
+      if method.name == "fastntk":
+        diag.update(_certify(setup, ctx, result.params, data, diag))
+      wd.atomic_write_json(diag_path, diag)
+      return {"trainable": result.params}
+
+    out = stages.array_stage(os.path.join(sdir, name), {"trainable": w0}, compute)
+    models_of[name] = (out["trainable"], frozen_full)
+    diagnostics[name] = stages.read_json(diag_path, {})
+
+  results = {}
+  for name, (params, frozen) in models_of.items():
+    def compute(name=name, params=params, frozen=frozen):
+      m = evaluate.evaluate_method(tuner.net, params, frozen, data, cfg, seed, name, fit)
+      m["seconds"] = timings.get(name)  # None when this run restored the stage from disk
+      return m
+    results[name] = stages.json_stage(os.path.join(sdir, f"{name}.json"), compute)
+    if diagnostics.get(name):
+      results[name]["diagnostics"] = diagnostics[name]
+    faults.maybe_kill(f"seed{seed}/eval:{name}")
+
+  # Distance of every method to Retrain (the golden baseline): parameters and predictions.
+  extra = stages.json_stage(os.path.join(sdir, "vs_retrain.json"),
+                            lambda: evaluate.distances_to_retrain(tuner.net, models_of, data,
+                                                                  cfg, w0))
+  for name, values in extra.items():
+    results[name] = {**results[name], **values}
+  return {"methods": results, "probes": _probes(setup, data, seed, w0, models_of, fit, sdir)}
+
+
+def _shares_grams(cfg, tuner) -> bool:
+  """Whether Fast-NTK takes its Gram statistics from the fine-tuning of the same seed: Full
+  and Retrain linearised at w0 in closed form were solved from exactly the statistics the
+  primal update needs, so the update reuses them (and counts their time as its own)."""
+  return tuner.closed_form and cfg.unlearn.linearize_at == "init"
+
+
+def _probes(setup: Setup, data, seed: int, w0, models_of: dict, fit, sdir: str) -> dict:
+  """Linear probes of the pre-trained, a random and Fast-NTK's backbone."""
+  model, cfg = setup.model, setup.cfg
+  random_init = tr.init_variables(model, data.image_shape, seed=20_000 + seed)
+  w_rand, frozen_rand = tr.split(random_init)
+  inputs = {"pretrained": (w0, setup.frozen_pre), "random_init": (w_rand, frozen_rand)}
+  if "fastntk" in models_of:  # the backbone as Fast-NTK left it (BN parameters), not f_lin
+    params, frozen = models_of["fastntk"]
+    inputs["fastntk"] = (params, {k: v for k, v in frozen.items()
+                                  if k != tr.LINEARIZATION_POINT})
+  probes = {}
+  for kind, (params, frozen) in inputs.items():
+    probes[kind] = stages.json_stage(
+        os.path.join(sdir, f"probe_{kind}.json"),
+        lambda params=params, frozen=frozen, kind=kind: evaluate.linear_probe(
+            model, tr.fresh_head(params, model, data.image_shape, seed + 31), frozen, data,
+            cfg, seed, kind, fit))
+  return probes
+
+
+def population_stage(setup: Setup, data) -> Optional[dict]:
+  """KLoM (`fastntk_jax.klom`) over `eval.population_seeds` = N seeds.
+
+  Seeds A (N of them) give Full, Retrain and every method of `config.methods` (each from its
+  seed's Full); seeds B (N others) give Retrain models only. Per forget example, KLoM
+  compares the margin distribution of a method over A with Retrain's over B; Retrain over A
+  against B is the noise floor. Each seed's margins are a resumable stage of their own
+  (`population/seed_<k>.json`).
+
+  Returns:
+    {"num_seeds", "per_method": {method: klom.summary}, "floor": "retrain"} or None when off.
+  """
+  cfg = setup.cfg
+  n = int(cfg.eval.population_seeds)
+  if n == 0 or "fastntk" not in cfg.methods:
+    return None
+  pdir = os.path.join(setup.workdir, "population")
+  os.makedirs(pdir, exist_ok=True)
+  fit = _fit(setup, data.num_classes)
+
+  def one(k: int) -> dict:
+    seed = POPULATION_SEED_BASE + k
+    log.info("population: seed %d of %d", k + 1, 2 * n)
+    w0 = tr.fresh_head(setup.w_pre, setup.model, data.image_shape, seed)
+    tuner = finetune.FineTuner(cfg, setup.model, setup.frozen_pre, w0, data, seed,
+                               forgetter=setup.forgetter, fit=fit, mesh=setup.mesh)
+    margin = lambda params, frozen: evaluate.forget_margins(tuner.net, params, frozen, data,
+                                                             cfg.eval.batch_size)
+    retrain, _ = tuner.fit(data.retain, "retrain")
+    out = {"retrain": margin(retrain["trainable"], _frozen_of(tuner, retrain))}
+    if k < n:
+      full, _ = tuner.fit(data.train, "full")
+      frozen_full = _frozen_of(tuner, full)
+      out["full"] = margin(full["trainable"], frozen_full)
+      for method in setup.methods:
+        ctx = methods_lib.Context(
+            seed=seed, net=tuner.net, frozen=frozen_full, w0=w0, full=full["trainable"],
+            data=data, linearized=tuner.linearized, forgetter=setup.forgetter,
+            fit=_method_fit(setup, tuner.net, frozen_full, data.num_classes, seed,
+                            method.name, None),
+            grams=tuner.shared_grams if _shares_grams(cfg, tuner) else None,
+            mesh=setup.mesh)
+        result = method.run(ctx, methods_lib.block(cfg, method))
+        out[method.name] = margin(result.params, frozen_full)
+    return out
+
+  per = [stages.json_stage(os.path.join(pdir, f"seed_{k}.json"), lambda k=k: one(k))
+         for k in range(2 * n)]
+  reference = np.asarray([p["retrain"] for p in per[n:]])
+  names = [m.name for m in setup.methods] + ["full", "retrain"]
+  return {"num_seeds": n, "floor": "retrain",
+          "per_method": {m: klom.summary(klom.klom(np.asarray([p[m] for p in per[:n]]),
+                                                   reference))
+                         for m in names if all(m in p for p in per[:n])}}
+
+
+def data_mesh(cfg) -> Optional[Any]:
+  """All devices (of all processes) on one "data" axis, or None with a single device.
+
+  Every training batch is split evenly over the devices (no padding: padded rows would
+  change BatchNorm's batch statistics), so each batch size must be a multiple of the
+  device count; a config that is not is refused here, naming the field.
+  """
+  n = jax.device_count()
+  if n == 1:
+    return None
+  for group in config_lib.train_groups(cfg):
+    node = cfg
+    for part in group.split("."):
+      node = node[part]
+    if node.batch_size % n:
+      raise ValueError(f"config.{group}.batch_size={node.batch_size} must be a multiple of "
+                       f"the {n} devices to split batches over them")
+  log.info("data-parallel over %d devices (%d processes)", n, jax.process_count())
+  return sharding.make_data_mesh()
+
+
+def data_for_seed(cfg, data, seed: int):
+  """The data of run seed `seed`: `data` itself, or with data.draw_per_seed its own draw of
+  classes, forget classes and images (data seed `data.seed + seed`)."""
+  if not cfg.data.draw_per_seed or seed == 0:
+    return data
+  seed_data = data_splits.load_unlearning_data(cfg.data, seed=cfg.data.seed + seed)
+  log.info("data of seed %d: %s", seed, seed_data.describe())
+  return seed_data
+
+
+def data_draw(data) -> dict:
+  """What a run's data is made of: classes (dataset ids, names), forget classes, counts."""
+  return {"seed": int(data.config.seed), "classes": list(data.dataset_classes),
+          "class_names": list(data.class_names), "forget_classes": list(data.forget_classes),
+          "counts": data.counts()}
+
+
+def _preflight(cfg, model, data) -> None:
+  """What can be refused from shapes alone, before the workdir is touched: a model whose
+  options do not build (its variables are traced abstractly at the data's image size), and
+  a solver the damping rule excludes for this p and n·C."""
+  from fastntk_jax.unlearn import validate  # pylint: disable=g-import-not-at-top
+  shape = jax.ShapeDtypeStruct((1,) + tuple(data.image_shape), np.float32)
+  try:
+    variables = jax.eval_shape(lambda x: model.init(jax.random.PRNGKey(0), x), shape)
+  except Exception as e:  # pylint: disable=broad-except  # any failure to build is the options'
+    raise ValueError(f"config.model: {cfg.model.name} with options "
+                     f"{dict(cfg.model.options)} does not build on {data.image_shape} "
+                     f"images: {type(e).__name__}: {e}") from None
+  p = tr.count_params(tr.split(dict(variables))[0])
+  n, c = data.train.size, data.num_classes
+  try:
+    validate.allowed_solvers(validate.parse(validate.Solver, cfg.unlearn.solver, name="solver"),
+                             float(cfg.unlearn.damping), num_params=p, num_outputs=n * c,
+                             cg_budget=0, cg_dim=0)
+  except ValueError as e:
+    raise ValueError(f"config.unlearn.damping={cfg.unlearn.damping}, unlearn.solver="
+                     f"{cfg.unlearn.solver!r}: {e}") from None
+
+
+def run(cfg: ml_collections.ConfigDict, workdir: str, *, show_progress: bool = True) -> dict:
+  """Runs (or resumes) the whole experiment in `workdir`; returns the results dict.
+
+  Args:
+    cfg: a config from `configs/` (validated here, every field, before any work).
+    workdir: output folder; created if missing.
+    show_progress: tqdm bars on stderr.
+
+  Returns:
+    The dict written to `workdir/results.json`.
+
+  Raises:
+    ValueError: a bad config field (named), a workdir of another config or in use.
+  """
+  cfg = config_lib.validate(cfg)
+  plugins = tuple(methods_lib.get(name) for name in cfg.methods
+                  if name not in methods_lib.REFERENCES)
+  for method in plugins:
+    if method.validate is not None:
+      method.validate(methods_lib.block(cfg, method))
+  for note in config_lib.ignored_fields(cfg):
+    log.info("%s", note)
+  with linalg.enable_x64(config_lib.solve_dtype(cfg) is not None):
+    # The model's options are checked before the data load (minutes for ImageNet-R): an
+    # unknown option is refused by get_model, whatever the number of classes.
+    models.get_model(cfg.model.name, 2, **dict(cfg.model.options))
+    data = data_splits.load_unlearning_data(cfg.data)
+    log.info("data: %s", data.describe())
+    model = models.get_model(cfg.model.name, data.num_classes, **dict(cfg.model.options))
+    _preflight(cfg, model, data)
+    mesh = data_mesh(cfg)
+    with wd.hold(workdir, exclusive=jax.process_index() == 0):
+      wd.claim(workdir, cfg)
+      return _run(cfg, workdir, data, model, plugins, mesh, show_progress)
+
+
+def _run(cfg, workdir, data, model, plugins, mesh, show_progress) -> dict:
+  progress = progress_lib.Progress(workdir, show_progress)
+  pretrained = pretrain.pretrain_stage(cfg, model, data, workdir, progress, mesh)
+  w_pre, frozen_pre = tr.split(pretrained)
+  setup = Setup(cfg=cfg, workdir=workdir, model=model, frozen_pre=frozen_pre, w_pre=w_pre,
+                forgetter=make_forgetter(cfg, model, frozen_pre, data.num_classes),
+                methods=plugins, progress=progress, mesh=mesh)
+  per_seed, draws = {}, {}
+  for seed in cfg.seeds:
+    log.info("seed %d", seed)
+    seed_data = data_for_seed(cfg, data, seed)
+    draws[seed] = data_draw(seed_data)
+    per_seed[seed] = run_seed(setup, seed_data, seed)
+  population = population_stage(setup, data)
+  progress.close()
+  results = report.build_results(cfg, data, model, pretrained, per_seed)
+  results["klom"] = population
+  report.add_pretrain(results, pretrain.pretrain_info(workdir))
+  # Which classes each seed ran on (with data.draw_per_seed, a draw per seed).
+  results["data"]["per_seed"] = {str(s): d for s, d in draws.items()}
+  report.write_all(results, workdir)
+  return results
