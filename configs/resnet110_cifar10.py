@@ -42,7 +42,7 @@ def get_config(arg=None):
   c.data.name = "cifar10"
   c.data.image_size = 32
   c.data.images_per_class = a["ipc"]
-  c.data.forget_classes = [0]
+  c.data.forget_classes = (0,)
   c.model.name = "resnet110"
   c.model.options = {"shortcut": "A"}
   common.cifar_pretrain_recipe(c, "cifar100")

@@ -27,6 +27,9 @@ from absl import flags
 
 PROG = "fastntk_jax"
 CONFIG_FLAG = "config"
+# The embedded default (scikit-learn's digits, no downloads), beside the package.
+DEFAULT_CONFIG = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..",
+                                               "configs", "default.py"))
 _HELP_FLAGS = ("help", "h", "?", "helpshort", "helpfull", "helpxml")
 FREE_FORM = "model.options"  # a group whose keys are free (get_model(**options))
 
@@ -224,24 +227,75 @@ def _did_you_mean(key: str, options) -> str:
 
 def _unknown_field(argv, error: Exception) -> str:
   """A one-line message for an override naming no field of the config."""
-  key = str(error).strip("'\"")
+  text = " ".join(str(error).replace("\\", "").split())
+  quoted = re.findall(r"'([^']+)'", text)
+  key = quoted[0] if quoted else text.strip("'\"")
+  hint = re.search(r'Did you mean "([^"]+)"', text)
+  hint = f"; did you mean {hint.group(1)!r}?" if hint else ""
   for arg in argv[1:]:
     name = arg.lstrip("-").partition("=")[0]
     if name.startswith(CONFIG_FLAG + ".") and key in name.split("."):
-      return (f"{arg}: unknown config field {name[len(CONFIG_FLAG) + 1:]!r} "
+      return (f"{arg}: unknown config field {name[len(CONFIG_FLAG) + 1:]!r}{hint} "
               f"(python -m fastntk_jax.main --dry_run prints every field)")
-  return f"unknown config field {key!r}"
+  return f"unknown config field {key!r}{hint}"
+
+
+# The argv config_flags reads its overrides from (`DEFINE_config_file(sys_argv=ARGV)`): filled
+# by `parse_flags` before each parse. It starts with a bare --config so that the overrides are
+# registered while parsing, never when the flag is defined (from whatever sys.argv was then).
+ARGV = [PROG, f"--{CONFIG_FLAG}"]
+
+
+def _forget_overrides() -> None:
+  """Removes the override flags an earlier parse registered (a process that parses twice)."""
+  for name in list(flags.FLAGS):
+    if name.startswith(CONFIG_FLAG + "."):
+      delattr(flags.FLAGS, name)
+
+
+def _through_a_value(argv, path: str):
+  """The message for an override whose field path passes through a value, or None."""
+  from fastntk_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+  try:
+    cfg = config_lib.load_config_file(path)
+  except Exception:  # pylint: disable=broad-except  # then the file itself is the problem
+    return None
+  for arg in argv[1:]:
+    name = arg.lstrip("-").partition("=")[0]
+    if not name.startswith(CONFIG_FLAG + "."):
+      continue
+    node, walked = cfg, []
+    for key in name.split(".")[1:-1]:
+      walked.append(key)
+      node = node.get(key) if hasattr(node, "get") else None
+      if node is not None and not hasattr(node, "get"):
+        return f"{arg}: config.{'.'.join(walked)} is a value, not a group of fields"
+  return None
+
+
+def _last_error_line(text: str) -> str:
+  """The exception line of a message that quotes a whole traceback (config_flags does)."""
+  if "Traceback" not in text:
+    return text
+  found = re.findall(r"(\w+(?:Error|Exception): .*?)(?= File \"|$)", " ".join(text.split()))
+  return found[-1] if found else text
 
 
 def parse_flags(argv):
   """absl's parsing through config_flags, one line and exit 2 for anything it refuses."""
   argv, aside = _split(argv)
+  config = next((a for a in argv[1:] if a.lstrip("-").partition("=")[0] == CONFIG_FLAG), None)
+  if config is None:
+    config = f"--{CONFIG_FLAG}={DEFAULT_CONFIG}"
+    argv = argv[:1] + [config] + argv[1:]
+  path = config.partition("=")[2] or "?"
+  ARGV[:] = argv
+  _forget_overrides()
   try:
     rest = flags.FLAGS(argv)
     cfg = flags.FLAGS[CONFIG_FLAG].value
     if cfg is None or not hasattr(cfg, "unlocked"):
-      raise ValueError(f"config file {flags.FLAGS[CONFIG_FLAG].config_filename!r}: "
-                       f"get_config() returned {type(cfg).__name__}, not an "
+      raise ValueError(f"get_config() returned {type(cfg).__name__}, not an "
                        "ml_collections.ConfigDict (start from fastntk_jax.config.base_config())")
     _apply(cfg, aside)
   except SystemExit as e:  # absl exits 1 after printing --help; asking for help is no error
@@ -250,11 +304,14 @@ def parse_flags(argv):
     raise
   except (AttributeError, KeyError) as e:
     fail(_unknown_field(argv, e))
+  except TypeError as e:  # an override that walks into a value: --config.seeds.first=1
+    fail(_through_a_value(argv, path) or f"--config={path}: TypeError: {e}")
   except flags.Error as e:
-    fail(f"bad flags: {e}")
+    fail(f"bad flags: {_last_error_line(str(e))}")
   except Exception as e:  # pylint: disable=broad-except  # a config file that fails to load
-    fail(f"--config={flags.FLAGS[CONFIG_FLAG].serialize().partition('=')[2] or '?'}: "
-         f"{type(e).__name__}: {e}")
+    if "No such file or directory" in str(e):
+      fail(f"config file {path!r} does not exist")
+    fail(f"--config={path}: {_last_error_line(f'{type(e).__name__}: {e}')}")
   return rest
 
 

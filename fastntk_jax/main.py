@@ -27,11 +27,10 @@ from ml_collections import config_flags  # pylint: disable=g-import-not-at-top,w
 from fastntk_jax import cli  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..",
-                                            "configs", "default.py")),
+    cli.CONFIG_FLAG, cli.DEFAULT_CONFIG,
     "Config file (configs/*.py, optionally 'file.py:arg'); default: the embedded digits run "
     "(configs/default.py). Any field can be overridden with --config.a.b=value.",
-    lock_config=True)
+    lock_config=True, sys_argv=cli.ARGV)
 _WORKDIR = flags.DEFINE_string("workdir", "workdir_default",
                                "Output folder; rerunning the same command resumes.")
 _PROGRESS = flags.DEFINE_bool("progress", True, "Show progress bars.")

@@ -1,11 +1,23 @@
-"""Suite-wide guard: no test may leave JAX's global 64-bit mode changed for the tests after it.
+"""Suite-wide fixtures and guards.
 
-A leak once made every later "float64 without x64 is refused" test pass vacuously or fail
-depending on test order (pipeline.run switched x64 on for good).
+Two tiers. The unit tier (`python -m pytest -q -m "not slow" tests`) checks the math, the
+API, validation and I/O against independent computations, in minutes. The end-to-end tier
+(`-m slow`) runs whole experiments: the tiny run every reading test shares (`tiny_run`), the
+CLI, kill and resume, every config on mock data. The README's test command runs both.
+
+Guard: no test may leave JAX's global 64-bit mode changed for the tests after it (a leak
+made every later "float64 without x64 is refused" test pass vacuously or fail depending on
+test order).
 """
+
+import os
+import shutil
 
 import jax
 import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEFAULT = os.path.join(ROOT, "configs", "default.py")
 
 
 @pytest.fixture(autouse=True)
@@ -16,3 +28,33 @@ def _x64_mode_is_left_as_found():
   if after != before:
     jax.config.update("jax_enable_x64", before)  # keep the rest of the suite meaningful
     pytest.fail(f"this test left jax_enable_x64={after} (it was {before} before the test)")
+
+
+def tiny_config(arg: str = "tiny"):
+  """The embedded default's config in its tiny mode (`configs/default.py:<arg>`)."""
+  from fastntk_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+  return config_lib.load_config_file(f"{DEFAULT}:{arg}")
+
+
+def shared_tiny_config():
+  """The shared run's config: `:tiny` (linearised, float64 closed form) over seeds 0 and 1."""
+  cfg = tiny_config()
+  with cfg.unlocked():
+    cfg.seeds = (0, 1)
+  return cfg
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+  """(workdir, results) of `shared_tiny_config`, run once for the session. For tests that only
+  read its outputs: copy it (`copy_run`) to change anything."""
+  from fastntk_jax.experiment import run as run_lib  # pylint: disable=g-import-not-at-top
+  workdir = str(tmp_path_factory.mktemp("tiny_run"))
+  return workdir, run_lib.run(shared_tiny_config(), workdir, show_progress=False)
+
+
+def copy_run(run, destination) -> str:
+  """A copy of a run's workdir, to tamper with or resume."""
+  dst = str(destination)
+  shutil.copytree(run[0], dst)
+  return dst

@@ -11,7 +11,7 @@ import pytest
 
 from fastntk_jax import audit
 from fastntk_jax import config as config_lib
-from fastntk_jax import pipeline
+from fastntk_jax.experiment import run as run_lib
 from fastntk_jax import workdir as wd
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -27,7 +27,7 @@ def audited(tmp_path_factory):
     cfg.eval.relearn.epochs = 1
     cfg.eval.probe.epochs = 1
   workdir = str(tmp_path_factory.mktemp("audited"))
-  results = pipeline.run(cfg, workdir, show_progress=False)
+  results = run_lib.run(cfg, workdir, show_progress=False)
   return workdir, results
 
 

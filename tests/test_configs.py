@@ -9,7 +9,7 @@ import pytest
 from optional import HAS_TFDS, needs_tfds
 
 from fastntk_jax import config as config_lib
-from fastntk_jax import pipeline
+from fastntk_jax.experiment import run as run_lib
 from test_checkpoints import _npz_layout, _write_npz
 from test_data import _FAKE_IDS
 
@@ -116,7 +116,7 @@ def test_resnet_cifar10_config_runs_on_mock_data(tmp_path):
   cfg = load("resnet110_cifar10.py", "tiny")
   cfg.pretrain.cache_dir = cache
   with tfds.testing.mock_data(as_dataset_fn=CIFAR_FAKE):
-    pipeline.run(cfg, str(tmp_path / "a"), show_progress=False)
+    run_lib.run(cfg, str(tmp_path / "a"), show_progress=False)
     res = _check(str(tmp_path / "a"))
     assert res["data"]["counts"]["forget"] == 3
     _pretrained_accuracy_is_reported(str(tmp_path / "a"), res)
@@ -127,7 +127,7 @@ def test_resnet_cifar10_config_runs_on_mock_data(tmp_path):
     other.data.images_per_class = 2
     other.seeds = (1,)
     other.methods = ("full", "retrain")
-    pipeline.run(other, str(tmp_path / "b"), show_progress=False)
+    run_lib.run(other, str(tmp_path / "b"), show_progress=False)
   again = _check(str(tmp_path / "b"))
   assert again["timing"]["pretrain"]["cache_hit"] is True
   assert again["pretrain"] == res["pretrain"]
@@ -138,7 +138,7 @@ def test_resnet_cifar10_config_runs_on_mock_data(tmp_path):
 def test_mobilenetv2_cifar10_config_runs_on_mock_data(tmp_path):
   cfg = load("mobilenetv2_cifar10.py", "tiny")
   with tfds.testing.mock_data(as_dataset_fn=CIFAR_FAKE):
-    pipeline.run(cfg, str(tmp_path), show_progress=False)
+    run_lib.run(cfg, str(tmp_path), show_progress=False)
   res = _check(str(tmp_path))
   assert res["model"]["name"] == "mobilenetv2" and res["data"]["counts"]["forget"] == 3
   _pretrained_accuracy_is_reported(str(tmp_path), res)
@@ -160,7 +160,7 @@ def test_vit_imagenet_r_configs_run_on_mock_data(tmp_path, name):
   cfg.pretrain.path = str(tmp_path / "augreg.npz")
   arrays = _write_tiny_augreg(cfg.pretrain.path)
   with tfds.testing.mock_data(as_dataset_fn=_fake_imagenet_r):
-    pipeline.run(cfg, str(tmp_path / "wd"), show_progress=False)
+    run_lib.run(cfg, str(tmp_path / "wd"), show_progress=False)
   res = _check(str(tmp_path / "wd"))
   assert res["data"]["num_classes"] == 4 and res["model"]["name"] == cfg.model.name
   # The paper's sampling: 4 of the 200 classes drawn at random, one of them forgotten.
@@ -187,7 +187,7 @@ def _tiny_vit_variables(cfg, classes):
 def test_vit_base_cifar10_config_runs_on_mock_data(tmp_path):
   cfg = load("vit_base_cifar10.py", "tiny")
   with tfds.testing.mock_data(as_dataset_fn=CIFAR_FAKE):
-    pipeline.run(cfg, str(tmp_path), show_progress=False)
+    run_lib.run(cfg, str(tmp_path), show_progress=False)
   res = _check(str(tmp_path))
   assert res["data"]["num_classes"] == 10 and res["data"]["forget_classes"] == [0]
 

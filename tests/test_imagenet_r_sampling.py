@@ -13,7 +13,7 @@ tfds = pytest.importorskip("tensorflow_datasets")
 
 from fastntk_jax import config as config_lib  # pylint: disable=wrong-import-position
 from fastntk_jax import data as D  # pylint: disable=wrong-import-position
-from fastntk_jax import pipeline  # pylint: disable=wrong-import-position
+from fastntk_jax.experiment import run as run_lib  # pylint: disable=wrong-import-position
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IDS = np.arange(200) * 5 + 1  # 200 ImageNet-1k ids, as test_data's fake
@@ -105,12 +105,12 @@ def test_pipeline_draws_per_seed(imagenet_r):
   cfg.data.holdout_per_class = 2
   cfg.data.images_per_class = 3
   base = D.load_unlearning_data(cfg.data)
-  draws = [pipeline.data_draw(pipeline.data_for_seed(cfg, base, s)) for s in (0, 1, 2)]
+  draws = [run_lib.data_draw(run_lib.data_for_seed(cfg, base, s)) for s in (0, 1, 2)]
   assert draws[0]["classes"] == list(base.dataset_classes)
   assert len({tuple(d["classes"]) for d in draws}) == 3
   assert [d["seed"] for d in draws] == [0, 1, 2]
   cfg.data.draw_per_seed = False
-  assert pipeline.data_for_seed(cfg, base, 2) is base
+  assert run_lib.data_for_seed(cfg, base, 2) is base
   fixed = config_lib.load_config_file(os.path.join(ROOT, "configs",
                                                    "vit_small_imagenet_r.py:random=0"))
   assert (fixed.data.class_choice, fixed.data.forget_choice, fixed.data.draw_per_seed,

@@ -10,7 +10,7 @@ from jax.flatten_util import ravel_pytree
 from x64 import enable_x64
 
 from fastntk_jax import config as config_lib
-from fastntk_jax import pipeline
+from fastntk_jax.experiment import run as run_lib
 from fastntk_jax import train as train_lib
 from fastntk_jax import unlearn
 from fastntk_jax.models import trainable as tr
@@ -98,7 +98,7 @@ def test_pipeline_in_linearized_mode_gives_retrain(tmp_path):
     cfg.unlearn.solve_dtype = "float64"
     cfg.methods = ("full", "retrain", "fastntk", "max_loss")
     cfg.eval.population_seeds = 2
-  out = pipeline.run(cfg, str(tmp_path), show_progress=False)
+  out = run_lib.run(cfg, str(tmp_path), show_progress=False)
   res = out["methods"]
   # KLoM: Fast-NTK's models sit exactly at the Retrain-vs-Retrain noise floor.
   k = out["klom"]["per_method"]

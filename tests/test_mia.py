@@ -134,7 +134,7 @@ def test_mia_efficacy_is_the_share_of_forget_samples_called_non_member():
 
 
 def test_avg_gap_is_the_mean_absolute_difference_to_retrain():
-  from fastntk_jax import report
+  from fastntk_jax.experiment import report
   retrain = {"ua": 100.0, "ra": 98.0, "ta": 97.0, "mia_efficacy": 100.0}
   method = {"ua": 90.0, "ra": 99.0, "ta": 95.0, "mia_efficacy": 97.0}
   assert report.avg_gap(method, retrain) == (10 + 1 + 2 + 3) / 4

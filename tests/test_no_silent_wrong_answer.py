@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from x64 import enable_x64
 
-from fastntk_jax import report
+from fastntk_jax.experiment import report
 from fastntk_jax import unlearn
 from fastntk_jax.unlearn import stream
 from fastntk_jax import linalg

@@ -15,8 +15,8 @@ import pytest
 
 from fastntk_jax import config as config_lib
 from fastntk_jax import data as data_lib
-from fastntk_jax import pretraining
-from fastntk_jax import report
+from fastntk_jax.experiment import pretrain as pretraining
+from fastntk_jax.experiment import report
 from fastntk_jax import train as train_lib
 from fastntk_jax.models.layers import TrainableDense
 
@@ -240,7 +240,7 @@ def test_load_or_train_on_a_filesystem_without_flock_warns_and_runs(tmp_path, mo
   monkeypatch.setattr(pretraining, "train_backbone", lambda *a, **k: (
       fresh, {"source": "train", "test_accuracy": 50.0, "test_split": "cifar100/test"}))
   spec = train_lib.TrainSpec(epochs=1, learning_rate=0.1, batch_size=4)
-  with caplog.at_level(logging.WARNING, logger="fastntk_jax.pretraining"):
+  with caplog.at_level(logging.WARNING, logger="fastntk_jax.experiment.pretrain"):
     _, info, cache = pretraining.load_or_train(cfg, spec, 8, "cifar", str(tmp_path))
   assert info["test_accuracy"] == 50.0 and not cache["cache_hit"]
   assert "Function not implemented" in caplog.text and "without the lock" in caplog.text

@@ -11,7 +11,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 WRITE = textwrap.dedent("""
   import json, sys
-  from fastntk_jax.pipeline import _Progress
+  from fastntk_jax.experiment.progress import Progress as _Progress
   before = "tensorflow" in sys.modules
   progress = _Progress(sys.argv[1], enabled=False)
   update = progress.epochs("finetune_seed0", 3)
@@ -48,7 +48,7 @@ def test_event_file_is_written_without_tensorflow_and_reads_back(tmp_path):
 
 
 def test_two_writers_in_one_second_do_not_overwrite_each_other(tmp_path):
-  from fastntk_jax.pipeline import _Progress  # pylint: disable=g-import-not-at-top
+  from fastntk_jax.experiment.progress import Progress as _Progress  # pylint: disable=g-import-not-at-top
   for _ in range(2):
     progress = _Progress(str(tmp_path), enabled=False)
     progress.epochs("a", 1)(0, 1.0)

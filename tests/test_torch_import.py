@@ -256,7 +256,7 @@ class _NoProgress:
 def test_pipeline_pretrain_stage_loads_a_state_dict(tmp_path):
   import types  # pylint: disable=g-import-not-at-top
   from fastntk_jax import config as config_lib  # pylint: disable=g-import-not-at-top
-  from fastntk_jax import pipeline  # pylint: disable=g-import-not-at-top
+  from fastntk_jax.experiment import pretrain  # pylint: disable=g-import-not-at-top
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   cfg = config_lib.load_config_file(os.path.join(root, "configs", "resnet110_cifar10.py:tiny"))
   cfg.model.options = {"shortcut": "A", "widths": WIDTHS}
@@ -267,11 +267,11 @@ def test_pipeline_pretrain_stage_loads_a_state_dict(tmp_path):
   np.savez(cfg.pretrain.path, **sd)
   model, _ = _model_and_init(classes=4)
   data = types.SimpleNamespace(image_shape=(8, 8, 3))
-  variables = pipeline.pretrain_stage(cfg, model, data, str(tmp_path / "wd"), _NoProgress())
+  variables = pretrain.pretrain_stage(cfg, model, data, str(tmp_path / "wd"), _NoProgress())
   np.testing.assert_array_equal(variables["params"]["stage2_block1"]["conv2"]["kernel"],
                                 np.transpose(sd["module.layer2.0.conv2.weight"], (2, 3, 1, 0)))
   assert variables["trainable"]["head"]["kernel"].shape == (16, 4)  # the task's fresh head
-  assert pipeline.pretrain_info(str(tmp_path / "wd")) == {"source": "state_dict",
+  assert pretrain.pretrain_info(str(tmp_path / "wd")) == {"source": "state_dict",
                                                           "path": cfg.pretrain.path}
 
 

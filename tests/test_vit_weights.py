@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from fastntk_jax import config as config_lib
-from fastntk_jax import pipeline
+from fastntk_jax.experiment import pretrain
 from fastntk_jax.models import checkpoints as ck
 from test_checkpoints import _VIT, _fresh, _npz_layout, _write_npz
 
@@ -78,15 +78,15 @@ def test_dont_load_from_the_config_reaches_the_loader(tmp_path):
   assert tuple(cfg.pretrain.dont_load) == ("head/.*", "Transformer/encoder_norm/.*")
   model, fresh = _fresh(prompt_length=2)
   data = types.SimpleNamespace(image_shape=(8, 8, 3))
-  variables = pipeline.pretrain_stage(cfg, model, data, str(tmp_path / "wd"), _NoProgress())
+  variables = pretrain.pretrain_stage(cfg, model, data, str(tmp_path / "wd"), _NoProgress())
   norm = variables["params"]["Transformer"]["encoder_norm"]["scale"]
   assert norm.shape == (16,)
-  info = pipeline.pretrain_info(str(tmp_path / "wd"))
+  info = pretrain.pretrain_info(str(tmp_path / "wd"))
   assert "Transformer/encoder_norm/scale" in info["kept_at_init"] and info["dropped"] == []
   # Without the pattern the same file is refused, naming what is missing.
   cfg.pretrain.dont_load = ("head/.*",)
   with pytest.raises(ck.CheckpointError, match="Transformer/encoder_norm/bias"):
-    pipeline.pretrain_stage(cfg, model, data, str(tmp_path / "wd2"), _NoProgress())
+    pretrain.pretrain_stage(cfg, model, data, str(tmp_path / "wd2"), _NoProgress())
   cfg.pretrain.dont_load = ("head/[",)
   with pytest.raises(ValueError, match="not a regular expression"):
     config_lib.validate(cfg)

@@ -101,7 +101,7 @@ def default_data_config() -> ml_collections.ConfigDict:
   # Pre-training images per class, disjoint from D and the hold-out; 0 = no pretrain split.
   # Dataset default: digits 80, others 0 (the paper's backbones come from checkpoints).
   c.pretrain_per_class = placeholder(int)
-  c.forget_classes = [0]  # forget_mode="class": remapped labels forming D_f (ignored: "samples")
+  c.forget_classes = (0,)  # forget_mode="class": remapped labels forming D_f (ignored: "samples")
   c.forget_mode = "class"  # "class" (the paper's setting) | "samples" (random subset of D)
   c.forget_fraction = placeholder(float)  # forget_mode="samples": fraction of D forgotten, in (0, 1)
   c.seed = 0  # every random choice (class splits, forget samples) derives from it
