@@ -49,8 +49,8 @@ def tiny_training(c: ml_collections.ConfigDict) -> None:
   c.seeds = (0,)
   c.pretrain.train.epochs = 1
   c.finetune.epochs = 2
-  c.baselines.max_loss.epochs = 1
-  c.baselines.random_label.epochs = 1
+  for block in c.baselines.values():  # every method plug-in's training group
+    block.epochs = 1
   c.eval.relearn.epochs = 2
   c.eval.probe.epochs = 1
   c.eval.batch_size = 32

@@ -58,8 +58,8 @@ def get_config(arg=None):
     c.model.options = {"shortcut": "B", "widths": (4, 8, 8)}
     c.pretrain.train.epochs = 2
     c.finetune.epochs = 2
-    c.baselines.max_loss.epochs = 1
-    c.baselines.random_label.epochs = 1
+    for block in c.baselines.values():  # every method plug-in's training group
+      block.epochs = 1
     c.eval.relearn.epochs = 3
     c.eval.probe.epochs = 2
     c.eval.batch_size = 32

@@ -291,6 +291,9 @@ def parse_flags(argv):
   path = config.partition("=")[2] or "?"
   ARGV[:] = argv
   _forget_overrides()
+  # config_flags loads the file into the module `config_config`, reusing one a previous parse
+  # left (whose get_config would then answer for a file that has none).
+  sys.modules.pop(f"{CONFIG_FLAG}_config", None)
   try:
     rest = flags.FLAGS(argv)
     cfg = flags.FLAGS[CONFIG_FLAG].value
@@ -303,6 +306,8 @@ def parse_flags(argv):
       sys.exit(0)
     raise
   except (AttributeError, KeyError) as e:
+    if "get_config" in str(e):
+      fail(f"config file {path.rsplit(':', 1)[0]!r} defines no get_config()")
     fail(_unknown_field(argv, e))
   except TypeError as e:  # an override that walks into a value: --config.seeds.first=1
     fail(_through_a_value(argv, path) or f"--config={path}: TypeError: {e}")

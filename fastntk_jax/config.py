@@ -135,6 +135,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.baselines.max_loss = train_group(epochs=5, lr=0.01, batch_size=64, loss="ce")
   # Random Label: fine-tune Full on D_f with random wrong labels.
   c.baselines.random_label = train_group(epochs=5, lr=0.01, batch_size=64, loss="ce")
+  # FT: fine-tune Full on D_r alone (Unlearn-Sparse's recipe: 10 epochs, lr 0.01, CE).
+  c.baselines.ft = train_group(epochs=10, lr=0.01, batch_size=64, loss="ce")
 
   c.eval = ml_collections.ConfigDict()
   c.eval.relearn = train_group(epochs=100, lr=0.01, batch_size=64, loss="ce")  # epochs = the cap

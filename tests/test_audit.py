@@ -10,25 +10,16 @@ import numpy as np
 import pytest
 
 from fastntk_jax import audit
-from fastntk_jax import config as config_lib
-from fastntk_jax.experiment import run as run_lib
 from fastntk_jax import workdir as wd
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture(scope="module")
-def audited(tmp_path_factory):
-  """A workdir of the embedded default (:tiny, linearised, float64) with two seeds."""
-  cfg = config_lib.load_config_file(os.path.join(ROOT, "configs", "default.py") + ":tiny")
-  with cfg.unlocked():
-    cfg.methods = ("full", "retrain", "fastntk")
-    cfg.seeds = (0, 1)
-    cfg.eval.relearn.epochs = 1
-    cfg.eval.probe.epochs = 1
-  workdir = str(tmp_path_factory.mktemp("audited"))
-  results = run_lib.run(cfg, workdir, show_progress=False)
-  return workdir, results
+@pytest.fixture
+def audited(tiny_run):
+  """The shared tiny run (the embedded default's :tiny, linearised, float64; seeds 0 and 1):
+  the tests below read it, or tamper with a copy."""
+  return tiny_run
 
 
 def _copy(audited, tmp_path):
@@ -47,6 +38,7 @@ def _write_lines(workdir, lines):
     f.write("\n".join(lines) + "\n")
 
 
+@pytest.mark.slow
 def test_a_pipeline_run_verifies_and_certifies_each_deletion(audited, capsys, monkeypatch):
   workdir, results = audited
   # main() runs audit.verify with every check (certificates included): its verdicts are
@@ -76,6 +68,7 @@ def test_a_pipeline_run_verifies_and_certifies_each_deletion(audited, capsys, mo
   assert "python -m fastntk_jax.audit" in text
 
 
+@pytest.mark.slow
 def test_an_edited_record_fails(audited, tmp_path, capsys):
   workdir = _copy(audited, tmp_path)
   lines = _lines(workdir)
@@ -89,6 +82,7 @@ def test_an_edited_record_fails(audited, tmp_path, capsys):
   assert "FAIL #0 seed0/fastntk" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_a_removed_record_breaks_the_chain(audited, tmp_path):
   workdir = _copy(audited, tmp_path)
   _write_lines(workdir, _lines(workdir)[1:])
@@ -96,6 +90,7 @@ def test_a_removed_record_breaks_the_chain(audited, tmp_path):
   assert "chain is broken" in verdicts[0].line()
 
 
+@pytest.mark.slow
 def test_a_swapped_parameter_file_fails(audited, tmp_path):
   workdir = _copy(audited, tmp_path)
   record = json.loads(_lines(workdir)[1])
@@ -109,6 +104,7 @@ def test_a_swapped_parameter_file_fails(audited, tmp_path):
   assert audit.main(["--workdir", workdir]) == 1
 
 
+@pytest.mark.slow
 def test_a_forgotten_sample_left_in_the_retain_set_fails(audited, tmp_path):
   """A consistent log (hashes valid) whose deletion kept one forgotten sample in D_r."""
   workdir = _copy(audited, tmp_path)
@@ -128,6 +124,7 @@ def test_a_forgotten_sample_left_in_the_retain_set_fails(audited, tmp_path):
   assert "still in D_r" in verdicts[2].line() and str(int(ev["forget_ids"][0])) in verdicts[2].line()
 
 
+@pytest.mark.slow
 def test_a_claim_the_data_do_not_support_fails(audited, tmp_path):
   """A record written with a bound smaller than the recomputed one (hashes valid)."""
   source = audited[0]
@@ -236,6 +233,7 @@ def _rerecord(workdir, record, request_id=None):
       certificate=record["certificate"], batch_size=record["batch_size"])
 
 
+@pytest.mark.slow
 def test_the_same_deletion_recorded_again_is_one_record(audited, tmp_path):
   """A run resumed after the record was written but before its stage was saved recomputes
   the deletion: it must not appear twice."""
@@ -247,6 +245,7 @@ def test_the_same_deletion_recorded_again_is_one_record(audited, tmp_path):
   assert other["index"] == 2 and len(_lines(workdir)) == 3
 
 
+@pytest.mark.slow
 def test_a_write_torn_by_a_crash_does_not_block_the_log(audited, tmp_path):
   workdir = _copy(audited, tmp_path)
   first = json.loads(_lines(workdir)[0])

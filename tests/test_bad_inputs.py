@@ -1,87 +1,90 @@
-"""Bad input through every door of the CLI: one clear line, exit code 2, nothing touched."""
+"""Bad input through every door of a run: a clear error naming the problem, before any work,
+nothing written (the command line turns each into one line and exit code 2: test_cli.py)."""
 
 import os
 import re
-import subprocess
-import sys
 
 import numpy as np
 import pytest
+from conftest import ROOT, tiny_config
 from optional import needs_tfds
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = "--config=configs/default.py:tiny"
+from fastntk_jax import cli
+from fastntk_jax import workdir as wd
+from fastntk_jax.experiment import run as run_lib
 
 
-def run_cli(*flags, workdir):
-  proc = subprocess.run([sys.executable, "-m", "fastntk_jax.main", f"--workdir={workdir}",
-                         "--noprogress", *flags], cwd=ROOT, capture_output=True, text=True,
-                        timeout=600)
-  return proc
-
-
-def assert_refused(proc, *needles):
-  assert proc.returncode == 2, (proc.returncode, proc.stderr[-2000:])
-  assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
-  lines = [l for l in proc.stderr.splitlines() if l.startswith("fastntk_jax: error:")]
-  assert len(lines) == 1, proc.stderr[-2000:]
+def refused(cfg, workdir, *needles, error=ValueError) -> str:
+  with pytest.raises(error) as e:
+    run_lib.run(cfg, str(workdir), show_progress=False)
   for needle in needles:
-    assert needle in lines[0], lines[0]
-  return lines[0]
+    assert needle in str(e.value), str(e.value)
+  return str(e.value)
 
 
-@pytest.mark.parametrize("flags,needles", [
-    (["--config.unlearn.dampin=1"], ["dampin", "damping"]),                      # unknown key
-    (["--config.unlearn.damping=big"], ["damping"]),                             # wrong type
-    (["--config.unlearn.solver=svd"], ["config.unlearn.solver='svd'"]),          # bad value
-    (["--config.data.forget_classes=[7]"], ["forget_classes"]),                  # not a chosen class
-    (["--config.data.images_per_class=500"], ["images_per_class"]),              # #IPC too large
-    (["--config.data.num_classes=2", "--config.data.forget_classes=[0,1]"],
-     ["forget_classes"]),                                                        # empty retain set
-], ids=["unknown-key", "wrong-type", "bad-solver", "forget-class", "ipc", "empty-retain"])
-def test_config_doors(flags, needles, tmp_path):
-  assert_refused(run_cli(TINY, *flags, workdir=str(tmp_path / "w")), *needles)
-  assert not os.path.exists(tmp_path / "w" / "results.json")
+def tiny(**fields):
+  cfg = tiny_config()
+  with cfg.unlocked():
+    for dotted, value in fields.items():
+      node = cfg
+      *groups, key = dotted.split("__")
+      for g in groups:
+        node = node[g]
+      node[key] = value
+  return cfg
+
+
+@pytest.mark.parametrize("fields,needles", [
+    ({"unlearn__solver": "svd"}, ["config.unlearn.solver='svd'"]),
+    ({"seeds": (-1,)}, ["config.seeds=(-1,)"]),
+    ({"data__forget_classes": (7,)}, ["forget_classes"]),          # not a chosen class
+    ({"data__images_per_class": 500}, ["images_per_class"]),       # #IPC too large
+    ({"data__num_classes": 2, "data__forget_classes": (0, 1)}, ["forget_classes"]),
+    ({"model__options": {"shortcut": "B", "widths": (4, 8)}}, ["config.model", "widths"]),
+    ({"model__options": {"shortcut": "B", "widhts": (4, 8, 8)}}, ["widhts"]),
+    ({"finetune__mode": "standard", "unlearn__solver": "primal", "unlearn__damping": 0.0},
+     ["damping=0"]),
+], ids=["bad-solver", "negative-seed", "forget-class", "ipc", "empty-retain",
+        "model-that-does-not-build", "unknown-model-option", "zero-damping-primal"])
+def test_refused_before_the_workdir_is_touched(fields, needles, tmp_path):
+  refused(tiny(**fields), tmp_path / "w", *needles)
+  assert not (tmp_path / "w").exists()
+
+
+def test_the_corrected_command_runs_where_a_refused_one_was_given(tmp_path):
+  """A refused config leaves no config.json behind to refuse the corrected one with."""
+  refused(tiny(model__options={"shortcut": "B", "widths": (4, 8)}), tmp_path / "w", "widths")
+  cfg = tiny()
+  wd.claim(str(tmp_path / "w"), cfg)  # the corrected config claims the workdir
 
 
 def test_corrupt_checkpoint(tmp_path):
   bad = tmp_path / "ckpt"
   bad.mkdir()
   (bad / "garbage").write_bytes(b"not a checkpoint")
-  line = assert_refused(run_cli(TINY, "--config.pretrain.source=checkpoint",
-                                f"--config.pretrain.path={bad}", workdir=str(tmp_path / "w")),
-                        "ckpt")
-  # One line on the terminal, but the traceback is kept (the same exception types come from
-  # bugs, which a bare line would hide): the line names the file holding it.
-  match = re.search(r"\(traceback: (.+)\)$", line)
-  assert match, line
-  kept = open(match.group(1)).read()
-  assert kept.startswith("Traceback") and "ckpt" in kept, kept[-2000:]
+  refused(tiny(pretrain__source="checkpoint", pretrain__path=str(bad)), tmp_path / "w", "ckpt")
 
 
 def test_truncated_npz(tmp_path):
+  from configs import common  # pylint: disable=g-import-not-at-top
   npz = tmp_path / "vit.npz"
   np.savez(npz, **{"Transformer/encoder_norm/scale": np.ones(16, np.float32)})
   npz.write_bytes(npz.read_bytes()[:40])  # truncated
-  cfg = tmp_path / "vit_digits.py"  # the tiny prompted ViT on the embedded digits
-  cfg.write_text(
-      "from fastntk_jax.config import vit_prompt_config\n"
-      "def get_config():\n"
-      "  c = vit_prompt_config('vit_s16', 'imagenet_r', 4, 2, '', True)\n"
-      "  c.data.name = 'digits'\n"
-      "  c.pretrain.source = 'npz'\n"
-      f"  c.pretrain.path = {str(npz)!r}\n"
-      "  return c\n")
-  assert_refused(run_cli(f"--config={cfg}", workdir=str(tmp_path / "w")), "vit.npz")
+  cfg = common.vit_prompt_config("vit_s16", "imagenet_r", 4, 2, "", True)
+  cfg.data.name = "digits"
+  cfg.pretrain.source = "npz"
+  cfg.pretrain.path = str(npz)
+  refused(cfg, tmp_path / "w", "vit.npz")
 
 
 @needs_tfds
 def test_dataset_not_prepared_names_the_fix(tmp_path):
-  line = assert_refused(run_cli("--config=configs/resnet110_cifar10.py:tiny",
-                                f"--config.data.data_dir={tmp_path / 'empty'}",
-                                workdir=str(tmp_path / "w")),
-                        "download_and_prepare", "cifar10")
+  from fastntk_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+  cfg = config_lib.load_config_file(os.path.join(ROOT, "configs", "resnet110_cifar10.py:tiny"))
+  cfg.data.data_dir = str(tmp_path / "empty")
+  line = refused(cfg, tmp_path / "w", "download_and_prepare", "cifar10")
   assert str(tmp_path / "empty") in line
+  assert not (tmp_path / "w").exists()
 
 
 def test_workdir_of_other_config_is_refused_and_left_untouched(tmp_path):
@@ -89,19 +92,56 @@ def test_workdir_of_other_config_is_refused_and_left_untouched(tmp_path):
   workdir.mkdir()
   (workdir / "config.json").write_text('{"seeds": [5]}\n')
   (workdir / "results.json").write_text("earlier results\n")
-  assert_refused(run_cli(TINY, workdir=str(workdir)), "different config")
+  refused(tiny(), workdir, "different config", error=wd.WorkdirConflictError)
   assert (workdir / "results.json").read_text() == "earlier results\n"
   assert (workdir / "config.json").read_text() == '{"seeds": [5]}\n'
 
 
+def test_a_workdir_held_by_another_run_is_refused(tmp_path):
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  holder = ("import sys, time\nfrom fastntk_jax import workdir as wd\n"
+            "with wd.hold(sys.argv[1]):\n  print('held', flush=True)\n  time.sleep(60)\n")
+  proc = subprocess.Popen([sys.executable, "-c", holder, str(tmp_path / "w")],
+                          stdout=subprocess.PIPE, text=True)
+  try:
+    assert proc.stdout.readline().strip() == "held"
+    line = refused(tiny(), tmp_path / "w", "in use by another run", f"pid {proc.pid}",
+                   error=wd.WorkdirBusyError)
+    assert "config.json" not in os.listdir(tmp_path / "w"), line
+  finally:
+    proc.kill()
+    proc.wait()
+  with wd.hold(str(tmp_path / "w")):  # the killed holder's lock is taken over
+    pass
+
+
 def test_a_traceback_that_cannot_go_to_the_workdir_goes_to_a_temporary_file(tmp_path):
-  # Review finding: an unwritable workdir (or a full disk, maybe the very error reported)
-  # made the handler itself raise, ending in a chained traceback and exit 1.
-  from fastntk_jax import main as main_lib  # pylint: disable=g-import-not-at-top
   (tmp_path / "error_traceback.txt").mkdir()  # opening it for writing fails
   try:
     raise ValueError("boom")
   except ValueError:
-    path = main_lib.save_traceback(str(tmp_path))
+    path = cli.save_traceback(str(tmp_path))
   assert not path.startswith(str(tmp_path)), path
   assert "ValueError: boom" in open(path).read()
+
+
+@pytest.mark.slow
+def test_a_refusal_after_the_workdir_is_claimed_is_one_line_keeping_its_traceback(tmp_path):
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  bad = tmp_path / "ckpt"
+  bad.mkdir()
+  proc = subprocess.run([sys.executable, "-m", "fastntk_jax.main", "--noprogress",
+                         "--config=configs/default.py:tiny", f"--workdir={tmp_path / 'w'}",
+                         "--config.pretrain.source=checkpoint", f"--config.pretrain.path={bad}"],
+                        cwd=ROOT, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  lines = [l for l in proc.stderr.splitlines() if l.startswith("fastntk_jax: error:")]
+  assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+  # One line on the terminal, but the traceback is kept (the same exception types come from
+  # bugs, which a bare line would hide): the line names the file holding it.
+  match = re.search(r"\(traceback: (.+)\)$", lines[0])
+  assert match, lines[0]
+  kept = open(match.group(1)).read()
+  assert kept.startswith("Traceback") and "ckpt" in kept, kept[-2000:]

@@ -1,5 +1,7 @@
 """The command line: every config field can be overridden (lists and tuples too), every bad
-flag is one line and exit code 2, and a CPU run's log starts with our own lines."""
+flag is one line and exit code 2 before any work, and a CPU run's log starts with our own
+lines. The flags are parsed in-process (`cli.parse_flags`, what `absl.app.run` calls); a few
+subprocess runs check the whole command (the end-to-end tier)."""
 
 import json
 import os
@@ -9,24 +11,44 @@ import sys
 
 import ml_collections
 import pytest
+from absl import flags
+from conftest import ROOT
 from optional import HAS_NEURAL_TANGENTS
 
+from fastntk_jax import cli
 from fastntk_jax import config as config_lib
-from fastntk_jax import main as main_lib
+from fastntk_jax import main as main_lib  # defines the flags  # pylint: disable=unused-import
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIGS = sorted(f for f in os.listdir(os.path.join(ROOT, "configs")) if f.endswith(".py"))
+CONFIGS = sorted(f for f in os.listdir(os.path.join(ROOT, "configs"))
+                 if f.endswith(".py") and f != "common.py")
 
 
-def cli(*args, timeout=120):
+def parse(*args) -> ml_collections.ConfigDict:
+  """The config the command line `args` gives, validated (what `main` runs)."""
+  flags.FLAGS.unparse_flags()
+  rest = cli.parse_flags(["fastntk_jax", *args])
+  assert rest == ["fastntk_jax"], rest
+  return config_lib.validate(flags.FLAGS.config)
+
+
+def refused(capsys, *args) -> str:
+  """The one line of a refused command line (exit code 2)."""
+  with pytest.raises(SystemExit) as e:
+    flags.FLAGS.unparse_flags()
+    cli.parse_flags(["fastntk_jax", *args])
+    if flags.FLAGS.workdir is not None and not flags.FLAGS.workdir.strip():
+      main_lib.main(["fastntk_jax"])
+    config_lib.validate(flags.FLAGS.config)
+  # Validation errors surface as ValueError here; main turns them into the line (below).
+  assert e.value.code == 2, e.value.code
+  lines = capsys.readouterr().err.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith("fastntk_jax: error: "), lines
+  return lines[0]
+
+
+def cli_run(*args, timeout=120):
   return subprocess.run([sys.executable, "-m", "fastntk_jax.main", *args], cwd=ROOT,
                         capture_output=True, text=True, timeout=timeout)
-
-
-def dry_run(*args) -> dict:
-  proc = cli("--dry_run", *args)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  return json.loads(proc.stdout)
 
 
 def assert_one_line_error(proc, *needles) -> str:
@@ -45,43 +67,27 @@ def assert_one_line_error(proc, *needles) -> str:
 
 
 def test_list_and_tuple_fields_from_the_command_line():
-  # The issue's case: without --config (the embedded default) a list field used to traceback.
-  cfg = dry_run("--config.data.forget_classes=(3,)")
-  assert cfg["data"]["forget_classes"] == [3]
-  cfg = dry_run("--config.data.forget_classes=[3, 4]", "--config.seeds=0,1",
-                "--config.methods=(full,retrain,fastntk)", "--config.data.num_classes=6")
-  assert cfg["data"]["forget_classes"] == [3, 4]
-  assert cfg["seeds"] == [0, 1] and cfg["methods"] == ["full", "retrain", "fastntk"]
-  assert dry_run("--config.data.forget_classes=5")["data"]["forget_classes"] == [5]
-  assert dry_run("--config.seeds=(7,)")["seeds"] == [7]
+  assert parse("--config.data.forget_classes=(3,)").data.forget_classes == (3,)
+  cfg = parse("--config.data.forget_classes=(3, 4)", "--config.seeds=0,1",
+              "--config.methods=('full','retrain','fastntk')", "--config.data.num_classes=6")
+  assert cfg.data.forget_classes == (3, 4) and cfg.seeds == (0, 1)
+  assert cfg.methods == ("full", "retrain", "fastntk")
+  assert parse("--config.data.forget_classes=5").data.forget_classes == (5,)
+  assert parse("--config.seeds=(7,)").seeds == (7,)
 
 
-def test_scalars_none_placeholders_free_form_options_and_the_space_form():
-  cfg = dry_run("--config=configs/default.py:tiny", "--config.unlearn.damping=1e-3",
-                "--config.finetune.epochs", "3", "--config.data.data_dir=/data/tfds",
-                "--config.data.images_per_class=None", "--config.data.classes=[1,2,3,4]",
-                "--config.model.options.widths=(4,8,16)", "--config.model.options.shortcut=A",
-                "--config.unlearn.solver=cg", "--config.finetune.learning_rate=1")
-  assert cfg["unlearn"]["damping"] == 1e-3 and cfg["finetune"]["epochs"] == 3
-  assert cfg["data"]["data_dir"] == "/data/tfds" and cfg["data"]["images_per_class"] is None
-  assert cfg["data"]["classes"] == [1, 2, 3, 4]
-  assert cfg["model"]["options"] == {"shortcut": "A", "widths": [4, 8, 16]}
-  assert cfg["unlearn"]["solver"] == "cg" and cfg["finetune"]["learning_rate"] == 1.0
-  # Later flags win; a whole free-form group can be given as a dict.
-  cfg = dry_run("--config.unlearn.damping=1", "--config.unlearn.damping=2",
-                "--config.model.options={'shortcut': 'A'}")
-  assert cfg["unlearn"]["damping"] == 2.0 and cfg["model"]["options"] == {"shortcut": "A"}
-
-
-def test_bare_lists_split_only_at_top_level_commas():
-  # A regular expression's {m,n} stays one pattern ('head/.{1,3}' was silently split into
-  # 'head/.{1' and '3}', two valid patterns that matched other names).
-  parse = lambda raw: config_lib.parse_override_value("pretrain.dont_load", raw, tuple, ())
-  assert parse("head/.{1,3}") == ("head/.{1,3}",)
-  assert parse("(head/.{1,3})") == ("head/.{1,3}",)
-  assert parse("head/.{1,3},(a|b),c") == ("head/.{1,3}", "(a|b)", "c")
-  assert parse("head/.*,x") == ("head/.*", "x") and parse("3,") == (3,)
-  assert parse("full,retrain") == ("full", "retrain") and parse("()") == ()
+def test_scalars_none_free_form_options_and_the_config_after_its_overrides():
+  cfg = parse("--config.unlearn.damping=1e-3", "--config.finetune.epochs=3",
+              "--config.data.data_dir=/data/tfds", "--config.data.images_per_class=None",
+              "--config.model.options.widths=(4,8,16)", "--config.model.options.shortcut=A",
+              "--config.unlearn.solver=cg", "--config=configs/default.py:tiny")
+  assert cfg.unlearn.damping == 1e-3 and cfg.finetune.epochs == 3
+  assert cfg.data.data_dir == "/data/tfds" and cfg.data.images_per_class is None
+  assert cfg.model.options.to_dict() == {"shortcut": "A", "widths": (4, 8, 16)}
+  assert cfg.unlearn.solver == "cg" and cfg.data.num_classes == 4  # :tiny's own field
+  # Later flags win; an earlier parse in the same process leaves nothing behind.
+  assert parse("--config.unlearn.damping=1", "--config.unlearn.damping=2").unlearn.damping == 2
+  assert parse().unlearn.damping == config_lib.base_config().unlearn.damping
 
 
 def _leaves(node, prefix=""):
@@ -90,7 +96,7 @@ def _leaves(node, prefix=""):
     if isinstance(value, ml_collections.ConfigDict) and key != "options":
       yield from _leaves(value, f"{prefix}{key}.")
     else:
-      yield f"{prefix}{key}", node, key
+      yield f"{prefix}{key}", value
 
 
 def _as_flag_text(value) -> str:
@@ -106,38 +112,10 @@ def test_every_field_of_every_config_can_be_set_from_its_text(name):
   """Each leaf, written as text the way a user would, parses back to the same value."""
   path = os.path.join(ROOT, "configs", name)
   reference = config_lib.load_config_file(path)
-  fields = list(_leaves(reference))
+  fields = [(f, v) for f, v in _leaves(reference) if not f.startswith("model.options")]
   assert len(fields) > 40, len(fields)
-  overrides = [(field, _as_flag_text(node[key])) for field, node, key in fields]
-  cfg = config_lib.apply_overrides(config_lib.load_config_file(path), overrides)
+  cfg = parse(f"--config={path}", *(f"--config.{f}={_as_flag_text(v)}" for f, v in fields))
   assert cfg.to_json_best_effort(sort_keys=True) == reference.to_json_best_effort(sort_keys=True)
-
-
-def test_changed_values_of_each_type_land_in_the_config():
-  cfg = config_lib.apply_overrides(config_lib.base_config(), [
-      ("seeds", "(4, 5)"), ("methods", "full,retrain"), ("data.forget_classes", "[1]"),
-      ("data.num_classes", "3"), ("data.forget_fraction", "0.25"), ("data.name", "cifar10"),
-      ("pretrain.images_per_class", "None"), ("unlearn.step_scale", "2"),
-      ("eval.relearn_threshold", "inf")])
-  assert cfg.seeds == (4, 5) and cfg.methods == ("full", "retrain")
-  assert cfg.data.forget_classes == [1] and cfg.data.num_classes == 3
-  assert cfg.data.forget_fraction == 0.25 and cfg.data.name == "cifar10"
-  assert cfg.pretrain.images_per_class is None
-  assert cfg.unlearn.step_scale == 2.0 and isinstance(cfg.unlearn.step_scale, float)
-  assert cfg.eval.relearn_threshold == float("inf")
-  # A text field keeps 'none' as text (augment='none' is a value); 'None' is None anywhere.
-  cfg = config_lib.apply_overrides(config_lib.base_config(), [
-      ("data.name", "none"), ("data.normalization", "None"), ("data.num_classes", "none")])
-  assert cfg.data.name == "none" and cfg.data.normalization is None
-  assert cfg.data.num_classes is None
-
-
-def test_split_overrides():
-  rest, overrides = main_lib.split_overrides(
-      ["prog", "--workdir=w", "--config.a.b=1", "--config.c", "2", "-config.d=(1,)",
-       "--config.e", "--noprogress", "--", "--config.f=1"])
-  assert rest == ["prog", "--workdir=w", "--noprogress", "--", "--config.f=1"]
-  assert overrides == [("a.b", "1"), ("c", "2"), ("d", "(1,)"), ("e", None)]
 
 
 # --------------------------------------------------------------------------------------------
@@ -146,55 +124,89 @@ def test_split_overrides():
 
 
 @pytest.mark.parametrize("args,needles", [
-    (["--config.data.forget_classes=(3"], ["--config.data.forget_classes=(3", "a list"]),
     (["--config.unlearn.dampin=1"], ["'unlearn.dampin'", "did you mean 'damping'"]),
-    (["--config.unlern.damping=1"], ["'unlern'", "did you mean 'unlearn'"]),
-    (["--config.unlearn.damping=big"], ["config.unlearn.damping", "a number", "'big'"]),
-    (["--config.finetune.epochs=1.5"], ["config.finetune.epochs", "an int"]),
-    (["--config.finetune.epochs"], ["config.finetune.epochs", "needs a value"]),
-    (["--config.unlearn=1"], ["config.unlearn is a group"]),
+    (["--config.unlern.damping=1"], ["'unlern.damping'", "did you mean 'unlearn'"]),
+    (["--config.unlearn.damping=big"], ["config.unlearn.damping", "'big'"]),
+    (["--config.finetune.epochs=1.5"], ["config.finetune.epochs", "1.5"]),
+    (["--config.finetune.epochs"], ["config.finetune.epochs", "Missing value"]),
+    (["--config.unlearn=1"], ["config.unlearn", "not a dict"]),
     (["--config.seeds.first=1"], ["config.seeds is a value"]),
-    (["--config.model.options=[1]"], ["config.model.options", "a dict"]),
-    (["--config.unlearn.solver=svd"], ["config.unlearn.solver='svd'"]),      # validation
-    (["--config.seeds=()"], ["config.seeds"]),                                 # validation
-    (["--config.unlearn.damping=nan"], ["config.unlearn.damping=nan", "finite"]),
-    (["--config.finetune.learning_rate=inf"], ["config.finetune.learning_rate=inf", "finite"]),
-    (["--config.pretrain.images_per_class=0"], ["config.pretrain.images_per_class=0", "> 0"]),
+    (["--config.model.options=[1]"], ["config.model.options", "not a dict"]),
     (["--config=configs/nonexistent.py"], ["configs/nonexistent.py", "does not exist"]),
     (["--config=configs/default.py:bogus"], ["bogus"]),                       # the file's argument
+    (["--config=configs/common.py"], ["get_config"]),                         # not a config
     (["--bogus_flag=1"], ["bogus_flag"]),                                      # absl's flags
     (["--workdir"], ["workdir"]),                                              # flag without value
-    (["--workdir="], ["--workdir is empty"]),
-    (["--config=README.md"], ["'README.md' is not a Python file"]),
-    (["stray_argument"], ["unexpected arguments", "stray_argument"]),
+    (["--config=README.md"], ["README.md"]),
+], ids=["unknown-field", "unknown-group", "not-a-number", "not-an-int", "missing-value",
+        "group-as-value", "value-as-group", "options-not-dict", "missing-file",
+        "bad-file-argument", "not-a-config-file", "unknown-flag", "flag-no-value",
+        "config-not-python"])
+def test_bad_flags_are_one_line_and_exit_2(capsys, args, needles):
+  line = refused(capsys, *args)
+  for needle in needles:
+    assert needle in line, line
+
+
+@pytest.mark.parametrize("args,needles", [
+    (["--config.unlearn.solver=svd"], ["config.unlearn.solver='svd'"]),
+    (["--config.seeds=()"], ["config.seeds"]),
+    (["--config.seeds=(-1,)"], ["config.seeds=(-1,)", ">= 0"]),
+    (["--config.seeds=(0,0)"], ["config.seeds", "distinct"]),
+    (["--config.unlearn.damping=nan"], ["config.unlearn.damping=nan", "finite"]),
+    (["--config.unlearn.damping=0"], ["config.unlearn.damping=0", "> 0"]),
+    (["--config.finetune.learning_rate=inf"], ["config.finetune.learning_rate=inf", "finite"]),
+    (["--config.pretrain.images_per_class=0"], ["config.pretrain.images_per_class=0", "> 0"]),
     (["--config.finetune.loss=ce"], ["finetune.loss='ce'", "linearized", "finetune.mode='standard'"]),
     (["--config.finetune.bn_mode=train"], ["finetune.bn_mode='train'", "linearized"]),
-], ids=["unbalanced-list", "unknown-field", "unknown-group", "not-a-number", "not-an-int",
-        "missing-value", "group-as-value", "value-as-group", "options-not-dict", "bad-choice",
-        "empty-seeds", "nan-damping", "inf-learning-rate", "pretrain-ipc-0", "missing-file", "bad-file-argument", "unknown-flag", "flag-no-value", "empty-workdir", "config-not-python",
-        "positional", "ce-loss-in-linearized-mode", "bn-train-in-linearized-mode"])
-def test_bad_flags_are_one_line_and_exit_2(args, needles):
-  # With --dry_run the checks are the same; without it they also come before JAX starts.
-  assert_one_line_error(cli("--dry_run", *args), *needles)
+    (["--config.methods=('fastntk','salum')"], ["unknown method 'salum'"]),
+    (["--config.methods=('fastntk','fastntk')"], ["names a method twice"]),
+    (["--config.unlearn.duplicate_tolerance=-1.0"], ["duplicate_tolerance"]),
+], ids=["bad-choice", "empty-seeds", "negative-seed", "repeated-seed", "nan-damping",
+        "zero-damping-linearized", "inf-learning-rate", "pretrain-ipc-0",
+        "ce-loss-in-linearized-mode", "bn-train-in-linearized-mode", "unknown-method",
+        "repeated-method", "negative-tolerance"])
+def test_bad_values_are_refused_by_validation_naming_the_field(args, needles):
+  with pytest.raises(ValueError) as e:
+    parse(*args)
+  for needle in needles:
+    assert needle in str(e.value), str(e.value)
 
 
-def test_bad_override_without_dry_run_fails_before_any_work(tmp_path):
-  workdir = tmp_path / "w"
-  assert_one_line_error(cli("--config.data.forget_classes=(3", f"--workdir={workdir}"),
-                        "forget_classes")
-  assert not workdir.exists()
-
-
-def test_config_file_that_does_not_import_is_one_line(tmp_path):
-  bad = tmp_path / "broken.py"
+def test_a_get_config_that_returns_no_config_is_one_line(capsys, tmp_path):
+  bad = tmp_path / "none.py"
+  bad.write_text("def get_config():\n  return None\n")
+  assert "returned NoneType" in refused(capsys, f"--config={bad}")
   bad.write_text("def get_config(:\n  pass\n")
-  assert_one_line_error(cli(f"--config={bad}", "--dry_run"), "broken.py", "SyntaxError")
+  assert "SyntaxError" in refused(capsys, f"--config={bad}")
 
 
 def test_help_exits_0():
-  proc = cli("--help")
+  proc = cli_run("--help")  # no JAX is started: about a second
   assert proc.returncode == 0, proc.stderr[-2000:]
   assert "--config" in proc.stdout and "--dry_run" in proc.stdout
+
+
+def test_errors_are_one_short_line():
+  assert cli.short_error(OSError(28, "No space left on device", "/w/x")) == (
+      "No space left on device: /w/x")
+  spec = '{"driver": "file", "path": "/w/pretrain/d/x"} ' * 40
+  line = cli.short_error(ValueError(f"Error writing \"/w/pretrain/d/x\": No space left on device {spec}"))
+  assert line == "No space left on device: /w/pretrain/d/x"
+  assert len(cli.short_error(ValueError("x" * 5000))) <= cli.LONGEST_LINE + 4
+
+
+@pytest.mark.slow
+def test_a_bad_command_fails_in_one_line_before_any_work(tmp_path):
+  workdir = tmp_path / "w"
+  assert_one_line_error(cli_run("--config.seeds=(-1,)", f"--workdir={workdir}"),
+                        "config.seeds=(-1,)")
+  assert_one_line_error(cli_run("--config.model.options.widths=(4,8)",
+                                "--config=configs/default.py:tiny", f"--workdir={workdir}"),
+                        "config.model", "does not build")
+  assert not workdir.exists()  # refused before the workdir was created
+  assert_one_line_error(cli_run("stray_argument"), "unexpected arguments", "stray_argument")
+  assert_one_line_error(cli_run("--workdir="), "--workdir is empty")
 
 
 # --------------------------------------------------------------------------------------------
@@ -206,17 +218,18 @@ CHATTER = re.compile(r"cudart_stub|oneDNN|cuda drivers|absl::InitializeLog|cpu_f
                      r"^INFO:|^W0000|^I0000")
 
 
+@pytest.mark.slow
 def test_cpu_run_log_starts_with_our_own_lines(tmp_path):
   # The dual solver takes neural-tangents' kernel where it is installed and named (which
   # imports TensorFlow): the run must stay quiet either way. (Under "auto" a dual over several
   # blocks keeps the Jacobian rows and takes the built-in kernel.)
   kernel = "neural_tangents" if HAS_NEURAL_TANGENTS else "auto"
-  proc = cli("--config=configs/default.py:tiny", "--config.unlearn.solver=dual", "--noprogress",
+  proc = cli_run("--config=configs/default.py:tiny", "--config.unlearn.solver=dual", "--noprogress",
              f"--config.unlearn.kernel_impl={kernel}", f"--workdir={tmp_path / 'w'}",
              timeout=600)
   assert proc.returncode == 0, proc.stderr[-4000:]
   lines = [l for l in proc.stderr.splitlines() if l.strip()]
-  assert re.match(r"^I\d{4} .*main\.py:\d+\] config configs/default\.py:tiny", lines[0]), lines[:3]
+  assert re.match(r"^I\d{4} .*main\.py:\d+\] config --config=configs/default\.py:tiny", lines[0]), lines[:3]
   assert re.match(r"^I\d{4} .*\] jax \S+ on cpu \(\d+ devices?\); the dual solver's kernel: ",
                   next(l for l in lines if "the dual solver's kernel" in l))
   noise = [l for l in lines if CHATTER.search(l)]
@@ -244,6 +257,7 @@ runpy.run_module("fastntk_jax.main", run_name="__main__")
 """
 
 
+@pytest.mark.slow
 def test_cifar_without_the_tfds_extra_is_one_line_naming_the_extra(tmp_path):
   proc = subprocess.run([sys.executable, "-c", BLOCK_TFDS_AND_RUN_MAIN,
                          "--config=configs/resnet110_cifar10.py:tiny", "--noprogress",
@@ -259,6 +273,7 @@ BLOCK_NEURAL_TANGENTS_AND_RUN_MAIN = BLOCK_TFDS_AND_RUN_MAIN.replace(
     '("tensorflow", "tensorflow_datasets")', '("neural_tangents",)')
 
 
+@pytest.mark.slow
 def test_neural_tangents_kernel_on_a_stack_without_it_is_one_line_before_any_work(tmp_path):
   # The lean stack: an explicit kernel_impl='neural_tangents' used to end, after pre-training
   # and fine-tuning, in a traceback (exit 1); now one line naming the nt stack and 'auto'.
@@ -280,20 +295,20 @@ def test_neural_tangents_kernel_on_a_stack_without_it_is_one_line_before_any_wor
 
 def test_runtime_line_replaces_jaxs_no_gpu_warning(monkeypatch):
   from fastntk_jax import devices  # pylint: disable=g-import-not-at-top
-  line = main_lib.describe_runtime()
+  line = cli.describe_runtime()
   assert re.match(r"^jax \S+ on \w+ \(\d+ devices?\); the dual solver's kernel: ", line), line
   monkeypatch.setattr(devices, "nvidia_driver_present", lambda: True)
   if " on cpu " in line:  # a CPU-only JAX on a machine with an NVIDIA driver: say so
-    assert main_lib.describe_runtime().endswith(
+    assert cli.describe_runtime().endswith(
         "an NVIDIA driver is present but this JAX runs on the CPU "
         "(python -m fastntk_jax.devices says why)")
   import logging  # pylint: disable=g-import-not-at-top
   names = ("", "absl", "fastntk_jax", "jax._src.xla_bridge")
   levels = {n: logging.getLogger(n).level for n in names}
   try:
-    main_lib.quiet_library_logs()
+    cli.quiet_library_logs()
     assert not logging.getLogger("jax._src.xla_bridge").isEnabledFor(logging.WARNING)
-    assert logging.getLogger("fastntk_jax.pipeline").isEnabledFor(logging.INFO)
+    assert logging.getLogger("fastntk_jax.experiment.run").isEnabledFor(logging.INFO)
     assert not logging.getLogger("orbax").isEnabledFor(logging.INFO)
   finally:
     for n, level in levels.items():

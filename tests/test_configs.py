@@ -1,4 +1,5 @@
-"""Every config validates; the CIFAR and ImageNet-R configs run end to end on mock data."""
+"""Every config validates and documents its command; the CIFAR and ImageNet-R configs run end
+to end on mock data (the end-to-end tier)."""
 
 import glob
 import json
@@ -18,7 +19,8 @@ if HAS_TFDS:
   import fake_tfds  # pylint: disable=g-import-not-at-top
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "*.py")))
+CONFIGS = sorted(p for p in glob.glob(os.path.join(ROOT, "configs", "*.py"))
+                 if os.path.basename(p) != "common.py")
 
 
 def load(name, arg=None):
@@ -79,9 +81,9 @@ def _fake_imagenet_r(self, split, decoders=None, read_config=None, **kwargs):
   return ds.map(lambda ex: features.decode_example(ex, decoders=decoders))
 
 
-# Which test runs each config end to end at its tiny size (configs/default.py: the module
-# fixture of tests/test_pipeline.py).
-END_TO_END = {"default.py": "tests/test_pipeline.py::tiny_run",
+# Which test runs each config end to end at its tiny size (configs/default.py: the session
+# fixture of tests/conftest.py).
+END_TO_END = {"default.py": "tests/conftest.py::tiny_run",
               "resnet110_cifar10.py": "test_resnet_cifar10_config_runs_on_mock_data",
               "mobilenetv2_cifar10.py": "test_mobilenetv2_cifar10_config_runs_on_mock_data",
               "vit_small_imagenet_r.py": "test_vit_imagenet_r_configs_run_on_mock_data",
@@ -110,6 +112,7 @@ def _pretrained_accuracy_is_reported(workdir, res):
   assert f"test accuracy {pre['test_accuracy']:.2f}%** on cifar100/test" in md
 
 
+@pytest.mark.slow
 @needs_tfds
 def test_resnet_cifar10_config_runs_on_mock_data(tmp_path):
   cache = str(tmp_path / "pretrain_cache")
@@ -134,6 +137,7 @@ def test_resnet_cifar10_config_runs_on_mock_data(tmp_path):
   assert len(os.listdir(cache)) == 1
 
 
+@pytest.mark.slow
 @needs_tfds
 def test_mobilenetv2_cifar10_config_runs_on_mock_data(tmp_path):
   cfg = load("mobilenetv2_cifar10.py", "tiny")
@@ -152,6 +156,7 @@ def _write_tiny_augreg(path):
   return _write_npz(path, shapes)
 
 
+@pytest.mark.slow
 @needs_tfds
 @pytest.mark.parametrize("name", ["vit_small_imagenet_r.py", "vit_base_imagenet_r.py"])
 def test_vit_imagenet_r_configs_run_on_mock_data(tmp_path, name):
@@ -183,6 +188,7 @@ def _tiny_vit_variables(cfg, classes):
   return jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3))))
 
 
+@pytest.mark.slow
 @needs_tfds
 def test_vit_base_cifar10_config_runs_on_mock_data(tmp_path):
   cfg = load("vit_base_cifar10.py", "tiny")

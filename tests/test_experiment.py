@@ -26,7 +26,8 @@ def test_outputs_exist_and_hold_sane_values(tiny_run):
   assert os.listdir(os.path.join(workdir, "tb")), "no TensorBoard logs"
   with open(os.path.join(workdir, "results.json")) as f:
     stored = json.load(f)
-  assert set(stored["methods"]) == {"full", "retrain", "fastntk", "max_loss", "random_label"}
+  assert set(stored["methods"]) == {"full", "retrain", "fastntk", "max_loss", "random_label",
+                                    "ft"}
   counts = stored["data"]["counts"]
   splits = {"acc_retain": "retain", "acc_forget": "forget", "acc_test_retain": "test_retain",
             "acc_test_forget": "test_forget"}
@@ -57,6 +58,8 @@ def test_outputs_exist_and_hold_sane_values(tiny_run):
   assert diag["compile_seconds"] > 0 and diag["seconds"] > 0
   table = open(os.path.join(workdir, "results.md")).read()
   assert "| Fast-NTK |" in table and "Linear probing" in table
+  # The plug-in example (docs/plugins.md): in every table, from its module and block alone.
+  assert table.count("| FT |") >= 3 and stored["methods"]["ft"]["label"] == "FT"
 
 
 def test_sample_level_run_with_a_single_forget_sample(tmp_path):

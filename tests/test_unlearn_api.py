@@ -308,46 +308,6 @@ def test_dual_on_kept_rows_is_exact_on_a_linear_model():
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-10 * np.linalg.norm(want))
 
 
-def test_row_products_widen_column_chunks_to_the_solve_dtype(monkeypatch):
-  monkeypatch.setattr(linalg, "ROW_PRODUCT_COLUMNS", 3)  # p = 7: chunks 3, 3, 1
-  with enable_x64():
-    rng = np.random.default_rng(0)
-    a = rng.normal(size=(5, 7)).astype(np.float32)
-    b = rng.normal(size=(4, 7)).astype(np.float32)
-    v, u = rng.normal(size=7), rng.normal(size=5)
-    a64 = a.astype(np.float64)
-    prod = linalg.rows_product(jnp.asarray(a), jnp.asarray(b), jnp.float64)
-    assert prod.dtype == jnp.float64
-    np.testing.assert_allclose(prod, a64 @ b.astype(np.float64).T, rtol=1e-14, atol=1e-14)
-    np.testing.assert_allclose(linalg.rows_matvec(jnp.asarray(a), v, jnp.float64),
-                               a64 @ v, rtol=1e-13)
-    np.testing.assert_allclose(linalg.rows_rmatvec(jnp.asarray(a), u, jnp.float64),
-                               a64.T @ u, rtol=1e-13)
-    assert linalg.rows_rmatvec(jnp.zeros((5, 0)), u, jnp.float64).shape == (0,)
-
-
-@pytest.mark.parametrize("name", ["rows_product", "rows_matvec", "rows_rmatvec"])
-def test_row_products_compile_with_one_column_chunk_widened(name):
-  # Found by benchmarks/bench_vit_memory (ViT-S/16, 1,000 images: rows [20,000, 44,564]):
-  # the chunks as a Python loop in one program were all widened at once, 34 GB of compiled
-  # temporaries, and the update died allocating them after 71 min of Jacobians. Compiled
-  # only (nothing allocated): the temporaries must be one chunk per side (+ the carry).
-  m, p = 512, 10 * linalg.ROW_PRODUCT_COLUMNS + 100
-  j = jax.ShapeDtypeStruct((m, p), jnp.float32)
-  fn = getattr(linalg, name)
-  other = {"rows_product": j, "rows_matvec": jax.ShapeDtypeStruct((p,), jnp.float32),
-           "rows_rmatvec": jax.ShapeDtypeStruct((m,), jnp.float32)}[name]
-  with enable_x64():
-    compiled = jax.jit(lambda a, b: fn(a, b, jnp.float64)).lower(j, other).compile()
-  analysis = compiled.memory_analysis()
-  if analysis is None:
-    pytest.skip("this backend gives no memory analysis")
-  chunk = 8 * m * linalg.ROW_PRODUCT_COLUMNS
-  bound = 2 * chunk + 2 * 8 * m * m + 8 * p
-  assert analysis.temp_size_in_bytes < bound, (analysis.temp_size_in_bytes, bound)
-  assert analysis.temp_size_in_bytes < 8 * m * p / 2  # far below one widened copy of the rows
-
-
 def test_plan_keeps_the_rows_when_the_blocked_kernel_would_recompute_and_they_fit():
   with enable_x64():
     apply_fn, w0, w_d, retain, forget = problem()
@@ -463,86 +423,6 @@ def test_a_kept_rows_plan_is_refused_by_a_forgetter_naming_another_kernel():
       named.forget_with_info(w0, w_d, retain, forget, plan=plan)
 
 
-@pytest.mark.parametrize("n,block", [(10, 3), (12, 4), (9, 1), (7, 7), (40, 16)])
-def test_blocked_cholesky_matches_lapack_eagerly_and_jitted(n, block):
-  rng = np.random.default_rng(n)
-  a = rng.normal(size=(n, n))
-  a = a @ a.T + n * np.eye(n)
-  want = np.linalg.cholesky(a)
-  with enable_x64():
-    eager = linalg.cholesky(jnp.asarray(a), block=block)
-    jitted = jax.jit(lambda m: linalg.cholesky(m, block=block))(jnp.asarray(a))
-  for got in (eager, jitted):
-    np.testing.assert_allclose(np.asarray(got), want, rtol=0, atol=1e-13 * np.abs(want).max())
-
-
-def test_blocked_cholesky_of_an_indefinite_matrix_is_all_nan_as_lapack():
-  rng = np.random.default_rng(0)
-  a = rng.normal(size=(10, 10))
-  a = a @ a.T + np.eye(10)
-  a[6, 6] = -5.0  # the failure is in the third block of 3: earlier blocks factorise
-  with enable_x64():
-    got = np.asarray(linalg.cholesky(jnp.asarray(a), block=3))
-    whole = np.asarray(jnp.linalg.cholesky(jnp.asarray(a)))
-  assert np.isnan(whole[np.tril_indices(10)]).all()
-  assert np.isnan(got[np.tril_indices(10)]).all() and (got[np.triu_indices(10, 1)] == 0).all()
-  _, estimate = linalg.cholesky_solver(jnp.asarray(a))
-  assert np.isnan(float(estimate))
-
-
-def test_blocked_cholesky_compiles_with_the_memory_of_lapacks_whole():
-  # Eagerly, each block update was a new [n, n] array (an order-20,000 factorisation was
-  # OOM-killed); compiled (nothing allocated here), the temporaries must be one working copy
-  # and the panels, as LAPACK's whole factorisation (one copy), not several copies.
-  n, block = 2000, 512
-  s = jax.ShapeDtypeStruct((n, n), jnp.float32)
-  compiled = linalg._blocked_cholesky.lower(s, block).compile()
-  whole = jax.jit(lambda a: jax.lax.linalg.cholesky(a, symmetrize_input=False)).lower(
-      s).compile()
-  blocked, lapack = compiled.memory_analysis(), whole.memory_analysis()
-  if blocked is None or lapack is None:
-    pytest.skip("this backend gives no memory analysis")
-  matrix = 4 * n * n
-  assert blocked.temp_size_in_bytes < 1.2 * matrix, blocked.temp_size_in_bytes / matrix
-  assert blocked.temp_size_in_bytes < lapack.temp_size_in_bytes + 0.2 * matrix
-  assert blocked.output_size_in_bytes == matrix
-
-
-@pytest.mark.parametrize("block", [0, -2, True, "3", 3.7])
-def test_cholesky_refuses_a_bad_block(block):
-  with pytest.raises(ValueError, match="must be a positive int"):
-    linalg.cholesky(jnp.eye(5), block=block)
-
-
-def test_cholesky_refuses_too_many_blocks_and_non_square_input():
-  # Review findings: block=1 at order 200 (unrolled loops) exhausted 3 GB compiling; a [6, 8]
-  # input came back as a [6, 8] "factor" without a word.
-  with pytest.raises(ValueError, match="200 blocks, more than MAX_CHOLESKY_BLOCKS"):
-    linalg.cholesky(jnp.eye(200), block=1)
-  for shape in [(6, 8), (3,)]:
-    with pytest.raises(ValueError, match="square matrices"):
-      linalg.cholesky(jnp.ones(shape), block=3)
-
-
-def test_blocked_cholesky_of_complex_and_batched_matrices_matches_lapack(monkeypatch):
-  # Review finding: the blocked path transposed without conjugating (‖L Lᴴ − A‖ = 9.9 on a
-  # complex Hermitian 8x8); a stack [b, n, n] skipped the blocked path altogether.
-  rng = np.random.default_rng(0)
-  a = rng.normal(size=(8, 8)) + 1j * rng.normal(size=(8, 8))
-  a = a @ a.conj().T + 8 * np.eye(8)
-  stack = rng.normal(size=(3, 9, 9))
-  stack = stack @ stack.transpose(0, 2, 1) + 9 * np.eye(9)
-  orders, blocked = [], linalg._blocked_cholesky
-  monkeypatch.setattr(linalg, "_blocked_cholesky",
-                      lambda m, block: orders.append(m.shape) or blocked(m, block))
-  with enable_x64():
-    got = linalg.cholesky(jnp.asarray(a), block=3)
-    got_stack = linalg.cholesky(jnp.asarray(stack), block=4)
-  assert orders == [(8, 8), (9, 9)], orders  # the stack's members by blocks too
-  np.testing.assert_allclose(np.asarray(got), np.linalg.cholesky(a), atol=1e-13)
-  np.testing.assert_allclose(np.asarray(got_stack), np.linalg.cholesky(stack), atol=1e-13)
-
-
 def test_dual_with_blocked_factorisations_matches_lapacks_whole(monkeypatch):
   # The blocked path replaces LAPACK's whole factorisation on CPUs above CPU_CHOLESKY_BLOCK;
   # forced here (blocks of 5 for Θ_rr+λI of order 30 and the Schur complement of 12), the
@@ -562,28 +442,3 @@ def test_dual_with_blocked_factorisations_matches_lapacks_whole(monkeypatch):
   np.testing.assert_allclose(dual, whole, rtol=1e-10, atol=1e-13)
 
 
-LARGE_CHOLESKY = """
-import jax, jax.numpy as jnp, numpy as np
-jax.config.update("jax_enable_x64", True)
-from fastntk_jax import linalg
-import time; t0 = time.time(); n = 20000
-a = jax.random.normal(jax.random.PRNGKey(0), (n, 64), jnp.float64)
-k = a @ a.T + jnp.eye(n)
-chol = linalg.cholesky(k)
-cols = np.array([0, 4095, 4096, 12345, n - 1])
-residual = np.abs(np.asarray(chol @ chol[cols].T - k[:, cols])).max()
-print("finite", bool(jnp.all(jnp.isfinite(chol))), "residual", residual, "seconds", round(time.time() - t0, 1))
-"""
-
-
-def test_cholesky_of_order_20000_completes_on_cpu():
-  # Found by benchmarks/bench_vit_memory (ViT-S/16, 1,000 images: Θ_rr+λI of order 19,000):
-  # the process died with a segmentation fault in LAPACK's multithreaded potrf (scipy's
-  # OpenBLAS 0.3.30, which jaxlib calls on CPUs); at order 20,000 it did on every try on this
-  # 2-core machine, from scipy alone as well. In a subprocess, so that a crash fails the test.
-  proc = subprocess.run([sys.executable, "-c", LARGE_CHOLESKY], capture_output=True,
-                        text=True, timeout=900, check=False)
-  assert proc.returncode == 0, (proc.returncode, proc.stderr[-2000:])
-  words = proc.stdout.split()
-  assert words[:2] == ["finite", "True"], proc.stdout
-  assert float(words[3]) < 1e-9, proc.stdout  # L Lᵀ = K on columns across the blocks

@@ -41,7 +41,8 @@ def test_configs_name_the_published_augreg_files():
     assert file in readme, f"README does not tell users to download {file}"
   i21k = _cfg("vit_base_imagenet_r.py:weights=i21k")
   assert i21k.pretrain.path.endswith("B_16-i21k-300ep-lr_0.001-aug_medium1-wd_0.1-do_0.0-sd_0.0.npz")
-  for (model, weights), file in config_lib.VIT_CHECKPOINTS.items():
+  from configs import common  # pylint: disable=g-import-not-at-top
+  for (model, weights), file in common.VIT_CHECKPOINTS.items():
     assert file.startswith({"vit_s16": "S_16-", "vit_b16": "B_16-"}[model])
     assert ("i1k-300ep" in file) == (weights == "i1k")
     assert file in readme
@@ -70,10 +71,9 @@ def test_dont_load_from_the_config_reaches_the_loader(tmp_path):
   del shapes["Transformer/encoder_norm/scale"], shapes["Transformer/encoder_norm/bias"]
   _write_npz(tmp_path / "w.npz", shapes)
   cfg = _cfg("vit_small_imagenet_r.py:tiny")
-  cfg = config_lib.apply_overrides(cfg, [
-      ("pretrain.source", "npz"), ("pretrain.path", str(tmp_path / "w.npz")),
-      ("pretrain.dont_load", "('head/.*', 'Transformer/encoder_norm/.*')"),
-      ("model.options", repr({**_VIT, "prompt_length": 2}))])
+  cfg.pretrain.source, cfg.pretrain.path = "npz", str(tmp_path / "w.npz")
+  cfg.pretrain.dont_load = ("head/.*", "Transformer/encoder_norm/.*")
+  cfg.model.options = {**_VIT, "prompt_length": 2}
   config_lib.validate(cfg)
   assert tuple(cfg.pretrain.dont_load) == ("head/.*", "Transformer/encoder_norm/.*")
   model, fresh = _fresh(prompt_length=2)

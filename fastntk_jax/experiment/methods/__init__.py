@@ -11,20 +11,8 @@ without naming it: adding a method touches its own module and its config block o
 Full and Retrain are not plug-ins: they are the fine-tuning every method starts from and
 is measured against (`experiment.finetune`).
 
-Example (plain fine-tuning on D_r, `finetune_retain.py`; its block `baselines.finetune_retain`
-a training group of `config.base_config`):
-
-    from fastntk_jax import train
-    from fastntk_jax.experiment import methods
-
-    def run(ctx: methods.Context, block) -> methods.Result:
-      spec = train.TrainSpec.from_config(block)
-      params, seconds = ctx.fit(ctx.full, ctx.data.retain, spec, seed_offset=5)
-      return methods.Result(params, seconds)
-
-    METHOD = methods.Method(name="finetune_retain", label="FT (D_r)", run=run,
-                            config_group="baselines.finetune_retain",
-                            reference="Unlearn-Sparse `FT` (Jia et al., NeurIPS 2023)")
+Example: `ft.py` (plain fine-tuning on D_r), the whole of which is a `run` and its `METHOD`,
+with its block `baselines.ft` in `config.base_config` (docs/plugins.md walks through it).
 """
 
 from __future__ import annotations

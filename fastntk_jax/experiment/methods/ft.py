@@ -1,0 +1,22 @@
+"""FT: fine-tune Full on D_r alone (catastrophic forgetting of D_f); the plug-in example of
+docs/plugins.md.
+
+Reference: Warnecke et al., "Machine unlearning of features and labels" (NDSS 2023); as run by
+Jia et al., "Model sparsity can simplify machine unlearning" (NeurIPS 2023),
+github.com/OPTML-Group/Unlearn-Sparse (`unlearn/FT.py`): SGD on the cross-entropy of D_r from
+the original model, 10 epochs at lr 0.01. Config block: `baselines.ft` (a training group).
+"""
+
+from fastntk_jax import train
+from fastntk_jax.experiment import methods
+
+
+def run(ctx: methods.Context, block) -> methods.Result:
+  params, seconds = ctx.fit(ctx.full, (ctx.data.retain.x, ctx.data.retain.y),
+                            train.TrainSpec.from_config(block), seed_offset=5)
+  return methods.Result(params, seconds)
+
+
+METHOD = methods.Method(
+    name="ft", label="FT", run=run, config_group="baselines.ft",
+    reference="fine-tuning on D_r (Unlearn-Sparse `FT`, Jia et al. NeurIPS 2023)")
