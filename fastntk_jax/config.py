@@ -250,28 +250,22 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   _choice("finetune.linearized_solver", cfg.finetune.linearized_solver,
           enums.values(enums.LinearizedSolver))
   if cfg.finetune.mode == "linearized":
-    # Linearised fine-tuning is the ridge problem Eq. (1) inverts: squared loss and the
-    # pre-trained BN statistics. Other choices would be silently ignored, so they are refused.
-    if cfg.finetune.loss != "mse":
-      raise ValueError(f"config.finetune.loss={cfg.finetune.loss!r} with finetune.mode="
-                       "'linearized': linearised fine-tuning minimises the squared loss (the "
-                       "objective the update inverts); set finetune.loss='mse', or "
-                       "finetune.mode='standard' to fine-tune the network with that loss")
-    if cfg.finetune.bn_mode != "frozen":
-      raise ValueError(f"config.finetune.bn_mode={cfg.finetune.bn_mode!r} with finetune.mode="
-                       "'linearized': the linearised network keeps the pre-trained BatchNorm "
-                       "statistics; set finetune.bn_mode='frozen', or finetune.mode='standard'")
-    # The closed form ignores both; the optax loop would minimise another objective (decay
-    # towards 0, not w0; augmented inputs), so the update would no longer land on Retrain.
-    if cfg.finetune.weight_decay:
-      raise ValueError(f"config.finetune.weight_decay={cfg.finetune.weight_decay!r} with "
-                       "finetune.mode='linearized': the linearised objective's only penalty is "
-                       "½·unlearn.damping·‖w - w0‖²; set finetune.weight_decay=0 (raise "
-                       "unlearn.damping instead), or finetune.mode='standard'")
-    if cfg.finetune.augment != "none":
-      raise ValueError(f"config.finetune.augment={cfg.finetune.augment!r} with finetune.mode="
-                       "'linearized': the update inverts the fit to the data as given; set "
-                       "finetune.augment='none', or finetune.mode='standard'")
+    # Linearised fine-tuning is the ridge problem Eq. (1) inverts: squared loss, the
+    # pre-trained BN statistics, the data as given and the penalty ½λ‖w - w0‖² alone. The
+    # closed form would ignore other choices and the optax loop minimise another objective
+    # (the update would no longer land on Retrain), so they are refused.
+    for field, wanted, why in (
+        ("loss", "mse", "linearised fine-tuning minimises the squared loss (the objective the "
+         "update inverts)"),
+        ("bn_mode", "frozen", "the linearised network keeps the pre-trained BatchNorm "
+         "statistics"),
+        ("weight_decay", 0.0, "the linearised objective's only penalty is "
+         "½·unlearn.damping·‖w - w0‖² (raise unlearn.damping instead)"),
+        ("augment", "none", "the update inverts the fit to the data as given")):
+      value = cfg.finetune[field]
+      if value != wanted:
+        raise ValueError(f"config.finetune.{field}={value!r} with finetune.mode='linearized': "
+                         f"{why}; set finetune.{field}={wanted!r}, or finetune.mode='standard'")
     if cfg.unlearn.linearize_at != "init":
       # f_lin's Jacobian is J(w0) everywhere; the network's at the trained params is another
       # model's (measured on :tiny: Fast-NTK RA 38.9% against Retrain's 100%).

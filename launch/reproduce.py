@@ -184,7 +184,6 @@ def _h(seconds: float) -> str:
 
 
 def plan_markdown(rows: Sequence[Row], pretrains: Sequence[Row], rate: float) -> str:
-  from fastntk_jax.config import cifar_pretrain_recipe  # pylint: disable=g-import-not-at-top,unused-import
   slow = rate / SLOW_FACTOR
   lines = ["# Reproducing Tables I-III: the grid and its GPU hours (one GPU)", "",
            f"Estimated from the work of every stage (forward passes of each network, XLA's "

@@ -35,3 +35,32 @@ def balanced(per_class: dict, size=(32, 32)):
     return ds.map(lambda ex: features.decode_example(ex, decoders=decoders))
 
   return as_dataset
+
+
+# ImageNet-R's 200 classes carry ImageNet-1k ids (1, 6, 11, ... here, not 0..199), so the
+# 0..199 mapping and the per-class split are checkable.
+IMAGENET_R_IDS = np.arange(200) * 5 + 1
+
+
+def imagenet_r(counts, image_size=(8, 8)):
+  """as_dataset_fn of a fake ImageNet-R: `counts` images of each class (an int, or one per
+  class), labels shuffled by a fixed seed; uint8 noise images of `image_size`, or of random
+  sizes from 6 to 39 pixels when it is None."""
+
+  def as_dataset(self, split, decoders=None, read_config=None, **kwargs):
+    del split, read_config, kwargs
+    features = self.info.features
+    rng = np.random.default_rng(0)
+    labels = rng.permutation(np.repeat(IMAGENET_R_IDS, counts))
+    examples = []
+    for k, label in enumerate(labels):
+      h, w = rng.integers(6, 40, size=2) if image_size is None else image_size
+      examples.append(features.encode_example({
+          "image": rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8), "label": int(label),
+          "file_name": f"fake/{k}.jpg"}))
+    specs = {k: tf.TensorSpec(t.shape, t.tf_dtype)
+             for k, t in features.get_serialized_info().items()}
+    ds = tf.data.Dataset.from_generator(lambda: iter(examples), output_signature=specs)
+    return ds.map(lambda ex: features.decode_example(ex, decoders=decoders))
+
+  return as_dataset

@@ -8,12 +8,14 @@ import os
 import re
 import subprocess
 import sys
+import textwrap
 
 import ml_collections
 import pytest
 from absl import flags
 from conftest import ROOT
 from optional import HAS_NEURAL_TANGENTS
+from test_light_imports import BLOCK_TF
 
 from fastntk_jax import cli
 from fastntk_jax import config as config_lib
@@ -148,29 +150,32 @@ def test_bad_flags_are_one_line_and_exit_2(capsys, args, needles):
     assert needle in line, line
 
 
-@pytest.mark.parametrize("args,needles", [
-    (["--config.unlearn.solver=svd"], ["config.unlearn.solver='svd'"]),
-    (["--config.seeds=()"], ["config.seeds"]),
-    (["--config.seeds=(-1,)"], ["config.seeds=(-1,)", ">= 0"]),
-    (["--config.seeds=(0,0)"], ["config.seeds", "distinct"]),
-    (["--config.unlearn.damping=nan"], ["config.unlearn.damping=nan", "finite"]),
-    (["--config.unlearn.damping=0"], ["config.unlearn.damping=0", "> 0"]),
-    (["--config.finetune.learning_rate=inf"], ["config.finetune.learning_rate=inf", "finite"]),
-    (["--config.pretrain.images_per_class=0"], ["config.pretrain.images_per_class=0", "> 0"]),
-    (["--config.finetune.loss=ce"], ["finetune.loss='ce'", "linearized", "finetune.mode='standard'"]),
-    (["--config.finetune.bn_mode=train"], ["finetune.bn_mode='train'", "linearized"]),
-    (["--config.methods=('fastntk','salum')"], ["unknown method 'salum'"]),
-    (["--config.methods=('fastntk','fastntk')"], ["names a method twice"]),
-    (["--config.unlearn.duplicate_tolerance=-1.0"], ["duplicate_tolerance"]),
-], ids=["bad-choice", "empty-seeds", "negative-seed", "repeated-seed", "nan-damping",
-        "zero-damping-linearized", "inf-learning-rate", "pretrain-ipc-0",
-        "ce-loss-in-linearized-mode", "bn-train-in-linearized-mode", "unknown-method",
-        "repeated-method", "negative-tolerance"])
-def test_bad_values_are_refused_by_validation_naming_the_field(args, needles):
+# Values the flags parse but validation refuses, by name: {flag: what the error says}.
+BAD_VALUES = {
+    "bad-choice": ("--config.unlearn.solver=svd", ["config.unlearn.solver='svd'"]),
+    "empty-seeds": ("--config.seeds=()", ["config.seeds"]),
+    "negative-seed": ("--config.seeds=(-1,)", ["config.seeds=(-1,)", ">= 0"]),
+    "repeated-seed": ("--config.seeds=(0,0)", ["config.seeds", "distinct"]),
+    "nan-damping": ("--config.unlearn.damping=nan", ["config.unlearn.damping=nan", "finite"]),
+    "zero-damping-linearized": ("--config.unlearn.damping=0", ["config.unlearn.damping=0", "> 0"]),
+    "inf-learning-rate": ("--config.finetune.learning_rate=inf", ["config.finetune.learning_rate=inf", "finite"]),
+    "pretrain-ipc-0": ("--config.pretrain.images_per_class=0", ["config.pretrain.images_per_class=0", "> 0"]),
+    "ce-loss-in-linearized-mode": ("--config.finetune.loss=ce", ["finetune.loss='ce'", "linearized", "finetune.mode='standard'"]),
+    "bn-train-in-linearized-mode": ("--config.finetune.bn_mode=train", ["finetune.bn_mode='train'", "linearized"]),
+    "unknown-method": ("--config.methods=('fastntk','salum')", ["unknown method 'salum'"]),
+    "repeated-method": ("--config.methods=('fastntk','fastntk')", ["names a method twice"]),
+    "negative-tolerance": ("--config.unlearn.duplicate_tolerance=-1.0", ["duplicate_tolerance"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_VALUES))
+def test_bad_values_are_refused_by_validation_naming_the_field(case):
+  flag, needles = BAD_VALUES[case]
   with pytest.raises(ValueError) as e:
-    parse(*args)
+    parse(flag)
   for needle in needles:
     assert needle in str(e.value), str(e.value)
+
 
 
 def test_a_get_config_that_returns_no_config_is_one_line(capsys, tmp_path):
@@ -242,19 +247,12 @@ def test_cpu_run_log_starts_with_our_own_lines(tmp_path):
   assert fastntk["kernel"] == ("neural_tangents" if HAS_NEURAL_TANGENTS else "jax"), fastntk
 
 
-BLOCK_TFDS_AND_RUN_MAIN = """
-import importlib.abc, runpy, sys
-
-class _NoTensorFlow(importlib.abc.MetaPathFinder):
-  def find_spec(self, name, path=None, target=None):
-    if name.split(".")[0] in ("tensorflow", "tensorflow_datasets"):
-      raise ModuleNotFoundError(f"No module named {name!r}", name=name)
-    return None
-
-sys.meta_path.insert(0, _NoTensorFlow())
-sys.argv = ["fastntk_jax.main"] + sys.argv[1:]
-runpy.run_module("fastntk_jax.main", run_name="__main__")
-"""
+# test_light_imports' blocker of TensorFlow and TFDS, then the command line.
+BLOCK_TFDS_AND_RUN_MAIN = BLOCK_TF + textwrap.dedent("""
+  import runpy
+  sys.argv = ["fastntk_jax.main"] + sys.argv[1:]
+  runpy.run_module("fastntk_jax.main", run_name="__main__")
+""")
 
 
 @pytest.mark.slow

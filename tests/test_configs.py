@@ -12,7 +12,6 @@ from optional import HAS_TFDS, needs_tfds
 from fastntk_jax import config as config_lib
 from fastntk_jax.experiment import run as run_lib
 from test_checkpoints import _npz_layout, _write_npz
-from test_data import _FAKE_IDS
 
 if HAS_TFDS:
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
@@ -64,31 +63,17 @@ def _check(workdir):
 # Every CIFAR class (CIFAR-100's too, for the CNNs' pre-training) with 4 training and 2 test
 # images: plain mock data draws labels at random and leaves some of CIFAR-100's out.
 CIFAR_FAKE = fake_tfds.balanced({"train": 4, "test": 2}) if HAS_TFDS else None
-def _fake_imagenet_r(self, split, decoders=None, read_config=None, **kwargs):
-  """ImageNet-R with 4 images of each of its 200 classes (the tiny ViT configs' hold-out 2
-  and #IPC 2)."""
-  del split, read_config, kwargs
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  features = self.info.features
-  rng = np.random.default_rng(0)
-  labels = rng.permutation(np.repeat(_FAKE_IDS, 4))
-  examples = [features.encode_example({
-      "image": rng.integers(0, 256, size=(8, 8, 3), dtype=np.uint8), "label": int(label),
-      "file_name": f"fake/{k}.jpg"}) for k, label in enumerate(labels)]
-  specs = {k: tf.TensorSpec(t.shape, t.tf_dtype)
-           for k, t in features.get_serialized_info().items()}
-  ds = tf.data.Dataset.from_generator(lambda: iter(examples), output_signature=specs)
-  return ds.map(lambda ex: features.decode_example(ex, decoders=decoders))
+_fake_imagenet_r = fake_tfds.imagenet_r(4) if HAS_TFDS else None  # #IPC 2 + hold-out 2
 
 
 # Which test runs each config end to end at its tiny size (configs/default.py: the session
 # fixture of tests/conftest.py).
 END_TO_END = {"default.py": "tests/conftest.py::tiny_run",
               "resnet110_cifar10.py": "test_resnet_cifar10_config_runs_on_mock_data",
-              "mobilenetv2_cifar10.py": "test_mobilenetv2_cifar10_config_runs_on_mock_data",
+              "mobilenetv2_cifar10.py": "test_cifar10_configs_run_on_mock_data",
               "vit_small_imagenet_r.py": "test_vit_imagenet_r_configs_run_on_mock_data",
               "vit_base_imagenet_r.py": "test_vit_imagenet_r_configs_run_on_mock_data",
-              "vit_base_cifar10.py": "test_vit_base_cifar10_config_runs_on_mock_data"}
+              "vit_base_cifar10.py": "test_cifar10_configs_run_on_mock_data"}
 
 
 def test_every_config_has_an_end_to_end_test():
@@ -139,13 +124,18 @@ def test_resnet_cifar10_config_runs_on_mock_data(tmp_path):
 
 @pytest.mark.slow
 @needs_tfds
-def test_mobilenetv2_cifar10_config_runs_on_mock_data(tmp_path):
-  cfg = load("mobilenetv2_cifar10.py", "tiny")
+@pytest.mark.parametrize("name", ["mobilenetv2_cifar10.py", "vit_base_cifar10.py"])
+def test_cifar10_configs_run_on_mock_data(tmp_path, name):
+  cfg = load(name, "tiny")
   with tfds.testing.mock_data(as_dataset_fn=CIFAR_FAKE):
     run_lib.run(cfg, str(tmp_path), show_progress=False)
   res = _check(str(tmp_path))
-  assert res["model"]["name"] == "mobilenetv2" and res["data"]["counts"]["forget"] == 3
-  _pretrained_accuracy_is_reported(str(tmp_path), res)
+  assert res["model"]["name"] == cfg.model.name and res["data"]["forget_classes"] == [0]
+  if name.startswith("mobilenetv2"):  # its backbone is pre-trained on CIFAR-100 here
+    assert res["data"]["counts"]["forget"] == 3
+    _pretrained_accuracy_is_reported(str(tmp_path), res)
+  else:
+    assert res["data"]["num_classes"] == 10
 
 
 def _write_tiny_augreg(path):
@@ -186,16 +176,6 @@ def _tiny_vit_variables(cfg, classes):
   from fastntk_jax.models import get_model  # pylint: disable=g-import-not-at-top
   model = get_model(cfg.model.name, classes, **dict(cfg.model.options))
   return jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3))))
-
-
-@pytest.mark.slow
-@needs_tfds
-def test_vit_base_cifar10_config_runs_on_mock_data(tmp_path):
-  cfg = load("vit_base_cifar10.py", "tiny")
-  with tfds.testing.mock_data(as_dataset_fn=CIFAR_FAKE):
-    run_lib.run(cfg, str(tmp_path), show_progress=False)
-  res = _check(str(tmp_path))
-  assert res["data"]["num_classes"] == 10 and res["data"]["forget_classes"] == [0]
 
 
 @pytest.mark.parametrize("field, value", [("finetune.weight_decay", 1e-3),

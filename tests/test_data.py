@@ -281,8 +281,9 @@ def test_iterate_batches_on_split(digits_default):
 try:
   import tensorflow as tf
   import tensorflow_datasets as tfds
+  import fake_tfds
 except ImportError:  # the lean install without the `tfds` extra: only these tests are skipped
-  tf = tfds = None
+  tf = tfds = fake_tfds = None
 needs_tfds = pytest.mark.skipif(tfds is None,
                                 reason="needs TensorFlow Datasets: pip install -e '.[tfds]'")
 
@@ -314,26 +315,10 @@ def test_cifar10_mock():
 
 # Fake ImageNet-R: 200 classes with ImageNet-1k ids 1, 6, 11, ... (not 0..199), in shuffled order,
 # 3 images of random sizes each, so the 0..199 mapping and the per-class split are checkable.
-_FAKE_IDS = np.arange(200) * 5 + 1
+_FAKE_IDS = np.arange(200) * 5 + 1  # as fake_tfds.IMAGENET_R_IDS
 
 
-def _fake_imagenet_r(self, split, decoders=None, read_config=None, **kwargs):
-  del split, read_config, kwargs
-  features = self.info.features
-  rng = np.random.default_rng(0)
-  labels = rng.permutation(np.repeat(_FAKE_IDS, 3))
-  examples = []
-  for k, label in enumerate(labels):
-    h, w = rng.integers(6, 40, size=2)
-    examples.append(features.encode_example({
-        "image": rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8),
-        "label": int(label),
-        "file_name": f"fake/{k}.jpg",
-    }))
-  specs = {k: tf.TensorSpec(t.shape, t.tf_dtype)
-           for k, t in features.get_serialized_info().items()}
-  ds = tf.data.Dataset.from_generator(lambda: iter(examples), output_signature=specs)
-  return ds.map(lambda ex: features.decode_example(ex, decoders=decoders))
+_fake_imagenet_r = fake_tfds.imagenet_r(3, image_size=None) if fake_tfds else None
 
 
 @pytest.fixture

@@ -11,29 +11,19 @@ import pytest
 tf = pytest.importorskip("tensorflow")
 tfds = pytest.importorskip("tensorflow_datasets")
 
+import fake_tfds  # pylint: disable=wrong-import-position
 from fastntk_jax import config as config_lib  # pylint: disable=wrong-import-position
 from fastntk_jax import data as D  # pylint: disable=wrong-import-position
 from fastntk_jax.experiment import run as run_lib  # pylint: disable=wrong-import-position
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-IDS = np.arange(200) * 5 + 1  # 200 ImageNet-1k ids, as test_data's fake
+IDS = fake_tfds.IMAGENET_R_IDS  # 200 ImageNet-1k ids
 # Every 4th class (0, 4, 8, ...) has 3 images, the others 6: with a hold-out of 2 and
 # #IPC 3 (5 needed), 150 classes are eligible.
 COUNTS = np.where(np.arange(200) % 4 == 0, 3, 6)
 
 
-def _uneven_imagenet_r(self, split, decoders=None, read_config=None, **kwargs):
-  del split, read_config, kwargs
-  features = self.info.features
-  rng = np.random.default_rng(0)
-  labels = rng.permutation(np.repeat(IDS, COUNTS))
-  examples = [features.encode_example({
-      "image": rng.integers(0, 256, size=(4, 4, 3), dtype=np.uint8), "label": int(label),
-      "file_name": f"fake/{k}.jpg"}) for k, label in enumerate(labels)]
-  specs = {k: tf.TensorSpec(t.shape, t.tf_dtype)
-           for k, t in features.get_serialized_info().items()}
-  ds = tf.data.Dataset.from_generator(lambda: iter(examples), output_signature=specs)
-  return ds.map(lambda ex: features.decode_example(ex, decoders=decoders))
+_uneven_imagenet_r = fake_tfds.imagenet_r(COUNTS, image_size=(4, 4))
 
 
 @pytest.fixture

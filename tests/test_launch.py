@@ -253,6 +253,8 @@ def _results(model, dataset, num_classes, ipc, seeds, forget_acc):
     entry["relearn_curves"] = [[1.0, 0.01] for _ in seeds]
     return entry
   methods = {"full": method(5.0), "retrain": method(0.0), "fastntk": method(1.0)}
+  for name, label in (("full", "Full"), ("retrain", "Retrain"), ("fastntk", "Fast-NTK")):
+    methods[name]["label"] = label
   methods["fastntk"].update(solver="primal", condition_number=_stat([10.0] * len(seeds)),
                             update_norm=_stat([1.0] * len(seeds)))
   return {

@@ -90,6 +90,7 @@ def _reference_update(t):
 def _sharded_update(t, mesh, *, block_size):
   """The pipeline's route: data-parallel Gram statistics, then `Forgetter.from_gram_stats`."""
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from fastntk_jax import ntk  # pylint: disable=g-import-not-at-top
   from fastntk_jax import sharding as S  # pylint: disable=g-import-not-at-top
   from fastntk_jax import unlearn  # pylint: disable=g-import-not-at-top
   retain = (jnp.asarray(t.x_r), jnp.asarray(t.y_r))
@@ -208,6 +209,7 @@ def _multiprocess_child() -> dict:
   initialized = S.maybe_initialize_distributed()  # FASTNTK_* from the parent
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
+  from fastntk_jax import ntk  # pylint: disable=g-import-not-at-top
   from fastntk_jax import unlearn  # pylint: disable=g-import-not-at-top
 
   t = _setup()

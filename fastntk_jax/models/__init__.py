@@ -17,32 +17,14 @@ from typing import Any
 import flax.linen as nn
 
 from fastntk_jax import enums
+from fastntk_jax.models import trainable
 from fastntk_jax.models.mobilenetv2 import MobileNetV2
 from fastntk_jax.models.resnet import CifarResNet
-from fastntk_jax.models.trainable import (BATCH_STATS, FROZEN_PARAMS, TRAINABLE, count_params,
-                                          make_apply_fn, make_train_apply_fn, merge, param_names,
-                                          split)
+from fastntk_jax.models.trainable import *  # noqa: F401,F403  the collections' names and helpers
 from fastntk_jax.models.vit import DEFAULT_PROMPT_LENGTH, VIT_SIZES, VisionTransformer
 
-__all__ = [
-    "MODEL_NAMES",
-    "get_model",
-    "architecture",
-    "default_input_shape",
-    "TRAINABLE",
-    "FROZEN_PARAMS",
-    "BATCH_STATS",
-    "split",
-    "merge",
-    "make_apply_fn",
-    "make_train_apply_fn",
-    "count_params",
-    "param_names",
-    "CifarResNet",
-    "MobileNetV2",
-    "VisionTransformer",
-    "DEFAULT_PROMPT_LENGTH",
-]
+__all__ = ["MODEL_NAMES", "get_model", "architecture", "default_input_shape", "CifarResNet",
+           "MobileNetV2", "VisionTransformer", "DEFAULT_PROMPT_LENGTH", *trainable.__all__]
 
 _RESNET_DEPTHS = {"resnet8": 8, "resnet20": 20, "resnet32": 32, "resnet44": 44, "resnet56": 56,
                   "resnet110": 110}

@@ -62,6 +62,17 @@ def _list(names: Sequence[str]) -> str:
   return "\n".join(shown)
 
 
+def _mismatch(head: str, missing, unexpected, mismatched, *, missing_what: str,
+              unexpected_what: str) -> CheckpointError:
+  """One error listing what a checkpoint lacks, what it has too many of, and wrong shapes."""
+  parts = [head]
+  for names, what in ((missing, missing_what), (unexpected, unexpected_what),
+                      (mismatched, "shape mismatch(es)")):
+    if names:
+      parts.append(f"  {len(names)} {what}:\n{_list(names)}")
+  return CheckpointError("\n".join(parts))
+
+
 def load_npz(path: str) -> dict[str, np.ndarray]:
   """Reads a flat `.npz` checkpoint into {name: array}.
 
@@ -197,16 +208,11 @@ def load_vit_npz(path: str, variables: Mapping[str, Any], *,
     values[name] = jnp.asarray(value, dtype=target.dtype)
 
   if missing or unexpected or mismatched:
-    parts = [f"ViT checkpoint {path!r} does not match the model:"]
-    if missing:
-      parts.append(f"  {len(missing)} model parameter(s) missing from the checkpoint "
-                   f"(add a dont_load pattern to keep them at init):\n{_list(missing)}")
-    if unexpected:
-      parts.append(f"  {len(unexpected)} unexpected checkpoint name(s) the model does not have "
-                   f"(add a dont_load pattern to ignore them):\n{_list(unexpected)}")
-    if mismatched:
-      parts.append(f"  {len(mismatched)} shape mismatch(es):\n{_list(mismatched)}")
-    raise CheckpointError("\n".join(parts))
+    raise _mismatch(f"ViT checkpoint {path!r} does not match the model:", missing, unexpected,
+                    mismatched, missing_what="model parameter(s) missing from the checkpoint "
+                    "(add a dont_load pattern to keep them at init)",
+                    unexpected_what="unexpected checkpoint name(s) the model does not have "
+                    "(add a dont_load pattern to ignore them)")
 
   for name, value in values.items():
     flat[where[name]][name] = value
@@ -337,15 +343,10 @@ def restore_checkpoint(path: str, target: PyTree) -> PyTree:
                   if hasattr(saved_flat[n], "shape")
                   and tuple(saved_flat[n].shape) != tuple(np.shape(target_flat[n]))]
     if missing or unexpected or mismatched:
-      parts = [f"Checkpoint {path!r} does not match the target structure:"]
-      if missing:
-        parts.append(f"  {len(missing)} name(s) missing from the checkpoint:\n{_list(missing)}")
-      if unexpected:
-        parts.append(f"  {len(unexpected)} unexpected name(s) in the checkpoint:\n"
-                     f"{_list(unexpected)}")
-      if mismatched:
-        parts.append(f"  {len(mismatched)} shape mismatch(es):\n{_list(mismatched)}")
-      raise CheckpointError("\n".join(parts))
+      raise _mismatch(f"Checkpoint {path!r} does not match the target structure:", missing,
+                      unexpected, mismatched,
+                      missing_what="name(s) missing from the checkpoint",
+                      unexpected_what="unexpected name(s) in the checkpoint")
 
   sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   abstract = jax.tree_util.tree_map(lambda l: _abstract(l, sharding), target)
