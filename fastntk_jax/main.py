@@ -53,29 +53,38 @@ def main(argv):
     print(cfg.to_json_best_effort(indent=2, sort_keys=True))
     return
   log = cli.start_logging()
-  log.info("config %s, workdir %s", " ".join(a for a in sys.argv[1:]
-                                             if a.startswith("--config")), _WORKDIR.value)
+  logging.getLogger("fastntk_jax").setLevel(logging.WARNING)  # INFO once the run is ready
   # Imported here so that --help and --dry_run are instant and flag errors come before JAX.
   from fastntk_jax import sharding  # pylint: disable=g-import-not-at-top
+  from fastntk_jax.experiment import run as run_lib  # pylint: disable=g-import-not-at-top
   try:
     # Before anything starts the JAX backend: joins the processes of a multi-host launch
     # (FASTNTK_DISTRIBUTED=1, set by launch/*.sh; a no-op for a single process).
     sharding.maybe_initialize_distributed()
-    log.info("%s", cli.describe_runtime())
     if str(cfg.unlearn.kernel_impl).startswith("neural_tangents"):
       # Asked for explicitly: refused now (naming the stack that has it), not after training.
       from fastntk_jax import ntk  # pylint: disable=g-import-not-at-top
       ntk.import_neural_tangents()
-    from fastntk_jax.experiment import run as run_lib  # pylint: disable=g-import-not-at-top
-    results = run_lib.run(cfg, _WORKDIR.value, show_progress=_PROGRESS.value)
+    # Everything else that can refuse the run, before the log starts and the workdir exists:
+    # a refusal stays one line.
+    prepared = run_lib.prepare(cfg)
   except (ValueError, TypeError, KeyError, OSError) as e:
-    # Bad input: one clear line and a non-zero exit, never a traceback on the terminal; but
-    # the same exception types also come from bugs, so the traceback is kept in a file.
-    cli.fail(f"{cli.short_error(e)} (traceback: {cli.save_traceback(_WORKDIR.value)})")
+    cli.fail(cli.short_error(e))
   except ImportError as e:
     if "pip install" not in str(e):  # a broken install or a bug: keep the traceback
       raise
     cli.fail(e)  # an optional extra that this config needs (e.g. TFDS for CIFAR): names the fix
+  logging.getLogger("fastntk_jax").setLevel(logging.INFO)
+  log.info("config %s, workdir %s", " ".join(a for a in sys.argv[1:]
+                                             if a.startswith("--config")), _WORKDIR.value)
+  log.info("%s", cli.describe_runtime())
+  try:
+    results = run_lib.run(cfg, _WORKDIR.value, show_progress=_PROGRESS.value,
+                          prepared=prepared)
+  except (ValueError, TypeError, KeyError, OSError) as e:
+    # Bad input: one clear line and a non-zero exit, never a traceback on the terminal; but
+    # the same exception types also come from bugs, so the traceback is kept in a file.
+    cli.fail(f"{cli.short_error(e)} (traceback: {cli.save_traceback(_WORKDIR.value)})")
   from fastntk_jax.experiment import report  # pylint: disable=g-import-not-at-top
   print(report.markdown(results))
   print(f"Wrote {os.path.join(_WORKDIR.value, 'results.md')} and plots.")

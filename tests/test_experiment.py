@@ -34,9 +34,10 @@ def test_outputs_exist_and_hold_sane_values(tiny_run):
   for name, entry in stored["methods"].items():
     for key, split in splits.items():
       # An accuracy over a split of n images is k/n for an integer k (padded rows excluded).
-      correct = entry[key]["mean"] * counts[split] / 100.0
-      assert abs(correct - round(correct)) < 1e-6 and 0 <= round(correct) <= counts[split], (
-          name, key, entry[key]["mean"])
+      for seed, value in entry["per_seed"].items():
+        correct = value[key] * counts[split] / 100.0
+        assert abs(correct - round(correct)) < 1e-6 and 0 <= round(correct) <= counts[split], (
+            name, key, seed, value[key])
     assert 1 <= entry["relearn_epochs"]["mean"] <= 3  # the tiny config's cap
     assert "sgd(lr=0.01" in entry["relearn_protocol"]
   # Retrain never saw the forget class: it cannot predict it (the head has no signal for it).

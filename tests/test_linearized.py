@@ -99,7 +99,7 @@ def test_pipeline_in_linearized_mode_gives_retrain(tiny_run):
   assert np.isclose(k["fastntk"]["mean"], k["retrain"]["mean"], rtol=1e-3, atol=1e-6)
   assert k["full"]["mean"] > k["retrain"]["mean"]
   # KLoM per method: the baselines too, from each population seed's Full.
-  assert set(k) == {"fastntk", "max_loss", "random_label", "full", "retrain"}
+  assert set(k) == {"fastntk", "max_loss", "random_label", "ft", "full", "retrain"}
   assert np.isfinite(k["max_loss"]["mean"]) and np.isfinite(k["random_label"]["mean"])
   assert res["full"]["relative_l2_to_retrain"]["mean"] > 1e-2  # there was something to undo
   # The update reuses the Gram statistics Full and Retrain were solved from, so only the

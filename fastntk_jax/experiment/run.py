@@ -368,19 +368,25 @@ def _preflight(cfg, model, data) -> None:
                      f"{cfg.unlearn.solver!r}: {e}") from None
 
 
-def run(cfg: ml_collections.ConfigDict, workdir: str, *, show_progress: bool = True) -> dict:
-  """Runs (or resumes) the whole experiment in `workdir`; returns the results dict.
+@dataclasses.dataclass(frozen=True)
+class Prepared:
+  """A run checked before any work (`prepare`): the validated config, its data, model,
+  method plug-ins and mesh."""
+  cfg: ml_collections.ConfigDict
+  data: Any
+  model: Any
+  plugins: tuple
+  mesh: Any
 
-  Args:
-    cfg: a config from `configs/` (validated here, every field, before any work).
-    workdir: output folder; created if missing.
-    show_progress: tqdm bars on stderr.
 
-  Returns:
-    The dict written to `workdir/results.json`.
+def prepare(cfg: ml_collections.ConfigDict) -> Prepared:
+  """Everything that can refuse a run, before any work and before the workdir is touched:
+  every config field (`config.validate`, each method's block), the model's options, the data
+  (loaded: a dataset not prepared is refused here), a model that does not build on the data's
+  images, a solver the damping rule excludes, the batch sizes under data parallelism.
 
   Raises:
-    ValueError: a bad config field (named), a workdir of another config or in use.
+    ValueError: naming the field, the value and what is allowed.
   """
   cfg = config_lib.validate(cfg)
   plugins = tuple(methods_lib.get(name) for name in cfg.methods
@@ -388,20 +394,39 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, *, show_progress: bool = T
   for method in plugins:
     if method.validate is not None:
       method.validate(methods_lib.block(cfg, method))
-  for note in config_lib.ignored_fields(cfg):
-    log.info("%s", note)
+  # The model's options are checked before the data load (minutes for ImageNet-R): an
+  # unknown option is refused by get_model, whatever the number of classes.
+  models.get_model(cfg.model.name, 2, **dict(cfg.model.options))
+  data = data_splits.load_unlearning_data(cfg.data)
+  model = models.get_model(cfg.model.name, data.num_classes, **dict(cfg.model.options))
+  _preflight(cfg, model, data)
+  return Prepared(cfg=cfg, data=data, model=model, plugins=plugins, mesh=data_mesh(cfg))
+
+
+def run(cfg: ml_collections.ConfigDict, workdir: str, *, show_progress: bool = True,
+        prepared: Optional[Prepared] = None) -> dict:
+  """Runs (or resumes) the whole experiment in `workdir`; returns the results dict.
+
+  Args:
+    cfg: a config from `configs/` (validated here, every field, before any work).
+    workdir: output folder; created if missing.
+    show_progress: tqdm bars on stderr.
+    prepared: `prepare(cfg)` when the caller checked the run already.
+
+  Returns:
+    The dict written to `workdir/results.json`.
+
+  Raises:
+    ValueError: a bad config field (named), a workdir of another config or in use.
+  """
   with linalg.enable_x64(config_lib.solve_dtype(cfg) is not None):
-    # The model's options are checked before the data load (minutes for ImageNet-R): an
-    # unknown option is refused by get_model, whatever the number of classes.
-    models.get_model(cfg.model.name, 2, **dict(cfg.model.options))
-    data = data_splits.load_unlearning_data(cfg.data)
-    log.info("data: %s", data.describe())
-    model = models.get_model(cfg.model.name, data.num_classes, **dict(cfg.model.options))
-    _preflight(cfg, model, data)
-    mesh = data_mesh(cfg)
+    p = prepared or prepare(cfg)
+    for note in config_lib.ignored_fields(p.cfg):
+      log.info("%s", note)
+    log.info("data: %s", p.data.describe())
     with wd.hold(workdir, exclusive=jax.process_index() == 0):
-      wd.claim(workdir, cfg)
-      return _run(cfg, workdir, data, model, plugins, mesh, show_progress)
+      wd.claim(workdir, p.cfg)
+      return _run(p.cfg, workdir, p.data, p.model, p.plugins, p.mesh, show_progress)
 
 
 def _run(cfg, workdir, data, model, plugins, mesh, show_progress) -> dict:
