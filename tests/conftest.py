@@ -20,6 +20,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT = os.path.join(ROOT, "configs", "default.py")
 
 
+def pytest_collection_modifyitems(items):
+  """The tests that read the shared tiny run go to one worker process (`--dist loadgroup`):
+  the run is made once."""
+  for item in items:
+    if "tiny_run" in getattr(item, "fixturenames", ()):
+      item.add_marker(pytest.mark.xdist_group("tiny_run"))
+
+
 @pytest.fixture(autouse=True)
 def _x64_mode_is_left_as_found():
   before = bool(jax.config.read("jax_enable_x64"))

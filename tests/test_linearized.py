@@ -30,6 +30,7 @@ def _flat(t):
   return np.asarray(ravel_pytree(t)[0], np.float64)
 
 
+@pytest.mark.slow
 def test_linearize_is_affine_and_equals_the_network_at_w0():
   with enable_x64():
     apply_fn, w0, (x, _), _ = _problem()
@@ -40,6 +41,7 @@ def test_linearize_is_affine_and_equals_the_network_at_w0():
     np.testing.assert_allclose(at(2.0) - at(0.0), 2 * (at(1.0) - at(0.0)), atol=1e-10)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("solver", ["dual", "primal", "cg"])
 def test_fastntk_on_linearized_full_equals_linearized_retrain(solver):
   """Closed-form ridge minimisers of f_lin on D and D_r, from a nonlinear BN network: the
@@ -61,6 +63,7 @@ def test_fastntk_on_linearized_full_equals_linearized_retrain(solver):
     assert np.linalg.norm(_flat(new) - _flat(w_retrain)) / learned < 1e-5
 
 
+@pytest.mark.slow
 def test_optax_on_f_lin_approaches_the_closed_form():
   """The optax loop on f_lin with the update's penalty (λ/n) converges to the ridge solution."""
   with enable_x64():

@@ -264,6 +264,7 @@ def test_apply_fn_logits_and_gradients(name):
   assert not zero, f"zero gradient for {zero}"
 
 
+@pytest.mark.slow
 def test_train_apply_fn_updates_running_stats():
   model, variables, x = _tiny("resnet8")
   trainable, frozen = split(variables)
@@ -376,6 +377,7 @@ class _FlaxViT(nn.Module):
     return nn.Dense(self.num_classes, name="head")(x[:, 0])
 
 
+@pytest.mark.slow
 def test_prompt_length_zero_equals_plain_flax_vit():
   ref = _FlaxViT(num_classes=5, patch=4, d=16, layers=2, heads=2, mlp=32)
   x = jax.random.normal(jax.random.PRNGKey(3), (3, 8, 8, 3))

@@ -32,6 +32,7 @@ def _tiny(name):
   return model, variables, x, y
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["resnet8", "vit_s16"])
 def test_apply_fn_feeds_kernel_and_forget(name):
   model, variables, x, y = _tiny(name)

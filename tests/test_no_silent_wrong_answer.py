@@ -51,6 +51,7 @@ def _rel(new, w_r, w0):
 
 
 # 1. auto with damping = 0 picked the primal solver, whose Grams are then singular: NaN.
+@pytest.mark.slow
 def test_auto_with_zero_damping_never_picks_a_singular_solver():
   with enable_x64():
     # p = 44 > n*C = 27 (and the features' rank, 33 >= 27): the kernel is invertible, the
@@ -73,6 +74,7 @@ def test_auto_with_zero_damping_never_picks_a_singular_solver():
 
 
 # 2. damping = 0 on a singular kernel: NaN from the dual and auto; cg 2.9e2 off at p = n·C.
+@pytest.mark.slow
 def test_zero_damping_on_a_singular_kernel_is_refused_or_solved_exactly():
   with enable_x64():
     # A retain sample duplicated: Θ_rr is singular, the system consistent (same label).
@@ -102,6 +104,7 @@ def test_zero_damping_on_a_singular_kernel_is_refused_or_solved_exactly():
 
 
 # 3. cg stopped at min(2·dim, 2000) iterations, far from its tolerance, and said nothing.
+@pytest.mark.slow
 def test_cg_is_accurate_or_refused():
   with enable_x64():
     model, w0, retain, forget, solutions = _setup(n_r=16, n_f=6, pa=16, pw=17)  # p < n*C
@@ -143,6 +146,7 @@ def test_jit_over_damping_with_data_closed_over(solver):
 
 
 # 5. solve_dtype=float64 did not reach dual and cg (tangents cast to the params' dtype).
+@pytest.mark.slow
 @pytest.mark.parametrize("solver", ["dual", "primal", "cg"])
 def test_float64_solve_reaches_every_solver_with_float32_params(solver):
   with enable_x64():
@@ -176,6 +180,7 @@ def test_params_and_params_init_must_agree_in_dtype():
       unlearn.ntk_forget(model.apply, w0_32, w_d, retain=retain, forget=forget, num_classes=C)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("solver", ["dual", "primal", "cg"])
 def test_leaves_of_mixed_dtypes(solver):
   with enable_x64():
@@ -195,6 +200,7 @@ def test_leaves_of_mixed_dtypes(solver):
 
 
 # 7. The stream under jit skipped every check: repeated / out-of-range / forgotten indices.
+@pytest.mark.slow
 def test_stream_requests_under_jit_are_checked():
   with enable_x64():
     model, w0, (x_r, y_r), (x_f, y_f), solutions = _setup(n_r=8, n_f=3, pa=16, pw=17)
@@ -217,6 +223,7 @@ def test_stream_requests_under_jit_are_checked():
 
 
 # 8. Nothing recorded which kernel ran; versions listed neural-tangents when it failed.
+@pytest.mark.slow
 def test_the_kernel_that_ran_is_recorded():
   with enable_x64():
     model, w0, retain, forget, solutions = _setup(n_r=4, n_f=2, pa=16, pw=17)
@@ -260,6 +267,7 @@ def _right_or(error, fn, check):
   return out
 
 
+@pytest.mark.slow
 def test_float32_auto_never_returns_a_solve_it_measured_as_singular():
   # float32 (no x64), p = 31 > n*C = 18, tiny damping: the primal's Gram is rank-deficient.
   model, w0, retain, forget, solutions = _setup(n_r=4, n_f=2, pa=12, pw=16,
@@ -280,6 +288,7 @@ def test_float32_auto_never_returns_a_solve_it_measured_as_singular():
       assert any(issubclass(w.category, unlearn.PrecisionWarning) for w in caught)
 
 
+@pytest.mark.slow
 def test_narrow_logits_make_an_imprecise_update_refused_or_warned():
   with enable_x64():
     model, w0, retain, forget, solutions = _setup(n_r=4, n_f=2, pa=12, pw=16)
@@ -296,6 +305,7 @@ def test_narrow_logits_make_an_imprecise_update_refused_or_warned():
     assert record
 
 
+@pytest.mark.slow
 def test_float32_stream_warns_when_its_error_bound_grows():
   model, w0, (x_r, y_r), (x_f, y_f), solutions = _setup(n_r=50, n_f=10, pa=14, pw=13,
                                                         params_dtype=jnp.float32,
@@ -320,6 +330,7 @@ def test_float32_stream_warns_when_its_error_bound_grows():
   assert any(warned)  # the last requests leave 4 samples for p = 29: the bound is large
 
 
+@pytest.mark.slow
 def test_half_precision_params_solve_in_float32_and_cg_convergence_is_checked():
   with enable_x64():
     model, w0, retain, forget, solutions = _setup(n_r=8, n_f=3, pa=16, pw=17)

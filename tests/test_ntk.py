@@ -95,6 +95,7 @@ def test_neural_tangents_kernel_equals_reference(model, prefixes, impl):
       np.testing.assert_allclose(got, ref, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.slow
 def test_kernel_is_jacobian_product_and_helpers_agree():
   with enable_x64():
     x = jax.random.normal(jax.random.PRNGKey(0), (7, 4, 4, 2), jnp.float64)
@@ -133,6 +134,7 @@ def test_kernel_is_jacobian_product_and_helpers_agree():
     (TinyAttention(), ("MultiHeadDotProductAttention_0/query", "Dense_1")),
     (TinyBNMLP(), ("BatchNorm_", "Dense_2")),
 ], ids=["bn_cnn_c10", "attention", "bn_mlp"])
+@pytest.mark.slow
 def test_jacobian_methods_equal_forward_mode(model, prefixes, monkeypatch):
   """Both ways of batching the reverse passes give forward mode's per-sample Jacobian."""
   monkeypatch.setattr(ntk, "MAX_UNROLLED_PULLBACKS", 4)  # groups of 3, 3, 2, 2 logits at C=10
@@ -198,6 +200,7 @@ class TokenCNN(nn.Module):
     return nn.Dense(3)(x.reshape(x.shape[0], -1, 3 * x.shape[2]))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model", [ScalarCNN(), TokenCNN()], ids=["logits_n", "logits_n_t_c"])
 def test_pullbacks_take_outputs_of_any_rank_like_vmap_jacrev(model):
   """Helper-10 found PULLBACKS (AUTO's choice on CPU) refusing [n] and [n, T, C] outputs that
@@ -221,6 +224,7 @@ def test_jacobian_of_an_empty_parameter_tree_is_empty():
     assert ntk.jacobian_rows(apply_fn, {}, x, batch_size=2, method=method).shape == (3, 4, 0)
 
 
+@pytest.mark.slow
 def test_builtin_kernel_equals_reference_one_block_and_blocked():
   with enable_x64():
     x1 = jax.random.normal(jax.random.PRNGKey(0), (5, 4, 4, 2), jnp.float64)
@@ -248,6 +252,7 @@ def test_auto_jacobian_method_counts_the_logits_of_the_network(monkeypatch):
                              rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_eager_jacobian_rows_equal_the_traced_ones_in_both_layouts():
   # Eagerly over several blocks the rows are written block by block into one buffer; the
   # last block (2 of 3 samples real) is padded and only its real rows written.
@@ -285,6 +290,7 @@ print(rows.nbytes, peak - before)
 """
 
 
+@pytest.mark.slow
 def test_eager_jacobian_rows_are_held_once():
   # Review finding: the eager block loop kept a list of blocks and their stacked, padded and
   # sliced copies (2-3x the rows at its peak, which the plan's memory rule did not count).

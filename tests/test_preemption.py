@@ -24,7 +24,7 @@ from conftest import ROOT, tiny_config
 from fastntk_jax import faults
 from fastntk_jax.experiment import run as run_lib
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("preemption")]  # module fixtures: one worker
 
 # SGD fine-tuning (its epochs are kill points) and the chunked, resumable Gram path.
 FIELDS = {("unlearn", "solver"): "primal",

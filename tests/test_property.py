@@ -7,6 +7,7 @@ solvers would invert, computed here with NumPy, not by restating the library's r
 
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from x64 import enable_x64
@@ -21,7 +22,8 @@ def _kernel_cond(phi):
   return np.linalg.cond(phi @ phi.T)
 
 
-@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@pytest.mark.slow
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(n_r=st.integers(1, 12), n_f=st.integers(1, 5), c=st.integers(2, 4),
        pa=st.sampled_from([2, 4, 8]), pw=st.integers(1, 10),
        damping=st.sampled_from([0.0, 1e-3, 1e-1, 1.0]),

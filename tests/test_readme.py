@@ -19,6 +19,7 @@ def test_readme_starts_with_the_two_commands_and_ci_runs_the_test_command():
   assert test_command in open(os.path.join(ROOT, ".ci", "run")).read()
 
 
+@pytest.mark.slow
 def test_readme_api_example_runs():
   code = re.search(r"## The Python API\n\n```python\n(.*?)```", README, re.S).group(1)
   proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,

@@ -102,6 +102,7 @@ def test_features_match_model():
     assert flat(model.unravel(w0)).tolist() == w0.tolist()  # ravel order = feature order
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("regime", sorted(REGIMES))
 @pytest.mark.parametrize("factor_update,cache", [("downdate", True), ("refactor", False)])
 def test_three_requests_equal_one_update_with_their_union(regime, factor_update, cache):
@@ -151,6 +152,7 @@ def test_three_requests_equal_one_update_with_their_union(regime, factor_update,
     assert int(state.num_requests) == 3
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("regime", sorted(REGIMES))
 def test_downdated_factor_equals_fresh_cholesky_of_retained_system(regime):
   n, lam, sizes = REGIMES[regime]
@@ -252,6 +254,7 @@ def test_refactor_every_and_auto():
     assert stream.downdate_flops(2000, 2000) > stream.refactor_flops(2000)
 
 
+@pytest.mark.slow
 def test_float32_downdates_stay_as_accurate_as_refactorising():
   """Twenty successive downdates in float32 (solve dtype float32) against the float64 truth:
   the streamed result must be as accurate as refactorising at every request."""
@@ -281,6 +284,7 @@ def test_float32_downdates_stay_as_accurate_as_refactorising():
   assert errs["downdate"] < 10 * errs["refactor"] + 1e-6
 
 
+@pytest.mark.slow
 def test_state_is_a_pytree_and_the_core_jits():
   with enable_x64():
     model, x, y, w0, w_full, state = _linear_state(factor_update="downdate")
@@ -318,6 +322,7 @@ def test_forget_requests_sequence_and_stream_from_scratch_state():
                                   ~np.isin(np.arange(30), sum(reqs, [])))
 
 
+@pytest.mark.slow
 def test_bad_requests_are_refused():
   with enable_x64():
     model, x, y, w0, w_full, state = _linear_state(n=10)
@@ -429,6 +434,7 @@ def test_init_reports_its_compilation_apart():
   assert 0 < timings["compile_seconds"] <= timings["seconds"]
 
 
+@pytest.mark.slow
 def test_uncached_request_in_a_narrower_dtype_warns_and_the_cache_does_not():
   """Rows recomputed for a request (no Jacobian cache) in float32 need not equal the rows
   summed into the float64 G at init, so the request warns with κ·ε32; the cached rows are
@@ -454,6 +460,7 @@ def test_uncached_request_in_a_narrower_dtype_warns_and_the_cache_does_not():
         assert "cache_jacobian=True" in str(recomputed[0].message)
 
 
+@pytest.mark.slow
 def test_uncached_request_of_several_blocks_computes_its_rows_outside_the_jit(monkeypatch):
   """A request spanning several Jacobian blocks on a state without the cache gets its rows
   from the eager block loop (a compiled block step, not copies unrolled in the request's

@@ -111,6 +111,7 @@ def _model_and_init(depth=8, shortcut="A", classes=5):
   return model, jax.tree_util.tree_map(np.asarray, dict(variables))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("shortcut,head", [("A", "linear"), ("B", "fc")])
 def test_imported_network_computes_what_the_pytorch_network_computes(shortcut, head):
   sd = _torch_state_dict(shortcut=shortcut, head=head)

@@ -34,6 +34,7 @@ def kwargs(retain, forget, **extra):
   return dict(retain=retain, forget=forget, num_classes=C, **extra)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("lam,n_r", [(1e-2, 10), (1e-3, 4)])  # p=40: p < nC=42, then p > nC=24
 def test_three_solvers_agree_on_nonlinear_flax_model(lam, n_r):
   with enable_x64():
@@ -54,6 +55,7 @@ def test_three_solvers_agree_on_nonlinear_flax_model(lam, n_r):
       assert err < 1e-4, f"{solver} vs dual: relative difference of updates {err:.2e}"
 
 
+@pytest.mark.slow
 def test_float32_params_float64_solve_and_options():
   apply_fn, w0, w_d, retain, forget = problem()
   to32 = lambda t: jax.tree_util.tree_map(lambda l: l.astype(jnp.float32), t)
@@ -86,6 +88,7 @@ def test_float32_params_float64_solve_and_options():
   assert np.linalg.norm(ravel_pytree(trained)[0] - ravel_pytree(base)[0]) > 1e-4
 
 
+@pytest.mark.slow
 def test_diagnostics_and_auto_choice():
   with enable_x64():
     apply_fn, w0, w_d, retain, forget = problem()
@@ -179,6 +182,7 @@ def test_precision_warning_is_the_round_off_bound_of_the_solve():
   assert "numerically singular" in linalg.precision_warning(float("inf"), jnp.float32)
 
 
+@pytest.mark.slow
 def test_diagnostics_warn_when_a_float32_solve_is_ill_conditioned():
   # p = 40 > n·C = 24: G+λI is singular but for λ, so κ ≈ |G| / λ.
   apply_fn, w0, w_d, retain, forget = problem(n_r=4)
@@ -196,6 +200,7 @@ def test_diagnostics_warn_when_a_float32_solve_is_ill_conditioned():
   assert diag.precision_warning is None
 
 
+@pytest.mark.slow
 def test_memory_refusal_names_a_solver_that_fits():
   apply_fn, w0, w_d, retain, forget = problem()
   costs = unlearn_plan.estimate_costs(40, 10, 4, C, batch_size=256, dtype_bytes=4)
@@ -255,6 +260,7 @@ def test_bad_input_is_refused_clearly(case):
     unlearn.ntk_forget(apply_fn, **args)
 
 
+@pytest.mark.slow
 def test_zero_damping_allowed_when_kernel_is_invertible():
   with enable_x64():
     apply_fn, w0, w_d, retain, forget = problem(n_r=4, n_f=2)  # p = 40 > n*C = 18
@@ -266,6 +272,7 @@ def test_zero_damping_allowed_when_kernel_is_invertible():
                                                     solver="primal"))
 
 
+@pytest.mark.slow
 def test_dual_on_kept_jacobian_rows_equals_the_blocked_dual_and_the_primal():
   # Kept rows take each sample's Jacobian once and form every kernel block and P J_fᵀ as
   # products of rows (in column chunks): the same Δ as the blocked kernel and the primal, to
@@ -286,6 +293,7 @@ def test_dual_on_kept_jacobian_rows_equals_the_blocked_dual_and_the_primal():
     assert rel(jitted) < 1e-4, rel(jitted)
 
 
+@pytest.mark.slow
 def test_dual_on_kept_rows_is_exact_on_a_linear_model():
   # f(w, x) = x W + b, linear in w: Δ = (G_r+λI)⁻¹b_r - (G+λI)⁻¹b, with J from jacfwd.
   with enable_x64():
@@ -333,6 +341,7 @@ def test_plan_keeps_the_rows_when_the_blocked_kernel_would_recompute_and_they_fi
     assert not one.keep_jacobian_rows
 
 
+@pytest.mark.slow
 def test_diagnostics_run_the_kept_rows_dual_eagerly_and_match_the_compiled_dual():
   with enable_x64():
     # Under jit (how the diagnostics plan) 20 blocks of one sample are a rolled loop that
@@ -371,6 +380,7 @@ def test_kept_rows_precision_check_counts_the_params_dtype():
     assert plan(bf, 4).logits_dtype == jnp.float32
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("half", [jnp.bfloat16, jnp.float16])
 def test_kept_rows_of_half_precision_params_are_as_accurate_as_the_blocked_kernel(half):
   # Review finding: rows taken with bfloat16/float16 params were rounded to that dtype, 10x
@@ -423,6 +433,7 @@ def test_a_kept_rows_plan_is_refused_by_a_forgetter_naming_another_kernel():
       named.forget_with_info(w0, w_d, retain, forget, plan=plan)
 
 
+@pytest.mark.slow
 def test_dual_with_blocked_factorisations_matches_lapacks_whole(monkeypatch):
   # The blocked path replaces LAPACK's whole factorisation on CPUs above CPU_CHOLESKY_BLOCK;
   # forced here (blocks of 5 for Θ_rr+λI of order 30 and the Schur complement of 12), the

@@ -136,6 +136,7 @@ def test_printed_sign_of_eq1_does_not_reach_retrain():
       assert rel(got, by_sign[-1.0]) < 1e-8 and rel(got, by_sign[+1.0]) > 0.1, solver
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("solver", SOLVERS)
 def test_jit_of_a_function_calling_ntk_forget(solver):
   with enable_x64():
