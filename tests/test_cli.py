@@ -230,8 +230,9 @@ def test_cpu_run_log_starts_with_our_own_lines(tmp_path):
   # blocks keeps the Jacobian rows and takes the built-in kernel.)
   kernel = "neural_tangents" if HAS_NEURAL_TANGENTS else "auto"
   proc = cli_run("--config=configs/default.py:tiny", "--config.unlearn.solver=dual", "--noprogress",
-             f"--config.unlearn.kernel_impl={kernel}", f"--workdir={tmp_path / 'w'}",
-             timeout=600)
+                 "--config.methods=('full','retrain','fastntk')", "--config.eval.relearn.epochs=1",
+                 f"--config.unlearn.kernel_impl={kernel}", f"--workdir={tmp_path / 'w'}",
+                 timeout=600)
   assert proc.returncode == 0, proc.stderr[-4000:]
   lines = [l for l in proc.stderr.splitlines() if l.strip()]
   assert re.match(r"^I\d{4} .*main\.py:\d+\] config --config=configs/default\.py:tiny", lines[0]), lines[:3]

@@ -125,7 +125,7 @@ def test_fastntk_forgets_what_full_fine_tuning_learned(tmp_path):
     cfg.methods = ("full", "retrain", "fastntk")
     cfg.eval.relearn.epochs = 1
     cfg.eval.probe.epochs = 1
-    cfg.pretrain.train.epochs = 10
+    cfg.pretrain.train.epochs = 5
     # KLoM at its smallest (2 + 2 population seeds; the default's 32 + 32 were ~85% of this
     # test's time and nothing here reads them): the stage still runs at the default's shapes.
     # KLoM's values are asserted in test_linearized.py.

@@ -23,7 +23,7 @@ def _kernel_cond(phi):
 
 
 @pytest.mark.slow
-@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=5, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(n_r=st.integers(1, 12), n_f=st.integers(1, 5), c=st.integers(2, 4),
        pa=st.sampled_from([2, 4, 8]), pw=st.integers(1, 10),
        damping=st.sampled_from([0.0, 1e-3, 1e-1, 1.0]),
