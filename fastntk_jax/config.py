@@ -58,8 +58,9 @@ def finetune_group(epochs, lr, batch_size, **kwargs) -> ml_collections.ConfigDic
   # linearised at w0, squared loss, penalty ½λ‖w - w0‖² with unlearn.damping: Fast-NTK then
   # equals Retrain exactly; BN uses the pre-trained statistics; docs/derivation.md §5).
   c.mode = "standard"
-  # linearized mode: "closed_form" (w0 + (G + λI)⁻¹JᵀE, one Jacobian pass) | "optax" (the
-  # loop above on f_lin with loss "mse"; approximate).
+  # linearized mode, how Full and Retrain reach the ridge minimiser: "closed_form" (w0 +
+  # (G + λI)⁻¹JᵀE, one Jacobian pass, memory p²) | "cg" (conjugate gradients with jvp/vjp,
+  # memory ~ p + n·C, for collections whose p² does not fit). The loop fields above are unused.
   c.linearized_solver = "closed_form"
   return c
 
@@ -251,9 +252,8 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
           enums.values(enums.LinearizedSolver))
   if cfg.finetune.mode == "linearized":
     # Linearised fine-tuning is the ridge problem Eq. (1) inverts: squared loss, the
-    # pre-trained BN statistics, the data as given and the penalty ½λ‖w - w0‖² alone. The
-    # closed form would ignore other choices and the optax loop minimise another objective
-    # (the update would no longer land on Retrain), so they are refused.
+    # pre-trained BN statistics, the data as given and the penalty ½λ‖w - w0‖² alone. Its
+    # solvers would ignore other choices silently, so they are refused.
     for field, wanted, why in (
         ("loss", "mse", "linearised fine-tuning minimises the squared loss (the objective the "
          "update inverts)"),
@@ -345,11 +345,11 @@ def ignored_fields(cfg) -> list[str]:
   """One note per config field the chosen mode does not use (logged once per run)."""
   notes = []
   ft = cfg.finetune
-  if ft.mode == "linearized" and ft.linearized_solver == "closed_form":
-    notes.append("finetune.linearized_solver='closed_form': Full and Retrain are the ridge "
-                 "minimisers in closed form, so finetune.epochs, learning_rate, batch_size, "
-                 "optimizer, momentum, schedule, warmup_epochs, decay_epochs and decay_factor "
-                 "are not used")
+  if ft.mode == "linearized":
+    notes.append(f"finetune.linearized_solver={ft.linearized_solver!r}: Full and Retrain are "
+                 "the linearised model's ridge minimisers, solved, not trained, so "
+                 "finetune.epochs, learning_rate, batch_size, optimizer, momentum, schedule, "
+                 "warmup_epochs, decay_epochs and decay_factor are not used")
   if not cfg.unlearn.serve:
     notes.append("unlearn.serve=False: unlearn.jacobian_cache_gib is not used")
   return notes

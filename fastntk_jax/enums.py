@@ -146,11 +146,13 @@ class FinetuneMode(str, enum.Enum):
 class LinearizedSolver(str, enum.Enum):
   """How linearised fine-tuning reaches its minimiser.
 
-  CLOSED_FORM: w0 + (G + λI)⁻¹ Jᵀ E from the Gram the primal solver builds (one Jacobian pass).
-  OPTAX: the same optax loop as standard fine-tuning on f_lin (converges only approximately).
+  CLOSED_FORM: w0 + (G + λI)⁻¹ Jᵀ E from the Gram the primal solver builds (one Jacobian pass;
+    memory p²).
+  CG: the same minimiser by conjugate gradients with jvp/vjp matvecs (memory ~ p + n·C, for
+    collections whose p² does not fit), to the update's cg tolerance or refused.
   """
   CLOSED_FORM = "closed_form"
-  OPTAX = "optax"
+  CG = "cg"
 
 
 def values(choice: type[enum.Enum]) -> tuple[str, ...]:

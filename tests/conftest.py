@@ -20,15 +20,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT = os.path.join(ROOT, "configs", "default.py")
 
 
-@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
-def pytest_collection_modifyitems(items):
-  """The tests that read the shared tiny run go to one worker process (`--dist loadgroup`):
-  the run is made once."""
-  for item in items:
-    if "tiny_run" in getattr(item, "fixturenames", ()):
-      item.add_marker(pytest.mark.xdist_group("tiny_run"))
-
-
 @pytest.fixture(autouse=True)
 def _x64_mode_is_left_as_found():
   before = bool(jax.config.read("jax_enable_x64"))
@@ -58,11 +49,22 @@ def shared_tiny_config():
 
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory):
-  """(workdir, results) of `shared_tiny_config`, run once for the session. For tests that only
+  """(workdir, results) of `shared_tiny_config`, run once for the whole test session: under
+  pytest-xdist the first worker that needs it makes it in the folder the workers share, the
+  others wait on a file lock and read it back (every stage restored). For tests that only
   read its outputs: copy it (`copy_run`) to change anything."""
+  import fcntl  # pylint: disable=g-import-not-at-top
   from fastntk_jax.experiment import run as run_lib  # pylint: disable=g-import-not-at-top
-  workdir = str(tmp_path_factory.mktemp("tiny_run"))
-  return workdir, run_lib.run(shared_tiny_config(), workdir, show_progress=False)
+  shared = tmp_path_factory.getbasetemp()
+  if os.environ.get("PYTEST_XDIST_WORKER"):
+    shared = shared.parent  # the workers' common base folder
+  workdir = str(shared / "tiny_run")
+  with open(str(shared / "tiny_run.lock"), "a") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    try:
+      return workdir, run_lib.run(shared_tiny_config(), workdir, show_progress=False)
+    finally:
+      fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def copy_run(run, destination) -> str:

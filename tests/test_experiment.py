@@ -126,10 +126,7 @@ def test_fastntk_forgets_what_full_fine_tuning_learned(tmp_path):
     cfg.eval.relearn.epochs = 1
     cfg.eval.probe.epochs = 1
     cfg.pretrain.train.epochs = 5
-    # KLoM at its smallest (2 + 2 population seeds; the default's 32 + 32 were ~85% of this
-    # test's time and nothing here reads them): the stage still runs at the default's shapes.
-    # KLoM's values are asserted in test_linearized.py.
-    cfg.eval.population_seeds = 2
+    cfg.eval.population_seeds = 0  # KLoM runs in the shared tiny run (test_linearized.py)
   m = run_lib.run(cfg, str(tmp_path), show_progress=False)["methods"]
   acc = lambda name, key: m[name][key]["mean"]
   assert acc("full", "acc_forget") >= 90.0
@@ -154,3 +151,23 @@ def test_workdir_of_another_config_is_refused(tiny_run):
   with pytest.raises(wd.WorkdirConflictError, match="unlearn.damping"):
     run_lib.run(other, workdir, show_progress=False)
   assert open(os.path.join(workdir, "results.json")).read() == before
+
+
+def test_linearized_fine_tuning_by_conjugate_gradients_equals_the_closed_form(tiny_run,
+                                                                               tmp_path):
+  """`finetune.linearized_solver='cg'` (matrix-free, for collections whose p² does not fit)
+  reaches the ridge minimisers the closed form solves for, and Fast-NTK lands on Retrain.
+  (Its predecessor, 'optax', failed after pre-training and was never near the minimiser.)"""
+  cfg = tiny()
+  with cfg.unlocked():
+    cfg.finetune.linearized_solver = "cg"
+    cfg.methods = ("full", "retrain", "fastntk")
+    cfg.eval.relearn.epochs = 1
+    cfg.eval.probe.epochs = 1
+  out = run_lib.run(cfg, str(tmp_path), show_progress=False)["methods"]
+  # cg stops at its tolerance (1e-12 on the recursive residual in float64, the true one at
+  # most its square root), and the update's Grams come through the float32 network: 2e-5.
+  assert out["fastntk"]["relative_l2_to_retrain"]["mean"] < 1e-4
+  closed = tiny_run[1]["methods"]
+  for key in ("ua", "ra", "ta"):  # seed 0 of the shared (closed-form) run
+    assert out["fastntk"][key]["mean"] == closed["fastntk"]["per_seed"]["0"][key], key

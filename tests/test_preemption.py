@@ -7,7 +7,7 @@ pre-training, mid Full fine-tuning, mid Retrain, mid Gram accumulation of the Fa
 mid Max Loss, mid Random Label, during evaluation — and restarted each time; the final
 results.json must equal an uninterrupted run's (timing and machine fields aside). One real
 preemption, a SIGKILL of the CLI in a subprocess (`FASTNTK_KILL_AT`, no cleanup of any kind,
-a checkpoint write in flight), resumes to the same numbers too.
+a checkpoint write in flight), resumes to the same numbers too, its log our own lines.
 """
 
 import json
@@ -20,11 +20,13 @@ import sys
 
 import pytest
 from conftest import ROOT, tiny_config
+from optional import HAS_NEURAL_TANGENTS
+from test_cli import assert_our_own_log
 
 from fastntk_jax import faults
 from fastntk_jax.experiment import run as run_lib
 
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("preemption")]  # module fixtures: one worker
+pytestmark = pytest.mark.slow
 
 # SGD fine-tuning (its epochs are kill points) and the chunked, resumable Gram path.
 FIELDS = {("unlearn", "solver"): "primal",
@@ -32,7 +34,10 @@ FIELDS = {("unlearn", "solver"): "primal",
           ("pretrain", "train", "epochs"): 3,
           ("finetune", "epochs"): 3,
           ("baselines", "max_loss", "epochs"): 2,
-          ("baselines", "random_label", "epochs"): 2}
+          ("baselines", "random_label", "epochs"): 2,
+          # neural-tangents named where it is installed (the nt stack): TensorFlow is imported,
+          # and the command line's log must stay free of its chatter (the primal ignores it).
+          ("unlearn", "kernel_impl"): "neural_tangents" if HAS_NEURAL_TANGENTS else "auto"}
 KILL_POINTS = [
     "pretrain:epoch1",
     "seed0/full:epoch1",
@@ -137,3 +142,5 @@ def test_a_sigkilled_cli_run_resumes_to_identical_results(reference, tmp_path):
                         capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert comparable(workdir) == reference
+  assert_our_own_log(proc.stderr, "configs/default.py:tiny,standard")
+  assert "| Fast-NTK |" in proc.stdout

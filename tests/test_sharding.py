@@ -22,7 +22,7 @@ import sys
 import pytest
 
 # Children with 8 virtual devices and two processes: the end-to-end tier.
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("sharding")]  # module fixtures: one worker
+pytestmark = pytest.mark.slow
 
 NUM_DEVICES = 8
 TOL = 1e-10  # float64; observed differences are ~1e-15 (summation order only)

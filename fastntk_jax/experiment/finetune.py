@@ -1,15 +1,15 @@
 """Full and Retrain: the fine-tuning every method starts from and is measured against.
 
 `finetune.mode="standard"` fine-tunes the network's trainable collection by SGD (the paper's
-protocol). `"linearized"` fine-tunes the network linearised at w0 (docs/derivation.md §5):
-in closed form (`linearized_solver="closed_form"`: the ridge minimiser from the Gram
-statistics at w0, one Jacobian pass, which the Fast-NTK update then reuses) or by the same
-optax loop on f_lin (`"optax"`: squared loss with the penalty ½λ‖w − w0‖², λ the update's).
+protocol). `"linearized"` fine-tunes the network linearised at w0 (docs/derivation.md §5) to
+its ridge minimiser (squared loss, penalty ½λ‖w − w0‖², λ the update's): in closed form
+(`linearized_solver="closed_form"`: from the Gram statistics at w0, one Jacobian pass, which
+the Fast-NTK update then reuses; memory p²) or by conjugate gradients (`"cg"`: matrix-free,
+memory ~ p + n·C, for collections whose p² does not fit).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from typing import Any, Callable, Optional
 
@@ -84,10 +84,12 @@ class FineTuner:
       params = linear.ridge_solution(self.w0, [g for g, _ in parts],
                                      jnp.asarray(cfg.unlearn.damping, parts[0][0][0].dtype))
       return {"trainable": params}, sum(t for _, t in parts) + time.perf_counter() - solve_start
+    if self.linearized:  # the minimiser by cg, matrix-free
+      parts = [(data.retain.x, data.retain.y)] + (
+          [(data.forget.x, data.forget.y)] if tag == "full" else [])
+      params, _ = self.forgetter.cg_ridge_solution(self.w0, parts)
+      return {"trainable": params}, time.perf_counter() - start
     spec = train_lib.TrainSpec.from_config(cfg.finetune)
-    if self.linearized:  # mean squared loss over the split: the ridge penalty λ/n
-      spec = dataclasses.replace(spec, loss="mse", bn_mode="frozen",
-                                 l2_to_init=float(cfg.unlearn.damping) / split.size)
     name = f"seed{self.seed}/{tag}"
     params, stats, _ = self._fit(self.net, self.w0, self.frozen_net, split, spec,
                                  seed=self.seed, tag=name, checkpoint_path=checkpoint_path)

@@ -66,6 +66,10 @@ class Forgetter(NamedTuple):
   The primal update from Gram statistics summed elsewhere (pure, jit-able):
     gram_stats(w_lin, x, y, row_weights=None) -> (G [p, p], b [p]) in the solve dtype.
     from_gram_stats(params, stats_retain, stats_forget, plan) -> (params, SolveInfo), checked.
+  The linearised model's own minimiser (what linearised fine-tuning reaches):
+    cg_ridge_solution(w_lin, parts) -> (params, SolveInfo): w_lin + (JᵀJ + λI)⁻¹JᵀE over the
+      samples of `parts` [(x, y), ...] by conjugate gradients (memory ~ p + n·C), to the cg
+      tolerance or refused (`SolveError`).
   Host-side drivers (timed, resumable):
     forget_with_diagnostics(params_init, params, retain, forget, *, plan=None) ->
       (params, Diagnostics): compiled and run, compilation timed apart.
@@ -93,6 +97,7 @@ class Forgetter(NamedTuple):
   check: Callable
   gram_stats: Callable
   from_gram_stats: Callable
+  cg_ridge_solution: Callable
   forget_with_diagnostics: Callable
   accumulate: Callable
   diagnostics: Callable
@@ -139,7 +144,7 @@ def make_forgetter(apply_fn: ApplyFn, *, num_classes: int, damping=1e-2,
       `stream.init_forget_state`).
     duplicate_tolerance: a forget sample listed twice, or also in the retain set, is refused
       (`validate.check_disjoint`); 0 matches inputs exactly, > 0 also inputs of the same
-      label within this distance in every entry (near-duplicates, O(n_r·n_f) comparisons).
+      label within this distance in every entry (near-duplicates).
 
   Returns:
     Forgetter.
@@ -261,6 +266,23 @@ def make_forgetter(apply_fn: ApplyFn, *, num_classes: int, damping=1e-2,
     check(info, plan)
     return ntk.apply_delta(params, delta, opts.step_scale), info
 
+  def cg_ridge_solution(w_lin, parts):
+    parts = [validate.check_split(f"parts[{k}]", part, c) for k, part in enumerate(parts)]
+    dtype = solve_dtype_of(w_lin)
+    budget = lambda dim: plan_lib.cg_iteration_budget(dim, opts.cg_maxiter)
+    step, info = solvers.cg_ridge_solution(apply_fn, w_lin, parts, opts.damping,
+                                           num_classes=c, dtype=dtype,
+                                           batch_size=opts.batch_size, cg_tol=opts.cg_tol,
+                                           cg_maxiter=budget)
+    tol = solvers.default_cg_tol(dtype) if opts.cg_tol is None else opts.cg_tol
+    linalg.runtime_check(
+        info.converged & info.finite, SolveError,
+        f"the linearised model's ridge solution by cg did not reach its tolerance {tol:.1e} "
+        "(relative residual {}, damping {}): raise cg_maxiter, increase the damping, or use "
+        "the closed form (finetune.linearized_solver='closed_form')", info.relative_residual,
+        jnp.asarray(opts.damping))
+    return ntk.apply_delta(w_lin, step), info
+
   def diagnostics(plan, info, *, params, new_params, seconds, compile_seconds,
                   measured_bytes=None, reason_suffix="", extra=None):
     return make_diagnostics(plan, info, update_norm=_distance(new_params, params),
@@ -376,7 +398,7 @@ def make_forgetter(apply_fn: ApplyFn, *, num_classes: int, damping=1e-2,
 
   return Forgetter(options=opts, plan=plan_fn, forget=forget_fn,
                    forget_with_info=forget_with_info, check=check, gram_stats=gram_stats,
-                   from_gram_stats=from_gram_stats,
+                   from_gram_stats=from_gram_stats, cg_ridge_solution=cg_ridge_solution,
                    forget_with_diagnostics=forget_with_diagnostics, accumulate=accumulate,
                    diagnostics=diagnostics, certify=certify, init=init,
                    serve=stream.forget_request, serve_with_diagnostics=serve_with_diagnostics,

@@ -139,6 +139,30 @@ def _delta_dual(apply_s, w_s, retain, forget, lam, *, num_classes, batch_size, d
   return delta, linalg.direct_info(delta, k_rr, with_condition, estimates)
 
 
+def _cg_ridge(apply_s, w_s, parts, lam, *, num_classes, batch_size, dtype, cg_tol,
+              cg_maxiter):
+  """(G + λI)⁻¹ JᵀE over the samples of `parts` [(x, y), ...], by conjugate gradients in
+  parameter space (matvec v -> Jᵀ(J v) + λv, one jvp and one vjp per block).
+
+  Returns:
+    (the solution [p], its true relative residual, converged: tolerance reached within the
+     iteration cap and the true residual at most sqrt(tol)).
+  """
+  flat0, unravel = ravel_pytree(w_s)
+  jv = lambda x, v: ntk.jvp_rows(apply_s, w_s, x, unravel(v.astype(flat0.dtype)),
+                                 batch_size=batch_size)
+  jtu = lambda x, u: ravel_pytree(ntk.vjp_rows(apply_s, w_s, x, u,
+                                               batch_size=batch_size))[0].astype(dtype)
+  rhs = sum(jtu(x, ntk.residuals(apply_s, w_s, x, y, num_classes=num_classes,
+                                 batch_size=batch_size, dtype=dtype)) for x, y in parts)
+  matvec = lambda v: sum(jtu(x, jv(x, v)) for x, _ in parts) + lam * v
+  solution, ok, _ = linalg.conjugate_gradients(matvec, rhs, tol=cg_tol,
+                                               maxiter=cg_maxiter(rhs.size))
+  residual = (jnp.linalg.norm(matvec(solution) - rhs)
+              / jnp.maximum(jnp.linalg.norm(rhs), jnp.finfo(dtype).tiny))
+  return solution, residual, ok & (residual <= cg_tol ** 0.5)
+
+
 def _delta_cg(apply_s, w_s, retain, forget, lam, *, num_classes, batch_size, dtype, cg_tol,
               cg_maxiter, **_):
   (x_r, y_r), (x_f, y_f) = retain, forget
@@ -162,10 +186,13 @@ def _delta_cg(apply_s, w_s, retain, forget, lam, *, num_classes, batch_size, dty
     return x
 
   if p <= (n_r + n_f) * num_classes:  # parameter space: (JᵀJ + λI) x = JᵀE
-    g_r = lambda v: jtu(x_r, jv(x_r, v))
-    b_r = jtu(x_r, e_r)
-    delta = (solve(lambda v: g_r(v) + lam * v, b_r)
-             - solve(lambda v: g_r(v) + jtu(x_f, jv(x_f, v)) + lam * v, b_r + jtu(x_f, e_f)))
+    ridge = lambda parts: _cg_ridge(apply_s, w_s, parts, lam, num_classes=num_classes,
+                                    batch_size=batch_size, dtype=dtype, cg_tol=cg_tol,
+                                    cg_maxiter=cg_maxiter)
+    (x_only_r, res_r, ok_r), (x_all, res_all, ok_all) = ridge([retain]), ridge([retain, forget])
+    residual_norms += [res_r, res_all]
+    converged += [ok_r, ok_all]
+    delta = x_only_r - x_all
   else:  # output space: (Θ + λI) α = E, Δ = J_rᵀα_r - Jᵀα
     theta = lambda u: jnp.concatenate(
         [jv(x, jtu(x_r, u[:n_r]) + jtu(x_f, u[n_r:])) for x in (x_r, x_f)], axis=0)
@@ -213,6 +240,26 @@ def ridge_update(apply_fn: ApplyFn, w_lin: PyTree, retain, forget, damping, *,
       batch_size=batch_size, dtype=jnp.dtype(dtype), kernel_impl=kernel_impl, cg_tol=tol,
       cg_maxiter=cg_maxiter, with_condition=with_condition, keep_rows=keep_rows,
       network=(apply_fn, w_lin))
+
+
+@linalg.full_precision
+def cg_ridge_solution(apply_fn: ApplyFn, w_lin: PyTree, parts, damping, *, num_classes: int,
+                      dtype, batch_size: Optional[int] = 256, cg_tol: Optional[float] = None,
+                      cg_maxiter: Callable[[int], int] = lambda dim: 2 * dim + 200):
+  """The minimiser of the linearised ridge objective over the samples of `parts`, matrix-free:
+  w_lin + (JᵀJ + λI)⁻¹JᵀE by conjugate gradients (no validation).
+
+  Returns:
+    (the step (G + λI)⁻¹JᵀE flat [p] in `dtype`, SolveInfo: its true relative residual and
+     whether it converged).
+  """
+  apply_s, w_s = in_dtype(apply_fn, w_lin, dtype)
+  tol = default_cg_tol(dtype) if cg_tol is None else cg_tol
+  step, residual, ok = _cg_ridge(apply_s, w_s, parts, jnp.asarray(damping, dtype),
+                                 num_classes=num_classes, batch_size=batch_size,
+                                 dtype=jnp.dtype(dtype), cg_tol=tol, cg_maxiter=cg_maxiter)
+  nan = jnp.asarray(jnp.nan, dtype)
+  return step, linalg.SolveInfo(nan, nan, residual, ok, jnp.all(jnp.isfinite(step)))
 
 
 def accumulate_chunks(stats_fn: Callable, x, y, *, chunk_rows: int, state: dict,

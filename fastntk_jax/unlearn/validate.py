@@ -84,53 +84,72 @@ def _listed(indices, limit: int = 10) -> str:
   return str(indices[:limit])[:-1] + (", ...]" if len(indices) > limit else "]")
 
 
+def _near_pairs(x_a, y_a, x_b, y_b, tolerance: float) -> list:
+  """(i, j) with y_a[i] == y_b[j] and max|x_a[i] - x_b[j]| <= tolerance ([n, d] inputs).
+
+  Candidates come from a sort along a random direction r (two such rows project at most
+  tolerance·‖r‖₁ apart), so the cost is O(n log n) plus the candidates' own comparisons,
+  not O(n_a·n_b·d)."""
+  d = x_a.shape[1]
+  r = np.random.default_rng(0).standard_normal(d)
+  reach = tolerance * np.abs(r).sum() * (1 + 1e-9) + 1e-300
+  pa, pb = x_a.astype(np.float64) @ r, x_b.astype(np.float64) @ r
+  order = np.argsort(pa)
+  lo = np.searchsorted(pa[order], pb - reach, side="left")
+  hi = np.searchsorted(pa[order], pb + reach, side="right")
+  pairs = []
+  for j in range(x_b.shape[0]):
+    for i in order[lo[j]:hi[j]]:
+      if y_a[i] == y_b[j] and np.abs(x_a[i] - x_b[j]).max() <= tolerance:
+        pairs.append((int(i), j))
+  return pairs
+
+
+def _rows(x) -> np.ndarray:
+  return np.ascontiguousarray(np.asarray(x)).reshape(np.shape(x)[0], -1)
+
+
+def matching_samples(a, b, *, tolerance: float = 0.0) -> list:
+  """The pairs (i, j) of samples a[i], b[j] that are the same sample: equal labels and inputs
+  equal (`tolerance` 0) or within `tolerance` in every entry. `a`, `b`: (x [n, ...], y [n])
+  host arrays (a with itself gives each pair once, i < j)."""
+  (x_a, y_a), (x_b, y_b) = a, b
+  same = a is b
+  x_a, x_b, y_a, y_b = _rows(x_a), _rows(x_b), np.asarray(y_a), np.asarray(y_b)
+  if tolerance > 0:
+    return [(i, j) for i, j in _near_pairs(x_a, y_a, x_b, y_b, tolerance) if not same or i < j]
+  key = lambda x, y, i: x[i].tobytes() + np.asarray(y[i]).tobytes()
+  first = {}
+  for i in range(x_a.shape[0]):
+    first.setdefault(key(x_a, y_a, i), []).append(i)
+  return [(i, j) for j in range(x_b.shape[0]) for i in first.get(key(x_b, y_b, j), ())
+          if not same or i < j]
+
+
 def check_disjoint(retain, forget, *, tolerance: float = 0.0) -> None:
   """Refuses a forget set that lists a sample twice, or a sample that `retain` also holds.
 
   A sample is an (input, label) pair. With `tolerance` 0 rows match exactly; with
   `tolerance` > 0 two samples of the same label match when their inputs differ by at most
-  `tolerance` in every entry (near-duplicates: O(n_r·n_f) comparisons, chunked). Runs on
+  `tolerance` in every entry (near-duplicates, found through a sort: `_near_pairs`). Runs on
   concrete data only (under `jax.jit` with traced data it cannot look at values).
 
   Raises:
     ValueError: naming the forget rows (and the retain rows they match).
   """
-  (x_r, y_r), (x_f, y_f) = retain, forget
-  if not all(is_concrete(a) for a in (x_r, y_r, x_f, y_f)):
+  if not all(is_concrete(a) for pair in (retain, forget) for a in pair):
     return
-  x_r, x_f = (np.ascontiguousarray(np.asarray(a)).reshape(a.shape[0], -1) for a in (x_r, x_f))
-  y_r, y_f = np.asarray(y_r), np.asarray(y_f)
-  if tolerance == 0:
-    key = lambda x, y, i: x[i].tobytes() + np.asarray(y[i]).tobytes()
-    seen, repeated = {}, []
-    for i in range(x_f.shape[0]):
-      k = key(x_f, y_f, i)
-      if k in seen:
-        repeated.append((seen[k], i))
-      else:
-        seen[k] = i
-    if repeated:
-      raise ValueError(f"the forget set lists {len(repeated)} sample(s) more than once (forget "
-                       f"rows {_listed(j for _, j in repeated)} repeat rows "
-                       f"{_listed(i for i, _ in repeated)}): each sample of D must be "
-                       "forgotten once; drop the repeats")
-    shared = [(i, seen[k]) for i in range(x_r.shape[0]) if (k := key(x_r, y_r, i)) in seen]
-  else:
-    near = lambda a, b: np.abs(a[:, None, :] - b[None, :, :]).max(axis=-1) <= tolerance
-    pairs = [(i, j) for i, j in zip(*np.nonzero(np.triu(near(x_f, x_f), k=1)
-                                                & (y_f[:, None] == y_f[None, :])))]
-    if pairs:
-      raise ValueError(f"the forget set lists {len(pairs)} pair(s) of samples within "
-                       f"duplicate_tolerance={tolerance:g} of each other (forget rows "
-                       f"{_listed(j for _, j in pairs)} match rows {_listed(i for i, _ in pairs)}"
-                       "): each sample of D must be forgotten once; drop the repeats")
-    shared, chunk = [], max(1, 2 ** 22 // max(1, x_f.shape[0] * x_f.shape[1]))
-    for start in range(0, x_r.shape[0], chunk):
-      hit = near(x_r[start:start + chunk], x_f) & (y_r[start:start + chunk, None] == y_f[None])
-      shared += [(start + i, j) for i, j in zip(*np.nonzero(hit))]
+  near = f" within duplicate_tolerance={tolerance:g}" if tolerance else ""
+  repeated = matching_samples(forget, forget, tolerance=tolerance)
+  if repeated:
+    raise ValueError(f"the forget set lists {len(repeated)} sample(s) more than once{near} "
+                     f"(forget rows {_listed(j for _, j in repeated)} repeat rows "
+                     f"{_listed(i for i, _ in repeated)}): each sample of D must be forgotten "
+                     "once; drop the repeats")
+  shared = matching_samples(retain, forget, tolerance=tolerance)
   if shared:
-    raise ValueError(f"{len(shared)} sample(s) of the forget set are also in the retain set "
-                     f"(forget rows {_listed(j for _, j in shared)}, retain rows "
+    raise ValueError(f"{len(shared)} sample(s) of the forget set are also in the retain set"
+                     f"{near} (forget rows {_listed(j for _, j in shared)}, retain rows "
                      f"{_listed(i for i, _ in shared)}): a sample left in the retain set is "
                      "not forgotten; remove it from the retain set")
 
