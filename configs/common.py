@@ -49,8 +49,9 @@ def tiny_training(c: ml_collections.ConfigDict) -> None:
   c.seeds = (0,)
   c.pretrain.train.epochs = 1
   c.finetune.epochs = 2
-  for block in c.baselines.values():  # every method plug-in's training group
-    block.epochs = 1
+  for path in config.train_groups(c):  # every method plug-in's training group(s)
+    if path.startswith("baselines."):
+      config.node(c, path).epochs = 1
   c.eval.relearn.epochs = 2
   c.eval.probe.epochs = 1
   c.eval.batch_size = 32

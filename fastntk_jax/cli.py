@@ -288,7 +288,10 @@ def parse_flags(argv):
   if config is None:
     config = f"--{CONFIG_FLAG}={DEFAULT_CONFIG}"
     argv = argv[:1] + [config] + argv[1:]
-  path = config.partition("=")[2] or "?"
+  path = config.partition("=")[2]
+  if not path.strip():
+    fail(f"--{CONFIG_FLAG} needs a config file, e.g. --{CONFIG_FLAG}=configs/default.py "
+         f"(or leave it out for the embedded default)")
   ARGV[:] = argv
   _forget_overrides()
   # config_flags loads the file into the module `config_config`, reusing one a previous parse
@@ -300,24 +303,59 @@ def parse_flags(argv):
     if cfg is None or not hasattr(cfg, "unlocked"):
       raise ValueError(f"get_config() returned {type(cfg).__name__}, not an "
                        "ml_collections.ConfigDict (start from fastntk_jax.config.base_config())")
-    _apply(cfg, aside)
   except SystemExit as e:  # absl exits 1 after printing --help; asking for help is no error
     if any(a.lstrip("-").split("=")[0] in _HELP_FLAGS for a in argv[1:] if a.startswith("-")):
       sys.exit(0)
     raise
   except (AttributeError, KeyError) as e:
+    if "FrozenConfigDict" in str(e):
+      fail(f"config file {path.partition(':')[0]!r}: get_config() returned a FrozenConfigDict; "
+           "return the ml_collections.ConfigDict itself (overrides must be able to set it)")
     if "get_config" in str(e):
       fail(f"config file {path.rsplit(':', 1)[0]!r} defines no get_config()")
     fail(_unknown_field(argv, e))
   except TypeError as e:  # an override that walks into a value: --config.seeds.first=1
-    fail(_through_a_value(argv, path) or f"--config={path}: TypeError: {e}")
+    fail(_through_a_value(argv, path) or f"--config={path}: TypeError: {e}{_where_in(path)}")
   except flags.Error as e:
-    fail(f"bad flags: {_last_error_line(str(e))}")
+    text = _last_error_line(str(e))
+    if "get_config() takes 0 positional arguments" in text:
+      file, _, arg = path.partition(":")
+      fail(f"config file {file!r} takes no argument (its get_config() has no parameter); "
+           f"drop ':{arg}'")
+    fail(f"bad flags: {text}")
   except Exception as e:  # pylint: disable=broad-except  # a config file that fails to load
     if "No such file or directory" in str(e):
-      fail(f"config file {path!r} does not exist")
-    fail(f"--config={path}: {_last_error_line(f'{type(e).__name__}: {e}')}")
+      fail(_missing_file(path))
+    fail(f"--config={path}: {_last_error_line(f'{type(e).__name__}: {e}')}"
+         f"{_where_in(path)}")
+  try:
+    _apply(cfg, aside)
+  except ValueError as e:  # the overrides kept aside, not the file, are at fault
+    fail(e)
   return rest
+
+
+def _missing_file(path: str) -> str:
+  """The message for a --config file that is not there (config_flags reads 'file:arg')."""
+  if os.path.isfile(path):  # the whole value names a file, so a ':' split it
+    return (f"config file {path!r}: config_flags reads the text after the first ':' as the "
+            "config's argument, so a path with ':' in it cannot be loaded; move or link the "
+            "file to a path without ':'")
+  file, _, arg = path.partition(":")
+  return (f"config file {file!r} does not exist" + (f" (':{arg}' is its argument)" if arg
+                                                    else ""))
+
+
+def _where_in(path: str) -> str:
+  """' (at FILE:LINE)' for the innermost frame of the exception being handled that lies in
+  the config file `path`, or ''."""
+  file = os.path.abspath(path.partition(":")[0])
+  tb, line = sys.exc_info()[2], None
+  while tb is not None:
+    if os.path.abspath(tb.tb_frame.f_code.co_filename) == file:
+      line = tb.tb_lineno
+    tb = tb.tb_next
+  return f" (at {path.partition(':')[0]}:{line})" if line else ""
 
 
 def start_logging() -> logging.Logger:

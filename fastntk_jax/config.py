@@ -138,6 +138,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.baselines.random_label = train_group(epochs=5, lr=0.01, batch_size=64, loss="ce")
   # FT: fine-tune Full on D_r alone (Unlearn-Sparse's recipe: 10 epochs, lr 0.01, CE).
   c.baselines.ft = train_group(epochs=10, lr=0.01, batch_size=64, loss="ce")
+  # Methods registered from outside the package (`methods.register`): their own blocks.
+  for method in methods_registry.registered():
+    c.baselines[method.name] = method.default_block()
 
   c.eval = ml_collections.ConfigDict()
   c.eval.relearn = train_group(epochs=100, lr=0.01, batch_size=64, loss="ce")  # epochs = the cap
@@ -209,8 +212,13 @@ def _validate_train(prefix: str, c) -> None:
 
 
 def check_keys(cfg, reference=None, prefix="") -> None:
-  """Every key of `cfg` must exist in the schema (catches configs built without base_config)."""
+  """`cfg` has exactly the schema's keys (catches configs built without base_config)."""
   reference = base_config() if reference is None else reference
+  missing = [key for key in reference.keys() if key not in cfg]
+  if missing:
+    raise ValueError(f"config{'.' + prefix[:-1] if prefix else ''} lacks the field(s) "
+                     f"{missing}; build configs from fastntk_jax.config.base_config() (or "
+                     "configs/common.py), which has every field with its default")
   for key in cfg.keys():
     if key not in reference:
       raise ValueError(f"unknown config key '{prefix}{key}'; known keys at this level: "
@@ -232,6 +240,7 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
                      ">= 0, e.g. '(0, 1, 2)'")
   _check_methods(cfg)
   _choice("model.name", cfg.model.name, enums.values(enums.ModelName))
+  _check_model_options(cfg)
   _choice("pretrain.source", cfg.pretrain.source, PRETRAIN_SOURCES)
   if cfg.pretrain.dataset:
     _choice("pretrain.dataset", cfg.pretrain.dataset, data_schema.DATASETS)
@@ -246,7 +255,7 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
                      "pretrain.source='train' pre-trains on the data's own pretrain split once; "
                      "set pretrain.dataset, another pretrain.source, or draw_per_seed=False")
   for prefix in train_groups(cfg):
-    _validate_train(prefix, _node(cfg, prefix))
+    _validate_train(prefix, node(cfg, prefix))
   _choice("finetune.mode", cfg.finetune.mode, enums.values(enums.FinetuneMode))
   _choice("finetune.linearized_solver", cfg.finetune.linearized_solver,
           enums.values(enums.LinearizedSolver))
@@ -276,6 +285,10 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   u = cfg.unlearn
   _positive("unlearn.damping", u.damping, integer=False, allow_zero=True)
   _positive("unlearn.duplicate_tolerance", u.duplicate_tolerance, integer=False, allow_zero=True)
+  if "fastntk" in cfg.methods and not u.damping > 0:
+    raise ValueError(f"config.unlearn.damping={u.damping!r}: every Fast-NTK deletion of a run is "
+                     "certified, and the certificate's bound divides by λ; set "
+                     "unlearn.damping > 0, e.g. --config.unlearn.damping=0.01")
   if cfg.finetune.mode == "linearized" and not u.damping > 0:
     raise ValueError(f"config.unlearn.damping={u.damping!r} with finetune.mode='linearized': the "
                      "linearised objective's ridge penalty must be > 0 (its minimiser inverts "
@@ -308,18 +321,70 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   return cfg
 
 
-def _node(cfg, dotted: str):
-  node = cfg
+def check_files(cfg: ml_collections.ConfigDict) -> None:
+  """Refuses a run whose input files are missing (the pretrained checkpoint): called when a
+  run is prepared, not by `validate`, so that a config naming files on another machine still
+  validates (``--dry_run``, the config tests).
+
+  Raises:
+    ValueError: naming the field, the path and where such files come from.
+  """
+  if cfg.pretrain.source in ("npz", "state_dict", "checkpoint"):
+    kind, exists = (("folder", os.path.isdir) if cfg.pretrain.source == "checkpoint"
+                    else ("file", os.path.isfile))
+    if not exists(cfg.pretrain.path):
+      raise ValueError(f"config.pretrain.path={cfg.pretrain.path!r}: no such {kind} (pretrain."
+                       f"source={cfg.pretrain.source!r}); see README 'Reproducing the paper' "
+                       "for the checkpoints and where they go")
+
+
+def _check_model_options(cfg) -> None:
+  options = cfg.model.options
+  if not hasattr(options, "items"):
+    raise ValueError(f"config.model.options={options!r} must be a group of the model's options, "
+                     f"e.g. {{'shortcut': 'B'}}")
+  allowed = enums.model_options(cfg.model.name)
+  for key, value in options.items():
+    if key not in allowed:
+      raise ValueError(f"config.model.options.{key}: {cfg.model.name} has no option {key!r}; "
+                       f"its options: {list(allowed)}")
+    if value is None:
+      raise ValueError(f"config.model.options.{key}=None: leave the option out for its "
+                       "default, or give a value")
+
+
+def node(cfg, dotted: str):
+  """The field or group of `cfg` at a dotted path ("baselines.ft")."""
+  found = cfg
   for part in dotted.split("."):
-    node = node[part]
-  return node
+    found = found[part]
+  return found
+
+
+_TRAIN_FIELDS = frozenset(train_group(1, 1.0, 1).keys())
+
+
+def _is_train_group(node) -> bool:
+  return isinstance(node, ml_collections.ConfigDict) and _TRAIN_FIELDS <= set(node.keys())
 
 
 def train_groups(cfg) -> tuple[str, ...]:
   """The dotted paths of every training group of `cfg` (each validated as one, and each
-  batch size a multiple of the device count under data parallelism)."""
+  batch size a multiple of the device count under data parallelism): the fixed ones, and
+  every group under `baselines` (at any depth) that has all of a training group's fields (a
+  plug-in's block may hold more fields, or training groups inside it)."""
   fixed = ("pretrain.train", "finetune", "eval.relearn", "eval.probe")
-  return fixed + tuple(f"baselines.{k}" for k in cfg.baselines.keys())
+  found = []
+
+  def visit(node, path):
+    if _is_train_group(node):
+      found.append(path)
+    if isinstance(node, ml_collections.ConfigDict):
+      for key in node.keys():
+        visit(node[key], f"{path}.{key}")
+
+  visit(cfg.baselines, "baselines")
+  return fixed + tuple(found)
 
 
 def _check_methods(cfg) -> None:
@@ -329,6 +394,10 @@ def _check_methods(cfg) -> None:
     raise ValueError(f"config.methods={methods!r} must be a list of method names, e.g. "
                      "'(\"fastntk\", \"max_loss\")'; allowed: " + str(list(allowed)))
   for m in methods:
+    if isinstance(m, str) and "," in m:
+      names = ",".join(f'"{n.strip()}"' for n in m.split(","))
+      raise ValueError(f"config.methods: {m!r} is one name with commas in it; give the list "
+                       f"quoted, e.g. --config.methods='({names})'")
     if m not in allowed:
       raise ValueError(f"config.methods: unknown method {m!r}; allowed: {list(allowed)}")
   if len(set(methods)) != len(methods):

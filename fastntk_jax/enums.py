@@ -131,6 +131,22 @@ class ModelName(str, enum.Enum):
   VIT_B16 = "vit_b16"
 
 
+# The keyword options each family of `models.get_model` takes (anything else is refused, by the
+# config before any work and by get_model itself).
+MODEL_OPTIONS = {
+    "resnet": ("widths", "shortcut"),
+    "mobilenetv2": ("width_mult", "last_channel", "block_settings", "stem_channels"),
+    "vit": ("patch_size", "hidden_size", "num_layers", "num_heads", "mlp_dim", "prompt_length",
+            "prompt_blocks"),
+}
+
+
+def model_options(name: str) -> tuple[str, ...]:
+  """The option names the model `name` (a `ModelName` value) takes."""
+  family = "resnet" if name.startswith("resnet") else "vit" if name.startswith("vit") else name
+  return MODEL_OPTIONS[family]
+
+
 class FinetuneMode(str, enum.Enum):
   """How Full and Retrain fine-tune the trainable collection (docs/derivation.md §5).
 

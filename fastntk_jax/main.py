@@ -49,7 +49,14 @@ def main(argv):
     cli.fail(e)
   if not _WORKDIR.value.strip():
     cli.fail("--workdir is empty; name the output folder, e.g. --workdir=workdir_default")
+  if os.path.exists(_WORKDIR.value) and not os.path.isdir(_WORKDIR.value):
+    cli.fail(f"--workdir {_WORKDIR.value!r} is a file, not a folder; name a folder")
   if _DRY_RUN.value:
+    from fastntk_jax.experiment import methods  # pylint: disable=g-import-not-at-top
+    try:
+      methods.checked_plugins(cfg)  # each plug-in's own block check
+    except (ValueError, TypeError, KeyError) as e:
+      cli.fail(e)
     print(cfg.to_json_best_effort(indent=2, sort_keys=True))
     return
   log = cli.start_logging()
@@ -74,13 +81,19 @@ def main(argv):
     if "pip install" not in str(e):  # a broken install or a bug: keep the traceback
       raise
     cli.fail(e)  # an optional extra that this config needs (e.g. TFDS for CIFAR): names the fix
-  logging.getLogger("fastntk_jax").setLevel(logging.INFO)
-  log.info("config %s, workdir %s", " ".join(a for a in sys.argv[1:]
-                                             if a.startswith("--config")), _WORKDIR.value)
-  log.info("%s", cli.describe_runtime())
+
+  def start_log():  # once this run holds the workdir: a refused workdir logs nothing
+    logging.getLogger("fastntk_jax").setLevel(logging.INFO)
+    log.info("config %s, workdir %s", " ".join(a for a in sys.argv[1:]
+                                               if a.startswith("--config")), _WORKDIR.value)
+    log.info("%s", cli.describe_runtime())
+
+  from fastntk_jax import workdir as wd  # pylint: disable=g-import-not-at-top
   try:
     results = run_lib.run(cfg, _WORKDIR.value, show_progress=_PROGRESS.value,
-                          prepared=prepared)
+                          prepared=prepared, on_ready=start_log)
+  except (wd.WorkdirBusyError, wd.WorkdirConflictError) as e:
+    cli.fail(e)  # the workdir is another run's: nothing is written into it
   except (ValueError, TypeError, KeyError, OSError) as e:
     # Bad input: one clear line and a non-zero exit, never a traceback on the terminal; but
     # the same exception types also come from bugs, so the traceback is kept in a file.

@@ -68,6 +68,20 @@ def config_dict(cfg: ml_collections.ConfigDict) -> dict:
   return json.loads(cfg.to_json_best_effort(sort_keys=True))
 
 
+def make(workdir: str) -> None:
+  """Creates `workdir` (and its parents) if missing.
+
+  Raises:
+    ValueError: it names a file, or it cannot be created (the message says why).
+  """
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise ValueError(f"--workdir {workdir!r} is a file, not a folder; name a folder")
+  try:
+    os.makedirs(workdir, exist_ok=True)
+  except OSError as e:
+    raise ValueError(f"--workdir {workdir!r} cannot be created: {e.strerror or e}") from None
+
+
 class WorkdirConflictError(ValueError):
   """The workdir holds results of a different config."""
 
@@ -79,7 +93,7 @@ def claim(workdir: str, cfg: ml_collections.ConfigDict) -> None:
     WorkdirConflictError: the workdir was started with another config; results are never
       mixed (the message names the differing fields).
   """
-  os.makedirs(workdir, exist_ok=True)
+  make(workdir)
   path = os.path.join(workdir, CONFIG_FILE)
   mine = config_dict(cfg)
   if os.path.exists(path):
@@ -137,7 +151,7 @@ def hold(workdir: str, *, exclusive: bool = True):
     yield
     return
   import fcntl  # pylint: disable=g-import-not-at-top
-  os.makedirs(workdir, exist_ok=True)
+  make(workdir)
   path = os.path.join(workdir, LOCK_FILE)
   busy = lambda: WorkdirBusyError(
       f"workdir {workdir!r} is in use by another run ({_holder(path)}); wait for it to "

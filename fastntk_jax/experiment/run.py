@@ -30,7 +30,7 @@ import dataclasses
 import logging
 import os
 import time
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import jax
 import ml_collections
@@ -318,9 +318,7 @@ def data_mesh(cfg) -> Optional[Any]:
   if n == 1:
     return None
   for group in config_lib.train_groups(cfg):
-    node = cfg
-    for part in group.split("."):
-      node = node[part]
+    node = config_lib.node(cfg, group)
     if node.batch_size % n:
       raise ValueError(f"config.{group}.batch_size={node.batch_size} must be a multiple of "
                        f"the {n} devices to split batches over them")
@@ -368,6 +366,18 @@ def _preflight(cfg, model, data) -> None:
                      f"{cfg.unlearn.solver!r}: {e}") from None
 
 
+def _check_forget_set(cfg, data) -> None:
+  """A forget set with a repeated sample, or one the retain set also holds, is refused now
+  (as the Forgetter would after training): Retrain on D_r would still have seen it."""
+  from fastntk_jax.unlearn import validate  # pylint: disable=g-import-not-at-top
+  try:
+    validate.check_disjoint((data.retain.x, data.retain.y), (data.forget.x, data.forget.y),
+                            tolerance=float(cfg.unlearn.duplicate_tolerance))
+  except ValueError as e:
+    raise ValueError(f"config.data (forget classes {list(data.forget_classes)}): {e} "
+                     "(unlearn.duplicate_tolerance sets what counts as the same sample)") from None
+
+
 @dataclasses.dataclass(frozen=True)
 class Prepared:
   """A run checked before any work (`prepare`): the validated config, its data, model,
@@ -389,22 +399,21 @@ def prepare(cfg: ml_collections.ConfigDict) -> Prepared:
     ValueError: naming the field, the value and what is allowed.
   """
   cfg = config_lib.validate(cfg)
-  plugins = tuple(methods_lib.get(name) for name in cfg.methods
-                  if name not in methods_lib.REFERENCES)
-  for method in plugins:
-    if method.validate is not None:
-      method.validate(methods_lib.block(cfg, method))
+  config_lib.check_files(cfg)
+  plugins = methods_lib.checked_plugins(cfg)
   # The model's options are checked before the data load (minutes for ImageNet-R): an
   # unknown option is refused by get_model, whatever the number of classes.
   models.get_model(cfg.model.name, 2, **dict(cfg.model.options))
   data = data_splits.load_unlearning_data(cfg.data)
+  _check_forget_set(cfg, data)
   model = models.get_model(cfg.model.name, data.num_classes, **dict(cfg.model.options))
   _preflight(cfg, model, data)
   return Prepared(cfg=cfg, data=data, model=model, plugins=plugins, mesh=data_mesh(cfg))
 
 
 def run(cfg: ml_collections.ConfigDict, workdir: str, *, show_progress: bool = True,
-        prepared: Optional[Prepared] = None) -> dict:
+        prepared: Optional[Prepared] = None,
+        on_ready: Optional[Callable[[], None]] = None) -> dict:
   """Runs (or resumes) the whole experiment in `workdir`; returns the results dict.
 
   Args:
@@ -412,6 +421,8 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, *, show_progress: bool = T
     workdir: output folder; created if missing.
     show_progress: tqdm bars on stderr.
     prepared: `prepare(cfg)` when the caller checked the run already.
+    on_ready: called once the workdir is held and claimed for this config, before any work
+      (the command line starts its log there, so that a refused workdir logs nothing).
 
   Returns:
     The dict written to `workdir/results.json`.
@@ -421,11 +432,13 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, *, show_progress: bool = T
   """
   with linalg.enable_x64(config_lib.solve_dtype(cfg) is not None):
     p = prepared or prepare(cfg)
-    for note in config_lib.ignored_fields(p.cfg):
-      log.info("%s", note)
-    log.info("data: %s", p.data.describe())
     with wd.hold(workdir, exclusive=jax.process_index() == 0):
       wd.claim(workdir, p.cfg)
+      if on_ready is not None:
+        on_ready()
+      for note in config_lib.ignored_fields(p.cfg):
+        log.info("%s", note)
+      log.info("data: %s", p.data.describe())
       return _run(p.cfg, workdir, p.data, p.model, p.plugins, p.mesh, show_progress)
 
 

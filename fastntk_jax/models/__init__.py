@@ -32,10 +32,9 @@ _VITS = {"vit_ti16": "Ti", "vit_s16": "S", "vit_b16": "B"}
 
 # Keyword arguments each family accepts (anything else is a ValueError, not a TypeError from
 # deep inside a dataclass).
-_RESNET_KWARGS = ("widths", "shortcut")
-_MOBILENET_KWARGS = ("width_mult", "last_channel", "block_settings", "stem_channels")
-_VIT_KWARGS = ("patch_size", "hidden_size", "num_layers", "num_heads", "mlp_dim",
-               "prompt_length", "prompt_blocks")
+_RESNET_KWARGS = enums.MODEL_OPTIONS["resnet"]
+_MOBILENET_KWARGS = enums.MODEL_OPTIONS["mobilenetv2"]
+_VIT_KWARGS = enums.MODEL_OPTIONS["vit"]
 
 # Listed in the light `enums.ModelName`, so that the configs check a name without importing Flax.
 MODEL_NAMES: tuple[str, ...] = enums.values(enums.ModelName)

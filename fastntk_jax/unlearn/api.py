@@ -334,6 +334,7 @@ def make_forgetter(apply_fn: ApplyFn, *, num_classes: int, damping=1e-2,
     else:  # each chunk's rows split over the devices, one all-reduce per statistic
       stats = sharding.data_parallel_sum(gram_stats, mesh, block_size=opts.batch_size)
       chunk = lambda xc, yc, wc: stats(w_lin, xc, yc, wc)
+    y = np.asarray(y, np.int32)  # the compiled chunk's label dtype, whatever x64 says
     state = solvers.accumulate_chunks(chunk, x, y, chunk_rows=rows, state=state,
                                       on_chunk=on_chunk or (lambda _: None))
     return state, compile_seconds

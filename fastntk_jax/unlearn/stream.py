@@ -104,6 +104,7 @@ class ForgetState:
 
   Array fields (pytree leaves; `s` = solve dtype, `d` = Jacobian/logits dtype):
     w_lin: the linearisation point w0 (pytree like the trainable params).
+    labels: labels of D [n] (int32), what the residuals were formed with.
     x: inputs of D [n, ...] (Jacobian rows of requested samples are recomputed from them
       when `jac` is None).
     residuals: E = one_hot(y) - f(w0, x) [n, C], dtype s.
@@ -130,6 +131,7 @@ class ForgetState:
     apply_fn, num_classes, batch_size, factor_update, refactor_every.
   """
   w_lin: PyTree
+  labels: jnp.ndarray
   x: jnp.ndarray
   residuals: jnp.ndarray
   jac: Optional[jnp.ndarray]
@@ -224,6 +226,9 @@ def stale_reason(arrays, *, params_init: PyTree, train, damping, solve_dtype) ->
     return f"was built with damping {float(np.asarray(arrays['damping']))}, not {damping}"
   if not np.array_equal(np.asarray(arrays.get("x")), np.asarray(train[0])):
     return "was built on other inputs than this D"
+  if "labels" not in arrays or not np.array_equal(np.asarray(arrays["labels"]),
+                                                  np.asarray(train[1])):
+    return "was built with other labels than this D's"
   if int(np.asarray(arrays.get("num_requests", 0))) or np.asarray(
       arrays.get("forgotten", False)).any():
     return "has already served requests"
@@ -290,7 +295,8 @@ def _init_state(apply_fn, w_lin, x, y, damping, *, num_classes, batch_size, sdty
   diag = jnp.abs(jnp.diagonal(chol))
   scale = jnp.square(jnp.max(diag))
   return ForgetState(
-      w_lin=w_lin, x=x, residuals=residuals, jac=jac, gram=g, rhs=b,
+      w_lin=w_lin, labels=jnp.asarray(y, jnp.int32), x=x, residuals=residuals, jac=jac,
+      gram=g, rhs=b,
       chol=chol, solution=solution, forgotten=jnp.zeros((x.shape[0],), bool), damping=lam,
       num_requests=zero, downdates_since_refactor=zero, num_refactors=zero,
       last_update=jnp.asarray(UPDATE_NONE, jnp.int32),

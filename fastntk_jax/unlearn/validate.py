@@ -106,24 +106,31 @@ def _near_pairs(x_a, y_a, x_b, y_b, tolerance: float) -> list:
 
 
 def _rows(x) -> np.ndarray:
-  return np.ascontiguousarray(np.asarray(x)).reshape(np.shape(x)[0], -1)
+  """Inputs as float64 rows [n, d], -0.0 made 0.0: samples compare by value, not by bytes."""
+  return np.ascontiguousarray(np.asarray(x, np.float64)).reshape(np.shape(x)[0], -1) + 0.0
 
 
 def matching_samples(a, b, *, tolerance: float = 0.0) -> list:
   """The pairs (i, j) of samples a[i], b[j] that are the same sample: equal labels and inputs
-  equal (`tolerance` 0) or within `tolerance` in every entry. `a`, `b`: (x [n, ...], y [n])
-  host arrays (a with itself gives each pair once, i < j)."""
+  equal in value (`tolerance` 0; dtypes aside) or within `tolerance` in every entry. `a`, `b`:
+  (x [n, ...], y [n]) host arrays; `b` is the smaller set (its rows are kept in memory, `a`'s
+  are read one at a time). `a` with itself gives each pair once, i < j."""
   (x_a, y_a), (x_b, y_b) = a, b
   same = a is b
-  x_a, x_b, y_a, y_b = _rows(x_a), _rows(x_b), np.asarray(y_a), np.asarray(y_b)
+  y_a, y_b = np.asarray(y_a, np.int64), np.asarray(y_b, np.int64)
   if tolerance > 0:
-    return [(i, j) for i, j in _near_pairs(x_a, y_a, x_b, y_b, tolerance) if not same or i < j]
-  key = lambda x, y, i: x[i].tobytes() + np.asarray(y[i]).tobytes()
-  first = {}
+    return [(i, j) for i, j in _near_pairs(_rows(x_a), y_a, _rows(x_b), y_b, tolerance)
+            if not same or i < j]
+  rows_b = _rows(x_b)
+  index = {}
+  for j in range(rows_b.shape[0]):
+    index.setdefault(rows_b[j].tobytes() + y_b[j].tobytes(), []).append(j)
+  x_a = np.asarray(x_a)
+  pairs = []
   for i in range(x_a.shape[0]):
-    first.setdefault(key(x_a, y_a, i), []).append(i)
-  return [(i, j) for j in range(x_b.shape[0]) for i in first.get(key(x_b, y_b, j), ())
-          if not same or i < j]
+    key = _rows(x_a[i:i + 1])[0].tobytes() + y_a[i].tobytes()
+    pairs += [(i, j) for j in index.get(key, ()) if not same or i < j]
+  return pairs
 
 
 def check_disjoint(retain, forget, *, tolerance: float = 0.0) -> None:

@@ -13,6 +13,8 @@ is measured against (`experiment.finetune`).
 
 Example: `ft.py` (plain fine-tuning on D_r), the whole of which is a `run` and its `METHOD`,
 with its block `baselines.ft` in `config.base_config` (docs/plugins.md walks through it).
+A method defined outside this package is added with `register(method)` (its block then comes
+from `Method.default_block`, at `baselines.<name>`).
 """
 
 from __future__ import annotations
@@ -90,7 +92,12 @@ class Method:
     config_group: the dotted path of its config block (e.g. "baselines.max_loss").
     reference: the paper and code its recipe follows.
     validate: `(block) -> None`, raising ValueError naming a bad field of its block (run
-      before any work); None when `config.validate` already checks every field.
+      before any work); None when `config.validate` already checks every field (a block
+      with every field of a training group is validated as one).
+    default_block: `() -> ConfigDict`, the block with the reference's defaults, for a
+      method registered from outside this package (`register`); `config.base_config` puts
+      it at `config_group`, which must then be "baselines.<name>". The package's own
+      plug-ins have their blocks written in `config.base_config`.
   """
   name: str
   label: str
@@ -98,12 +105,62 @@ class Method:
   config_group: str
   reference: str = ""
   validate: Optional[Callable[[Any], None]] = None
+  default_block: Optional[Callable[[], Any]] = None
+
+
+# Methods registered from outside this package (`register`), by name.
+_REGISTERED: dict = {}
+
+
+def register(method: Method) -> Method:
+  """Adds a method defined outside this package, so that `config.methods` may name it.
+
+  Register before building the config (`config.base_config` adds the block of every
+  registered method), e.g. at the top of the config file that runs it.
+
+  Args:
+    method: a `Method` whose `config_group` is "baselines.<name>" and whose
+      `default_block()` returns its config block.
+
+  Returns:
+    `method` (so that a module may write `METHOD = register(Method(...))`).
+
+  Raises:
+    ValueError: a name taken by a reference, a plug-in of this package or another
+      registered method; no `default_block`; another `config_group`.
+  """
+  if not isinstance(method, Method):
+    raise ValueError(f"register() takes a methods.Method, got {type(method).__name__}")
+  if not method.name.isidentifier():
+    raise ValueError(f"method name {method.name!r} must be a Python identifier")
+  taken = _REGISTERED.get(method.name)
+  if method.name in REFERENCES or method.name in _package_names() or (
+      taken is not None and taken is not method):
+    raise ValueError(f"method name {method.name!r} is taken; the methods are {list(names())}")
+  if method.config_group != f"baselines.{method.name}":
+    raise ValueError(f"a registered method's config_group must be 'baselines.{method.name}', "
+                     f"got {method.config_group!r}")
+  if method.default_block is None:
+    raise ValueError(f"method {method.name!r}: a registered method needs default_block, the "
+                     "function returning its config block (e.g. config.train_group(...))")
+  _REGISTERED[method.name] = method
+  return method
+
+
+def registered() -> tuple[Method, ...]:
+  """The methods registered from outside this package, in the order of registration."""
+  return tuple(_REGISTERED.values())
+
+
+def _package_names() -> tuple[str, ...]:
+  here = os.path.dirname(__file__)
+  return tuple(sorted(m.name for m in pkgutil.iter_modules([here]) if not m.name.startswith("_")))
 
 
 def names() -> tuple[str, ...]:
-  """The plug-ins of this package, by module name (without importing them)."""
-  here = os.path.dirname(__file__)
-  return tuple(sorted(m.name for m in pkgutil.iter_modules([here]) if not m.name.startswith("_")))
+  """The plug-ins by name: this package's modules (found without importing them), then the
+  registered methods."""
+  return _package_names() + tuple(_REGISTERED)
 
 
 def get(name: str) -> Method:
@@ -112,6 +169,8 @@ def get(name: str) -> Method:
   Raises:
     ValueError: no such plug-in (the message lists them).
   """
+  if name in _REGISTERED:
+    return _REGISTERED[name]
   if name not in names():
     raise ValueError(f"unknown method {name!r}; the plug-ins are {list(names())}")
   method = importlib.import_module(f"{__name__}.{name}").METHOD
@@ -131,3 +190,17 @@ def block(cfg, method: Method):
   for part in method.config_group.split("."):
     node = node[part]
   return node
+
+
+def checked_plugins(cfg) -> tuple[Method, ...]:
+  """The plug-ins `cfg.methods` names, each block checked by its `Method.validate` (before any
+  work: `experiment.run.prepare` and `--dry_run`).
+
+  Raises:
+    ValueError: an unknown method, or a bad field of a block (named by the plug-in).
+  """
+  plugins = tuple(get(name) for name in cfg.methods if name not in REFERENCES)
+  for method in plugins:
+    if method.validate is not None:
+      method.validate(block(cfg, method))
+  return plugins
