@@ -49,9 +49,7 @@ def tiny_training(c: ml_collections.ConfigDict) -> None:
   c.seeds = (0,)
   c.pretrain.train.epochs = 1
   c.finetune.epochs = 2
-  for path in config.train_groups(c):  # every method plug-in's training group(s)
-    if path.startswith("baselines."):
-      config.node(c, path).epochs = 1
+  config.set_method_epochs(c, 1)  # every method plug-in's training group(s)
   c.eval.relearn.epochs = 2
   c.eval.probe.epochs = 1
   c.eval.batch_size = 32

@@ -26,6 +26,7 @@ Retrain's numbers, not 0%. `:tiny` is the seconds-long mode of the tests (no KLo
 Arguments combine: `:standard,samples`.
 """
 
+from fastntk_jax import config
 from fastntk_jax.config import base_config
 
 
@@ -58,8 +59,7 @@ def get_config(arg=None):
     c.model.options = {"shortcut": "B", "widths": (4, 8, 8)}
     c.pretrain.train.epochs = 2
     c.finetune.epochs = 2
-    for block in c.baselines.values():  # every method plug-in's training group
-      block.epochs = 1
+    config.set_method_epochs(c, 1)  # every method plug-in's training group(s)
     c.eval.relearn.epochs = 3
     c.eval.probe.epochs = 2
     c.eval.batch_size = 32

@@ -225,6 +225,15 @@ def _did_you_mean(key: str, options) -> str:
   return f"; did you mean {close[0]!r}?" if close else ""
 
 
+def _unknown_key(error: Exception) -> str:
+  """'unknown config field 'x'; did you mean 'y'?' from a locked ConfigDict's error."""
+  text = " ".join(str(error).replace("\\", "").split())
+  key = re.search(r'Key "([^"]+)"', text) or re.search(r"'([^']+)'", text)
+  hint = re.search(r'Did you mean "([^"]+)"', text)
+  return (f"unknown config field {key.group(1) if key else text!r}"
+          + (f"; did you mean {hint.group(1)!r}?" if hint else ""))
+
+
 def _unknown_field(argv, error: Exception) -> str:
   """A one-line message for an override naming no field of the config."""
   text = " ".join(str(error).replace("\\", "").split())
@@ -313,6 +322,9 @@ def parse_flags(argv):
            "return the ml_collections.ConfigDict itself (overrides must be able to set it)")
     if "get_config" in str(e):
       fail(f"config file {path.rsplit(':', 1)[0]!r} defines no get_config()")
+    where = _where_in(path)
+    if where:  # the config file itself sets a field the schema lacks
+      fail(f"config file {path.partition(':')[0]!r}: {_unknown_key(e)}{where}")
     fail(_unknown_field(argv, e))
   except TypeError as e:  # an override that walks into a value: --config.seeds.first=1
     fail(_through_a_value(argv, path) or f"--config={path}: TypeError: {e}{_where_in(path)}")

@@ -387,6 +387,14 @@ def train_groups(cfg) -> tuple[str, ...]:
   return fixed + tuple(found)
 
 
+def set_method_epochs(cfg, epochs: int) -> None:
+  """Sets `epochs` in every training group of the method plug-ins' blocks (`baselines`, at
+  any depth): the configs' seconds-long test modes."""
+  for path in train_groups(cfg):
+    if path.startswith("baselines."):
+      node(cfg, path).epochs = epochs
+
+
 def _check_methods(cfg) -> None:
   allowed = tuple(methods_registry.REFERENCES) + methods_registry.names()
   methods = cfg.methods

@@ -23,16 +23,26 @@ log = logging.getLogger(__name__)
 _MAGIC = b"FASTNTK1"
 
 
-def atomic_write_text(path: str, text: str) -> None:
-  """Writes `text` to `path` via a temp file in the same folder + rename (never half-written)."""
+def _file_mode() -> int:
+  """The mode a plain `open` would give a new file (0o666 less the umask): results are as
+  readable as any file the user writes, not private like mkstemp's 0o600."""
+  umask = os.umask(0)
+  os.umask(umask)
+  return 0o666 & ~umask
+
+
+def atomic_write_bytes(path: str, data: bytes) -> None:
+  """Writes `data` to `path` via a temp file in the same folder + rename (never half-written;
+  the temp file is removed on any failure)."""
   folder = os.path.dirname(os.path.abspath(path))
   os.makedirs(folder, exist_ok=True)
   fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
   try:
-    with os.fdopen(fd, "w") as f:
-      f.write(text)
+    with os.fdopen(fd, "wb") as f:
+      f.write(data)
       f.flush()
       os.fsync(f.fileno())
+      os.fchmod(f.fileno(), _file_mode())
     os.replace(tmp, path)
   except BaseException:
     if os.path.exists(tmp):
@@ -40,19 +50,13 @@ def atomic_write_text(path: str, text: str) -> None:
     raise
 
 
+def atomic_write_text(path: str, text: str) -> None:
+  """`atomic_write_bytes` of `text` (UTF-8)."""
+  atomic_write_bytes(path, text.encode("utf-8"))
+
+
 def atomic_write_json(path: str, value: Any) -> None:
   atomic_write_text(path, json.dumps(value, indent=1, sort_keys=True, default=_jsonable) + "\n")
-
-
-def atomic_write_bytes(path: str, data: bytes) -> None:
-  folder = os.path.dirname(os.path.abspath(path))
-  os.makedirs(folder, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
-  with os.fdopen(fd, "wb") as f:
-    f.write(data)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
 
 
 def _jsonable(x):

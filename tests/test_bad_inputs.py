@@ -1,6 +1,7 @@
 """Bad input through every door of a run: a clear error naming the problem, before any work,
 nothing written (the command line turns each into one line and exit code 2: test_cli.py)."""
 
+import dataclasses
 import os
 import re
 
@@ -44,10 +45,56 @@ def tiny(**fields):
     ({"model__options": {"shortcut": "B", "widhts": (4, 8, 8)}}, ["widhts"]),
     ({"finetune__mode": "standard", "unlearn__solver": "primal", "unlearn__damping": 0.0},
      ["damping=0"]),
+    ({"finetune__mode": "standard", "unlearn__damping": 0.0}, ["unlearn.damping=0.0", "> 0"]),
+    ({"model__options": {"shortcut": None}}, ["model.options.shortcut=None"]),
+    ({"methods": ("full", "retrain", "fastntk,max_loss")},
+     ["one name with commas", """'("fastntk","max_loss")'"""]),
+    ({"pretrain__source": "npz", "pretrain__path": "/no/such/vit.npz"},
+     ["config.pretrain.path='/no/such/vit.npz'", "no such file"]),
+    ({"pretrain__source": "checkpoint", "pretrain__path": "/no/such/pretrain"},
+     ["no such folder"]),
 ], ids=["bad-solver", "negative-seed", "forget-class", "ipc", "empty-retain",
-        "model-that-does-not-build", "unknown-model-option", "zero-damping-primal"])
+        "model-that-does-not-build", "unknown-model-option", "zero-damping-primal",
+        "zero-damping-fastntk", "model-option-none", "methods-as-one-string",
+        "missing-checkpoint-file", "missing-checkpoint-folder"])
 def test_refused_before_the_workdir_is_touched(fields, needles, tmp_path):
   refused(tiny(**fields), tmp_path / "w", *needles)
+  assert not (tmp_path / "w").exists()
+
+
+def test_a_config_lacking_a_schema_field_is_refused_naming_it(tmp_path):
+  cfg = tiny()
+  with cfg.unlocked():
+    del cfg.eval["probe"]
+  refused(cfg, tmp_path / "w", "config.eval lacks the field(s) ['probe']", "base_config")
+  assert not (tmp_path / "w").exists()
+
+
+@pytest.mark.parametrize("where", ["repeated", "also-retained"])
+def test_a_forget_set_with_a_repeated_or_retained_sample_is_refused_before_training(
+    where, tmp_path, monkeypatch):
+  """Retrain on D_r would have seen such a sample: refused when the data is loaded."""
+  load = run_lib.data_splits.load_unlearning_data
+
+  def load_with_a_copy(c):
+    data = load(c)
+    forget, retain = data.forget, data.retain
+    if where == "repeated":  # the last forget sample replaced by the first
+      x = forget.x.copy()
+      x[-1] = x[0]
+      forget = dataclasses.replace(forget, x=x, y=forget.y.copy())
+    else:  # the first forget sample copied into D_r, shifted by far less than the tolerance
+      retain = dataclasses.replace(
+          retain, x=np.concatenate([retain.x, forget.x[:1] + 1e-7]),
+          y=np.concatenate([retain.y, forget.y[:1]]),
+          index=np.concatenate([retain.index, forget.index[:1]]))
+    return dataclasses.replace(data, forget=forget, retain=retain)
+
+  monkeypatch.setattr(run_lib.data_splits, "load_unlearning_data", load_with_a_copy)
+  needle = "more than once" if where == "repeated" else "also in the retain set"
+  cfg = tiny(unlearn__duplicate_tolerance=1e-6)
+  message = refused(cfg, tmp_path / "w", needle, "forget classes", "duplicate_tolerance")
+  assert "forget rows [" in message
   assert not (tmp_path / "w").exists()
 
 

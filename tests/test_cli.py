@@ -184,6 +184,34 @@ def test_a_get_config_that_returns_no_config_is_one_line(capsys, tmp_path):
   assert "SyntaxError" in refused(capsys, f"--config={bad}")
 
 
+def test_config_file_mistakes_are_one_line_naming_the_file_and_line(capsys, tmp_path):
+  typo = tmp_path / "typo.py"
+  typo.write_text("from fastntk_jax import config\n\ndef get_config():\n"
+                  "  c = config.base_config()\n  c.unlearn.dampin = 1\n  return c\n")
+  line = refused(capsys, f"--config={typo}")
+  assert "unknown config field 'dampin'; did you mean 'damping'?" in line, line
+  assert f"(at {typo}:5)" in line, line
+  no_arg = tmp_path / "no_arg.py"
+  no_arg.write_text("from fastntk_jax import config\n\ndef get_config():\n"
+                    "  return config.base_config()\n")
+  assert "takes no argument" in refused(capsys, f"--config={no_arg}:tiny")
+  assert "needs a config file" in refused(capsys, "--config=")
+  line = refused(capsys, "--config=configs/nonexistent.py:tiny")
+  assert "'configs/nonexistent.py' does not exist (':tiny' is its argument)" in line, line
+
+
+def test_a_workdir_that_is_a_file_is_one_line(capsys, tmp_path):
+  afile = tmp_path / "afile"
+  afile.write_text("")
+  flags.FLAGS.unparse_flags()
+  cli.parse_flags(["fastntk_jax", "--config=configs/default.py:tiny", f"--workdir={afile}"])
+  with pytest.raises(SystemExit) as e:
+    main_lib.main(["fastntk_jax"])
+  assert e.value.code == 2
+  line = capsys.readouterr().err.strip()
+  assert "is a file, not a folder" in line and "\n" not in line, line
+
+
 def test_help_exits_0():
   proc = cli_run("--help")  # no JAX is started: about a second
   assert proc.returncode == 0, proc.stderr[-2000:]

@@ -171,3 +171,19 @@ def test_linearized_fine_tuning_by_conjugate_gradients_equals_the_closed_form(ti
   closed = tiny_run[1]["methods"]
   for key in ("ua", "ra", "ta"):  # seed 0 of the shared (closed-form) run
     assert out["fastntk"][key]["mean"] == closed["fastntk"]["per_seed"]["0"][key], key
+
+
+def test_results_md_states_a_precision_warning_a_capped_relearn_and_the_kernel(tiny_run):
+  """What the log said about the solve's precision is in results.md too, for each seed."""
+  import copy  # pylint: disable=g-import-not-at-top
+  from fastntk_jax.experiment import report  # pylint: disable=g-import-not-at-top
+  _, results = tiny_run
+  results = copy.deepcopy(results)
+  warning = "the primal solve: condition number 1e+12 x float64 epsilon 2.2e-16 = 0.00022"
+  results["timing"]["fastntk_diagnostics"]["1"]["precision_warning"] = warning
+  results["versions"]["neural-tangents"] = None
+  text = report.markdown(results)
+  assert f"**Precision (seed 1)**: {warning}" in text
+  assert "Precision (seed 0)" not in text
+  assert "a relearn time equal to the cap is a lower bound" in text
+  assert "neural-tangents not installed (the kernel by JAX)" in text

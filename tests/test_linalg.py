@@ -230,3 +230,13 @@ def test_blocked_cholesky_of_complex_and_batched_matrices_matches_lapack(monkeyp
   np.testing.assert_allclose(np.asarray(got_stack), np.linalg.cholesky(stack), atol=1e-13)
 
 
+
+
+def test_a_refusal_under_jit_arrives_as_a_jax_runtime_error_naming_it():
+  """What the API docstring promises a caller who wraps the update in `jax.jit`."""
+  def checked(x):
+    linalg.runtime_check(x > 0, linalg.SolveError, "refused: {}", x)
+    return x * 2
+  assert float(jax.jit(checked)(jnp.float32(1.0))) == 2.0
+  with pytest.raises(jax.errors.JaxRuntimeError, match="SolveError: refused: -1.0"):
+    jax.block_until_ready(jax.jit(checked)(jnp.float32(-1.0)))

@@ -171,3 +171,99 @@ def test_a_state_of_d_built_for_other_inputs_or_options_is_rebuilt_not_served(tm
     with pytest.raises(ValueError, match="another w0"):
       forgetter.restore(state.arrays(), net.linear.unravel(w0 + 1),
                         (data.train.x, data.train.y))
+
+
+# --------------------------------------------------------------------------------------------
+# A method from outside the package (`methods.register`)
+# --------------------------------------------------------------------------------------------
+
+
+def _outside_block() -> ml_collections.ConfigDict:
+  """A block as an eight-method suite writes one: a training group with a field of its own,
+  and a second training group inside it."""
+  block = config_lib.train_group(epochs=3, lr=0.01, batch_size=16, loss="ce")
+  block.alpha = 0.5  # the method's own field (checked by its validate)
+  block.forget_phase = config_lib.train_group(epochs=2, lr=0.02, batch_size=8, loss="ce")
+  return block
+
+
+def _check_alpha(block) -> None:
+  if not 0 <= block.alpha <= 1:
+    raise ValueError(f"config.baselines.outside.alpha={block.alpha} must be in [0, 1]")
+
+
+def _start_from_full(ctx, block):
+  del block
+  return methods.Result(ctx.full, 0.0, {"note": "unchanged"})
+
+
+OUTSIDE = methods.Method(name="outside", label="Outside", run=_start_from_full,
+                         config_group="baselines.outside", reference="a test method",
+                         validate=_check_alpha, default_block=_outside_block)
+
+
+@pytest.fixture
+def registered_outside():
+  yield methods.register(OUTSIDE)
+  methods._REGISTERED.pop("outside", None)  # pylint: disable=protected-access
+
+
+def test_a_method_from_outside_the_package_is_registered_with_its_block(registered_outside):
+  assert "outside" in methods.names() and methods.get("outside") is OUTSIDE
+  assert methods.label("outside") == "Outside"
+  cfg = config_lib.base_config()
+  assert cfg.baselines.outside.alpha == 0.5
+  with cfg.unlocked():
+    cfg.methods = ("full", "retrain", "outside")
+  config_lib.validate(cfg)
+  # Both training groups of the block are found (and validated, and shrunk by :tiny).
+  groups = config_lib.train_groups(cfg)
+  assert {"baselines.outside", "baselines.outside.forget_phase"} <= set(groups)
+  cfg.baselines.outside.forget_phase.epochs = -1
+  with pytest.raises(ValueError, match=r"config\.baselines\.outside\.forget_phase\.epochs=-1"):
+    config_lib.validate(cfg)
+  cfg.baselines.outside.forget_phase.epochs = 2
+  cfg.baselines.outside.alpha = 2.0
+  config_lib.validate(cfg)  # the plug-in's own field is the plug-in's to check
+  with pytest.raises(ValueError, match="alpha=2.0 must be in"):
+    methods.checked_plugins(cfg)
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  spec = importlib.util.spec_from_file_location("configs_common",
+                                                os.path.join(ROOT, "configs", "common.py"))
+  common = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(common)
+  common.tiny_training(cfg)
+  assert cfg.baselines.outside.epochs == 1 and cfg.baselines.outside.forget_phase.epochs == 1
+
+
+def test_register_refuses_what_it_cannot_place(registered_outside):
+  del registered_outside
+  with pytest.raises(ValueError, match="'ft' is taken"):
+    methods.register(dataclasses.replace(OUTSIDE, name="ft", config_group="baselines.ft"))
+  with pytest.raises(ValueError, match="config_group must be 'baselines.other'"):
+    methods.register(dataclasses.replace(OUTSIDE, name="other", config_group="unlearn"))
+  with pytest.raises(ValueError, match="needs default_block"):
+    methods.register(dataclasses.replace(OUTSIDE, name="other", config_group="baselines.other",
+                                         default_block=None))
+  methods.register(OUTSIDE)  # the same method again is no conflict,
+  again = dataclasses.replace(OUTSIDE, label="Outside, reloaded")  # nor its module reloaded
+  assert methods.register(again) is again and methods.get("outside") is again
+  with pytest.raises(ValueError, match="'outside' is taken"):  # another `run` is
+    methods.register(dataclasses.replace(OUTSIDE, run=_check_alpha))
+
+
+@pytest.mark.slow
+def test_a_registered_method_is_run_evaluated_and_reported(registered_outside, tmp_path):
+  from conftest import DEFAULT  # pylint: disable=g-import-not-at-top
+  from fastntk_jax.experiment import run as run_lib  # pylint: disable=g-import-not-at-top
+  cfg = config_lib.load_config_file(f"{DEFAULT}:tiny")  # built after the registration
+  with cfg.unlocked():
+    cfg.methods = ("full", "retrain", "outside")
+  assert cfg.baselines.outside.forget_phase.epochs == 1  # :tiny reaches the nested group
+  results = run_lib.run(cfg, str(tmp_path / "w"), show_progress=False)
+  assert "Outside" in open(tmp_path / "w" / "results.md").read()
+  # It returned Full's parameters: every accuracy is Full's, its seconds are its own.
+  ours, full = results["methods"]["outside"], results["methods"]["full"]
+  for metric in ("acc_forget", "acc_retain", "acc_test_forget", "acc_test_retain"):
+    assert ours[metric]["per_seed"] == full[metric]["per_seed"], metric
+  assert results["timing"]["methods"]["outside"]["seconds"]["per_seed"] == [0.0]

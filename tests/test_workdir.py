@@ -1,6 +1,9 @@
-"""Periodic checkpoints written in the background (`workdir.BackgroundSaver`): overlap, order,
+"""Atomic files (readable, never half-written) and periodic checkpoints written in the
+background (`workdir.BackgroundSaver`): overlap, order,
 and no lost or hidden write."""
 
+import os
+import stat
 import threading
 import time
 
@@ -56,3 +59,27 @@ def test_the_last_write_finishes_when_the_loop_crashes(tmp_path):
       saver.submit(path, {"next": np.asarray(7)})
       raise RuntimeError("loop died")
   assert int(wd.load_state(path, {"next": np.asarray(0)})["next"]) == 7
+
+
+def test_atomic_files_are_as_readable_as_any_file_the_user_writes(tmp_path):
+  old = os.umask(0o022)
+  try:
+    wd.atomic_write_text(str(tmp_path / "results.md"), "ok\n")
+    wd.atomic_write_bytes(str(tmp_path / "state.bin"), b"\x00")
+    (tmp_path / "plain.txt").write_text("")
+  finally:
+    os.umask(old)
+  plain = stat.S_IMODE(os.stat(tmp_path / "plain.txt").st_mode)
+  assert plain == 0o644
+  for name in ("results.md", "state.bin"):
+    assert stat.S_IMODE(os.stat(tmp_path / name).st_mode) == plain, name
+  assert (tmp_path / "results.md").read_text() == "ok\n"
+
+
+def test_a_failed_atomic_write_leaves_neither_the_file_nor_a_temporary(tmp_path, monkeypatch):
+  def no_room(*args):
+    raise OSError(28, "No space left on device")
+  monkeypatch.setattr(wd.os, "fsync", no_room)
+  with pytest.raises(OSError, match="No space"):
+    wd.atomic_write_text(str(tmp_path / "results.json"), "{}")
+  assert os.listdir(tmp_path) == []

@@ -164,9 +164,10 @@ def markdown(results: dict) -> str:
     row = [_label(name)] + [_fmt(entry[k]) for k, _ in METRICS] + [_fmt(secs, 2)]
     lines.append("| " + " | ".join(row) + " |")
   first = next(iter(results["methods"].values()))
-  lines += ["", f"Relearn protocol: {first['relearn_protocol']}. Time: fine-tuning for Full/"
-            "Retrain, the unlearning step for the others (the training step compiles once per "
-            "run, in the first seed).", ""]
+  lines += ["", f"Relearn protocol: {first['relearn_protocol']}; a model that never gets there "
+            "counts as the cap, so a relearn time equal to the cap is a lower bound. Time: "
+            "fine-tuning for Full/Retrain, the unlearning step for the others (the training "
+            "step compiles once per run, in the first seed).", ""]
   if "fastntk" in results["methods"]:
     f = results["methods"]["fastntk"]
     comp = [d.get("compile_seconds") for d in results["timing"]["fastntk_diagnostics"].values()]
@@ -183,6 +184,10 @@ def markdown(results: dict) -> str:
               f"{results['protocol']['unlearn']['damping']}; its time excludes XLA compilation"
               + (f" ({np.mean(comp):.1f} s per seed)" if comp else "") + ".", ""]
     diags = results["timing"]["fastntk_diagnostics"].values()
+    # The solve's precision verdict (`linalg.precision_warning`), as the log gave it.
+    for seed, d in results["timing"]["fastntk_diagnostics"].items():
+      if d.get("precision_warning"):
+        lines += [f"**Precision (seed {seed})**: {d['precision_warning']}", ""]
     cold = [d["cold_seconds"] for d in diags if d.get("cold_seconds") is not None]
     cold_compile = [d["cold_compile_seconds"] for d in diags
                     if d.get("cold_compile_seconds") is not None]
@@ -267,7 +272,8 @@ def markdown(results: dict) -> str:
   mach = results["machine"]
   lines += ["", f"Machine: {mach['cpu']} ({mach['cores']} cores), backend {mach['backend']}; "
             f"jax {results['versions'].get('jax')}, neural-tangents "
-            f"{results['versions'].get('neural-tangents')}.", ""]
+            f"{results['versions'].get('neural-tangents') or 'not installed (the kernel by JAX)'}"
+            ".", ""]
   return "\n".join(lines)
 
 

@@ -8,7 +8,8 @@
 `ntk_forget` is the one-call form of `forget`; `ntk_forget_with_diagnostics` runs it compiled,
 timed, with a `Diagnostics` record. A result is either right or refused: a non-finite update,
 a solve failing the precision rule or an unconverged cg raises `SolveError`, immediately when
-called eagerly and when the computation runs under `jax.jit` (a host callback);
+called eagerly and when the computation runs under `jax.jit` (a host callback: JAX then
+re-raises it as a `jax.errors.JaxRuntimeError` whose message holds the `SolveError`'s);
 `forget_with_info` instead hands the `SolveInfo` flags to the caller.
 
 Samples are passed by value: `forget` must list samples that D held (each once) and

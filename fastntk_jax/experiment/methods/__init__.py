@@ -47,8 +47,10 @@ class Context:
     fit: `(params, split, spec, *, seed_offset, tag=None) -> (params, seconds)`: trains
       `params` of `net` on `split` = (x, y) with a `train.TrainSpec`, batch order seeded by
       seed + seed_offset, resumable under the method's stage when the run keeps files.
-    grams: `() -> ((G_r, b_r), (G_f, b_f), seconds, compile_seconds)`: the Gram statistics
-      at w0 that linearised fine-tuning in closed form solved Full and Retrain from, or None.
+    grams: `() -> ((stats_r, stats_f), (seconds_r, seconds_f), compile_seconds)`, each
+      stats = (G, b) as `Forgetter.gram_stats` gives them: the Gram statistics at w0 that
+      linearised fine-tuning in closed form solved Full and Retrain from, the seconds each
+      took and their compilation; None in other modes.
     folder: the seed's folder for a method's resumable files (None: keep none).
     workdir: the run's folder (its audit log), None in the KLoM population.
     record: whether this is a reported seed (certificates and the audit log), not a model
@@ -116,7 +118,8 @@ def register(method: Method) -> Method:
   """Adds a method defined outside this package, so that `config.methods` may name it.
 
   Register before building the config (`config.base_config` adds the block of every
-  registered method), e.g. at the top of the config file that runs it.
+  registered method), e.g. at the top of the config file that runs it. The same definition
+  registered again (its module loaded once more) replaces the earlier one.
 
   Args:
     method: a `Method` whose `config_group` is "baselines.<name>" and whose
@@ -135,7 +138,7 @@ def register(method: Method) -> Method:
     raise ValueError(f"method name {method.name!r} must be a Python identifier")
   taken = _REGISTERED.get(method.name)
   if method.name in REFERENCES or method.name in _package_names() or (
-      taken is not None and taken is not method):
+      taken is not None and not _same_definition(taken, method)):
     raise ValueError(f"method name {method.name!r} is taken; the methods are {list(names())}")
   if method.config_group != f"baselines.{method.name}":
     raise ValueError(f"a registered method's config_group must be 'baselines.{method.name}', "
@@ -145,6 +148,14 @@ def register(method: Method) -> Method:
                      "function returning its config block (e.g. config.train_group(...))")
   _REGISTERED[method.name] = method
   return method
+
+
+def _same_definition(a: Method, b: Method) -> bool:
+  """Whether `b` is `a` defined again (its module loaded once more, as config_flags does):
+  the same `run` by module and qualified name."""
+  def where(f):
+    return (getattr(f, "__module__", None), getattr(f, "__qualname__", None))
+  return a is b or (a.config_group == b.config_group and where(a.run) == where(b.run))
 
 
 def registered() -> tuple[Method, ...]:

@@ -55,6 +55,7 @@ def _from_shared_grams(ctx: methods.Context, plan, tag: str):
     reason = plan.reason
   plan = _as_reference_model(plan, reason + "; Gram statistics shared with the linearised "
                              "Full/Retrain")
+  log.info("%s: solver=primal (%s)", tag, plan.reason)  # what runs, whatever the plan chose
   start = time.perf_counter()
   (stats_r, stats_f), (seconds_r, seconds_f), compile_seconds = ctx.grams()
   new, info = ctx.forgetter.from_gram_stats(ctx.full, stats_r, stats_f, plan)
