@@ -148,7 +148,8 @@ def _append(workdir: str, record: dict) -> dict:
 
 def record_deletion(workdir: str, *, request_id: str, model: Optional[dict], frozen: PyTree,
                     params_init: PyTree, params: PyTree, retain, forget, forget_ids,
-                    damping: float, solver: str, certificate, batch_size: Optional[int]) -> dict:
+                    damping: float, solver: str, certificate, batch_size: Optional[int],
+                    retain_stats=None) -> dict:
   """Appends one deletion to `<workdir>/audit/log.jsonl` and writes its evidence.
 
   Args:
@@ -163,6 +164,9 @@ def record_deletion(workdir: str, *, request_id: str, model: Optional[dict], fro
     forget_ids: the forgotten samples' ids (indices into D).
     damping, solver, batch_size: of the update (batch_size: the certificate's blocks).
     certificate: the `unlearn.Certificate` of `params`.
+    retain_stats: (G_r, b_r) the certificate was made from (basis "gram_statistics"): kept in
+      the evidence when p <= `certificate.GRAM_BASIS_MAX_PARAMS`, so that the verifier bounds
+      with the very model certified and checks that D_r gives those statistics.
 
   Returns:
     The record as written (with its index, previous hash and hash), or the earlier record
@@ -191,8 +195,11 @@ def record_deletion(workdir: str, *, request_id: str, model: Optional[dict], fro
   evidence = {"x_retain": xr, "y_retain": yr, "x_forget": xf, "y_forget": yf,
               "forget_ids": ids, "params_init": params_init, "params": params}
   witness = getattr(certificate, "witness", None)
-  if witness is not None:  # the verifier bounds with the same d: two passes over D_r
+  if witness is not None:  # the verifier bounds with the same d
     evidence["witness"] = np.asarray(witness)
+  if retain_stats is not None and np.shape(retain_stats[1])[0] <= _stats_limit():
+    evidence["gram_retain"] = np.asarray(retain_stats[0], np.float64)
+    evidence["rhs_retain"] = np.asarray(retain_stats[1], np.float64)
   index = len(read_log(workdir))
   # The id can be any text: the file name keeps a bounded, portable part of it.
   safe = re.sub(r"[^A-Za-z0-9_.-]+", "-", request_id)[:64]
@@ -231,6 +238,17 @@ class Verdict:
         "" if self.ok else " -- " + "; ".join(self.problems))
 
 
+def _stats_limit() -> int:
+  from fastntk_jax.unlearn import certificate  # pylint: disable=g-import-not-at-top
+  return certificate.GRAM_BASIS_MAX_PARAMS
+
+
+# Gram statistics recomputed from D_r may differ from the run's by the round-off of the
+# network's Jacobian rows (another machine or stack: float32 rows); beyond this relative
+# Frobenius difference they are not D_r's.
+STATS_TOLERANCE = 1e-5
+
+
 def _default_apply_fn(model_spec: dict, frozen: PyTree) -> Callable:
   from fastntk_jax import models  # pylint: disable=g-import-not-at-top
   options = {k: tuple(v) if isinstance(v, list) else v
@@ -265,18 +283,45 @@ def _check_certificate(workdir: str, record: dict, ev: dict, apply_fn_for) -> tu
   else:
     return ["no model spec in the record to rebuild the network (pass apply_fn_for to "
             "audit.verify)"], ""
+  num_classes = (int(record["model"]["num_classes"]) if record.get("model")
+                 else _num_outputs(apply_fn, ev))
+  retain = (ev["x_retain"], ev["y_retain"])
+  basis = cert.get("basis", certificate.Basis.MATRIX_FREE)
+  stats, note = None, ""
+  if basis == certificate.Basis.GRAM_STATISTICS:
+    # The model certified is the one of the run's Gram statistics: kept in the evidence (then
+    # checked against D_r here), or recomputed from D_r (then they must be the same bits).
+    here = certificate.gram_statistics(apply_fn, ev["params_init"], retain,
+                                       num_classes=num_classes,
+                                       batch_size=record.get("batch_size"))
+    if "gram_retain" in ev:
+      stats = (ev["gram_retain"], ev["rhs_retain"])
+      if certificate.hash_stats(*stats) != cert.get("stats_sha256"):
+        return ["the Gram statistics in the evidence are not the ones certified"], ""
+      diff = max(float(np.linalg.norm(a - b_) / max(np.linalg.norm(b_), 1e-300))
+                 for a, b_ in zip(here, stats))
+      if not diff <= STATS_TOLERANCE:
+        return [f"D_r does not give the certified Gram statistics (relative difference "
+                f"{diff:.2g} > {STATS_TOLERANCE:g}): the certificate is about other data"], ""
+      note = "" if diff == 0 else f"; D_r's statistics recomputed here differ by {diff:.1g}"
+    else:
+      stats = here
+      if certificate.hash_stats(*stats) != cert.get("stats_sha256"):
+        return ["the Gram statistics recomputed from D_r are not the bits certified (another "
+                "machine or stack rounds the Jacobian rows otherwise, and the evidence does "
+                "not keep them at this size): re-verify where the run ran"], ""
   with linalg.enable_x64(cert.get("dtype") == "float64"):
     again = certificate.certify(
-        apply_fn, ev["params_init"], ev["params"], (ev["x_retain"], ev["y_retain"]),
-        num_classes=int(record["model"]["num_classes"]) if record.get("model")
-        else _num_outputs(apply_fn, ev),
+        apply_fn, ev["params_init"], ev["params"], retain, num_classes=num_classes,
         damping=record["damping"], batch_size=record.get("batch_size"),
-        linearized=bool(cert.get("linearized", True)), dtype=cert.get("dtype"),
-        witness=ev.get("witness"), witness_iterations=0)
+        linearized=bool(cert.get("linearized", True)),
+        dtype=None if stats is not None else cert.get("dtype"),
+        witness=ev.get("witness"), witness_iterations=0, retain_stats=stats,
+        basis=basis)
   claimed = float(cert.get("distance_bound", math.nan))
   summary = (f"‖w − w_r‖ ≤ {again.distance_bound:.3g} ({again.relative_bound:.3g} of ‖w − w0‖"
              + ("" if again.linearized else "; standard mode: a distance, not a certificate")
-             + f"), {len(ev['forget_ids'])} sample(s) forgotten")
+             + f"), {len(ev['forget_ids'])} sample(s) forgotten{note}")
   slack = RECOMPUTE_SLACK * claimed + 1e-9 * again.update_norm
   if not again.distance_bound <= claimed + slack:
     return [f"the recomputed bound {again.distance_bound:.6g} exceeds the recorded "

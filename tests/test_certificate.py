@@ -142,16 +142,17 @@ def test_the_witness_makes_the_bound_tight_and_any_witness_is_safe():
   w = w_r + 1e-2 * rng.normal(size=w_r.shape)
   true = np.linalg.norm(w - w_r)
   with enable_x64():
-    plain = _certify(model, xr, yr, w0, w, lam, witness_iterations=0)
-    tight = _certify(model, xr, yr, w0, w, lam, witness_iterations=60)
+    plain = _certify(model, xr, yr, w0, w, lam, witness_iterations=0, basis="matrix_free")
+    tight = _certify(model, xr, yr, w0, w, lam, witness_iterations=60, basis="matrix_free")
     np.testing.assert_allclose(tight.witness, w - w_r, rtol=1e-6, atol=1e-12)
     assert true * (1 - 1e-9) <= tight.distance_bound <= true * (1 + 1e-6)
     assert plain.distance_bound > 2 * tight.distance_bound  # the gradient bound is loose here
     assert 0 < tight.witness_iterations <= 60 and "witness" not in tight.as_dict()
     for d in (rng.normal(size=w.size), np.zeros(w.size)):
-      other = _certify(model, xr, yr, w0, w, lam, witness=d)
+      other = _certify(model, xr, yr, w0, w, lam, witness=d, basis="matrix_free")
       assert other.distance_bound >= true * (1 - 1e-9) and other.witness_iterations == 0
-    again = _certify(model, xr, yr, w0, w, lam, witness=tight.witness)  # a verifier's check
+    again = _certify(model, xr, yr, w0, w, lam, witness=tight.witness,  # a verifier's check
+                     basis="matrix_free")
     assert again.distance_bound == pytest.approx(tight.distance_bound, rel=1e-9)
   print(f"true {true:.3g}, witness bound {tight.distance_bound:.3g}, gradient bound "
         f"{plain.distance_bound:.3g} (factor ≤ {(mu[-1] + lam) / lam:.3g})")
@@ -168,17 +169,91 @@ def test_bad_witness_options_are_refused():
       _certify(model, xr, yr, w0, w_r, 0.1, witness_iterations=-1)
 
 
-def test_the_retain_gram_the_caller_holds_gives_the_tight_bound():
-  """`retain_gram` (G_r, e.g. from linearised fine-tuning): the witness (G_r + λI)⁻¹∇L_r is
-  exact, so the bound is the true distance; a useless witness (zeros) still gives a valid
-  bound."""
+def test_the_retain_stats_the_caller_holds_give_the_tight_bound():
+  """`retain_stats` (G_r, b_r, e.g. from linearised fine-tuning) define the model: the refined
+  Cholesky witness makes the bound the true distance; a useless witness (zeros) still gives
+  a valid bound; without them the statistics are computed (p is small) and agree."""
   lam = 0.1
   model, xr, yr, w0, w_r, phi_r = _setup(lam)
   w = w_r + 1e-2 * np.random.default_rng(5).normal(size=w_r.shape)
   true = np.linalg.norm(w - w_r)
+  stats = (phi_r.T @ phi_r, phi_r.T @ (np.eye(C)[yr].reshape(-1) - phi_r @ w0))
   with enable_x64():
-    exact = _certify(model, xr, yr, w0, w, lam, retain_gram=phi_r.T @ phi_r)
-    useless = _certify(model, xr, yr, w0, w, lam, witness=np.zeros_like(w))
-  assert exact.witness_iterations == 0
+    exact = _certify(model, xr, yr, w0, w, lam, retain_stats=stats)
+    useless = _certify(model, xr, yr, w0, w, lam, retain_stats=stats, witness=np.zeros_like(w))
+    computed = _certify(model, xr, yr, w0, w, lam)
+  assert exact.basis == computed.basis == "gram_statistics"
   assert true * (1 - 1e-9) <= exact.distance_bound <= true * (1 + 1e-8)
   assert useless.distance_bound >= true
+  assert computed.distance_bound == pytest.approx(exact.distance_bound, rel=1e-8)
+
+
+def _exact_ridge(gram, rhs, lam):
+  """(G + λI)⁻¹ b in rational arithmetic (Gaussian elimination on Fractions): the retrain
+  in exact arithmetic of the model the float64 statistics define."""
+  from fractions import Fraction  # pylint: disable=g-import-not-at-top
+  p = len(rhs)
+  m = [[Fraction(float(gram[i, j])) + (Fraction(lam) if i == j else 0) for j in range(p)]
+       + [Fraction(float(rhs[i]))] for i in range(p)]
+  for k in range(p):
+    piv = max(range(k, p), key=lambda i: abs(m[i][k]))
+    m[k], m[piv] = m[piv], m[k]
+    for i in range(k + 1, p):
+      f = m[i][k] / m[k][k]
+      if f:
+        m[i] = [a - f * b for a, b in zip(m[i], m[k])]
+  x = [Fraction(0)] * p
+  for i in reversed(range(p)):
+    x[i] = (m[i][p] - sum(m[i][j] * x[j] for j in range(i + 1, p))) / m[i][i]
+  return x
+
+
+def _exact_distance(w_minus_w0, x_exact) -> float:
+  from fractions import Fraction  # pylint: disable=g-import-not-at-top
+  return float(sum((Fraction(float(a)) - b) ** 2 for a, b in zip(w_minus_w0, x_exact))) ** 0.5
+
+
+@pytest.mark.parametrize("lam", [1e-3, 1e-2, 1.0])
+@pytest.mark.parametrize("stored", ["float32", "float32-solve"])
+def test_the_gram_bound_holds_in_exact_arithmetic_and_is_within_two_of_the_truth(lam, stored):
+  """Against the rational-arithmetic retrain of the statistics' model: w is that retrain
+  rounded to float32 (what the update stores), or a float32 solve's (larger error); the
+  bound is never below the exact distance and at most twice it."""
+  rng = np.random.default_rng(int(lam * 1000) + len(stored))
+  p, rows = 20, 36
+  jac = (rng.normal(size=(rows, p)) * 5).astype(np.float32).astype(np.float64)
+  gram, rhs = jac.T @ jac, jac.T @ rng.normal(size=rows)
+  x_exact = _exact_ridge(gram, rhs, lam)
+  if stored == "float32":
+    delta = np.array([float(v) for v in x_exact], np.float32)
+  else:
+    a32 = (gram + lam * np.eye(p)).astype(np.float32)
+    delta = np.linalg.solve(a32, rhs.astype(np.float32)).astype(np.float32)
+  true = _exact_distance(delta, x_exact)
+  d, bound, _ = certificate.stats_witness(delta, gram, rhs, lam)
+  assert true <= bound.bound <= 2 * true, (true, bound.bound)
+  # Any witness is safe, the zero witness gives the gradient bound.
+  for witness in (np.zeros(p), d + 1e-3 * rng.normal(size=p)):
+    assert certificate.stats_bound(delta, gram, rhs, lam, witness).bound >= true
+
+
+def test_the_gram_bound_at_the_exact_optimum_is_the_rounding_term_alone():
+  """w = w_r to the last float64 digit: the bound is tiny but never zero-by-cancellation."""
+  rng = np.random.default_rng(7)
+  jac = rng.normal(size=(30, 12))
+  gram, rhs = jac.T @ jac, jac.T @ rng.normal(size=30)
+  x_exact = _exact_ridge(gram, rhs, 0.01)
+  delta = np.array([float(v) for v in x_exact])
+  true = _exact_distance(delta, x_exact)
+  _, bound, _ = certificate.stats_witness(delta, gram, rhs, 0.01)
+  assert true <= bound.bound <= 1e-12 * np.linalg.norm(delta)
+  assert bound.rounding > 0
+
+
+def test_the_reference_solution_is_the_exact_retrain_to_float64():
+  rng = np.random.default_rng(8)
+  jac = rng.normal(size=(25, 15)) * 10
+  gram, rhs = jac.T @ jac, jac.T @ rng.normal(size=25)
+  x_exact = _exact_ridge(gram, rhs, 1e-3)
+  ref = certificate.reference_solution(gram, rhs, 1e-3)
+  assert _exact_distance(ref, x_exact) <= 4e-16 * np.linalg.norm(ref)

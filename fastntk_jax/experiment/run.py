@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import os
 import time
 from typing import Any, Callable, Optional
@@ -55,6 +56,7 @@ from fastntk_jax.experiment import report
 from fastntk_jax.experiment import stages
 from fastntk_jax.models import trainable as tr
 from fastntk_jax.unlearn import api as unlearn_api
+from fastntk_jax.unlearn import certificate as certificate_lib
 
 log = logging.getLogger(__name__)
 PyTree = Any
@@ -129,16 +131,22 @@ def _frozen_of(tuner, out: dict) -> dict:
                                  if "batch_stats" in out else {})}
 
 
-def _certify(setup: Setup, ctx, params, data, diagnostics: dict) -> dict:
+def _certify(setup: Setup, ctx, params, data, diagnostics: dict, retrain) -> dict:
   """The certificate of a deletion (`Forgetter.certify`) and its record in the workdir's audit
   log (`fastntk_jax.audit`); returns the diagnostics entries to add."""
   cfg, forgetter = setup.cfg, setup.forgetter
   start = time.perf_counter()
   retain = (data.retain.x, data.retain.y)
-  grams = ctx.grams() if ctx.grams is not None else None
+  # The one linearised model of the run: the Gram statistics Full, Retrain and the update
+  # were solved from, when linearised fine-tuning computed them.
+  stats = ctx.grams()[0][0] if ctx.grams is not None else None
   cert = forgetter.certify(ctx.w0, params, retain, linearized=ctx.linearized,
-                           retain_gram=None if grams is None else grams[0][0][0])
+                           retain_stats=stats)
   seconds = time.perf_counter() - start
+  extra = {}
+  if stats is not None:
+    extra["reference"] = _reference_distances(ctx.w0, params, retrain, stats,
+                                              cfg.unlearn.damping, cert)
   request_id = f"seed{ctx.seed}/fastntk"
   log.info("%s: certificate: %s", request_id, cert.statement)
   record = audit.record_deletion(
@@ -150,9 +158,24 @@ def _certify(setup: Setup, ctx, params, data, diagnostics: dict) -> dict:
       # D is D_r followed by D_f (`data.train`): the forgotten ids are D_f's rows of D.
       forget_ids=np.arange(data.retain.size, data.retain.size + data.forget.size),
       damping=float(cfg.unlearn.damping), solver=diagnostics.get("solver"),
-      certificate=cert, batch_size=cfg.unlearn.batch_size)
+      certificate=cert, batch_size=cfg.unlearn.batch_size, retain_stats=stats)
   return {"certificate": cert.as_dict(), "certificate_seconds": seconds,
-          "audit_record": record["index"]}
+          "audit_record": record["index"], **extra}
+
+
+def _reference_distances(w0, params, retrain, stats, damping, cert) -> dict:
+  """Fast-NTK's and Retrain's distances to an independent float64 reference of the retrain
+  (`certificate.reference_solution`: numpy LU, refined), relative to ‖w_ref − w0‖, and the
+  certificate's bound over Fast-NTK's true distance (its tightness)."""
+  w0 = certificate_lib.flat64(w0)
+  ref = certificate_lib.reference_solution(*stats, float(damping))
+  scale = float(np.linalg.norm(ref))
+  fast = float(np.linalg.norm(certificate_lib.flat64(params) - w0 - ref))
+  out = {"fastntk_relative": fast / scale, "bound_over_distance": (
+      cert.distance_bound / fast if fast > 0 else math.inf)}
+  out["retrain_relative"] = float(
+      np.linalg.norm(certificate_lib.flat64(retrain) - w0 - ref)) / scale
+  return out
 
 
 def run_seed(setup: Setup, data, seed: int) -> dict:
@@ -196,7 +219,7 @@ def run_seed(setup: Setup, data, seed: int) -> dict:
       timings[method.name] = result.seconds
       diag = dict(result.diagnostics)
       if method.name == "fastntk":
-        diag.update(_certify(setup, ctx, result.params, data, diag))
+        diag.update(_certify(setup, ctx, result.params, data, diag, retrain["trainable"]))
       wd.atomic_write_json(diag_path, diag)
       return {"trainable": result.params}
 

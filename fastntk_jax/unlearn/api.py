@@ -80,7 +80,7 @@ class Forgetter(NamedTuple):
       chunk's rows are split over its devices.
     diagnostics(plan, info, *, params, new_params, seconds, compile_seconds, ...) ->
       Diagnostics of an update made by the functions above.
-    certify(params_init, params, retain, *, linearized=True, retain_gram=None, ...) ->
+    certify(params_init, params, retain, *, linearized=True, retain_stats=None, ...) ->
       Certificate (`certificate.certify` with these options' damping and batch size).
   The request stream (`fastntk_jax.unlearn.stream`):
     init(params_init, train, *, timings=None) -> ForgetState.
@@ -340,12 +340,13 @@ def make_forgetter(apply_fn: ApplyFn, *, num_classes: int, damping=1e-2,
                                       on_chunk=on_chunk or (lambda _: None))
     return state, compile_seconds
 
-  def certify(params_init, params, retain, *, linearized=True, retain_gram=None,
-              witness_iterations=CERTIFICATE_CG_STEPS, witness=None):
+  def certify(params_init, params, retain, *, linearized=True, retain_stats=None,
+              witness_iterations=CERTIFICATE_CG_STEPS, witness=None, basis="auto"):
     return certificate.certify(
         apply_fn, params_init, params, retain, num_classes=c, damping=opts.damping,
         batch_size=opts.batch_size, linearized=linearized, dtype=opts.solve_dtype,
-        witness=witness, witness_iterations=witness_iterations, retain_gram=retain_gram)
+        witness=witness, witness_iterations=witness_iterations, retain_stats=retain_stats,
+        basis=basis)
 
   def init(params_init, train, *, timings=None):
     return stream.init_forget_state(apply_fn, params_init, train=train, num_classes=c,

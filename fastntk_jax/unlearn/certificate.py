@@ -70,7 +70,15 @@ class Certificate:
     gradient_bound: ‖∇L_r(w)‖/λ, the bound without the witness.
     witness_norm, witness_residual: ‖d‖ and ‖∇L_r(w) − H d‖ (0, ‖∇L_r‖ without a witness);
       distance_bound = min(gradient_bound, witness_norm + witness_residual / λ).
-    witness_iterations: conjugate-gradient steps that made d (0: given or none).
+    witness_iterations: steps that made d (0: given or none): conjugate-gradient steps
+      (matrix-free), or refinements of the Cholesky solve (Gram statistics).
+    basis: "gram_statistics": the linearised model is the ridge model of the Gram statistics
+      (G_r, b_r) of D_r's Jacobian rows at w0 (the statistics linearised fine-tuning and the
+      primal update solve with), and the bound holds in exact arithmetic (`rounding`);
+      "matrix_free": gradient and H d by jvp/vjp of the network in `dtype`, their round-off
+      not bounded.
+    rounding: the rounding-error term included in the bound (NaN: not bounded).
+    stats_sha256: SHA-256 of (G_r, b_r) as float64 (basis "gram_statistics"), else "".
     witness: d [p] (not in `as_dict`; the audit log keeps it in the evidence).
   """
   gradient_norm: float
@@ -87,6 +95,9 @@ class Certificate:
   witness_norm: float = 0.0
   witness_residual: float = math.nan
   witness_iterations: int = 0
+  basis: str = "matrix_free"
+  rounding: float = math.nan
+  stats_sha256: str = ""
   witness: Optional[np.ndarray] = dataclasses.field(default=None, repr=False, compare=False)
 
   def as_dict(self) -> dict:
@@ -117,6 +128,140 @@ def retain_gradient(apply_fn: Callable, params_init: PyTree, params: PyTree, ret
   return flat_pulled + jnp.asarray(damping, dtype) * ravel_pytree(d)[0].astype(dtype)
 
 
+# --------------------------------------------------------------------------------------
+# The certificate from Gram statistics, with a rounding-error term.
+# --------------------------------------------------------------------------------------
+
+
+def _gamma(n: int, unit: float) -> float:
+  """γ_n = n·u / (1 − n·u): the relative error bound of an n-term dot product in a precision
+  of unit round-off u (Higham, *Accuracy and Stability of Numerical Algorithms*, §3.1)."""
+  nu = n * unit
+  if not nu < 0.5:
+    return math.inf
+  return nu / (1.0 - nu)
+
+
+def _round_up(x) -> float:
+  """The float64 just above `x` (a bound that must not shrink when it is stored)."""
+  return float(np.nextafter(np.float64(x), np.inf)) if math.isfinite(float(x)) else math.inf
+
+
+@dataclasses.dataclass(frozen=True)
+class StatsBound:
+  """‖w − w_r‖ ≤ `bound` for the ridge model of Gram statistics (G_r, b_r), exact arithmetic.
+
+  Attributes:
+    bound: ‖d‖ + ‖(G_r + λI)(δ − d) − b_r‖/λ, each term rounded up by its error bound.
+    gradient_bound: ‖∇L_r(w)‖/λ, rounded up the same way (the bound without a witness).
+    gradient_norm: ‖∇L_r(w)‖ as computed (for the record).
+    witness_norm, residual_norm: ‖d‖ and ‖∇L_r(w) − H d‖ as computed.
+    rounding: the residual's rounding-error term added before dividing by λ.
+    update_norm: ‖δ‖ = ‖w − w0‖ as computed.
+    unit_roundoff: u of the extended precision the sums ran in.
+  """
+  bound: float
+  gradient_bound: float
+  gradient_norm: float
+  witness_norm: float
+  residual_norm: float
+  rounding: float
+  update_norm: float
+  unit_roundoff: float
+
+
+def stats_bound(delta, gram, rhs, damping: float, witness) -> StatsBound:
+  """A bound on ‖w − w_r‖ that holds in exact arithmetic for the ridge model the Gram
+  statistics define: w_r = w0 + (G_r + λI)⁻¹ b_r, ∇L_r(w) = (G_r + λI)δ − b_r, δ = w − w0.
+
+  Everything runs on the host in numpy's `longdouble` (x87 80-bit on x86-64: u = 2⁻⁶⁴;
+  where longdouble is float64, u = 2⁻⁵³ and the rounding term is 2¹¹× larger). With the
+  residual r = (G_r + λI)(δ − d) − b_r computed as r̂, each entry satisfies
+  |r̂ − r| ≤ 2γ_{p+4}((|G_r| + λI)|δ − d| + |b_r|) (dot products of p terms, the λ term,
+  the subtraction, and δ − d itself rounded), and ‖·‖ of p squares errs by at most
+  γ_{p+2} relative; the bound adds those terms and rounds up (`_round_up`).
+
+  Args:
+    delta: δ = w − w0 [p], float64 or narrower (converted exactly).
+    gram, rhs: G_r [p, p] and b_r [p] (float64): the statistics that define the model.
+    damping: λ > 0.
+    witness: d [p] (any vector: the bound holds for every d; d ≈ (G_r + λI)⁻¹∇L_r makes it
+      tight).
+
+  Returns:
+    A `StatsBound`.
+  """
+  ld = np.longdouble
+  unit = float(np.finfo(ld).eps) / 2
+  p = int(np.shape(rhs)[0])
+  g = np.asarray(gram, np.float64).astype(ld)
+  b = np.asarray(rhs, np.float64).astype(ld)
+  lam = ld(float(damping))
+  dlt = np.asarray(delta).astype(ld)
+  d = np.asarray(witness, np.float64).astype(ld)
+  gamma_dot = 2 * _gamma(p + 4, unit)
+  gamma_norm = _gamma(p + 2, unit)
+  abs_g = np.abs(g)
+
+  def rounded_residual(v):  # (G + λI)v − b, and the bound on its rounding, componentwise
+    r = g @ v + lam * v - b
+    err = ld(gamma_dot) * (abs_g @ np.abs(v) + lam * np.abs(v) + np.abs(b))
+    return r, err
+
+  grow = ld(1) + ld(2) * ld(gamma_norm)  # in longdouble: 1 + 1e-17 is 1 in float64
+
+  def norm_up(v):  # ‖v‖ in longdouble, rounded up by its own error bound
+    return np.sqrt(np.sum(v * v)) * grow
+
+  # The few longdouble operations combining the terms round by at most u each: 1 + 8u covers
+  # them; `_round_up` then covers the conversion to float64.
+  tail = (ld(1) + ld(8) * ld(unit)) / lam
+  grad, grad_err = rounded_residual(dlt)
+  grad_norm = float(np.sqrt(np.sum(grad * grad)))
+  gradient_bound = _round_up((norm_up(grad) + norm_up(grad_err)) * tail)
+  res, res_err = rounded_residual(dlt - d)
+  rounding = norm_up(res_err)
+  bound = _round_up((norm_up(d) * lam + norm_up(res) + rounding) * tail)
+  return StatsBound(bound=min(bound, gradient_bound), gradient_bound=gradient_bound,
+                    gradient_norm=grad_norm, witness_norm=float(np.sqrt(np.sum(d * d))),
+                    residual_norm=float(np.sqrt(np.sum(res * res))), rounding=_round_up(rounding),
+                    update_norm=float(np.sqrt(np.sum(dlt * dlt))), unit_roundoff=unit)
+
+
+def stats_witness(delta, gram, rhs, damping: float, *, max_refinements: int = 3):
+  """d ≈ (G_r + λI)⁻¹∇L_r(w) for `stats_bound`: a float64 Cholesky solve, refined with
+  residuals computed in extended precision while the bound improves (at most
+  `max_refinements` times).
+
+  Returns:
+    (d [p] float64, StatsBound of d, refinements made).
+  """
+  ld = np.longdouble
+  g64 = np.asarray(gram, np.float64)
+  g, b = g64.astype(ld), np.asarray(rhs, np.float64).astype(ld)
+  dlt = np.asarray(delta).astype(ld)
+  lam = float(damping)
+  with linalg.enable_x64():
+    chol = linalg.ridge_factor(jnp.asarray(g64), lam)
+    solve = lambda v: np.asarray(linalg.cho_solve(chol, jnp.asarray(v, jnp.float64)))
+    grad = g @ dlt + ld(lam) * dlt - b
+    d = solve(np.asarray(grad, np.float64))
+    best = stats_bound(delta, gram, rhs, lam, d)
+    steps = 0
+    for _ in range(max_refinements):
+      e = dlt - d.astype(ld)
+      residual = g @ e + ld(lam) * e - b  # ∇L_r − H d
+      candidate = d + solve(np.asarray(residual, np.float64))
+      trial = stats_bound(delta, gram, rhs, lam, candidate)
+      if not trial.bound < best.bound:
+        break
+      d, best, steps = candidate, trial, steps + 1
+  if not np.all(np.isfinite(d)):
+    raise validate.SolveError("the certificate's witness is non-finite: G_r + λI is not "
+                              "positive definite in float64 (raise the damping)")
+  return d, best, steps
+
+
 def _retain_hvp(apply_fn: Callable, *, damping: float, batch_size: Optional[int], dtype):
   """(w0, x, v [p]) -> (J_rᵀJ_r + λI) v: the Hessian of L_r, matrix-free (traceable)."""
   lam = jnp.asarray(damping, dtype)
@@ -129,12 +274,84 @@ def _retain_hvp(apply_fn: Callable, *, damping: float, batch_size: Optional[int]
   return hvp
 
 
+# Above this many trainable parameters `certify` bounds matrix-free: the Gram basis holds
+# G_r (p² float64) and its extended-precision copies (two p² longdouble arrays) on the host.
+GRAM_BASIS_MAX_PARAMS = 4096
+
+
+class Basis:
+  """How `certify` evaluates ∇L_r and H d (see `Certificate.basis`)."""
+  AUTO = "auto"
+  GRAM_STATISTICS = "gram_statistics"
+  MATRIX_FREE = "matrix_free"
+
+
+def flat64(tree) -> np.ndarray:
+  """A pytree's leaves ravelled in `ravel_pytree`'s order, as float64 (exact for float32)."""
+  leaves = jax.tree_util.tree_leaves(tree)
+  return np.concatenate([np.asarray(a, np.float64).ravel() for a in leaves])
+
+
+def hash_stats(gram, rhs) -> str:
+  """SHA-256 of Gram statistics as float64 (what a certificate of that basis is about)."""
+  import hashlib  # pylint: disable=g-import-not-at-top
+  h = hashlib.sha256()
+  for a in (gram, rhs):
+    a = np.ascontiguousarray(np.asarray(a, np.float64))
+    h.update(repr(a.shape).encode())
+    h.update(a.tobytes())
+  return h.hexdigest()
+
+
+def gram_statistics(apply_fn: Callable, params_init: PyTree, retain, *, num_classes: int,
+                 batch_size: Optional[int] = 256):
+  """(G_r [p, p], b_r [p]) float64 numpy: the Gram statistics of D_r's Jacobian rows at w0
+  (`ntk.gram_stats`: rows in the network's dtype, summed in float64), what the primal update
+  and linearised fine-tuning in closed form solve with."""
+  x, y = retain
+  n = np.shape(x)[0]
+  with linalg.enable_x64():
+    # Compiled as `Forgetter.accumulate` compiles it (one chunk of all rows, 0/1 row weights,
+    # int32 labels): the same program gives the same bits as the run's statistics.
+    stats = jax.jit(lambda w, xx, yy, ww: ntk.gram_stats(
+        apply_fn, w, xx, yy, num_classes=int(num_classes), batch_size=batch_size,
+        dtype=jnp.float64, row_weights=ww))
+    g, b = stats(params_init, np.asarray(x), np.asarray(y, np.int32), np.ones(n, np.float32))
+    return np.asarray(g, np.float64), np.asarray(b, np.float64)
+
+
+def reference_solution(gram, rhs, damping: float) -> np.ndarray:
+  """w_r − w0 = (G_r + λI)⁻¹ b_r [p] by an LU solve (numpy's LAPACK, not the package's
+  Cholesky) refined twice with residuals in extended precision: an independent float64
+  reference for the retrain of the model the statistics define."""
+  g = np.asarray(gram, np.float64)
+  a = g + float(damping) * np.eye(g.shape[0])
+  b = np.asarray(rhs, np.float64)
+  x = np.linalg.solve(a, b)
+  ld = np.longdouble
+  for _ in range(2):
+    r = b.astype(ld) - (g.astype(ld) @ x.astype(ld) + ld(float(damping)) * x.astype(ld))
+    x = x + np.linalg.solve(a, np.asarray(r, np.float64))
+  return x
+
+
 def certify(apply_fn: Callable, params_init: PyTree, params: PyTree, retain, *,
             num_classes: int, damping: float, batch_size: Optional[int] = 256,
             linearized: bool = True, dtype=None, witness=None,
             witness_iterations: int = 100, witness_tol: float = 1e-10,
-            retain_gram=None) -> Certificate:
+            retain_stats=None, basis: str = Basis.AUTO) -> Certificate:
   """Certifies how close `params` are to retraining the linearised model on D_r alone.
+
+  Two bases (`Certificate.basis`):
+    * Gram statistics (`retain_stats`, or computed here when p <= `GRAM_BASIS_MAX_PARAMS`):
+      the model is the ridge model of (G_r, b_r), the one linearised fine-tuning and the
+      primal update solve with. ∇L_r(w) = (G_r + λI)(w − w0) − b_r and the residual of the
+      witness are evaluated in extended precision with a rounding-error term
+      (`stats_bound`), so the bound holds in exact arithmetic; the witness is a Cholesky
+      solve refined while the bound improves. The bound is then within a few percent of the
+      true distance when w is the update's result (its float32 storage dominates).
+    * Matrix-free: ∇L_r and H d by a forward, jvp and vjp per batch of D_r in `dtype`,
+      the witness by conjugate gradients; its round-off is not bounded.
 
   Args:
     apply_fn: `(params, x) -> logits [n, C]`, the network whose Jacobian at w0 defines
@@ -145,14 +362,16 @@ def certify(apply_fn: Callable, params_init: PyTree, params: PyTree, retain, *,
     num_classes: C. damping: λ > 0, the update's (and the fine-tuning's) ridge.
     batch_size: samples per streamed block.
     linearized: whether `params` come from linearised fine-tuning (see `Certificate`).
-    dtype: accumulation dtype (default: the widest of the params; float64 needs x64).
-    witness: d [p] to bound with (e.g. a stored certificate's); None: made here by up to
-      `witness_iterations` conjugate-gradient steps (stopping at relative residual
-      `witness_tol`); `witness_iterations=0`: the gradient bound alone.
-    retain_gram: G_r = J_rᵀJ_r [p, p] at w0 when the caller holds it (e.g. linearised
-      fine-tuning in closed form): the witness is then d = (G_r + λI)⁻¹∇L_r(w), one Cholesky
-      solve in float64 (`linalg.ridge_solve`), instead of the CG steps. The bound holds
-      whatever d is: it is checked with H d computed here.
+    dtype: matrix-free: accumulation dtype (default: the widest of the params; float64
+      needs x64).
+    witness: d [p] to bound with (e.g. a stored certificate's); None: made here.
+    witness_iterations, witness_tol: matrix-free: at most this many conjugate-gradient
+      steps, stopping at this relative residual; `witness_iterations=0` (no `witness`):
+      the gradient bound alone, whatever the basis.
+    retain_stats: (G_r [p, p], b_r [p]) the caller holds (e.g. linearised fine-tuning in
+      closed form): the model those statistics define is the one certified.
+    basis: "auto" (Gram statistics when given or p is small enough), "gram_statistics"
+      or "matrix_free".
 
   Returns:
     A `Certificate`.
@@ -169,6 +388,8 @@ def certify(apply_fn: Callable, params_init: PyTree, params: PyTree, retain, *,
   if not float(damping) > 0:
     raise ValueError(f"damping must be > 0 to certify (the bound divides by it), got "
                      f"{damping!r}")
+  if basis not in (Basis.AUTO, Basis.GRAM_STATISTICS, Basis.MATRIX_FREE):
+    raise ValueError(f"basis must be 'auto', 'gram_statistics' or 'matrix_free', got {basis!r}")
   traced = [name for name, tree in (("params_init", params_init), ("params", params),
                                       ("retain", retain))
             if not all(map(validate.is_concrete, jax.tree_util.tree_leaves(tree)))]
@@ -183,28 +404,68 @@ def certify(apply_fn: Callable, params_init: PyTree, params: PyTree, retain, *,
   if getattr(out, "shape", None) != (1, num_classes):
     raise ValueError(f"apply_fn must return logits [n, num_classes={num_classes}]; on one "
                      f"input it returned shape {getattr(out, 'shape', type(out).__name__)}")
-  grad = retain_gradient(apply_fn, params_init, params, (x, y), num_classes=int(num_classes),
+  if (isinstance(witness_iterations, bool)
+      or not isinstance(witness_iterations, (int, np.integer)) or witness_iterations < 0):
+    raise ValueError(f"witness_iterations must be an int >= 0, got {witness_iterations!r}")
+  p = int(ntk.num_params(params_init))
+  if witness is not None:
+    witness = np.asarray(witness)
+    if witness.shape != (p,) or not np.all(np.isfinite(witness)):
+      raise ValueError(f"witness must be a finite vector of shape ({p},) (the ravelled "
+                       f"params), got shape {tuple(witness.shape)}")
+  if retain_stats is not None:
+    if basis == Basis.MATRIX_FREE:
+      raise ValueError("retain_stats define the Gram basis; drop them for basis='matrix_free'")
+    g, b = (np.asarray(a) for a in retain_stats)
+    if g.shape != (p, p) or b.shape != (p,):
+      raise ValueError(f"retain_stats must be (G_r [p, p], b_r [p]) with p = {p}, got shapes "
+                       f"{g.shape}, {b.shape}")
+    if not (np.all(np.isfinite(g)) and np.all(np.isfinite(b))):
+      raise validate.SolveError("retain_stats are non-finite: nothing can be certified")
+    basis = Basis.GRAM_STATISTICS
+  elif basis == Basis.GRAM_STATISTICS or (basis == Basis.AUTO and p <= GRAM_BASIS_MAX_PARAMS):
+    g, b = gram_statistics(apply_fn, params_init, (x, y), num_classes=int(num_classes),
+                        batch_size=batch_size)
+    if not (np.all(np.isfinite(g)) and np.all(np.isfinite(b))):
+      raise validate.SolveError("the Gram statistics of D_r are non-finite: the network's "
+                                "logits or Jacobian at w0 overflow, so nothing can be certified")
+    basis = Basis.GRAM_STATISTICS
+  else:
+    basis = Basis.MATRIX_FREE
+  if basis == Basis.GRAM_STATISTICS:
+    delta = flat64(params).astype(np.longdouble) - flat64(params_init).astype(np.longdouble)
+    steps = 0
+    if witness is None and witness_iterations > 0:
+      witness, bound, steps = stats_witness(delta, g, b, float(damping))
+    else:
+      bound = stats_bound(delta, g, b, float(damping),
+                          np.zeros(p) if witness is None else witness)
+    return _certificate(
+        bound=bound.bound, gradient_norm=bound.gradient_norm,
+        gradient_bound=bound.gradient_bound, witness_norm=bound.witness_norm,
+        residual=bound.residual_norm, steps=steps, update=bound.update_norm,
+        damping=damping, linearized=linearized, num_retain=int(x.shape[0]),
+        dtype="float64", basis=basis, rounding=bound.rounding,
+        stats_sha256=hash_stats(g, b), witness=witness)
+  return _matrix_free(apply_fn, params_init, params, (x, y), num_classes=int(num_classes),
+                      damping=damping, batch_size=batch_size, linearized=linearized,
+                      dtype=dtype, witness=witness, witness_iterations=witness_iterations,
+                      witness_tol=witness_tol)
+
+
+def _matrix_free(apply_fn, params_init, params, retain, *, num_classes, damping, batch_size,
+                 linearized, dtype, witness, witness_iterations, witness_tol) -> Certificate:
+  x, y = retain
+  grad = retain_gradient(apply_fn, params_init, params, (x, y), num_classes=num_classes,
                          damping=float(damping), batch_size=batch_size, dtype=dtype)
   gnorm = float(jnp.linalg.norm(grad))
   if not math.isfinite(gnorm):
     raise validate.SolveError("the retain gradient is non-finite: the network's logits or "
                               "Jacobian at w0 overflow on D_r, so nothing can be certified")
   gradient_bound = gnorm / float(damping)
-  p = int(grad.shape[0])
   steps, d = 0, None
-  if witness is None and retain_gram is not None:
-    with linalg.enable_x64():  # a float32 witness loosens the bound (still valid)
-      witness = np.asarray(linalg.ridge_solve(
-          jnp.asarray(np.asarray(retain_gram, np.float64)),
-          jnp.asarray(np.asarray(grad, np.float64)), float(damping))[0])
   if witness is not None:
-    d = jnp.asarray(np.asarray(witness), grad.dtype)
-    if d.shape != (p,) or not bool(jnp.all(jnp.isfinite(d))):
-      raise ValueError(f"witness must be a finite vector of shape ({p},) (the ravelled "
-                       f"params), got shape {tuple(d.shape)}")
-  elif (isinstance(witness_iterations, bool)
-        or not isinstance(witness_iterations, (int, np.integer)) or witness_iterations < 0):
-    raise ValueError(f"witness_iterations must be an int >= 0, got {witness_iterations!r}")
+    d = jnp.asarray(witness, grad.dtype)
   if d is not None or witness_iterations > 0:
     hvp = _retain_hvp(apply_fn, damping=float(damping), batch_size=batch_size,
                       dtype=grad.dtype)
@@ -224,24 +485,40 @@ def certify(apply_fn: Callable, params_init: PyTree, params: PyTree, retain, *,
   if not math.isfinite(bound):
     raise validate.SolveError("the certificate's bound is non-finite (the Hessian-vector "
                               "products overflow on D_r), so nothing can be certified")
-  update = float(np.linalg.norm(np.asarray(ravel_pytree(params)[0], np.float64)
-                                - np.asarray(ravel_pytree(params_init)[0], np.float64)))
+  update = float(np.linalg.norm(flat64(params) - flat64(params_init)))
+  return _certificate(bound=bound, gradient_norm=gnorm, gradient_bound=gradient_bound,
+                      witness_norm=witness_norm, residual=residual, steps=steps, update=update,
+                      damping=damping, linearized=linearized, num_retain=int(x.shape[0]),
+                      dtype=str(grad.dtype), basis=Basis.MATRIX_FREE, rounding=math.nan,
+                      stats_sha256="", witness=None if d is None else np.asarray(d))
+
+
+def _certificate(*, bound, gradient_norm, gradient_bound, witness_norm, residual, steps, update,
+                 damping, linearized, num_retain, dtype, basis, rounding, stats_sha256,
+                 witness) -> Certificate:
+  if not math.isfinite(bound):
+    raise validate.SolveError("the certificate's bound is non-finite, so nothing can be "
+                              "certified")
   relative = bound / update if update > 0 else math.inf
   retrain_relative = bound / (update - bound) if update > bound else math.inf
   scope = ("the linearised model in use (linearised fine-tuning)" if linearized else
            "the linearised model at w0 only; the network was fine-tuned in the standard mode, "
            "so this is a distance measure and certifies nothing about the network")
+  exact = ("; the bound holds in exact arithmetic for the ridge model of D_r's Gram "
+           "statistics (rounding term included)" if basis == Basis.GRAM_STATISTICS else
+           "; float round-off of the network's evaluation is not bounded")
   statement = (f"‖w − w_r‖₂ ≤ {bound:.3g} ({relative:.3g} of ‖w − w0‖₂), where w_r is the "
                f"minimiser of the retain objective of {scope}, with λ = {float(damping):g} "
                f"and w0 the pre-trained backbone's trainable parameters (a backbone that saw "
-               f"the forgotten data still knows it)")
-  return Certificate(gradient_norm=gnorm, damping=float(damping), distance_bound=bound,
+               f"the forgotten data still knows it){exact}")
+  return Certificate(gradient_norm=gradient_norm, damping=float(damping), distance_bound=bound,
                      update_norm=update, relative_bound=relative,
                      retrain_relative_bound=retrain_relative, linearized=bool(linearized),
-                     num_retain=int(x.shape[0]), dtype=str(grad.dtype), statement=statement,
+                     num_retain=num_retain, dtype=dtype, statement=statement,
                      gradient_bound=gradient_bound, witness_norm=witness_norm,
-                     witness_residual=residual, witness_iterations=int(steps),
-                     witness=None if d is None else np.asarray(d))
+                     witness_residual=residual, witness_iterations=int(steps), basis=basis,
+                     rounding=rounding, stats_sha256=stats_sha256,
+                     witness=None if witness is None else np.asarray(witness))
 
 
 def logit_bound(apply_fn: Callable, params_init: PyTree, x, certificate: Certificate, *,
