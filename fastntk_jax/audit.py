@@ -73,8 +73,114 @@ def _canonical(record: dict) -> bytes:
 
 
 def _chain_hash(prev: str, record: dict) -> str:
-  body = {k: v for k, v in record.items() if k != "hash"}
+  body = {k: v for k, v in record.items() if k not in ("hash", "signature")}
   return _sha(prev.encode(), _canonical(body))
+
+
+# --------------------------------------------------------------------------------------
+# Signatures: the operator's Ed25519 key, kept outside the workdir.
+# --------------------------------------------------------------------------------------
+
+KEY_ENV = "FASTNTK_AUDIT_KEY"
+DEFAULT_KEY = os.path.join("~", ".config", "fastntk_jax", "audit_ed25519.pem")
+
+
+def key_path(configured: str = "") -> str:
+  """The signing key's file: `configured`, else $FASTNTK_AUDIT_KEY, else `DEFAULT_KEY`."""
+  return os.path.abspath(os.path.expanduser(configured or os.environ.get(KEY_ENV)
+                                            or DEFAULT_KEY))
+
+
+def load_signing_key(path: str, *, create: bool = True, workdir: Optional[str] = None):
+  """The Ed25519 private key in `path` (PEM, unencrypted), created (mode 0600) when missing
+  and `create`. A key inside `workdir` is refused: whoever can write the log could then sign
+  forgeries with it.
+
+  Raises:
+    ValueError: a key inside the workdir, or a file that is not an Ed25519 PEM key.
+  """
+  from cryptography.hazmat.primitives import serialization  # pylint: disable=g-import-not-at-top
+  from cryptography.hazmat.primitives.asymmetric import ed25519  # pylint: disable=g-import-not-at-top
+  path = os.path.abspath(path)
+  if workdir is not None:
+    inside = os.path.commonpath([path, os.path.abspath(workdir)]) == os.path.abspath(workdir)
+    if inside:
+      raise ValueError(f"the signing key {path} lies inside the workdir {workdir}: anyone who "
+                       "can edit the log could sign with it; keep it elsewhere "
+                       f"(config.unlearn.signing_key or ${KEY_ENV})")
+  if not os.path.exists(path):
+    if not create:
+      raise ValueError(f"no signing key at {path}")
+    key = ed25519.Ed25519PrivateKey.generate()
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                            serialization.NoEncryption())
+    # Written whole under another name, then linked into place: a process creating the key
+    # at the same moment either wins (this one reads its key) or loses (it reads ours).
+    tmp = f"{path}.{os.getpid()}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+      f.write(pem)
+      f.flush()
+      os.fsync(f.fileno())
+    try:
+      os.link(tmp, path)
+      log.info("created the deletion log's signing key %s (keep it; its public key is in "
+               "every record)", path)
+      return key
+    except FileExistsError:
+      pass
+    finally:
+      os.unlink(tmp)
+  with open(path, "rb") as f:
+    try:
+      key = serialization.load_pem_private_key(f.read(), password=None)
+    except (ValueError, TypeError) as e:
+      raise ValueError(f"{path} is not an unencrypted PEM private key: {e}") from None
+  if not isinstance(key, ed25519.Ed25519PrivateKey):
+    raise ValueError(f"{path} holds a {type(key).__name__}, not an Ed25519 key")
+  return key
+
+
+def public_key_hex(key) -> str:
+  """The raw 32-byte public key of an Ed25519 private key, hex."""
+  from cryptography.hazmat.primitives import serialization  # pylint: disable=g-import-not-at-top
+  return key.public_key().public_bytes(serialization.Encoding.Raw,
+                                       serialization.PublicFormat.Raw).hex()
+
+
+def _signature_ok(public_hex: str, signature_hex: str, message: bytes) -> bool:
+  from cryptography.exceptions import InvalidSignature  # pylint: disable=g-import-not-at-top
+  from cryptography.hazmat.primitives.asymmetric import ed25519  # pylint: disable=g-import-not-at-top
+  try:
+    ed25519.Ed25519PublicKey.from_public_bytes(bytes.fromhex(public_hex)).verify(
+        bytes.fromhex(signature_hex), message)
+    return True
+  except (InvalidSignature, ValueError, TypeError):
+    return False
+
+
+def export_head(workdir: str, key) -> dict:
+  """The log's signed head: the number of records and the last one's hash, signed with the
+  operator's key. Kept outside the workdir, it lets a later `verify(head=...)` check that no
+  record up to it changed and none was cut from the end (Certificate Transparency's signed
+  tree heads, for a chain).
+
+  Raises:
+    ValueError: an empty log.
+  """
+  records = read_log(workdir)
+  if not records:
+    raise ValueError(f"the log in {workdir} is empty: no head to export")
+  head = {"count": len(records), "hash": records[-1]["hash"],
+          "public_key": public_key_hex(key),
+          "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+  head["signature"] = key.sign(_head_message(head)).hex()
+  return head
+
+
+def _head_message(head: dict) -> bytes:
+  return f"fastntk-audit-head:{int(head['count'])}:{head['hash']}".encode()
 
 
 def _file_sha(path: str) -> str:
@@ -131,13 +237,15 @@ def _drop_torn_tail(path: str) -> None:
     os.fsync(f.fileno())
 
 
-def _append(workdir: str, record: dict) -> dict:
+def _append(workdir: str, record: dict, key) -> dict:
   path = os.path.join(workdir, LOG_NAME)
   _drop_torn_tail(path)
   records = read_log(workdir)
   record = {**record, "index": len(records),
-            "prev_hash": records[-1]["hash"] if records else GENESIS}
+            "prev_hash": records[-1]["hash"] if records else GENESIS,
+            "public_key": public_key_hex(key)}
   record["hash"] = _chain_hash(record["prev_hash"], record)
+  record["signature"] = key.sign(bytes.fromhex(record["hash"])).hex()
   os.makedirs(os.path.dirname(path), exist_ok=True)
   with open(path, "a", encoding="utf-8") as f:
     f.write(json.dumps(record, sort_keys=True) + "\n")
@@ -149,7 +257,9 @@ def _append(workdir: str, record: dict) -> dict:
 def record_deletion(workdir: str, *, request_id: str, model: Optional[dict], frozen: PyTree,
                     params_init: PyTree, params: PyTree, retain, forget, forget_ids,
                     damping: float, solver: str, certificate, batch_size: Optional[int],
-                    retain_stats=None) -> dict:
+                    retain_stats=None, signing_key=None, release=None,
+                    deployed_path: Optional[str] = None,
+                    certify_threshold: float = 1e-3) -> dict:
   """Appends one deletion to `<workdir>/audit/log.jsonl` and writes its evidence.
 
   Args:
@@ -167,6 +277,15 @@ def record_deletion(workdir: str, *, request_id: str, model: Optional[dict], fro
     retain_stats: (G_r, b_r) the certificate was made from (basis "gram_statistics"): kept in
       the evidence when p <= `certificate.GRAM_BASIS_MAX_PARAMS`, so that the verifier bounds
       with the very model certified and checks that D_r gives those statistics.
+    signing_key: the operator's Ed25519 private key (`load_signing_key`); None: the one at
+      `key_path()`, created when missing.
+    release: the `unlearn.release.Release` when the deployed model is `params` noised (the
+      verifier recomputes σ from the bound and the noise from its seed).
+    deployed_path: the deployed model's checkpoint relative to `workdir` (an orbax folder
+      holding {"trainable": ...}); the verifier checks it is the certified (or released)
+      model. None: nothing deployed in the workdir.
+    certify_threshold: the deletion counts as certified when the bound is at most this
+      fraction of ‖w_r − w0‖ (the verifier says plainly when it is not).
 
   Returns:
     The record as written (with its index, previous hash and hash), or the earlier record
@@ -206,6 +325,18 @@ def record_deletion(workdir: str, *, request_id: str, model: Optional[dict], fro
   evidence_rel = os.path.join("audit", f"{index:05d}-{safe}.evidence")
   wd.save_state(os.path.join(workdir, evidence_rel), evidence)
   cert = certificate.as_dict() if dataclasses.is_dataclass(certificate) else dict(certificate)
+  key = signing_key if signing_key is not None else load_signing_key(key_path(),
+                                                                     workdir=workdir)
+  extra = {}
+  if release is not None:
+    from fastntk_jax.unlearn import release as release_lib  # pylint: disable=g-import-not-at-top
+    rel = release.as_dict() if dataclasses.is_dataclass(release) else dict(release)
+    released, _ = release_lib.noised(params, rel["sigma"], rel["noise_seed"])
+    extra["release"] = {**rel, "released_sha256": hash_tree(released)}
+  if deployed_path is not None:
+    extra["deployed"] = {"path": deployed_path,
+                         "sha256": extra["release"]["released_sha256"] if release is not None
+                         else params_sha}
   return _append(workdir, {
       "request_id": request_id,
       "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -217,25 +348,37 @@ def record_deletion(workdir: str, *, request_id: str, model: Optional[dict], fro
       "batch_size": batch_size, "certificate": cert,
       "evidence": {"path": evidence_rel,
                    "sha256": _file_sha(os.path.join(workdir, evidence_rel))},
-  })
+      "certify_threshold": float(certify_threshold), **extra,
+  }, key)
 
 
 @dataclasses.dataclass
 class Verdict:
-  """The verification of one record."""
+  """The verification of one record.
+
+  Attributes:
+    problems: what does not verify (empty: the record, its evidence, signature and
+      certificate hold).
+    certified: whether the verified bound is at most the record's `certify_threshold` of
+      ‖w_r − w0‖ (None: not checked, e.g. without certificates, or the record failed).
+  """
   index: int
   request_id: str
   problems: list
   summary: str = ""
+  certified: Optional[bool] = None
 
   @property
   def ok(self) -> bool:
-    return not self.problems
+    """Verified, and certified where that was checked."""
+    return not self.problems and self.certified is not False
 
   def line(self) -> str:
-    head = f"{'OK  ' if self.ok else 'FAIL'} #{self.index} {self.request_id}"
+    status = ("FAIL" if self.problems else "NOT CERTIFIED" if self.certified is False
+              else "OK  ")
+    head = f"{status} #{self.index} {self.request_id}"
     return head + (f": {self.summary}" if self.summary else "") + (
-        "" if self.ok else " -- " + "; ".join(self.problems))
+        " -- " + "; ".join(self.problems) if self.problems else "")
 
 
 def _stats_limit() -> int:
@@ -350,22 +493,109 @@ def _check_certificate(workdir: str, record: dict, ev: dict, apply_fn_for) -> tu
   return problems, summary
 
 
+def _check_deployed(workdir: str, record: dict, ev: dict) -> list[str]:
+  """The deployed model the record names is the one it certifies (or releases)."""
+  deployed = record.get("deployed")
+  if not deployed:
+    return []
+  from fastntk_jax.models import checkpoints  # pylint: disable=g-import-not-at-top
+  path = os.path.join(workdir, deployed["path"])
+  if not os.path.isdir(path):
+    return [f"the deployed model {deployed['path']} is missing"]
+  try:
+    restored = checkpoints.restore_checkpoint(path, {"trainable": ev["params"]})
+  except Exception as e:  # pylint: disable=broad-except  # any unreadable checkpoint
+    return [f"the deployed model {deployed['path']} cannot be read ({type(e).__name__})"]
+  if hash_tree(restored["trainable"]) != deployed["sha256"]:
+    return [f"the deployed model {deployed['path']} is not the one certified (corrupted or "
+            "replaced)"]
+  return []
+
+
+def _check_release(record: dict, ev: dict) -> list[str]:
+  """σ is what the (verified) bound gives at the recorded ε, δ; the released parameters are
+  the certified ones plus the noise of the recorded seed."""
+  rel = record.get("release")
+  if not rel:
+    return []
+  from fastntk_jax.unlearn import release as release_lib  # pylint: disable=g-import-not-at-top
+  bound = float(record["certificate"]["distance_bound"])
+  problems = []
+  try:
+    sigma = release_lib.gaussian_sigma(bound, rel["epsilon"], rel["delta"],
+                                       mechanism=rel["mechanism"])
+  except ValueError as e:
+    return [f"the release cannot be calibrated: {e}"]
+  if not float(rel["sigma"]) >= sigma * (1 - 1e-9):
+    problems.append(f"the release's σ {float(rel['sigma']):.6g} is below the {sigma:.6g} its "
+                    f"bound needs at ε = {rel['epsilon']}, δ = {rel['delta']}: the (ε, δ) "
+                    "guarantee does not hold")
+  if float(rel.get("sensitivity", math.nan)) != bound:
+    problems.append("the release is calibrated to another bound than the certificate's")
+  released, _ = release_lib.noised(ev["params"], float(rel["sigma"]), int(rel["noise_seed"]))
+  if hash_tree(released) != rel.get("released_sha256"):
+    problems.append("the released parameters are not the certified ones plus the recorded "
+                    "seed's noise")
+  return problems
+
+
+def _certified(record: dict) -> tuple[bool, str]:
+  cert = record["certificate"]
+  threshold = float(record.get("certify_threshold", 1e-3))
+  rel = float(cert.get("retrain_relative_bound", math.inf))
+  if rel <= threshold:
+    release = record.get("release")
+    return True, ("; certified" + (f", released at (ε = {release['epsilon']:g}, δ = "
+                                   f"{release['delta']:g})" if release else ""))
+  return False, (f"; NOT certified: the bound is {rel:.3g} of ‖w_r − w0‖, above the "
+                 f"threshold {threshold:g} (the parameters may be far from retraining)")
+
+
 # Two samples whose inputs differ by at most this in every entry count as the same sample
 # (`verify`): a forgotten sample copied into D_r with a shift of round-off size is found.
 DUPLICATE_TOLERANCE = 1e-5
 
 
+def check_head(workdir: str, head: dict, public_key: Optional[str] = None) -> list[str]:
+  """Problems of the log against a head exported earlier (`export_head`): its signature
+  (under `public_key` when pinned), a record with its hash at its position, and no record
+  cut from before it."""
+  problems = []
+  try:
+    count, hsh, signer = int(head["count"]), str(head["hash"]), str(head["public_key"])
+    signature = str(head["signature"])
+  except (KeyError, TypeError, ValueError):
+    return ["the head file is not an exported head (count, hash, public_key, signature)"]
+  if public_key is not None and signer != public_key:
+    problems.append("the head is signed by another key than the operator's")
+  if not _signature_ok(signer, signature, _head_message(head)):
+    problems.append("the head's signature does not verify: it was edited")
+  records = read_log(workdir)
+  if len(records) < count:
+    problems.append(f"the log has {len(records)} record(s) where the exported head had "
+                    f"{count}: records were cut from its end")
+  elif records[count - 1].get("hash") != hsh:
+    problems.append(f"record #{count - 1} is not the one the exported head names: the log "
+                    "before it was rewritten")
+  return problems
+
+
 def verify(workdir: str, *, certificates: bool = True,
            apply_fn_for: Optional[Callable[[dict, PyTree], Callable]] = None,
-           duplicate_tolerance: float = DUPLICATE_TOLERANCE) -> list[Verdict]:
+           duplicate_tolerance: float = DUPLICATE_TOLERANCE,
+           public_key: Optional[str] = None) -> list[Verdict]:
   """Re-verifies `<workdir>/audit/log.jsonl`; one `Verdict` per record.
 
   Args:
-    certificates: also recompute every certificate (the costly part).
+    certificates: also recompute every certificate (the costly part), the release's σ and
+      noise, and whether each deletion is certified.
     apply_fn_for: `(record, frozen) -> apply_fn` for networks the record's model spec
       cannot rebuild (default: `models.get_model` from the spec).
     duplicate_tolerance: a forgotten sample whose input is within this of a D_r input (every
       entry, same label) is still in D_r; 0 compares exactly.
+    public_key: the operator's public key (hex) every record must be signed with. None:
+      each record's signature is checked under the key it names, and all must name one key
+      (which, unpinned, proves only that one key signed the whole log).
 
   Raises:
     FileNotFoundError: no log in `workdir`.
@@ -375,6 +605,7 @@ def verify(workdir: str, *, certificates: bool = True,
     raise FileNotFoundError(f"no audit log at {os.path.join(workdir, LOG_NAME)}")
   verdicts = []
   prev = GENESIS
+  signer = public_key
   for k, record in enumerate(read_log(workdir)):
     v = Verdict(index=k, request_id=str(record.get("request_id")), problems=[])
     verdicts.append(v)
@@ -384,6 +615,16 @@ def verify(workdir: str, *, certificates: bool = True,
     if _chain_hash(record.get("prev_hash", ""), record) != record.get("hash"):
       v.problems.append("its hash does not match its content: the record was edited")
     prev = record.get("hash", "")
+    if not record.get("signature") or not record.get("public_key"):
+      v.problems.append("it is not signed (a record written without the operator's key)")
+    else:
+      signer = signer or record["public_key"]
+      if record["public_key"] != signer:
+        v.problems.append("it is signed by another key than " + (
+            "the operator's" if public_key else "the log's other records"))
+      elif not _signature_ok(record["public_key"], record["signature"],
+                             bytes.fromhex(str(record.get("hash", "")))):
+        v.problems.append("its signature does not verify: the record or its hash was forged")
     try:
       ev_rel = record["evidence"]["path"]
       ev_path = os.path.join(workdir, ev_rel)
@@ -423,9 +664,14 @@ def verify(workdir: str, *, certificates: bool = True,
         v.problems.append(f"{len(ids)} forgotten sample(s) are still in D_r (ids {ids[:10]}"
                           f"{' ...' if len(ids) > 10 else ''}; inputs equal within "
                           f"{duplicate_tolerance:g}): the deletion did not remove them")
+      v.problems += _check_deployed(workdir, record, ev)
       if certificates and not v.problems:
         problems, v.summary = _check_certificate(workdir, record, ev, apply_fn_for)
         v.problems += problems
+        if not problems:
+          v.problems += _check_release(record, ev)
+          v.certified, verdict = _certified(record)
+          v.summary += verdict
     except (KeyError, TypeError, ValueError) as e:
       v.problems.append(f"malformed record or evidence ({type(e).__name__}: {e})")
   return verdicts
@@ -435,26 +681,61 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   import argparse  # pylint: disable=g-import-not-at-top
   ap = argparse.ArgumentParser(
       prog="python -m fastntk_jax.audit",
-      description="Re-verify a workdir's deletion log: hash chain, evidence, that no forgotten "
-                  "sample is left in D_r, and every certificate recomputed.")
+      description="Re-verify a workdir's deletion log: hash chain and signatures, evidence, "
+                  "the deployed models, that no forgotten sample is left in D_r, every "
+                  "certificate recomputed and whether it certifies the deletion.")
   ap.add_argument("--workdir", required=True)
   ap.add_argument("--no-certificates", action="store_true",
                   help="skip recomputing the certificates (chain and evidence only)")
+  ap.add_argument("--public_key", default=None,
+                  help="the operator's public key (hex) the records must be signed with; "
+                       f"default: that of the key at ${KEY_ENV} or {DEFAULT_KEY} if present")
+  ap.add_argument("--head", default=None,
+                  help="a head exported earlier (--export_head): the log must still hold it "
+                       "and every record before it")
+  ap.add_argument("--export_head", default=None,
+                  help="write the log's signed head to this file (keep it outside the workdir)")
+  ap.add_argument("--signing_key", default="",
+                  help=f"the operator's key for --export_head (default ${KEY_ENV} or "
+                       f"{DEFAULT_KEY})")
   args = ap.parse_args(argv)
   try:
-    verdicts = verify(args.workdir, certificates=not args.no_certificates)
-  except (FileNotFoundError, ValueError) as e:
+    if args.export_head:
+      key = load_signing_key(key_path(args.signing_key), create=False, workdir=args.workdir)
+      head = export_head(args.workdir, key)
+      wd.atomic_write_json(args.export_head, head)
+      print(f"head of {head['count']} record(s) written to {args.export_head}")
+      return 0
+    public_key, pinned = args.public_key, "given"
+    if public_key is None and os.path.exists(key_path()):
+      public_key, pinned = public_key_hex(load_signing_key(key_path(), create=False)), (
+          f"of {key_path()}")
+    verdicts = verify(args.workdir, certificates=not args.no_certificates,
+                      public_key=public_key)
+    head_problems = []
+    if args.head:
+      with open(args.head, encoding="utf-8") as f:
+        head_problems = check_head(args.workdir, json.load(f), public_key)
+  except (FileNotFoundError, ValueError, OSError) as e:
     print(f"audit: {e}", file=sys.stderr)
     return 1
   for v in verdicts:
     print(v.line())
-  bad = sum(not v.ok for v in verdicts)
   if not verdicts:
     print(f"audit: the log in {args.workdir} is empty", file=sys.stderr)
     return 1
-  print(f"{len(verdicts) - bad} of {len(verdicts)} record(s) verified"
-        + ("" if not bad else f"; {bad} FAILED"))
-  return 1 if bad else 0
+  for problem in head_problems:
+    print(f"FAIL head {args.head}: {problem}")
+  failed = sum(bool(v.problems) for v in verdicts)
+  uncertified = sum(v.certified is False for v in verdicts)
+  print(f"{len(verdicts) - failed} of {len(verdicts)} record(s) verified"
+        + (f"; {failed} FAILED" if failed else "")
+        + (f"; {uncertified} NOT certified" if uncertified else "")
+        + ("; the head matches" if args.head and not head_problems else "")
+        + (f"; signatures checked against the operator's key ({pinned})" if public_key else
+           "; signatures checked against the key the log names, which nothing pinned "
+           "(pass --public_key)"))
+  return 1 if failed or uncertified or head_problems else 0
 
 
 if __name__ == "__main__":

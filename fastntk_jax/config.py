@@ -128,6 +128,21 @@ def base_config() -> ml_collections.ConfigDict:
   # A forget sample listed twice, or also in D_r, is refused; 0 compares inputs exactly, > 0
   # also inputs of the same label within this distance in every entry (near-duplicates).
   c.unlearn.duplicate_tolerance = 0.0
+  # Certified removal (unlearn.release, docs/certified_removal.md). A deletion counts as
+  # certified when its bound on ‖w − w_r‖ is at most this fraction of ‖w_r − w0‖ (w_r the
+  # retrain of the linearised model); above it the audit says it is not certified.
+  c.unlearn.certify_threshold = 1e-3
+  # True: Fast-NTK's released model is w + N(0, σ²I) with σ calibrated to the certificate's
+  # bound, (epsilon, delta)-indistinguishable from the retrain released the same way.
+  c.unlearn.certified = False
+  c.unlearn.epsilon = 1.0  # the released model's ε (certified=True)
+  c.unlearn.delta = 1e-5  # and its δ
+  # The ε whose accuracy cost (UA/RA/TA with and without noise) results report, at delta.
+  c.unlearn.release_epsilons = (0.1, 1.0, 10.0)
+  # The Ed25519 key that signs each record of the deletion log, kept outside the workdir
+  # (created on first use, mode 0600). "" = $FASTNTK_AUDIT_KEY or
+  # ~/.config/fastntk_jax/audit_ed25519.pem.
+  c.unlearn.signing_key = ""
 
   # The blocks of the method plug-ins (fastntk_jax/experiment/methods/<name>.py; Fast-NTK's
   # is `unlearn`).
@@ -285,6 +300,25 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   u = cfg.unlearn
   _positive("unlearn.damping", u.damping, integer=False, allow_zero=True)
   _positive("unlearn.duplicate_tolerance", u.duplicate_tolerance, integer=False, allow_zero=True)
+  _positive("unlearn.certify_threshold", u.certify_threshold, integer=False)
+  if not isinstance(u.certified, bool):
+    raise ValueError(f"config.unlearn.certified={u.certified!r} must be True or False")
+  epsilons = u.release_epsilons
+  if isinstance(epsilons, str) or not isinstance(epsilons, (tuple, list)):
+    raise ValueError(f"config.unlearn.release_epsilons={epsilons!r} must be a list of ε, e.g. "
+                     "'(0.1, 1.0, 10.0)' (or () for none)")
+  for field, value in [("epsilon", u.epsilon)] + [("release_epsilons", e) for e in epsilons]:
+    _positive(f"unlearn.{field}", value, integer=False)
+    if value > 100:
+      raise ValueError(f"config.unlearn.{field}={value!r}: ε must be in (0, 100]")
+  _positive("unlearn.delta", u.delta, integer=False)
+  if not u.delta < 1:
+    raise ValueError(f"config.unlearn.delta={u.delta!r} must be in (0, 1), e.g. 1e-5")
+  if not isinstance(u.signing_key, str):
+    raise ValueError(f"config.unlearn.signing_key={u.signing_key!r} must be a file path or ''")
+  if u.certified and "fastntk" not in cfg.methods:
+    raise ValueError("config.unlearn.certified=True releases Fast-NTK's model with noise, but "
+                     "config.methods does not run 'fastntk'")
   if "fastntk" in cfg.methods and not u.damping > 0:
     raise ValueError(f"config.unlearn.damping={u.damping!r}: every Fast-NTK deletion of a run is "
                      "certified, and the certificate's bound divides by λ; set "

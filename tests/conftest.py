@@ -12,12 +12,18 @@ test order).
 
 import os
 import shutil
+import tempfile
 
 import jax
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT = os.path.join(ROOT, "configs", "default.py")
+
+# The deletion log's signing key (fastntk_jax.audit): one test key for the suite, never the
+# user's (~/.config/fastntk_jax). Subprocesses inherit it.
+os.environ.setdefault("FASTNTK_AUDIT_KEY", os.path.join(
+    tempfile.gettempdir(), f"fastntk_jax_test_{os.getuid()}", "audit_ed25519.pem"))
 
 
 @pytest.fixture(autouse=True)

@@ -179,21 +179,36 @@ def _linear_log(workdir, request_ids=("r",)):
   return lambda record, frozen: model.apply
 
 
-def _rehash(records):
+def _rehash(records, key="operator"):
+  """The records re-chained (and re-signed with `key`: "operator" = the suite's key, i.e. a
+  claim the operator itself signed; None: left with their old signatures)."""
+  if key == "operator":
+    key = audit.load_signing_key(audit.key_path())
   prev, out = audit.GENESIS, []
   for k, r in enumerate(records):
     r = {**r, "index": k, "prev_hash": prev}
+    if key is not None:
+      r["public_key"] = audit.public_key_hex(key)
     r["hash"] = audit._chain_hash(prev, r)  # pylint: disable=protected-access
+    if key is not None:
+      r["signature"] = key.sign(bytes.fromhex(r["hash"])).hex()
     prev = r["hash"]
     out.append(json.dumps(r, sort_keys=True))
   return out
+
+
+def _operator_key_hex():
+  return audit.public_key_hex(audit.load_signing_key(audit.key_path()))
 
 
 def test_a_network_without_model_spec_verifies_when_its_last_class_is_forgotten(tmp_path):
   """C comes from the network's logits, not from D_r's largest label (was: a shape error)."""
   apply_fn_for = _linear_log(str(tmp_path), request_ids=("r", "é/✓ 名前 " + "x" * 300))
   verdicts = audit.verify(str(tmp_path), apply_fn_for=apply_fn_for)
-  assert all(v.ok for v in verdicts), [v.line() for v in verdicts]
+  assert all(not v.problems for v in verdicts), [v.line() for v in verdicts]
+  # w = w0 + 0.01 everywhere is no retrain: verified, and plainly not certified.
+  assert all(v.certified is False and not v.ok for v in verdicts)
+  assert "NOT certified" in verdicts[0].line()
 
 
 @pytest.mark.parametrize("field, value", [
@@ -255,3 +270,112 @@ def test_a_write_torn_by_a_crash_does_not_block_the_log(audited, tmp_path):
   assert record["index"] == 2
   verdicts = audit.verify(workdir, certificates=False)
   assert [v.ok for v in verdicts] == [True, True, True], [v.line() for v in verdicts]
+
+
+# --------------------------------------------------------------------------------------------
+# A forger with write access to the workdir, and verdicts that mean what they say
+# --------------------------------------------------------------------------------------------
+
+
+def test_a_forged_record_appended_with_its_hash_recomputed_fails(tmp_path):
+  workdir = str(tmp_path)
+  apply_fn_for = _linear_log(workdir, request_ids=("r", "s"))
+  records = [json.loads(l) for l in _lines(workdir)]
+  forged = {**records[-1], "request_id": "forged"}
+  lines = _lines(workdir) + _rehash(records + [forged], key=None)[-1:]
+  _write_lines(workdir, lines)
+  verdicts = audit.verify(workdir, apply_fn_for=apply_fn_for, certificates=False)
+  assert [bool(v.problems) for v in verdicts] == [False, False, True]
+  assert "signature does not verify" in verdicts[-1].line()
+
+
+def test_a_dropped_record_with_the_chain_recomputed_fails(tmp_path):
+  workdir = str(tmp_path)
+  apply_fn_for = _linear_log(workdir, request_ids=("r", "s", "t"))
+  records = [json.loads(l) for l in _lines(workdir)]
+  _write_lines(workdir, _rehash([records[0], records[2]], key=None))
+  verdicts = audit.verify(workdir, apply_fn_for=apply_fn_for, certificates=False)
+  assert not verdicts[0].problems and "signature does not verify" in verdicts[1].line()
+  # Re-signed with the forger's own key: every signature verifies under the key the log
+  # names, but not under the operator's.
+  from cryptography.hazmat.primitives.asymmetric import ed25519  # pylint: disable=g-import-not-at-top
+  _write_lines(workdir, _rehash([records[0], records[2]],
+                                key=ed25519.Ed25519PrivateKey.generate()))
+  assert all(not v.problems for v in audit.verify(workdir, certificates=False))
+  pinned = audit.verify(workdir, certificates=False, public_key=_operator_key_hex())
+  assert all("another key than the operator's" in v.line() for v in pinned)
+
+
+def test_an_unsigned_record_fails(tmp_path):
+  workdir = str(tmp_path)
+  _linear_log(workdir)
+  (record,) = [json.loads(l) for l in _lines(workdir)]
+  del record["signature"]
+  _write_lines(workdir, [json.dumps(record, sort_keys=True)])
+  (verdict,) = audit.verify(workdir, certificates=False)
+  assert "not signed" in verdict.line()
+
+
+def test_the_exported_head_catches_a_cut_log_and_a_rewritten_one(tmp_path, capsys):
+  workdir = str(tmp_path / "w")
+  apply_fn_for = _linear_log(workdir, request_ids=("r", "s"))
+  head_file = str(tmp_path / "head.json")
+  assert audit.main(["--workdir", workdir, "--export_head", head_file]) == 0
+  head = json.load(open(head_file))
+  assert head["count"] == 2 and audit.check_head(workdir, head, _operator_key_hex()) == []
+  lines = _lines(workdir)
+  _write_lines(workdir, lines[:1])  # the last record cut
+  assert any("cut from its end" in p for p in audit.check_head(workdir, head))
+  records = [json.loads(l) for l in lines]
+  records[1]["request_id"] = "rewritten"
+  _write_lines(workdir, _rehash(records))  # even re-signed with the operator's key
+  assert any("not the one the exported head names" in p
+             for p in audit.check_head(workdir, head))
+  forged = {**head, "count": 1}
+  assert any("signature does not verify" in p for p in audit.check_head(workdir, forged))
+  capsys.readouterr()
+  assert audit.main(["--workdir", workdir, "--head", head_file, "--no-certificates"]) == 1
+  assert "FAIL head" in capsys.readouterr().out
+  del apply_fn_for
+
+
+def test_a_signing_key_inside_the_workdir_is_refused(tmp_path):
+  with pytest.raises(ValueError, match="inside the workdir"):
+    audit.load_signing_key(str(tmp_path / "w" / "key.pem"), workdir=str(tmp_path / "w"))
+
+
+@pytest.mark.slow
+def test_a_deployed_model_that_is_not_the_certified_one_fails(audited, tmp_path):
+  workdir = _copy(audited, tmp_path)
+  record = json.loads(_lines(workdir)[0])
+  deployed = os.path.join(workdir, record["deployed"]["path"])
+  from fastntk_jax.models import checkpoints  # pylint: disable=g-import-not-at-top
+  ev = wd.load_state(os.path.join(workdir, record["evidence"]["path"]), None)
+  tampered = jax.tree_util.tree_map(lambda a: np.asarray(a) + np.asarray(1e-3, a.dtype),
+                                    ev["params"])
+  checkpoints.save_checkpoint(deployed, {"trainable": tampered}, overwrite=True)
+  verdicts = audit.verify(workdir, certificates=False)
+  assert "is not the one certified" in verdicts[0].line() and not verdicts[1].problems
+  shutil.rmtree(deployed)
+  assert "is missing" in audit.verify(workdir, certificates=False)[0].line()
+
+
+@pytest.mark.slow
+def test_a_release_whose_noise_is_below_its_bound_fails(audited, tmp_path):
+  """A record (signed by the operator) claiming (ε, δ) with less noise than its bound
+  needs."""
+  from fastntk_jax.unlearn import release  # pylint: disable=g-import-not-at-top
+  workdir = _copy(audited, tmp_path)
+  records = [json.loads(l) for l in _lines(workdir)]
+  ev = wd.load_state(os.path.join(workdir, records[0]["evidence"]["path"]), None)
+  bound = records[0]["certificate"]["distance_bound"]
+  sigma = release.gaussian_sigma(bound, 1.0, 1e-5) / 2
+  noised, _ = release.noised(ev["params"], sigma, 7)
+  records[0]["release"] = {"epsilon": 1.0, "delta": 1e-5, "sigma": sigma, "sensitivity": bound,
+                           "mechanism": "analytic", "noise_seed": 7,
+                           "released_sha256": audit.hash_tree(noised)}
+  records[0].pop("deployed", None)
+  _write_lines(workdir, _rehash(records))
+  verdicts = audit.verify(workdir)
+  assert "the (ε, δ) guarantee does not hold" in verdicts[0].line()
+  assert verdicts[1].ok, verdicts[1].line()

@@ -163,14 +163,22 @@ BAD_VALUES = {
     "unknown-method": ("--config.methods=('fastntk','salum')", ["unknown method 'salum'"]),
     "repeated-method": ("--config.methods=('fastntk','fastntk')", ["names a method twice"]),
     "negative-tolerance": ("--config.unlearn.duplicate_tolerance=-1.0", ["duplicate_tolerance"]),
+    "delta-1": ("--config.unlearn.delta=1.0", ["config.unlearn.delta=1.0", "(0, 1)"]),
+    "epsilon-0": ("--config.unlearn.epsilon=0.0", ["config.unlearn.epsilon=0.0", "> 0"]),
+    "release-epsilon-too-big": ("--config.unlearn.release_epsilons=(0.1,1000.0)",
+                                ["config.unlearn.release_epsilons=1000.0", "(0, 100]"]),
+    "zero-threshold": ("--config.unlearn.certify_threshold=0.0", ["certify_threshold"]),
+    "certified-without-fastntk": (("--config.unlearn.certified=True",
+                                   "--config.methods=('full','retrain')"),
+                                  ["certified=True", "does not run 'fastntk'"]),
 }
 
 
 @pytest.mark.parametrize("case", sorted(BAD_VALUES))
 def test_bad_values_are_refused_by_validation_naming_the_field(case):
-  flag, needles = BAD_VALUES[case]
+  flags_, needles = BAD_VALUES[case]
   with pytest.raises(ValueError) as e:
-    parse(flag)
+    parse(*(flags_ if isinstance(flags_, tuple) else (flags_,)))
   for needle in needles:
     assert needle in str(e.value), str(e.value)
 

@@ -187,3 +187,27 @@ def test_results_md_states_a_precision_warning_a_capped_relearn_and_the_kernel(t
   assert "Precision (seed 0)" not in text
   assert "a relearn time equal to the cap is a lower bound" in text
   assert "neural-tangents not installed (the kernel by JAX)" in text
+
+
+def test_a_certified_release_is_deployed_reported_and_audited(tmp_path, capsys):
+  """unlearn.certified: the deployed Fast-NTK model is the noised one, results.md gives the
+  accuracy cost per ε, and the audit re-derives σ and the noise and finds the deployed model."""
+  from fastntk_jax import audit  # pylint: disable=g-import-not-at-top
+  from fastntk_jax.unlearn import release  # pylint: disable=g-import-not-at-top
+  cfg = tiny()
+  with cfg.unlocked():
+    cfg.unlearn.certified = True
+    cfg.unlearn.epsilon = 10.0
+  workdir = str(tmp_path / "w")
+  results = run_lib.run(cfg, workdir, show_progress=False)
+  diag = results["timing"]["fastntk_diagnostics"]["0"]
+  assert diag["certified"] and diag["release"]["epsilon"] == 10.0
+  assert diag["release"]["sigma"] == pytest.approx(release.analytic_sigma(
+      diag["certificate"]["distance_bound"], 10.0, 1e-5), rel=1e-12)
+  assert set(diag["release_cost"]["by_epsilon"]) == {"0.1", "1", "10"}
+  text = open(os.path.join(workdir, "results.md")).read()
+  assert "certified release of Fast-NTK" in text and "| ε = 0.1 |" in text
+  assert "is the noised one at ε = 10" in text
+  assert audit.main(["--workdir", workdir]) == 0
+  out = capsys.readouterr().out
+  assert "certified, released at (ε = 10, δ = 1e-05)" in out, out

@@ -19,16 +19,7 @@ def evaluate_method(model, trainable, frozen, data, cfg, seed: int, name: str,
   """Accuracies on every split, UA/RA/TA/MIA-Efficacy and the relearn time of one method's
   params. `fit(model, params, frozen, split, spec, *, seed, tag, stop_below)` trains (the
   relearning): `train.fit` with the run's progress and mesh."""
-  predict = lambda split: train_lib.predict(model, trainable, frozen, split.x,
-                                            batch_size=cfg.eval.batch_size)
-  logits = {name: predict(getattr(data, name))
-            for name in ("retain", "forget", "test_retain", "test_forget")}
-  metrics = {f"acc_{name}": train_lib.accuracy(z, getattr(data, name).y)
-             for name, z in logits.items()}
-  # The unlearning field's metrics (SalUn / Unlearn-Sparse): UA, RA, TA (test without the
-  # forgotten classes) and MIA-Efficacy (hold-out of the retained classes as non-members).
-  metrics.update(ua=100.0 - metrics["acc_forget"], ra=metrics["acc_retain"],
-                 ta=metrics["acc_test_retain"])
+  metrics, logits = _accuracies(model, trainable, frozen, data, cfg.eval.batch_size)
   metrics["mia_efficacy"] = (mia.mia_efficacy(
       logits["retain"], data.retain.y, logits["test_retain"], data.test_retain.y,
       logits["forget"], data.forget.y, seed=seed) if data.test_retain.size else None)
@@ -41,6 +32,25 @@ def evaluate_method(model, trainable, frozen, data, cfg, seed: int, name: str,
   metrics["relearn_protocol"] = (f"{spec.describe()}, until D_f loss < "
                                  f"{cfg.eval.relearn_threshold:g}, cap {spec.epochs}")
   return metrics
+
+
+def _accuracies(model, trainable, frozen, data, batch_size: int) -> tuple[dict, dict]:
+  predict = lambda split: train_lib.predict(model, trainable, frozen, split.x,
+                                            batch_size=batch_size)
+  logits = {name: predict(getattr(data, name))
+            for name in ("retain", "forget", "test_retain", "test_forget")}
+  metrics = {f"acc_{name}": train_lib.accuracy(z, getattr(data, name).y)
+             for name, z in logits.items()}
+  # The unlearning field's metrics (SalUn / Unlearn-Sparse): UA, RA, TA (test without the
+  # forgotten classes).
+  metrics.update(ua=100.0 - metrics["acc_forget"], ra=metrics["acc_retain"],
+                 ta=metrics["acc_test_retain"])
+  return metrics, logits
+
+
+def accuracies(model, trainable, frozen, data, *, batch_size: int) -> dict:
+  """Accuracy on every split (`acc_<split>`) and UA, RA, TA of one model's params."""
+  return _accuracies(model, trainable, frozen, data, batch_size)[0]
 
 
 def linear_probe(model, start, frozen, data, cfg, seed: int, tag: str, fit: Callable) -> dict:

@@ -57,6 +57,7 @@ from fastntk_jax.experiment import stages
 from fastntk_jax.models import trainable as tr
 from fastntk_jax.unlearn import api as unlearn_api
 from fastntk_jax.unlearn import certificate as certificate_lib
+from fastntk_jax.unlearn import release as release_lib
 
 log = logging.getLogger(__name__)
 PyTree = Any
@@ -75,6 +76,8 @@ class Setup:
     forgetter: the one `unlearn.Forgetter` (config.unlearn's options, the network at w0).
     methods: the plug-ins of `config.methods`, in order.
     progress: bars and TensorBoard scalars. mesh: the data-parallel mesh or None.
+    signing_key: the operator's Ed25519 key that signs the deletion log (None: no method
+      that records deletions runs).
   """
   cfg: ml_collections.ConfigDict
   workdir: str
@@ -85,6 +88,7 @@ class Setup:
   methods: tuple
   progress: Any
   mesh: Any
+  signing_key: Any = None
 
 
 def make_forgetter(cfg, model, frozen_pre: dict, num_classes: int):
@@ -131,10 +135,15 @@ def _frozen_of(tuner, out: dict) -> dict:
                                  if "batch_stats" in out else {})}
 
 
-def _certify(setup: Setup, ctx, params, data, diagnostics: dict, retrain) -> dict:
-  """The certificate of a deletion (`Forgetter.certify`) and its record in the workdir's audit
-  log (`fastntk_jax.audit`); returns the diagnostics entries to add."""
+def _certify(setup: Setup, ctx, params, data, diagnostics: dict, retrain,
+             deployed_path: str) -> tuple[dict, Any]:
+  """The certificate of a deletion (`Forgetter.certify`), its certified release when
+  `unlearn.certified` (`unlearn.release`) with the accuracy cost of each ε of
+  `unlearn.release_epsilons`, and its signed record in the workdir's audit log
+  (`fastntk_jax.audit`); returns (the diagnostics entries to add, the deployed params:
+  `params`, or the released ones)."""
   cfg, forgetter = setup.cfg, setup.forgetter
+  u = cfg.unlearn
   start = time.perf_counter()
   retain = (data.retain.x, data.retain.y)
   # The one linearised model of the run: the Gram statistics Full, Retrain and the update
@@ -149,6 +158,21 @@ def _certify(setup: Setup, ctx, params, data, diagnostics: dict, retrain) -> dic
                                               cfg.unlearn.damping, cert)
   request_id = f"seed{ctx.seed}/fastntk"
   log.info("%s: certificate: %s", request_id, cert.statement)
+  extra["certified"] = bool(cert.retrain_relative_bound <= u.certify_threshold)
+  deployed, release = params, None
+  if math.isfinite(cert.distance_bound) and cert.distance_bound > 0:
+    extra["release_cost"] = _release_cost(setup, ctx, params, data, cert)
+  if u.certified:
+    if not extra["certified"]:
+      raise ValueError(f"{request_id}: unlearn.certified=True, but the certificate bounds "
+                       f"‖w − w_r‖ by {cert.retrain_relative_bound:.3g} of ‖w_r − w0‖, above "
+                       f"unlearn.certify_threshold={u.certify_threshold:g}: no release is "
+                       "certified (use linearised fine-tuning, finetune.mode='linearized')")
+    deployed, release = release_lib.certified_release(
+        params, cert, epsilon=float(u.epsilon), delta=float(u.delta),
+        noise_seed=_noise_seed(ctx.seed))
+    extra["release"] = release.as_dict()
+    log.info("%s: released with noise: %s", request_id, release.statement)
   record = audit.record_deletion(
       setup.workdir, request_id=request_id,
       model={"name": cfg.model.name, "num_classes": int(data.num_classes),
@@ -158,9 +182,31 @@ def _certify(setup: Setup, ctx, params, data, diagnostics: dict, retrain) -> dic
       # D is D_r followed by D_f (`data.train`): the forgotten ids are D_f's rows of D.
       forget_ids=np.arange(data.retain.size, data.retain.size + data.forget.size),
       damping=float(cfg.unlearn.damping), solver=diagnostics.get("solver"),
-      certificate=cert, batch_size=cfg.unlearn.batch_size, retain_stats=stats)
+      certificate=cert, batch_size=cfg.unlearn.batch_size, retain_stats=stats,
+      signing_key=setup.signing_key, release=release, deployed_path=deployed_path,
+      certify_threshold=float(u.certify_threshold))
   return {"certificate": cert.as_dict(), "certificate_seconds": seconds,
-          "audit_record": record["index"], **extra}
+          "audit_record": record["index"], **extra}, deployed
+
+
+def _noise_seed(seed: int) -> int:
+  """The release noise's seed for a run seed (any fixed map; recorded with the release)."""
+  return int(np.random.SeedSequence([int(seed), 0x5E1EA5E]).generate_state(1)[0])
+
+
+def _release_cost(setup: Setup, ctx, params, data, cert) -> dict:
+  """UA/RA/TA of `params` and of its certified releases at each ε of
+  `unlearn.release_epsilons` (δ = `unlearn.delta`): what the guarantee costs in accuracy."""
+  u = setup.cfg.unlearn
+  measure = lambda p: evaluate.accuracies(ctx.net, p, ctx.frozen, data,
+                                          batch_size=setup.cfg.eval.batch_size)
+  out = {"none": measure(params), "delta": float(u.delta), "by_epsilon": {}}
+  for eps in u.release_epsilons:
+    noised, rel = release_lib.certified_release(params, cert, epsilon=float(eps),
+                                                delta=float(u.delta),
+                                                noise_seed=_noise_seed(ctx.seed))
+    out["by_epsilon"][f"{float(eps):g}"] = {**measure(noised), "sigma": rel.sigma}
+  return out
 
 
 def _reference_distances(w0, params, retrain, stats, damping, cert) -> dict:
@@ -218,10 +264,13 @@ def run_seed(setup: Setup, data, seed: int) -> dict:
       result = method.run(ctx, methods_lib.block(cfg, method))
       timings[method.name] = result.seconds
       diag = dict(result.diagnostics)
+      params = result.params
       if method.name == "fastntk":
-        diag.update(_certify(setup, ctx, result.params, data, diag, retrain["trainable"]))
+        entries, params = _certify(setup, ctx, params, data, diag, retrain["trainable"],
+                                   os.path.relpath(os.path.join(sdir, name), setup.workdir))
+        diag.update(entries)
       wd.atomic_write_json(diag_path, diag)
-      return {"trainable": result.params}
+      return {"trainable": params}
 
     out = stages.array_stage(os.path.join(sdir, name), {"trainable": w0}, compute)
     models_of[name] = (out["trainable"], frozen_full)
@@ -455,6 +504,10 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, *, show_progress: bool = T
   """
   with linalg.enable_x64(config_lib.solve_dtype(cfg) is not None):
     p = prepared or prepare(cfg)
+    # The key that signs the deletion log: outside the workdir (refused inside it), created
+    # on first use, before the workdir is touched.
+    key = (audit.load_signing_key(audit.key_path(p.cfg.unlearn.signing_key), workdir=workdir)
+           if "fastntk" in p.cfg.methods else None)
     with wd.hold(workdir, exclusive=jax.process_index() == 0):
       wd.claim(workdir, p.cfg)
       if on_ready is not None:
@@ -462,16 +515,16 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, *, show_progress: bool = T
       for note in config_lib.ignored_fields(p.cfg):
         log.info("%s", note)
       log.info("data: %s", p.data.describe())
-      return _run(p.cfg, workdir, p.data, p.model, p.plugins, p.mesh, show_progress)
+      return _run(p.cfg, workdir, p.data, p.model, p.plugins, p.mesh, show_progress, key)
 
 
-def _run(cfg, workdir, data, model, plugins, mesh, show_progress) -> dict:
+def _run(cfg, workdir, data, model, plugins, mesh, show_progress, signing_key) -> dict:
   progress = progress_lib.Progress(workdir, show_progress)
   pretrained = pretrain.pretrain_stage(cfg, model, data, workdir, progress, mesh)
   w_pre, frozen_pre = tr.split(pretrained)
   setup = Setup(cfg=cfg, workdir=workdir, model=model, frozen_pre=frozen_pre, w_pre=w_pre,
                 forgetter=make_forgetter(cfg, model, frozen_pre, data.num_classes),
-                methods=plugins, progress=progress, mesh=mesh)
+                methods=plugins, progress=progress, mesh=mesh, signing_key=signing_key)
   per_seed, draws = {}, {}
   for seed in cfg.seeds:
     log.info("seed %d", seed)
