@@ -34,6 +34,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
+from fastntk_jax import signing
 from fastntk_jax import workdir as wd
 from fastntk_jax.unlearn import validate
 
@@ -77,89 +78,6 @@ def _chain_hash(prev: str, record: dict) -> str:
   return _sha(prev.encode(), _canonical(body))
 
 
-# --------------------------------------------------------------------------------------
-# Signatures: the operator's Ed25519 key, kept outside the workdir.
-# --------------------------------------------------------------------------------------
-
-KEY_ENV = "FASTNTK_AUDIT_KEY"
-DEFAULT_KEY = os.path.join("~", ".config", "fastntk_jax", "audit_ed25519.pem")
-
-
-def key_path(configured: str = "") -> str:
-  """The signing key's file: `configured`, else $FASTNTK_AUDIT_KEY, else `DEFAULT_KEY`."""
-  return os.path.abspath(os.path.expanduser(configured or os.environ.get(KEY_ENV)
-                                            or DEFAULT_KEY))
-
-
-def load_signing_key(path: str, *, create: bool = True, workdir: Optional[str] = None):
-  """The Ed25519 private key in `path` (PEM, unencrypted), created (mode 0600) when missing
-  and `create`. A key inside `workdir` is refused: whoever can write the log could then sign
-  forgeries with it.
-
-  Raises:
-    ValueError: a key inside the workdir, or a file that is not an Ed25519 PEM key.
-  """
-  from cryptography.hazmat.primitives import serialization  # pylint: disable=g-import-not-at-top
-  from cryptography.hazmat.primitives.asymmetric import ed25519  # pylint: disable=g-import-not-at-top
-  path = os.path.abspath(path)
-  if workdir is not None:
-    inside = os.path.commonpath([path, os.path.abspath(workdir)]) == os.path.abspath(workdir)
-    if inside:
-      raise ValueError(f"the signing key {path} lies inside the workdir {workdir}: anyone who "
-                       "can edit the log could sign with it; keep it elsewhere "
-                       f"(config.unlearn.signing_key or ${KEY_ENV})")
-  if not os.path.exists(path):
-    if not create:
-      raise ValueError(f"no signing key at {path}")
-    key = ed25519.Ed25519PrivateKey.generate()
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                            serialization.NoEncryption())
-    # Written whole under another name, then linked into place: a process creating the key
-    # at the same moment either wins (this one reads its key) or loses (it reads ours).
-    tmp = f"{path}.{os.getpid()}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-      f.write(pem)
-      f.flush()
-      os.fsync(f.fileno())
-    try:
-      os.link(tmp, path)
-      log.info("created the deletion log's signing key %s (keep it; its public key is in "
-               "every record)", path)
-      return key
-    except FileExistsError:
-      pass
-    finally:
-      os.unlink(tmp)
-  with open(path, "rb") as f:
-    try:
-      key = serialization.load_pem_private_key(f.read(), password=None)
-    except (ValueError, TypeError) as e:
-      raise ValueError(f"{path} is not an unencrypted PEM private key: {e}") from None
-  if not isinstance(key, ed25519.Ed25519PrivateKey):
-    raise ValueError(f"{path} holds a {type(key).__name__}, not an Ed25519 key")
-  return key
-
-
-def public_key_hex(key) -> str:
-  """The raw 32-byte public key of an Ed25519 private key, hex."""
-  from cryptography.hazmat.primitives import serialization  # pylint: disable=g-import-not-at-top
-  return key.public_key().public_bytes(serialization.Encoding.Raw,
-                                       serialization.PublicFormat.Raw).hex()
-
-
-def _signature_ok(public_hex: str, signature_hex: str, message: bytes) -> bool:
-  from cryptography.exceptions import InvalidSignature  # pylint: disable=g-import-not-at-top
-  from cryptography.hazmat.primitives.asymmetric import ed25519  # pylint: disable=g-import-not-at-top
-  try:
-    ed25519.Ed25519PublicKey.from_public_bytes(bytes.fromhex(public_hex)).verify(
-        bytes.fromhex(signature_hex), message)
-    return True
-  except (InvalidSignature, ValueError, TypeError):
-    return False
-
-
 def export_head(workdir: str, key) -> dict:
   """The log's signed head: the number of records and the last one's hash, signed with the
   operator's key. Kept outside the workdir, it lets a later `verify(head=...)` check that no
@@ -173,7 +91,7 @@ def export_head(workdir: str, key) -> dict:
   if not records:
     raise ValueError(f"the log in {workdir} is empty: no head to export")
   head = {"count": len(records), "hash": records[-1]["hash"],
-          "public_key": public_key_hex(key),
+          "public_key": signing.public_key_hex(key),
           "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
   head["signature"] = key.sign(_head_message(head)).hex()
   return head
@@ -243,7 +161,7 @@ def _append(workdir: str, record: dict, key) -> dict:
   records = read_log(workdir)
   record = {**record, "index": len(records),
             "prev_hash": records[-1]["hash"] if records else GENESIS,
-            "public_key": public_key_hex(key)}
+            "public_key": signing.public_key_hex(key)}
   record["hash"] = _chain_hash(record["prev_hash"], record)
   record["signature"] = key.sign(bytes.fromhex(record["hash"])).hex()
   os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -277,8 +195,8 @@ def record_deletion(workdir: str, *, request_id: str, model: Optional[dict], fro
     retain_stats: (G_r, b_r) the certificate was made from (basis "gram_statistics"): kept in
       the evidence when p <= `certificate.GRAM_BASIS_MAX_PARAMS`, so that the verifier bounds
       with the very model certified and checks that D_r gives those statistics.
-    signing_key: the operator's Ed25519 private key (`load_signing_key`); None: the one at
-      `key_path()`, created when missing.
+    signing_key: the operator's Ed25519 private key (`signing.load_signing_key`); None: the
+      one at `signing.key_path()`, created when missing.
     release: the `unlearn.release.Release` when the deployed model is `params` noised (the
       verifier recomputes σ from the bound and the noise from its seed).
     deployed_path: the deployed model's checkpoint relative to `workdir` (an orbax folder
@@ -325,8 +243,8 @@ def record_deletion(workdir: str, *, request_id: str, model: Optional[dict], fro
   evidence_rel = os.path.join("audit", f"{index:05d}-{safe}.evidence")
   wd.save_state(os.path.join(workdir, evidence_rel), evidence)
   cert = certificate.as_dict() if dataclasses.is_dataclass(certificate) else dict(certificate)
-  key = signing_key if signing_key is not None else load_signing_key(key_path(),
-                                                                     workdir=workdir)
+  key = signing_key if signing_key is not None else signing.load_signing_key(
+      signing.key_path(), workdir=workdir)
   extra = {}
   if release is not None:
     from fastntk_jax.unlearn import release as release_lib  # pylint: disable=g-import-not-at-top
@@ -568,7 +486,7 @@ def check_head(workdir: str, head: dict, public_key: Optional[str] = None) -> li
     return ["the head file is not an exported head (count, hash, public_key, signature)"]
   if public_key is not None and signer != public_key:
     problems.append("the head is signed by another key than the operator's")
-  if not _signature_ok(signer, signature, _head_message(head)):
+  if not signing.signature_ok(signer, signature, _head_message(head)):
     problems.append("the head's signature does not verify: it was edited")
   records = read_log(workdir)
   if len(records) < count:
@@ -622,7 +540,7 @@ def verify(workdir: str, *, certificates: bool = True,
       if record["public_key"] != signer:
         v.problems.append("it is signed by another key than " + (
             "the operator's" if public_key else "the log's other records"))
-      elif not _signature_ok(record["public_key"], record["signature"],
+      elif not signing.signature_ok(record["public_key"], record["signature"],
                              bytes.fromhex(str(record.get("hash", "")))):
         v.problems.append("its signature does not verify: the record or its hash was forged")
     try:
@@ -689,27 +607,28 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                   help="skip recomputing the certificates (chain and evidence only)")
   ap.add_argument("--public_key", default=None,
                   help="the operator's public key (hex) the records must be signed with; "
-                       f"default: that of the key at ${KEY_ENV} or {DEFAULT_KEY} if present")
+                       f"default: that of the key at ${signing.KEY_ENV} or {signing.DEFAULT_KEY} if present")
   ap.add_argument("--head", default=None,
                   help="a head exported earlier (--export_head): the log must still hold it "
                        "and every record before it")
   ap.add_argument("--export_head", default=None,
                   help="write the log's signed head to this file (keep it outside the workdir)")
   ap.add_argument("--signing_key", default="",
-                  help=f"the operator's key for --export_head (default ${KEY_ENV} or "
-                       f"{DEFAULT_KEY})")
+                  help=f"the operator's key for --export_head (default ${signing.KEY_ENV} or "
+                       f"{signing.DEFAULT_KEY})")
   args = ap.parse_args(argv)
   try:
     if args.export_head:
-      key = load_signing_key(key_path(args.signing_key), create=False, workdir=args.workdir)
+      key = signing.load_signing_key(signing.key_path(args.signing_key), create=False, workdir=args.workdir)
       head = export_head(args.workdir, key)
       wd.atomic_write_json(args.export_head, head)
       print(f"head of {head['count']} record(s) written to {args.export_head}")
       return 0
     public_key, pinned = args.public_key, "given"
-    if public_key is None and os.path.exists(key_path()):
-      public_key, pinned = public_key_hex(load_signing_key(key_path(), create=False)), (
-          f"of {key_path()}")
+    if public_key is None and os.path.exists(signing.key_path()):
+      public_key = signing.public_key_hex(
+          signing.load_signing_key(signing.key_path(), create=False))
+      pinned = f"of {signing.key_path()}"
     verdicts = verify(args.workdir, certificates=not args.no_certificates,
                       public_key=public_key)
     head_problems = []

@@ -22,6 +22,7 @@ import re
 import sys
 import tempfile
 import traceback
+from typing import NoReturn
 
 from absl import flags
 
@@ -209,7 +210,15 @@ def _apply(cfg, aside) -> None:
     value = None if raw.strip() == "None" else _literal(raw)
     if field.startswith(FREE_FORM + "."):
       with node.unlocked():
-        node[parts[-1]] = value
+        try:
+          node[parts[-1]] = value
+        except TypeError:  # the config file gave the option a value of another type
+          before = node[parts[-1]]
+          a = lambda t: ("an " if t.__name__[0] in "aeiou" else "a ") + t.__name__
+          raise ValueError(
+              f"--config.{field}={raw}: config.{field} is {a(type(before))} in this config "
+              f"({before!r}), and {raw!r} reads as {a(type(value))}; give {a(type(before))}"
+              + (", e.g. '(4, 8, 8)'" if isinstance(before, (tuple, list)) else "")) from None
     elif parts[-1] not in node:
       raise ValueError(f"--config.{field}=None: unknown config field {field!r}"
                        f"{_did_you_mean(parts[-1], node.keys())}")
@@ -306,6 +315,11 @@ def parse_flags(argv):
   # config_flags loads the file into the module `config_config`, reusing one a previous parse
   # left (whose get_config would then answer for a file that has none).
   sys.modules.pop(f"{CONFIG_FLAG}_config", None)
+  # config_flags logs its own warning (e.g. "get_config() returned None") through absl before
+  # the log is set up; the refusal below says it in our one line instead.
+  absl_logger = logging.getLogger("absl")
+  level = absl_logger.level
+  absl_logger.setLevel(logging.ERROR)
   try:
     rest = flags.FLAGS(argv)
     cfg = flags.FLAGS[CONFIG_FLAG].value
@@ -334,12 +348,17 @@ def parse_flags(argv):
       file, _, arg = path.partition(":")
       fail(f"config file {file!r} takes no argument (its get_config() has no parameter); "
            f"drop ':{arg}'")
+    where = _where_in(path)
+    if where:  # raised by the config file itself, not by an override
+      fail(f"config file {path.partition(':')[0]!r}: {text.replace('Could not override', 'Could not set')}{where}")
     fail(f"bad flags: {text}")
   except Exception as e:  # pylint: disable=broad-except  # a config file that fails to load
     if "No such file or directory" in str(e):
       fail(_missing_file(path))
     fail(f"--config={path}: {_last_error_line(f'{type(e).__name__}: {e}')}"
          f"{_where_in(path)}")
+  finally:
+    absl_logger.setLevel(level)
   try:
     _apply(cfg, aside)
   except ValueError as e:  # the overrides kept aside, not the file, are at fault
@@ -349,8 +368,10 @@ def parse_flags(argv):
 
 def _missing_file(path: str) -> str:
   """The message for a --config file that is not there (config_flags reads 'file:arg')."""
-  if os.path.isfile(path):  # the whole value names a file, so a ':' split it
-    return (f"config file {path!r}: config_flags reads the text after the first ':' as the "
+  # The whole value, or all of it but a last ':arg', names a file: a ':' split its path.
+  whole = path if os.path.isfile(path) else path.rpartition(":")[0]
+  if ":" in whole and os.path.isfile(whole):
+    return (f"config file {whole!r}: config_flags reads the text after the first ':' as the "
             "config's argument, so a path with ':' in it cannot be loaded; move or link the "
             "file to a path without ':'")
   file, _, arg = path.partition(":")
@@ -362,11 +383,17 @@ def _where_in(path: str) -> str:
   """' (at FILE:LINE)' for the innermost frame of the exception being handled that lies in
   the config file `path`, or ''."""
   file = os.path.abspath(path.partition(":")[0])
-  tb, line = sys.exc_info()[2], None
-  while tb is not None:
-    if os.path.abspath(tb.tb_frame.f_code.co_filename) == file:
-      line = tb.tb_lineno
-    tb = tb.tb_next
+  error, line, seen = sys.exc_info()[1], None, set()
+  while error is not None and id(error) not in seen and line is None:
+    # The error itself, else what it was raised from (config_flags wraps a config file's
+    # own exception in a flags.Error).
+    seen.add(id(error))
+    tb = error.__traceback__
+    while tb is not None:
+      if os.path.abspath(tb.tb_frame.f_code.co_filename) == file:
+        line = tb.tb_lineno
+      tb = tb.tb_next
+    error = error.__cause__ or error.__context__
   return f" (at {path.partition(':')[0]}:{line})" if line else ""
 
 

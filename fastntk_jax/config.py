@@ -355,23 +355,6 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   return cfg
 
 
-def check_files(cfg: ml_collections.ConfigDict) -> None:
-  """Refuses a run whose input files are missing (the pretrained checkpoint): called when a
-  run is prepared, not by `validate`, so that a config naming files on another machine still
-  validates (``--dry_run``, the config tests).
-
-  Raises:
-    ValueError: naming the field, the path and where such files come from.
-  """
-  if cfg.pretrain.source in ("npz", "state_dict", "checkpoint"):
-    kind, exists = (("folder", os.path.isdir) if cfg.pretrain.source == "checkpoint"
-                    else ("file", os.path.isfile))
-    if not exists(cfg.pretrain.path):
-      raise ValueError(f"config.pretrain.path={cfg.pretrain.path!r}: no such {kind} (pretrain."
-                       f"source={cfg.pretrain.source!r}); see README 'Reproducing the paper' "
-                       "for the checkpoints and where they go")
-
-
 def _check_model_options(cfg) -> None:
   options = cfg.model.options
   if not hasattr(options, "items"):

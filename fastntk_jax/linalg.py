@@ -411,6 +411,21 @@ def ridge_solve(gram: jnp.ndarray, rhs: jnp.ndarray, damping, *,
   return x, direct_info(x, matrix, with_condition, [diagonal_condition(chol)])
 
 
+def reference_ridge_solve(gram, rhs, damping) -> np.ndarray:
+  """(G + λI)⁻¹ b [p] on the host by an LU solve (numpy's LAPACK, not the package's Cholesky
+  path) refined twice with residuals in extended precision: an independent float64
+  reference for checking a ridge solve (e.g. the retrain of the linearised model)."""
+  g = np.asarray(gram, np.float64)
+  a = g + float(damping) * np.eye(g.shape[0])
+  b = np.asarray(rhs, np.float64)
+  x = np.linalg.solve(a, b)
+  ld = np.longdouble
+  for _ in range(2):
+    r = b.astype(ld) - (g.astype(ld) @ x.astype(ld) + ld(float(damping)) * x.astype(ld))
+    x = x + np.linalg.solve(a, np.asarray(r, np.float64))
+  return x
+
+
 def schur_delta(k_rr, k_rf, k_ff, e_r, e_f, *, pull_forget: Callable, push_retain: Callable,
                 pull_retain: Callable) -> tuple[jnp.ndarray, list]:
   """Eq. (1) in the dual from the damped kernel blocks, whatever computed them.

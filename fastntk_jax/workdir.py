@@ -102,7 +102,15 @@ def claim(workdir: str, cfg: ml_collections.ConfigDict) -> None:
   mine = config_dict(cfg)
   if os.path.exists(path):
     with open(path) as f:
-      theirs = json.load(f)
+      try:
+        theirs = json.load(f)
+      except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise WorkdirConflictError(
+            f"workdir {workdir!r}: its {CONFIG_FILE} is not a config ({e}); the folder was "
+            "edited or is another program's: use a new --workdir") from None
+    if not isinstance(theirs, dict):
+      raise WorkdirConflictError(f"workdir {workdir!r}: its {CONFIG_FILE} holds a "
+                                 f"{type(theirs).__name__}, not a config; use a new --workdir")
     if theirs != mine:
       diffs = _diff(theirs, mine)
       raise WorkdirConflictError(

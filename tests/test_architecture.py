@@ -112,6 +112,12 @@ ONE_CONCEPT = {
                                "pure functions and drivers",
     "fastntk_jax.unlearn.stream": "the request stream: the state of D, its persistence, and "
                                   "serving a request",
+    "fastntk_jax.audit": "the deletion log: its signed records, their evidence, and their "
+                         "verification (chain, signatures, head, evidence, deployed model, "
+                         "certificate, release)",
+    "fastntk_jax.unlearn.certificate": "the certificate: its two bases (Gram statistics with "
+                                       "a rounding-error analysis; matrix-free), the witness, "
+                                       "the reference distances",
 }
 
 

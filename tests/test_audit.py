@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from fastntk_jax import audit
+from fastntk_jax import signing
 from fastntk_jax import workdir as wd
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -183,12 +184,12 @@ def _rehash(records, key="operator"):
   """The records re-chained (and re-signed with `key`: "operator" = the suite's key, i.e. a
   claim the operator itself signed; None: left with their old signatures)."""
   if key == "operator":
-    key = audit.load_signing_key(audit.key_path())
+    key = signing.load_signing_key(signing.key_path())
   prev, out = audit.GENESIS, []
   for k, r in enumerate(records):
     r = {**r, "index": k, "prev_hash": prev}
     if key is not None:
-      r["public_key"] = audit.public_key_hex(key)
+      r["public_key"] = signing.public_key_hex(key)
     r["hash"] = audit._chain_hash(prev, r)  # pylint: disable=protected-access
     if key is not None:
       r["signature"] = key.sign(bytes.fromhex(r["hash"])).hex()
@@ -198,7 +199,7 @@ def _rehash(records, key="operator"):
 
 
 def _operator_key_hex():
-  return audit.public_key_hex(audit.load_signing_key(audit.key_path()))
+  return signing.public_key_hex(signing.load_signing_key(signing.key_path()))
 
 
 def test_a_network_without_model_spec_verifies_when_its_last_class_is_forgotten(tmp_path):
@@ -341,7 +342,7 @@ def test_the_exported_head_catches_a_cut_log_and_a_rewritten_one(tmp_path, capsy
 
 def test_a_signing_key_inside_the_workdir_is_refused(tmp_path):
   with pytest.raises(ValueError, match="inside the workdir"):
-    audit.load_signing_key(str(tmp_path / "w" / "key.pem"), workdir=str(tmp_path / "w"))
+    signing.load_signing_key(str(tmp_path / "w" / "key.pem"), workdir=str(tmp_path / "w"))
 
 
 @pytest.mark.slow

@@ -12,6 +12,7 @@ from optional import needs_tfds
 
 from fastntk_jax import cli
 from fastntk_jax import workdir as wd
+from fastntk_jax.experiment import prepare as prepare_lib
 from fastntk_jax.experiment import run as run_lib
 
 
@@ -74,7 +75,7 @@ def test_a_config_lacking_a_schema_field_is_refused_naming_it(tmp_path):
 def test_a_forget_set_with_a_repeated_or_retained_sample_is_refused_before_training(
     where, tmp_path, monkeypatch):
   """Retrain on D_r would have seen such a sample: refused when the data is loaded."""
-  load = run_lib.data_splits.load_unlearning_data
+  load = prepare_lib.data_splits.load_unlearning_data
 
   def load_with_a_copy(c):
     data = load(c)
@@ -90,7 +91,7 @@ def test_a_forget_set_with_a_repeated_or_retained_sample_is_refused_before_train
           index=np.concatenate([retain.index, forget.index[:1]]))
     return dataclasses.replace(data, forget=forget, retain=retain)
 
-  monkeypatch.setattr(run_lib.data_splits, "load_unlearning_data", load_with_a_copy)
+  monkeypatch.setattr(prepare_lib.data_splits, "load_unlearning_data", load_with_a_copy)
   needle = "more than once" if where == "repeated" else "also in the retain set"
   cfg = tiny(unlearn__duplicate_tolerance=1e-6)
   message = refused(cfg, tmp_path / "w", needle, "forget classes", "duplicate_tolerance")
@@ -144,6 +145,15 @@ def test_workdir_of_other_config_is_refused_and_left_untouched(tmp_path):
   assert (workdir / "config.json").read_text() == '{"seeds": [5]}\n'
 
 
+@pytest.mark.parametrize("content, needle", [('{"seeds": [0]', "is not a config"),
+                                             ("[]", "holds a list, not a config")])
+def test_a_workdir_whose_config_json_is_not_a_config_is_refused_naming_it(
+    content, needle, tmp_path):
+  (tmp_path / "w").mkdir()
+  (tmp_path / "w" / "config.json").write_text(content)
+  refused(tiny(), tmp_path / "w", "config.json", needle, error=wd.WorkdirConflictError)
+
+
 def test_a_workdir_held_by_another_run_is_refused(tmp_path):
   import subprocess  # pylint: disable=g-import-not-at-top
   import sys  # pylint: disable=g-import-not-at-top
@@ -192,3 +202,24 @@ def test_a_refusal_after_the_workdir_is_claimed_is_one_line_keeping_its_tracebac
   assert match, lines[0]
   kept = open(match.group(1)).read()
   assert kept.startswith("Traceback") and "ckpt" in kept, kept[-2000:]
+
+
+@pytest.mark.parametrize("source, name, content, needle", [
+    ("npz", "vit.npz", b"not a zip", "not an .npz archive"),
+    ("state_dict", "resnet.safetensors", b"\x10\x00", "not a .safetensors file"),
+    ("state_dict", "resnet.pt", b"plain text", "not a PyTorch file"),
+    ("state_dict", "resnet.h5", b"", "unknown state-dict format"),
+    ("checkpoint", "pretrain", None, "not a finished checkpoint folder"),
+])
+def test_a_pretrained_file_that_cannot_be_read_is_refused_before_the_workdir(
+    source, name, content, needle, tmp_path):
+  """Found in the pretrain stage, after the workdir was claimed, the corrected command was
+  then refused as 'a different config'."""
+  path = tmp_path / name
+  if content is None:
+    path.mkdir()
+  else:
+    path.write_bytes(content)
+  refused(tiny(pretrain__source=source, pretrain__path=str(path)), tmp_path / "w",
+          "config.pretrain.path=", needle)
+  assert not (tmp_path / "w").exists()

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from x64 import enable_x64
 
+from fastntk_jax import linalg
 from fastntk_jax import unlearn
 from fastntk_jax.unlearn import certificate
 from test_stream import C, problem, ridge
@@ -255,5 +256,5 @@ def test_the_reference_solution_is_the_exact_retrain_to_float64():
   jac = rng.normal(size=(25, 15)) * 10
   gram, rhs = jac.T @ jac, jac.T @ rng.normal(size=25)
   x_exact = _exact_ridge(gram, rhs, 1e-3)
-  ref = certificate.reference_solution(gram, rhs, 1e-3)
+  ref = linalg.reference_ridge_solve(gram, rhs, 1e-3)
   assert _exact_distance(ref, x_exact) <= 4e-16 * np.linalg.norm(ref)

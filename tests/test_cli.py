@@ -138,10 +138,14 @@ def test_every_field_of_every_config_can_be_set_from_its_text(name):
     (["--bogus_flag=1"], ["bogus_flag"]),                                      # absl's flags
     (["--workdir"], ["workdir"]),                                              # flag without value
     (["--config=README.md"], ["README.md"]),
+    (["--config=configs/default.py:tiny", "--config.model.options.widths=abc"],
+     ["config.model.options.widths is a tuple", "'abc' reads as a str", "(4, 8, 8)"]),
+    (["--config=configs/default.py:tiny", "--config.model.options.shortcut=1"],
+     ["config.model.options.shortcut is a str", "reads as an int"]),
 ], ids=["unknown-field", "unknown-group", "not-a-number", "not-an-int", "missing-value",
         "group-as-value", "value-as-group", "options-not-dict", "missing-file",
         "bad-file-argument", "not-a-config-file", "unknown-flag", "flag-no-value",
-        "config-not-python"])
+        "config-not-python", "model-option-of-another-type", "model-option-int-for-str"])
 def test_bad_flags_are_one_line_and_exit_2(capsys, args, needles):
   line = refused(capsys, *args)
   for needle in needles:
@@ -204,6 +208,19 @@ def test_config_file_mistakes_are_one_line_naming_the_file_and_line(capsys, tmp_
                     "  return config.base_config()\n")
   assert "takes no argument" in refused(capsys, f"--config={no_arg}:tiny")
   assert "needs a config file" in refused(capsys, "--config=")
+  own = tmp_path / "own_check.py"  # the file's own TypeError / ValueError, located
+  own.write_text("from fastntk_jax import config\n\ndef get_config():\n"
+                 "  c = config.base_config()\n  c.finetune.epochs = 'ten'\n  return c\n")
+  line = refused(capsys, f"--config={own}")
+  assert "Could not set field 'epochs'" in line and f"(at {own}:5)" in line, line
+  own.write_text("def get_config():\n  raise ValueError('my own check failed')\n")
+  line = refused(capsys, f"--config={own}")
+  assert "ValueError: my own check failed" in line and f"(at {own}:2)" in line, line
+  colon = tmp_path / "dir:colon"
+  colon.mkdir()
+  (colon / "c.py").write_text("")
+  line = refused(capsys, f"--config={colon / 'c.py'}:tiny")
+  assert "a path with ':' in it cannot be loaded" in line, line
   line = refused(capsys, "--config=configs/nonexistent.py:tiny")
   assert "'configs/nonexistent.py' does not exist (':tiny' is its argument)" in line, line
 
@@ -246,6 +263,9 @@ def test_a_bad_command_fails_in_one_line_before_any_work(tmp_path):
   assert not workdir.exists()  # refused before the workdir was created
   assert_one_line_error(cli_run("stray_argument"), "unexpected arguments", "stray_argument")
   assert_one_line_error(cli_run("--workdir="), "--workdir is empty")
+  none = tmp_path / "none.py"  # config_flags' own warning about it stays out of the line
+  none.write_text("def get_config():\n  pass\n")
+  assert_one_line_error(cli_run(f"--config={none}", "--dry_run"), "returned NoneType")
 
 
 # --------------------------------------------------------------------------------------------

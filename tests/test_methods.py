@@ -3,9 +3,11 @@ the Fast-NTK plug-in reaches the retrain ridge solution by each of its routes (c
 against numpy's closed form on a model linear in its parameters)."""
 
 import dataclasses
+import json
 import os
 import types
 
+import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
@@ -248,6 +250,11 @@ def test_register_refuses_what_it_cannot_place(registered_outside):
   methods.register(OUTSIDE)  # the same method again is no conflict,
   again = dataclasses.replace(OUTSIDE, label="Outside, reloaded")  # nor its module reloaded
   assert methods.register(again) is again and methods.get("outside") is again
+  # The config file executed again under another module name (config_flags does): its
+  # functions are new objects of the same source.
+  reloaded = types.FunctionType(_start_from_full.__code__, {"methods": methods},
+                                "_start_from_full")
+  methods.register(dataclasses.replace(OUTSIDE, run=reloaded))
   with pytest.raises(ValueError, match="'outside' is taken"):  # another `run` is
     methods.register(dataclasses.replace(OUTSIDE, run=_check_alpha))
 
@@ -267,3 +274,51 @@ def test_a_registered_method_is_run_evaluated_and_reported(registered_outside, t
   for metric in ("acc_forget", "acc_retain", "acc_test_forget", "acc_test_retain"):
     assert ours[metric]["per_seed"] == full[metric]["per_seed"], metric
   assert results["timing"]["methods"]["outside"]["seconds"]["per_seed"] == [0.0]
+
+
+def _two_phases(ctx, block):
+  """Gradient ascent on D_f, then descent on D_r, each phase long enough to leave a periodic
+  checkpoint; phase 2 is also trained directly (no checkpoint) as the reference."""
+  from fastntk_jax import train  # pylint: disable=g-import-not-at-top
+  forget = (ctx.data.forget.x, ctx.data.forget.y)
+  retain = (ctx.data.retain.x, ctx.data.retain.y)
+  first = train.TrainSpec.from_config(block.forget_phase, ascent=True)
+  second = train.TrainSpec.from_config(block)
+  p1, t1 = ctx.fit(ctx.full, forget, first, seed_offset=11)
+  p2, t2 = ctx.fit(p1, retain, second, seed_offset=12)
+  direct, _, _ = train.fit(ctx.net, p1, ctx.frozen, retain, second, ctx.data.num_classes,
+                           seed=ctx.seed + 12)
+  a, b = (np.concatenate([np.ravel(x) for x in jax.tree_util.tree_leaves(t)])
+          for t in (p2, direct))
+  return methods.Result(p2, t1 + t2, {"phase2_vs_direct": float(np.abs(a - b).max())})
+
+
+def _two_phase_block():
+  block = config_lib.train_group(epochs=3, lr=0.01, batch_size=64, loss="ce")
+  block.forget_phase = config_lib.train_group(epochs=3, lr=0.01, batch_size=64, loss="ce")
+  return block
+
+
+@pytest.mark.slow
+def test_each_phase_of_a_method_resumes_from_its_own_checkpoint(tmp_path):
+  """Two `ctx.fit` calls of one method shared one checkpoint file: the second phase resumed
+  the first one's state and trained a model nobody asked for."""
+  from conftest import DEFAULT  # pylint: disable=g-import-not-at-top
+  from fastntk_jax.experiment import run as run_lib  # pylint: disable=g-import-not-at-top
+  two = methods.register(methods.Method(
+      name="two_phase_test", label="Two phases", run=_two_phases,
+      config_group="baselines.two_phase_test", reference="a test method",
+      default_block=_two_phase_block))
+  try:
+    cfg = config_lib.load_config_file(f"{DEFAULT}:tiny")
+    with cfg.unlocked():
+      cfg.methods = ("full", "retrain", "two_phase_test")
+      cfg.baselines.two_phase_test.epochs = 3  # :tiny set 1: no periodic checkpoint then
+      cfg.baselines.two_phase_test.forget_phase.epochs = 3
+    results = run_lib.run(cfg, str(tmp_path / "w"), show_progress=False)
+  finally:
+    methods._REGISTERED.pop(two.name, None)  # pylint: disable=protected-access
+  diag = json.load(open(tmp_path / "w" / "seed_0" / "two_phase_test_diagnostics.json"))
+  assert diag["phase2_vs_direct"] == 0.0, diag
+  assert not [f for f in os.listdir(tmp_path / "w" / "seed_0") if f.endswith(".partial")]
+  assert "two_phase_test" in results["methods"]

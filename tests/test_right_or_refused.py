@@ -43,6 +43,27 @@ def test_a_forgotten_sample_left_in_the_retain_set_is_refused():
     unlearn.ntk_forget(apply_fn, w0, w_d, **kwargs(kept, forget, solver="primal"))
 
 
+def test_under_jit_and_vmap_repeated_and_retained_samples_are_refused_when_run():
+  """Traced data cannot be looked at when the update is traced: the check runs on the host
+  when the computation does (a wrong answer went out silently: 2.2e-2 from Retrain with a
+  repeat, 0.41 with a sample also in D_r)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  apply_fn, w0, w_d, retain, forget = problem()
+  forgetter = unlearn.make_forgetter(apply_fn, num_classes=C, damping=0.1, solver="primal")
+  n_r = retain[0].shape[0]
+  _, twice = _split_at(retain, forget, range(n_r), [n_r, n_r + 1, n_r])
+  kept, shared = _split_at(retain, forget, list(range(n_r)) + [n_r + 1], [n_r, n_r + 1])
+  run = jax.jit(forgetter.forget)
+  jax.block_until_ready(run(w0, w_d, retain, forget))  # the clean sets pass
+  with pytest.raises(jax.errors.JaxRuntimeError, match="more than once"):
+    jax.block_until_ready(run(w0, w_d, retain, twice))
+  with pytest.raises(jax.errors.JaxRuntimeError, match="also in the retain set"):
+    jax.block_until_ready(run(w0, w_d, kept, shared))
+  batched = jax.vmap(lambda xf: forgetter.forget(w0, w_d, retain, (xf, twice[1])))
+  with pytest.raises((jax.errors.JaxRuntimeError, ValueError), match="more than once"):
+    jax.block_until_ready(batched(jnp.stack([twice[0], twice[0]])))
+
+
 def test_a_near_copy_is_refused_only_with_a_tolerance():
   apply_fn, w0, w_d, retain, forget = problem()
   copy = (jnp.concatenate([retain[0], forget[0][:1] + 1e-7]),

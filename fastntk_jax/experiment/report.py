@@ -184,7 +184,7 @@ def markdown(results: dict) -> str:
               f"{results['protocol']['unlearn']['damping']}; its time excludes XLA compilation"
               + (f" ({np.mean(comp):.1f} s per seed)" if comp else "") + ".", ""]
     diags = results["timing"]["fastntk_diagnostics"].values()
-    # The solve's precision verdict (`linalg.precision_warning`), as the log gave it.
+    # The solve's precision verdict (the precision rule's warning), as the log gave it.
     for seed, d in results["timing"]["fastntk_diagnostics"].items():
       if d.get("precision_warning"):
         lines += [f"**Precision (seed {seed})**: {d['precision_warning']}", ""]

@@ -42,21 +42,20 @@ from fastntk_jax import config as config_lib
 from fastntk_jax import faults
 from fastntk_jax import klom
 from fastntk_jax import linalg
-from fastntk_jax import models
-from fastntk_jax import sharding
+from fastntk_jax import signing
 from fastntk_jax import train as train_lib
 from fastntk_jax import workdir as wd
-from fastntk_jax.data import splits as data_splits
 from fastntk_jax.experiment import evaluate
 from fastntk_jax.experiment import finetune
 from fastntk_jax.experiment import methods as methods_lib
 from fastntk_jax.experiment import pretrain
+from fastntk_jax.experiment.prepare import Prepared, data_draw, data_for_seed, prepare
 from fastntk_jax.experiment import progress as progress_lib
 from fastntk_jax.experiment import report
 from fastntk_jax.experiment import stages
 from fastntk_jax.models import trainable as tr
 from fastntk_jax.unlearn import api as unlearn_api
-from fastntk_jax.unlearn import certificate as certificate_lib
+from fastntk_jax.unlearn import certificate
 from fastntk_jax.unlearn import release as release_lib
 
 log = logging.getLogger(__name__)
@@ -116,12 +115,20 @@ def _fit(setup: Setup, num_classes: int):
 
 def _method_fit(setup: Setup, ctx_net, frozen, num_classes: int, seed: int, name: str,
                 folder: Optional[str]):
-  """`methods.Context.fit` for method `name`: timed, resumable under its stage's folder."""
+  """`methods.Context.fit` for method `name`: timed, resumable under its stage's folder.
+
+  Each call of one method's run has its own checkpoint (`<name>.partial`, then
+  `<name>.<k>.partial` for the k-th call): a method that trains in phases resumes each
+  phase from its own state, never a later phase from an earlier one's. The calls come in
+  the same order when a killed run is resumed (a plug-in's run is deterministic)."""
   fit = _fit(setup, num_classes)
+  calls = [0]
 
   def method_fit(params, split, spec, *, seed_offset, tag=None):
     tag = tag or f"seed{seed}/{name}"
-    checkpoint = None if folder is None else os.path.join(folder, f"{name}.partial")
+    k, calls[0] = calls[0], calls[0] + 1
+    checkpoint = None if folder is None else os.path.join(
+        folder, f"{name}.partial" if k == 0 else f"{name}.{k}.partial")
     start = time.perf_counter()
     out, _, _ = fit(ctx_net, params, frozen, split, spec, seed=seed + seed_offset, tag=tag,
                     checkpoint_path=checkpoint)
@@ -135,12 +142,13 @@ def _frozen_of(tuner, out: dict) -> dict:
                                  if "batch_stats" in out else {})}
 
 
-def _certify(setup: Setup, ctx, params, data, diagnostics: dict, retrain,
-             deployed_path: str) -> tuple[dict, Any]:
+def certify_deletion(setup, ctx, params, data, diagnostics: dict, retrain,
+                     deployed_path: str, measure) -> tuple[dict, Any]:
   """The certificate of a deletion (`Forgetter.certify`), its certified release when
   `unlearn.certified` (`unlearn.release`) with the accuracy cost of each ε of
   `unlearn.release_epsilons`, and its signed record in the workdir's audit log
-  (`fastntk_jax.audit`); returns (the diagnostics entries to add, the deployed params:
+  (`fastntk_jax.audit`). `measure(params) -> {"ua", "ra", "ta", ...}` evaluates a model
+  (`evaluate.accuracies`). Returns (the diagnostics entries to add, the deployed params:
   `params`, or the released ones)."""
   cfg, forgetter = setup.cfg, setup.forgetter
   u = cfg.unlearn
@@ -154,14 +162,14 @@ def _certify(setup: Setup, ctx, params, data, diagnostics: dict, retrain,
   seconds = time.perf_counter() - start
   extra = {}
   if stats is not None:
-    extra["reference"] = _reference_distances(ctx.w0, params, retrain, stats,
-                                              cfg.unlearn.damping, cert)
+    extra["reference"] = certificate.reference_distances(
+        ctx.w0, params, retrain, stats, float(cfg.unlearn.damping), cert.distance_bound)
   request_id = f"seed{ctx.seed}/fastntk"
   log.info("%s: certificate: %s", request_id, cert.statement)
   extra["certified"] = bool(cert.retrain_relative_bound <= u.certify_threshold)
   deployed, release = params, None
   if math.isfinite(cert.distance_bound) and cert.distance_bound > 0:
-    extra["release_cost"] = _release_cost(setup, ctx, params, data, cert)
+    extra["release_cost"] = _release_cost(setup, ctx, params, cert, measure)
   if u.certified:
     if not extra["certified"]:
       raise ValueError(f"{request_id}: unlearn.certified=True, but the certificate bounds "
@@ -194,33 +202,16 @@ def _noise_seed(seed: int) -> int:
   return int(np.random.SeedSequence([int(seed), 0x5E1EA5E]).generate_state(1)[0])
 
 
-def _release_cost(setup: Setup, ctx, params, data, cert) -> dict:
+def _release_cost(setup, ctx, params, cert, measure) -> dict:
   """UA/RA/TA of `params` and of its certified releases at each ε of
   `unlearn.release_epsilons` (δ = `unlearn.delta`): what the guarantee costs in accuracy."""
   u = setup.cfg.unlearn
-  measure = lambda p: evaluate.accuracies(ctx.net, p, ctx.frozen, data,
-                                          batch_size=setup.cfg.eval.batch_size)
   out = {"none": measure(params), "delta": float(u.delta), "by_epsilon": {}}
   for eps in u.release_epsilons:
     noised, rel = release_lib.certified_release(params, cert, epsilon=float(eps),
                                                 delta=float(u.delta),
                                                 noise_seed=_noise_seed(ctx.seed))
     out["by_epsilon"][f"{float(eps):g}"] = {**measure(noised), "sigma": rel.sigma}
-  return out
-
-
-def _reference_distances(w0, params, retrain, stats, damping, cert) -> dict:
-  """Fast-NTK's and Retrain's distances to an independent float64 reference of the retrain
-  (`certificate.reference_solution`: numpy LU, refined), relative to ‖w_ref − w0‖, and the
-  certificate's bound over Fast-NTK's true distance (its tightness)."""
-  w0 = certificate_lib.flat64(w0)
-  ref = certificate_lib.reference_solution(*stats, float(damping))
-  scale = float(np.linalg.norm(ref))
-  fast = float(np.linalg.norm(certificate_lib.flat64(params) - w0 - ref))
-  out = {"fastntk_relative": fast / scale, "bound_over_distance": (
-      cert.distance_bound / fast if fast > 0 else math.inf)}
-  out["retrain_relative"] = float(
-      np.linalg.norm(certificate_lib.flat64(retrain) - w0 - ref)) / scale
   return out
 
 
@@ -266,8 +257,11 @@ def run_seed(setup: Setup, data, seed: int) -> dict:
       diag = dict(result.diagnostics)
       params = result.params
       if method.name == "fastntk":
-        entries, params = _certify(setup, ctx, params, data, diag, retrain["trainable"],
-                                   os.path.relpath(os.path.join(sdir, name), setup.workdir))
+        entries, params = certify_deletion(
+            setup, ctx, params, data, diag, retrain["trainable"],
+            os.path.relpath(os.path.join(sdir, name), setup.workdir),
+            measure=lambda p: evaluate.accuracies(ctx.net, p, ctx.frozen, data,
+                                                  batch_size=cfg.eval.batch_size))
         diag.update(entries)
       wd.atomic_write_json(diag_path, diag)
       return {"trainable": params}
@@ -379,110 +373,6 @@ def population_stage(setup: Setup, data) -> Optional[dict]:
                          for m in names if all(m in p for p in per[:n])}}
 
 
-def data_mesh(cfg) -> Optional[Any]:
-  """All devices (of all processes) on one "data" axis, or None with a single device.
-
-  Every training batch is split evenly over the devices (no padding: padded rows would
-  change BatchNorm's batch statistics), so each batch size must be a multiple of the
-  device count; a config that is not is refused here, naming the field.
-  """
-  n = jax.device_count()
-  if n == 1:
-    return None
-  for group in config_lib.train_groups(cfg):
-    node = config_lib.node(cfg, group)
-    if node.batch_size % n:
-      raise ValueError(f"config.{group}.batch_size={node.batch_size} must be a multiple of "
-                       f"the {n} devices to split batches over them")
-  log.info("data-parallel over %d devices (%d processes)", n, jax.process_count())
-  return sharding.make_data_mesh()
-
-
-def data_for_seed(cfg, data, seed: int):
-  """The data of run seed `seed`: `data` itself, or with data.draw_per_seed its own draw of
-  classes, forget classes and images (data seed `data.seed + seed`)."""
-  if not cfg.data.draw_per_seed or seed == 0:
-    return data
-  seed_data = data_splits.load_unlearning_data(cfg.data, seed=cfg.data.seed + seed)
-  log.info("data of seed %d: %s", seed, seed_data.describe())
-  return seed_data
-
-
-def data_draw(data) -> dict:
-  """What a run's data is made of: classes (dataset ids, names), forget classes, counts."""
-  return {"seed": int(data.config.seed), "classes": list(data.dataset_classes),
-          "class_names": list(data.class_names), "forget_classes": list(data.forget_classes),
-          "counts": data.counts()}
-
-
-def _preflight(cfg, model, data) -> None:
-  """What can be refused from shapes alone, before the workdir is touched: a model whose
-  options do not build (its variables are traced abstractly at the data's image size), and
-  a solver the damping rule excludes for this p and n·C."""
-  from fastntk_jax.unlearn import validate  # pylint: disable=g-import-not-at-top
-  shape = jax.ShapeDtypeStruct((1,) + tuple(data.image_shape), np.float32)
-  try:
-    variables = jax.eval_shape(lambda x: model.init(jax.random.PRNGKey(0), x), shape)
-  except Exception as e:  # pylint: disable=broad-except  # any failure to build is the options'
-    raise ValueError(f"config.model: {cfg.model.name} with options "
-                     f"{dict(cfg.model.options)} does not build on {data.image_shape} "
-                     f"images: {type(e).__name__}: {e}") from None
-  p = tr.count_params(tr.split(dict(variables))[0])
-  n, c = data.train.size, data.num_classes
-  try:
-    validate.allowed_solvers(validate.parse(validate.Solver, cfg.unlearn.solver, name="solver"),
-                             float(cfg.unlearn.damping), num_params=p, num_outputs=n * c,
-                             cg_budget=0, cg_dim=0)
-  except ValueError as e:
-    raise ValueError(f"config.unlearn.damping={cfg.unlearn.damping}, unlearn.solver="
-                     f"{cfg.unlearn.solver!r}: {e}") from None
-
-
-def _check_forget_set(cfg, data) -> None:
-  """A forget set with a repeated sample, or one the retain set also holds, is refused now
-  (as the Forgetter would after training): Retrain on D_r would still have seen it."""
-  from fastntk_jax.unlearn import validate  # pylint: disable=g-import-not-at-top
-  try:
-    validate.check_disjoint((data.retain.x, data.retain.y), (data.forget.x, data.forget.y),
-                            tolerance=float(cfg.unlearn.duplicate_tolerance))
-  except ValueError as e:
-    raise ValueError(f"config.data (forget classes {list(data.forget_classes)}): {e} "
-                     "(unlearn.duplicate_tolerance sets what counts as the same sample)") from None
-
-
-@dataclasses.dataclass(frozen=True)
-class Prepared:
-  """A run checked before any work (`prepare`): the validated config, its data, model,
-  method plug-ins and mesh."""
-  cfg: ml_collections.ConfigDict
-  data: Any
-  model: Any
-  plugins: tuple
-  mesh: Any
-
-
-def prepare(cfg: ml_collections.ConfigDict) -> Prepared:
-  """Everything that can refuse a run, before any work and before the workdir is touched:
-  every config field (`config.validate`, each method's block), the model's options, the data
-  (loaded: a dataset not prepared is refused here), a model that does not build on the data's
-  images, a solver the damping rule excludes, the batch sizes under data parallelism.
-
-  Raises:
-    ValueError: naming the field, the value and what is allowed.
-  """
-  cfg = config_lib.validate(cfg)
-  config_lib.check_files(cfg)
-  plugins = methods_lib.checked_plugins(cfg)
-  # The model's options are checked before the data load (minutes for ImageNet-R): an
-  # unknown option is refused by get_model, whatever the number of classes.
-  models.get_model(cfg.model.name, 2, **dict(cfg.model.options))
-  data = data_splits.load_unlearning_data(cfg.data)
-  _check_forget_set(cfg, data)
-  model = models.get_model(cfg.model.name, data.num_classes, **dict(cfg.model.options))
-  _preflight(cfg, model, data)
-  return Prepared(cfg=cfg, data=data, model=model, plugins=plugins, mesh=data_mesh(cfg))
-
-
 def run(cfg: ml_collections.ConfigDict, workdir: str, *, show_progress: bool = True,
         prepared: Optional[Prepared] = None,
         on_ready: Optional[Callable[[], None]] = None) -> dict:
@@ -506,7 +396,8 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, *, show_progress: bool = T
     p = prepared or prepare(cfg)
     # The key that signs the deletion log: outside the workdir (refused inside it), created
     # on first use, before the workdir is touched.
-    key = (audit.load_signing_key(audit.key_path(p.cfg.unlearn.signing_key), workdir=workdir)
+    key = (signing.load_signing_key(signing.key_path(p.cfg.unlearn.signing_key),
+                                    workdir=workdir)
            if "fastntk" in p.cfg.methods else None)
     with wd.hold(workdir, exclusive=jax.process_index() == 0):
       wd.claim(workdir, p.cfg)

@@ -21,12 +21,13 @@ PyTree = Any
 def array_stage(path: str, target: PyTree, compute: Callable[[], PyTree]) -> PyTree:
   """Restores the checkpoint at `path` (a folder, complete once it exists) into the structure
   of `target`, or computes the pytree, saves it and removes the stage's periodic checkpoints
-  (`path`.partial, `path`_gram_*.state)."""
+  (`path`.partial, `path`.<k>.partial, `path`_gram_*.state)."""
   if os.path.isdir(path):
     return checkpoints.restore_checkpoint(path, target)
   value = jax.tree_util.tree_map(np.asarray, compute())
   checkpoints.save_checkpoint(path, value, overwrite=True)
-  for leftover in [path + ".partial"] + glob.glob(glob.escape(path) + "_gram_*.state"):
+  for leftover in ([path + ".partial"] + glob.glob(glob.escape(path) + ".*.partial")
+                   + glob.glob(glob.escape(path) + "_gram_*.state")):
     if os.path.exists(leftover):
       os.remove(leftover)
   return value

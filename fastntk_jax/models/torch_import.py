@@ -48,13 +48,15 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from fastntk_jax import pretrained_files
+
 log = logging.getLogger(__name__)
 
 __all__ = ["TORCH_INSTALL", "read_state_dict", "normalize_names", "load_cifar_resnet"]
 
 TORCH_INSTALL = "pip install -e '.[torch]'"
 _WRAPPERS = ("state_dict", "model_state_dict", "model", "net")
-_TORCH_SUFFIXES = (".pt", ".pth", ".th", ".tar", ".bin", ".ckpt")
+_TORCH_SUFFIXES = pretrained_files.TORCH_SUFFIXES
 _SAFETENSORS_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16,
                        "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8,
                        "U8": np.uint8, "BOOL": np.bool_}

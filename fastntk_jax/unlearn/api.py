@@ -14,9 +14,9 @@ re-raises it as a `jax.errors.JaxRuntimeError` whose message holds the `SolveErr
 
 Samples are passed by value: `forget` must list samples that D held (each once) and
 `retain` the rest of D. A forget sample listed twice, or also left in `retain`, is refused
-(exact match of input and label, checked when the data are concrete); a sample that was
-never in D cannot be detected here (the update would move the parameters as if it had been
-trained on): pass only samples of D, or use the request stream (`init`/`serve`), which names
+(exact match of input and label; under `jax.jit` or `vmap`, on the host when the
+computation runs); a sample that was never in D cannot be detected here (the update would
+move the parameters as if it had been trained on): pass only samples of D, or use the request stream (`init`/`serve`), which names
 samples by their index in D.
 """
 

@@ -320,19 +320,23 @@ def gram_statistics(apply_fn: Callable, params_init: PyTree, retain, *, num_clas
     return np.asarray(g, np.float64), np.asarray(b, np.float64)
 
 
-def reference_solution(gram, rhs, damping: float) -> np.ndarray:
-  """w_r − w0 = (G_r + λI)⁻¹ b_r [p] by an LU solve (numpy's LAPACK, not the package's
-  Cholesky) refined twice with residuals in extended precision: an independent float64
-  reference for the retrain of the model the statistics define."""
-  g = np.asarray(gram, np.float64)
-  a = g + float(damping) * np.eye(g.shape[0])
-  b = np.asarray(rhs, np.float64)
-  x = np.linalg.solve(a, b)
-  ld = np.longdouble
-  for _ in range(2):
-    r = b.astype(ld) - (g.astype(ld) @ x.astype(ld) + ld(float(damping)) * x.astype(ld))
-    x = x + np.linalg.solve(a, np.asarray(r, np.float64))
-  return x
+def reference_distances(params_init: PyTree, params: PyTree, retrain: PyTree, stats,
+                        damping: float, bound: float) -> dict:
+  """Distances to an independent float64 retrain of the statistics' model
+  (`linalg.reference_ridge_solve`: numpy LU, refined), relative to ‖w_ref − w0‖.
+
+  Returns:
+    {"fastntk_relative": ‖w − w_ref‖/‖w_ref − w0‖ of `params`, "retrain_relative": the same
+     of `retrain`, "bound_over_distance": `bound` / ‖w − w_ref‖ (the certificate's
+     tightness; ≥ 1 up to the reference's own round-off)}.
+  """
+  w0 = flat64(params_init)
+  ref = linalg.reference_ridge_solve(*stats, float(damping))
+  scale = float(np.linalg.norm(ref))
+  fast = float(np.linalg.norm(flat64(params) - w0 - ref))
+  return {"fastntk_relative": fast / scale,
+          "retrain_relative": float(np.linalg.norm(flat64(retrain) - w0 - ref)) / scale,
+          "bound_over_distance": bound / fast if fast > 0 else math.inf}
 
 
 def certify(apply_fn: Callable, params_init: PyTree, params: PyTree, retain, *,

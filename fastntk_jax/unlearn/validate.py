@@ -138,13 +138,19 @@ def check_disjoint(retain, forget, *, tolerance: float = 0.0) -> None:
 
   A sample is an (input, label) pair. With `tolerance` 0 rows match exactly; with
   `tolerance` > 0 two samples of the same label match when their inputs differ by at most
-  `tolerance` in every entry (near-duplicates, found through a sort: `_near_pairs`). Runs on
-  concrete data only (under `jax.jit` with traced data it cannot look at values).
+  `tolerance` in every entry (near-duplicates, found through a sort: `_near_pairs`). On
+  concrete data it checks now; on traced data (under `jax.jit` or `vmap`) when the
+  computation runs, on the host (`jax.debug.callback`): the error then arrives as a
+  `jax.errors.JaxRuntimeError` carrying this message.
 
   Raises:
     ValueError: naming the forget rows (and the retain rows they match).
   """
   if not all(is_concrete(a) for pair in (retain, forget) for a in pair):
+    import jax  # pylint: disable=g-import-not-at-top
+    jax.debug.callback(lambda xr, yr, xf, yf: check_disjoint((xr, yr), (xf, yf),
+                                                              tolerance=tolerance),
+                       *retain, *forget)
     return
   near = f" within duplicate_tolerance={tolerance:g}" if tolerance else ""
   repeated = matching_samples(forget, forget, tolerance=tolerance)

@@ -151,10 +151,12 @@ def register(method: Method) -> Method:
 
 
 def _same_definition(a: Method, b: Method) -> bool:
-  """Whether `b` is `a` defined again (its module loaded once more, as config_flags does):
-  the same `run` by module and qualified name."""
+  """Whether `b` is `a` defined again (its module loaded once more, maybe under another
+  module name, as config_flags does): the same `run` by source file and qualified name."""
   def where(f):
-    return (getattr(f, "__module__", None), getattr(f, "__qualname__", None))
+    code = getattr(f, "__code__", None)
+    return (getattr(code, "co_filename", getattr(f, "__module__", None)),
+            getattr(f, "__qualname__", None))
   return a is b or (a.config_group == b.config_group and where(a.run) == where(b.run))
 
 

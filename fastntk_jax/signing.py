@@ -1,0 +1,92 @@
+"""The operator's Ed25519 key that signs the deletion log (`fastntk_jax.audit`): where it
+lives (outside any workdir), creating it once, and checking a signature.
+
+A hash chain anyone can recompute proves nothing against whoever holds the log file; a
+signature by a key the log's writer cannot reach does (the verifier pins its public key).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Optional
+
+log = logging.getLogger(__name__)
+
+KEY_ENV = "FASTNTK_AUDIT_KEY"
+DEFAULT_KEY = os.path.join("~", ".config", "fastntk_jax", "audit_ed25519.pem")
+
+
+def key_path(configured: str = "") -> str:
+  """The signing key's file: `configured`, else $FASTNTK_AUDIT_KEY, else `DEFAULT_KEY`."""
+  return os.path.abspath(os.path.expanduser(configured or os.environ.get(KEY_ENV)
+                                            or DEFAULT_KEY))
+
+
+def load_signing_key(path: str, *, create: bool = True, workdir: Optional[str] = None):
+  """The Ed25519 private key in `path` (PEM, unencrypted), created (mode 0600) when missing
+  and `create`. A key inside `workdir` is refused: whoever can write the log could then sign
+  forgeries with it.
+
+  Raises:
+    ValueError: a key inside the workdir, or a file that is not an Ed25519 PEM key.
+  """
+  from cryptography.hazmat.primitives import serialization  # pylint: disable=g-import-not-at-top
+  from cryptography.hazmat.primitives.asymmetric import ed25519  # pylint: disable=g-import-not-at-top
+  path = os.path.abspath(path)
+  if workdir is not None:
+    inside = os.path.commonpath([path, os.path.abspath(workdir)]) == os.path.abspath(workdir)
+    if inside:
+      raise ValueError(f"the signing key {path} lies inside the workdir {workdir}: anyone who "
+                       "can edit the log could sign with it; keep it elsewhere "
+                       f"(config.unlearn.signing_key or ${KEY_ENV})")
+  if not os.path.exists(path):
+    if not create:
+      raise ValueError(f"no signing key at {path}")
+    key = ed25519.Ed25519PrivateKey.generate()
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                            serialization.NoEncryption())
+    # Written whole under another name, then linked into place: a process creating the key
+    # at the same moment either wins (this one reads its key) or loses (it reads ours).
+    tmp = f"{path}.{os.getpid()}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+      f.write(pem)
+      f.flush()
+      os.fsync(f.fileno())
+    try:
+      os.link(tmp, path)
+      log.info("created the deletion log's signing key %s (keep it; its public key is in "
+               "every record)", path)
+      return key
+    except FileExistsError:
+      pass
+    finally:
+      os.unlink(tmp)
+  with open(path, "rb") as f:
+    try:
+      key = serialization.load_pem_private_key(f.read(), password=None)
+    except (ValueError, TypeError) as e:
+      raise ValueError(f"{path} is not an unencrypted PEM private key: {e}") from None
+  if not isinstance(key, ed25519.Ed25519PrivateKey):
+    raise ValueError(f"{path} holds a {type(key).__name__}, not an Ed25519 key")
+  return key
+
+
+def public_key_hex(key) -> str:
+  """The raw 32-byte public key of an Ed25519 private key, hex."""
+  from cryptography.hazmat.primitives import serialization  # pylint: disable=g-import-not-at-top
+  return key.public_key().public_bytes(serialization.Encoding.Raw,
+                                       serialization.PublicFormat.Raw).hex()
+
+
+def signature_ok(public_hex: str, signature_hex: str, message: bytes) -> bool:
+  from cryptography.exceptions import InvalidSignature  # pylint: disable=g-import-not-at-top
+  from cryptography.hazmat.primitives.asymmetric import ed25519  # pylint: disable=g-import-not-at-top
+  try:
+    ed25519.Ed25519PublicKey.from_public_bytes(bytes.fromhex(public_hex)).verify(
+        bytes.fromhex(signature_hex), message)
+    return True
+  except (InvalidSignature, ValueError, TypeError):
+    return False
