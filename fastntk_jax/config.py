@@ -316,6 +316,11 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     raise ValueError(f"config.unlearn.delta={u.delta!r} must be in (0, 1), e.g. 1e-5")
   if not isinstance(u.signing_key, str):
     raise ValueError(f"config.unlearn.signing_key={u.signing_key!r} must be a file path or ''")
+  if u.certified and cfg.finetune.mode != "linearized":
+    raise ValueError("config.unlearn.certified=True with finetune.mode="
+                     f"{cfg.finetune.mode!r}: the certificate bounds the distance to the "
+                     "linearised model's retrain, which says nothing about a network fine-tuned "
+                     "in the standard mode; set finetune.mode='linearized'")
   if u.certified and "fastntk" not in cfg.methods:
     raise ValueError("config.unlearn.certified=True releases Fast-NTK's model with noise, but "
                      "config.methods does not run 'fastntk'")
