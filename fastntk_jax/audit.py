@@ -101,6 +101,13 @@ def _head_message(head: dict) -> bytes:
   return f"fastntk-audit-head:{int(head['count'])}:{head['hash']}".encode()
 
 
+def release_seed(key, request_id: str, params: PyTree) -> int:
+  """The secret noise seed of a certified release: `signing.secret_seed` of the request and
+  the certified parameters, so that only the operator (holding the key) can re-derive the
+  noise and check the release; the record keeps its commitment only."""
+  return signing.secret_seed(key, f"release:{request_id}:{hash_tree(params)}")
+
+
 def _file_sha(path: str) -> str:
   h = hashlib.sha256()
   with open(path, "rb") as f:
@@ -246,11 +253,13 @@ def record_deletion(workdir: str, *, request_id: str, model: Optional[dict], fro
   key = signing_key if signing_key is not None else signing.load_signing_key(
       signing.key_path(), workdir=workdir)
   extra = {}
+  config_path = os.path.join(workdir, wd.CONFIG_FILE)
+  if os.path.isfile(config_path):  # the record belongs to this workdir's run
+    extra["workdir_config_sha256"] = _file_sha(config_path)
   if release is not None:
     from fastntk_jax.unlearn import release as release_lib  # pylint: disable=g-import-not-at-top
-    rel = release.as_dict() if dataclasses.is_dataclass(release) else dict(release)
-    released, _ = release_lib.noised(params, rel["sigma"], rel["noise_seed"])
-    extra["release"] = {**rel, "released_sha256": hash_tree(released)}
+    released, _ = release_lib.noised(params, release.sigma, release.noise_seed)
+    extra["release"] = {**release.as_dict(), "released_sha256": hash_tree(released)}
   if deployed_path is not None:
     extra["deployed"] = {"path": deployed_path,
                          "sha256": extra["release"]["released_sha256"] if release is not None
@@ -326,29 +335,33 @@ def _num_outputs(apply_fn: Callable, ev: dict) -> int:
   return int(out.shape[-1])
 
 
-def _check_certificate(workdir: str, record: dict, ev: dict, apply_fn_for) -> tuple[list, str]:
-  """Recomputes the certificate; (problems, summary)."""
+def _check_certificate(workdir: str, record: dict, ev: dict,
+                       apply_fn_for) -> tuple[list, str, float]:
+  """Recomputes the certificate; (problems, summary, the bound on ‖w − w_r‖ for D_r's retrain
+  as recomputed here: the verified one, widened when D_r's statistics recomputed here
+  differ from the certified ones)."""
   from fastntk_jax import linalg  # pylint: disable=g-import-not-at-top
   from fastntk_jax.unlearn import certificate  # pylint: disable=g-import-not-at-top
   cert = record.get("certificate") or {}
   frozen_path = os.path.join(workdir, record.get("frozen_path", ""))
   if not os.path.isfile(frozen_path):
-    return [f"the frozen network {record.get('frozen_path')} is missing"], ""
+    return [f"the frozen network {record.get('frozen_path')} is missing"], "", math.inf
   frozen = wd.load_state(frozen_path, None)
   if frozen is None or hash_tree(frozen) != record.get("frozen_sha256"):
-    return [f"the frozen network {record.get('frozen_path')} does not match the record"], ""
+    return [f"the frozen network {record.get('frozen_path')} does not match the record"], "", (
+        math.inf)
   if apply_fn_for is not None:
     apply_fn = apply_fn_for(record, frozen)
   elif record.get("model"):
     apply_fn = _default_apply_fn(record["model"], frozen)
   else:
     return ["no model spec in the record to rebuild the network (pass apply_fn_for to "
-            "audit.verify)"], ""
+            "audit.verify)"], "", math.inf
   num_classes = (int(record["model"]["num_classes"]) if record.get("model")
                  else _num_outputs(apply_fn, ev))
   retain = (ev["x_retain"], ev["y_retain"])
   basis = cert.get("basis", certificate.Basis.MATRIX_FREE)
-  stats, note = None, ""
+  stats, note, widen = None, "", 0.0
   if basis == certificate.Basis.GRAM_STATISTICS:
     # The model certified is the one of the run's Gram statistics: kept in the evidence (then
     # checked against D_r here), or recomputed from D_r (then they must be the same bits).
@@ -358,19 +371,30 @@ def _check_certificate(workdir: str, record: dict, ev: dict, apply_fn_for) -> tu
     if "gram_retain" in ev:
       stats = (ev["gram_retain"], ev["rhs_retain"])
       if certificate.hash_stats(*stats) != cert.get("stats_sha256"):
-        return ["the Gram statistics in the evidence are not the ones certified"], ""
+        return ["the Gram statistics in the evidence are not the ones certified"], "", math.inf
       diff = max(float(np.linalg.norm(a - b_) / max(np.linalg.norm(b_), 1e-300))
                  for a, b_ in zip(here, stats))
       if not diff <= STATS_TOLERANCE:
         return [f"D_r does not give the certified Gram statistics (relative difference "
-                f"{diff:.2g} > {STATS_TOLERANCE:g}): the certificate is about other data"], ""
-      note = "" if diff == 0 else f"; D_r's statistics recomputed here differ by {diff:.1g}"
+                f"{diff:.2g} > {STATS_TOLERANCE:g}): the certificate is about other data"], "", (
+                    math.inf)
+      if diff > 0:
+        # The retrain of D_r's statistics as computed here moves from the certified model's by
+        # ‖x_here − x_cert‖ <= (‖Δb‖ + ‖ΔG‖·‖x_cert‖)/λ' (H_here ⪰ λ'I): the bound widens by it.
+        g_c, g_h = certificate.model_gram(stats[0]), certificate.model_gram(here[0])
+        lam = certificate.definite_damping(g_h, float(record["damping"]))
+        x_cert = linalg.reference_ridge_solve(g_c, stats[1], float(record["damping"]))
+        widen = (float(np.linalg.norm(np.asarray(here[1]) - np.asarray(stats[1])))
+                 + float(np.linalg.norm(g_h - g_c)) * float(np.linalg.norm(x_cert))) / lam
+        widen *= 1 + 1e-6  # the round-off of these norms
+        note = (f"; D_r's statistics recomputed here differ by {diff:.1g}, so against them "
+                f"the bound is {widen:.3g} wider")
     else:
       stats = here
       if certificate.hash_stats(*stats) != cert.get("stats_sha256"):
         return ["the Gram statistics recomputed from D_r are not the bits certified (another "
                 "machine or stack rounds the Jacobian rows otherwise, and the evidence does "
-                "not keep them at this size): re-verify where the run ran"], ""
+                "not keep them at this size): re-verify where the run ran"], "", math.inf
   with linalg.enable_x64(cert.get("dtype") == "float64"):
     again = certificate.certify(
         apply_fn, ev["params_init"], ev["params"], retain, num_classes=num_classes,
@@ -383,10 +407,14 @@ def _check_certificate(workdir: str, record: dict, ev: dict, apply_fn_for) -> tu
   summary = (f"‖w − w_r‖ ≤ {again.distance_bound:.3g} ({again.relative_bound:.3g} of ‖w − w0‖"
              + ("" if again.linearized else "; standard mode: a distance, not a certificate")
              + f"), {len(ev['forget_ids'])} sample(s) forgotten{note}")
-  slack = RECOMPUTE_SLACK * claimed + 1e-9 * again.update_norm
+  # The Gram basis recomputes the same bits: no slack beyond the last digits. The matrix-free
+  # one sums in another order on another machine.
+  slack = (1e-12 * claimed if basis == certificate.Basis.GRAM_STATISTICS
+           else RECOMPUTE_SLACK * claimed + 1e-9 * again.update_norm)
+  effective = max(claimed, again.distance_bound) + widen
   if not again.distance_bound <= claimed + slack:
     return [f"the recomputed bound {again.distance_bound:.6g} exceeds the recorded "
-            f"{claimed:.6g}: the certificate does not hold"], summary
+            f"{claimed:.6g}: the certificate does not hold"], summary, effective
   # The figures derived from the bound are claims too (results.md reports them): each must be
   # what the (verified) recorded bound and the recomputed ‖w − w0‖ and |D_r| give.
   problems = []
@@ -408,7 +436,7 @@ def _check_certificate(workdir: str, record: dict, ev: dict, apply_fn_for) -> tu
     if not (got >= want * (1 - 1e-9) or (math.isinf(want) and math.isinf(got))):
       problems.append(f"the recorded {key} {got:.6g} is below the {want:.6g} its bound gives: "
                       "the certificate does not hold")
-  return problems, summary
+  return problems, summary, effective
 
 
 def _check_deployed(workdir: str, record: dict, ev: dict) -> list[str]:
@@ -430,37 +458,43 @@ def _check_deployed(workdir: str, record: dict, ev: dict) -> list[str]:
   return []
 
 
-def _check_release(record: dict, ev: dict) -> list[str]:
-  """σ is what the (verified) bound gives at the recorded ε, δ; the released parameters are
-  the certified ones plus the noise of the recorded seed."""
+def _check_release(record: dict, ev: dict, bound: float, key) -> tuple[list[str], str]:
+  """σ is what the verified `bound` gives at the recorded ε, δ; with the operator's private
+  `key`, the noise is re-derived from its secret seed and the released parameters checked;
+  (problems, a note)."""
   rel = record.get("release")
   if not rel:
-    return []
+    return [], ""
   from fastntk_jax.unlearn import release as release_lib  # pylint: disable=g-import-not-at-top
-  bound = float(record["certificate"]["distance_bound"])
   problems = []
   try:
     sigma = release_lib.gaussian_sigma(bound, rel["epsilon"], rel["delta"],
                                        mechanism=rel["mechanism"])
   except ValueError as e:
-    return [f"the release cannot be calibrated: {e}"]
-  if not float(rel["sigma"]) >= sigma * (1 - 1e-9):
+    return [f"the release cannot be calibrated: {e}"], ""
+  if not float(rel["sigma"]) >= sigma * (1 - 1e-12):
     problems.append(f"the release's σ {float(rel['sigma']):.6g} is below the {sigma:.6g} its "
                     f"bound needs at ε = {rel['epsilon']}, δ = {rel['delta']}: the (ε, δ) "
                     "guarantee does not hold")
-  if float(rel.get("sensitivity", math.nan)) != bound:
+  if float(rel.get("sensitivity", math.nan)) != float(record["certificate"]["distance_bound"]):
     problems.append("the release is calibrated to another bound than the certificate's")
-  released, _ = release_lib.noised(ev["params"], float(rel["sigma"]), int(rel["noise_seed"]))
+  if key is None or signing.public_key_hex(key) != record.get("public_key"):
+    return problems, " (the release's noise not re-derived: it needs the operator's private key)"
+  seed = release_seed(key, record["request_id"], ev["params"])
+  if release_lib.commitment(seed) != rel.get("noise_commitment"):
+    problems.append("the release's noise is not the operator's secret noise for this request")
+  released, _ = release_lib.noised(ev["params"], float(rel["sigma"]), seed)
   if hash_tree(released) != rel.get("released_sha256"):
-    problems.append("the released parameters are not the certified ones plus the recorded "
-                    "seed's noise")
-  return problems
+    problems.append("the released parameters are not the certified ones plus the operator's "
+                    "noise")
+  return problems, ""
 
 
-def _certified(record: dict) -> tuple[bool, str]:
+def _certified(record: dict, bound: float) -> tuple[bool, str]:
   cert = record["certificate"]
   threshold = float(record.get("certify_threshold", 1e-3))
-  rel = float(cert.get("retrain_relative_bound", math.inf))
+  update = float(cert.get("update_norm", math.nan))
+  rel = bound / (update - bound) if update > bound else math.inf
   if rel <= threshold:
     release = record.get("release")
     return True, ("; certified" + (f", released at (ε = {release['epsilon']:g}, δ = "
@@ -501,7 +535,7 @@ def check_head(workdir: str, head: dict, public_key: Optional[str] = None) -> li
 def verify(workdir: str, *, certificates: bool = True,
            apply_fn_for: Optional[Callable[[dict, PyTree], Callable]] = None,
            duplicate_tolerance: float = DUPLICATE_TOLERANCE,
-           public_key: Optional[str] = None) -> list[Verdict]:
+           public_key: Optional[str] = None, signing_key=None) -> list[Verdict]:
   """Re-verifies `<workdir>/audit/log.jsonl`; one `Verdict` per record.
 
   Args:
@@ -514,6 +548,8 @@ def verify(workdir: str, *, certificates: bool = True,
     public_key: the operator's public key (hex) every record must be signed with. None:
       each record's signature is checked under the key it names, and all must name one key
       (which, unpinned, proves only that one key signed the whole log).
+    signing_key: the operator's private key, when the verifier is the operator: a certified
+      release's secret noise is then re-derived and checked (otherwise only its σ).
 
   Raises:
     FileNotFoundError: no log in `workdir`.
@@ -534,7 +570,8 @@ def verify(workdir: str, *, certificates: bool = True,
       v.problems.append("its hash does not match its content: the record was edited")
     prev = record.get("hash", "")
     if not record.get("signature") or not record.get("public_key"):
-      v.problems.append("it is not signed (a record written without the operator's key)")
+      v.problems.append("it is not signed (written without the operator's key, e.g. by a "
+                        "version before signing; its certificate is not checked)")
     else:
       signer = signer or record["public_key"]
       if record["public_key"] != signer:
@@ -583,13 +620,19 @@ def verify(workdir: str, *, certificates: bool = True,
                           f"{' ...' if len(ids) > 10 else ''}; inputs equal within "
                           f"{duplicate_tolerance:g}): the deletion did not remove them")
       v.problems += _check_deployed(workdir, record, ev)
+      config_sha = record.get("workdir_config_sha256")
+      config_path = os.path.join(workdir, wd.CONFIG_FILE)
+      if config_sha and (not os.path.isfile(config_path) or _file_sha(config_path) != config_sha):
+        v.problems.append(f"it belongs to another workdir's run (its {wd.CONFIG_FILE} is not "
+                          "this one's)")
       if certificates and not v.problems:
-        problems, v.summary = _check_certificate(workdir, record, ev, apply_fn_for)
+        problems, v.summary, bound = _check_certificate(workdir, record, ev, apply_fn_for)
         v.problems += problems
         if not problems:
-          v.problems += _check_release(record, ev)
-          v.certified, verdict = _certified(record)
-          v.summary += verdict
+          release_problems, note = _check_release(record, ev, bound, signing_key)
+          v.problems += release_problems
+          v.certified, verdict = _certified(record, bound)
+          v.summary += verdict + note
     except (KeyError, TypeError, ValueError) as e:
       v.problems.append(f"malformed record or evidence ({type(e).__name__}: {e})")
   return verdicts
@@ -602,39 +645,60 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
       description="Re-verify a workdir's deletion log: hash chain and signatures, evidence, "
                   "the deployed models, that no forgotten sample is left in D_r, every "
                   "certificate recomputed and whether it certifies the deletion.")
-  ap.add_argument("--workdir", required=True)
+  ap.add_argument("--workdir", default=None)
   ap.add_argument("--no-certificates", action="store_true",
                   help="skip recomputing the certificates (chain and evidence only)")
   ap.add_argument("--public_key", default=None,
-                  help="the operator's public key (hex) the records must be signed with; "
-                       f"default: that of the key at ${signing.KEY_ENV} or {signing.DEFAULT_KEY} if present")
+                  help="the operator's public key the records must be signed with: 64 hex "
+                       "digits or a file holding them (default: that of the operator's key "
+                       f"file, ${signing.KEY_ENV} or {signing.DEFAULT_KEY}, when present)")
   ap.add_argument("--head", default=None,
                   help="a head exported earlier (--export_head): the log must still hold it "
                        "and every record before it")
   ap.add_argument("--export_head", default=None,
                   help="write the log's signed head to this file (keep it outside the workdir)")
+  ap.add_argument("--print_public_key", action="store_true",
+                  help="print the operator's public key (to give to third-party auditors)")
   ap.add_argument("--signing_key", default="",
-                  help=f"the operator's key for --export_head (default ${signing.KEY_ENV} or "
+                  help=f"the operator's key file (default ${signing.KEY_ENV} or "
                        f"{signing.DEFAULT_KEY})")
   args = ap.parse_args(argv)
   try:
+    if args.print_public_key:
+      key = signing.load_signing_key(signing.key_path(args.signing_key), create=False)
+      print(signing.public_key_hex(key))
+      return 0
+    if not args.workdir:
+      raise ValueError("--workdir is required (the run whose log to verify)")
+    if not os.path.exists(os.path.join(args.workdir, LOG_NAME)):
+      raise FileNotFoundError(f"no audit log at {os.path.join(args.workdir, LOG_NAME)}")
     if args.export_head:
-      key = signing.load_signing_key(signing.key_path(args.signing_key), create=False, workdir=args.workdir)
+      home = os.path.realpath(args.workdir)
+      if os.path.commonpath([os.path.realpath(args.export_head), home]) == home:
+        raise ValueError(f"--export_head {args.export_head} lies inside the workdir: whoever "
+                         "can rewrite the log could rewrite the head beside it; keep it "
+                         "elsewhere")
+      key = signing.load_signing_key(signing.key_path(args.signing_key), create=False,
+                                     workdir=args.workdir)
       head = export_head(args.workdir, key)
       wd.atomic_write_json(args.export_head, head)
       print(f"head of {head['count']} record(s) written to {args.export_head}")
       return 0
-    public_key, pinned = args.public_key, "given"
-    if public_key is None and os.path.exists(signing.key_path()):
-      public_key = signing.public_key_hex(
-          signing.load_signing_key(signing.key_path(), create=False))
-      pinned = f"of {signing.key_path()}"
+    own = signing.key_path(args.signing_key)
+    private = (signing.load_signing_key(own, create=False) if os.path.exists(own) else None)
+    if args.public_key is not None:
+      public_key, pinned = signing.parse_public_key(args.public_key), "given"
+    elif private is not None:
+      public_key, pinned = signing.public_key_hex(private), f"of {own}"
+    else:
+      public_key, pinned = None, ""
     verdicts = verify(args.workdir, certificates=not args.no_certificates,
-                      public_key=public_key)
-    head_problems = []
+                      public_key=public_key, signing_key=private)
+    head_problems, head = [], None
     if args.head:
       with open(args.head, encoding="utf-8") as f:
-        head_problems = check_head(args.workdir, json.load(f), public_key)
+        head = json.load(f)
+      head_problems = check_head(args.workdir, head, public_key)
   except (FileNotFoundError, ValueError, OSError) as e:
     print(f"audit: {e}", file=sys.stderr)
     return 1
@@ -650,11 +714,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   print(f"{len(verdicts) - failed} of {len(verdicts)} record(s) verified"
         + (f"; {failed} FAILED" if failed else "")
         + (f"; {uncertified} NOT certified" if uncertified else "")
-        + ("; the head matches" if args.head and not head_problems else "")
+        + (f"; the head of {head.get('count')} record(s) exported {head.get('time')} matches"
+           if head is not None and not head_problems else "")
         + (f"; signatures checked against the operator's key ({pinned})" if public_key else
-           "; signatures checked against the key the log names, which nothing pinned "
-           "(pass --public_key)"))
-  return 1 if failed or uncertified or head_problems else 0
+           "; UNVERIFIED: no operator key pinned (pass --public_key, which "
+           "`--print_public_key` prints where the key is), so a log re-signed with any key "
+           "would pass"))
+  return 1 if failed or uncertified or head_problems or not public_key else 0
 
 
 if __name__ == "__main__":

@@ -35,7 +35,8 @@ def load_signing_key(path: str, *, create: bool = True, workdir: Optional[str] =
   from cryptography.hazmat.primitives.asymmetric import ed25519  # pylint: disable=g-import-not-at-top
   path = os.path.abspath(path)
   if workdir is not None:
-    inside = os.path.commonpath([path, os.path.abspath(workdir)]) == os.path.abspath(workdir)
+    real, home = os.path.realpath(path), os.path.realpath(workdir)
+    inside = os.path.commonpath([real, home]) == home
     if inside:
       raise ValueError(f"the signing key {path} lies inside the workdir {workdir}: anyone who "
                        "can edit the log could sign with it; keep it elsewhere "
@@ -90,3 +91,36 @@ def signature_ok(public_hex: str, signature_hex: str, message: bytes) -> bool:
     return True
   except (InvalidSignature, ValueError, TypeError):
     return False
+
+
+def secret_seed(key, label: str) -> int:
+  """A 128-bit seed only the holder of `key` can compute: HMAC-SHA256 of `label` under the
+  private key's raw bytes (e.g. a certified release's noise, which must stay secret: whoever
+  knows the noise subtracts it). Deterministic, so a resumed run and the operator's audit
+  derive the same seed."""
+  import hashlib  # pylint: disable=g-import-not-at-top
+  import hmac  # pylint: disable=g-import-not-at-top
+  from cryptography.hazmat.primitives import serialization  # pylint: disable=g-import-not-at-top
+  raw = key.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw,
+                          serialization.NoEncryption())
+  digest = hmac.new(raw, label.encode(), hashlib.sha256).digest()
+  return int.from_bytes(digest[:16], "big")
+
+
+def parse_public_key(text: str) -> str:
+  """A public key given as 64 hex digits (any case) or as a file holding them, as lower-case
+  hex.
+
+  Raises:
+    ValueError: neither.
+  """
+  value = text.strip()
+  if os.path.isfile(os.path.expanduser(value)):
+    with open(os.path.expanduser(value), encoding="utf-8") as f:
+      value = f.read().strip()
+  value = value.lower()
+  if len(value) != 64 or any(ch not in "0123456789abcdef" for ch in value):
+    raise ValueError(f"{text!r} is not a public key: give its 64 hex digits (what "
+                     "`python -m fastntk_jax.audit --print_public_key` prints) or a file "
+                     "holding them")
+  return value

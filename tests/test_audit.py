@@ -373,10 +373,90 @@ def test_a_release_whose_noise_is_below_its_bound_fails(audited, tmp_path):
   sigma = release.gaussian_sigma(bound, 1.0, 1e-5) / 2
   noised, _ = release.noised(ev["params"], sigma, 7)
   records[0]["release"] = {"epsilon": 1.0, "delta": 1e-5, "sigma": sigma, "sensitivity": bound,
-                           "mechanism": "analytic", "noise_seed": 7,
+                           "mechanism": "analytic", "noise_commitment": release.commitment(7),
                            "released_sha256": audit.hash_tree(noised)}
   records[0].pop("deployed", None)
   _write_lines(workdir, _rehash(records))
   verdicts = audit.verify(workdir)
   assert "the (ε, δ) guarantee does not hold" in verdicts[0].line()
   assert verdicts[1].ok, verdicts[1].line()
+
+
+@pytest.mark.slow
+def test_statistics_perturbed_within_the_tolerance_widen_the_bound(audited, tmp_path):
+  """An operator (holding the key) recording statistics 1e-5 away from D_r's, and the retrain
+  of those: the bound against D_r's own statistics is widened by their effect and the
+  deletion is no longer certified (it printed OK, 1.2e6 times the true distance)."""
+  workdir = _copy(audited, tmp_path)
+  record = json.loads(_lines(workdir)[0])
+  ev_path = os.path.join(workdir, record["evidence"]["path"])
+  ev = wd.load_state(ev_path, None)
+  g, b = ev["gram_retain"], ev["rhs_retain"]
+  rng = np.random.default_rng(0)
+  b_forged = b + 0.9e-5 * np.linalg.norm(b) * (lambda v: v / np.linalg.norm(v))(
+      rng.normal(size=b.shape))
+  from fastntk_jax import linalg  # pylint: disable=g-import-not-at-top
+  from fastntk_jax.unlearn import certificate  # pylint: disable=g-import-not-at-top
+  x = linalg.reference_ridge_solve(g, b_forged, record["damping"])
+  leaves, treedef = jax.tree_util.tree_flatten(ev["params_init"])
+  flat = certificate.flat64(ev["params_init"]) + x
+  parts, k = [], 0
+  for leaf in leaves:
+    parts.append(flat[k:k + leaf.size].reshape(leaf.shape).astype(leaf.dtype))
+    k += leaf.size
+  params = jax.tree_util.tree_unflatten(treedef, parts)
+  frozen = wd.load_state(os.path.join(workdir, record["frozen_path"]), None)
+  cert = certificate.certify(audit._default_apply_fn(record["model"], frozen),  # pylint: disable=protected-access
+                             ev["params_init"], params, (ev["x_retain"], ev["y_retain"]),
+                             num_classes=record["model"]["num_classes"],
+                             damping=record["damping"], retain_stats=(g, b_forged))
+  fresh = str(tmp_path / "forged")
+  audit.record_deletion(
+      fresh, request_id="forged", model=record["model"], frozen=frozen,
+      params_init=ev["params_init"], params=params, retain=(ev["x_retain"], ev["y_retain"]),
+      forget=(ev["x_forget"], ev["y_forget"]), forget_ids=ev["forget_ids"],
+      damping=record["damping"], solver="primal", certificate=cert,
+      batch_size=record["batch_size"], retain_stats=(g, b_forged))
+  assert cert.retrain_relative_bound < 1e-6  # what the operator claims
+  (verdict,) = audit.verify(fresh)
+  assert not verdict.problems and verdict.certified is False, verdict.line()
+  assert "differ by" in verdict.line() and "wider" in verdict.line()
+
+
+@pytest.mark.slow
+def test_a_log_copied_from_another_run_fails(audited, tmp_path):
+  """Records are bound to their workdir's config: another run's audit/ copied in fails."""
+  workdir = _copy(audited, tmp_path)
+  with open(os.path.join(workdir, "config.json")) as f:
+    config = json.load(f)
+  config["seeds"] = [7]
+  with open(os.path.join(workdir, "config.json"), "w") as f:
+    json.dump(config, f)
+  verdicts = audit.verify(workdir, certificates=False)
+  assert all("another workdir's run" in v.line() for v in verdicts)
+
+
+def test_an_unpinned_audit_is_not_a_pass_and_keys_parse(tmp_path, capsys, monkeypatch):
+  workdir = str(tmp_path / "w")
+  apply_fn_for = _linear_log(workdir)
+  del apply_fn_for
+  key_hex = _operator_key_hex()
+  monkeypatch.setenv(signing.KEY_ENV, str(tmp_path / "nowhere" / "key.pem"))  # no key here
+  assert audit.main(["--workdir", workdir, "--no-certificates"]) == 1
+  assert "UNVERIFIED: no operator key pinned" in capsys.readouterr().out
+  assert audit.main(["--workdir", workdir, "--no-certificates",
+                     "--public_key", key_hex.upper()]) == 0
+  key_file = tmp_path / "operator.pub"
+  key_file.write_text(key_hex + "\n")
+  assert audit.main(["--workdir", workdir, "--no-certificates",
+                     "--public_key", str(key_file)]) == 0
+  capsys.readouterr()
+  assert audit.main(["--workdir", workdir, "--public_key", "zz"]) == 1
+  assert "is not a public key" in capsys.readouterr().err
+  assert audit.main(["--workdir", workdir, "--export_head",
+                     os.path.join(workdir, "head.json")]) == 1
+  assert "inside the workdir" in capsys.readouterr().err
+  assert audit.main(["--workdir", str(tmp_path / "none"), "--export_head",
+                     str(tmp_path / "h.json")]) == 1
+  assert "no audit log" in capsys.readouterr().err
+

@@ -258,3 +258,25 @@ def test_the_reference_solution_is_the_exact_retrain_to_float64():
   x_exact = _exact_ridge(gram, rhs, 1e-3)
   ref = linalg.reference_ridge_solve(gram, rhs, 1e-3)
   assert _exact_distance(ref, x_exact) <= 4e-16 * np.linalg.norm(ref)
+
+
+def test_statistics_that_are_not_positive_semidefinite_are_refused_or_accounted_for():
+  """With an eigenvalue of −λ/2, ‖H⁻¹‖ is 2/λ, not 1/λ: the bound was half the exact
+  distance. Round-off-size negative eigenvalues are accounted for; larger ones refused."""
+  rng = np.random.default_rng(11)
+  q, _ = np.linalg.qr(rng.normal(size=(8, 8)))
+  lam = 0.01
+  eig = np.array([-0.4 * lam, 1e-6, 0.1, 1, 2, 5, 10, 50])
+  gram, rhs = (q * eig) @ q.T, rng.normal(size=8)
+  x_exact = _exact_ridge(certificate.model_gram(gram), rhs, lam)
+  delta = np.array([float(v) for v in x_exact], np.float32)
+  true = _exact_distance(delta, x_exact)
+  _, bound, _ = certificate.stats_witness(delta, gram, rhs, lam)
+  assert true <= bound.bound <= 2 * true
+  with pytest.raises(unlearn.SolveError, match="not positive semi-definite"):
+    certificate.stats_witness(delta, (q * np.where(eig < 0, -0.6 * lam, eig)) @ q.T, rhs,
+                              lam)
+  # An asymmetric G is the model of its lower triangle (what the Cholesky solves read).
+  skew = np.triu(rng.normal(size=(8, 8)), 1)
+  again = certificate.stats_witness(delta, gram + skew, rhs, lam)[1]
+  assert again.bound == pytest.approx(bound.bound, rel=1e-12)

@@ -48,6 +48,13 @@ def test_analytic_sigma_is_the_smallest_noise_meeting_delta(epsilon, sensitivity
     assert sigma <= release.classic_sigma(sensitivity, epsilon, delta)
 
 
+def test_the_analytic_sigma_never_undershoots_delta_at_the_edges():
+  """The closed form cancels at small ε and δ: the σ returned must still meet δ."""
+  for epsilon, delta in ((1e-3, 1e-50), (1e-3, 1e-5), (100.0, 1e-12), (0.01, 1e-30)):
+    sigma = release.analytic_sigma(1.0, epsilon, delta)
+    assert release.analytic_delta(sigma, 1.0, epsilon) <= delta
+
+
 def test_known_value_of_the_analytic_mechanism():
   """Balle & Wang's calibration at ε = 1, δ = 1e-5, Δ = 1: σ ≈ 3.73 (their Figure 2)."""
   assert release.analytic_sigma(1.0, 1.0, 1e-5) == pytest.approx(3.7306, abs=5e-4)
@@ -66,6 +73,11 @@ def test_a_release_is_reproducible_from_its_seed_and_keeps_dtypes():
   assert rel.noise_norm == pytest.approx(np.sqrt(np.sum(z ** 2) + np.sum(
       released["b"] ** 2)), rel=1e-3)
   assert rel.sensitivity == 0.5 and rel.mechanism == "analytic" and "ε = 1" in rel.statement
+  # The seed is secret: the record keeps its commitment, never the seed.
+  assert "noise_seed" not in rel.as_dict() and rel.noise_commitment == release.commitment(3)
+  drawn, drawn_rel = release.certified_release(params, 0.5, epsilon=1.0, delta=1e-5)
+  assert drawn_rel.noise_seed.bit_length() > 64 and not np.array_equal(drawn["a"],
+                                                                        released["a"])
   other, _ = release.certified_release(params, 0.5, epsilon=1.0, delta=1e-5, noise_seed=4)
   assert not np.array_equal(other["a"], released["a"])
 

@@ -178,7 +178,7 @@ def certify_deletion(setup, ctx, params, data, diagnostics: dict, retrain,
                        "certified (use linearised fine-tuning, finetune.mode='linearized')")
     deployed, release = release_lib.certified_release(
         params, cert, epsilon=float(u.epsilon), delta=float(u.delta),
-        noise_seed=_noise_seed(ctx.seed))
+        noise_seed=audit.release_seed(setup.signing_key, request_id, params))
     extra["release"] = release.as_dict()
     log.info("%s: released with noise: %s", request_id, release.statement)
   record = audit.record_deletion(
@@ -197,20 +197,16 @@ def certify_deletion(setup, ctx, params, data, diagnostics: dict, retrain,
           "audit_record": record["index"], **extra}, deployed
 
 
-def _noise_seed(seed: int) -> int:
-  """The release noise's seed for a run seed (any fixed map; recorded with the release)."""
-  return int(np.random.SeedSequence([int(seed), 0x5E1EA5E]).generate_state(1)[0])
-
-
 def _release_cost(setup, ctx, params, cert, measure) -> dict:
   """UA/RA/TA of `params` and of its certified releases at each ε of
   `unlearn.release_epsilons` (δ = `unlearn.delta`): what the guarantee costs in accuracy."""
   u = setup.cfg.unlearn
   out = {"none": measure(params), "delta": float(u.delta), "by_epsilon": {}}
   for eps in u.release_epsilons:
-    noised, rel = release_lib.certified_release(params, cert, epsilon=float(eps),
-                                                delta=float(u.delta),
-                                                noise_seed=_noise_seed(ctx.seed))
+    # Noise of the operator's secret seed, as the release's (its cost is what it reports).
+    noised, rel = release_lib.certified_release(
+        params, cert, epsilon=float(eps), delta=float(u.delta),
+        noise_seed=audit.release_seed(setup.signing_key, f"seed{ctx.seed}/fastntk", params))
     out["by_epsilon"][f"{float(eps):g}"] = {**measure(noised), "sigma": rel.sigma}
   return out
 

@@ -179,7 +179,10 @@ def stats_bound(delta, gram, rhs, damping: float, witness) -> StatsBound:
   residual r = (G_r + λI)(δ − d) − b_r computed as r̂, each entry satisfies
   |r̂ − r| ≤ 2γ_{p+4}((|G_r| + λI)|δ − d| + |b_r|) (dot products of p terms, the λ term,
   the subtraction, and δ − d itself rounded), and ‖·‖ of p squares errs by at most
-  γ_{p+2} relative; the bound adds those terms and rounds up (`_round_up`).
+  γ_{p+2} relative; the bound adds those terms and rounds up (`_round_up`). G is the
+  model's symmetric matrix (`model_gram`), and the residual is divided by λ' = λ less any
+  negative eigenvalue of G and a margin for the eigensolver's error (`definite_damping`),
+  since ‖H⁻¹‖ <= 1/λ' needs H = G + λI ⪰ λ'I.
 
   Args:
     delta: δ = w − w0 [p], float64 or narrower (converted exactly).
@@ -194,9 +197,11 @@ def stats_bound(delta, gram, rhs, damping: float, witness) -> StatsBound:
   ld = np.longdouble
   unit = float(np.finfo(ld).eps) / 2
   p = int(np.shape(rhs)[0])
-  g = np.asarray(gram, np.float64).astype(ld)
+  g64 = model_gram(gram)
+  g = g64.astype(ld)
   b = np.asarray(rhs, np.float64).astype(ld)
   lam = ld(float(damping))
+  lam_div = ld(definite_damping(g64, float(damping)))  # H >= lam_div I: |H^-1 v| <= |v|/lam_div
   dlt = np.asarray(delta).astype(ld)
   d = np.asarray(witness, np.float64).astype(ld)
   gamma_dot = 2 * _gamma(p + 4, unit)
@@ -215,17 +220,44 @@ def stats_bound(delta, gram, rhs, damping: float, witness) -> StatsBound:
 
   # The few longdouble operations combining the terms round by at most u each: 1 + 8u covers
   # them; `_round_up` then covers the conversion to float64.
-  tail = (ld(1) + ld(8) * ld(unit)) / lam
+  tail = (ld(1) + ld(8) * ld(unit)) / lam_div
   grad, grad_err = rounded_residual(dlt)
   grad_norm = float(np.sqrt(np.sum(grad * grad)))
   gradient_bound = _round_up((norm_up(grad) + norm_up(grad_err)) * tail)
   res, res_err = rounded_residual(dlt - d)
   rounding = norm_up(res_err)
-  bound = _round_up((norm_up(d) * lam + norm_up(res) + rounding) * tail)
+  bound = _round_up((norm_up(d) * lam_div + norm_up(res) + rounding) * tail)
   return StatsBound(bound=min(bound, gradient_bound), gradient_bound=gradient_bound,
                     gradient_norm=grad_norm, witness_norm=float(np.sqrt(np.sum(d * d))),
                     residual_norm=float(np.sqrt(np.sum(res * res))), rounding=_round_up(rounding),
                     update_norm=float(np.sqrt(np.sum(dlt * dlt))), unit_roundoff=unit)
+
+
+def model_gram(gram) -> np.ndarray:
+  """The symmetric G of the model Gram statistics define: the lower triangle mirrored (what
+  the Cholesky solves of the update, Full and Retrain read), float64."""
+  g = np.asarray(gram, np.float64)
+  return np.tril(g) + np.tril(g, -1).T
+
+
+def definite_damping(gram_sym: np.ndarray, damping: float) -> float:
+  """λ' <= λ with G + λI ⪰ λ'I for the symmetric `gram_sym`: λ less G's most negative
+  eigenvalue (a PSD Gram can have one of round-off size) less a margin of 10·p·u·‖G‖_F that
+  covers the eigensolver's backward error (numpy's LAPACK `syevd`).
+
+  Raises:
+    SolveError: λ' <= λ/2: G is too far from PSD for the bound (not a Gram matrix).
+  """
+  p = gram_sym.shape[0]
+  eig_min = float(np.linalg.eigvalsh(gram_sym)[0]) if p else 0.0
+  tau = max(0.0, -eig_min) + 10 * p * float(np.finfo(np.float64).eps) * float(
+      np.linalg.norm(gram_sym))
+  if not tau < damping / 2:
+    raise validate.SolveError(
+        f"the Gram statistics are not positive semi-definite to within λ/2 (smallest "
+        f"eigenvalue {eig_min:.3g}, round-off margin {tau:.3g}, λ = {damping:g}): they are "
+        "not JᵀJ of any rows, so no bound can be certified from them")
+  return damping - tau
 
 
 def stats_witness(delta, gram, rhs, damping: float, *, max_refinements: int = 3):
@@ -237,7 +269,7 @@ def stats_witness(delta, gram, rhs, damping: float, *, max_refinements: int = 3)
     (d [p] float64, StatsBound of d, refinements made).
   """
   ld = np.longdouble
-  g64 = np.asarray(gram, np.float64)
+  g64 = model_gram(gram)
   g, b = g64.astype(ld), np.asarray(rhs, np.float64).astype(ld)
   dlt = np.asarray(delta).astype(ld)
   lam = float(damping)
