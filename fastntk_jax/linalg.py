@@ -411,6 +411,13 @@ def ridge_solve(gram: jnp.ndarray, rhs: jnp.ndarray, damping, *,
   return x, direct_info(x, matrix, with_condition, [diagonal_condition(chol)])
 
 
+def smallest_eigenvalue(a) -> float:
+  """The smallest eigenvalue of a symmetric matrix held on the host (numpy's LAPACK `syevd`,
+  float64; backward stable: off by at most a small multiple of p·u·‖a‖)."""
+  a = np.asarray(a, np.float64)
+  return float(np.linalg.eigvalsh(a)[0]) if a.size else 0.0
+
+
 def reference_ridge_solve(gram, rhs, damping) -> np.ndarray:
   """(G + λI)⁻¹ b [p] on the host by an LU solve (numpy's LAPACK, not the package's Cholesky
   path) refined twice with residuals in extended precision: an independent float64

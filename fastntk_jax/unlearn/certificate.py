@@ -249,7 +249,7 @@ def definite_damping(gram_sym: np.ndarray, damping: float) -> float:
     SolveError: λ' <= λ/2: G is too far from PSD for the bound (not a Gram matrix).
   """
   p = gram_sym.shape[0]
-  eig_min = float(np.linalg.eigvalsh(gram_sym)[0]) if p else 0.0
+  eig_min = linalg.smallest_eigenvalue(gram_sym)
   tau = max(0.0, -eig_min) + 10 * p * float(np.finfo(np.float64).eps) * float(
       np.linalg.norm(gram_sym))
   if not tau < damping / 2:
