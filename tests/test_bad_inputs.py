@@ -187,8 +187,9 @@ def test_a_traceback_that_cannot_go_to_the_workdir_goes_to_a_temporary_file(tmp_
 def test_a_refusal_after_the_workdir_is_claimed_is_one_line_keeping_its_traceback(tmp_path):
   import subprocess  # pylint: disable=g-import-not-at-top
   import sys  # pylint: disable=g-import-not-at-top
-  bad = tmp_path / "ckpt"
+  bad = tmp_path / "ckpt"  # looks finished (its format passes prepare), unreadable inside
   bad.mkdir()
+  (bad / "_CHECKPOINT_METADATA").write_text("not orbax metadata")
   proc = subprocess.run([sys.executable, "-m", "fastntk_jax.main", "--noprogress",
                          "--config=configs/default.py:tiny", f"--workdir={tmp_path / 'w'}",
                          "--config.pretrain.source=checkpoint", f"--config.pretrain.path={bad}"],
