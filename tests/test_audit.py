@@ -460,3 +460,33 @@ def test_an_unpinned_audit_is_not_a_pass_and_keys_parse(tmp_path, capsys, monkey
                      str(tmp_path / "h.json")]) == 1
   assert "no audit log" in capsys.readouterr().err
 
+
+@pytest.mark.slow
+def test_a_deletion_that_unlearns_nothing_is_not_certified(audited, tmp_path, capsys):
+  """Full's own parameters recorded as the deletion (what step_scale=0 gives): the bound is
+  true but shows no forgetting, so the audit says NOT CERTIFIED and exits 1."""
+  from fastntk_jax.models import checkpoints  # pylint: disable=g-import-not-at-top
+  from fastntk_jax.unlearn import certificate  # pylint: disable=g-import-not-at-top
+  workdir = _copy(audited, tmp_path)
+  record = json.loads(_lines(workdir)[0])
+  ev = wd.load_state(os.path.join(workdir, record["evidence"]["path"]), None)
+  full = checkpoints.restore_checkpoint(os.path.join(workdir, "seed_0", "full"),
+                                        {"trainable": ev["params"]})["trainable"]
+  frozen = wd.load_state(os.path.join(workdir, record["frozen_path"]), None)
+  stats = (ev["gram_retain"], ev["rhs_retain"])
+  cert = certificate.certify(audit._default_apply_fn(record["model"], frozen),  # pylint: disable=protected-access
+                             ev["params_init"], full, (ev["x_retain"], ev["y_retain"]),
+                             num_classes=record["model"]["num_classes"],
+                             damping=record["damping"], retain_stats=stats)
+  fresh = str(tmp_path / "noop")
+  audit.record_deletion(
+      fresh, request_id="no-op", model=record["model"], frozen=frozen,
+      params_init=ev["params_init"], params=full, retain=(ev["x_retain"], ev["y_retain"]),
+      forget=(ev["x_forget"], ev["y_forget"]), forget_ids=ev["forget_ids"],
+      damping=record["damping"], solver="primal", certificate=cert,
+      batch_size=record["batch_size"], retain_stats=stats)
+  capsys.readouterr()
+  assert audit.main(["--workdir", fresh]) == 1
+  out = capsys.readouterr().out
+  assert "NOT CERTIFIED #0 no-op" in out and "1 NOT certified" in out, out
+

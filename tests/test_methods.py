@@ -259,23 +259,6 @@ def test_register_refuses_what_it_cannot_place(registered_outside):
     methods.register(dataclasses.replace(OUTSIDE, run=_check_alpha))
 
 
-@pytest.mark.slow
-def test_a_registered_method_is_run_evaluated_and_reported(registered_outside, tmp_path):
-  from conftest import DEFAULT  # pylint: disable=g-import-not-at-top
-  from fastntk_jax.experiment import run as run_lib  # pylint: disable=g-import-not-at-top
-  cfg = config_lib.load_config_file(f"{DEFAULT}:tiny")  # built after the registration
-  with cfg.unlocked():
-    cfg.methods = ("full", "retrain", "outside")
-  assert cfg.baselines.outside.forget_phase.epochs == 1  # :tiny reaches the nested group
-  results = run_lib.run(cfg, str(tmp_path / "w"), show_progress=False)
-  assert "Outside" in open(tmp_path / "w" / "results.md").read()
-  # It returned Full's parameters: every accuracy is Full's, its seconds are its own.
-  ours, full = results["methods"]["outside"], results["methods"]["full"]
-  for metric in ("acc_forget", "acc_retain", "acc_test_forget", "acc_test_retain"):
-    assert ours[metric]["per_seed"] == full[metric]["per_seed"], metric
-  assert results["timing"]["methods"]["outside"]["seconds"]["per_seed"] == [0.0]
-
-
 def _two_phases(ctx, block):
   """Gradient ascent on D_f, then descent on D_r, each phase long enough to leave a periodic
   checkpoint; phase 2 is also trained directly (no checkpoint) as the reference."""
@@ -300,9 +283,11 @@ def _two_phase_block():
 
 
 @pytest.mark.slow
-def test_each_phase_of_a_method_resumes_from_its_own_checkpoint(tmp_path):
-  """Two `ctx.fit` calls of one method shared one checkpoint file: the second phase resumed
-  the first one's state and trained a model nobody asked for."""
+def test_registered_methods_are_run_reported_and_resume_each_phase(registered_outside,
+                                                                    tmp_path):
+  """Two methods from outside the package in one run: one returns Full's parameters (its
+  accuracies must be Full's, its rows in results.md), one trains in two phases (each
+  `ctx.fit` call has its own checkpoint: they shared one, and phase 2 resumed phase 1)."""
   from conftest import DEFAULT  # pylint: disable=g-import-not-at-top
   from fastntk_jax.experiment import run as run_lib  # pylint: disable=g-import-not-at-top
   two = methods.register(methods.Method(
@@ -310,15 +295,21 @@ def test_each_phase_of_a_method_resumes_from_its_own_checkpoint(tmp_path):
       config_group="baselines.two_phase_test", reference="a test method",
       default_block=_two_phase_block))
   try:
-    cfg = config_lib.load_config_file(f"{DEFAULT}:tiny")
+    cfg = config_lib.load_config_file(f"{DEFAULT}:tiny")  # built after the registrations
     with cfg.unlocked():
-      cfg.methods = ("full", "retrain", "two_phase_test")
+      cfg.methods = ("full", "retrain", "outside", "two_phase_test")
       cfg.baselines.two_phase_test.epochs = 3  # :tiny set 1: no periodic checkpoint then
       cfg.baselines.two_phase_test.forget_phase.epochs = 3
+    assert cfg.baselines.outside.forget_phase.epochs == 1  # :tiny reaches the nested group
     results = run_lib.run(cfg, str(tmp_path / "w"), show_progress=False)
   finally:
     methods._REGISTERED.pop(two.name, None)  # pylint: disable=protected-access
+  text = open(tmp_path / "w" / "results.md").read()
+  assert "Outside" in text and "Two phases" in text
+  ours, full = results["methods"]["outside"], results["methods"]["full"]
+  for metric in ("acc_forget", "acc_retain", "acc_test_forget", "acc_test_retain"):
+    assert ours[metric]["per_seed"] == full[metric]["per_seed"], metric
+  assert results["timing"]["methods"]["outside"]["seconds"]["per_seed"] == [0.0]
   diag = json.load(open(tmp_path / "w" / "seed_0" / "two_phase_test_diagnostics.json"))
   assert diag["phase2_vs_direct"] == 0.0, diag
   assert not [f for f in os.listdir(tmp_path / "w" / "seed_0") if f.endswith(".partial")]
-  assert "two_phase_test" in results["methods"]
