@@ -382,6 +382,25 @@ def test_a_release_whose_noise_is_below_its_bound_fails(audited, tmp_path):
   assert verdicts[1].ok, verdicts[1].line()
 
 
+def _record_as_operator(workdir, record, ev, params, stats, fresh, request_id):
+  """`params` certified on `stats` and recorded (signed with the operator's key) in a new log
+  at `fresh`, with the rest of `record`'s evidence; returns the certificate."""
+  from fastntk_jax.unlearn import certificate  # pylint: disable=g-import-not-at-top
+  frozen = wd.load_state(os.path.join(workdir, record["frozen_path"]), None)
+  retain = (ev["x_retain"], ev["y_retain"])
+  cert = certificate.certify(audit._default_apply_fn(record["model"], frozen),  # pylint: disable=protected-access
+                             ev["params_init"], params, retain,
+                             num_classes=record["model"]["num_classes"],
+                             damping=record["damping"], retain_stats=stats)
+  audit.record_deletion(
+      fresh, request_id=request_id, model=record["model"], frozen=frozen,
+      params_init=ev["params_init"], params=params, retain=retain,
+      forget=(ev["x_forget"], ev["y_forget"]), forget_ids=ev["forget_ids"],
+      damping=record["damping"], solver="primal", certificate=cert,
+      batch_size=record["batch_size"], retain_stats=stats)
+  return cert
+
+
 @pytest.mark.slow
 def test_statistics_perturbed_within_the_tolerance_widen_the_bound(audited, tmp_path):
   """An operator (holding the key) recording statistics 1e-5 away from D_r's, and the retrain
@@ -405,18 +424,8 @@ def test_statistics_perturbed_within_the_tolerance_widen_the_bound(audited, tmp_
     parts.append(flat[k:k + leaf.size].reshape(leaf.shape).astype(leaf.dtype))
     k += leaf.size
   params = jax.tree_util.tree_unflatten(treedef, parts)
-  frozen = wd.load_state(os.path.join(workdir, record["frozen_path"]), None)
-  cert = certificate.certify(audit._default_apply_fn(record["model"], frozen),  # pylint: disable=protected-access
-                             ev["params_init"], params, (ev["x_retain"], ev["y_retain"]),
-                             num_classes=record["model"]["num_classes"],
-                             damping=record["damping"], retain_stats=(g, b_forged))
   fresh = str(tmp_path / "forged")
-  audit.record_deletion(
-      fresh, request_id="forged", model=record["model"], frozen=frozen,
-      params_init=ev["params_init"], params=params, retain=(ev["x_retain"], ev["y_retain"]),
-      forget=(ev["x_forget"], ev["y_forget"]), forget_ids=ev["forget_ids"],
-      damping=record["damping"], solver="primal", certificate=cert,
-      batch_size=record["batch_size"], retain_stats=(g, b_forged))
+  cert = _record_as_operator(workdir, record, ev, params, (g, b_forged), fresh, "forged")
   assert cert.retrain_relative_bound < 1e-6  # what the operator claims
   (verdict,) = audit.verify(fresh)
   assert not verdict.problems and verdict.certified is False, verdict.line()
@@ -466,25 +475,14 @@ def test_a_deletion_that_unlearns_nothing_is_not_certified(audited, tmp_path, ca
   """Full's own parameters recorded as the deletion (what step_scale=0 gives): the bound is
   true but shows no forgetting, so the audit says NOT CERTIFIED and exits 1."""
   from fastntk_jax.models import checkpoints  # pylint: disable=g-import-not-at-top
-  from fastntk_jax.unlearn import certificate  # pylint: disable=g-import-not-at-top
   workdir = _copy(audited, tmp_path)
   record = json.loads(_lines(workdir)[0])
   ev = wd.load_state(os.path.join(workdir, record["evidence"]["path"]), None)
   full = checkpoints.restore_checkpoint(os.path.join(workdir, "seed_0", "full"),
                                         {"trainable": ev["params"]})["trainable"]
-  frozen = wd.load_state(os.path.join(workdir, record["frozen_path"]), None)
-  stats = (ev["gram_retain"], ev["rhs_retain"])
-  cert = certificate.certify(audit._default_apply_fn(record["model"], frozen),  # pylint: disable=protected-access
-                             ev["params_init"], full, (ev["x_retain"], ev["y_retain"]),
-                             num_classes=record["model"]["num_classes"],
-                             damping=record["damping"], retain_stats=stats)
   fresh = str(tmp_path / "noop")
-  audit.record_deletion(
-      fresh, request_id="no-op", model=record["model"], frozen=frozen,
-      params_init=ev["params_init"], params=full, retain=(ev["x_retain"], ev["y_retain"]),
-      forget=(ev["x_forget"], ev["y_forget"]), forget_ids=ev["forget_ids"],
-      damping=record["damping"], solver="primal", certificate=cert,
-      batch_size=record["batch_size"], retain_stats=stats)
+  _record_as_operator(workdir, record, ev, full, (ev["gram_retain"], ev["rhs_retain"]), fresh,
+                      "no-op")
   capsys.readouterr()
   assert audit.main(["--workdir", fresh]) == 1
   out = capsys.readouterr().out
