@@ -451,6 +451,14 @@ def ignored_fields(cfg) -> list[str]:
                  "warmup_epochs, decay_epochs and decay_factor are not used")
   if not cfg.unlearn.serve:
     notes.append("unlearn.serve=False: unlearn.jacobian_cache_gib is not used")
+  if not cfg.unlearn.certified:
+    notes.append("unlearn.certified=False: the released model carries no noise, so "
+                 "unlearn.epsilon is not used (results still give the release's cost at "
+                 "unlearn.release_epsilons and unlearn.delta)")
+  if "fastntk" not in cfg.methods:
+    notes.append("config.methods has no 'fastntk': nothing is certified or logged, so "
+                 "unlearn.certify_threshold, release_epsilons, delta and signing_key are not "
+                 "used")
   return notes
 
 

@@ -102,6 +102,14 @@ def test_fields_the_closed_form_does_not_use_are_named():
     assert field in closed, closed
   assert not [n for n in config_lib.ignored_fields(tiny_config("tiny,standard"))
               if "closed_form" in n]
+  assert any("unlearn.epsilon is not used" in n for n in notes)
+  certified = tiny_config()
+  with certified.unlocked():
+    certified.unlearn.certified = True
+    certified.methods = ("full", "retrain", "max_loss")
+  notes = config_lib.ignored_fields(certified)
+  assert not any("unlearn.epsilon is not used" in n for n in notes)
+  assert any("signing_key are not used" in n for n in notes)
 
 
 def test_the_audit_finds_a_forgotten_sample_copied_into_d_r_with_a_round_off_shift(tmp_path):
