@@ -88,12 +88,13 @@ def main(argv):
                                                if a.startswith("--config")), _WORKDIR.value)
     log.info("%s", cli.describe_runtime())
 
+  from fastntk_jax import signing  # pylint: disable=g-import-not-at-top
   from fastntk_jax import workdir as wd  # pylint: disable=g-import-not-at-top
   try:
     results = run_lib.run(cfg, _WORKDIR.value, show_progress=_PROGRESS.value,
                           prepared=prepared, on_ready=start_log)
-  except (wd.WorkdirBusyError, wd.WorkdirConflictError) as e:
-    cli.fail(e)  # the workdir is another run's: nothing is written into it
+  except (wd.WorkdirBusyError, wd.WorkdirConflictError, signing.SigningKeyError) as e:
+    cli.fail(e)  # the workdir is another run's, or the key unusable: nothing is written
   except (ValueError, TypeError, KeyError, OSError) as e:
     # Bad input: one clear line and a non-zero exit, never a traceback on the terminal; but
     # the same exception types also come from bugs, so the traceback is kept in a file.

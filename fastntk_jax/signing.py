@@ -13,6 +13,11 @@ from typing import Optional
 
 log = logging.getLogger(__name__)
 
+
+class SigningKeyError(ValueError):
+  """The operator's key cannot be used (missing, garbled, not Ed25519, or inside the
+  workdir): a refusal about the operator's setup, found before the workdir is touched."""
+
 KEY_ENV = "FASTNTK_AUDIT_KEY"
 DEFAULT_KEY = os.path.join("~", ".config", "fastntk_jax", "audit_ed25519.pem")
 
@@ -29,7 +34,7 @@ def load_signing_key(path: str, *, create: bool = True, workdir: Optional[str] =
   forgeries with it.
 
   Raises:
-    ValueError: a key inside the workdir, or a file that is not an Ed25519 PEM key.
+    SigningKeyError: a key inside the workdir, or a file that is not an Ed25519 PEM key.
   """
   from cryptography.hazmat.primitives import serialization  # pylint: disable=g-import-not-at-top
   from cryptography.hazmat.primitives.asymmetric import ed25519  # pylint: disable=g-import-not-at-top
@@ -38,12 +43,12 @@ def load_signing_key(path: str, *, create: bool = True, workdir: Optional[str] =
     real, home = os.path.realpath(path), os.path.realpath(workdir)
     inside = os.path.commonpath([real, home]) == home
     if inside:
-      raise ValueError(f"the signing key {path} lies inside the workdir {workdir}: anyone who "
-                       "can edit the log could sign with it; keep it elsewhere "
-                       f"(config.unlearn.signing_key or ${KEY_ENV})")
+      raise SigningKeyError(f"the signing key {path} lies inside the workdir {workdir}: anyone "
+                            "who can edit the log could sign with it; keep it elsewhere "
+                            f"(config.unlearn.signing_key or ${KEY_ENV})")
   if not os.path.exists(path):
     if not create:
-      raise ValueError(f"no signing key at {path}")
+      raise SigningKeyError(f"no signing key at {path}")
     key = ed25519.Ed25519PrivateKey.generate()
     os.makedirs(os.path.dirname(path), exist_ok=True)
     pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
@@ -69,9 +74,9 @@ def load_signing_key(path: str, *, create: bool = True, workdir: Optional[str] =
     try:
       key = serialization.load_pem_private_key(f.read(), password=None)
     except (ValueError, TypeError) as e:
-      raise ValueError(f"{path} is not an unencrypted PEM private key: {e}") from None
+      raise SigningKeyError(f"{path} is not an unencrypted PEM private key: {e}") from None
   if not isinstance(key, ed25519.Ed25519PrivateKey):
-    raise ValueError(f"{path} holds a {type(key).__name__}, not an Ed25519 key")
+    raise SigningKeyError(f"{path} holds a {type(key).__name__}, not an Ed25519 key")
   return key
 
 

@@ -355,3 +355,17 @@ def test_runtime_line_replaces_jaxs_no_gpu_warning(monkeypatch):
   finally:
     for n, level in levels.items():
       logging.getLogger(n).setLevel(level)
+
+
+def test_a_signing_key_inside_the_workdir_is_one_line_and_writes_nothing(capsys, tmp_path):
+  workdir = tmp_path / "w"
+  workdir.mkdir()
+  flags.FLAGS.unparse_flags()
+  cli.parse_flags(["fastntk_jax", "--config=configs/default.py:tiny", f"--workdir={workdir}",
+                   f"--config.unlearn.signing_key={workdir / 'key.pem'}"])
+  with pytest.raises(SystemExit) as e:
+    main_lib.main(["fastntk_jax"])
+  assert e.value.code == 2
+  err = capsys.readouterr().err.strip()
+  assert "lies inside the workdir" in err and "\n" not in err, err
+  assert os.listdir(workdir) == []  # no key, no traceback file, no claim

@@ -405,7 +405,9 @@ def certify(apply_fn: Callable, params_init: PyTree, params: PyTree, retain, *,
       steps, stopping at this relative residual; `witness_iterations=0` (no `witness`):
       the gradient bound alone, whatever the basis.
     retain_stats: (G_r [p, p], b_r [p]) the caller holds (e.g. linearised fine-tuning in
-      closed form): the model those statistics define is the one certified.
+      closed form): the model those statistics define is the one certified. They are
+      trusted to be D_r's (only `num_retain` is read from `retain`): `gram_statistics`
+      computes them, and the audit recomputes them from D_r.
     basis: "auto" (Gram statistics when given or p is small enough), "gram_statistics"
       or "matrix_free".
 
