@@ -20,15 +20,23 @@ def _fmt(stat, digits=1):
   return f"{stat['mean']:.{digits}f}"
 
 
+_LABELS = {}
+
+
 def _label(name):
-  return {"full": "Full", "retrain": "Retrain", "fastntk": "**Fast-NTK**",
-          "max_loss": "Max Loss", "random_label": "Random Label", "ft": "FT"}.get(name, name)
+  label = _LABELS.get(name, name)
+  return f"**{label}**" if name == "fastntk" else label
+
+
+_ORDER = []
 
 
 def _ordered(methods: dict) -> list:
-  """Full, Retrain, Fast-NTK first (the README's order), then the others by name."""
+  """Full, Retrain, Fast-NTK first (the README's order), then the others in the order of the
+  run's config.methods."""
   first = [m for m in ("full", "retrain", "fastntk") if m in methods]
-  return [(m, methods[m]) for m in first + sorted(set(methods) - set(first))]
+  rest = [m for m in _ORDER if m in methods and m not in first]
+  return [(m, methods[m]) for m in first + rest + sorted(set(methods) - set(first) - set(rest))]
 
 
 def tables(r: dict) -> str:
@@ -41,9 +49,11 @@ def tables(r: dict) -> str:
   out.append("")
   klom = (r.get("klom") or {}).get("per_method", {})
   floor = (r.get("klom") or {}).get("floor")
-  out.append("| Method | UA | RA | TA | MIA-Efficacy | Avg. Gap | RTE (s) | "
-             "‖w − w_r‖ / ‖w_r − w0‖ | KLoM (mean) |")
-  out.append("|---|---|---|---|---|---|---|---|---|")
+  _LABELS.update({n: e.get("label", n) for n, e in r["methods"].items()})
+  _ORDER[:] = list(r["config"].get("methods", ()))
+  out.append("| Method | UA | RA | TA | MIA-Efficacy | Avg. Gap | RTE per request (s) | "
+             "precompute (s) | ‖w − w_r‖ / ‖w_r − w0‖ | KLoM (mean) |")
+  out.append("|---|---|---|---|---|---|---|---|---|---|")
   for name, e in _ordered(r["methods"]):
     rel = (e.get("relative_l2_to_retrain") or {})
     per = rel.get("per_seed") or []
@@ -55,11 +65,18 @@ def tables(r: dict) -> str:
       dist = f"{rel['mean']:.2f}" if rel else "–"
     k = klom.get(name)
     kl = "–" if k is None else f"{k['mean']:.3f}" + (" (floor)" if name == floor else "")
-    secs = r["timing"]["methods"][name]["seconds"]
-    gap = "0.0" if name == "retrain" else _fmt(e.get("avg_gap"))
+    t = r["timing"]["methods"][name]
+    gap = "0.00" if name == "retrain" else _fmt(e.get("avg_gap"), 2)
     out.append("| " + " | ".join([_label(name), _fmt(e.get("ua")), _fmt(e.get("ra")),
                                    _fmt(e.get("ta")), _fmt(e.get("mia_efficacy")), gap,
-                                   _fmt(secs, 2), dist, kl]) + " |")
+                                   _fmt(t.get("request_seconds", t["seconds"]), 2),
+                                   _fmt(t.get("precompute_seconds"), 2), dist, kl]) + " |")
+  out.append("")
+  for name, search in sorted((r.get("tuning") or {}).items(),
+                             key=lambda item: _ORDER.index(item[0]) if item[0] in _ORDER else 0):
+    chosen = ", ".join(f"{k}={v:g}" for k, v in search["chosen"].items())
+    out.append(f"tuned {_LABELS.get(name, name)}: {chosen} ({len(search['trials'])} points, "
+               f"validation seed {search['seed']})")
   out.append("")
   out.append("| Method | D_r acc | D_f acc | Test acc (retain cls) | Test acc (forget cls) | "
              "Relearn (epochs) |")

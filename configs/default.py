@@ -7,7 +7,9 @@ Command (3 min 31 s on this project's idle 2-core CPU, README.md):
 What it does: pre-trains a small BN ResNet (resnet8, projection shortcuts) on 800 digits,
 then with a fresh head fine-tunes only the BatchNorm scale/bias + head (p = 1,322) on
 D = 600 other digits (60 per class), forgets class 0 (60 images) and compares Fast-NTK with
-Full, Retrain, Max Loss and Random Label over 3 seeds, then KLoM over 32 + 32 more seeds.
+Full, Retrain and the field's comparison set (Max Loss = GA, Random Label, FT, NegGrad+,
+l1-sparse, SalUn, SCRUB, SSD, Bad Teacher, IU), each tuned on the validation seed 90000 by
+the same rule (config.tuning), over 3 seeds, then KLoM over 32 + 32 more seeds.
 
 Fine-tuning is linearised at w0 (finetune.mode="linearized", closed form, float64 solves):
 the network f(w0) + J(w0)(w - w0), squared loss, ridge penalty λ = unlearn.damping, which is
@@ -16,7 +18,8 @@ learning rate or loss a user would otherwise pick (docs/derivation.md §5; READM
 
 Expected: Fast-NTK equal to Retrain on every metric (UA, RA, TA, MIA-Efficacy; Avg. Gap 0.0)
 and at the Retrain-vs-Retrain noise floor of KLoM, relative parameter distance to Retrain
-below 1e-8; Full at 0 UA.
+below 1e-6; Full at 0 UA; every other method above the noise floor of KLoM and at a
+relative distance to Retrain of 0.27 or more (results.md, "The comparison").
 
 `:standard` fine-tunes the network itself by SGD (the paper's protocol: squared loss,
 lr 0.002, BN in train mode, 40 epochs; the update is then exact only as far as fine-tuning
@@ -65,4 +68,5 @@ def get_config(arg=None):
     c.eval.batch_size = 32
     c.eval.population_seeds = 0
     c.unlearn.batch_size = 16
+    c.tuning.enabled = False  # the tests tune apart, on a few methods
   return c

@@ -10,8 +10,6 @@ live beside them (`configs/common.py`).
 
 from __future__ import annotations
 
-import importlib.util
-import os
 from typing import Any, Optional
 
 import ml_collections
@@ -22,8 +20,10 @@ import numpy as np
 from fastntk_jax import enums
 from fastntk_jax.data import schema as data_schema
 from fastntk_jax.experiment import methods as methods_registry
+from fastntk_jax.config_files import check_is_config, load_config_file  # noqa: F401 (re-exported)
 
-DEFAULT_METHODS = ("full", "retrain", "fastntk", "max_loss", "random_label")
+DEFAULT_METHODS = ("full", "retrain", "fastntk", "max_loss", "random_label", "ft",
+                   "neggrad_plus", "l1_sparse", "salun", "scrub", "ssd", "bad_teacher", "iu")
 
 
 def train_group(epochs, lr, batch_size, optimizer="sgd", loss="mse", bn_mode="frozen",
@@ -153,6 +153,32 @@ def base_config() -> ml_collections.ConfigDict:
   c.baselines.random_label = train_group(epochs=5, lr=0.01, batch_size=64, loss="ce")
   # FT: fine-tune Full on D_r alone (Unlearn-Sparse's recipe: 10 epochs, lr 0.01, CE).
   c.baselines.ft = train_group(epochs=10, lr=0.01, batch_size=64, loss="ce")
+  # The field's comparison set, each with its reference's defaults (the plug-in's docstring):
+  # NegGrad+ (α·CE_r − (1 − α)·CE_f), l1-sparse (FT + α(1 − t/E)‖θ‖₁), SalUn (random labels,
+  # salient entries only), SCRUB (max KL to Full on D_f, min on D_r), SSD (dampening), Bad
+  # Teacher (distillation from a random and a competent teacher), IU (WoodFisher step).
+  c.baselines.neggrad_plus = train_group(epochs=10, lr=0.01, batch_size=64, loss="ce")
+  c.baselines.neggrad_plus.alpha = 0.95  # weight of D_r's loss; 1 - alpha weighs D_f's ascent
+  c.baselines.l1_sparse = train_group(10, 0.01, 64, loss="ce", weight_decay=5e-4)
+  c.baselines.l1_sparse.alpha = 5e-4  # the ℓ1 weight at the first epoch, decaying linearly to 0
+  c.baselines.salun = train_group(10, 0.013, 64, loss="ce", weight_decay=5e-4)
+  c.baselines.salun.threshold = 0.5  # the fraction of entries with the largest |∇CE(D_f)| trained
+  c.baselines.scrub = train_group(3, 5e-4, 64, loss="ce", weight_decay=5e-4)
+  c.baselines.scrub.max_steps = 2  # epochs that start with the max pass over D_f
+  c.baselines.scrub.temperature = 4.0  # distillation temperature T (KL times T²)
+  c.baselines.scrub.gamma = 0.99  # weight of CE on D_r in the min pass
+  c.baselines.scrub.alpha = 0.001  # weight of KL to Full on D_r in the min pass
+  c.baselines.scrub.forget_batch_size = 64  # D_f rows per step of the max pass
+  c.baselines.ssd = ml_collections.ConfigDict()  # no training
+  c.baselines.ssd.alpha = 10.0  # selection weighting: dampen where []_f > alpha·[]_D
+  c.baselines.ssd.lam = 1.0  # dampening constant: θ ← min(lam·[]_D/[]_f, 1)·θ
+  c.baselines.ssd.batch_size = 64  # minibatch of the squared-gradient importances
+  c.baselines.bad_teacher = train_group(1, 1e-4, 64, optimizer="adam", loss="ce")
+  c.baselines.bad_teacher.temperature = 1.0  # KL temperature T of both teachers
+  c.baselines.bad_teacher.retain_fraction = 0.3  # share of D_r (seeded) distilled from Full
+  c.baselines.iu = ml_collections.ConfigDict()  # no training
+  c.baselines.iu.alpha = 0.2  # step size of the influence update
+  c.baselines.iu.fisher_samples = 1000  # N: retain examples of the recursion, and its damping
   # Methods registered from outside the package (`methods.register`): their own blocks.
   for method in methods_registry.registered():
     c.baselines[method.name] = method.default_block()
@@ -165,6 +191,14 @@ def base_config() -> ml_collections.ConfigDict:
   # KLoM (population level): N seeds of Full/Retrain/Fast-NTK and N other seeds of Retrain
   # (the noise floor); 0 = off. Affordable in linearised closed-form mode (one Gram per seed).
   c.eval.population_seeds = 0
+
+  # Fair tuning (experiment/tuning.py): each plug-in's grid on a validation seed never
+  # reported; the point nearest that seed's Retrain (Avg. Gap) runs the report seeds.
+  c.tuning = ml_collections.ConfigDict()
+  c.tuning.enabled = True  # False: every method runs with its block as written
+  c.tuning.seed = 90_000  # the validation seed (not a report seed, not a population seed)
+  c.tuning.max_trials = 16  # the budget per method: a larger grid is refused
+  c.tuning.mia_subsamples = 10  # MIA-Efficacy of each trial: mean over this many subsamples
 
   c.lock()
   return c
@@ -455,43 +489,12 @@ def ignored_fields(cfg) -> list[str]:
     notes.append("unlearn.certified=False: the released model carries no noise, so "
                  "unlearn.epsilon is not used (results still give the release's cost at "
                  "unlearn.release_epsilons and unlearn.delta)")
+  if cfg.tuning.enabled:
+    notes.append("tuning.enabled=True: every field a method's grid covers (results.md, 'Fair "
+                 "tuning') is chosen on the validation seed tuning.seed, whatever its block "
+                 "says; tuning.enabled=False runs the blocks as written")
   if "fastntk" not in cfg.methods:
     notes.append("config.methods has no 'fastntk': nothing is certified or logged, so "
                  "unlearn.certify_threshold, release_epsilons, delta and signing_key are not "
                  "used")
   return notes
-
-
-def load_config_file(path: str) -> ml_collections.ConfigDict:
-  """A config file's `get_config(arg)` for `path` = "file.py" or "file.py:arg" (what
-  `--config` loads; for programs that build configs without the command line).
-
-  Raises:
-    ValueError: no such file, not a Python file, no `get_config`, or it returned something
-      other than a ConfigDict (the message names the file).
-  """
-  arg = None
-  if ":" in os.path.basename(path):
-    path, arg = path.rsplit(":", 1)
-  if not os.path.isfile(path):
-    raise ValueError(f"config file {path!r} does not exist")
-  spec = importlib.util.spec_from_file_location("fastntk_user_config", path)
-  if spec is None:  # not a .py file
-    raise ValueError(f"config file {path!r} is not a Python file (e.g. configs/default.py)")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  if not hasattr(module, "get_config"):
-    raise ValueError(f"config file {path!r} defines no get_config()")
-  try:
-    cfg = module.get_config(arg) if arg is not None else module.get_config()
-  except (AttributeError, KeyError) as e:  # a misspelt field of the locked ConfigDict
-    raise ValueError(f"config file {path!r}: {e}") from None
-  return check_is_config(cfg, path)
-
-
-def check_is_config(cfg, path: str) -> ml_collections.ConfigDict:
-  """`cfg` if it is a ConfigDict, else a ValueError naming the file and what it returned."""
-  if not isinstance(cfg, ml_collections.ConfigDict):
-    raise ValueError(f"config file {path!r}: get_config() returned {type(cfg).__name__}, not "
-                     "an ml_collections.ConfigDict (start from fastntk_jax.config.base_config())")
-  return cfg

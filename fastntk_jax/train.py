@@ -282,19 +282,9 @@ def fit_collections(model, trained: dict, frozen: dict, split, spec: TrainSpec,
     from fastntk_jax import sharding  # pylint: disable=g-import-not-at-top
     step = sharding.sharded_train_step(step, mesh)
   opt_state = tx.init(trained)
-  history = []
-  first_epoch = 0
-  if checkpoint_path:
-    template = {"trained": trained, "opt_state": opt_state, "batch_stats": batch_stats,
-                "epoch": 0, "history": np.zeros(spec.epochs, np.float64)}
-    state = workdir_lib.load_state(checkpoint_path, template)
-    if state is not None:
-      trained, opt_state, batch_stats = state["trained"], state["opt_state"], state["batch_stats"]
-      first_epoch = int(state["epoch"])
-      history = [float(h) for h in np.asarray(state["history"])[:first_epoch]]
-      for e, h in enumerate(history):
-        if progress is not None:
-          progress(e, h)
+  (trained, opt_state, batch_stats), history = restore_training_state(
+      checkpoint_path, (trained, opt_state, batch_stats), spec.epochs, progress)
+  first_epoch = len(history)
   # Train-mode BatchNorm takes its statistics over every row of a batch: the last batch then
   # holds only its real rows (no padding), at the cost of one more compiled shape.
   batch_statistics = spec.bn_mode == "train" and batch_stats is not None
@@ -322,11 +312,7 @@ def fit_collections(model, trained: dict, frozen: dict, split, spec: TrainSpec,
     if progress is not None:
       progress(epoch, history[-1])
     if checkpoint_path and ((epoch + 1) % checkpoint_every == 0) and epoch + 1 < spec.epochs:
-      padded = np.zeros(spec.epochs, np.float64)
-      padded[:len(history)] = history
-      workdir_lib.save_state(checkpoint_path, {"trained": trained, "opt_state": opt_state,
-                                               "batch_stats": batch_stats, "epoch": epoch + 1,
-                                               "history": padded})
+      save_training_state(checkpoint_path, (trained, opt_state, batch_stats), history, spec.epochs)
     faults.maybe_kill(f"{tag}:epoch{epoch}")
     if stop_below is not None and history[-1] < stop_below:
       break
@@ -334,6 +320,31 @@ def fit_collections(model, trained: dict, frozen: dict, split, spec: TrainSpec,
 
 
 _AUGMENT_STREAM = 0xA46  # the random stream of train-time augmentation
+
+
+def restore_training_state(checkpoint_path: Optional[str], state, epochs: int,
+             progress: Optional[Callable[[int, float], None]]) -> tuple[Any, list]:
+  """The training state and per-epoch history saved by `save_training_state` at `checkpoint_path`, or
+  (`state`, []) when there is none; `progress` is replayed for the restored epochs."""
+  if not checkpoint_path:
+    return state, []
+  template = {"state": state, "epoch": 0, "history": np.zeros(epochs, np.float64)}
+  saved = workdir_lib.load_state(checkpoint_path, template)
+  if saved is None:
+    return state, []
+  history = [float(h) for h in np.asarray(saved["history"])[:int(saved["epoch"])]]
+  for e, h in enumerate(history):
+    if progress is not None:
+      progress(e, h)
+  return saved["state"], history
+
+
+def save_training_state(checkpoint_path: str, state, history: list, epochs: int) -> None:
+  """Saves a training state after `len(history)` epochs, atomically (`restore_training_state` reads it)."""
+  padded = np.zeros(epochs, np.float64)
+  padded[:len(history)] = history
+  workdir_lib.save_state(checkpoint_path, {"state": state, "epoch": len(history),
+                                           "history": padded})
 
 
 @functools.partial(jax.jit, static_argnums=0)

@@ -44,12 +44,11 @@ def tiny_config(arg: str = "tiny"):
 
 def shared_tiny_config():
   """The shared run's config: `:tiny` (linearised, float64 closed form) over seeds 0 and 1,
-  with a KLoM population of 2 + 2 seeds and every method plug-in of the default plus `ft`."""
+  with a KLoM population of 2 + 2 seeds and every method plug-in of the default."""
   cfg = tiny_config()
   with cfg.unlocked():
     cfg.seeds = (0, 1)
     cfg.eval.population_seeds = 2
-    cfg.methods = cfg.methods + ("ft",)  # the plug-in example of docs/plugins.md
   return cfg
 
 

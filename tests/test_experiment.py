@@ -26,8 +26,7 @@ def test_outputs_exist_and_hold_sane_values(tiny_run):
   assert os.listdir(os.path.join(workdir, "tb")), "no TensorBoard logs"
   with open(os.path.join(workdir, "results.json")) as f:
     stored = json.load(f)
-  assert set(stored["methods"]) == {"full", "retrain", "fastntk", "max_loss", "random_label",
-                                    "ft"}
+  assert set(stored["methods"]) == set(config_lib.DEFAULT_METHODS)
   counts = stored["data"]["counts"]
   splits = {"acc_retain": "retain", "acc_forget": "forget", "acc_test_retain": "test_retain",
             "acc_test_forget": "test_forget"}

@@ -102,8 +102,8 @@ def test_pipeline_in_linearized_mode_gives_retrain(tiny_run):
   assert np.isclose(k["fastntk"]["mean"], k["retrain"]["mean"], rtol=1e-3, atol=1e-6)
   assert k["full"]["mean"] > k["retrain"]["mean"]
   # KLoM per method: the baselines too, from each population seed's Full.
-  assert set(k) == {"fastntk", "max_loss", "random_label", "ft", "full", "retrain"}
-  assert np.isfinite(k["max_loss"]["mean"]) and np.isfinite(k["random_label"]["mean"])
+  assert set(k) == set(out["config"]["methods"])
+  assert all(np.isfinite(st["mean"]) for st in k.values())
   assert res["full"]["relative_l2_to_retrain"]["mean"] > 1e-2  # there was something to undo
   # The update reuses the Gram statistics Full and Retrain were solved from, so only the
   # float64 solves differ: measured 5.9e-8. It was 1.1e-6 when the update recomputed them

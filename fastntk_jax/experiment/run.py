@@ -42,6 +42,7 @@ from fastntk_jax import config as config_lib
 from fastntk_jax import faults
 from fastntk_jax import klom
 from fastntk_jax import linalg
+from fastntk_jax import objectives
 from fastntk_jax import signing
 from fastntk_jax import train as train_lib
 from fastntk_jax import workdir as wd
@@ -49,19 +50,21 @@ from fastntk_jax.experiment import evaluate
 from fastntk_jax.experiment import finetune
 from fastntk_jax.experiment import methods as methods_lib
 from fastntk_jax.experiment import pretrain
-from fastntk_jax.experiment.prepare import Prepared, data_draw, data_for_seed, prepare
+from fastntk_jax.experiment.prepare import (POPULATION_SEED_BASE, Prepared, data_draw,
+                                            data_for_seed, prepare)
 from fastntk_jax.experiment import progress as progress_lib
 from fastntk_jax.experiment import report
 from fastntk_jax.experiment import stages
+from fastntk_jax.experiment import tuning
 from fastntk_jax.models import trainable as tr
 from fastntk_jax.unlearn import api as unlearn_api
 from fastntk_jax.unlearn import certificate
+from fastntk_jax.unlearn import linear
 from fastntk_jax.unlearn import release as release_lib
 
 log = logging.getLogger(__name__)
 PyTree = Any
 
-POPULATION_SEED_BASE = 100_000  # population seeds never coincide with the report's seeds
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,27 +116,63 @@ def _fit(setup: Setup, num_classes: int):
   return fit
 
 
-def _method_fit(setup: Setup, ctx_net, frozen, num_classes: int, seed: int, name: str,
-                folder: Optional[str]):
-  """`methods.Context.fit` for method `name`: timed, resumable under its stage's folder.
+def _method_fits(setup: Setup, ctx_net, frozen, num_classes: int, seed: int, name: str,
+                 folder: Optional[str]):
+  """`methods.Context.fit` and `.fit_objective` for method `name`: timed, resumable under its
+  stage's folder.
 
   Each call of one method's run has its own checkpoint (`<name>.partial`, then
-  `<name>.<k>.partial` for the k-th call): a method that trains in phases resumes each
-  phase from its own state, never a later phase from an earlier one's. The calls come in
-  the same order when a killed run is resumed (a plug-in's run is deterministic)."""
+  `<name>.<k>.partial` for the k-th call, both kinds of fit counted together): a method that
+  trains in phases resumes each phase from its own state, never a later phase from an
+  earlier one's. The calls come in the same order when a killed run is resumed (a plug-in's
+  run is deterministic)."""
   fit = _fit(setup, num_classes)
   calls = [0]
 
-  def method_fit(params, split, spec, *, seed_offset, tag=None):
-    tag = tag or f"seed{seed}/{name}"
+  def checkpoint():
     k, calls[0] = calls[0], calls[0] + 1
-    checkpoint = None if folder is None else os.path.join(
+    return None if folder is None else os.path.join(
         folder, f"{name}.partial" if k == 0 else f"{name}.{k}.partial")
+
+  def method_fit(params, split, spec, *, seed_offset, tag=None):
+    path = checkpoint()
     start = time.perf_counter()
-    out, _, _ = fit(ctx_net, params, frozen, split, spec, seed=seed + seed_offset, tag=tag,
-                    checkpoint_path=checkpoint)
+    out, _, _ = fit(ctx_net, params, frozen, split, spec, seed=seed + seed_offset,
+                    tag=tag or f"seed{seed}/{name}", checkpoint_path=path)
     return out, time.perf_counter() - start
-  return method_fit
+
+  def method_fit_objective(params, streams, objective, spec, *, seed_offset, hparams=None,
+                           aux=None, grad_mask=None, batch_sizes=None, passes=None, tag=None):
+    path = checkpoint()
+    tag = tag or f"seed{seed}/{name}"
+    start = time.perf_counter()
+    # A linearised network is trained tabulated on the streams' inputs where J fits.
+    net, net_frozen = ctx_net, frozen
+    tabulated = linear.tabulated_streams(ctx_net, frozen, streams, tag)
+    if tabulated is not None:
+      net, net_frozen, streams = tabulated
+    out, _ = objectives.fit_objective(
+        net, params, net_frozen, streams, objective, spec, seed=seed + seed_offset,
+        hparams=hparams, aux=aux, grad_mask=grad_mask, batch_sizes=batch_sizes, passes=passes,
+        progress=setup.progress.epochs(tag, spec.epochs), checkpoint_path=path, tag=tag)
+    return out, time.perf_counter() - start
+  return method_fit, method_fit_objective
+
+
+def method_context(setup: Setup, tuner, data, seed: int, method, full: dict, w0, *,
+                   folder: Optional[str] = None, record: bool = False) -> methods_lib.Context:
+  """What `method` receives for one seed (`methods.Context`), from the seed's fine-tuning
+  (`tuner`, Full's `full` = {"trainable", maybe "batch_stats"}): the report's seeds keep
+  their files in `folder` and are recorded; the population's and the tuning's keep none."""
+  frozen_full = _frozen_of(tuner, full)
+  fit, fit_objective = _method_fits(setup, tuner.net, frozen_full, data.num_classes, seed,
+                                    method.name, folder)
+  return methods_lib.Context(
+      seed=seed, net=tuner.net, frozen=frozen_full, w0=w0, full=full["trainable"], data=data,
+      linearized=tuner.linearized, forgetter=setup.forgetter, fit=fit,
+      fit_objective=fit_objective,
+      grams=tuner.shared_grams if _shares_grams(setup.cfg, tuner) else None, folder=folder,
+      workdir=setup.workdir if record else None, record=record, mesh=setup.mesh)
 
 
 def _frozen_of(tuner, out: dict) -> dict:
@@ -239,12 +278,7 @@ def run_seed(setup: Setup, data, seed: int) -> dict:
   diagnostics = {}
   for method in setup.methods:
     name = method.name
-    ctx = methods_lib.Context(
-        seed=seed, net=tuner.net, frozen=frozen_full, w0=w0, full=full["trainable"],
-        data=data, linearized=tuner.linearized, forgetter=setup.forgetter,
-        fit=_method_fit(setup, tuner.net, frozen_full, data.num_classes, seed, name, sdir),
-        grams=tuner.shared_grams if _shares_grams(cfg, tuner) else None, folder=sdir,
-        workdir=setup.workdir, record=True, mesh=setup.mesh)
+    ctx = method_context(setup, tuner, data, seed, method, full, w0, folder=sdir, record=True)
     diag_path = os.path.join(sdir, f"{name}_diagnostics.json")
 
     def compute(method=method, ctx=ctx, diag_path=diag_path):
@@ -348,13 +382,7 @@ def population_stage(setup: Setup, data) -> Optional[dict]:
       frozen_full = _frozen_of(tuner, full)
       out["full"] = margin(full["trainable"], frozen_full)
       for method in setup.methods:
-        ctx = methods_lib.Context(
-            seed=seed, net=tuner.net, frozen=frozen_full, w0=w0, full=full["trainable"],
-            data=data, linearized=tuner.linearized, forgetter=setup.forgetter,
-            fit=_method_fit(setup, tuner.net, frozen_full, data.num_classes, seed,
-                            method.name, None),
-            grams=tuner.shared_grams if _shares_grams(cfg, tuner) else None,
-            mesh=setup.mesh)
+        ctx = method_context(setup, tuner, data, seed, method, full, w0)
         result = method.run(ctx, methods_lib.block(cfg, method))
         out[method.name] = margin(result.params, frozen_full)
     return out
@@ -367,6 +395,62 @@ def population_stage(setup: Setup, data) -> Optional[dict]:
           "per_method": {m: klom.summary(klom.klom(np.asarray([p[m] for p in per[:n]]),
                                                    reference))
                          for m in names if all(m in p for p in per[:n])}}
+
+
+def tuning_stage(setup: Setup, data) -> tuple[Any, dict]:
+  """The fair tuning (`experiment.tuning`) of every method of `config.methods` with a search
+  space, on the validation seed `tuning.seed` (its own Full and Retrain).
+
+  Returns:
+    (the config with every method's chosen point, {name: its search}); (cfg, {}) when
+    `tuning.enabled` is False or no method has a space.
+  """
+  cfg = setup.cfg
+  spaces = {m.name: methods_lib.search_space_of(cfg, m) for m in setup.methods}
+  todo = [m for m in setup.methods if spaces[m.name]] if cfg.tuning.enabled else []
+  if not todo:
+    return cfg, {}
+  seed = int(cfg.tuning.seed)
+  seed_data = data_for_seed(cfg, data, seed)
+  lazy = {}
+
+  def validation_models():
+    # Full and Retrain of the validation seed, computed once and only when a search runs.
+    if not lazy:
+      log.info("tuning: Full and Retrain of the validation seed %d", seed)
+      w0 = tr.fresh_head(setup.w_pre, setup.model, seed_data.image_shape, seed)
+      tuner = finetune.FineTuner(cfg, setup.model, setup.frozen_pre, w0, seed_data, seed,
+                                 forgetter=setup.forgetter, fit=_fit(setup, data.num_classes),
+                                 mesh=setup.mesh)
+      full, _ = tuner.fit(seed_data.train, "full")
+      retrain, _ = tuner.fit(seed_data.retain, "retrain")
+      measure = lambda params, frozen: tuning.field_metrics(
+          tuner.net, params, frozen, seed_data, batch_size=cfg.eval.batch_size,
+          subsamples=int(cfg.tuning.mia_subsamples))
+      lazy.update(w0=w0, tuner=tuner, full=full, measure=measure,
+                  retrain=measure(retrain["trainable"], _frozen_of(tuner, retrain)))
+    return lazy
+
+  searches = {}
+  for method in todo:
+    def compute(method=method):
+      v = validation_models()
+
+      def run_trial(trial_cfg):
+        ctx = method_context(setup, v["tuner"], seed_data, seed, method, v["full"], v["w0"])
+        if method.config_group == "unlearn":  # Fast-NTK: its Forgetter has the trial's options
+          ctx = dataclasses.replace(ctx, forgetter=make_forgetter(
+              trial_cfg, setup.model, setup.frozen_pre, data.num_classes))
+        return method.run(ctx, methods_lib.block(trial_cfg, method))
+
+      frozen_full = _frozen_of(v["tuner"], v["full"])
+      return tuning.search(cfg, method, spaces[method.name], run_trial=run_trial,
+                           measure=lambda p: v["measure"](p, frozen_full),
+                           retrain=v["retrain"])
+    searches[method.name] = tuning.run_stage(setup.workdir, method, compute)
+    log.info("tuning %s: chose %s", method.name, searches[method.name]["chosen"])
+  chosen = {name: s["chosen"] for name, s in searches.items()}
+  return tuning.tuned_config(cfg, setup.methods, chosen), searches
 
 
 def run(cfg: ml_collections.ConfigDict, workdir: str, *, show_progress: bool = True,
@@ -412,6 +496,11 @@ def _run(cfg, workdir, data, model, plugins, mesh, show_progress, signing_key) -
   setup = Setup(cfg=cfg, workdir=workdir, model=model, frozen_pre=frozen_pre, w_pre=w_pre,
                 forgetter=make_forgetter(cfg, model, frozen_pre, data.num_classes),
                 methods=plugins, progress=progress, mesh=mesh, signing_key=signing_key)
+  tuned, searches = tuning_stage(setup, data)
+  if tuned is not cfg:  # every method with its chosen point (Fast-NTK's Forgetter too)
+    setup = dataclasses.replace(setup, cfg=tuned, forgetter=make_forgetter(
+        tuned, model, frozen_pre, data.num_classes))
+    cfg = tuned
   per_seed, draws = {}, {}
   for seed in cfg.seeds:
     log.info("seed %d", seed)
@@ -422,6 +511,7 @@ def _run(cfg, workdir, data, model, plugins, mesh, show_progress, signing_key) -
   progress.close()
   results = report.build_results(cfg, data, model, pretrained, per_seed)
   results["klom"] = population
+  results["tuning"] = searches
   report.add_pretrain(results, pretrain.pretrain_info(workdir))
   # Which classes each seed ran on (with data.draw_per_seed, a draw per seed).
   results["data"]["per_seed"] = {str(s): d for s, d in draws.items()}

@@ -47,6 +47,11 @@ class Context:
     fit: `(params, split, spec, *, seed_offset, tag=None) -> (params, seconds)`: trains
       `params` of `net` on `split` = (x, y) with a `train.TrainSpec`, batch order seeded by
       seed + seed_offset, resumable under the method's stage when the run keeps files.
+    fit_objective: `(params, streams, objective, spec, *, seed_offset, hparams=None,
+      aux=None, grad_mask=None, batch_sizes=None, passes=None, tag=None) -> (params,
+      seconds)`:
+      `objectives.fit_objective` on `net` (an objective over several streams, e.g.
+      {"retain": (x, y), "forget": (x, y)}), timed and resumable like `fit`.
     grams: `() -> ((stats_r, stats_f), (seconds_r, seconds_f), compile_seconds)`, each
       stats = (G, b) as `Forgetter.gram_stats` gives them: the Gram statistics at w0 that
       linearised fine-tuning in closed form solved Full and Retrain from, the seconds each
@@ -66,6 +71,7 @@ class Context:
   linearized: bool
   forgetter: Any
   fit: Callable
+  fit_objective: Optional[Callable] = None
   grams: Optional[Callable] = None
   folder: Optional[str] = None
   workdir: Optional[str] = None
@@ -100,6 +106,10 @@ class Method:
       method registered from outside this package (`register`); `config.base_config` puts
       it at `config_group`, which must then be "baselines.<name>". The package's own
       plug-ins have their blocks written in `config.base_config`.
+    search_space: `(cfg) -> {field of the block: tuple of values}`, the grid the fair tuning
+      (`experiment.tuning`) searches, every method under the same rule and budget
+      (`config.tuning`); the block's own values (the reference's defaults) should be in
+      it. None or {}: nothing to tune.
   """
   name: str
   label: str
@@ -108,6 +118,7 @@ class Method:
   reference: str = ""
   validate: Optional[Callable[[Any], None]] = None
   default_block: Optional[Callable[[], Any]] = None
+  search_space: Optional[Callable[[Any], dict]] = None
 
 
 # Methods registered from outside this package (`register`), by name.
@@ -203,6 +214,12 @@ def block(cfg, method: Method):
   for part in method.config_group.split("."):
     node = node[part]
   return node
+
+
+def search_space_of(cfg, method: Method) -> dict:
+  """The method's search space under `cfg`, {field: tuple of values} ({}: nothing to tune)."""
+  space = (method.search_space(cfg) if method.search_space is not None else None) or {}
+  return {field: tuple(values) for field, values in space.items()}
 
 
 def checked_plugins(cfg) -> tuple[Method, ...]:

@@ -9,14 +9,18 @@ the original model, 10 epochs at lr 0.01. Config block: `baselines.ft` (a traini
 
 from fastntk_jax import train
 from fastntk_jax.experiment import methods
+from fastntk_jax.experiment.methods import _objectives as obj
 
 
 def run(ctx: methods.Context, block) -> methods.Result:
-  params, seconds = ctx.fit(ctx.full, (ctx.data.retain.x, ctx.data.retain.y),
-                            train.TrainSpec.from_config(block), seed_offset=5)
+  params, seconds = ctx.fit_objective(
+      ctx.full, {"retain": (ctx.data.retain.x, ctx.data.retain.y)}, obj.lead_loss,
+      train.TrainSpec.from_config(block), seed_offset=5)
   return methods.Result(params, seconds)
 
 
 METHOD = methods.Method(
     name="ft", label="FT", run=run, config_group="baselines.ft",
-    reference="fine-tuning on D_r (Unlearn-Sparse `FT`, Jia et al. NeurIPS 2023)")
+    reference="fine-tuning on D_r (Unlearn-Sparse `FT`, Jia et al. NeurIPS 2023)",
+    search_space=lambda cfg: {"learning_rate": (0.003, 0.01, 0.03, 0.1),
+                              "epochs": (5, 10, 20)})

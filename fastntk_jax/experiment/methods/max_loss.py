@@ -8,15 +8,18 @@ simplify machine unlearning" (NeurIPS 2023), github.com/OPTML-Group/Unlearn-Spar
 
 from fastntk_jax import train
 from fastntk_jax.experiment import methods
+from fastntk_jax.experiment.methods import _objectives as obj
 
 
 def run(ctx: methods.Context, block) -> methods.Result:
-  spec = train.TrainSpec.from_config(block, ascent=True)
-  params, seconds = ctx.fit(ctx.full, (ctx.data.forget.x, ctx.data.forget.y), spec,
-                            seed_offset=1)
+  params, seconds = ctx.fit_objective(
+      ctx.full, {"forget": (ctx.data.forget.x, ctx.data.forget.y)}, obj.lead_ascent,
+      train.TrainSpec.from_config(block), seed_offset=1)
   return methods.Result(params, seconds)
 
 
 METHOD = methods.Method(
     name="max_loss", label="Max Loss", run=run, config_group="baselines.max_loss",
-    reference="gradient ascent on D_f (Unlearn-Sparse `GA`, Jia et al. NeurIPS 2023)")
+    reference="gradient ascent on D_f (Unlearn-Sparse `GA`, Jia et al. NeurIPS 2023)",
+    search_space=lambda cfg: {"learning_rate": (0.001, 0.003, 0.01, 0.03),
+                              "epochs": (1, 2, 5, 10)})

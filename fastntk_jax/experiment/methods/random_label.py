@@ -11,6 +11,7 @@ import numpy as np
 
 from fastntk_jax import train
 from fastntk_jax.experiment import methods
+from fastntk_jax.experiment.methods import _objectives as obj
 
 
 def wrong_labels(y: np.ndarray, num_classes: int, seed: int) -> np.ndarray:
@@ -22,11 +23,13 @@ def wrong_labels(y: np.ndarray, num_classes: int, seed: int) -> np.ndarray:
 def run(ctx: methods.Context, block) -> methods.Result:
   forget = ctx.data.forget
   split = (forget.x, wrong_labels(forget.y, ctx.data.num_classes, ctx.seed))
-  params, seconds = ctx.fit(ctx.full, split, train.TrainSpec.from_config(block),
-                            seed_offset=2)
+  params, seconds = ctx.fit_objective(ctx.full, {"forget": split}, obj.lead_loss,
+                                      train.TrainSpec.from_config(block), seed_offset=2)
   return methods.Result(params, seconds)
 
 
 METHOD = methods.Method(
     name="random_label", label="Random Label", run=run, config_group="baselines.random_label",
-    reference="random wrong labels on D_f (Golatkar et al. 2020; Unlearn-Sparse `RL`)")
+    reference="random wrong labels on D_f (Golatkar et al. 2020; Unlearn-Sparse `RL`)",
+    search_space=lambda cfg: {"learning_rate": (0.001, 0.003, 0.01, 0.03),
+                              "epochs": (1, 2, 5, 10)})
