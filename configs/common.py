@@ -10,6 +10,19 @@ from typing import Any
 from fastntk_jax import config
 
 
+# The paper's Tables I-II: Fast-NTK beside Full, Retrain, Max Loss and Random Label.
+PAPER_METHODS = ("full", "retrain", "fastntk", "max_loss", "random_label")
+
+
+def paper_methods(c) -> None:
+  """The reproduction configs run the paper's methods at the paper's settings: its baselines
+  only, untuned (the field's comparison set, tuned on a validation seed, is the default's;
+  add methods with --config.methods and turn tuning on with --config.tuning.enabled=True, at
+  up to tuning.max_trials runs of each method on one more seed)."""
+  c.methods = PAPER_METHODS
+  c.tuning.enabled = False
+
+
 def parse_arg(arg, allowed: dict, choices: dict | None = None) -> dict:
   """Parses a config file's `:arg` such as "tiny" or "classes=20,ipc=50".
 
@@ -144,6 +157,7 @@ def vit_prompt_config(model: str, dataset: str, num_classes, ipc: int, npz: str,
   draw_per_seed); otherwise the first #classes and label 0, the same for every seed.
   """
   c = config.base_config()
+  paper_methods(c)
   c.data.name = dataset
   c.data.image_size = 224
   c.data.normalization = "vit"

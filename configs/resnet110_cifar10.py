@@ -39,6 +39,7 @@ from fastntk_jax.config import base_config
 def get_config(arg=None):
   a = common.parse_arg(arg, {"ipc": 100})
   c = base_config()
+  common.paper_methods(c)
   c.data.name = "cifar10"
   c.data.image_size = 32
   c.data.images_per_class = a["ipc"]

@@ -288,6 +288,7 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     raise ValueError(f"config.seeds={cfg.seeds!r} must be a non-empty list of distinct ints "
                      ">= 0, e.g. '(0, 1, 2)'")
   _check_methods(cfg)
+  _check_tuning(cfg, seeds)
   _choice("model.name", cfg.model.name, enums.values(enums.ModelName))
   _check_model_options(cfg)
   _choice("pretrain.source", cfg.pretrain.source, PRETRAIN_SOURCES)
@@ -451,6 +452,24 @@ def set_method_epochs(cfg, epochs: int) -> None:
       node(cfg, path).epochs = epochs
 
 
+POPULATION_SEED_BASE = 100_000  # the KLoM population's seeds: + k, never a report seed
+
+
+def _check_tuning(cfg, seeds) -> None:
+  """The tuning's fields, and a validation seed no report or population uses."""
+  t = cfg.tuning
+  _positive("tuning.seed", t.seed, integer=True, allow_zero=True)
+  _positive("tuning.max_trials", t.max_trials, integer=True)
+  _positive("tuning.mia_subsamples", t.mia_subsamples, integer=True)
+  n = cfg.eval.population_seeds if isinstance(cfg.eval.population_seeds, int) else 0
+  if t.enabled and t.seed in seeds:
+    raise ValueError(f"config.tuning.seed={t.seed} is a report seed (config.seeds={seeds}): "
+                     "the tuning must never see a seed it reports")
+  if t.enabled and POPULATION_SEED_BASE <= t.seed < POPULATION_SEED_BASE + 2 * n:
+    raise ValueError(f"config.tuning.seed={t.seed} is a seed of the KLoM population "
+                     f"({POPULATION_SEED_BASE}..{POPULATION_SEED_BASE + 2 * n - 1})")
+
+
 def _check_methods(cfg) -> None:
   allowed = tuple(methods_registry.REFERENCES) + methods_registry.names()
   methods = cfg.methods
@@ -489,10 +508,11 @@ def ignored_fields(cfg) -> list[str]:
     notes.append("unlearn.certified=False: the released model carries no noise, so "
                  "unlearn.epsilon is not used (results still give the release's cost at "
                  "unlearn.release_epsilons and unlearn.delta)")
-  if cfg.tuning.enabled:
-    notes.append("tuning.enabled=True: every field a method's grid covers (results.md, 'Fair "
-                 "tuning') is chosen on the validation seed tuning.seed, whatever its block "
-                 "says; tuning.enabled=False runs the blocks as written")
+  notes.append("tuning.enabled=True: every field a method's grid covers (results.md, 'Fair "
+               "tuning') is chosen on the validation seed tuning.seed, whatever its block "
+               "says; tuning.enabled=False runs the blocks as written" if cfg.tuning.enabled
+               else "tuning.enabled=False: every method runs its block as written, so "
+               "tuning.seed, max_trials and mia_subsamples are not used")
   if "fastntk" not in cfg.methods:
     notes.append("config.methods has no 'fastntk': nothing is certified or logged, so "
                  "unlearn.certify_threshold, release_epsilons, delta and signing_key are not "

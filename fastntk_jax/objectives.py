@@ -76,7 +76,8 @@ def fit_objective(model, trainable: PyTree, frozen: dict, streams: dict, objecti
   ...) are each an objective. An epoch is one pass over each stream `passes(epoch)` names,
   in order (default: the first stream); during a pass the other streams give one batch per
   step each, cycling through their own shuffles. One optimiser state runs through every
-  pass. BatchNorm normalises with the frozen running statistics (inference mode), so every
+  pass, on one device (no data-parallel mesh). BatchNorm normalises with the frozen running
+  statistics (inference mode), so every
   method changes only the trainable collection. (The harness passes a linearised model
   tabulated on the streams' inputs, `unlearn.linear.tabulated_streams`, when it fits.)
 
@@ -94,7 +95,7 @@ def fit_objective(model, trainable: PyTree, frozen: dict, streams: dict, objecti
     aux: arrays the objective reads (a teacher's logits, labels).
     grad_mask: a 0/1 tree like `trainable` (SalUn's saliency mask): the gradient and the
       update are multiplied by it, so entries at 0 stay exactly where they are (weight decay
-      included), as the SalUn reference restores its masked-out weights after each step.
+      included), as the SalUn reference's current code restores its masked-out weights.
     batch_sizes: {stream name: rows per batch}, for streams other than spec.batch_size.
     passes: `epoch -> stream names` (e.g. SCRUB's max pass over D_f in the first epochs).
     progress, checkpoint_path, tag: as for `train.fit_collections`.
@@ -117,6 +118,9 @@ def fit_objective(model, trainable: PyTree, frozen: dict, streams: dict, objecti
   if not streams:
     raise ValueError(f"{what}: needs at least one data stream")
   names = list(streams)
+  unknown = set(batch_sizes or {}) - set(names)
+  if unknown:
+    raise ValueError(f"{what}: batch_sizes names {sorted(unknown)}, not streams {names}")
   sizes = {name: int((batch_sizes or {}).get(name, spec.batch_size)) for name in names}
   passes = passes or (lambda epoch: (names[0],))
   tx, step = _objective_step(model, objective, spec.loss, spec.optimizer, float(spec.momentum),
@@ -137,7 +141,11 @@ def fit_objective(model, trainable: PyTree, frozen: dict, streams: dict, objecti
       epoch_batches[name] = list(batches_lib.iterate_batches(
           data[name], sizes[name], seed=seed + 7919 * i, epoch=epoch))
     total, steps = 0.0, 0
-    for lead in passes(epoch):
+    leads = tuple(passes(epoch))
+    if not leads or set(leads) - set(names):
+      raise ValueError(f"{what}: passes({epoch}) = {leads!r} must name one or more of the "
+                       f"streams {names}")
+    for lead in leads:
       for index, b in enumerate(epoch_batches[lead]):
         batches = {name: (b if name == lead else
                           epoch_batches[name][index % len(epoch_batches[name])])
@@ -187,4 +195,4 @@ def per_example_gradients(model, trainable: PyTree, frozen: dict, split, *, loss
     rows = np.asarray(per_example(trainable, frozen, b.x, b.y, b.mask))
     out.append(rows[b.mask > 0])
   p = sum(int(np.size(l)) for l in jax.tree_util.tree_leaves(trainable))
-  return np.concatenate(out) if out else np.zeros((0, p), np.float32)
+  return np.concatenate(out).astype(np.float32) if out else np.zeros((0, p), np.float32)

@@ -74,7 +74,9 @@ def _setup(tmp, mode: str):
   return setup, tuner, p.data, full, w0
 
 
-@pytest.fixture(scope="module", params=["linearized", "standard"])
+# Standard fine-tuning (the network itself by SGD) in the full tier; linearised in both.
+@pytest.fixture(scope="module",
+                params=["linearized", pytest.param("standard", marks=pytest.mark.slow)])
 def tiny_setup(request, tmp_path_factory):
   return _setup(tmp_path_factory.mktemp(request.param), request.param)
 
@@ -296,7 +298,7 @@ def test_the_grid_and_the_choice_follow_the_stated_rule():
     ({"seed": 0}, "is a report seed"),
     ({"seed": run_lib.POPULATION_SEED_BASE + 1}, "seed of the KLoM population"),
     ({"max_trials": 4}, "above config.tuning.max_trials=4"),
-    ({"mia_subsamples": 0}, "mia_subsamples=0 must be an int >= 1"),
+    ({"mia_subsamples": 0}, "mia_subsamples=0 must be an int > 0"),
 ])
 def test_a_tuning_that_could_read_a_report_seed_or_overspend_is_refused(change, message):
   cfg = tiny_config()
@@ -309,6 +311,7 @@ def test_a_tuning_that_could_read_a_report_seed_or_overspend_is_refused(change, 
     prepare_lib.prepare(cfg)
 
 
+@pytest.mark.slow
 def test_the_tuned_run_never_reads_a_report_seed_and_reports_its_choice(tmp_path, monkeypatch):
   cfg = tiny_config()
   with cfg.unlocked():
@@ -351,3 +354,121 @@ def test_the_tuned_run_never_reads_a_report_seed_and_reports_its_choice(tmp_path
   # The stored config is the user's (a resumed run compares against it), not the tuned one.
   claimed = json.load(open(tmp_path / "config.json"))
   assert claimed["baselines"]["ssd"]["alpha"] == 10.0
+
+
+@pytest.mark.parametrize("name, field, value, message", [
+    ("scrub", "bn_mode", "train", "baselines.scrub.bn_mode='train'.*set bn_mode='frozen'"),
+    ("ft", "schedule", "cosine", "baselines.ft.schedule='cosine'"),
+    ("max_loss", "warmup_epochs", 1.0, "baselines.max_loss.warmup_epochs=1.0"),
+    ("bad_teacher", "temperature", math.inf, "temperature=inf must be a finite number"),
+    ("ssd", "alpha", math.inf, "baselines.ssd.alpha=inf must be a finite number"),
+    ("scrub", "gamma", math.inf, "baselines.scrub.gamma=inf"),
+    ("l1_sparse", "alpha", math.nan, "baselines.l1_sparse.alpha=nan"),
+    ("scrub", "max_steps", -1, r"max_steps=-1 must be a finite int"),
+    ("bad_teacher", "loss", "mse", "Bad Teacher's loss is the KL"),
+])
+def test_a_bad_option_of_a_method_is_refused_before_any_work_naming_it(name, field, value,
+                                                                      message):
+  cfg = tiny_config()
+  with cfg.unlocked():
+    methods.block(cfg, methods.get(name))[field] = value
+  with pytest.raises(ValueError, match=message):
+    methods.checked_plugins(cfg)  # what prepare and --dry_run call
+
+
+def test_the_tuning_fields_are_checked_by_validate_and_named_when_unused():
+  from fastntk_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+  cfg = tiny_config()
+  with cfg.unlocked():
+    cfg.tuning.enabled = True
+    cfg.tuning.seed = 1
+    cfg.seeds = (0, 1)
+  with pytest.raises(ValueError, match="tuning.seed=1 is a report seed"):
+    config_lib.validate(cfg)  # --dry_run's check, before any import of JAX
+  with cfg.unlocked():
+    cfg.tuning.enabled = False
+  notes = " ".join(config_lib.ignored_fields(config_lib.validate(cfg)))
+  assert "tuning.seed, max_trials and mia_subsamples are not used" in notes
+  with cfg.unlocked():
+    cfg.tuning.enabled, cfg.tuning.seed, cfg.tuning.max_trials = True, 90_000, 4
+  with pytest.raises(ValueError, match="above config.tuning.max_trials=4"):
+    methods.checked_plugins(cfg)
+
+
+def test_a_grid_value_of_the_wrong_kind_is_refused_and_strings_are_printed():
+  from fastntk_jax.experiment import report  # pylint: disable=g-import-not-at-top
+  cfg = tiny_config()
+  with cfg.unlocked():
+    cfg.tuning.enabled = True
+  method = dataclasses.replace(methods.get("ft"),
+                               search_space=lambda c: {"epochs": (1, 2.5)})
+  with pytest.raises(ValueError, match="gives 'epochs' the value 2.5"):
+    methods._check_search_space(cfg, method)  # pylint: disable=protected-access
+  method = dataclasses.replace(methods.get("ft"),
+                               search_space=lambda c: {"optimizer": ("sgd", "adam")})
+  methods._check_search_space(cfg, method)  # pylint: disable=protected-access
+  results = {"config": {"tuning": {"max_trials": 16, "mia_subsamples": 10},
+                        "data": {"draw_per_seed": False}},
+             "tuning": {"ft": {"fields": ["optimizer"], "space": {"optimizer": ["sgd", "adam"]},
+                               "trials": [{"avg_gap": 1.0, "seconds": 1.0},
+                                          {"avg_gap": 0.5, "seconds": 2.0}],
+                               "chosen": {"optimizer": "adam"}, "chosen_index": 1,
+                               "criterion": "c", "seed": 9}}}
+  text = "\n".join(report.tuning_lines(results))
+  assert "optimizer ∈ {sgd, adam}" in text and "optimizer=adam" in text
+  assert "not independent of the hold-out" in text  # the shared data is stated
+
+
+def test_a_failing_point_scores_infinity_and_every_error_is_named():
+  cfg = tiny_config()
+  method = methods.get("iu")
+  retrain = {"ua": 1.0, "ra": 1.0, "ta": 1.0, "mia_efficacy": 1.0}
+
+  def run_trial(trial_cfg):
+    alpha = methods.block(trial_cfg, method).alpha
+    if alpha == 0.1:
+      raise MemoryError("out of memory")  # not a ValueError: still one point's failure
+    return methods.Result({"w": np.zeros(1)}, 0.0)
+
+  search = tuning.search(cfg, method, {"alpha": (0.1, 0.2)}, run_trial=run_trial,
+                         measure=lambda p: retrain, retrain=retrain)
+  assert search["chosen"] == {"alpha": 0.2} and "MemoryError" in search["trials"][0]["error"]
+  no_mia = {**retrain, "mia_efficacy": None}
+  with pytest.raises(ValueError, match="Avg. Gap undefined: no mia_efficacy"):
+    tuning.search(cfg, method, {"alpha": (0.2,)}, run_trial=run_trial,
+                  measure=lambda p: no_mia, retrain=retrain)
+
+
+def test_the_standing_line_says_untuned_and_names_undefined_gaps():
+  from fastntk_jax.experiment import report  # pylint: disable=g-import-not-at-top
+  stat = lambda v: {"mean": v, "std": 0.0, "per_seed": [v]}
+  entry = lambda gap: {"avg_gap": stat(gap), "field_gaps": {k: stat(gap)
+                                                             for k, _ in report.FIELD_METRICS}}
+  results = {"methods": {"fastntk": entry(0.5), "iu": entry(1.0), "ssd": entry(None)}}
+  line = report.standing_lines(results)[0]
+  assert "best (untuned) competitor's is IU's, 1.00" in line
+  assert "SSD: Avg. Gap undefined" in line
+  results["methods"]["fastntk"] = entry(None)
+  assert "no Avg. Gap to compare" in report.standing_lines(results)[0]
+
+
+def test_the_objective_trainer_refuses_streams_it_cannot_run():
+  setup, tuner, data, full, w0 = _setup_cached()
+  frozen = run_lib._frozen_of(tuner, full)
+  spec = train.TrainSpec(epochs=1, learning_rate=0.1, batch_size=8, loss="ce")
+  streams = {"retain": (data.retain.x, data.retain.y)}
+  fit = lambda **kw: objectives.fit_objective(tuner.net, full["trainable"], frozen, streams,
+                                              obj.lead_loss, spec, seed=0, **kw)
+  with pytest.raises(ValueError, match="batch_sizes names \\['forgt'\\]"):
+    fit(batch_sizes={"forgt": 4})
+  with pytest.raises(ValueError, match="must name one or more of the streams"):
+    fit(passes=lambda epoch: ("forgt",))
+  with pytest.raises(ValueError, match="must name one or more of the streams"):
+    fit(passes=lambda epoch: ())
+
+
+def test_ssd_and_iu_refuse_empty_sets():
+  with pytest.raises(ValueError, match="no rows"):
+    ssd.importances(np.zeros((0, 3)), 4, seed=0)
+  with pytest.raises(ValueError, match="needs examples of D_f and D_r"):
+    iu.woodfisher_direction(np.zeros((1, 3)), np.zeros((0, 3)), 10)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 from typing import Any, Optional
 
 import jax
@@ -26,45 +25,7 @@ from fastntk_jax.models import trainable as tr
 log = logging.getLogger(__name__)
 
 
-# The KLoM population's seeds are POPULATION_SEED_BASE + k: never a report seed.
-POPULATION_SEED_BASE = 100_000
-
-
-def _check_tuning(cfg, plugins) -> None:
-  """Refuses a tuning config (`experiment.tuning`) that could read a reported seed or exceed
-  the budget: `tuning.seed` among `seeds` or the population's, a grid larger than
-  `tuning.max_trials`, a grid naming a field its block lacks."""
-  t = cfg.tuning
-  if not t.enabled:
-    return
-  seed = t.seed
-  if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-    raise ValueError(f"config.tuning.seed={seed!r} must be an int >= 0")
-  if seed in tuple(cfg.seeds):
-    raise ValueError(f"config.tuning.seed={seed} is a report seed (config.seeds="
-                     f"{tuple(cfg.seeds)}): the tuning must never see a seed it reports")
-  n = int(cfg.eval.population_seeds)
-  if POPULATION_SEED_BASE <= seed < POPULATION_SEED_BASE + 2 * n:
-    raise ValueError(f"config.tuning.seed={seed} is a seed of the KLoM population "
-                     f"({POPULATION_SEED_BASE}..{POPULATION_SEED_BASE + 2 * n - 1})")
-  for field in ("max_trials", "mia_subsamples"):
-    value = t[field]
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-      raise ValueError(f"config.tuning.{field}={value!r} must be an int >= 1")
-  for method in plugins:
-    space = methods_lib.search_space_of(cfg, method)
-    block = methods_lib.block(cfg, method)
-    for field, values in space.items():
-      if field not in block:
-        raise ValueError(f"{method.name}: its search space names {field!r}, which "
-                         f"config.{method.config_group} does not have")
-      if not values:
-        raise ValueError(f"{method.name}: its search space gives {field!r} no values")
-    size = math.prod(len(v) for v in space.values()) if space else 0
-    if size > t.max_trials:
-      raise ValueError(f"{method.name}: its search space has {size} points, above "
-                       f"config.tuning.max_trials={t.max_trials} (the same budget for every "
-                       "method)")
+POPULATION_SEED_BASE = config_lib.POPULATION_SEED_BASE
 
 
 def data_mesh(cfg) -> Optional[Any]:
@@ -161,7 +122,6 @@ def prepare(cfg: ml_collections.ConfigDict) -> Prepared:
   cfg = config_lib.validate(cfg)
   pretrained_files.check(cfg)
   plugins = methods_lib.checked_plugins(cfg)
-  _check_tuning(cfg, plugins)
   # The model's options are checked before the data load (minutes for ImageNet-R): an
   # unknown option is refused by get_model, whatever the number of classes.
   models.get_model(cfg.model.name, 2, **dict(cfg.model.options))

@@ -12,6 +12,7 @@ import numpy as np
 
 from fastntk_jax import workdir as wd
 from fastntk_jax.experiment import methods as methods_lib
+from fastntk_jax.experiment import plots
 
 METRICS = [("acc_retain", "D_r acc"), ("acc_forget", "D_f acc"),
            ("acc_test_retain", "Test acc (retain cls)"), ("acc_test_forget", "Test acc (forget cls)"),
@@ -355,8 +356,10 @@ def comparison_lines(results: dict) -> list[str]:
             "step (fine-tuning for Full/Retrain), split into what is computed once for D "
             "(Fast-NTK's Gram statistics of D, which Full's fine-tuning needs too, or its "
             "served state of D) and what each deletion request costs; the other methods "
-            "have no precompute. KLoM: mean over D_f (the KLoM section), Retrain's is the "
-            "noise floor.", ""]
+            "have no precompute. Fast-NTK's excludes XLA compilation (reported apart); the "
+            "others' include what the tuning did not compile in this process (their first "
+            "seed, or every stage of a resumed run). KLoM: mean over D_f (the KLoM "
+            "section), Retrain's is the noise floor.", ""]
   lines += standing_lines(results)
   return lines
 
@@ -372,10 +375,15 @@ def standing_lines(results: dict) -> list[str]:
   gap = lambda n: (methods[n].get("avg_gap") or {}).get("mean")
   ranked = sorted((n for n in rivals if gap(n) is not None), key=gap)
   if gap("fastntk") is None or not ranked:
-    return []
+    return ["**Standing**: no Avg. Gap to compare (a metric of the four is undefined here, "
+            "e.g. MIA-Efficacy without a hold-out of the retained classes).", ""]
   best = ranked[0]
-  lines = [f"**Standing**: Fast-NTK's Avg. Gap is {gap('fastntk'):.2f}; the best-tuned "
-           f"competitor's is {_label(best)}'s, {gap(best):.2f}.", ""]
+  tuned = set(results.get("tuning") or {})
+  lines = [f"**Standing**: Fast-NTK's Avg. Gap is {gap('fastntk'):.2f}; the best "
+           + ("tuned " if best in tuned else "(untuned) ")
+           + f"competitor's is {_label(best)}'s, {gap(best):.2f}"
+           + (f" ({', '.join(_label(n) for n in rivals if gap(n) is None)}: Avg. Gap "
+              "undefined)" if len(ranked) < len(rivals) else "") + ".", ""]
   closer = []
   tol = 1e-9
   for name in rivals:
@@ -400,6 +408,11 @@ def standing_lines(results: dict) -> list[str]:
   return lines
 
 
+def _value(v) -> str:
+  """A grid value as the tables print it: numbers by :g, anything else as it is."""
+  return f"{v:g}" if isinstance(v, (int, float)) and not isinstance(v, bool) else str(v)
+
+
 def tuning_lines(results: dict) -> list[str]:
   """The fair tuning: per method its grid, the chosen point and its Avg. Gap on the
   validation seed, the trials that failed and the search's seconds."""
@@ -407,69 +420,30 @@ def tuning_lines(results: dict) -> list[str]:
   if not searches:
     return []
   first = next(iter(searches.values()))
-  lines = [f"## Fair tuning (validation seed {first['seed']}, never reported)", "",
-           f"Every method: its grid (≤ {results['config']['tuning']['max_trials']} points), "
-           f"chosen by {first['criterion']}; MIA-Efficacy over "
-           f"{results['config']['tuning']['mia_subsamples']} member subsamples.", "",
+  same_data = not results["config"]["data"].get("draw_per_seed")
+  lines = [f"## Fair tuning (validation seed {first['seed']}; its models are never reported)",
+           "", f"Every method: its grid (≤ {results['config']['tuning']['max_trials']} "
+           f"points), chosen by {first['criterion']}; MIA-Efficacy over "
+           f"{results['config']['tuning']['mia_subsamples']} member subsamples."
+           + (" The validation seed has the report's data (data.draw_per_seed=False): another "
+              "head init and batch order, the same D_r, D_f and hold-out, so the choice is not "
+              "independent of the hold-out whose TA and MIA-Efficacy are reported." if same_data
+              else ""), "",
            "| Method | grid | points | chosen | validation Avg. Gap | failed | seconds |",
            "|---|---|---|---|---|---|---|"]
   for name, search in searches.items():
     trials = search["trials"]
     chosen = trials[search["chosen_index"]]
-    grid = "; ".join(f"{k} ∈ {{{', '.join(f'{v:g}' for v in vals)}}}"
-                     for k, vals in search["space"].items())
+    fields = search.get("fields") or list(search["space"])  # the grid's own order
+    grid = "; ".join(f"{k} ∈ {{{', '.join(_value(v) for v in search['space'][k])}}}"
+                     for k in fields)
     failed = sum(1 for t in trials if t.get("error"))
     lines.append(f"| {_label(name)} | {grid} | {len(trials)} | "
-                 + ", ".join(f"{k}={v:g}" for k, v in search["chosen"].items())
+                 + ", ".join(f"{k}={_value(search['chosen'][k])}" for k in fields)
                  + f" | {chosen['avg_gap']:.2f} | {failed} | "
                  f"{sum(t['seconds'] for t in trials):.1f} |")
   lines += ["", "Every trial's metrics are in results.json under \"tuning\".", ""]
   return lines
-
-
-def plot_accuracy(results: dict, path: str) -> None:
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  names = list(results["methods"])
-  splits = [(k, l) for k, l in METRICS if k.startswith("acc")]
-  fig, ax = plt.subplots(figsize=(9, 4.2))
-  width = 0.8 / len(splits)
-  for i, (key, label) in enumerate(splits):
-    means = [results["methods"][n][key]["mean"] or 0.0 for n in names]
-    stds = [results["methods"][n][key]["std"] or 0.0 for n in names]
-    ax.bar(np.arange(len(names)) + (i - (len(splits) - 1) / 2) * width, means, width,
-           yerr=stds, capsize=3, label=label)
-  ax.set_xticks(np.arange(len(names)), [_label(n) for n in names])
-  ax.set_ylabel("accuracy (%)")
-  ax.set_ylim(0, 105)
-  ax.set_title(f"{results['model']['name']} on {results['config']['data']['name']}: "
-               f"accuracy per method (mean ± std over {len(results['seeds'])} seeds)")
-  ax.legend(ncol=4, fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.1))
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
-
-
-def plot_relearn(results: dict, path: str) -> None:
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  fig, ax = plt.subplots(figsize=(7, 4))
-  for name, entry in results["methods"].items():
-    for i, curve in enumerate(entry["relearn_curves"]):
-      ax.plot(np.arange(1, len(curve) + 1), curve, color=f"C{list(results['methods']).index(name)}",
-              alpha=0.8, label=_label(name) if i == 0 else None)
-  thr = results["config"]["eval"]["relearn_threshold"]
-  ax.axhline(thr, color="k", ls="--", lw=0.8, label=f"threshold {thr:g}")
-  ax.set_yscale("log")
-  ax.set_xlabel("relearning epoch on D_f")
-  ax.set_ylabel("D_f training loss")
-  ax.set_title("Relearn curves (one line per seed)")
-  ax.legend(fontsize=8)
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
 
 
 # What `pretrain.pretrain_info` records that differs between identical runs.
@@ -504,8 +478,13 @@ def pretrain_lines(results: dict) -> list[str]:
 
 
 def write_all(results: dict, workdir: str) -> None:
-  """results.json and results.md (atomic), accuracy.png and relearn.png."""
+  """results.json and results.md (atomic), accuracy.png and relearn.png; the methods in the
+  order of config.methods (results.json read back has them sorted)."""
+  order = [n for n in results["config"].get("methods", ()) if n in results["methods"]]
+  results = {**results, "methods": {n: results["methods"][n] for n in order + sorted(
+      set(results["methods"]) - set(order))}}
   wd.atomic_write_json(os.path.join(workdir, "results.json"), results)
   wd.atomic_write_text(os.path.join(workdir, "results.md"), markdown(results))
-  plot_accuracy(results, os.path.join(workdir, "accuracy.png"))
-  plot_relearn(results, os.path.join(workdir, "relearn.png"))
+  plots.plot_accuracy(results, os.path.join(workdir, "accuracy.png"),
+                      [(k, l) for k, l in METRICS if k.startswith("acc")])
+  plots.plot_relearn(results, os.path.join(workdir, "relearn.png"))

@@ -8,7 +8,10 @@ MIA-Efficacy (SalUn / Unlearn-Sparse) the mean over `tuning.mia_subsamples` memb
 subsamples for the method and for Retrain alike (on these small models a single subsample
 can flip it between 0 and 100). The point with the smallest gap wins (ties: the earlier
 point of the grid); a point whose run fails (a diverging ascent, a refused option) scores
-infinity and says why. The report seeds then run each method with its winner. A grid
+infinity and says why. Unless `data.draw_per_seed`, the validation seed has the report's
+data (D_r, D_f and the hold-out): it differs in the head's init and the batch order, so the
+choice is not independent of the hold-out whose TA and MIA-Efficacy are reported (the
+digits default has no images left for a separate validation split); results.md says so. The report seeds then run each method with its winner. A grid
 larger than `tuning.max_trials` is refused before any work (`experiment.prepare`).
 
 Each method's search is a resumable stage (`tuning/<name>.json`) holding the grid, every
@@ -49,8 +52,14 @@ def with_overrides(cfg, method, overrides: dict):
   block = methods_lib.block(out, method)
   with block.unlocked():
     for field, value in overrides.items():
-      block[field] = type(block[field])(value) if isinstance(block[field], (int, float)) and (
-          not isinstance(block[field], bool)) else value
+      if isinstance(block[field], int) and not isinstance(block[field], bool):
+        if not float(value).is_integer():
+          raise ValueError(f"config.{method.config_group}.{field} is an int; the search "
+                           f"space gives {value!r}")
+        value = int(value)
+      elif isinstance(block[field], float):
+        value = float(value)
+      block[field] = value
   return out
 
 
@@ -105,8 +114,13 @@ def search(cfg, method, space: dict, *, run_trial, measure, retrain: dict) -> di
         raise FloatingPointError("the parameters are not finite")
       entry["metrics"] = measure(result.params)
       gap = report.avg_gap(entry["metrics"], retrain)
-      entry["avg_gap"] = math.inf if gap is None else gap
-    except (ValueError, FloatingPointError) as e:
+      if gap is None:
+        missing = [k for k, _ in report.FIELD_METRICS
+                   if entry["metrics"].get(k) is None or retrain.get(k) is None]
+        raise ValueError(f"Avg. Gap undefined: no {', '.join(missing)} (e.g. an empty "
+                         "hold-out)")
+      entry["avg_gap"] = gap
+    except Exception as e:  # pylint: disable=broad-except  # a failed point scores infinity
       entry["error"] = f"{type(e).__name__}: {e}"
     entry["seconds"] = time.perf_counter() - start
     log.info("tuning %s: trial %d/%d %s: Avg. Gap %s%s", method.name, index + 1,
@@ -115,9 +129,12 @@ def search(cfg, method, space: dict, *, run_trial, measure, retrain: dict) -> di
     trials.append(entry)
   best = min(range(len(trials)), key=lambda i: (trials[i]["avg_gap"], i))
   if not math.isfinite(trials[best]["avg_gap"]):
-    raise ValueError(f"tuning {method.name}: every point of its search space failed "
-                     f"({trials[0]['error']}); fix config.{method.config_group}")
-  return {"space": {k: list(v) for k, v in space.items()}, "trials": [
+    errors = sorted({t["error"] for t in trials})
+    raise ValueError(f"tuning {method.name}: every point of its search space failed: "
+                     + "; ".join(errors[:3]) + (f" (and {len(errors) - 3} other errors)"
+                                                if len(errors) > 3 else "")
+                     + f"; fix config.{method.config_group} or its search space")
+  return {"fields": list(space), "space": {k: list(v) for k, v in space.items()}, "trials": [
       {**t, "avg_gap": t["avg_gap"] if math.isfinite(t["avg_gap"]) else None} for t in trials],
           "chosen": trials[best]["params"], "chosen_index": best, "criterion": CRITERION,
           "seed": int(cfg.tuning.seed)}

@@ -99,7 +99,7 @@ class Linearized:
 
 TABLE = "linear_table"  # the frozen collection holding a `Tabulated` model's rows
 
-# The largest Jacobian table `tabulate` builds (f32 bytes of J [m, C, p]); above it, f_lin is
+# The largest Jacobian table `tabulate` builds (bytes of J [m, C, p]); above it, f_lin is
 # evaluated by a forward-mode pass per batch instead.
 TABULATE_MAX_BYTES = 2 ** 30
 
@@ -183,7 +183,8 @@ def tabulate(model, frozen: dict, inputs: Sequence, *,
   base = {k: v for k, v in frozen.items() if k not in ("trainable", LINEARIZATION_POINT)}
   num_classes = jax.eval_shape(lambda: model.model.apply({**base, "trainable": w0}, x[:1],
                                                          train=False)).shape[-1]
-  if 4 * int(m) * int(num_classes) * p > max_bytes:
+  itemsize = jnp.result_type(*jax.tree_util.tree_leaves(w0)).itemsize
+  if itemsize * int(m) * int(num_classes) * p > max_bytes:
     return None
   parts = [_rows_table(model.model, base, w0, a) for a in inputs]
   table = {"f0": jnp.concatenate([f for f, _ in parts]),

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import math
 import os
 import pkgutil
 from typing import Any, Callable, Optional
@@ -233,4 +234,36 @@ def checked_plugins(cfg) -> tuple[Method, ...]:
   for method in plugins:
     if method.validate is not None:
       method.validate(block(cfg, method))
+    if cfg.tuning.enabled:
+      _check_search_space(cfg, method)
   return plugins
+
+
+def _check_search_space(cfg, method: Method) -> None:
+  """A grid the tuning can run: fields of the block, values of the field's type (numbers for
+  a number), at most `tuning.max_trials` points (the same budget for every method)."""
+  space = search_space_of(cfg, method)
+  node = block(cfg, method)
+  for field, values in space.items():
+    if field not in node:
+      raise ValueError(f"{method.name}: its search space names {field!r}, which "
+                       f"config.{method.config_group} does not have")
+    if not values:
+      raise ValueError(f"{method.name}: its search space gives {field!r} no values")
+    number = isinstance(node[field], (int, float)) and not isinstance(node[field], bool)
+    for v in values:
+      if number:
+        ok = (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+              and (not isinstance(node[field], int) or float(v).is_integer()))
+      else:
+        ok = type(v) is type(node[field])
+      if not ok:
+        raise ValueError(f"{method.name}: its search space gives {field!r} the value {v!r}, "
+                         f"not a finite value of the field's type ({node[field]!r})")
+  size = 1
+  for values in space.values():
+    size *= len(values)
+  if space and size > cfg.tuning.max_trials:
+    raise ValueError(f"{method.name}: its search space has {size} points, above "
+                     f"config.tuning.max_trials={cfg.tuning.max_trials} (the same budget for "
+                     "every method)")

@@ -7,6 +7,8 @@ example than one label (a teacher's logits, a true label beside a random one): t
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -15,6 +17,32 @@ from fastntk_jax import objectives
 from fastntk_jax import train
 from fastntk_jax.models import trainable as tr
 from fastntk_jax.unlearn import linear
+
+
+def check_objective_group(block, group: str) -> None:
+  """Refuses what `objectives.fit_objective` does not train with, naming the field: a
+  learning-rate schedule or warm-up, BatchNorm in train mode, augmentation."""
+  for field, allowed in (("schedule", "constant"), ("bn_mode", "frozen"), ("augment", "none")):
+    if block[field] != allowed:
+      raise ValueError(f"config.{group}.{field}={block[field]!r}: the method plug-ins train "
+                       "the collection at a constant learning rate with BatchNorm frozen and "
+                       f"no augmentation; set {field}={allowed!r}")
+  if block.warmup_epochs:
+    raise ValueError(f"config.{group}.warmup_epochs={block.warmup_epochs!r}: the method "
+                     "plug-ins train at a constant learning rate; set warmup_epochs=0")
+
+
+def check_number(block, group: str, field: str, *, low: float = -math.inf,
+                 high: float = math.inf, low_open: bool = False, integer: bool = False) -> None:
+  """Refuses a field that is not a finite number in [low, high] ((low, high] with
+  `low_open`), or not an int with `integer`, naming it."""
+  v = block[field]
+  ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and (
+      (v > low if low_open else v >= low) and v <= high) and (not integer or isinstance(v, int))
+  if not ok:
+    bound = f"{'(' if low_open else '['}{low:g}, {high:g}]"
+    raise ValueError(f"config.{group}.{field}={v!r} must be a finite "
+                     f"{'int' if integer else 'number'} in {bound}")
 
 
 def lead_loss(apply, params, batches, h, aux, loss, lead):

@@ -55,11 +55,13 @@ def run(ctx: methods.Context, block) -> methods.Result:
 
 
 def validate(block) -> None:
-  if not float(block.temperature) > 0:
-    raise ValueError(f"baselines.bad_teacher.temperature={block.temperature!r} must be > 0")
-  if not 0.0 <= float(block.retain_fraction) <= 1.0:
-    raise ValueError(f"baselines.bad_teacher.retain_fraction={block.retain_fraction!r} must "
-                     "be in [0, 1]")
+  name = "baselines.bad_teacher"
+  obj.check_objective_group(block, name)
+  obj.check_number(block, name, "temperature", low=0.0, low_open=True)
+  obj.check_number(block, name, "retain_fraction", low=0.0, high=1.0)
+  if block.loss != "ce":
+    raise ValueError(f"config.{name}.loss={block.loss!r}: Bad Teacher's loss is the KL "
+                     "divergence to its teachers' softmax (the reference's); set loss='ce'")
 
 
 METHOD = methods.Method(

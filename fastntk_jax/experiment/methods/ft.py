@@ -19,8 +19,13 @@ def run(ctx: methods.Context, block) -> methods.Result:
   return methods.Result(params, seconds)
 
 
+def validate(block) -> None:
+  obj.check_objective_group(block, "baselines.ft")
+
+
 METHOD = methods.Method(
     name="ft", label="FT", run=run, config_group="baselines.ft",
+    validate=validate,
     reference="fine-tuning on D_r (Unlearn-Sparse `FT`, Jia et al. NeurIPS 2023)",
     search_space=lambda cfg: {"learning_rate": (0.003, 0.01, 0.03, 0.1),
                               "epochs": (5, 10, 20)})

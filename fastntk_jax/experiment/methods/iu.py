@@ -26,6 +26,8 @@ def woodfisher_direction(forget_grads: np.ndarray, retain_grads: np.ndarray,
   """The reference's perturbation direction k [p] (float64) from per-example gradients
   [N_f, p] and [N_r, p] (see the module docstring)."""
   n_f, n_r = len(forget_grads), len(retain_grads)
+  if not n_f or not n_r:
+    raise ValueError(f"iu: needs examples of D_f and D_r, got {n_f} and {n_r}")
   n = n_f + n_r
   g_f = forget_grads.astype(np.float64)
   g_r = retain_grads.astype(np.float64)
@@ -53,10 +55,8 @@ def run(ctx: methods.Context, block) -> methods.Result:
 
 
 def validate(block) -> None:
-  if not float(block.alpha) > 0:
-    raise ValueError(f"baselines.iu.alpha={block.alpha!r} must be > 0")
-  if int(block.fisher_samples) < 1 or int(block.fisher_samples) != block.fisher_samples:
-    raise ValueError(f"baselines.iu.fisher_samples={block.fisher_samples!r} must be an int >= 1")
+  obj.check_number(block, "baselines.iu", "alpha", low=0.0, low_open=True)
+  obj.check_number(block, "baselines.iu", "fisher_samples", low=1, integer=True)
 
 
 METHOD = methods.Method(

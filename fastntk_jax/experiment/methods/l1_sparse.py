@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from fastntk_jax import objectives
 from fastntk_jax import train
 from fastntk_jax.experiment import methods
+from fastntk_jax.experiment.methods import _objectives as obj
 
 
 def objective(apply, params, batches, h, aux, loss, lead):
@@ -37,9 +38,8 @@ def run(ctx: methods.Context, block) -> methods.Result:
 
 
 def validate(block) -> None:
-  if not float(block.alpha) >= 0.0:
-    raise ValueError(f"baselines.l1_sparse.alpha={block.alpha!r} must be >= 0 (the weight of "
-                     "the ℓ1 penalty at the first epoch)")
+  obj.check_objective_group(block, "baselines.l1_sparse")
+  obj.check_number(block, "baselines.l1_sparse", "alpha", low=0.0)
 
 
 METHOD = methods.Method(

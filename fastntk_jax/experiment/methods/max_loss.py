@@ -18,8 +18,13 @@ def run(ctx: methods.Context, block) -> methods.Result:
   return methods.Result(params, seconds)
 
 
+def validate(block) -> None:
+  obj.check_objective_group(block, "baselines.max_loss")
+
+
 METHOD = methods.Method(
     name="max_loss", label="Max Loss", run=run, config_group="baselines.max_loss",
+    validate=validate,
     reference="gradient ascent on D_f (Unlearn-Sparse `GA`, Jia et al. NeurIPS 2023)",
     search_space=lambda cfg: {"learning_rate": (0.001, 0.003, 0.01, 0.03),
                               "epochs": (1, 2, 5, 10)})

@@ -18,6 +18,7 @@ and is left out. Config block: `baselines.neggrad_plus` (a training group plus `
 from fastntk_jax import objectives
 from fastntk_jax import train
 from fastntk_jax.experiment import methods
+from fastntk_jax.experiment.methods import _objectives as obj
 
 
 def objective(apply, params, batches, h, aux, loss, lead):
@@ -39,9 +40,8 @@ def run(ctx: methods.Context, block) -> methods.Result:
 
 
 def validate(block) -> None:
-  if not 0.0 <= float(block.alpha) <= 1.0:
-    raise ValueError(f"baselines.neggrad_plus.alpha={block.alpha!r} must be in [0, 1] (the "
-                     "weight of D_r's loss; 1 - alpha weighs the ascent on D_f)")
+  obj.check_objective_group(block, "baselines.neggrad_plus")
+  obj.check_number(block, "baselines.neggrad_plus", "alpha", low=0.0, high=1.0)
 
 
 METHOD = methods.Method(

@@ -28,8 +28,13 @@ def run(ctx: methods.Context, block) -> methods.Result:
   return methods.Result(params, seconds)
 
 
+def validate(block) -> None:
+  obj.check_objective_group(block, "baselines.random_label")
+
+
 METHOD = methods.Method(
     name="random_label", label="Random Label", run=run, config_group="baselines.random_label",
+    validate=validate,
     reference="random wrong labels on D_f (Golatkar et al. 2020; Unlearn-Sparse `RL`)",
     search_space=lambda cfg: {"learning_rate": (0.001, 0.003, 0.01, 0.03),
                               "epochs": (1, 2, 5, 10)})

@@ -9,7 +9,9 @@ weight of the network, BatchNorm included; here the collection every method acts
 mask keeps the top `threshold` fraction (a global ranking). Then, each epoch, a pass over D_f
 with labels drawn uniformly over all classes (anew each epoch), then a pass over D_r with its
 labels (the reference's CIFAR-10 variant), cross-entropy; the masked-out entries stay exactly
-where they are (the reference restores them after every step). Defaults (the reference's
+where they are: the reference's current code (commit a6e89fd, 2026) restores them after every
+step, while its paper-era code masked only the gradient, so that weight decay and momentum
+still moved them. Defaults (the reference's
 CIFAR-10 example): threshold 0.5, SGD lr 0.013, momentum 0.9, weight decay 5e-4, 10 epochs;
 batch 64 here (256 there). Config block: `baselines.salun` (a training group plus
 `threshold`).
@@ -28,7 +30,8 @@ def saliency_mask(ctx, params, threshold: float):
   (ties broken by position), else 0; a tree like `params` (float32)."""
   grads = obj.per_example_gradients(ctx, params, ctx.data.forget)
   saliency = np.abs(grads.astype(np.float64).sum(axis=0))
-  keep = int(round(threshold * saliency.size))
+  keep = int(threshold * saliency.size)  # the reference's int(), at least one entry
+  keep = max(keep, 1)
   mask = np.zeros(saliency.size, np.float32)
   mask[np.argsort(-saliency, kind="stable")[:keep]] = 1.0
   return jax.tree_util.tree_map(lambda m: np.asarray(m, np.float32),
@@ -53,9 +56,8 @@ def run(ctx: methods.Context, block) -> methods.Result:
 
 
 def validate(block) -> None:
-  if not 0.0 < float(block.threshold) <= 1.0:
-    raise ValueError(f"baselines.salun.threshold={block.threshold!r} must be in (0, 1] (the "
-                     "fraction of the collection's entries that are trained)")
+  obj.check_objective_group(block, "baselines.salun")
+  obj.check_number(block, "baselines.salun", "threshold", low=0.0, high=1.0, low_open=True)
 
 
 METHOD = methods.Method(

@@ -55,16 +55,12 @@ def run(ctx: methods.Context, block) -> methods.Result:
 
 def validate(block) -> None:
   name = "baselines.scrub"
-  if int(block.max_steps) < 0 or int(block.max_steps) != block.max_steps:
-    raise ValueError(f"{name}.max_steps={block.max_steps!r} must be an int >= 0 (the epochs "
-                     "that start with a max pass over D_f)")
-  if not float(block.temperature) > 0:
-    raise ValueError(f"{name}.temperature={block.temperature!r} must be > 0")
-  for field in ("gamma", "alpha"):
-    if not float(block[field]) >= 0:
-      raise ValueError(f"{name}.{field}={block[field]!r} must be >= 0")
-  if int(block.forget_batch_size) < 1:
-    raise ValueError(f"{name}.forget_batch_size={block.forget_batch_size!r} must be >= 1")
+  obj.check_objective_group(block, name)
+  obj.check_number(block, name, "max_steps", low=0, integer=True)  # >= epochs: every epoch
+  obj.check_number(block, name, "temperature", low=0.0, low_open=True)
+  obj.check_number(block, name, "gamma", low=0.0)
+  obj.check_number(block, name, "alpha", low=0.0)
+  obj.check_number(block, name, "forget_batch_size", low=1, integer=True)
 
 
 METHOD = methods.Method(

@@ -26,6 +26,8 @@ def importances(grads: np.ndarray, batch_size: int, seed: int) -> np.ndarray:
   """Mean over the minibatches of a seeded shuffle of the rows of `grads` [n, p] (per-example
   gradients) of the squared batch-mean gradient: [p] float64."""
   n = grads.shape[0]
+  if n == 0:
+    raise ValueError("ssd: no rows to take importances over (an empty split)")
   order = np.random.default_rng([seed, 0x55D]).permutation(n)
   total = np.zeros(grads.shape[1], np.float64)
   batches = [order[i:i + batch_size] for i in range(0, n, batch_size)]
@@ -57,11 +59,9 @@ def run(ctx: methods.Context, block) -> methods.Result:
 
 
 def validate(block) -> None:
-  for field in ("alpha", "lam"):
-    if not float(block[field]) > 0:
-      raise ValueError(f"baselines.ssd.{field}={block[field]!r} must be > 0")
-  if int(block.batch_size) < 1 or int(block.batch_size) != block.batch_size:
-    raise ValueError(f"baselines.ssd.batch_size={block.batch_size!r} must be an int >= 1")
+  obj.check_number(block, "baselines.ssd", "alpha", low=0.0, low_open=True)
+  obj.check_number(block, "baselines.ssd", "lam", low=0.0, low_open=True)
+  obj.check_number(block, "baselines.ssd", "batch_size", low=1, integer=True)
 
 
 METHOD = methods.Method(
