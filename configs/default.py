@@ -1,6 +1,6 @@
 """The embedded default: Fast-NTK on scikit-learn's digits, no downloads.
 
-Command (3 min 31 s on this project's idle 2-core CPU, README.md):
+Command (8 min 22 s on this project's idle 2-core CPU, every method tuned, README.md):
   python -m fastntk_jax.main --workdir=workdir_default
   (identical to: python -m fastntk_jax.main --config=configs/default.py --workdir=...)
 

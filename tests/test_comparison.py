@@ -347,7 +347,7 @@ def test_the_tuned_run_never_reads_a_report_seed_and_reports_its_choice(tmp_path
   assert stored["tuning"]["ssd"]["space"] == {"alpha": [1.0, 2.5, 5.0, 10.0, 25.0, 50.0,
                                                         100.0, 250.0], "lam": [0.1, 1.0]}
   md = open(tmp_path / "results.md").read()
-  assert "## Fair tuning (validation seed 90000, never reported)" in md
+  assert "## Fair tuning (validation seed 90000; its models are never reported)" in md
   assert "| SSD | alpha ∈ {1, 2.5, 5, 10, 25, 50, 100, 250}; lam ∈ {0.1, 1} | 16 |" in md
   assert "RTE per request (s) | precompute (s) | KLoM (mean) |" in md
   assert "**Standing**: Fast-NTK's Avg. Gap is" in md
