@@ -45,10 +45,12 @@ def tiny_config(arg: str = "tiny"):
 def shared_tiny_config():
   """The shared run's config: `:tiny` (linearised, float64 closed form) over seeds 0 and 1,
   with a KLoM population of 2 + 2 seeds and every method plug-in of the default."""
+  from fastntk_jax import config as config_lib  # pylint: disable=g-import-not-at-top
   cfg = tiny_config()
   with cfg.unlocked():
     cfg.seeds = (0, 1)
     cfg.eval.population_seeds = 2
+    cfg.methods = config_lib.DEFAULT_METHODS  # every method the package has
   return cfg
 
 
