@@ -64,6 +64,8 @@ def tiny_training(c: ml_collections.ConfigDict) -> None:
   c.finetune.epochs = 2
   config.set_method_epochs(c, 1)  # every method plug-in's training group(s)
   c.eval.relearn.epochs = 2
+  c.eval.relearn_attack.epochs = 2
+  c.eval.mia_subsamples = 3
   c.eval.probe.epochs = 1
   c.eval.batch_size = 32
   c.unlearn.batch_size = 16

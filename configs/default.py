@@ -65,6 +65,8 @@ def get_config(arg=None):
     c.finetune.epochs = 2
     config.set_method_epochs(c, 1)  # every method plug-in's training group(s)
     c.eval.relearn.epochs = 3
+    c.eval.relearn_attack.epochs = 2
+    c.eval.mia_subsamples = 3
     c.eval.probe.epochs = 2
     c.eval.batch_size = 32
     c.eval.population_seeds = 0

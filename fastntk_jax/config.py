@@ -186,6 +186,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval = ml_collections.ConfigDict()
   c.eval.relearn = train_group(epochs=100, lr=0.01, batch_size=64, loss="ce")  # epochs = the cap
   c.eval.relearn_threshold = 0.05  # relearn time = epochs until D_f training loss < this
+  # The relearning attack (Siddiqui et al. 2025): fine-tune on D_r alone for `epochs`, D_f
+  # accuracy after each epoch, against Retrain's curve (BN frozen, constant lr).
+  c.eval.relearn_attack = train_group(epochs=10, lr=0.01, batch_size=64, loss="ce")
+  c.eval.mia_subsamples = 20  # MIA-Efficacy's range over this many member subsamples
   c.eval.probe = train_group(epochs=30, lr=0.05, batch_size=64, loss="ce")  # linear probe of a fresh head
   c.eval.batch_size = 256  # inference batch
   # KLoM (population level): N seeds of Full/Retrain/Fast-NTK and N other seeds of Retrain
@@ -389,6 +393,7 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   _positive("eval.relearn_threshold", cfg.eval.relearn_threshold, integer=False)
   _positive("eval.batch_size", cfg.eval.batch_size, integer=True)
   _positive("eval.population_seeds", cfg.eval.population_seeds, integer=True, allow_zero=True)
+  _positive("eval.mia_subsamples", cfg.eval.mia_subsamples, integer=True)
   if cfg.eval.population_seeds == 1:
     raise ValueError("config.eval.population_seeds=1: KLoM needs at least 2 models per side")
   data_schema.resolve_data_config(cfg.data)  # raises naming the data field
@@ -430,7 +435,7 @@ def train_groups(cfg) -> tuple[str, ...]:
   batch size a multiple of the device count under data parallelism): the fixed ones, and
   every group under `baselines` (at any depth) that has all of a training group's fields (a
   plug-in's block may hold more fields, or training groups inside it)."""
-  fixed = ("pretrain.train", "finetune", "eval.relearn", "eval.probe")
+  fixed = ("pretrain.train", "finetune", "eval.relearn", "eval.relearn_attack", "eval.probe")
   found = []
 
   def visit(node, path):

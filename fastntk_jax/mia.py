@@ -38,6 +38,7 @@ __all__ = [
     "membership_inference_attack",
     "mia_from_logits",
     "mia_efficacy",
+    "mia_efficacy_spread",
 ]
 
 LOSS_KINDS = ("cross_entropy", "squared", "confidence")
@@ -259,6 +260,30 @@ def mia_from_logits(member_logits, member_labels, nonmember_logits, nonmember_la
                                      num_folds=num_folds, seed=seed, balance=balance)
 
 
+def _svc_efficacy(members, nonmembers, target, seed: int) -> tuple[float, float]:
+  """(MIA-Efficacy in %, the SVC's accuracy on its own training data in %) of one member
+  subsample: the retain set subsampled (seeded) to the test set's size."""
+  from sklearn.svm import SVC  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(seed)
+  if len(members) > len(nonmembers):
+    members = members[rng.choice(len(members), len(nonmembers), replace=False)]
+  x = np.concatenate([members, nonmembers])
+  y = np.concatenate([np.ones(len(members)), np.zeros(len(nonmembers))])
+  svc = SVC(C=3, gamma="auto", kernel="rbf").fit(x, y)
+  return (100.0 * float(np.mean(svc.predict(target) == 0)),
+          100.0 * float(np.mean(svc.predict(x) == y)))
+
+
+def _confidences(retain_logits, retain_labels, test_logits, test_labels, forget_logits,
+                 forget_labels):
+  conf = lambda z, y: per_example_loss(z, y, "confidence")[:, None]
+  members, nonmembers = conf(retain_logits, retain_labels), conf(test_logits, test_labels)
+  target = conf(forget_logits, forget_labels)
+  if not (len(members) and len(nonmembers) and len(target)):
+    raise ValueError("mia_efficacy needs non-empty retain, test and forget sets")
+  return members, nonmembers, target
+
+
 def mia_efficacy(retain_logits, retain_labels, test_logits, test_labels, forget_logits,
                  forget_labels, *, seed: int = 0) -> float:
   """MIA-Efficacy as SalUn / Unlearn-Sparse define it, in %.
@@ -277,16 +302,32 @@ def mia_efficacy(retain_logits, retain_labels, test_logits, test_labels, forget_
   Returns:
     100 · (fraction of D_f predicted non-member).
   """
-  from sklearn.svm import SVC  # pylint: disable=g-import-not-at-top
-  conf = lambda z, y: per_example_loss(z, y, "confidence")[:, None]
-  members, nonmembers = conf(retain_logits, retain_labels), conf(test_logits, test_labels)
-  target = conf(forget_logits, forget_labels)
-  if not (len(members) and len(nonmembers) and len(target)):
-    raise ValueError("mia_efficacy needs non-empty retain, test and forget sets")
-  rng = np.random.default_rng(seed)
-  if len(members) > len(nonmembers):
-    members = members[rng.choice(len(members), len(nonmembers), replace=False)]
-  x = np.concatenate([members, nonmembers])
-  y = np.concatenate([np.ones(len(members)), np.zeros(len(nonmembers))])
-  svc = SVC(C=3, gamma="auto", kernel="rbf").fit(x, y)
-  return 100.0 * float(np.mean(svc.predict(target) == 0))
+  sets = _confidences(retain_logits, retain_labels, test_logits, test_labels, forget_logits,
+                      forget_labels)
+  return _svc_efficacy(*sets, seed)[0]
+
+
+# The SVC is "at chance on its own training data" below this accuracy (%): its verdict on
+# D_f is then a coin the member subsample flips.
+SVC_CHANCE_ACCURACY = 55.0
+
+
+def mia_efficacy_spread(retain_logits, retain_labels, test_logits, test_labels, forget_logits,
+                        forget_labels, *, subsamples: int = 20) -> dict:
+  """MIA-Efficacy (`mia_efficacy`) over member subsamples seeded 0..subsamples-1.
+
+  Returns:
+    {"values": [subsamples] %, "min", "max", "mean", "svc_train_accuracy": the mean over
+    subsamples of the SVC's accuracy on its own training data (%), "at_chance": whether that
+    is below SVC_CHANCE_ACCURACY (the value then flips with the subsample)}.
+  """
+  if int(subsamples) < 1:
+    raise ValueError(f"subsamples must be >= 1, got {subsamples}")
+  sets = _confidences(retain_logits, retain_labels, test_logits, test_labels, forget_logits,
+                      forget_labels)
+  runs = [_svc_efficacy(*sets, k) for k in range(int(subsamples))]
+  values = [r[0] for r in runs]
+  train_acc = float(np.mean([r[1] for r in runs]))
+  return {"values": values, "min": float(np.min(values)), "max": float(np.max(values)),
+          "mean": float(np.mean(values)), "svc_train_accuracy": train_acc,
+          "at_chance": bool(train_acc < SVC_CHANCE_ACCURACY)}

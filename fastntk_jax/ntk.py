@@ -505,6 +505,12 @@ def jacobian_rows(apply_fn: ApplyFn, params: PyTree, x: jnp.ndarray,
   return _map_rows(block_rows, blocks, n)
 
 
+def gram_from_rows(jacobian: jnp.ndarray, residuals: jnp.ndarray):
+  """(G = JᵀJ [p, p], b = Jᵀr [p]) of Jacobian rows J [n, C, p] and residuals r [n, C]."""
+  j2 = jacobian.reshape(-1, jacobian.shape[-1])
+  return j2.T @ j2, jnp.einsum("icp,ic->p", jacobian, residuals)
+
+
 def gram(apply_fn: ApplyFn, params: PyTree, x: jnp.ndarray, residuals: jnp.ndarray,
          *, batch_size: Optional[int] = 256, dtype: Optional[jnp.dtype] = None,
          row_weights: Optional[jnp.ndarray] = None, keep_jacobian: bool = False,
@@ -540,10 +546,8 @@ def gram(apply_fn: ApplyFn, params: PyTree, x: jnp.ndarray, residuals: jnp.ndarr
     xb, rb, mb = inputs
     jb = _per_sample_jacobian(apply_fn, params, xb, method).astype(acc_dtype)  # [bs, C, p]
     jb = jb * mb[:, None, None].astype(acc_dtype)
-    jb2 = jb.reshape(-1, p)
-    g = g + jb2.T @ jb2
-    b = b + jnp.einsum("icp,ic->p", jb, rb.astype(acc_dtype))
-    return (g, b), (jb if keep_jacobian else None)
+    gb, bb = gram_from_rows(jb, rb.astype(acc_dtype))
+    return (g + gb, b + bb), (jb if keep_jacobian else None)
 
   init = (jnp.zeros((p, p), acc_dtype), jnp.zeros((p,), acc_dtype))
   (g, b), jac = _scan_rows(step, init, (blocks, r_blocks, mask), n)

@@ -69,7 +69,9 @@ def fit_objective(model, trainable: PyTree, frozen: dict, streams: dict, objecti
                   passes: Optional[Callable[[int], Sequence[str]]] = None,
                   progress: Optional[Callable[[int, float], None]] = None,
                   checkpoint_path: Optional[str] = None,
-                  tag: str = "") -> tuple[PyTree, list[float]]:
+                  tag: str = "",
+                  on_epoch: Optional[Callable[[int, PyTree], None]] = None
+                  ) -> tuple[PyTree, list[float]]:
   """Minimises `objective` over the trainable collection (only), on several data streams.
 
   The unlearning methods whose loss mixes D_r and D_f (NegGrad+, SCRUB, SalUn, Bad Teacher,
@@ -99,6 +101,8 @@ def fit_objective(model, trainable: PyTree, frozen: dict, streams: dict, objecti
     batch_sizes: {stream name: rows per batch}, for streams other than spec.batch_size.
     passes: `epoch -> stream names` (e.g. SCRUB's max pass over D_f in the first epochs).
     progress, checkpoint_path, tag: as for `train.fit_collections`.
+    on_epoch: `(epoch, params)` after each epoch trained here (not the restored ones), e.g.
+      to measure the model along the way.
 
   Returns:
     (trained params, per-epoch mean objective).
@@ -159,6 +163,8 @@ def fit_objective(model, trainable: PyTree, frozen: dict, streams: dict, objecti
                                f"{epoch + 1}; lower the learning rate")
     if progress is not None:
       progress(epoch, history[-1])
+    if on_epoch is not None:
+      on_epoch(epoch, trainable)
     if checkpoint_path and epoch + 1 < spec.epochs:
       train.save_training_state(checkpoint_path, (trainable, opt_state), history, spec.epochs)
     faults.maybe_kill(f"{tag}:epoch{epoch}")

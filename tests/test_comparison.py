@@ -69,7 +69,7 @@ def _setup(tmp, mode: str):
   w0 = tr.fresh_head(w_pre, p.model, p.data.image_shape, 0)
   tuner = finetune.FineTuner(p.cfg, p.model, frozen_pre, w0, p.data, 0,
                              forgetter=setup.forgetter,
-                             fit=run_lib._fit(setup, p.data.num_classes), mesh=None)
+                             fit=run_lib.make_fit(setup, p.data.num_classes), mesh=None)
   full, _ = tuner.fit(p.data.train, "full")
   return setup, tuner, p.data, full, w0
 
@@ -137,7 +137,7 @@ def test_the_objective_trainer_equals_the_plain_trainer_on_plain_training(tiny_s
 
 def test_the_tabulated_linearised_model_is_the_linearised_model():
   setup, tuner, data, full, w0 = _setup_cached()
-  frozen = run_lib._frozen_of(tuner, full)
+  frozen = run_lib.frozen_of(tuner, full)
   rng = np.random.default_rng(0)
   w = jax.tree_util.tree_map(lambda a: a + 0.1 * rng.normal(size=np.shape(a)).astype(a.dtype),
                              full["trainable"])
@@ -186,7 +186,7 @@ def _fixed_offset(fit_objective, offset):
 def test_per_example_gradients_match_a_gradient_per_example(tiny_setup):
   """Through the table (linearised) and by a vmapped gradient (standard)."""
   setup, tuner, data, full, w0 = tiny_setup
-  frozen = run_lib._frozen_of(tuner, full)
+  frozen = run_lib.frozen_of(tuner, full)
   x, y = data.forget.x[:3], data.forget.y[:3]
   ctx = _context(tiny_setup, "ssd")
   rows = obj.per_example_gradients(ctx, full["trainable"], types.SimpleNamespace(x=x, y=y))
@@ -203,7 +203,7 @@ def test_per_example_gradients_match_a_gradient_per_example(tiny_setup):
 
 def test_a_masked_entry_stays_exactly_where_it_is_with_weight_decay():
   setup, tuner, data, full, w0 = _setup_cached()
-  frozen = run_lib._frozen_of(tuner, full)
+  frozen = run_lib.frozen_of(tuner, full)
   mask = jax.tree_util.tree_map(lambda a: (np.arange(np.size(a)).reshape(np.shape(a)) % 2
                                            ).astype(np.float32), full["trainable"])
   spec = train.TrainSpec(epochs=2, learning_rate=0.1, batch_size=8, loss="ce",
@@ -459,7 +459,7 @@ def test_the_standing_line_says_untuned_and_names_undefined_gaps():
 
 def test_the_objective_trainer_refuses_streams_it_cannot_run():
   setup, tuner, data, full, w0 = _setup_cached()
-  frozen = run_lib._frozen_of(tuner, full)
+  frozen = run_lib.frozen_of(tuner, full)
   spec = train.TrainSpec(epochs=1, learning_rate=0.1, batch_size=8, loss="ce")
   streams = {"retain": (data.retain.x, data.retain.y)}
   fit = lambda **kw: objectives.fit_objective(tuner.net, full["trainable"], frozen, streams,

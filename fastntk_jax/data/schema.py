@@ -16,7 +16,7 @@ import ml_collections
 import numpy as np
 
 DATASETS = ("digits", "cifar10", "cifar100", "imagenet_r")
-FORGET_MODES = ("class", "samples")
+FORGET_MODES = ("class", "samples", "subpopulation")
 CLASS_CHOICES = ("first", "random")
 FORGET_CHOICES = ("fixed", "random")
 # Random-stream id (second entry of the seed sequence) of the forget-class draw; the class
@@ -101,9 +101,20 @@ def default_data_config() -> ml_collections.ConfigDict:
   # Pre-training images per class, disjoint from D and the hold-out; 0 = no pretrain split.
   # Dataset default: digits 80, others 0 (the paper's backbones come from checkpoints).
   c.pretrain_per_class = placeholder(int)
-  c.forget_classes = (0,)  # forget_mode="class": remapped labels forming D_f (ignored: "samples")
-  c.forget_mode = "class"  # "class" (the paper's setting) | "samples" (random subset of D)
-  c.forget_fraction = placeholder(float)  # forget_mode="samples": fraction of D forgotten, in (0, 1)
+  # Remapped labels: forget_mode="class": the classes forming D_f; "subpopulation": exactly one,
+  # the class the subpopulation is drawn from (it stays a retain class); ignored by "samples".
+  c.forget_classes = (0,)
+  # "class" (the paper's setting: whole classes) | "samples" (a seeded random subset of D) |
+  # "subpopulation" (a structured, non-random subset of one class, as in structured unlearning
+  # benchmarks such as EasyDUB's: a seeded anchor image of class forget_classes[0] in D and its
+  # nearest neighbours in that class, anchor included, by Euclidean distance between the
+  # L2-normalised features of the pre-trained network (what its head reads); k =
+  # round(forget_fraction * |D|), at least 1, refused above the class's size in D. D_f is
+  # chosen after pre-training (`experiment.prepare.resolve_forget_set`); the hold-out set has
+  # no forget side (the class stays, so its hold-out images are test_retain), as in "samples".
+  c.forget_mode = "class"
+  # forget_mode="samples" / "subpopulation": fraction of D forgotten, in (0, 1); None otherwise.
+  c.forget_fraction = placeholder(float)
   c.seed = 0  # every random choice (class splits, forget samples) derives from it
   return c
 
@@ -161,6 +172,10 @@ def resolve_data_config(cfg: Mapping[str, Any] | ml_collections.ConfigDict | Non
     (``images_per_class``; ``holdout_per_class`` for CIFAR: the whole test split) or "unused"
     (``data_dir``, ``manual_dir``, ``forget_fraction`` in class mode, ``forget_classes`` in
     samples mode). Resolving it again returns it unchanged.
+
+    forget_mode="subpopulation" needs exactly one forget class and a ``forget_fraction``; with
+    a fixed ``images_per_class`` a subpopulation larger than its class in D is refused here
+    (otherwise by the loader, once the class sizes are known).
 
   Raises:
     ValueError: naming the field, for an unknown field or a bad value.
@@ -236,17 +251,34 @@ def resolve_data_config(cfg: Mapping[str, Any] | ml_collections.ConfigDict | Non
   check_choice("class_choice", c["class_choice"], CLASS_CHOICES)
   check_choice("forget_choice", c["forget_choice"], FORGET_CHOICES)
   check_choice("forget_mode", c["forget_mode"], FORGET_MODES)
-  if c["forget_mode"] == "class":
+  mode = c["forget_mode"]
+  if mode == "class":
     if c["forget_fraction"] is not None:
       raise ValueError(
-        "data config: forget_fraction is only used with forget_mode='samples'; "
-        f"set it to None for forget_mode='class' (got {c['forget_fraction']!r})"
+        "data config: forget_fraction is only used with forget_mode='samples' or "
+        "'subpopulation'; set it to None for forget_mode='class' (got "
+        f"{c['forget_fraction']!r})"
       )
+  else:
+    f = c["forget_fraction"]
+    is_number = isinstance(f, (int, float, np.floating)) and not isinstance(f, bool)
+    if not is_number or not 0.0 < float(f) < 1.0:
+      raise ValueError(
+        "data config: forget_fraction must be a float in (0, 1) with "
+        f"forget_mode={mode!r}, got {f!r}"
+      )
+    c["forget_fraction"] = float(f)
+  if mode in ("class", "subpopulation"):
     forget = _check_int_list(
       "forget_classes", c["forget_classes"], upper=c["num_classes"],
       upper_what=f"remapped labels of the {c['num_classes']} chosen classes; "
                  "a forget class must be among the chosen classes",
     )
+    if mode == "subpopulation" and len(forget) != 1:
+      raise ValueError(
+        "data config: forget_mode='subpopulation' needs exactly one class in forget_classes "
+        f"(the class the subpopulation is drawn from), got {list(forget)}"
+      )
     if len(forget) >= c["num_classes"]:
       raise ValueError(
         f"data config: forget_classes={list(forget)} covers all {c['num_classes']} "
@@ -259,17 +291,40 @@ def resolve_data_config(cfg: Mapping[str, Any] | ml_collections.ConfigDict | Non
       forget = sorted(int(k) for k in rng.choice(c["num_classes"], size=len(forget),
                                                  replace=False))
     c["forget_classes"] = list(forget)
+    if mode == "subpopulation" and c["images_per_class"] is not None:
+      # Every class has images_per_class images in D: the size is known now, before any work.
+      ipc = c["images_per_class"]
+      subpopulation_size(c["forget_fraction"], c["num_classes"] * ipc, ipc, forget[0],
+                         d_what=f"num_classes={c['num_classes']} x images_per_class={ipc}")
   else:
-    f = c["forget_fraction"]
-    is_number = isinstance(f, (int, float, np.floating)) and not isinstance(f, bool)
-    if not is_number or not 0.0 < float(f) < 1.0:
-      raise ValueError(
-        "data config: forget_fraction must be a float in (0, 1) with "
-        f"forget_mode='samples', got {f!r}"
-      )
-    c["forget_fraction"] = float(f)
     c["forget_classes"] = None  # sample-level forgetting has no forget classes
   return ml_collections.FrozenConfigDict(c)
+
+
+def subpopulation_size(fraction: float, d_size: int, class_size: int, label: int, *,
+                       d_what: str = "") -> int:
+  """k, the size of a forget_mode="subpopulation" forget set: ``round(fraction * d_size)``,
+  at least 1.
+
+  Args:
+    fraction: ``forget_fraction``. d_size: |D|. class_size: images of the forget class in D.
+    label: the forget class (remapped label), for the message. d_what: how |D| is made up,
+      for the message (e.g. "num_classes=4 x images_per_class=6").
+
+  Raises:
+    ValueError: naming forget_fraction and forget_classes, when k exceeds the class's images
+      in D (the subpopulation is a subset of one class), or would leave D_r empty.
+  """
+  k = max(1, round(float(fraction) * d_size))
+  if k > min(class_size, d_size - 1):
+    made_of = f" ({d_what})" if d_what else ""
+    raise ValueError(
+      f"data config: forget_mode='subpopulation' with forget_fraction={fraction:g} of D's "
+      f"{d_size} images{made_of} asks for {k} images, but forget_classes=[{label}] has only "
+      f"{class_size} images in D (the subpopulation is drawn within that one class); lower "
+      f"forget_fraction to at most {min(class_size, d_size - 1) / d_size:.4g} (or num_classes)"
+    )
+  return k
 
 
 # --------------------------------------------------------------------------------------------------
@@ -320,6 +375,10 @@ class Split:
     """Number of images."""
     return int(self.x.shape[0])
 
+  def subset(self, mask: np.ndarray) -> "Split":
+    """The rows where the (size,) bool ``mask`` is True, in order, from the same source."""
+    return Split(self.x[mask], self.y[mask], self.index[mask], self.source)
+
   def class_counts(self, num_classes: int) -> np.ndarray:
     """(num_classes,) int64 number of images per label."""
     return np.bincount(self.y, minlength=num_classes)
@@ -335,6 +394,38 @@ def _concat(a: Split, b: Split) -> Split:
   )
 
 
+@dataclasses.dataclass(frozen=True)
+class Subpopulation:
+  """What a forget_mode="subpopulation" forget set is (``UnlearningData.subpopulation``).
+
+  D_f is the ``size`` images of class ``label`` in D nearest to the ``anchor`` image (itself
+  included) by Euclidean distance between L2-normalised features of the pre-trained network
+  (``splits.subpopulation_masks``). The loader knows ``label`` and ``size``; the anchor and
+  the members are known once the features are (``experiment.prepare.resolve_forget_set``).
+
+  Attributes:
+    label: the class (remapped label; the config's ``forget_classes[0]``).
+    size: k, the number of images forgotten.
+    anchor: ``Split.index`` (pool position) of the anchor image; None while pending.
+    features: what the distances were measured on: "head_input" (the penultimate features
+      the head reads) or "logits" (the fallback for a model without a "head" submodule);
+      None while pending.
+  """
+
+  label: int
+  size: int
+  anchor: int | None = None
+  features: str | None = None
+
+  @property
+  def pending(self) -> bool:
+    """True until the features have chosen D_f (the forget side is then empty)."""
+    return self.anchor is None
+
+  def as_dict(self) -> dict:
+    return dataclasses.asdict(self)
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class UnlearningData:
   """Everything an unlearning run needs, as numpy arrays. Built by ``load_unlearning_data``.
@@ -343,17 +434,23 @@ class UnlearningData:
     pretrain: pre-training images (disjoint from all other splits), or None.
     retain: D_r, fine-tuning images kept.
     forget: D_f, fine-tuning images to unlearn.
-    test_retain: hold-out images of retain classes (forget_mode="samples": the whole hold-out).
-    test_forget: hold-out images of forget classes (forget_mode="samples": empty).
+    test_retain: hold-out images of retain classes ("samples", "subpopulation": the whole
+      hold-out).
+    test_forget: hold-out images of forget classes ("samples", "subpopulation": empty).
     num_classes: number of classes after remapping (labels are 0..num_classes-1).
     class_names: (num_classes,) names of the remapped classes (imagenet_r: WordNet ids).
     dataset_classes: (num_classes,) class id in the dataset's own label space for each remapped
       label (imagenet_r: 0..199).
     source_labels: (num_classes,) label as stored by the source (imagenet_r: ImageNet-1k id).
-    forget_classes: remapped labels forgotten (forget_mode="class"); () in "samples" mode.
-    forget_mode: "class" or "samples".
+    forget_classes: remapped labels forgotten (forget_mode="class"); () in "samples" and
+      "subpopulation" modes (no class is forgotten whole; see ``subpopulation``).
+    forget_mode: "class", "samples" or "subpopulation".
     image_shape: (H, W, 3) of every image.
     config: the resolved, validated config the data was built from.
+    subpopulation: forget_mode="subpopulation": its class, size and anchor
+      (:class:`Subpopulation`); None in the other modes. While it is pending (as the loader
+      returns it: the features are not known yet) D_f is empty and D_r is all of D;
+      ``with_forget`` re-splits D once they are.
   """
 
   pretrain: Split | None
@@ -369,6 +466,39 @@ class UnlearningData:
   forget_mode: str
   image_shape: tuple[int, int, int]
   config: ml_collections.FrozenConfigDict
+  subpopulation: Subpopulation | None = None
+
+  @property
+  def forget_pending(self) -> bool:
+    """True while a subpopulation forget set waits for the pre-trained features (D_f empty)."""
+    return self.subpopulation is not None and self.subpopulation.pending
+
+  def with_forget(self, in_forget: np.ndarray, *,
+                  subpopulation: Subpopulation | None = None) -> "UnlearningData":
+    """The same data with D re-split: D_f = the rows of ``self.train`` where ``in_forget``
+    is True, D_r = the others, both in the order of ``self.train`` (so D = D_r ∪ D_f, the
+    same images, and D_r ∩ D_f = ∅). Everything else (hold-out, pre-training split, classes)
+    is unchanged.
+
+    Args:
+      in_forget: (self.train.size,) bool, over the rows of ``self.train`` (D_r then D_f; for
+        pending data, D in the loader's order).
+      subpopulation: replaces ``self.subpopulation`` when given.
+
+    Raises:
+      ValueError: a mask of another shape or dtype, or one leaving D_f or D_r empty.
+    """
+    d = self.train
+    mask = np.asarray(in_forget)
+    if mask.dtype != np.bool_ or mask.shape != (d.size,):
+      raise ValueError(f"with_forget: in_forget must be a ({d.size},) bool mask over D, got "
+                       f"{mask.dtype} {mask.shape}")
+    if not mask.any() or mask.all():
+      raise ValueError(f"with_forget: in_forget marks {int(mask.sum())} of D's {d.size} "
+                       "images; D_f and D_r must both be non-empty")
+    return dataclasses.replace(
+      self, retain=d.subset(~mask), forget=d.subset(mask),
+      subpopulation=self.subpopulation if subpopulation is None else subpopulation)
 
   @property
   def train(self) -> Split:
@@ -401,6 +531,12 @@ class UnlearningData:
     if self.forget_mode == "class":
       forgotten = ", ".join(f"{k} ({self.class_names[k]})" for k in self.forget_classes)
       what = f"forget classes [{forgotten}]"
+    elif self.subpopulation is not None:
+      sub = self.subpopulation
+      what = (f"forget a subpopulation of {sub.size} images of class {sub.label} "
+              f"({self.class_names[sub.label]}), fraction {cfg.forget_fraction}: ")
+      what += ("pending, chosen from the pre-trained features" if sub.pending else
+               f"the nearest neighbours of pool image {sub.anchor} ({sub.features} features)")
     else:
       what = f"forget {self.forget.size} random samples (fraction {cfg.forget_fraction})"
     lines = [

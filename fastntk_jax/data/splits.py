@@ -1,5 +1,6 @@
 """Selection: which images form the pre-training split, D (= D_r ∪ D_f) and the hold-out set, and
-which of D are forgotten (whole classes, or a random fraction of samples).
+which of D are forgotten (whole classes, a random fraction of samples, or a subpopulation of one
+class: an anchor image and its nearest neighbours in the pre-trained network's feature space).
 
 Rules shared by all datasets (why: comparable runs across settings):
 
@@ -12,6 +13,13 @@ Rules shared by all datasets (why: comparable runs across settings):
   the first ``num_classes`` dataset classes); ``forget_classes`` index that remapped space.
 
 Selection is pure numpy on labels; images are fetched afterwards, only for the chosen indices.
+
+forget_mode="subpopulation" is split in two steps, because its features exist only after
+pre-training: :func:`load_unlearning_data` returns the data with the forget side pending (D_f
+empty, ``UnlearningData.subpopulation`` holding the class and size k, refused now if k exceeds
+the class), and once the features of D are known :func:`subpopulation_masks` (pure numpy)
+picks D_f and ``UnlearningData.with_forget`` re-splits D
+(``experiment.prepare.resolve_forget_set`` does both).
 """
 
 from __future__ import annotations
@@ -32,6 +40,7 @@ log = logging.getLogger(__name__)
 # a stream: class c of pool p uses default_rng([seed, p, c]).
 _STREAM_TRAIN_POOL, _STREAM_TEST_POOL, _STREAM_FORGET_SAMPLES = 0, 1, 2
 _STREAM_CLASS_CHOICE = 3  # (schema.STREAM_FORGET_CLASSES = 4)
+_STREAM_SUBPOPULATION_ANCHOR = 5
 _LISTED = 10  # short classes named in an error
 
 
@@ -196,7 +205,10 @@ def forget_masks(d: schema.Split, holdout: schema.Split,
 
   forget_mode="class": every image of a forget class. forget_mode="samples": a seeded random
   ``forget_fraction`` of D (at least one image forgotten and one kept); the hold-out set has no
-  forget side.
+  forget side. forget_mode="subpopulation": nothing yet (D_f is chosen from the pre-trained
+  features, :func:`subpopulation_masks`); its hold-out has no forget side either, since the
+  subpopulation is a subset of a class that stays: that class's hold-out images are
+  test_retain.
 
   Returns:
     (forget_classes, in_forget (d.size,) bool, test_in_forget (holdout.size,) bool).
@@ -204,6 +216,8 @@ def forget_masks(d: schema.Split, holdout: schema.Split,
   if cfg.forget_mode == "class":
     forget_classes = tuple(cfg.forget_classes)
     return forget_classes, np.isin(d.y, forget_classes), np.isin(holdout.y, forget_classes)
+  if cfg.forget_mode == "subpopulation":
+    return (), np.zeros((d.size,), bool), np.zeros((holdout.size,), bool)
   if d.size < 2:
     raise ValueError(
       "data config: forget_mode='samples' needs at least 2 fine-tuning images"
@@ -217,6 +231,70 @@ def forget_masks(d: schema.Split, holdout: schema.Split,
   return (), in_forget, np.zeros((holdout.size,), bool)
 
 
+def subpopulation_anchor(labels: np.ndarray, cfg: ml_collections.FrozenConfigDict) -> int:
+  """The row of D (in the order of ``labels``) of a subpopulation's anchor: drawn uniformly,
+  with ``default_rng([seed, 5])``, among the rows of class ``cfg.forget_classes[0]``.
+
+  Raises:
+    ValueError: the class has no image in ``labels``.
+  """
+  labels = np.asarray(labels)
+  label = int(cfg.forget_classes[0])
+  members = np.flatnonzero(labels == label)
+  if members.size == 0:
+    raise ValueError(f"data config: forget_classes=[{label}] has no image in D")
+  rng = np.random.default_rng([cfg.seed, _STREAM_SUBPOPULATION_ANCHOR])
+  return int(members[rng.integers(members.size)])
+
+
+def subpopulation_masks(features: np.ndarray, labels: np.ndarray,
+                        cfg: ml_collections.FrozenConfigDict) -> np.ndarray:
+  """forget_mode="subpopulation": which images of D form D_f, given their features.
+
+  Within class ``cfg.forget_classes[0]`` (remapped label), the seeded anchor
+  (:func:`subpopulation_anchor`) and its k - 1 nearest neighbours, by Euclidean distance
+  between L2-normalised feature vectors (a zero vector stays zero); k =
+  ``schema.subpopulation_size`` (``round(forget_fraction * |D|)``, at least 1). The anchor
+  is always in; equal distances go to the earlier row. Pure numpy (float64), deterministic.
+
+  Args:
+    features: (n, ...) features of D's images (flattened per image), e.g. the penultimate
+      features of the pre-trained network.
+    labels: (n,) remapped labels of D, in the same order.
+    cfg: a resolved data config in forget_mode="subpopulation".
+
+  Returns:
+    in_forget: (n,) bool over the rows of D.
+
+  Raises:
+    ValueError: a size mismatch or non-finite features, or k larger than the class (naming
+      forget_fraction and forget_classes).
+  """
+  labels = np.asarray(labels)
+  features = np.asarray(features, np.float64)
+  n = labels.shape[0]
+  if labels.ndim != 1 or features.shape[:1] != (n,):
+    raise ValueError(f"subpopulation_masks: {features.shape[:1]} feature rows for labels of "
+                     f"shape {labels.shape}")
+  features = features.reshape(n, -1)
+  if not np.isfinite(features).all():
+    raise ValueError("subpopulation_masks: the features of D are not all finite (a diverged "
+                     "pre-training?); the nearest neighbours are undefined")
+  label = int(cfg.forget_classes[0])
+  members = np.flatnonzero(labels == label)
+  k = schema.subpopulation_size(cfg.forget_fraction, n, members.size, label)
+  anchor = subpopulation_anchor(labels, cfg)
+  f = features[members]
+  f = f / np.maximum(np.linalg.norm(f, axis=1, keepdims=True), 1e-300)
+  is_anchor = members == anchor
+  dist = np.linalg.norm(f - f[is_anchor], axis=1)
+  dist[is_anchor] = -1.0  # the anchor first, even beside an exact duplicate
+  nearest = members[np.argsort(dist, kind="stable")[:k]]
+  in_forget = np.zeros((n,), bool)
+  in_forget[nearest] = True
+  return in_forget
+
+
 def load_unlearning_data(cfg: Mapping[str, Any] | ml_collections.ConfigDict | None = None,
                          **overrides: Any) -> schema.UnlearningData:
   """Builds D_r, D_f, the hold-out set and the optional pre-training split.
@@ -227,6 +305,9 @@ def load_unlearning_data(cfg: Mapping[str, Any] | ml_collections.ConfigDict | No
 
   Returns:
     An ``UnlearningData``; every image is (image_size, image_size, 3) float32, normalised.
+    forget_mode="subpopulation": its forget side is pending (D_f empty, D_r = D,
+    ``subpopulation`` holds the class and size, a size larger than the class refused now);
+    ``experiment.prepare.resolve_forget_set`` chooses D_f once the pre-trained features exist.
 
   Raises:
     ValueError: a bad config value (the message names the field), or more images asked for than
@@ -279,6 +360,12 @@ def load_unlearning_data(cfg: Mapping[str, Any] | ml_collections.ConfigDict | No
   del images  # the splits hold their own copies
 
   forget_classes, in_forget, test_in_forget = forget_masks(d, holdout, cfg)
+  subpopulation = None
+  if cfg.forget_mode == "subpopulation":  # D_f pending; its size is checked now
+    label = int(cfg.forget_classes[0])
+    size = schema.subpopulation_size(cfg.forget_fraction, d.size, int((d.y == label).sum()),
+                                     label, d_what=f"the {cfg.num_classes} classes' images")
+    subpopulation = schema.Subpopulation(label=label, size=size)
 
   def subset(s: schema.Split, mask: np.ndarray) -> schema.Split:
     return schema.Split(s.x[mask], s.y[mask], s.index[mask], s.source)
@@ -297,6 +384,7 @@ def load_unlearning_data(cfg: Mapping[str, Any] | ml_collections.ConfigDict | No
     forget_mode=cfg.forget_mode,
     image_shape=(cfg.image_size, cfg.image_size, 3),
     config=cfg,
+    subpopulation=subpopulation,
   )
   log.info("Loaded data:\n%s", data.describe())
   return data

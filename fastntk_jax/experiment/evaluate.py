@@ -31,7 +31,45 @@ def evaluate_method(model, trainable, frozen, data, cfg, seed: int, name: str,
   metrics["relearn_curve"] = history
   metrics["relearn_protocol"] = (f"{spec.describe()}, until D_f loss < "
                                  f"{cfg.eval.relearn_threshold:g}, cap {spec.epochs}")
+  if data.test_retain.size:
+    metrics["mia_efficacy_spread"] = mia.mia_efficacy_spread(
+        logits["retain"], data.retain.y, logits["test_retain"], data.test_retain.y,
+        logits["forget"], data.forget.y, subsamples=int(cfg.eval.mia_subsamples))
+  metrics["relearn_attack_curve"] = relearning_attack(model, trainable, frozen, data, cfg,
+                                                      seed)
   return metrics
+
+
+def relearning_attack(model, trainable, frozen, data, cfg, seed: int) -> list:
+  """D_f accuracy (%) before and after each epoch of fine-tuning on D_r alone
+  (`eval.relearn_attack`): the relearning attack of Siddiqui et al. (2025), under which a
+  method that suppresses D_f rather than forgets it regains D_f's accuracy faster than
+  Retrain does. A linearised model trains tabulated on D_r's and D_f's rows.
+
+  Returns:
+    [epochs + 1] accuracies, the first of the model as given.
+  """
+  from fastntk_jax import objectives  # pylint: disable=g-import-not-at-top
+  from fastntk_jax.experiment.methods import _objectives  # pylint: disable=g-import-not-at-top
+  from fastntk_jax.unlearn import linear  # pylint: disable=g-import-not-at-top
+  if not data.forget.size:
+    return []
+  spec = train_lib.TrainSpec.from_config(cfg.eval.relearn_attack)
+  net, net_frozen = model, frozen
+  retain_in, forget_in = data.retain.x, data.forget.x
+  table = linear.tabulate(model, frozen, [data.retain.x, data.forget.x])
+  if table is not None:
+    net, net_frozen, (rows_r, rows_f) = table
+    retain_in, forget_in = np.asarray(rows_r), np.asarray(rows_f)
+  accuracy = lambda params: train_lib.accuracy(
+      train_lib.predict(net, params, net_frozen, forget_in, batch_size=cfg.eval.batch_size),
+      data.forget.y)
+  curve = [accuracy(trainable)]
+  objectives.fit_objective(net, trainable, net_frozen, {"retain": (retain_in, data.retain.y)},
+                           _objectives.lead_loss, spec, seed=seed + 11,
+                           on_epoch=lambda epoch, params: curve.append(accuracy(params)),
+                           tag=f"seed{seed}/relearn_attack")
+  return curve
 
 
 def _accuracies(model, trainable, frozen, data, batch_size: int) -> tuple[dict, dict]:

@@ -1,5 +1,6 @@
-"""The run's plots (`experiment.report.write_all`): accuracy per method and split, and the
-relearning curves; methods by their labels in results.json, one colour each."""
+"""The run's plots (`experiment.report.write_all`): accuracy per method and split, the
+relearning curves and the relearning attack; methods by their labels in results.json, one
+colour each."""
 
 from __future__ import annotations
 
@@ -54,6 +55,32 @@ def plot_relearn(results: dict, path: str) -> None:
   ax.set_xlabel("relearning epoch on D_f")
   ax.set_ylabel("D_f training loss")
   ax.set_title("Relearn curves (one line per seed)")
+  ax.legend(fontsize=7, ncol=2)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def plot_relearn_attack(results: dict, path: str) -> None:
+  """D_f accuracy per epoch of fine-tuning on D_r alone (the relearning attack), mean over
+  seeds per method, Retrain's curve in black; nothing when no curve was measured."""
+  curves = {n: e.get("relearn_attack_curves") or [] for n, e in results["methods"].items()}
+  curves = {n: np.mean(np.asarray(c, np.float64), axis=0) for n, c in curves.items()
+            if c and c[0]}
+  if not curves:
+    return
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  fig, ax = plt.subplots(figsize=(8, 4.5))
+  for color, (name, c) in zip(_colors(len(curves)), curves.items()):
+    is_ref = name == "retrain"
+    ax.plot(np.arange(len(c)), c, color="k" if is_ref else color, lw=2.5 if is_ref else 1.2,
+            ls="--" if is_ref else "-", label=results["methods"][name].get("label", name))
+  ax.set_xlabel("epoch of fine-tuning on D_r alone")
+  ax.set_ylabel("D_f accuracy (%)")
+  ax.set_ylim(-2, 102)
+  ax.set_title("Relearning attack: does D_f come back? (mean over seeds; Retrain dashed)")
   ax.legend(fontsize=7, ncol=2)
   fig.tight_layout()
   fig.savefig(path, dpi=120)

@@ -2,14 +2,20 @@
 (`prepare`), and the run's data by seed: every config field, each plug-in's block, the
 pretrained file, the data (loaded), a forget set that repeats or shares a sample, a model
 that does not build on the data's images, a solver the damping rule excludes, and the batch
-sizes under data parallelism."""
+sizes under data parallelism.
+
+A forget_mode="subpopulation" forget set is chosen from the pre-trained network's features,
+so after pre-training: `resolve_forget_set` (the run calls it once the backbone exists, and
+`data_for_seed` for each redrawn seed)."""
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 from typing import Any, Optional
 
+import flax.linen as nn
 import jax
 import ml_collections
 import numpy as np
@@ -18,6 +24,7 @@ from fastntk_jax import config as config_lib
 from fastntk_jax import models
 from fastntk_jax import pretrained_files
 from fastntk_jax import sharding
+from fastntk_jax.data import batches as batches_lib
 from fastntk_jax.data import splits as data_splits
 from fastntk_jax.experiment import methods as methods_lib
 from fastntk_jax.models import trainable as tr
@@ -47,21 +54,114 @@ def data_mesh(cfg) -> Optional[Any]:
   return sharding.make_data_mesh()
 
 
-def data_for_seed(cfg, data, seed: int):
+def data_for_seed(cfg, data, seed: int, model=None, pretrained=None):
   """The data of run seed `seed`: `data` itself, or with data.draw_per_seed its own draw of
-  classes, forget classes and images (data seed `data.seed + seed`)."""
-  if not cfg.data.draw_per_seed or seed == 0:
-    return data
-  seed_data = data_splits.load_unlearning_data(cfg.data, seed=cfg.data.seed + seed)
-  log.info("data of seed %d: %s", seed, seed_data.describe())
+  classes, forget classes and images (data seed `data.seed + seed`).
+
+  A forget set still pending (forget_mode="subpopulation": a new draw, or `data` as loaded)
+  is chosen here from the features of `model` at the pre-trained variables `pretrained`
+  (`resolve_forget_set`), which it then needs."""
+  if cfg.data.draw_per_seed and seed != 0:
+    seed_data = data_splits.load_unlearning_data(cfg.data, seed=cfg.data.seed + seed)
+  else:
+    seed_data = data
+  if seed_data.forget_pending:
+    if model is None or pretrained is None:
+      raise ValueError("data_for_seed: forget_mode='subpopulation' chooses each seed's forget "
+                       "set from the pre-trained features; pass the model and its pre-trained "
+                       "variables")
+    seed_data = resolve_forget_set(cfg, seed_data, model, pretrained)
+  if seed_data is not data:
+    log.info("data of seed %d: %s", seed, seed_data.describe())
   return seed_data
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _head_input(model, variables, x) -> dict:
+  """{"head_input": [n, ...]} what the model's top-level "head" submodule receives, or
+  {"logits": [n, C]} when the model calls no such submodule (inference mode)."""
+  seen = []
+
+  def grab(next_fun, args, kwargs, context):
+    if (not seen and context.method_name == "__call__"
+        and tuple(context.module.scope.path) == ("head",)):
+      seen.append(args[0] if args else next(iter(kwargs.values())))
+    return next_fun(*args, **kwargs)
+
+  with nn.intercept_methods(grab):
+    logits = model.apply(variables, x, train=False)
+  return {"head_input": seen[0]} if seen else {"logits": logits}
+
+
+def pretrained_features(model, variables, x: np.ndarray, *,
+                        batch_size: int) -> tuple[np.ndarray, str]:
+  """Features of the images `x` under `model` at `variables` (BatchNorm in inference mode,
+  i.e. with their frozen collections), in fixed-size padded batches.
+
+  The features are the input of the model's top-level submodule named "head" (every model
+  of `fastntk_jax.models`: the pooled penultimate features of the CNNs, the class token of
+  the ViTs; any user model whose trainable head `tr.fresh_head` can refresh), captured with
+  `flax.linen.intercept_methods` while the model runs unchanged, so no model needs a
+  features method. A model without such a submodule gives its logits instead (logged).
+
+  Returns:
+    (features [n, d] float32, "head_input" or "logits").
+  """
+  out, kind = [], "head_input"
+  for b in batches_lib.iterate_batches((x, np.zeros(x.shape[0], np.int32)), batch_size,
+                                       shuffle=False):
+    got = _head_input(model, variables, b.x)
+    kind, value = next(iter(got.items()))
+    value = np.asarray(value)
+    out.append(value.reshape(value.shape[0], -1)[b.mask > 0])
+  if kind == "logits":
+    log.warning("%s has no 'head' submodule: the subpopulation's distances are measured on "
+                "its logits", type(model).__name__)
+  return (np.concatenate(out) if out else np.zeros((0, 0), np.float32)), kind
+
+
+def resolve_forget_set(cfg, data, model, pretrained_variables):
+  """`data` with its forget set chosen, where it waits for the pre-trained network
+  (forget_mode="subpopulation"); `data` itself otherwise (its forget set was fixed and
+  checked by `prepare`).
+
+  The features of D (`pretrained_features`, batches of `cfg.eval.batch_size`) pick the
+  anchor's nearest neighbours in its class (`data.splits.subpopulation_masks`); D is
+  re-split (`UnlearningData.with_forget`: the same images, D_r ∩ D_f = ∅) and the forget set
+  checked as `prepare` checks the others (`_check_forget_set`).
+
+  Args:
+    cfg: the run's config. data: an `UnlearningData` (as loaded). model: the task's model.
+    pretrained_variables: its pre-trained variables (every collection).
+
+  Raises:
+    ValueError: non-finite features, or a forget set that repeats or shares a sample.
+  """
+  if not data.forget_pending:
+    return data
+  d = data.train  # all of D, in the loader's order (D_f is empty)
+  features, kind = pretrained_features(model, pretrained_variables, d.x,
+                                       batch_size=int(cfg.eval.batch_size))
+  in_forget = data_splits.subpopulation_masks(features, d.y, data.config)
+  anchor = data_splits.subpopulation_anchor(d.y, data.config)
+  resolved = data.with_forget(in_forget, subpopulation=dataclasses.replace(
+      data.subpopulation, anchor=int(d.index[anchor]), features=kind))
+  _check_forget_set(cfg, resolved)
+  log.info("forget set: %s", resolved.describe().splitlines()[0])
+  return resolved
+
+
 def data_draw(data) -> dict:
-  """What a run's data is made of: classes (dataset ids, names), forget classes, counts."""
-  return {"seed": int(data.config.seed), "classes": list(data.dataset_classes),
+  """What a run's data is made of: classes (dataset ids, names), forget classes, counts; in
+  forget_mode="subpopulation" also the subpopulation (class, size, anchor, features) and the
+  pool indices (`Split.index`) of its images."""
+  draw = {"seed": int(data.config.seed), "classes": list(data.dataset_classes),
           "class_names": list(data.class_names), "forget_classes": list(data.forget_classes),
           "counts": data.counts()}
+  if data.subpopulation is not None:
+    draw["subpopulation"] = {**data.subpopulation.as_dict(),
+                             "forget_index": sorted(int(i) for i in data.forget.index)}
+  return draw
 
 
 def _preflight(cfg, model, data) -> None:
@@ -95,7 +195,9 @@ def _check_forget_set(cfg, data) -> None:
     validate.check_disjoint((data.retain.x, data.retain.y), (data.forget.x, data.forget.y),
                             tolerance=float(cfg.unlearn.duplicate_tolerance))
   except ValueError as e:
-    raise ValueError(f"config.data (forget classes {list(data.forget_classes)}): {e} "
+    what = (f"forget classes {list(data.forget_classes)}" if data.subpopulation is None else
+            f"subpopulation of class {data.subpopulation.label}")
+    raise ValueError(f"config.data ({what}): {e} "
                      "(unlearn.duplicate_tolerance sets what counts as the same sample)") from None
 
 
@@ -126,7 +228,8 @@ def prepare(cfg: ml_collections.ConfigDict) -> Prepared:
   # unknown option is refused by get_model, whatever the number of classes.
   models.get_model(cfg.model.name, 2, **dict(cfg.model.options))
   data = data_splits.load_unlearning_data(cfg.data)
-  _check_forget_set(cfg, data)
+  if not data.forget_pending:  # a subpopulation is checked once chosen (resolve_forget_set)
+    _check_forget_set(cfg, data)
   model = models.get_model(cfg.model.name, data.num_classes, **dict(cfg.model.options))
   _preflight(cfg, model, data)
   return Prepared(cfg=cfg, data=data, model=model, plugins=plugins, mesh=data_mesh(cfg))

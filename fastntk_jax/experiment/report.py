@@ -122,6 +122,15 @@ def build_results(cfg, data, model, pretrained, per_seed: dict) -> dict:
     entry["label"] = _label(name)
     entry["relearn_protocol"] = runs[0]["relearn_protocol"]
     entry["relearn_curves"] = [r["relearn_curve"] for r in runs]
+    entry["relearn_attack_curves"] = [r.get("relearn_attack_curve") or [] for r in runs]
+    spreads = [r["mia_efficacy_spread"] for r in runs if r.get("mia_efficacy_spread")]
+    if spreads:
+      entry["mia_efficacy_spread"] = {
+          "min": min(sp["min"] for sp in spreads), "max": max(sp["max"] for sp in spreads),
+          "subsamples": len(spreads[0]["values"]),
+          "svc_train_accuracy": float(np.mean([sp["svc_train_accuracy"] for sp in spreads])),
+          "at_chance_seeds": [s for s, r in zip(seeds, runs)
+                              if (r.get("mia_efficacy_spread") or {}).get("at_chance")]}
     methods[name] = entry
     timing["methods"][name] = {"seconds": _stats([r.get("seconds") for r in runs])}
     split = [rte_split(r) for r in runs]
@@ -277,18 +286,9 @@ def markdown(results: dict) -> str:
                    "--config.unlearn.certified=True releases the noised one."), ""]
   lines += comparison_lines(results)
   lines += tuning_lines(results)
-  if results.get("klom"):
-    k = results["klom"]
-    lines += [f"## KLoM over {k['num_seeds']} + {k['num_seeds']} seeds (population level)", "",
-              "| Method (seeds A) vs Retrain (seeds B) | mean | median | q90 | q99 |",
-              "|---|---|---|---|---|"]
-    for name, st in k["per_method"].items():
-      label = _label(name) + (" (noise floor)" if name == k["floor"] else "")
-      lines.append(f"| {label} | {st['mean']:.3f} | {st['median']:.3f} | {st['q90']:.3f} | "
-                   f"{st['q99']:.3f} |")
-    lines += ["", "Per forget example: KL between the histograms (20 bins, margins clipped to "
-              "±100, ε = 1e-5) of its margin over the method's models and over Retrain models "
-              "of other seeds; a method at the noise floor is indistinguishable from Retrain.", ""]
+  lines += audit_lines(results)
+  lines += mia_spread_lines(results)
+  lines += relearn_attack_lines(results)
   lines += ["## Privacy and distance to Retrain", "",
             "| Method | " + " | ".join(label for _, label in DISTANCES) + " |",
             "|---|" + "---|" * len(DISTANCES)]
@@ -324,10 +324,112 @@ def markdown(results: dict) -> str:
   return "\n".join(lines)
 
 
-def _klom_mean(results: dict, name: str) -> Optional[float]:
+def _klom_p95(results: dict, name: str) -> Optional[float]:
+  """KLoM's headline (EasyDUB's): the 95th percentile over D_f."""
   k = results.get("klom") or {}
   st = (k.get("per_method") or {}).get(name)
-  return None if st is None else st["mean"]
+  return None if st is None else st["p95"]
+
+
+def audit_lines(results: dict) -> list[str]:
+  """The population audits: KLoM (P95 and mean), the ε-score and U-LiRA per method, each
+  against Retrain of other seeds, Retrain's own row the noise floor."""
+  k, a = results.get("klom"), results.get("population_audits")
+  if not k or not a:
+    return []
+  n = k["num_seeds"]
+  per = a["per_method"]
+  any_eps = next(iter(per.values()))["epsilon"]
+  any_u = next(iter(per.values()))["ulira"]
+  lines = [f"## The audits over {n} + {n} seeds (population level)", "",
+           "| Method (seeds A) vs Retrain (seeds B) | KLoM P95 | KLoM mean | ε-score | F | "
+           "median ε | U-LiRA AUC | TPR @ 1% FPR | TPR @ 0.1% FPR |",
+           "|---|---|---|---|---|---|---|---|---|"]
+  for name, st in k["per_method"].items():
+    e, u = per[name]["epsilon"], per[name]["ulira"]
+    label = _label(name) + (" (noise floor)" if name == k["floor"] else "")
+    cells = [f"{st['p95']:.3f}", f"{st['mean']:.3f}", f"{e['score']:.3f}",
+             f"{e['forgetting_quality']:.3f}", f"{e['epsilon_median']:.2f}",
+             f"{u['auc']:.3f}", f"{u['tpr_at_1pct_fpr']:.3f}", f"{u['tpr_at_0_1pct_fpr']:.3f}"]
+    lines.append(f"| {label} | " + " | ".join(cells) + " |")
+  per_model = a["seconds"] / max(1, sum(1 for _ in k["per_method"]) * n + n)
+  lines += ["",
+            "Each row compares the method's models over seeds A with Retrain's over seeds B; "
+            "Retrain over A is the noise floor of every column (a method there is "
+            "indistinguishable from Retrain at this N). KLoM (EasyDUB): per forget example, "
+            "KL of the margin histograms (20 bins over the pooled range, margins clipped to "
+            "±100, Retrain's bin floored at 1e-5 where the method's is non-empty); P95 over "
+            "D_f is the headline. ε-score (NeurIPS 2023 unlearning challenge): per example, "
+            "ε from the best threshold attacks on the logit-scaled confidence at "
+            f"δ = {any_eps['delta']:g}, bucketed into F (1 = indistinguishable), times the RA "
+            f"and TA ratios to Retrain; with N = {any_eps['num_models']} models a side, no "
+            f"finite ε can exceed {any_eps['epsilon_ceiling']:.2f} and an example the attacks "
+            "separate completely scores 0. Two samples of one distribution do not give ε = 0: "
+            "read the ε-score against Retrain's row. U-LiRA (Hayes et al. 2024): per example, "
+            "Gaussians fitted to the shadow models' margins of the method and of Retrain, the "
+            "likelihood ratio scored on held-out target models "
+            f"({any_u['num_targets']} a side, {any_u['num_negatives']} negatives: FPR "
+            f"resolution {any_u['fpr_resolution']:.2g}"
+            + ("" if any_u["resolves_0_1pct_fpr"] else
+               "; TPR at 0.1% FPR is the TPR at FPR 0 here") + "); AUC 0.5 is chance.",
+            f"Compute: {n} + {n} seeds, {a['engine']} "
+            + ("(one compiled program per chunk of seeds for Full, Retrain and Fast-NTK; the "
+               "other methods per seed on tables from the same features)"
+               if a["engine"] == "batched" else "(seed by seed)")
+            + f", {a['seconds']:.0f} s in all, {per_model:.3f} s per model.", ""]
+  return lines
+
+
+def mia_spread_lines(results: dict) -> list[str]:
+  """MIA-Efficacy with its range over member subsamples, and where its SVC is at chance."""
+  rows = [(n, e) for n, e in results["methods"].items() if e.get("mia_efficacy_spread")]
+  if not rows:
+    return []
+  sub = rows[0][1]["mia_efficacy_spread"]["subsamples"]
+  lines = [f"### MIA-Efficacy across {sub} member subsamples", "",
+           "| Method | MIA-Efficacy (subsample 0) | range over subsamples and seeds | "
+           "SVC accuracy on its own training data |", "|---|---|---|---|"]
+  chance = []
+  for name, e in rows:
+    sp = e["mia_efficacy_spread"]
+    lines.append(f"| {_label(name)} | {_fmt(e.get('mia_efficacy'))} | "
+                 f"{sp['min']:.1f}–{sp['max']:.1f} | {sp['svc_train_accuracy']:.1f}% |")
+    if sp["at_chance_seeds"]:
+      chance.append(f"{_label(name)} (seeds {', '.join(map(str, sp['at_chance_seeds']))})")
+  lines += ["", "The headline is SalUn's definition (one member subsample); the range is "
+            "what other subsamples of the same models give."
+            + (" **The SVC is at chance on its own training data** (below "
+               "55%) for " + "; ".join(chance) + ": there MIA-Efficacy is decided by the "
+               "subsample, not by the model." if chance else ""), ""]
+  return lines
+
+
+def relearn_attack_lines(results: dict) -> list[str]:
+  """The relearning attack: D_f accuracy per epoch of fine-tuning on D_r alone."""
+  methods = results["methods"]
+  curves = {n: e.get("relearn_attack_curves") or [] for n, e in methods.items()}
+  if not any(c and c[0] for c in curves.values()):
+    return []
+  mean_curve = lambda n: np.mean(np.asarray(curves[n], np.float64), axis=0)
+  length = len(mean_curve(next(n for n in curves if curves[n] and curves[n][0])))
+  shown = sorted({0, 1, 2, 5, length - 1} & set(range(length)))
+  ref = mean_curve("retrain") if curves.get("retrain") and curves["retrain"][0] else None
+  lines = ["## The relearning attack (fine-tuning on D_r alone; Siddiqui et al. 2025)", "",
+           "| Method | " + " | ".join(f"D_f acc @ {e}" for e in shown)
+           + " | largest gap to Retrain's curve |", "|---|" + "---|" * (len(shown) + 1)]
+  for name in methods:
+    if not (curves[name] and curves[name][0]):
+      continue
+    c = mean_curve(name)
+    gap = "–" if ref is None else f"{float(np.max(np.abs(c - ref))):.1f}"
+    lines.append(f"| {_label(name)} | " + " | ".join(f"{c[e]:.1f}" for e in shown)
+                 + f" | {gap} |")
+  spec = results["config"]["eval"]["relearn_attack"]
+  lines += ["", f"Epoch 0 is the model as released; then {length - 1} epochs of SGD (lr "
+            f"{spec['learning_rate']:g}, batch {spec['batch_size']}, {spec['loss']}) on D_r "
+            "only, mean over seeds (relearn_attack.png). A method that hides D_f rather than "
+            "forgets it regains D_f accuracy faster than Retrain does.", ""]
+  return lines
 
 
 def comparison_lines(results: dict) -> list[str]:
@@ -338,16 +440,16 @@ def comparison_lines(results: dict) -> list[str]:
   timing = results["timing"]["methods"]
   lines = ["## The comparison (the unlearning field's metrics; SalUn / Unlearn-Sparse)", "",
            "| Method | " + " | ".join(label for _, label in FIELD_METRICS + [GAP])
-           + " | RTE per request (s) | precompute (s) | KLoM (mean) | ‖w − w_r‖/‖w_r − w0‖ |",
+           + " | RTE per request (s) | precompute (s) | KLoM (P95) | ‖w − w_r‖/‖w_r − w0‖ |",
            "|---|" + "---|" * (len(FIELD_METRICS) + 5)]
   for name, entry in results["methods"].items():
     t = timing[name]
-    klom_mean = _klom_mean(results, name)
+    klom_p95 = _klom_p95(results, name)
     lines.append("| " + " | ".join(
         [_label(name)] + [_fmt(entry.get(k)) for k, _ in FIELD_METRICS + [GAP]]
         + [_fmt(t.get("request_seconds", t["seconds"]), 2),
            _fmt(t.get("precompute_seconds"), 2),
-           "–" if klom_mean is None else f"{klom_mean:.3f}",
+           "–" if klom_p95 is None else f"{klom_p95:.3f}",
            _fmt(entry.get("relative_l2_to_retrain"), 3)]) + " |")
   lines += ["", "UA = 100 − D_f acc; RA = D_r acc; TA = test acc of the retained classes; "
             "MIA-Efficacy = share of D_f an SVC on the true-class confidence (retain = "
@@ -358,7 +460,7 @@ def comparison_lines(results: dict) -> list[str]:
             "served state of D) and what each deletion request costs; the other methods "
             "have no precompute. Fast-NTK's excludes XLA compilation (reported apart); the "
             "others' include what the tuning did not compile in this process (their first "
-            "seed, or every stage of a resumed run). KLoM: mean over D_f (the KLoM "
+            "seed, or every stage of a resumed run). KLoM: P95 over D_f (the audits "
             "section), Retrain's is the noise floor.", ""]
   lines += standing_lines(results)
   return lines
@@ -394,7 +496,7 @@ def standing_lines(results: dict) -> list[str]:
       if mine is not None and theirs is not None and theirs < mine - tol:
         metrics.append(f"{label} (|gap| {theirs:.2f} vs {mine:.2f})")
     for value, label, digits in (
-        (lambda n: _klom_mean(results, n), "KLoM", 3),
+        (lambda n: _klom_p95(results, n), "KLoM P95", 3),
         (lambda n: (methods[n].get("relative_l2_to_retrain") or {}).get("mean"),
          "distance to Retrain", 3)):
       mine, theirs = value("fastntk"), value(name)
@@ -488,3 +590,4 @@ def write_all(results: dict, workdir: str) -> None:
   plots.plot_accuracy(results, os.path.join(workdir, "accuracy.png"),
                       [(k, l) for k, l in METRICS if k.startswith("acc")])
   plots.plot_relearn(results, os.path.join(workdir, "relearn.png"))
+  plots.plot_relearn_attack(results, os.path.join(workdir, "relearn_attack.png"))

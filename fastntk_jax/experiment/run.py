@@ -19,7 +19,7 @@ Workdir layout:
   seed_<s>/<method>.json       that method's metrics
   seed_<s>/<method>_diagnostics.json   what the method reported (solver, timings, ...)
   seed_<s>/probe_<kind>.json   linear-probe accuracies
-  population/seed_<k>.json     KLoM margins of the population's models
+  population/<a|b>_<k>.npz     the population's outputs per chunk of seeds (audits)
   audit/                       the deletions' hash-chained log (`fastntk_jax.audit`)
   results.json, results.md, *.png, tb/   the report (`experiment.report`)
 """
@@ -49,9 +49,10 @@ from fastntk_jax import workdir as wd
 from fastntk_jax.experiment import evaluate
 from fastntk_jax.experiment import finetune
 from fastntk_jax.experiment import methods as methods_lib
+from fastntk_jax.experiment import population
 from fastntk_jax.experiment import pretrain
 from fastntk_jax.experiment.prepare import (POPULATION_SEED_BASE, Prepared, data_draw,
-                                            data_for_seed, prepare)
+                                            data_for_seed, prepare, resolve_forget_set)
 from fastntk_jax.experiment import progress as progress_lib
 from fastntk_jax.experiment import report
 from fastntk_jax.experiment import stages
@@ -105,7 +106,7 @@ def make_forgetter(cfg, model, frozen_pre: dict, num_classes: int):
       duplicate_tolerance=float(u.duplicate_tolerance))
 
 
-def _fit(setup: Setup, num_classes: int):
+def make_fit(setup: Setup, num_classes: int):
   """`train.fit` with the run's progress bars and mesh: `(net, params, frozen, split, spec, *,
   seed, tag, checkpoint_path=None, stop_below=None) -> (params, batch_stats, history)`."""
   def fit(net, params, frozen, split, spec, *, seed, tag, checkpoint_path=None,
@@ -126,7 +127,7 @@ def _method_fits(setup: Setup, ctx_net, frozen, num_classes: int, seed: int, nam
   trains in phases resumes each phase from its own state, never a later phase from an
   earlier one's. The calls come in the same order when a killed run is resumed (a plug-in's
   run is deterministic)."""
-  fit = _fit(setup, num_classes)
+  fit = make_fit(setup, num_classes)
   calls = [0]
 
   def checkpoint():
@@ -164,7 +165,7 @@ def method_context(setup: Setup, tuner, data, seed: int, method, full: dict, w0,
   """What `method` receives for one seed (`methods.Context`), from the seed's fine-tuning
   (`tuner`, Full's `full` = {"trainable", maybe "batch_stats"}): the report's seeds keep
   their files in `folder` and are recorded; the population's and the tuning's keep none."""
-  frozen_full = _frozen_of(tuner, full)
+  frozen_full = frozen_of(tuner, full)
   fit, fit_objective = _method_fits(setup, tuner.net, frozen_full, data.num_classes, seed,
                                     method.name, folder)
   return methods_lib.Context(
@@ -175,7 +176,7 @@ def method_context(setup: Setup, tuner, data, seed: int, method, full: dict, w0,
       workdir=setup.workdir if record else None, record=record, mesh=setup.mesh)
 
 
-def _frozen_of(tuner, out: dict) -> dict:
+def frozen_of(tuner, out: dict) -> dict:
   """The frozen side of a fine-tuned model: its BN statistics (updated only in train mode)."""
   return {**tuner.frozen_net, **({"batch_stats": out["batch_stats"]}
                                  if "batch_stats" in out else {})}
@@ -256,7 +257,7 @@ def run_seed(setup: Setup, data, seed: int) -> dict:
   sdir = os.path.join(setup.workdir, f"seed_{seed}")
   os.makedirs(sdir, exist_ok=True)
   w0 = tr.fresh_head(setup.w_pre, model, data.image_shape, seed)
-  fit = _fit(setup, data.num_classes)
+  fit = make_fit(setup, data.num_classes)
   tuner = finetune.FineTuner(cfg, model, setup.frozen_pre, w0, data, seed,
                              forgetter=setup.forgetter, fit=fit, mesh=setup.mesh)
   timings = {}
@@ -272,9 +273,9 @@ def run_seed(setup: Setup, data, seed: int) -> dict:
 
   full = finetune_stage(data.train, "full")
   retrain = finetune_stage(data.retain, "retrain")
-  frozen_full = _frozen_of(tuner, full)
+  frozen_full = frozen_of(tuner, full)
   models_of = {"full": (full["trainable"], frozen_full),
-               "retrain": (retrain["trainable"], _frozen_of(tuner, retrain))}
+               "retrain": (retrain["trainable"], frozen_of(tuner, retrain))}
   diagnostics = {}
   for method in setup.methods:
     name = method.name
@@ -348,53 +349,12 @@ def _probes(setup: Setup, data, seed: int, w0, models_of: dict, fit, sdir: str) 
 
 
 def population_stage(setup: Setup, data) -> Optional[dict]:
-  """KLoM (`fastntk_jax.klom`) over `eval.population_seeds` = N seeds.
-
-  Seeds A (N of them) give Full, Retrain and every method of `config.methods` (each from its
-  seed's Full); seeds B (N others) give Retrain models only. Per forget example, KLoM
-  compares the margin distribution of a method over A with Retrain's over B; Retrain over A
-  against B is the noise floor. Each seed's margins are a resumable stage of their own
-  (`population/seed_<k>.json`).
-
-  Returns:
-    {"num_seeds", "per_method": {method: klom.summary}, "floor": "retrain"} or None when off.
-  """
-  cfg = setup.cfg
-  n = int(cfg.eval.population_seeds)
-  if n == 0 or "fastntk" not in cfg.methods:
+  """The population of `eval.population_seeds` seeds (`experiment.population`) and its
+  audits (KLoM, ε-score, U-LiRA); None when off."""
+  pop = population.build(setup, data)
+  if pop is None:
     return None
-  pdir = os.path.join(setup.workdir, "population")
-  os.makedirs(pdir, exist_ok=True)
-  fit = _fit(setup, data.num_classes)
-
-  def one(k: int) -> dict:
-    seed = POPULATION_SEED_BASE + k
-    log.info("population: seed %d of %d", k + 1, 2 * n)
-    w0 = tr.fresh_head(setup.w_pre, setup.model, data.image_shape, seed)
-    tuner = finetune.FineTuner(cfg, setup.model, setup.frozen_pre, w0, data, seed,
-                               forgetter=setup.forgetter, fit=fit, mesh=setup.mesh)
-    margin = lambda params, frozen: evaluate.forget_margins(tuner.net, params, frozen, data,
-                                                             cfg.eval.batch_size)
-    retrain, _ = tuner.fit(data.retain, "retrain")
-    out = {"retrain": margin(retrain["trainable"], _frozen_of(tuner, retrain))}
-    if k < n:
-      full, _ = tuner.fit(data.train, "full")
-      frozen_full = _frozen_of(tuner, full)
-      out["full"] = margin(full["trainable"], frozen_full)
-      for method in setup.methods:
-        ctx = method_context(setup, tuner, data, seed, method, full, w0)
-        result = method.run(ctx, methods_lib.block(cfg, method))
-        out[method.name] = margin(result.params, frozen_full)
-    return out
-
-  per = [stages.json_stage(os.path.join(pdir, f"seed_{k}.json"), lambda k=k: one(k))
-         for k in range(2 * n)]
-  reference = np.asarray([p["retrain"] for p in per[n:]])
-  names = [m.name for m in setup.methods] + ["full", "retrain"]
-  return {"num_seeds": n, "floor": "retrain",
-          "per_method": {m: klom.summary(klom.klom(np.asarray([p[m] for p in per[:n]]),
-                                                   reference))
-                         for m in names if all(m in p for p in per[:n])}}
+  return population.audits(pop, data.forget.y)
 
 
 def tuning_stage(setup: Setup, data) -> tuple[Any, dict]:
@@ -411,7 +371,7 @@ def tuning_stage(setup: Setup, data) -> tuple[Any, dict]:
   if not todo:
     return cfg, {}
   seed = int(cfg.tuning.seed)
-  seed_data = data_for_seed(cfg, data, seed)
+  seed_data = data_for_seed(cfg, data, seed, setup.model, tr.merge(setup.w_pre, setup.frozen_pre))
   lazy = {}
 
   def validation_models():
@@ -420,7 +380,7 @@ def tuning_stage(setup: Setup, data) -> tuple[Any, dict]:
       log.info("tuning: Full and Retrain of the validation seed %d", seed)
       w0 = tr.fresh_head(setup.w_pre, setup.model, seed_data.image_shape, seed)
       tuner = finetune.FineTuner(cfg, setup.model, setup.frozen_pre, w0, seed_data, seed,
-                                 forgetter=setup.forgetter, fit=_fit(setup, data.num_classes),
+                                 forgetter=setup.forgetter, fit=make_fit(setup, data.num_classes),
                                  mesh=setup.mesh)
       full, _ = tuner.fit(seed_data.train, "full")
       retrain, _ = tuner.fit(seed_data.retain, "retrain")
@@ -428,7 +388,7 @@ def tuning_stage(setup: Setup, data) -> tuple[Any, dict]:
           tuner.net, params, frozen, seed_data, batch_size=cfg.eval.batch_size,
           subsamples=int(cfg.tuning.mia_subsamples))
       lazy.update(w0=w0, tuner=tuner, full=full, measure=measure,
-                  retrain=measure(retrain["trainable"], _frozen_of(tuner, retrain)))
+                  retrain=measure(retrain["trainable"], frozen_of(tuner, retrain)))
     return lazy
 
   searches = {}
@@ -443,7 +403,7 @@ def tuning_stage(setup: Setup, data) -> tuple[Any, dict]:
               trial_cfg, setup.model, setup.frozen_pre, data.num_classes))
         return method.run(ctx, methods_lib.block(trial_cfg, method))
 
-      frozen_full = _frozen_of(v["tuner"], v["full"])
+      frozen_full = frozen_of(v["tuner"], v["full"])
       return tuning.search(cfg, method, spaces[method.name], run_trial=run_trial,
                            measure=lambda p: v["measure"](p, frozen_full),
                            retrain=v["retrain"])
@@ -493,6 +453,7 @@ def _run(cfg, workdir, data, model, plugins, mesh, show_progress, signing_key) -
   progress = progress_lib.Progress(workdir, show_progress)
   pretrained = pretrain.pretrain_stage(cfg, model, data, workdir, progress, mesh)
   w_pre, frozen_pre = tr.split(pretrained)
+  data = resolve_forget_set(cfg, data, model, pretrained)  # subpopulation: D_f from features
   setup = Setup(cfg=cfg, workdir=workdir, model=model, frozen_pre=frozen_pre, w_pre=w_pre,
                 forgetter=make_forgetter(cfg, model, frozen_pre, data.num_classes),
                 methods=plugins, progress=progress, mesh=mesh, signing_key=signing_key)
@@ -504,13 +465,14 @@ def _run(cfg, workdir, data, model, plugins, mesh, show_progress, signing_key) -
   per_seed, draws = {}, {}
   for seed in cfg.seeds:
     log.info("seed %d", seed)
-    seed_data = data_for_seed(cfg, data, seed)
+    seed_data = data_for_seed(cfg, data, seed, model, pretrained)
     draws[seed] = data_draw(seed_data)
     per_seed[seed] = run_seed(setup, seed_data, seed)
-  population = population_stage(setup, data)
+  audits = population_stage(setup, data)
   progress.close()
   results = report.build_results(cfg, data, model, pretrained, per_seed)
-  results["klom"] = population
+  results["klom"] = audits and audits.pop("klom")
+  results["population_audits"] = audits
   results["tuning"] = searches
   report.add_pretrain(results, pretrain.pretrain_info(workdir))
   # Which classes each seed ran on (with data.draw_per_seed, a draw per seed).

@@ -73,11 +73,11 @@ def field_metrics(net, params, frozen, data, *, batch_size: int, subsamples: int
   out = {"ua": 100.0 - acc["forget"], "ra": acc["retain"], "ta": acc["test_retain"],
          "mia_efficacy": None, "mia_efficacy_range": None}
   if data.test_retain.size:
-    values = [mia.mia_efficacy(logits["retain"], data.retain.y, logits["test_retain"],
-                               data.test_retain.y, logits["forget"], data.forget.y, seed=k)
-              for k in range(subsamples)]
-    out["mia_efficacy"] = float(np.mean(values))
-    out["mia_efficacy_range"] = [float(np.min(values)), float(np.max(values))]
+    spread = mia.mia_efficacy_spread(logits["retain"], data.retain.y, logits["test_retain"],
+                                     data.test_retain.y, logits["forget"], data.forget.y,
+                                     subsamples=subsamples)
+    out["mia_efficacy"] = spread["mean"]
+    out["mia_efficacy_range"] = [spread["min"], spread["max"]]
   return out
 
 

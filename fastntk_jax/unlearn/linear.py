@@ -250,3 +250,132 @@ def tabulated_gradients(model, trainable, frozen: dict, x, y, per_example_loss: 
   jac = tab_frozen[TABLE]["jacobian"]
   return np.asarray(_rows_gradient_fn(per_example_loss)(logits, jnp.asarray(y), jac),
                     np.float32)
+
+
+# --------------------------------------------------------------------------------------
+# Many w0 that differ only in the head: the tables of f_lin from one pass through the body.
+# --------------------------------------------------------------------------------------
+
+HEAD = "head"
+
+
+def head_inputs(model, variables: dict, x) -> tuple[jnp.ndarray, jnp.ndarray]:
+  """(the input of the model's top-level `head` module [n, d], the logits [n, C]) of one
+  forward pass (`flax.linen.intercept_methods`), or (None, logits) when no module named
+  `head` at the top level is called with one [n, d] array."""
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  captured = []
+
+  def interceptor(next_fun, args, kwargs, context):
+    scope = getattr(context.module, "scope", None)
+    if (context.method_name == "__call__" and scope is not None
+        and tuple(scope.path) == (HEAD,) and len(args) == 1 and not kwargs and getattr(args[0], "ndim", 0) == 2):
+      captured.append(args[0])
+    return next_fun(*args, **kwargs)
+
+  with nn.intercept_methods(interceptor):
+    logits = model.apply(variables, x, train=False)
+  return (captured[0] if len(captured) == 1 else None), logits
+
+
+@jax.tree_util.register_pytree_node_class
+class HeadFactors:
+  """f(w, x) = φ(x; θ)·W + b for a trainable collection {θ (the body), head: {kernel W [d, C],
+  bias b [C]}}: for every w0 that shares θ0 and differs in the head (a fresh head per seed),
+  f(w0, x) = φ0 W + b and J(w0, x) = [W-contracted ∂φ/∂θ | φ ⊗ I | I], so the features φ0
+  [n, d] and their Jacobian ∂φ/∂θ [n, d, p_θ] at θ0, computed once, give each seed's table
+  by products, with no pass through the network. `tables(head)` is pure and vmaps over
+  heads; `check` compares it with the network's own table."""
+
+  def __init__(self, features, feature_jacobian, segments, num_classes: int):
+    self.features, self.feature_jacobian = features, feature_jacobian
+    self.segments, self.num_classes = segments, num_classes
+
+  def tree_flatten(self):
+    return (self.features, self.feature_jacobian), (tuple(self.segments), self.num_classes)
+
+  @classmethod
+  def tree_unflatten(cls, aux, children):
+    return cls(*children, list(aux[0]), aux[1])
+
+  def tables(self, head: dict, dtype=None) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """(f(w0) [n, C], J(w0) [n, C, p]) at w0 = {θ0, head}, columns in the `ravel_pytree`
+    order of the trainable collection, in `dtype` (default: the features')."""
+    dtype = dtype or self.features.dtype
+    phi = self.features.astype(dtype)
+    kernel, bias = head["kernel"].astype(dtype), head["bias"].astype(dtype)
+    n, c = phi.shape[0], self.num_classes
+    with jax.default_matmul_precision("highest"):
+      f0 = phi @ kernel + bias
+      body = jnp.einsum("ndj,dc->ncj", self.feature_jacobian.astype(dtype), kernel)
+    eye = jnp.eye(c, dtype=dtype)
+    head_cols = {"bias": jnp.broadcast_to(eye, (n, c, c)),
+                 "kernel": jnp.einsum("nd,ce->ncde", phi, eye).reshape(n, c, -1)}
+    cols = []
+    for kind, name, lo, hi in self.segments:
+      cols.append(body[:, :, lo:hi] if kind == "body" else head_cols[name])
+    return f0, jnp.concatenate(cols, axis=2)
+
+
+def head_factors(model, frozen: dict, w0: PyTree, x, *, batch_size: int = 256,
+                 max_bytes: int = TABULATE_MAX_BYTES):
+  """`HeadFactors` of `model` at the body of `w0` on inputs `x` [n, ...], or None when the
+  trainable collection is not {body..., head: {bias, kernel [d, C]}} with f = φW + b (checked
+  at w0 on the first rows), or when ∂φ/∂θ [n, d, p_θ] would exceed `max_bytes`.
+
+  Args:
+    model: the Flax model. frozen: its frozen collections (without "trainable").
+    w0: a trainable collection (its head is only used for the check).
+    x: the inputs whose rows are tabulated.
+  """
+  base = {k: v for k, v in frozen.items() if k not in ("trainable", LINEARIZATION_POINT)}
+  if not isinstance(w0, dict) or HEAD not in w0 or set(w0[HEAD]) != {"bias", "kernel"}:
+    return None
+  kernel, bias = w0[HEAD]["kernel"], w0[HEAD]["bias"]
+  if jnp.ndim(kernel) != 2 or jnp.shape(bias) != (jnp.shape(kernel)[1],):
+    return None
+  d, c = jnp.shape(kernel)
+  body = {k: v for k, v in w0.items() if k != HEAD}
+  p_body = sum(int(jnp.size(l)) for l in jax.tree_util.tree_leaves(body))
+  itemsize = jnp.result_type(*jax.tree_util.tree_leaves(w0)).itemsize
+  if itemsize * int(len(x)) * int(d) * max(p_body, 1) > max_bytes:
+    return None
+  probe = jnp.asarray(x[:2])
+  phi, logits = head_inputs(model, {**base, "trainable": w0}, probe)
+  if phi is None or phi.shape[-1] != d:
+    return None
+  with jax.default_matmul_precision("highest"):
+    expect = phi @ kernel + bias
+  scale = float(jnp.max(jnp.abs(logits))) + 1.0
+  if not bool(jnp.allclose(expect, logits, rtol=0, atol=1e-4 * scale)):
+    return None  # the head is not the last, affine step of the network
+
+  def features(theta, xx):
+    return head_inputs(model, {**base, "trainable": {**theta, HEAD: w0[HEAD]}}, xx)[0]
+
+  xs = jnp.asarray(x)
+  phi_all = ntk.apply_rows(features, body, xs, batch_size=batch_size)
+  dphi = (ntk.jacobian_rows(features, body, xs, batch_size=batch_size) if p_body
+          else jnp.zeros((len(x), d, 0), phi_all.dtype))
+  # Columns of the collection's ravel order: its top-level keys sorted, the head's bias then
+  # kernel; the body's Jacobian columns follow the same sorted keys without the head.
+  segments, lo = [], 0
+  for key in sorted(w0):
+    if key == HEAD:
+      segments += [("head", "bias", None, None), ("head", "kernel", None, None)]
+    else:
+      size = sum(int(jnp.size(l)) for l in jax.tree_util.tree_leaves(w0[key]))
+      segments.append(("body", key, lo, lo + size))
+      lo += size
+  return HeadFactors(phi_all, dphi, segments, int(c))
+
+
+def put_table(model, frozen: dict, w0, x, f0, jacobian) -> None:
+  """Primes `tabulate`'s cache: the table of the linearised `model` at `w0` on the rows of
+  the array `x` (this very object) is (f0 [n, C], J [n, C, p]), e.g. from `HeadFactors`."""
+  base = {k: v for k, v in frozen.items() if k not in ("trainable", LINEARIZATION_POINT)}
+  model = model.model if isinstance(model, Linearized) else model
+  keep = (model, jax.tree_util.tree_leaves(base), jax.tree_util.tree_leaves(w0), x)
+  key = (id(model), tuple(map(id, keep[1])), tuple(map(id, keep[2])), id(x))
+  _TABLES.append((key, keep, (f0, jacobian)))
+  del _TABLES[:-_TABLES_KEPT]

@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 STATE_OF_D = "fastntk_state_of_D.state"
 
 
-def _as_reference_model(plan, reason: str):
+def reference_model_plan(plan, reason: str):
   """The plan of a primal update whose reference is the linearised model its own Gram
   statistics define (Full and Retrain solved from the same ones): the round-off of the
   network's narrower logits shapes that model alike for every method and is no error of the
@@ -53,7 +53,7 @@ def _from_shared_grams(ctx: methods.Context, plan, tag: str):
               "computed")
   else:
     reason = plan.reason
-  plan = _as_reference_model(plan, reason + "; Gram statistics shared with the linearised "
+  plan = reference_model_plan(plan, reason + "; Gram statistics shared with the linearised "
                              "Full/Retrain")
   log.info("%s: solver=primal (%s)", tag, plan.reason)  # what runs, whatever the plan chose
   start = time.perf_counter()

@@ -1,0 +1,387 @@
+"""Populations of models over many seeds: what the audits that compare distributions need.
+
+`eval.population_seeds` = N. Seeds A (N of them) give Full, Retrain and every method of
+`config.methods` (each from its seed's Full); seeds B (N others) give Retrain only, the
+reference distribution: a method's models over A are compared with Retrain's over B, and
+Retrain over A against B is the noise floor. Every model records its logits on D_f and its
+RA and TA (`Population`), which is all KLoM, the ε-score and U-LiRA read.
+
+Linearised closed-form fine-tuning (the default): the seeds differ only in w0's fresh head,
+so the network's features on every row and their Jacobian over the body are computed once
+(`unlearn.linear.HeadFactors`); each chunk of seeds' tables and Gram statistics is one
+compiled program (`vmap`), then each seed's Full and Retrain (`linear.ridge_solution`) and
+Fast-NTK's update (the Forgetter's `from_gram_stats`) are solved and checked as on the report
+seeds, and the models' logits are one more compiled program. The other
+methods run per seed, their tables primed from the same factors (`linear.put_table`). Any
+other mode, or a model whose head is not its last affine step, runs seed by seed as the
+report seeds do. Each chunk is a resumable stage (`population/<side>_<k>.npz`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import io
+import logging
+import os
+import time
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fastntk_jax import ntk
+from fastntk_jax import train as train_lib
+from fastntk_jax import workdir as wd
+from fastntk_jax.experiment import finetune
+from fastntk_jax.experiment import methods as methods_lib
+from fastntk_jax.experiment.methods import fastntk as fastntk_method
+from fastntk_jax.experiment.prepare import POPULATION_SEED_BASE
+from fastntk_jax.models import trainable as tr
+from fastntk_jax.unlearn import linear
+
+log = logging.getLogger(__name__)
+
+# The rows of one compiled chunk hold each seed's Jacobian table in the solve dtype: the
+# chunk is as many seeds as fit in this many bytes (at least one).
+CHUNK_BYTES = 2 ** 30
+SEED_B_OFFSET = None  # seeds B are POPULATION_SEED_BASE + N + k (after A's N)
+
+
+@dataclasses.dataclass
+class Population:
+  """Per-model outputs of a population.
+
+  Attributes:
+    logits: {model name: float32 [N, n_f, C]} on D_f; "retrain_b" is seeds B's Retrain.
+    ra, ta: {model name: float64 [N]} retain and test accuracies (%) of each model.
+    seeds: {"a": [N], "b": [N]} the seeds.
+    engine: "batched" (one compiled program per chunk) or "per_seed".
+    seconds: wall time of the models (compilation included).
+  """
+  logits: dict
+  ra: dict
+  ta: dict
+  seeds: dict
+  engine: str
+  seconds: float
+
+
+def seeds_of(n: int) -> dict:
+  """Seeds A and B of a population of N: POPULATION_SEED_BASE + k, A first."""
+  return {"a": [POPULATION_SEED_BASE + k for k in range(n)],
+          "b": [POPULATION_SEED_BASE + n + k for k in range(n)]}
+
+
+def fresh_heads(model, image_shape, seeds) -> dict:
+  """The heads `tr.fresh_head` draws for `seeds`, stacked [S, ...] (one compiled init)."""
+  x = jnp.zeros((1,) + tuple(image_shape), jnp.float32)
+  init = jax.jit(jax.vmap(lambda key: model.init(key, x)[tr.TRAINABLE]["head"]))
+  keys = jnp.stack([jax.random.PRNGKey(int(s)) for s in seeds])
+  return jax.tree_util.tree_map(np.asarray, init(keys))
+
+
+# ------------------------------------------------------------------------------------------
+# Stages: one .npz per chunk.
+# ------------------------------------------------------------------------------------------
+
+
+def _npz_stage(path: str, compute) -> dict:
+  if os.path.exists(path):
+    with np.load(path) as z:
+      return {k: z[k] for k in z.files}
+  value = {k: np.asarray(v) for k, v in compute().items()}
+  buf = io.BytesIO()
+  np.savez(buf, **value)
+  wd.atomic_write_bytes(path, buf.getvalue())
+  return value
+
+
+def _pack(records: list[dict]) -> dict:
+  """[{name: (logits [n_f, C], ra, ta)}] of S seeds -> {"name/logits": [S, n_f, C], ...}."""
+  out = {}
+  for name in records[0]:
+    out[f"{name}/logits"] = np.stack([np.asarray(r[name][0], np.float32) for r in records])
+    out[f"{name}/ra"] = np.asarray([r[name][1] for r in records], np.float64)
+    out[f"{name}/ta"] = np.asarray([r[name][2] for r in records], np.float64)
+  return out
+
+
+# ------------------------------------------------------------------------------------------
+# The batched engine: linearised closed form, head factorised.
+# ------------------------------------------------------------------------------------------
+
+
+class _Batched:
+  """One compiled program per chunk of seeds; see the module docstring."""
+
+  def __init__(self, setup, data, factors, dtype):
+    cfg = setup.cfg
+    self.setup, self.data, self.factors, self.dtype = setup, data, factors, dtype
+    self.damping = float(cfg.unlearn.damping)
+    self.body = {k: v for k, v in setup.w_pre.items() if k != linear.HEAD}
+    n_r, n_f = data.retain.size, data.forget.size
+    self.rows = {"retain": slice(0, n_r), "forget": slice(n_r, n_r + n_f),
+                 "test": slice(n_r + n_f, n_r + n_f + data.test_retain.size)}
+    self.y = jnp.asarray(np.concatenate([data.retain.y, data.forget.y, data.test_retain.y]))
+    self.c = data.num_classes
+    self.plan = None
+    self._programs = {}
+    self.forgetter = setup.forgetter
+
+  def _plan(self, head0):
+    """The Fast-NTK plan of the report seeds' shared-Gram path (primal, the reference
+    model's), from one seed's w0 (the plan depends on shapes and dtypes only)."""
+    if self.plan is None:
+      w0 = {**self.body, linear.HEAD: jax.tree_util.tree_map(jnp.asarray, head0)}
+      d = self.data
+      plan = self.setup.forgetter.plan(
+          w0, w0, (jnp.asarray(d.retain.x), jnp.asarray(d.retain.y)),
+          (jnp.asarray(d.forget.x), jnp.asarray(d.forget.y)), traced=True)
+      self.plan = fastntk_method.reference_model_plan(plan, "population: the shared Gram path")
+    return self.plan
+
+  def _grams_program(self):
+    """vmapped over heads: the Gram statistics (G, b) of D_r and of D_f at each seed's w0."""
+    if "grams" not in self._programs:
+      rows, c, dtype = self.rows, self.c, self.dtype
+
+      def grams(factors, y, head):
+        f0, jac = factors.tables(head, dtype)
+        resid = jax.nn.one_hot(y, c, dtype=dtype) - f0
+        with jax.default_matmul_precision("highest"):
+          return {part: ntk.gram_from_rows(jac[rows[part]], resid[rows[part]])
+                  for part in ("retain", "forget")}
+      self._programs["grams"] = jax.jit(jax.vmap(grams, in_axes=(None, None, 0)))
+    return self._programs["grams"]
+
+  def _outputs_program(self):
+    """vmapped over heads and the models' params: logits on D_f, RA and TA of each model."""
+    if "outputs" not in self._programs:
+      rows, dtype = self.rows, self.dtype
+
+      def outputs(factors, body, y, head, models):
+        f0, jac = factors.tables(head, dtype)
+        w0 = {**body, linear.HEAD: head}
+        flat = lambda w: jnp.concatenate([jnp.ravel(l) for l in jax.tree_util.tree_leaves(w)
+                                          ]).astype(dtype)
+        out = {}
+        for name, w in models.items():
+          with jax.default_matmul_precision("highest"):
+            z = f0 + jnp.einsum("ncp,p->nc", jac, flat(w) - flat(w0))
+          hit = jnp.argmax(z, axis=-1) == y
+          acc = lambda part: 100.0 * jnp.mean(hit[rows[part]].astype(dtype))
+          out[name] = (z[rows["forget"]].astype(jnp.float32), acc("retain"), acc("test"))
+        return out
+      self._programs["outputs"] = jax.jit(jax.vmap(outputs, in_axes=(None, None, None, 0, 0)))
+    return self._programs["outputs"]
+
+  def chunk(self, heads: dict, with_methods: bool):
+    """({name: (logits [S, n_f, C], ra [S], ta [S])}, Full's params [S, ...] or None).
+
+    The seeds' Gram statistics are one vmapped program; each seed's solves then run as the
+    report seeds' do (`linear.ridge_solution`, the Forgetter's `from_gram_stats`, checked
+    seed by seed): LAPACK factorisations vmapped inside one program stall XLA's CPU runtime
+    now and then (jaxlib 0.10, 2 cores), so none is."""
+    self._plan(jax.tree_util.tree_map(lambda a: a[0], heads))
+    heads = jax.tree_util.tree_map(jnp.asarray, heads)
+    grams = self._grams_program()(self.factors, self.y, heads)
+    lam = jnp.asarray(self.damping, self.dtype)
+    models = {"retrain": []} if not with_methods else {"retrain": [], "full": [], "fastntk": []}
+    for i in range(len(heads["bias"])):
+      w0 = {**self.body, linear.HEAD: jax.tree_util.tree_map(lambda a: a[i], heads)}
+      stats_r, stats_f = ((grams[part][0][i], grams[part][1][i])
+                          for part in ("retain", "forget"))
+      models["retrain"].append(linear.ridge_solution(w0, [stats_r], lam))
+      if with_methods:
+        full = linear.ridge_solution(w0, [stats_r, stats_f], lam)
+        models["full"].append(full)
+        models["fastntk"].append(
+            self.setup.forgetter.from_gram_stats(full, stats_r, stats_f, self.plan)[0])
+    stacked = {name: jax.tree_util.tree_map(lambda *a: jnp.stack(a), *ws)
+               for name, ws in models.items()}
+    out = self._outputs_program()(self.factors, self.body, self.y, heads, stacked)
+    out = jax.tree_util.tree_map(np.asarray, out)
+    return out, stacked.get("full")
+
+
+def _factors(setup, data, dtype) -> Optional[linear.HeadFactors]:
+  x = np.concatenate([data.retain.x, data.forget.x, data.test_retain.x])
+  return linear.head_factors(setup.model, setup.frozen_pre, setup.w_pre, x,
+                             batch_size=int(setup.cfg.eval.batch_size),
+                             max_bytes=CHUNK_BYTES)
+
+
+def _chunk_size(data, num_params: int, dtype, n: int) -> int:
+  rows = data.retain.size + data.forget.size + data.test_retain.size
+  per_seed = rows * data.num_classes * num_params * jnp.dtype(dtype).itemsize
+  return int(max(1, min(n, CHUNK_BYTES // max(per_seed, 1))))
+
+
+# ------------------------------------------------------------------------------------------
+# Per-seed models (the other methods on the batched path; everything otherwise).
+# ------------------------------------------------------------------------------------------
+
+
+def _accuracy_records(net, params, frozen, data, batch_size: int):
+  logits = train_lib.predict(net, params, frozen,
+                             np.concatenate([data.forget.x, data.retain.x, data.test_retain.x]),
+                             batch_size=batch_size)
+  n_f, n_r = data.forget.size, data.retain.size
+  acc = lambda z, y: 100.0 * float(np.mean(np.argmax(z, -1) == y))
+  return (np.asarray(logits[:n_f], np.float32), acc(logits[n_f:n_f + n_r], data.retain.y),
+          acc(logits[n_f + n_r:], data.test_retain.y))
+
+
+def _method_records(setup, data, seed: int, tuner, full: dict, methods, factors=None) -> dict:
+  """{name: (logits on D_f, RA, TA)} of `methods` run from this seed's Full."""
+  from fastntk_jax.experiment import run as run_lib  # pylint: disable=g-import-not-at-top
+  cfg = setup.cfg
+  frozen_full = run_lib.frozen_of(tuner, full)
+  if factors is not None:  # prime the tables every plug-in's tabulated fit would compute
+    f0, jac = jax.jit(lambda f, h: f.tables(h))(factors, tuner.w0[linear.HEAD])
+    n_r, n_f = data.retain.size, data.forget.size
+    for x, lo, hi in ((data.retain.x, 0, n_r), (data.forget.x, n_r, n_r + n_f)):
+      linear.put_table(tuner.net, frozen_full, tuner.w0, x, f0[lo:hi], jac[lo:hi])
+  out = {}
+  for method in methods:
+    ctx = run_lib.method_context(setup, tuner, data, seed, method, full, tuner.w0)
+    result = method.run(ctx, methods_lib.block(cfg, method))
+    out[method.name] = _accuracy_records(tuner.net, result.params, frozen_full, data,
+                                         cfg.eval.batch_size)
+  return out
+
+
+def _per_seed(setup, data, seed: int, with_methods: bool) -> dict:
+  from fastntk_jax.experiment import run as run_lib  # pylint: disable=g-import-not-at-top
+  cfg = setup.cfg
+  w0 = tr.fresh_head(setup.w_pre, setup.model, data.image_shape, seed)
+  tuner = finetune.FineTuner(cfg, setup.model, setup.frozen_pre, w0, data, seed,
+                             forgetter=setup.forgetter, fit=run_lib.make_fit(setup,
+                                                                             data.num_classes),
+                             mesh=setup.mesh)
+  record = lambda out: _accuracy_records(tuner.net, out["trainable"],
+                                         run_lib.frozen_of(tuner, out), data,
+                                         cfg.eval.batch_size)
+  retrain, _ = tuner.fit(data.retain, "retrain")
+  out = {"retrain": record(retrain)}
+  if with_methods:
+    full, _ = tuner.fit(data.train, "full")
+    out["full"] = record(full)
+    out.update(_method_records(setup, data, seed, tuner, full, setup.methods))
+  return out
+
+
+# ------------------------------------------------------------------------------------------
+# The stage.
+# ------------------------------------------------------------------------------------------
+
+
+def batched_engine_applies(cfg) -> bool:
+  """Whether the population can take the batched engine (before the model is checked)."""
+  return (cfg.finetune.mode == "linearized" and cfg.finetune.linearized_solver == "closed_form"
+          and cfg.unlearn.linearize_at == "init" and not cfg.unlearn.serve)
+
+
+def build(setup, data) -> Optional[Population]:
+  """The population of `eval.population_seeds` (None when 0 or without Fast-NTK)."""
+  cfg = setup.cfg
+  n = int(cfg.eval.population_seeds)
+  if n == 0 or "fastntk" not in cfg.methods:
+    return None
+  pdir = os.path.join(setup.workdir, "population")
+  os.makedirs(pdir, exist_ok=True)
+  seeds = seeds_of(n)
+  start = time.perf_counter()
+  dtype = jnp.float64 if jax.config.read("jax_enable_x64") else jnp.float32
+  factors = _factors(setup, data, dtype) if batched_engine_applies(cfg) else None
+  others = [m for m in setup.methods if m.name != "fastntk"]
+  chunks = []
+  if factors is not None:
+    engine = _Batched(setup, data, factors, dtype)
+    size = _chunk_size(data, tr.count_params(setup.w_pre), dtype, n)
+    log.info("population: %d + %d seeds, batched in chunks of %d (features and their "
+             "Jacobian computed once)", n, n, size)
+    for side in ("a", "b"):
+      for k, lo in enumerate(range(0, n, size)):
+        chunk_seeds = seeds[side][lo:lo + size]
+
+        def compute(side=side, chunk_seeds=chunk_seeds, lo=lo):
+          t = time.perf_counter()
+          heads = fresh_heads(setup.model, data.image_shape, chunk_seeds)
+          out, full = engine.chunk(heads, with_methods=side == "a")
+          packed = {f"{name}/{part}": v for name, (logits, ra, ta) in out.items()
+                    for part, v in (("logits", logits), ("ra", ra), ("ta", ta))}
+          if side == "a" and others:
+            records = []
+            for i, seed in enumerate(chunk_seeds):
+              w0 = {**engine.body, linear.HEAD: jax.tree_util.tree_map(lambda a: a[i], heads)}
+              tuner = finetune.FineTuner(cfg, setup.model, setup.frozen_pre, w0, data, seed,
+                                         forgetter=setup.forgetter, fit=None, mesh=setup.mesh)
+              full_i = {"trainable": jax.tree_util.tree_map(lambda a: a[i], full)}
+              records.append(_method_records(setup, data, seed, tuner, full_i, others,
+                                             factors=factors))
+            packed.update(_pack(records))
+          log.info("population: seeds %s %d-%d of %d in %.1f s", side.upper(), lo + 1,
+                   lo + len(chunk_seeds), n, time.perf_counter() - t)
+          return packed
+        chunks.append((side, _npz_stage(os.path.join(pdir, f"{side}_{k}.npz"), compute)))
+    engine_name = "batched"
+  else:
+    log.info("population: %d + %d seeds, one at a time (the batched engine needs linearised "
+             "closed-form fine-tuning at w0 and a head that is the network's last affine step)",
+             n, n)
+    for side in ("a", "b"):
+      for k, seed in enumerate(seeds[side]):
+        def compute(side=side, seed=seed, k=k):
+          log.info("population: seed %s %d of %d", side.upper(), k + 1, n)
+          return _pack([_per_seed(setup, data, seed, with_methods=side == "a")])
+        chunks.append((side, _npz_stage(os.path.join(pdir, f"{side}_{k}.npz"), compute)))
+    engine_name = "per_seed"
+  logits, ra, ta = {}, {}, {}
+  for side, packed in chunks:
+    for key, value in packed.items():
+      name, part = key.rsplit("/", 1)
+      name = "retrain_b" if side == "b" else name
+      {"logits": logits, "ra": ra, "ta": ta}[part].setdefault(name, []).append(value)
+  cat = lambda d: {k: np.concatenate(v) for k, v in d.items()}
+  return Population(logits=cat(logits), ra=cat(ra), ta=cat(ta), seeds=seeds,
+                    engine=engine_name, seconds=time.perf_counter() - start)
+
+
+# ------------------------------------------------------------------------------------------
+# The audits of a population.
+# ------------------------------------------------------------------------------------------
+
+
+def audits(pop: Population, forget_labels, *, ulira_seed: int = 0) -> dict:
+  """KLoM (`klom`), the ε-score (`epsilon_score`) and U-LiRA (`ulira`) of every model of the
+  population against seeds B's Retrain, on the margins of D_f (= the logit-scaled
+  confidence the ε-score and U-LiRA read). Retrain over A is the noise floor of each.
+
+  Returns:
+    {"klom": {"num_seeds", "floor": "retrain", "per_method": {name: klom.summary}},
+     "per_method": {name: {"epsilon": epsilon_score dict, "ulira": ulira dict}},
+     "num_seeds", "engine", "seconds"}.
+  """
+  from fastntk_jax import epsilon_score  # pylint: disable=g-import-not-at-top
+  from fastntk_jax import klom  # pylint: disable=g-import-not-at-top
+  from fastntk_jax import ulira  # pylint: disable=g-import-not-at-top
+  y = np.asarray(forget_labels)
+  margins = {name: np.stack([klom.margins(z, y) for z in logits])
+             for name, logits in pop.logits.items()}
+  reference = margins["retrain_b"]
+  n = int(reference.shape[0])
+  names = [name for name in pop.logits if name != "retrain_b"]
+  per_klom, per = {}, {}
+  for name in names:
+    per_klom[name] = klom.summary(klom.klom(margins[name], reference))
+    eps = epsilon_score.epsilon_score(
+        margins[name], reference, ra_unlearned=float(np.mean(pop.ra[name])),
+        ra_retrain=float(np.mean(pop.ra["retrain_b"])),
+        ta_unlearned=float(np.mean(pop.ta[name])),
+        ta_retrain=float(np.mean(pop.ta["retrain_b"])))
+    per[name] = {"epsilon": eps, "ulira": ulira.ulira(margins[name], reference, seed=ulira_seed)}
+  return {"klom": {"num_seeds": n, "floor": "retrain", "per_method": per_klom},
+          "per_method": per, "num_seeds": n, "engine": pop.engine, "seconds": pop.seconds}
