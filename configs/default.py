@@ -17,7 +17,8 @@ the model Eq. (1) is exact for, so Fast-NTK lands on Retrain up to round-off wha
 learning rate or loss a user would otherwise pick (docs/derivation.md §5; README "Regimes").
 
 Expected: Fast-NTK equal to Retrain on every metric (UA, RA, TA, MIA-Efficacy; Avg. Gap 0.0)
-and at the Retrain-vs-Retrain noise floor of KLoM, relative parameter distance to Retrain
+and at the Retrain-vs-Retrain noise floor of KLoM, the ε-score and U-LiRA, relative
+parameter distance to Retrain
 below 1e-6; Full at 0 UA; every other method above the noise floor of KLoM and at a
 relative distance to Retrain of 0.27 or more (results.md, "The comparison").
 
@@ -25,8 +26,10 @@ relative distance to Retrain of 0.27 or more (results.md, "The comparison").
 lr 0.002, BN in train mode, 40 epochs; the update is then exact only as far as fine-tuning
 stays linear), without KLoM unless `:standard,klom` (96 SGD fine-tunings). `:samples`
 forgets a seeded random 5% of D drawn across classes, over 5 seeds; there the goal is
-Retrain's numbers, not 0%. `:tiny` is the seconds-long mode of the tests (no KLoM, no
-tuning, the paper's methods and FT).
+Retrain's numbers, not 0%. `:audit` runs the audits (KLoM, ε-score, U-LiRA; README "The
+audits") on 256 + 256 seeds for Fast-NTK, Full, Retrain, Max Loss, Random Label and NegGrad+;
+the plain default audits every method on 32 + 32. `:tiny` is the seconds-long mode of the
+tests (no population, no tuning, the paper's methods and FT).
 Arguments combine: `:standard,samples`.
 """
 
@@ -36,10 +39,10 @@ from fastntk_jax.config import base_config
 
 def get_config(arg=None):
   parts = set((arg or "").split(",")) - {""}
-  unknown = parts - {"tiny", "samples", "standard", "klom"}
+  unknown = parts - {"tiny", "samples", "standard", "klom", "audit"}
   if unknown:
     raise ValueError(f"unknown config argument {arg!r}; use 'tiny', 'samples', 'standard', "
-                     "'klom' or a comma-separated combination")
+                     "'klom', 'audit' or a comma-separated combination")
   c = base_config()
   if "standard" not in parts:
     c.finetune.mode = "linearized"
@@ -49,6 +52,11 @@ def get_config(arg=None):
   if "standard" not in parts or "klom" in parts:
     # One Gram pass per seed in closed form (about 2 s a seed here); 96 SGD runs otherwise.
     c.eval.population_seeds = 32
+  if "audit" in parts:
+    # The field's strongest audits from 256 + 256 models: Fast-NTK, Full, Retrain, the
+    # paper's baselines and NegGrad+ (the tuned bar of Deep Unlearn).
+    c.eval.population_seeds = 256
+    c.methods = ("full", "retrain", "fastntk", "max_loss", "random_label", "neggrad_plus")
   if "samples" in parts:
     c.data.forget_mode = "samples"
     c.data.forget_fraction = 0.05

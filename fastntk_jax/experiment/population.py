@@ -201,9 +201,14 @@ class _Batched:
             self.setup.forgetter.from_gram_stats(full, stats_r, stats_f, self.plan)[0])
     stacked = {name: jax.tree_util.tree_map(lambda *a: jnp.stack(a), *ws)
                for name, ws in models.items()}
-    out = self._outputs_program()(self.factors, self.body, self.y, heads, stacked)
-    out = jax.tree_util.tree_map(np.asarray, out)
-    return out, stacked.get("full")
+    return self.outputs(heads, stacked), stacked.get("full")
+
+  def outputs(self, heads: dict, models: dict) -> dict:
+    """{name: (logits on D_f [S, n_f, C], RA [S], TA [S])} of models {name: params [S, ...]}
+    (one compiled program: f_lin by the seeds' tables)."""
+    out = self._outputs_program()(self.factors, self.body, self.y,
+                                  jax.tree_util.tree_map(jnp.asarray, heads), models)
+    return jax.tree_util.tree_map(np.asarray, out)
 
 
 def _factors(setup, data, dtype) -> Optional[linear.HeadFactors]:
@@ -234,23 +239,26 @@ def _accuracy_records(net, params, frozen, data, batch_size: int):
           acc(logits[n_f + n_r:], data.test_retain.y))
 
 
-def _method_records(setup, data, seed: int, tuner, full: dict, methods, factors=None) -> dict:
-  """{name: (logits on D_f, RA, TA)} of `methods` run from this seed's Full."""
+def _method_params(setup, data, seed: int, tuner, full: dict, methods, factors=None) -> dict:
+  """{name: trainable params} of `methods` run from this seed's Full."""
   from fastntk_jax.experiment import run as run_lib  # pylint: disable=g-import-not-at-top
-  cfg = setup.cfg
   frozen_full = run_lib.frozen_of(tuner, full)
   if factors is not None:  # prime the tables every plug-in's tabulated fit would compute
-    f0, jac = jax.jit(lambda f, h: f.tables(h))(factors, tuner.w0[linear.HEAD])
+    f0, jac = _tables_fn(factors, tuner.w0[linear.HEAD])
     n_r, n_f = data.retain.size, data.forget.size
     for x, lo, hi in ((data.retain.x, 0, n_r), (data.forget.x, n_r, n_r + n_f)):
       linear.put_table(tuner.net, frozen_full, tuner.w0, x, f0[lo:hi], jac[lo:hi])
   out = {}
   for method in methods:
     ctx = run_lib.method_context(setup, tuner, data, seed, method, full, tuner.w0)
-    result = method.run(ctx, methods_lib.block(cfg, method))
-    out[method.name] = _accuracy_records(tuner.net, result.params, frozen_full, data,
-                                         cfg.eval.batch_size)
+    out[method.name] = method.run(ctx, methods_lib.block(setup.cfg, method)).params
   return out
+
+
+@jax.jit
+def _tables_fn(factors, head):
+  f0, jac = factors.tables(head)
+  return f0, jac
 
 
 def _per_seed(setup, data, seed: int, with_methods: bool) -> dict:
@@ -269,7 +277,9 @@ def _per_seed(setup, data, seed: int, with_methods: bool) -> dict:
   if with_methods:
     full, _ = tuner.fit(data.train, "full")
     out["full"] = record(full)
-    out.update(_method_records(setup, data, seed, tuner, full, setup.methods))
+    frozen_full = run_lib.frozen_of(tuner, full)
+    for name, params in _method_params(setup, data, seed, tuner, full, setup.methods).items():
+      out[name] = _accuracy_records(tuner.net, params, frozen_full, data, cfg.eval.batch_size)
   return out
 
 
@@ -314,15 +324,20 @@ def build(setup, data) -> Optional[Population]:
           packed = {f"{name}/{part}": v for name, (logits, ra, ta) in out.items()
                     for part, v in (("logits", logits), ("ra", ra), ("ta", ta))}
           if side == "a" and others:
-            records = []
+            params = []
             for i, seed in enumerate(chunk_seeds):
               w0 = {**engine.body, linear.HEAD: jax.tree_util.tree_map(lambda a: a[i], heads)}
               tuner = finetune.FineTuner(cfg, setup.model, setup.frozen_pre, w0, data, seed,
                                          forgetter=setup.forgetter, fit=None, mesh=setup.mesh)
               full_i = {"trainable": jax.tree_util.tree_map(lambda a: a[i], full)}
-              records.append(_method_records(setup, data, seed, tuner, full_i, others,
-                                             factors=factors))
-            packed.update(_pack(records))
+              params.append(_method_params(setup, data, seed, tuner, full_i, others,
+                                           factors=factors))
+            stacked = {m.name: jax.tree_util.tree_map(lambda *a: jnp.stack(a),
+                                                      *[p[m.name] for p in params])
+                       for m in others}
+            packed.update({f"{name}/{part}": v
+                           for name, (logits, ra, ta) in engine.outputs(heads, stacked).items()
+                           for part, v in (("logits", logits), ("ra", ra), ("ta", ta))})
           log.info("population: seeds %s %d-%d of %d in %.1f s", side.upper(), lo + 1,
                    lo + len(chunk_seeds), n, time.perf_counter() - t)
           return packed

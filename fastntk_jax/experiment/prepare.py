@@ -15,7 +15,6 @@ import functools
 import logging
 from typing import Any, Optional
 
-import flax.linen as nn
 import jax
 import ml_collections
 import numpy as np
@@ -79,18 +78,9 @@ def data_for_seed(cfg, data, seed: int, model=None, pretrained=None):
 @functools.partial(jax.jit, static_argnums=0)
 def _head_input(model, variables, x) -> dict:
   """{"head_input": [n, ...]} what the model's top-level "head" submodule receives, or
-  {"logits": [n, C]} when the model calls no such submodule (inference mode)."""
-  seen = []
-
-  def grab(next_fun, args, kwargs, context):
-    if (not seen and context.method_name == "__call__"
-        and tuple(context.module.scope.path) == ("head",)):
-      seen.append(args[0] if args else next(iter(kwargs.values())))
-    return next_fun(*args, **kwargs)
-
-  with nn.intercept_methods(grab):
-    logits = model.apply(variables, x, train=False)
-  return {"head_input": seen[0]} if seen else {"logits": logits}
+  {"logits": [n, C]} when the model calls no such submodule (`tr.head_inputs`)."""
+  features, logits = tr.head_inputs(model, variables, x)
+  return {"head_input": features} if features is not None else {"logits": logits}
 
 
 def pretrained_features(model, variables, x: np.ndarray, *,

@@ -44,6 +44,7 @@ __all__ = [
     "param_names",
     "init_variables",
     "fresh_head",
+    "head_inputs",
 ]
 
 
@@ -213,3 +214,24 @@ def fresh_head(trainable: PyTree, model: nn.Module, image_shape, seed: int) -> P
   if "head" not in trainable:
     raise ValueError(f"the trainable collection has no 'head' (keys: {sorted(trainable)})")
   return {**trainable, "head": init_variables(model, image_shape, seed)[TRAINABLE]["head"]}
+
+
+def head_inputs(model: nn.Module, variables: dict, x) -> tuple[Optional[jnp.ndarray],
+                                                              jnp.ndarray]:
+  """(what the model's top-level submodule named "head" receives [n, ...], the logits [n, C])
+  of one inference-mode forward pass, captured with `flax.linen.intercept_methods` while the
+  model runs unchanged (no model needs a features method); (None, logits) when the model
+  calls no such submodule. The head's input is the representation the classifier sees: the
+  pooled penultimate features of the CNNs, the class token of the ViTs."""
+  seen = []
+
+  def grab(next_fun, args, kwargs, context):
+    scope = getattr(context.module, "scope", None)
+    if (not seen and context.method_name == "__call__" and scope is not None
+        and tuple(scope.path) == ("head",)):
+      seen.append(args[0] if args else next(iter(kwargs.values())))
+    return next_fun(*args, **kwargs)
+
+  with nn.intercept_methods(grab):
+    logits = model.apply(variables, x, train=False)
+  return (seen[0] if seen else None), logits

@@ -21,6 +21,7 @@ import numpy as np
 
 from fastntk_jax import linalg
 from fastntk_jax import ntk
+from fastntk_jax.models import trainable as trainable_lib
 from fastntk_jax.models.layers import LINEARIZATION_POINT
 
 PyTree = Any
@@ -257,25 +258,7 @@ def tabulated_gradients(model, trainable, frozen: dict, x, y, per_example_loss: 
 # --------------------------------------------------------------------------------------
 
 HEAD = "head"
-
-
-def head_inputs(model, variables: dict, x) -> tuple[jnp.ndarray, jnp.ndarray]:
-  """(the input of the model's top-level `head` module [n, d], the logits [n, C]) of one
-  forward pass (`flax.linen.intercept_methods`), or (None, logits) when no module named
-  `head` at the top level is called with one [n, d] array."""
-  import flax.linen as nn  # pylint: disable=g-import-not-at-top
-  captured = []
-
-  def interceptor(next_fun, args, kwargs, context):
-    scope = getattr(context.module, "scope", None)
-    if (context.method_name == "__call__" and scope is not None
-        and tuple(scope.path) == (HEAD,) and len(args) == 1 and not kwargs and getattr(args[0], "ndim", 0) == 2):
-      captured.append(args[0])
-    return next_fun(*args, **kwargs)
-
-  with nn.intercept_methods(interceptor):
-    logits = model.apply(variables, x, train=False)
-  return (captured[0] if len(captured) == 1 else None), logits
+head_inputs = trainable_lib.head_inputs
 
 
 @jax.tree_util.register_pytree_node_class
@@ -342,7 +325,7 @@ def head_factors(model, frozen: dict, w0: PyTree, x, *, batch_size: int = 256,
     return None
   probe = jnp.asarray(x[:2])
   phi, logits = head_inputs(model, {**base, "trainable": w0}, probe)
-  if phi is None or phi.shape[-1] != d:
+  if phi is None or phi.ndim != 2 or phi.shape[-1] != d:
     return None
   with jax.default_matmul_precision("highest"):
     expect = phi @ kernel + bias

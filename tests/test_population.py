@@ -1,0 +1,145 @@
+"""The population engine (experiment/population.py) against the report seeds' own path, the
+head-factorised tables against the network's Jacobian, and the per-seed audits' inputs
+(MIA-Efficacy's spread, the relearning attack)."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from fastntk_jax import linalg
+from fastntk_jax import mia
+from fastntk_jax import models
+from fastntk_jax import ntk
+from fastntk_jax.experiment import population
+from fastntk_jax.experiment import prepare as prepare_lib
+from fastntk_jax.experiment import pretrain
+from fastntk_jax.experiment import progress as progress_lib
+from fastntk_jax.experiment import run as run_lib
+from fastntk_jax.models import trainable as tr
+from fastntk_jax.unlearn import linear
+from conftest import tiny_config
+
+SHAPE = (8, 8, 3)
+
+
+@pytest.mark.parametrize("name,options", [
+    ("resnet8", {"shortcut": "B", "widths": (4, 8, 8)}),
+    ("vit_ti16", {"patch_size": 4, "hidden_size": 8, "num_layers": 1, "num_heads": 2,
+                  "mlp_dim": 8, "prompt_length": 2}),
+])
+def test_head_factors_equal_the_networks_table(name, options):
+  try:
+    model = models.get_model(name, 5, **options)
+  except (ValueError, TypeError) as e:
+    pytest.skip(f"{name}: {e}")
+  w, frozen = tr.split(tr.init_variables(model, SHAPE, 0))
+  x = np.random.default_rng(0).normal(size=(6,) + SHAPE).astype(np.float32)
+  factors = linear.head_factors(model, frozen, w, x)
+  assert factors is not None
+  apply = lambda ww, xx: model.apply({**frozen, "trainable": ww}, xx, train=False)
+  for seed in (3, 4):
+    w0 = tr.fresh_head(w, model, SHAPE, seed)
+    f0, jac = factors.tables(w0["head"])
+    ref = ntk.jacobian_rows(apply, w0, jnp.asarray(x))
+    scale = float(jnp.max(jnp.abs(ref)))
+    np.testing.assert_allclose(np.asarray(jac), np.asarray(ref), atol=1e-5 * scale, rtol=0)
+    np.testing.assert_allclose(np.asarray(f0), np.asarray(apply(w0, x)), atol=1e-5, rtol=0)
+
+
+class _ScaledHead(nn.Module):
+  """A user model whose logits are not the head's output (tanh after the head)."""
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    del train
+    h = jnp.mean(x, axis=(1, 2))
+    w = self.variable(tr.TRAINABLE, "scale", lambda: jnp.ones((h.shape[-1],))).value
+    return jnp.tanh(models.layers.TrainableDense(3, name="head")(h * w))
+
+
+def test_a_head_that_is_not_the_last_affine_step_takes_the_per_seed_path():
+  model = _ScaledHead()
+  w, frozen = tr.split(tr.init_variables(model, SHAPE, 0))
+  x = np.random.default_rng(1).normal(size=(4,) + SHAPE).astype(np.float32)
+  assert linear.head_factors(model, frozen, w, x) is None
+
+
+def test_fresh_heads_are_fresh_head_per_seed():
+  model = models.get_model("resnet8", 4, shortcut="B", widths=(4, 8, 8))
+  w, _ = tr.split(tr.init_variables(model, SHAPE, 0))
+  heads = population.fresh_heads(model, SHAPE, [7, 100_003])
+  for i, seed in enumerate((7, 100_003)):
+    one = tr.fresh_head(w, model, SHAPE, seed)["head"]
+    for key in ("kernel", "bias"):
+      np.testing.assert_array_equal(heads[key][i], one[key])
+
+
+@pytest.fixture(scope="module")
+def tiny_population(tmp_path_factory):
+  tmp = str(tmp_path_factory.mktemp("population"))
+  cfg = tiny_config()
+  with cfg.unlocked():
+    cfg.eval.population_seeds = 3
+    cfg.methods = ("full", "retrain", "fastntk", "ft")
+  with linalg.enable_x64(True):
+    p = prepare_lib.prepare(cfg)
+    progress = progress_lib.Progress(tmp, False)
+    pretrained = pretrain.pretrain_stage(p.cfg, p.model, p.data, tmp, progress)
+    w_pre, frozen_pre = tr.split(pretrained)
+    setup = run_lib.Setup(cfg=p.cfg, workdir=tmp, model=p.model, frozen_pre=frozen_pre,
+                          w_pre=w_pre, forgetter=run_lib.make_forgetter(
+                              p.cfg, p.model, frozen_pre, p.data.num_classes),
+                          methods=p.plugins, progress=progress, mesh=None)
+    pop = population.build(setup, p.data)
+    reference = {side: population._per_seed(setup, p.data, pop.seeds[side][0],
+                                             with_methods=side == "a")
+                 for side in ("a", "b")}
+    audits = population.audits(pop, p.data.forget.y)
+  return pop, reference, audits
+
+
+def test_batched_population_equals_the_report_seeds_path(tiny_population):
+  pop, reference, _ = tiny_population
+  assert pop.engine == "batched"
+  assert set(pop.logits) == {"full", "retrain", "fastntk", "ft", "retrain_b"}
+  for name, (logits, ra, ta) in reference["a"].items():
+    np.testing.assert_allclose(pop.logits[name][0], logits, atol=1e-5, rtol=0)
+    assert pop.ra[name][0] == pytest.approx(ra) and pop.ta[name][0] == pytest.approx(ta)
+  np.testing.assert_allclose(pop.logits["retrain_b"][0], reference["b"]["retrain"][0],
+                             atol=1e-5, rtol=0)
+  assert {v.shape[0] for v in pop.logits.values()} == {3}
+
+
+def test_fastntk_sits_on_the_noise_floor_of_every_audit(tiny_population):
+  _, _, audits = tiny_population
+  k, per = audits["klom"]["per_method"], audits["per_method"]
+  assert k["fastntk"]["p95"] == pytest.approx(k["retrain"]["p95"], abs=1e-6)
+  for audit, key in (("epsilon", "score"), ("ulira", "auc")):
+    assert per["fastntk"][audit][key] == pytest.approx(per["retrain"][audit][key], abs=1e-6)
+  assert audits["num_seeds"] == 3 and audits["engine"] == "batched"
+
+
+def test_population_stages_resume_from_disk(tiny_population, tmp_path):
+  pop, _, _ = tiny_population
+  calls = []
+  path = str(tmp_path / "a_0.npz")
+  value = population._npz_stage(path, lambda: calls.append(1) or {"x/logits": np.ones(2)})
+  again = population._npz_stage(path, lambda: calls.append(1) or {"x/logits": np.zeros(2)})
+  assert calls == [1]
+  np.testing.assert_array_equal(value["x/logits"], again["x/logits"])
+
+
+def test_mia_spread_contains_the_headline_and_flags_chance():
+  rng = np.random.default_rng(0)
+  z = lambda n: rng.normal(size=(n, 3))
+  y = lambda n: rng.integers(0, 3, n)
+  retain, test, forget = (z(40), y(40)), (z(20), y(20)), (z(10), y(10))
+  spread = mia.mia_efficacy_spread(*retain, *test, *forget, subsamples=5)
+  assert spread["values"][0] == mia.mia_efficacy(*retain, *test, *forget, seed=0)
+  assert spread["min"] <= spread["values"][0] <= spread["max"]
+  assert len(spread["values"]) == 5 and isinstance(spread["at_chance"], bool)
+  assert spread["at_chance"] == (spread["svc_train_accuracy"] < mia.SVC_CHANCE_ACCURACY)
+  with pytest.raises(ValueError, match="subsamples"):
+    mia.mia_efficacy_spread(*retain, *test, *forget, subsamples=0)
