@@ -52,7 +52,7 @@ def tables(r: dict) -> str:
   _LABELS.update({n: e.get("label", n) for n, e in r["methods"].items()})
   _ORDER[:] = list(r["config"].get("methods", ()))
   out.append("| Method | UA | RA | TA | MIA-Efficacy | Avg. Gap | RTE per request (s) | "
-             "precompute (s) | ‖w − w_r‖ / ‖w_r − w0‖ | KLoM (mean) |")
+             "precompute (s) | ‖w − w_r‖ / ‖w_r − w0‖ | KLoM (P95) |")
   out.append("|---|---|---|---|---|---|---|---|---|---|")
   for name, e in _ordered(r["methods"]):
     rel = (e.get("relative_l2_to_retrain") or {})
@@ -64,7 +64,7 @@ def tables(r: dict) -> str:
     else:
       dist = f"{rel['mean']:.2f}" if rel else "–"
     k = klom.get(name)
-    kl = "–" if k is None else f"{k['mean']:.3f}" + (" (floor)" if name == floor else "")
+    kl = "–" if k is None else f"{k['p95']:.3f}" + (" (floor)" if name == floor else "")
     t = r["timing"]["methods"][name]
     gap = "0.00" if name == "retrain" else _fmt(e.get("avg_gap"), 2)
     out.append("| " + " | ".join([_label(name), _fmt(e.get("ua")), _fmt(e.get("ra")),

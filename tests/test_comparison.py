@@ -352,7 +352,7 @@ def test_the_tuned_run_never_reads_a_report_seed_and_reports_its_choice(tmp_path
   md = open(tmp_path / "results.md").read()
   assert "## Fair tuning (validation seed 90000; its models are never reported)" in md
   assert "| SSD | alpha ∈ {1, 2.5, 5, 10, 25, 50, 100, 250}; lam ∈ {0.1, 1} | 16 |" in md
-  assert "RTE per request (s) | precompute (s) | KLoM (mean) |" in md
+  assert "RTE per request (s) | precompute (s) | KLoM (P95) |" in md
   assert "**Standing**: Fast-NTK's Avg. Gap is" in md
   # The stored config is the user's (a resumed run compares against it), not the tuned one.
   claimed = json.load(open(tmp_path / "config.json"))

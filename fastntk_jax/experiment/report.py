@@ -185,7 +185,7 @@ def markdown(results: dict) -> str:
       "",
       f"Seeds {results['seeds']} (mean ± std). Trainable {m['trainable_params']:,} of "
       f"{m['total_params']:,} parameters ({m['trainable_percent']:.2f}%). "
-      f"Data: {results['data']['counts']}; forget classes {results['data']['forget_classes']}.",
+      f"Data: {results['data']['counts']}; " + _forget_set_text(results) + ".",
       "",
       *pretrain_lines(results),
       "| Method | " + " | ".join(label for _, label in METRICS) + " | Time (s) |",
@@ -299,7 +299,7 @@ def markdown(results: dict) -> str:
             "MIA: logistic regression on per-example cross-entropy, D_f (members) vs the "
             "hold-out (non-members), balanced, 5-fold CV; the target is Retrain's value, not "
             "50%.", ""]
-  if results["data"]["forget_mode"] == "samples":
+  if results["data"]["forget_mode"] in ("samples", "subpopulation"):
     lines += ["### Gap to Retrain (method − Retrain, mean over seeds)", "",
               "| Method | " + " | ".join(label for _, label in METRICS[:4] + DISTANCES[3:]) + " |",
               "|---|" + "---|" * (4 + len(DISTANCES[3:]))]
@@ -322,6 +322,22 @@ def markdown(results: dict) -> str:
             f"{results['versions'].get('neural-tangents') or 'not installed (the kernel by JAX)'}"
             ".", ""]
   return "\n".join(lines)
+
+
+def _forget_set_text(results: dict) -> str:
+  """What D_f is: the forget classes, a random sample, or a subpopulation of one class."""
+  data = results["data"]
+  if data["forget_mode"] == "class":
+    return f"forget classes {data['forget_classes']}"
+  if data["forget_mode"] == "subpopulation":
+    draws = [d.get("subpopulation") for d in (data.get("per_seed") or {}).values()]
+    sub = next((d for d in draws if d), None)
+    if sub:
+      return (f"forget set: a subpopulation of class {sub.get('label')} ({sub.get('size')} "
+              f"images: the nearest neighbours of image {sub.get('anchor')} of D in the "
+              f"pre-trained network's {sub.get('features')} space)")
+    return "forget set: a subpopulation of one class"
+  return "forget set: a random sample of D across classes"
 
 
 def _klom_p95(results: dict, name: str) -> Optional[float]:
