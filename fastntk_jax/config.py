@@ -184,20 +184,15 @@ def base_config() -> ml_collections.ConfigDict:
     c.baselines[method.name] = method.default_block()
 
   c.eval = ml_collections.ConfigDict()
-  c.eval.relearn = train_group(epochs=100, lr=0.01, batch_size=64, loss="ce")  # epochs = the cap
+  c.eval.relearn = train_group(100, 0.01, 64, loss="ce")  # D_f until loss < threshold; epochs = cap
   c.eval.relearn_threshold = 0.05  # relearn time = epochs until D_f training loss < this
-  # The relearning attack (Siddiqui et al. 2025): fine-tune on D_r alone for `epochs`, D_f
-  # accuracy after each epoch, against Retrain's curve (BN frozen, constant lr).
-  c.eval.relearn_attack = train_group(epochs=10, lr=0.01, batch_size=64, loss="ce")
-  c.eval.mia_subsamples = 20  # MIA-Efficacy's range over this many member subsamples
+  c.eval.relearn_attack = train_group(10, 0.01, 64, loss="ce")  # D_r only; D_f acc per epoch
+  c.eval.mia_subsamples = 20  # MIA-Efficacy's range over this many member subsamples (>= 1)
   c.eval.probe = train_group(epochs=30, lr=0.05, batch_size=64, loss="ce")  # linear probe of a fresh head
   c.eval.batch_size = 256  # inference batch
-  # KLoM (population level): N seeds of Full/Retrain/Fast-NTK and N other seeds of Retrain
-  # (the noise floor); 0 = off. Affordable in linearised closed-form mode (one Gram per seed).
-  c.eval.population_seeds = 0
+  c.eval.population_seeds = 0  # the audits' population: N seeds of every method, N of Retrain
 
-  # Fair tuning (experiment/tuning.py): each plug-in's grid on a validation seed never
-  # reported; the point nearest that seed's Retrain (Avg. Gap) runs the report seeds.
+  # Fair tuning (experiment/tuning.py): each grid on a validation seed, nearest its Retrain.
   c.tuning = ml_collections.ConfigDict()
   c.tuning.enabled = True  # False: every method runs with its block as written
   c.tuning.seed = 90_000  # the validation seed (not a report seed, not a population seed)
@@ -314,9 +309,8 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   _choice("finetune.linearized_solver", cfg.finetune.linearized_solver,
           enums.values(enums.LinearizedSolver))
   if cfg.finetune.mode == "linearized":
-    # Linearised fine-tuning is the ridge problem Eq. (1) inverts: squared loss, the
-    # pre-trained BN statistics, the data as given and the penalty ½λ‖w - w0‖² alone. Its
-    # solvers would ignore other choices silently, so they are refused.
+    # Linearised fine-tuning is the ridge problem Eq. (1) inverts (squared loss, pre-trained
+    # BN statistics, the data as given, ½λ‖w - w0‖² alone): other choices are refused.
     for field, wanted, why in (
         ("loss", "mse", "linearised fine-tuning minimises the squared loss (the objective the "
          "update inverts)"),
@@ -391,11 +385,12 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     raise ValueError(f"config.unlearn.serve=True needs unlearn.damping > 0 (got {u.damping}): "
                      "requests downdate the Cholesky factor of G + λI, which λ keeps definite")
   _positive("eval.relearn_threshold", cfg.eval.relearn_threshold, integer=False)
-  _positive("eval.batch_size", cfg.eval.batch_size, integer=True)
+  for field in ("batch_size", "mia_subsamples"):
+    _positive(f"eval.{field}", cfg.eval[field], integer=True)
   _positive("eval.population_seeds", cfg.eval.population_seeds, integer=True, allow_zero=True)
-  _positive("eval.mia_subsamples", cfg.eval.mia_subsamples, integer=True)
-  if cfg.eval.population_seeds == 1:
-    raise ValueError("config.eval.population_seeds=1: KLoM needs at least 2 models per side")
+  if cfg.eval.population_seeds in (1, 2):  # U-LiRA: 2 shadow models and 1 target a side
+    raise ValueError(f"config.eval.population_seeds={cfg.eval.population_seeds}: the audits "
+                     "need at least 3 models a side (0 turns them off)")
   data_schema.resolve_data_config(cfg.data)  # raises naming the data field
   return cfg
 

@@ -74,7 +74,10 @@ def _binned_kl(p_samples: np.ndarray, q_samples: np.ndarray, bins: int, eps: flo
   q = np.bincount(np.searchsorted(edges, q_samples, side="right"), minlength=bins + 2)
   p, q = p[1:bins + 1], q[1:bins + 1]
   if p.sum() == 0:
-    return float("nan")
+    # Every unlearned margin sits on the last edge, which the reference's binning drops:
+    # count the last edge in the last bin (both sides) rather than report nothing.
+    p[-1] += int(np.sum(p_samples == edges[-1]))
+    q[-1] += int(np.sum(q_samples == edges[-1]))
   p = p / p.sum()
   q = q / q.sum() if q.sum() > 0 else np.zeros(bins)
   seen = p > 0
@@ -95,10 +98,10 @@ def klom(unlearned, retrain, *, bins: int = BINS, clip: float = CLIP,
 
   Returns:
     float64 [n], >= 0. NaN for an example whose margin is NaN in some model (e.g. NaN
-    logits of a diverged model: binning the NaN would give a finite, meaningless value),
-    and NaN where P's histogram is empty, i.e. every unlearned margin equals the pooled
-    maximum while some Retrain margin is smaller: the reference's binning leaves all of P
-    out there and returns 0, which would report a disjoint distribution as a perfect match.
+    logits of a diverged model: binning the NaN would give a finite, meaningless value).
+    Where every unlearned margin equals the pooled maximum, the reference's binning leaves
+    all of P out and returns 0 (a disjoint distribution reported as a perfect match); here
+    the last edge then counts in the last bin, giving the separated value log(1/eps).
 
   Raises:
     ValueError: inputs that are not [models, examples] with the same examples, fewer than

@@ -270,8 +270,9 @@ def _svc_efficacy(members, nonmembers, target, seed: int) -> tuple[float, float]
   x = np.concatenate([members, nonmembers])
   y = np.concatenate([np.ones(len(members)), np.zeros(len(nonmembers))])
   svc = SVC(C=3, gamma="auto", kernel="rbf").fit(x, y)
-  return (100.0 * float(np.mean(svc.predict(target) == 0)),
-          100.0 * float(np.mean(svc.predict(x) == y)))
+  # Above the majority share only is the SVC better than a constant guess.
+  lift = 100.0 * (float(np.mean(svc.predict(x) == y)) - max(np.mean(y), 1 - np.mean(y)))
+  return 100.0 * float(np.mean(svc.predict(target) == 0)), lift
 
 
 def _confidences(retain_logits, retain_labels, test_logits, test_labels, forget_logits,
@@ -307,9 +308,10 @@ def mia_efficacy(retain_logits, retain_labels, test_logits, test_labels, forget_
   return _svc_efficacy(*sets, seed)[0]
 
 
-# The SVC is "at chance on its own training data" below this accuracy (%): its verdict on
-# D_f is then a coin the member subsample flips.
-SVC_CHANCE_ACCURACY = 55.0
+# The SVC is "at chance on its own training data" when its accuracy there beats the
+# majority share (50% when balanced) by less than this many points: its verdict on D_f is
+# then a coin the member subsample flips.
+SVC_CHANCE_MARGIN = 5.0
 
 
 def mia_efficacy_spread(retain_logits, retain_labels, test_logits, test_labels, forget_logits,
@@ -317,17 +319,19 @@ def mia_efficacy_spread(retain_logits, retain_labels, test_logits, test_labels, 
   """MIA-Efficacy (`mia_efficacy`) over member subsamples seeded 0..subsamples-1.
 
   Returns:
-    {"values": [subsamples] %, "min", "max", "mean", "svc_train_accuracy": the mean over
-    subsamples of the SVC's accuracy on its own training data (%), "at_chance": whether that
-    is below SVC_CHANCE_ACCURACY (the value then flips with the subsample)}.
+    {"values": [subsamples] %, "min", "max", "mean", "svc_lift": the mean over subsamples
+    of the SVC's accuracy on its own training data minus the majority share (points),
+    "at_chance": whether that lift is below SVC_CHANCE_MARGIN (the value then flips with
+    the subsample)}.
   """
-  if int(subsamples) < 1:
-    raise ValueError(f"subsamples must be >= 1, got {subsamples}")
+  if isinstance(subsamples, bool) or not isinstance(subsamples, (int, np.integer)) or (
+      subsamples < 1):
+    raise ValueError(f"subsamples must be an int >= 1, got {subsamples!r}")
   sets = _confidences(retain_logits, retain_labels, test_logits, test_labels, forget_logits,
                       forget_labels)
   runs = [_svc_efficacy(*sets, k) for k in range(int(subsamples))]
   values = [r[0] for r in runs]
-  train_acc = float(np.mean([r[1] for r in runs]))
+  lift = float(np.mean([r[1] for r in runs]))
   return {"values": values, "min": float(np.min(values)), "max": float(np.max(values)),
-          "mean": float(np.mean(values)), "svc_train_accuracy": train_acc,
-          "at_chance": bool(train_acc < SVC_CHANCE_ACCURACY)}
+          "mean": float(np.mean(values)), "svc_lift": lift,
+          "at_chance": bool(lift < SVC_CHANCE_MARGIN)}

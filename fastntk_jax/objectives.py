@@ -202,3 +202,10 @@ def per_example_gradients(model, trainable: PyTree, frozen: dict, split, *, loss
     out.append(rows[b.mask > 0])
   p = sum(int(np.size(l)) for l in jax.tree_util.tree_leaves(trainable))
   return np.concatenate(out).astype(np.float32) if out else np.zeros((0, p), np.float32)
+
+
+def lead_loss(apply, params, batches, h, aux, loss, lead):
+  """The objective of plain training: the mean loss of the batch of the stream in pass."""
+  del h, aux
+  batch = batches[lead]
+  return masked_mean_loss(apply(params, batch.x), batch.y, batch, loss)

@@ -158,9 +158,13 @@ def ulira(unlearned, retrain, *, num_targets: Optional[int] = None, seed: int = 
   mu_u, sd_u = _fit(a[shadow_u], min_std)
   mu_r, sd_r = _fit(b[shadow_r], min_std)
   score = lambda x: _log_normal(x, mu_u, sd_u) - _log_normal(x, mu_r, sd_r)
-  pos, neg = score(a[target_u]).reshape(-1), score(b[target_r]).reshape(-1)
+  with np.errstate(over="ignore", invalid="ignore"):  # an overflow is caught below
+    pos, neg = score(a[target_u]).reshape(-1), score(b[target_r]).reshape(-1)
   labels = np.r_[np.ones(pos.size, bool), np.zeros(neg.size, bool)]
   scores = np.r_[pos, neg]
+  if not np.isfinite(scores).all():  # the likelihood ratio overflowed (e.g. inf - inf)
+    return {**{m: math.nan for m in metrics}, **out,
+            "num_nonfinite_scores": int((~np.isfinite(scores)).sum())}
   fpr, tpr = _roc(labels, scores)
   return {"auc": mia.roc_auc(labels, scores),
           "tpr_at_1pct_fpr": _tpr_below(fpr, tpr, 1e-2),

@@ -49,7 +49,7 @@ def shared_tiny_config():
   cfg = tiny_config()
   with cfg.unlocked():
     cfg.seeds = (0, 1)
-    cfg.eval.population_seeds = 2
+    cfg.eval.population_seeds = 3
     cfg.methods = config_lib.DEFAULT_METHODS  # every method the package has
   return cfg
 

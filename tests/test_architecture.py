@@ -115,6 +115,8 @@ ONE_CONCEPT = {
     "fastntk_jax.audit": "the deletion log: its signed records, their evidence, and their "
                          "verification (chain, signatures, head, evidence, deployed model, "
                          "certificate, release)",
+    "fastntk_jax.experiment.report": "the report: results.json and every results.md table "
+                                     "(comparison, tuning, audits, relearning, probes)",
     "fastntk_jax.unlearn.certificate": "the certificate: its two bases (Gram statistics with "
                                        "a rounding-error analysis; matrix-free), the witness, "
                                        "the reference distances",

@@ -76,12 +76,14 @@ def test_klom_two_bins_by_hand():
   np.testing.assert_allclose(klom.klom(b, a, bins=2), [np.log(1.5)], rtol=1e-14)
 
 
-def test_klom_is_nan_where_every_unlearned_margin_is_the_pooled_maximum():
-  # The reference drops all of P there and returns 0; a disjoint sample must not read as a
-  # perfect match.
+def test_klom_is_maximal_where_every_unlearned_margin_is_the_pooled_maximum():
+  # The reference drops all of P there and returns 0; a disjoint sample must read as
+  # separated (log(1/eps), the value of the reversed direction), never as a match or NaN.
   a = np.full((3, 1), 150.0)          # clipped to 100 = the pooled maximum
   b = np.array([[0.0], [1.0], [2.0]])
-  assert np.isnan(klom.klom(a, b)[0])
+  np.testing.assert_allclose(klom.klom(a, b), [np.log(1e5)], rtol=1e-12)
+  np.testing.assert_allclose(klom.klom(np.ones((3, 1)), np.zeros((4, 1))),
+                             klom.klom(np.zeros((3, 1)), np.ones((4, 1))), rtol=1e-12)
   assert klom.klom(a, a)[0] == 0.0    # every value equal: one bin, identical
 
 

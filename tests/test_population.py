@@ -12,6 +12,7 @@ from fastntk_jax import linalg
 from fastntk_jax import mia
 from fastntk_jax import models
 from fastntk_jax import ntk
+from fastntk_jax.experiment import finetune
 from fastntk_jax.experiment import population
 from fastntk_jax.experiment import prepare as prepare_lib
 from fastntk_jax.experiment import pretrain
@@ -92,8 +93,11 @@ def tiny_population(tmp_path_factory):
                           w_pre=w_pre, forgetter=run_lib.make_forgetter(
                               p.cfg, p.model, frozen_pre, p.data.num_classes),
                           methods=p.plugins, progress=progress, mesh=None)
-    pop = population.build(setup, p.data)
-    reference = {side: population._per_seed(setup, p.data, pop.seeds[side][0],
+    harness = population.Harness(method_context=run_lib.method_context,
+                                 frozen_of=run_lib.frozen_of, make_fit=run_lib.make_fit,
+                                 fine_tuner=finetune.FineTuner)
+    pop = population.build(setup, p.data, harness)
+    reference = {side: population._per_seed(harness, setup, p.data, pop.seeds[side][0],
                                              with_methods=side == "a")
                  for side in ("a", "b")}
     audits = population.audits(pop, p.data.forget.y)
@@ -140,6 +144,36 @@ def test_mia_spread_contains_the_headline_and_flags_chance():
   assert spread["values"][0] == mia.mia_efficacy(*retain, *test, *forget, seed=0)
   assert spread["min"] <= spread["values"][0] <= spread["max"]
   assert len(spread["values"]) == 5 and isinstance(spread["at_chance"], bool)
-  assert spread["at_chance"] == (spread["svc_train_accuracy"] < mia.SVC_CHANCE_ACCURACY)
-  with pytest.raises(ValueError, match="subsamples"):
-    mia.mia_efficacy_spread(*retain, *test, *forget, subsamples=0)
+  assert spread["at_chance"] == (spread["svc_lift"] < mia.SVC_CHANCE_MARGIN)
+  # 2 members against 50 non-members: an SVC calling everything non-member is right 96% of
+  # the time on its training data and knows nothing; it is at chance.
+  few = mia.mia_efficacy_spread(z(2), y(2), z(50), y(50), *forget, subsamples=3)
+  assert few["at_chance"] and few["svc_lift"] < mia.SVC_CHANCE_MARGIN
+  for bad in (0, 2.7, True):
+    with pytest.raises(ValueError, match="subsamples"):
+      mia.mia_efficacy_spread(*retain, *test, *forget, subsamples=bad)
+
+
+class _Tempered(nn.Module):
+  """A learnable temperature after the head: f = φW + b at its initial value 1 only."""
+  clip: float = 0.0
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    del train
+    h = jnp.mean(x, axis=(1, 2)) * 10.0
+    z = models.layers.TrainableDense(3, name="head")(h)
+    if self.clip:
+      return jnp.clip(z, -self.clip, self.clip)
+    return z * self.variable(tr.TRAINABLE, "temperature", lambda: jnp.ones(())).value
+
+
+@pytest.mark.parametrize("clip", [0.0, 0.05])
+def test_head_factors_refuse_what_acts_after_the_head(clip):
+  # A temperature after the head (f = φW + b at w0, J not), or a clip that only some rows
+  # reach: the factorised tables would be wrong, so none are returned.
+  model = _Tempered(clip=clip)
+  w, frozen = tr.split(tr.init_variables(model, SHAPE, 0))
+  x = np.random.default_rng(2).normal(size=(9,) + SHAPE).astype(np.float32)
+  x[:2] *= 0.0  # the first rows alone would not reveal the clip
+  assert linear.head_factors(model, frozen, w, x) is None

@@ -240,3 +240,11 @@ def test_logit_scaled_confidence_is_log_odds_of_the_true_class():
   big = np.array([[800.0, -800.0], [800.0, -800.0]])
   np.testing.assert_array_equal(ulira.logit_scaled_confidence(big, np.array([0, 1])),
                                 [1600.0, -1600.0])
+
+
+def test_ulira_refuses_an_overflowing_likelihood_ratio_as_nan():
+  # Finite margins whose squares overflow: Λ = inf - inf is no "perfect attack".
+  rng = np.random.default_rng(3)
+  out = ulira.ulira(rng.normal(size=(8, 5)) * 1e200, rng.normal(size=(8, 5)) * 1e200)
+  assert np.isnan(out["auc"]) and np.isnan(out["tpr_at_1pct_fpr"])
+  assert out["num_nonfinite_scores"] > 0

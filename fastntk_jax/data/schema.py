@@ -104,14 +104,9 @@ def default_data_config() -> ml_collections.ConfigDict:
   # Remapped labels: forget_mode="class": the classes forming D_f; "subpopulation": exactly one,
   # the class the subpopulation is drawn from (it stays a retain class); ignored by "samples".
   c.forget_classes = (0,)
-  # "class" (the paper's setting: whole classes) | "samples" (a seeded random subset of D) |
-  # "subpopulation" (a structured, non-random subset of one class, as in structured unlearning
-  # benchmarks such as EasyDUB's: a seeded anchor image of class forget_classes[0] in D and its
-  # nearest neighbours in that class, anchor included, by Euclidean distance between the
-  # L2-normalised features of the pre-trained network (what its head reads); k =
-  # round(forget_fraction * |D|), at least 1, refused above the class's size in D. D_f is
-  # chosen after pre-training (`experiment.prepare.resolve_forget_set`); the hold-out set has
-  # no forget side (the class stays, so its hold-out images are test_retain), as in "samples".
+  # "class" (whole classes, the paper's) | "samples" (a seeded random subset of D) |
+  # "subpopulation" (a seeded image of class forget_classes[0] and its nearest neighbours in
+  # that class in the pre-trained features, `splits.subpopulation_masks`; no test forget side).
   c.forget_mode = "class"
   # forget_mode="samples" / "subpopulation": fraction of D forgotten, in (0, 1); None otherwise.
   c.forget_fraction = placeholder(float)
@@ -171,11 +166,8 @@ def resolve_data_config(cfg: Mapping[str, Any] | ml_collections.ConfigDict | Non
     ``forget_choice="random"``. None remains only where it means "all"
     (``images_per_class``; ``holdout_per_class`` for CIFAR: the whole test split) or "unused"
     (``data_dir``, ``manual_dir``, ``forget_fraction`` in class mode, ``forget_classes`` in
-    samples mode). Resolving it again returns it unchanged.
-
-    forget_mode="subpopulation" needs exactly one forget class and a ``forget_fraction``; with
-    a fixed ``images_per_class`` a subpopulation larger than its class in D is refused here
-    (otherwise by the loader, once the class sizes are known).
+    samples mode). Resolving it again returns it unchanged. A subpopulation needs one forget
+    class and a ``forget_fraction`` (refused here when too large for a fixed #IPC).
 
   Raises:
     ValueError: naming the field, for an unknown field or a bad value.
@@ -303,18 +295,9 @@ def resolve_data_config(cfg: Mapping[str, Any] | ml_collections.ConfigDict | Non
 
 def subpopulation_size(fraction: float, d_size: int, class_size: int, label: int, *,
                        d_what: str = "") -> int:
-  """k, the size of a forget_mode="subpopulation" forget set: ``round(fraction * d_size)``,
-  at least 1.
-
-  Args:
-    fraction: ``forget_fraction``. d_size: |D|. class_size: images of the forget class in D.
-    label: the forget class (remapped label), for the message. d_what: how |D| is made up,
-      for the message (e.g. "num_classes=4 x images_per_class=6").
-
-  Raises:
-    ValueError: naming forget_fraction and forget_classes, when k exceeds the class's images
-      in D (the subpopulation is a subset of one class), or would leave D_r empty.
-  """
+  """k = max(1, round(fraction · |D|)) images of a subpopulation; ValueError naming
+  forget_fraction and forget_classes when k exceeds the class's `class_size` images in D or
+  would leave D_r empty (`d_what`: how |D| is made up, for the message)."""
   k = max(1, round(float(fraction) * d_size))
   if k > min(class_size, d_size - 1):
     made_of = f" ({d_what})" if d_what else ""
@@ -396,21 +379,10 @@ def _concat(a: Split, b: Split) -> Split:
 
 @dataclasses.dataclass(frozen=True)
 class Subpopulation:
-  """What a forget_mode="subpopulation" forget set is (``UnlearningData.subpopulation``).
-
-  D_f is the ``size`` images of class ``label`` in D nearest to the ``anchor`` image (itself
-  included) by Euclidean distance between L2-normalised features of the pre-trained network
-  (``splits.subpopulation_masks``). The loader knows ``label`` and ``size``; the anchor and
-  the members are known once the features are (``experiment.prepare.resolve_forget_set``).
-
-  Attributes:
-    label: the class (remapped label; the config's ``forget_classes[0]``).
-    size: k, the number of images forgotten.
-    anchor: ``Split.index`` (pool position) of the anchor image; None while pending.
-    features: what the distances were measured on: "head_input" (the penultimate features
-      the head reads) or "logits" (the fallback for a model without a "head" submodule);
-      None while pending.
-  """
+  """A forget_mode="subpopulation" forget set: the `size` images of class `label` in D
+  nearest the `anchor` (its `Split.index`) in the pre-trained features ("head_input", or
+  "logits" for a model without a head); anchor and features are None until
+  `experiment.prepare.resolve_forget_set` chose D_f (`splits.subpopulation_masks`)."""
 
   label: int
   size: int
@@ -434,23 +406,19 @@ class UnlearningData:
     pretrain: pre-training images (disjoint from all other splits), or None.
     retain: D_r, fine-tuning images kept.
     forget: D_f, fine-tuning images to unlearn.
-    test_retain: hold-out images of retain classes ("samples", "subpopulation": the whole
-      hold-out).
-    test_forget: hold-out images of forget classes ("samples", "subpopulation": empty).
+    test_retain: hold-out images of retain classes (the whole hold-out unless "class").
+    test_forget: hold-out images of forget classes (empty unless "class").
     num_classes: number of classes after remapping (labels are 0..num_classes-1).
     class_names: (num_classes,) names of the remapped classes (imagenet_r: WordNet ids).
     dataset_classes: (num_classes,) class id in the dataset's own label space for each remapped
       label (imagenet_r: 0..199).
     source_labels: (num_classes,) label as stored by the source (imagenet_r: ImageNet-1k id).
-    forget_classes: remapped labels forgotten (forget_mode="class"); () in "samples" and
-      "subpopulation" modes (no class is forgotten whole; see ``subpopulation``).
+    forget_classes: remapped labels forgotten whole (forget_mode="class"), else ().
     forget_mode: "class", "samples" or "subpopulation".
     image_shape: (H, W, 3) of every image.
     config: the resolved, validated config the data was built from.
-    subpopulation: forget_mode="subpopulation": its class, size and anchor
-      (:class:`Subpopulation`); None in the other modes. While it is pending (as the loader
-      returns it: the features are not known yet) D_f is empty and D_r is all of D;
-      ``with_forget`` re-splits D once they are.
+    subpopulation: forget_mode="subpopulation"'s `Subpopulation`, else None; while pending,
+      D_f is empty and D_r is all of D until ``with_forget`` re-splits D.
   """
 
   pretrain: Split | None
@@ -475,19 +443,10 @@ class UnlearningData:
 
   def with_forget(self, in_forget: np.ndarray, *,
                   subpopulation: Subpopulation | None = None) -> "UnlearningData":
-    """The same data with D re-split: D_f = the rows of ``self.train`` where ``in_forget``
-    is True, D_r = the others, both in the order of ``self.train`` (so D = D_r ∪ D_f, the
-    same images, and D_r ∩ D_f = ∅). Everything else (hold-out, pre-training split, classes)
-    is unchanged.
-
-    Args:
-      in_forget: (self.train.size,) bool, over the rows of ``self.train`` (D_r then D_f; for
-        pending data, D in the loader's order).
-      subpopulation: replaces ``self.subpopulation`` when given.
-
-    Raises:
-      ValueError: a mask of another shape or dtype, or one leaving D_f or D_r empty.
-    """
+    """D re-split: D_f = the rows of ``self.train`` where the (train.size,) bool
+    ``in_forget`` holds, D_r the others, in train's order (D = D_r ∪ D_f, D_r ∩ D_f = ∅);
+    the rest unchanged, ``subpopulation`` replaced when given. ValueError for a mask of
+    another shape or dtype, or one leaving D_f or D_r empty."""
     d = self.train
     mask = np.asarray(in_forget)
     if mask.dtype != np.bool_ or mask.shape != (d.size,):

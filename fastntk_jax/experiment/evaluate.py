@@ -15,10 +15,12 @@ from fastntk_jax import train as train_lib
 
 
 def evaluate_method(model, trainable, frozen, data, cfg, seed: int, name: str,
-                    fit: Callable) -> dict:
-  """Accuracies on every split, UA/RA/TA/MIA-Efficacy and the relearn time of one method's
-  params. `fit(model, params, frozen, split, spec, *, seed, tag, stop_below)` trains (the
-  relearning): `train.fit` with the run's progress and mesh."""
+                    fit: Callable, train_streams: Callable) -> dict:
+  """Accuracies on every split, UA/RA/TA/MIA-Efficacy with its spread over member
+  subsamples, the relearn time and the relearning attack of one method's params.
+  `fit(model, params, frozen, split, spec, *, seed, tag, stop_below)` trains (the
+  relearning): `train.fit` with the run's progress and mesh; `train_streams` trains the
+  relearning attack (`relearning_attack`)."""
   metrics, logits = _accuracies(model, trainable, frozen, data, cfg.eval.batch_size)
   metrics["mia_efficacy"] = (mia.mia_efficacy(
       logits["retain"], data.retain.y, logits["test_retain"], data.test_retain.y,
@@ -36,21 +38,24 @@ def evaluate_method(model, trainable, frozen, data, cfg, seed: int, name: str,
         logits["retain"], data.retain.y, logits["test_retain"], data.test_retain.y,
         logits["forget"], data.forget.y, subsamples=int(cfg.eval.mia_subsamples))
   metrics["relearn_attack_curve"] = relearning_attack(model, trainable, frozen, data, cfg,
-                                                      seed)
+                                                      seed, train_streams)
   return metrics
 
 
-def relearning_attack(model, trainable, frozen, data, cfg, seed: int) -> list:
+def relearning_attack(model, trainable, frozen, data, cfg, seed: int,
+                      train_streams: Callable) -> list:
   """D_f accuracy (%) before and after each epoch of fine-tuning on D_r alone
   (`eval.relearn_attack`): the relearning attack of Siddiqui et al. (2025), under which a
   method that suppresses D_f rather than forgets it regains D_f's accuracy faster than
   Retrain does. A linearised model trains tabulated on D_r's and D_f's rows.
 
+  Args:
+    train_streams: `(net, params, frozen, streams, spec, *, seed, on_epoch, tag)`, plain
+      training on the streams (`objectives.fit_objective` with `objectives.lead_loss`).
+
   Returns:
-    [epochs + 1] accuracies, the first of the model as given.
+    [epochs + 1] accuracies, the first of the model as given; [] without a forget set.
   """
-  from fastntk_jax import objectives  # pylint: disable=g-import-not-at-top
-  from fastntk_jax.experiment.methods import _objectives  # pylint: disable=g-import-not-at-top
   from fastntk_jax.unlearn import linear  # pylint: disable=g-import-not-at-top
   if not data.forget.size:
     return []
@@ -65,10 +70,10 @@ def relearning_attack(model, trainable, frozen, data, cfg, seed: int) -> list:
       train_lib.predict(net, params, net_frozen, forget_in, batch_size=cfg.eval.batch_size),
       data.forget.y)
   curve = [accuracy(trainable)]
-  objectives.fit_objective(net, trainable, net_frozen, {"retain": (retain_in, data.retain.y)},
-                           _objectives.lead_loss, spec, seed=seed + 11,
-                           on_epoch=lambda epoch, params: curve.append(accuracy(params)),
-                           tag=f"seed{seed}/relearn_attack")
+  if spec.epochs:
+    train_streams(net, trainable, net_frozen, {"retain": (retain_in, data.retain.y)}, spec,
+                  seed=seed + 11, on_epoch=lambda epoch, params: curve.append(accuracy(params)),
+                  tag=f"seed{seed}/relearn_attack")
   return curve
 
 

@@ -25,7 +25,7 @@ import io
 import logging
 import os
 import time
-from typing import Optional
+from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -34,10 +34,9 @@ import numpy as np
 from fastntk_jax import ntk
 from fastntk_jax import train as train_lib
 from fastntk_jax import workdir as wd
-from fastntk_jax.experiment import finetune
 from fastntk_jax.experiment import methods as methods_lib
 from fastntk_jax.experiment.methods import fastntk as fastntk_method
-from fastntk_jax.experiment.prepare import POPULATION_SEED_BASE
+from fastntk_jax.config import POPULATION_SEED_BASE
 from fastntk_jax.models import trainable as tr
 from fastntk_jax.unlearn import linear
 
@@ -218,6 +217,24 @@ def _factors(setup, data, dtype) -> Optional[linear.HeadFactors]:
                              max_bytes=CHUNK_BYTES)
 
 
+def _factors_hold(setup, data, factors, seeds: dict, n: int) -> bool:
+  """The factors checked against the network (`HeadFactors.matches`) at the first head of
+  every chunk: a head that drives the logits into a nonlinearity the pre-trained head did
+  not reach would make them wrong for that seed."""
+  x = np.concatenate([data.retain.x, data.forget.x, data.test_retain.x])
+  size = _chunk_size(data, tr.count_params(setup.w_pre), factors.features.dtype, n)
+  firsts = [seeds[side][lo] for side in ("a", "b") for lo in range(0, n, size)]
+  heads = fresh_heads(setup.model, data.image_shape, firsts)
+  for i, seed in enumerate(firsts):
+    w0 = {**setup.w_pre, linear.HEAD: jax.tree_util.tree_map(lambda a: a[i], heads)}
+    if not factors.matches(setup.model, setup.frozen_pre, w0, x,
+                           batch_size=int(setup.cfg.eval.batch_size)):
+      log.warning("population: the head-factorised tables differ from the network's at seed "
+                  "%d; every seed runs one at a time", seed)
+      return False
+  return True
+
+
 def _chunk_size(data, num_params: int, dtype, n: int) -> int:
   rows = data.retain.size + data.forget.size + data.test_retain.size
   per_seed = rows * data.num_classes * num_params * jnp.dtype(dtype).itemsize
@@ -239,10 +256,22 @@ def _accuracy_records(net, params, frozen, data, batch_size: int):
           acc(logits[n_f + n_r:], data.test_retain.y))
 
 
-def _method_params(setup, data, seed: int, tuner, full: dict, methods, factors=None) -> dict:
+@dataclasses.dataclass(frozen=True)
+class Harness:
+  """What the population takes from the harness (`experiment.run`), passed in so that this
+  module does not import it: `method_context(setup, tuner, data, seed, method, full, w0)`,
+  `frozen_of(tuner, out)`, `make_fit(setup, num_classes)`, and the fine-tuner class
+  (`experiment.finetune.FineTuner`)."""
+  method_context: Callable
+  frozen_of: Callable
+  make_fit: Callable
+  fine_tuner: Callable
+
+
+def _method_params(harness: Harness, setup, data, seed: int, tuner, full: dict, methods,
+                   factors=None) -> dict:
   """{name: trainable params} of `methods` run from this seed's Full."""
-  from fastntk_jax.experiment import run as run_lib  # pylint: disable=g-import-not-at-top
-  frozen_full = run_lib.frozen_of(tuner, full)
+  frozen_full = harness.frozen_of(tuner, full)
   if factors is not None:  # prime the tables every plug-in's tabulated fit would compute
     f0, jac = _tables_fn(factors, tuner.w0[linear.HEAD])
     n_r, n_f = data.retain.size, data.forget.size
@@ -250,7 +279,7 @@ def _method_params(setup, data, seed: int, tuner, full: dict, methods, factors=N
       linear.put_table(tuner.net, frozen_full, tuner.w0, x, f0[lo:hi], jac[lo:hi])
   out = {}
   for method in methods:
-    ctx = run_lib.method_context(setup, tuner, data, seed, method, full, tuner.w0)
+    ctx = harness.method_context(setup, tuner, data, seed, method, full, tuner.w0)
     out[method.name] = method.run(ctx, methods_lib.block(setup.cfg, method)).params
   return out
 
@@ -261,24 +290,24 @@ def _tables_fn(factors, head):
   return f0, jac
 
 
-def _per_seed(setup, data, seed: int, with_methods: bool) -> dict:
-  from fastntk_jax.experiment import run as run_lib  # pylint: disable=g-import-not-at-top
+def _per_seed(harness: Harness, setup, data, seed: int, with_methods: bool) -> dict:
   cfg = setup.cfg
   w0 = tr.fresh_head(setup.w_pre, setup.model, data.image_shape, seed)
-  tuner = finetune.FineTuner(cfg, setup.model, setup.frozen_pre, w0, data, seed,
-                             forgetter=setup.forgetter, fit=run_lib.make_fit(setup,
-                                                                             data.num_classes),
+  tuner = harness.fine_tuner(cfg, setup.model, setup.frozen_pre, w0, data, seed,
+                             forgetter=setup.forgetter,
+                             fit=harness.make_fit(setup, data.num_classes),
                              mesh=setup.mesh)
   record = lambda out: _accuracy_records(tuner.net, out["trainable"],
-                                         run_lib.frozen_of(tuner, out), data,
+                                         harness.frozen_of(tuner, out), data,
                                          cfg.eval.batch_size)
   retrain, _ = tuner.fit(data.retain, "retrain")
   out = {"retrain": record(retrain)}
   if with_methods:
     full, _ = tuner.fit(data.train, "full")
     out["full"] = record(full)
-    frozen_full = run_lib.frozen_of(tuner, full)
-    for name, params in _method_params(setup, data, seed, tuner, full, setup.methods).items():
+    frozen_full = harness.frozen_of(tuner, full)
+    for name, params in _method_params(harness, setup, data, seed, tuner, full,
+                                       setup.methods).items():
       out[name] = _accuracy_records(tuner.net, params, frozen_full, data, cfg.eval.batch_size)
   return out
 
@@ -294,7 +323,7 @@ def batched_engine_applies(cfg) -> bool:
           and cfg.unlearn.linearize_at == "init" and not cfg.unlearn.serve)
 
 
-def build(setup, data) -> Optional[Population]:
+def build(setup, data, harness: Harness) -> Optional[Population]:
   """The population of `eval.population_seeds` (None when 0 or without Fast-NTK)."""
   cfg = setup.cfg
   n = int(cfg.eval.population_seeds)
@@ -306,6 +335,8 @@ def build(setup, data) -> Optional[Population]:
   start = time.perf_counter()
   dtype = jnp.float64 if jax.config.read("jax_enable_x64") else jnp.float32
   factors = _factors(setup, data, dtype) if batched_engine_applies(cfg) else None
+  if factors is not None and not _factors_hold(setup, data, factors, seeds, n):
+    factors = None
   others = [m for m in setup.methods if m.name != "fastntk"]
   chunks = []
   if factors is not None:
@@ -327,11 +358,11 @@ def build(setup, data) -> Optional[Population]:
             params = []
             for i, seed in enumerate(chunk_seeds):
               w0 = {**engine.body, linear.HEAD: jax.tree_util.tree_map(lambda a: a[i], heads)}
-              tuner = finetune.FineTuner(cfg, setup.model, setup.frozen_pre, w0, data, seed,
+              tuner = harness.fine_tuner(cfg, setup.model, setup.frozen_pre, w0, data, seed,
                                          forgetter=setup.forgetter, fit=None, mesh=setup.mesh)
               full_i = {"trainable": jax.tree_util.tree_map(lambda a: a[i], full)}
-              params.append(_method_params(setup, data, seed, tuner, full_i, others,
-                                           factors=factors))
+              params.append(_method_params(harness, setup, data, seed, tuner, full_i,
+                                           others, factors=factors))
             stacked = {m.name: jax.tree_util.tree_map(lambda *a: jnp.stack(a),
                                                       *[p[m.name] for p in params])
                        for m in others}
@@ -351,7 +382,7 @@ def build(setup, data) -> Optional[Population]:
       for k, seed in enumerate(seeds[side]):
         def compute(side=side, seed=seed, k=k):
           log.info("population: seed %s %d of %d", side.upper(), k + 1, n)
-          return _pack([_per_seed(setup, data, seed, with_methods=side == "a")])
+          return _pack([_per_seed(harness, setup, data, seed, with_methods=side == "a")])
         chunks.append((side, _npz_stage(os.path.join(pdir, f"{side}_{k}.npz"), compute)))
     engine_name = "per_seed"
   logits, ra, ta = {}, {}, {}

@@ -117,6 +117,13 @@ def make_fit(setup: Setup, num_classes: int):
   return fit
 
 
+def train_streams(net, params, frozen, streams, spec, *, seed, on_epoch=None, tag=""):
+  """Plain training on data streams (`objectives.fit_objective` with `objectives.lead_loss`):
+  the relearning attack's fine-tuning."""
+  return objectives.fit_objective(net, params, frozen, streams, objectives.lead_loss, spec,
+                                  seed=seed, on_epoch=on_epoch, tag=tag)
+
+
 def _method_fits(setup: Setup, ctx_net, frozen, num_classes: int, seed: int, name: str,
                  folder: Optional[str]):
   """`methods.Context.fit` and `.fit_objective` for method `name`: timed, resumable under its
@@ -304,7 +311,8 @@ def run_seed(setup: Setup, data, seed: int) -> dict:
   results = {}
   for name, (params, frozen) in models_of.items():
     def compute(name=name, params=params, frozen=frozen):
-      m = evaluate.evaluate_method(tuner.net, params, frozen, data, cfg, seed, name, fit)
+      m = evaluate.evaluate_method(tuner.net, params, frozen, data, cfg, seed, name, fit,
+                                   train_streams)
       m["seconds"] = timings.get(name)  # None when this run restored the stage from disk
       return m
     results[name] = stages.json_stage(os.path.join(sdir, f"{name}.json"), compute)
@@ -351,7 +359,9 @@ def _probes(setup: Setup, data, seed: int, w0, models_of: dict, fit, sdir: str) 
 def population_stage(setup: Setup, data) -> Optional[dict]:
   """The population of `eval.population_seeds` seeds (`experiment.population`) and its
   audits (KLoM, ε-score, U-LiRA); None when off."""
-  pop = population.build(setup, data)
+  pop = population.build(setup, data, population.Harness(
+      method_context=method_context, frozen_of=frozen_of, make_fit=make_fit,
+      fine_tuner=finetune.FineTuner))
   if pop is None:
     return None
   return population.audits(pop, data.forget.y)

@@ -299,6 +299,22 @@ class HeadFactors:
       cols.append(body[:, :, lo:hi] if kind == "body" else head_cols[name])
     return f0, jnp.concatenate(cols, axis=2)
 
+  def matches(self, model, frozen: dict, w0: PyTree, x, *, batch_size: int = 256) -> bool:
+    """Whether the tables at w0 are the network's: f(w0) on every row and J(w0) on a few rows
+    spread over them (first, last, between), to 1e-4 of their scale. A trainable acting after
+    the head (a temperature, a gate), or a nonlinearity after it that some row reaches (a
+    clip), makes them differ, and the factors must not be used."""
+    base = {k: v for k, v in frozen.items() if k not in ("trainable", LINEARIZATION_POINT)}
+    apply_fn = lambda w, xx: model.apply({**base, "trainable": w}, xx, train=False)
+    xs = jnp.asarray(x)
+    f0, jac = self.tables(w0[HEAD])
+    logits = ntk.apply_rows(apply_fn, w0, xs, batch_size=batch_size)
+    rows = _probe_rows(len(x))
+    ref = ntk.jacobian_rows(apply_fn, w0, xs[rows], batch_size=batch_size)
+    def close(a, b):
+      return bool(jnp.all(jnp.abs(a - b) <= 1e-4 * (float(jnp.max(jnp.abs(b))) + 1.0)))
+    return close(f0, logits.astype(f0.dtype)) and close(jac[rows], ref.astype(jac.dtype))
+
 
 def head_factors(model, frozen: dict, w0: PyTree, x, *, batch_size: int = 256,
                  max_bytes: int = TABULATE_MAX_BYTES):
@@ -323,15 +339,9 @@ def head_factors(model, frozen: dict, w0: PyTree, x, *, batch_size: int = 256,
   itemsize = jnp.result_type(*jax.tree_util.tree_leaves(w0)).itemsize
   if itemsize * int(len(x)) * int(d) * max(p_body, 1) > max_bytes:
     return None
-  probe = jnp.asarray(x[:2])
-  phi, logits = head_inputs(model, {**base, "trainable": w0}, probe)
+  phi, _ = head_inputs(model, {**base, "trainable": w0}, jnp.asarray(x[:2]))
   if phi is None or phi.ndim != 2 or phi.shape[-1] != d:
     return None
-  with jax.default_matmul_precision("highest"):
-    expect = phi @ kernel + bias
-  scale = float(jnp.max(jnp.abs(logits))) + 1.0
-  if not bool(jnp.allclose(expect, logits, rtol=0, atol=1e-4 * scale)):
-    return None  # the head is not the last, affine step of the network
 
   def features(theta, xx):
     return head_inputs(model, {**base, "trainable": {**theta, HEAD: w0[HEAD]}}, xx)[0]
@@ -350,7 +360,14 @@ def head_factors(model, frozen: dict, w0: PyTree, x, *, batch_size: int = 256,
       size = sum(int(jnp.size(l)) for l in jax.tree_util.tree_leaves(w0[key]))
       segments.append(("body", key, lo, lo + size))
       lo += size
-  return HeadFactors(phi_all, dphi, segments, int(c))
+  factors = HeadFactors(phi_all, dphi, segments, int(c))
+  return factors if factors.matches(model, frozen, w0, x, batch_size=batch_size) else None
+
+
+def _probe_rows(n: int, count: int = 4) -> np.ndarray:
+  return np.unique(np.linspace(0, n - 1, min(n, count)).round().astype(int))
+
+
 
 
 def put_table(model, frozen: dict, w0, x, f0, jacobian) -> None:
