@@ -62,6 +62,8 @@ import math
 
 import numpy as np
 
+from fastntk_jax import klom
+
 __all__ = ["DELTA", "EPSILON_CAP", "per_example_epsilon", "epsilon_ceiling",
            "forgetting_quality", "epsilon_score"]
 
@@ -76,14 +78,7 @@ MAX_RANGE = 1e4  # outputs spanning more units would need > 1e6 single threshold
 
 def _pair(unlearned, retrain) -> tuple[np.ndarray, np.ndarray]:
   """[N, n] and [M, n] float64 outputs; ValueError on shapes or fewer than 2 models."""
-  a = np.asarray(unlearned, np.float64)
-  b = np.asarray(retrain, np.float64)
-  if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1]:
-    raise ValueError(f"outputs must be [models, examples] with the same examples; got "
-                     f"{a.shape} and {b.shape}")
-  if min(a.shape[0], b.shape[0]) < 2:
-    raise ValueError(f"the ε-score needs at least 2 models on each side, got "
-                     f"{a.shape[0]} unlearned and {b.shape[0]} Retrain")
+  a, b = klom.model_pair(unlearned, retrain, "the ε-score")
   return a, b
 
 

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["margins", "klom", "summary"]
+__all__ = ["margins", "model_pair", "klom", "summary"]
 
 BINS = 20
 CLIP = 100.0
@@ -85,6 +85,20 @@ def _binned_kl(p_samples: np.ndarray, q_samples: np.ndarray, bins: int, eps: flo
   return float(np.sum(p[seen] * np.log(p[seen] / q)))
 
 
+def model_pair(unlearned, retrain, what: str) -> tuple[np.ndarray, np.ndarray]:
+  """The two sides of a population audit as float64 [N, n] and [M, n] (models × examples);
+  ValueError naming `what` for other shapes or fewer than 2 models on a side."""
+  a = np.asarray(unlearned, np.float64)
+  b = np.asarray(retrain, np.float64)
+  if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1]:
+    raise ValueError(f"{what}: outputs must be [models, examples] with the same examples; "
+                     f"got {a.shape} and {b.shape}")
+  if min(a.shape[0], b.shape[0]) < 2:
+    raise ValueError(f"{what} needs at least 2 models on each side, got {a.shape[0]} "
+                     f"unlearned and {b.shape[0]} Retrain")
+  return a, b
+
+
 def klom(unlearned, retrain, *, bins: int = BINS, clip: float = CLIP,
          eps: float = EPS) -> np.ndarray:
   """Per-example KL(unlearned ‖ retrain) of margin histograms, as EasyDUB computes it.
@@ -107,13 +121,7 @@ def klom(unlearned, retrain, *, bins: int = BINS, clip: float = CLIP,
     ValueError: inputs that are not [models, examples] with the same examples, fewer than
       2 models on a side, bins < 1, or clip/eps not positive.
   """
-  a = np.asarray(unlearned, np.float64)
-  b = np.asarray(retrain, np.float64)
-  if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1]:
-    raise ValueError(f"margins must be [models, examples] with the same examples; got "
-                     f"{a.shape} and {b.shape}")
-  if min(a.shape[0], b.shape[0]) < 2:
-    raise ValueError("KLoM needs at least 2 models on each side")
+  a, b = model_pair(unlearned, retrain, "KLoM")
   if isinstance(bins, bool) or not isinstance(bins, (int, np.integer)) or bins < 1:
     raise ValueError(f"bins must be an int >= 1, got {bins!r}")
   if not (clip > 0 and eps > 0):

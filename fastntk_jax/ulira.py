@@ -124,11 +124,7 @@ def ulira(unlearned, retrain, *, num_targets: Optional[int] = None, seed: int = 
     ValueError: shapes, no examples, num_targets < 1, fewer than 2 shadow models a side,
       or min_std <= 0.
   """
-  a = np.asarray(unlearned, np.float64)
-  b = np.asarray(retrain, np.float64)
-  if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1]:
-    raise ValueError(f"outputs must be [models, examples] with the same examples; got "
-                     f"{a.shape} and {b.shape}")
+  a, b = klom.model_pair(unlearned, retrain, "U-LiRA")
   if a.shape[1] == 0:
     raise ValueError("U-LiRA needs at least one forget example")
   n_u, n_r, n = a.shape[0], b.shape[0], a.shape[1]
