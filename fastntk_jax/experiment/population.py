@@ -45,7 +45,7 @@ log = logging.getLogger(__name__)
 # The rows of one compiled chunk hold each seed's Jacobian table in the solve dtype: the
 # chunk is as many seeds as fit in this many bytes (at least one).
 CHUNK_BYTES = 2 ** 30
-SEED_B_OFFSET = None  # seeds B are POPULATION_SEED_BASE + N + k (after A's N)
+SECONDS = "seconds"  # a chunk's own wall time, stored beside its outputs
 
 
 @dataclasses.dataclass
@@ -57,7 +57,8 @@ class Population:
     ra, ta: {model name: float64 [N]} retain and test accuracies (%) of each model.
     seeds: {"a": [N], "b": [N]} the seeds.
     engine: "batched" (one compiled program per chunk) or "per_seed".
-    seconds: wall time of the models (compilation included).
+    seconds: wall time of the models (compilation included): the features once and each
+      chunk's own time, also for chunks a resumed run read back from disk.
   """
   logits: dict
   ra: dict
@@ -339,6 +340,7 @@ def build(setup, data, harness: Harness) -> Optional[Population]:
     factors = None
   others = [m for m in setup.methods if m.name != "fastntk"]
   chunks = []
+  setup_seconds = time.perf_counter() - start  # the factors and their checks
   if factors is not None:
     engine = _Batched(setup, data, factors, dtype)
     size = _chunk_size(data, tr.count_params(setup.w_pre), dtype, n)
@@ -369,8 +371,9 @@ def build(setup, data, harness: Harness) -> Optional[Population]:
             packed.update({f"{name}/{part}": v
                            for name, (logits, ra, ta) in engine.outputs(heads, stacked).items()
                            for part, v in (("logits", logits), ("ra", ra), ("ta", ta))})
+          packed[SECONDS] = np.asarray(time.perf_counter() - t)
           log.info("population: seeds %s %d-%d of %d in %.1f s", side.upper(), lo + 1,
-                   lo + len(chunk_seeds), n, time.perf_counter() - t)
+                   lo + len(chunk_seeds), n, packed[SECONDS])
           return packed
         chunks.append((side, _npz_stage(os.path.join(pdir, f"{side}_{k}.npz"), compute)))
     engine_name = "batched"
@@ -382,18 +385,25 @@ def build(setup, data, harness: Harness) -> Optional[Population]:
       for k, seed in enumerate(seeds[side]):
         def compute(side=side, seed=seed, k=k):
           log.info("population: seed %s %d of %d", side.upper(), k + 1, n)
-          return _pack([_per_seed(harness, setup, data, seed, with_methods=side == "a")])
+          t = time.perf_counter()
+          packed = _pack([_per_seed(harness, setup, data, seed, with_methods=side == "a")])
+          packed[SECONDS] = np.asarray(time.perf_counter() - t)
+          return packed
         chunks.append((side, _npz_stage(os.path.join(pdir, f"{side}_{k}.npz"), compute)))
     engine_name = "per_seed"
   logits, ra, ta = {}, {}, {}
+  # The models' time: each chunk's own, also when a resumed run read it back from disk.
+  seconds = sum(float(packed.get(SECONDS, 0.0)) for _, packed in chunks)
   for side, packed in chunks:
     for key, value in packed.items():
+      if key == SECONDS:
+        continue
       name, part = key.rsplit("/", 1)
       name = "retrain_b" if side == "b" else name
       {"logits": logits, "ra": ra, "ta": ta}[part].setdefault(name, []).append(value)
   cat = lambda d: {k: np.concatenate(v) for k, v in d.items()}
   return Population(logits=cat(logits), ra=cat(ra), ta=cat(ta), seeds=seeds,
-                    engine=engine_name, seconds=time.perf_counter() - start)
+                    engine=engine_name, seconds=seconds + setup_seconds)
 
 
 # ------------------------------------------------------------------------------------------
