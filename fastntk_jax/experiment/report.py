@@ -369,7 +369,8 @@ def audit_lines(results: dict) -> list[str]:
              f"{e['forgetting_quality']:.3f}", f"{e['epsilon_median']:.2f}",
              f"{u['auc']:.3f}", f"{u['tpr_at_1pct_fpr']:.3f}", f"{u['tpr_at_0_1pct_fpr']:.3f}"]
     lines.append(f"| {label} | " + " | ".join(cells) + " |")
-  per_model = a["seconds"] / max(1, sum(1 for _ in k["per_method"]) * n + n)
+  seconds = results["timing"].get("population_seconds") or 0.0
+  per_model = seconds / max(1, sum(1 for _ in k["per_method"]) * n + n)
   lines += ["",
             "Each row compares the method's models over seeds A with Retrain's over seeds B; "
             "Retrain over A is the noise floor of every column (a method there is "
@@ -396,7 +397,7 @@ def audit_lines(results: dict) -> list[str]:
             + ("(one compiled program per chunk of seeds for Full, Retrain and Fast-NTK; the "
                "other methods per seed on tables from the same features)"
                if a["engine"] == "batched" else "(seed by seed)")
-            + f", {a['seconds']:.0f} s in all, {per_model:.3f} s per model.", ""]
+            + f", {seconds:.0f} s in all, {per_model:.3f} s per model.", ""]
   return lines
 
 
