@@ -3,7 +3,6 @@ head-factorised tables against the network's Jacobian, and the per-seed audits' 
 (MIA-Efficacy's spread, the relearning attack)."""
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -177,3 +176,18 @@ def test_head_factors_refuse_what_acts_after_the_head(clip):
   x = np.random.default_rng(2).normal(size=(9,) + SHAPE).astype(np.float32)
   x[:2] *= 0.0  # the first rows alone would not reveal the clip
   assert linear.head_factors(model, frozen, w, x) is None
+
+
+def test_audits_refuse_a_diverged_model_instead_of_reporting_nan():
+  rng = np.random.default_rng(4)
+  logits = {n: rng.normal(size=(4, 3, 2)).astype(np.float32)
+            for n in ("fastntk", "retrain", "retrain_b")}
+  logits["fastntk"][2, 1, 0] = np.nan
+  acc = {n: np.full(4, 90.0) for n in logits}
+  pop = population.Population(logits=logits, ra=acc, ta=acc, seeds={}, engine="batched",
+                              seconds=0.0)
+  with pytest.raises(FloatingPointError, match=r"fastntk's models of seeds \[2\]"):
+    population.audits(pop, np.array([0, 1, 0]))
+  logits["fastntk"][2, 1, 0] = 0.0
+  assert set(population.audits(pop, np.array([0, 1, 0]))["per_method"]) == {"fastntk",
+                                                                            "retrain"}

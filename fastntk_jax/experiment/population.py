@@ -20,7 +20,6 @@ report seeds do. Each chunk is a resumable stage (`population/<side>_<k>.npz`).
 from __future__ import annotations
 
 import dataclasses
-import functools
 import io
 import logging
 import os
@@ -416,6 +415,9 @@ def audits(pop: Population, forget_labels, *, ulira_seed: int = 0) -> dict:
   population against seeds B's Retrain, on the margins of D_f (= the logit-scaled
   confidence the ε-score and U-LiRA read). Retrain over A is the noise floor of each.
 
+  Raises:
+    FloatingPointError: a model with non-finite logits (a diverged method), named.
+
   Returns:
     {"klom": {"num_seeds", "floor": "retrain", "per_method": {name: klom.summary}},
      "per_method": {name: {"epsilon": epsilon_score dict, "ulira": ulira dict}},
@@ -425,6 +427,13 @@ def audits(pop: Population, forget_labels, *, ulira_seed: int = 0) -> dict:
   from fastntk_jax import klom  # pylint: disable=g-import-not-at-top
   from fastntk_jax import ulira  # pylint: disable=g-import-not-at-top
   y = np.asarray(forget_labels)
+  for name, logits in pop.logits.items():  # a diverged model is an error, not a NaN audit
+    bad = ~np.isfinite(logits).reshape(len(logits), -1).all(axis=1)
+    if bad.any():
+      raise FloatingPointError(
+          f"population: {name}'s models of seeds {np.flatnonzero(bad).tolist()[:5]} (index in "
+          f"{'B' if name == 'retrain_b' else 'A'}) have non-finite logits on D_f; the audits "
+          "would be NaN (check that method's settings)")
   margins = {name: np.stack([klom.margins(z, y) for z in logits])
              for name, logits in pop.logits.items()}
   reference = margins["retrain_b"]

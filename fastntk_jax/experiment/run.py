@@ -40,7 +40,6 @@ import numpy as np
 from fastntk_jax import audit
 from fastntk_jax import config as config_lib
 from fastntk_jax import faults
-from fastntk_jax import klom
 from fastntk_jax import linalg
 from fastntk_jax import objectives
 from fastntk_jax import signing
