@@ -81,7 +81,8 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.pretrain = ml_collections.ConfigDict()
   # "train" (see `dataset`) | "npz" (a vision_transformer/AugReg ViT .npz) | "state_dict" (a
-  # PyTorch CIFAR ResNet state dict: .pt/.pth with torch installed, or .npz/.safetensors) |
+  # PyTorch CIFAR ResNet or chenyaofo CIFAR MobileNetV2 state dict, models/torch_import.py:
+  # .pt/.pth with torch installed, or .npz/.safetensors) |
   # "checkpoint" (this project's orbax folder, e.g. another workdir's pretrain/) | "none"
   c.pretrain.source = "train"
   c.pretrain.path = ""  # file/folder for source="npz"/"state_dict"/"checkpoint"
@@ -296,6 +297,11 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   if cfg.pretrain.source in ("npz", "state_dict", "checkpoint") and not cfg.pretrain.path:
     raise ValueError(f"config.pretrain.path must name the file for pretrain.source="
                      f"{cfg.pretrain.source!r}")
+  if cfg.pretrain.source == "state_dict" and not (cfg.model.name.startswith("resnet")
+                                                  or cfg.model.name == "mobilenetv2"):
+    raise ValueError(f"config.pretrain.source='state_dict' imports PyTorch CIFAR ResNets and "
+                     f"MobileNetV2s, not model.name={cfg.model.name!r}; a ViT loads an AugReg "
+                     "file: pretrain.source='npz' (python -m fastntk_jax.pretrained_files --list)")
   _check_patterns("pretrain.dont_load", cfg.pretrain.dont_load)
   if cfg.pretrain.images_per_class is not None:  # None = every image of pretrain.dataset
     _positive("pretrain.images_per_class", cfg.pretrain.images_per_class, integer=True)

@@ -347,8 +347,9 @@ def pretrain_stage(cfg, model, data, workdir: str, progress, mesh=None) -> dict:
     info.update(path=cfg.pretrain.path, **loaded)
   elif source == "state_dict":
     from fastntk_jax.models import torch_import  # pylint: disable=g-import-not-at-top
-    variables = torch_import.load_cifar_resnet(cfg.pretrain.path, init,
-                                               dont_load=tuple(cfg.pretrain.dont_load))
+    variables = torch_import.load_state_dict(cfg.model.name, cfg.pretrain.path, init,
+                                             dont_load=tuple(cfg.pretrain.dont_load),
+                                             model=model)
     info["path"] = cfg.pretrain.path
   elif source == "checkpoint":
     variables = checkpoints.restore_checkpoint(cfg.pretrain.path, init)
