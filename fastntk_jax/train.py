@@ -368,3 +368,85 @@ def accuracy(logits: np.ndarray, labels: np.ndarray) -> Optional[float]:
   if len(labels) == 0:
     return None
   return float(100.0 * np.mean(np.asarray(logits).argmax(-1) == np.asarray(labels)))
+
+# ------------------------------------------------------------------------------------------
+# The BatchNorm running statistics of a released model (SWA's "bn_update").
+# ------------------------------------------------------------------------------------------
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _batch_moments(model, variables, x):
+  """{layer path: {"mean": (m,), "var": (v,)}}: the moments each train-mode BatchNorm
+  normalised the batch `x` with (one tuple entry per call of the layer)."""
+  from fastntk_jax.models.layers import BATCH_MOMENTS, BATCH_STATS  # pylint: disable=g-import-not-at-top
+  _, state = model.apply(variables, x, train=True, mutable=[BATCH_STATS, BATCH_MOMENTS])
+  return state.get(BATCH_MOMENTS, {})
+
+
+def recompute_batch_stats(model, trainable: PyTree, frozen: dict, x: np.ndarray, *,
+                          batch_size: int, seed: int = 0) -> PyTree:
+  """The BatchNorm running statistics of a model, recomputed from `x` alone.
+
+  One forward pass over `x` in train mode (BatchNorm normalising each batch with its own
+  statistics, as in training), in batches of `batch_size` rows shuffled by `seed` (the last
+  batch of its real rows only, no padding); for every BatchNorm layer l
+
+      mean_l = Σ_k n_k · m_lk / Σ_k n_k,      var_l = Σ_k n_k · v_lk / Σ_k n_k,
+
+  m_lk and v_lk the mean and biased variance (over the batch and spatial positions) layer l
+  normalised batch k of n_k rows with. This is the cumulative average of SWA's bn_update
+  (Izmailov et al. 2018: momentum n_k / (n_seen + n_k)): with batches of one size, the plain
+  mean of the per-batch moments; a last partial batch counts n_k / batch_size of a full one.
+
+  Invariant: the result depends on the trainable and frozen weights and on the rows of `x`
+  (and `seed`, `batch_size`) only; not on `frozen["batch_stats"]`, whose values are replaced
+  (only its structure and dtypes are kept), nor on `BatchNorm.momentum` (0.9, whose EMA in
+  training weights the last batches most and keeps 0.9^K of the statistics it started from).
+  So a model's statistics hold no trace of data outside `x`. The moments are the ones the
+  layer sows (`models.layers.BATCH_MOMENTS`); they are averaged in float64.
+
+  Args:
+    model: a Flax model of `fastntk_jax.models` (its BatchNorm is `models.layers.BatchNorm`).
+    trainable: its trainable collection (BN scale/bias shape the later layers' inputs).
+    frozen: its other collections, with `batch_stats` (from `models.trainable.split`).
+    x: [n, ...] inputs, n ≥ 1 (the data the model may see; no augmentation is applied).
+    batch_size: rows per batch (the fine-tuning's, so the moments are those of training).
+    seed: seeds the shuffle of the rows into batches.
+
+  Returns:
+    A tree like `frozen["batch_stats"]` ({layer path: {"mean": [C], "var": [C]}}, its
+    dtypes), numpy arrays.
+
+  Raises:
+    ValueError: no `batch_stats` in `frozen`, no rows in `x`, or a layer with running
+      statistics that the pass did not reach in train mode (named).
+  """
+  from fastntk_jax.models.layers import BATCH_STATS  # pylint: disable=g-import-not-at-top
+  stats = frozen.get(BATCH_STATS)
+  if stats is None:
+    raise ValueError("recompute_batch_stats: the model has no BatchNorm running statistics "
+                     f"(no {BATCH_STATS!r} collection among {sorted(frozen)})")
+  x = np.asarray(x)
+  if x.shape[0] == 0:
+    raise ValueError("recompute_batch_stats: no rows to compute the statistics from")
+  variables = {**frozen, "trainable": trainable}
+  sums, rows = {}, 0
+  for b in batches_lib.iterate_batches((x, np.zeros(x.shape[0], np.int32)), batch_size,
+                                       seed=seed, remainder="partial"):
+    n_k = b.x.shape[0]
+    moments = _batch_moments(model, variables, b.x)
+    for path, calls in jax.tree_util.tree_flatten_with_path(
+        moments, is_leaf=lambda t: isinstance(t, tuple))[0]:
+      # A layer called several times in one forward pass: the mean of its calls' moments.
+      value = np.mean([np.asarray(c, np.float64) for c in calls], axis=0)
+      key = jax.tree_util.keystr(path)
+      sums[key] = sums.get(key, 0.0) + n_k * value
+    rows += n_k
+  paths = jax.tree_util.tree_flatten_with_path(stats)[0]
+  missing = [jax.tree_util.keystr(p) for p, _ in paths if jax.tree_util.keystr(p) not in sums]
+  if missing:
+    raise ValueError("recompute_batch_stats: no batch moments reached these running "
+                     f"statistics in train mode: {missing}")
+  return jax.tree_util.tree_map_with_path(
+      lambda p, old: (sums[jax.tree_util.keystr(p)] / rows).astype(np.asarray(old).dtype),
+      stats)
