@@ -369,6 +369,7 @@ def accuracy(logits: np.ndarray, labels: np.ndarray) -> Optional[float]:
     return None
   return float(100.0 * np.mean(np.asarray(logits).argmax(-1) == np.asarray(labels)))
 
+
 # ------------------------------------------------------------------------------------------
 # The BatchNorm running statistics of a released model (SWA's "bn_update").
 # ------------------------------------------------------------------------------------------
