@@ -1,10 +1,22 @@
-"""Train-mode BatchNorm takes its batch statistics over real rows only (no padded rows)."""
+"""Train-mode BatchNorm takes its batch statistics over real rows only (no padded rows); a
+released model's running statistics are recomputed from the data its method may see."""
+
+import dataclasses
 
 import flax.linen as nn
 import jax
 import numpy as np
+import pytest
+from conftest import tiny_config
 
 from fastntk_jax import train as train_lib
+from fastntk_jax.experiment import finetune
+from fastntk_jax.experiment import methods as methods_lib
+from fastntk_jax.experiment import prepare as prepare_lib
+from fastntk_jax.experiment import pretrain
+from fastntk_jax.experiment import progress as progress_lib
+from fastntk_jax.experiment import run as run_lib
+from fastntk_jax.experiment.methods import fastntk
 from fastntk_jax.models import trainable as tr
 from fastntk_jax.models.layers import BatchNorm, TrainableDense
 
@@ -44,3 +56,184 @@ def test_frozen_bn_still_pads_and_masks():
   spec = train_lib.TrainSpec(epochs=1, learning_rate=0.1, batch_size=8, bn_mode="frozen")
   w, stats, hist = train_lib.fit(model, w0, frozen, (x, y), spec, 3, seed=0)
   assert np.all(np.asarray(stats["bn"]["mean"]) == 0) and np.isfinite(hist[0])
+
+
+# ------------------------------------------------------------------------------------------
+# The released model's running statistics (`train.recompute_batch_stats`, the harness's
+# `run._release_bn_stats`): from the data its method may see, never Full's of D.
+# ------------------------------------------------------------------------------------------
+
+
+class ConvBN(nn.Module):
+  """One conv, two BatchNorms (the second sees the first's train-mode output), a head."""
+  momentum: float = 0.9
+
+  @nn.compact
+  def __call__(self, x, train=False):
+    z = nn.Conv(3, (3, 3), padding="VALID", use_bias=False, name="conv")(x)
+    a = nn.relu(BatchNorm(self.momentum, name="bn1")(z, train))
+    b = BatchNorm(self.momentum, name="bn2")(a, train)
+    return TrainableDense(2, name="head")(b.mean(axis=(1, 2)))
+
+
+def _numpy_bn_update(x, kernel, trainable, order, batch_size, eps=1e-5):
+  """The reference, in float64 numpy: per batch, the conv, the moments of bn1's input, bn1
+  normalising with them, the moments of bn2's input; averaged weighted by the batch's rows."""
+  sums = {k: 0.0 for k in ("m1", "v1", "m2", "v2")}
+  for start in range(0, len(order), batch_size):
+    xb = x[order[start:start + batch_size]].astype(np.float64)
+    h, w = xb.shape[1] - 2, xb.shape[2] - 2
+    z = sum(np.einsum("nhwc,co->nhwo", xb[:, i:i + h, j:j + w], kernel[i, j])
+            for i in range(3) for j in range(3))
+    m1 = z.mean(axis=(0, 1, 2))
+    v1 = ((z - m1) ** 2).mean(axis=(0, 1, 2))
+    bn1 = trainable["bn1"]
+    a = np.maximum((z - m1) / np.sqrt(v1 + eps) * bn1["scale"] + bn1["bias"], 0.0)
+    m2 = a.mean(axis=(0, 1, 2))
+    v2 = ((a - m2) ** 2).mean(axis=(0, 1, 2))
+    for key, value in (("m1", m1), ("v1", v1), ("m2", m2), ("v2", v2)):
+      sums[key] = sums[key] + len(xb) * value
+  return {k: v / len(order) for k, v in sums.items()}
+
+
+def _conv_bn_setup(n=10):
+  rng = np.random.default_rng(5)
+  x = rng.normal(loc=1.0, size=(n, 5, 5, 2)).astype(np.float32)
+  w0, frozen = tr.split(ConvBN().init(jax.random.PRNGKey(0), x[:1]))
+  # BN scale/bias away from 1/0 (they shape bn2's input) and running statistics that are
+  # anything but the answer (the result must not depend on them).
+  w0 = jax.tree_util.tree_map(
+      lambda a: np.asarray(a) + rng.normal(scale=0.5, size=np.shape(a)).astype(np.float32), w0)
+  frozen = {**frozen, "batch_stats": jax.tree_util.tree_map(
+      lambda a: np.abs(rng.normal(size=np.shape(a))).astype(np.float32) + 3.0,
+      frozen["batch_stats"])}
+  return x, w0, frozen
+
+
+def test_recomputed_statistics_equal_a_numpy_pass_with_a_last_partial_batch():
+  x, w0, frozen = _conv_bn_setup(n=10)
+  seed, bs = 4, 4  # batches of 4, 4 and 2 rows
+  stats = train_lib.recompute_batch_stats(ConvBN(), w0, frozen, x, batch_size=bs, seed=seed)
+  order = np.random.default_rng([seed, 0]).permutation(len(x))  # `iterate_batches`' shuffle
+  ref = _numpy_bn_update(x, np.asarray(frozen["params"]["conv"]["kernel"], np.float64),
+                         jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64), w0),
+                         order, bs)
+  got = {"m1": stats["bn1"]["mean"], "v1": stats["bn1"]["var"],
+         "m2": stats["bn2"]["mean"], "v2": stats["bn2"]["var"]}
+  for key in ref:
+    assert got[key].dtype == np.float32
+    np.testing.assert_allclose(got[key], ref[key], rtol=2e-5, atol=1e-6, err_msg=key)
+  # The last batch weighs 2/4 of a full one: not the plain mean of the three batches' moments.
+  plain = _numpy_bn_update(x, np.asarray(frozen["params"]["conv"]["kernel"], np.float64),
+                           jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64), w0),
+                           order[:8], bs)
+  assert not np.allclose(plain["m1"], ref["m1"], rtol=1e-3)
+
+
+def test_recomputed_statistics_ignore_momentum_and_the_statistics_they_replace():
+  x, w0, frozen = _conv_bn_setup(n=9)
+  a = train_lib.recompute_batch_stats(ConvBN(), w0, frozen, x, batch_size=4, seed=1)
+  # Another momentum, other running statistics in: bit for bit the same result.
+  other = {**frozen, "batch_stats": jax.tree_util.tree_map(np.zeros_like, frozen["batch_stats"])}
+  b = train_lib.recompute_batch_stats(ConvBN(momentum=0.3), w0, other, x, batch_size=4, seed=1)
+  jax.tree_util.tree_map(np.testing.assert_array_equal, a, b)
+  assert jax.tree_util.tree_structure(a) == jax.tree_util.tree_structure(frozen["batch_stats"])
+  # One batch: the batch's own moments (what the EMA of training would only approach).
+  one = train_lib.recompute_batch_stats(ConvBN(), w0, frozen, x, batch_size=len(x))
+  kernel = np.asarray(frozen["params"]["conv"]["kernel"], np.float64)
+  ref = _numpy_bn_update(x, kernel, jax.tree_util.tree_map(lambda v: np.asarray(v, np.float64),
+                                                           w0), np.arange(len(x)), len(x))
+  np.testing.assert_allclose(one["bn1"]["var"], ref["v1"], rtol=2e-5)
+
+
+def test_recompute_refuses_a_model_without_statistics_and_an_empty_pass():
+  x, w0, frozen = _conv_bn_setup(n=4)
+  with pytest.raises(ValueError, match="no BatchNorm running statistics"):
+    train_lib.recompute_batch_stats(ConvBN(), w0, {"params": frozen["params"]}, x, batch_size=2)
+  with pytest.raises(ValueError, match="no rows"):
+    train_lib.recompute_batch_stats(ConvBN(), w0, frozen, x[:0], batch_size=2)
+
+
+def _tiny_standard(tmp_path):
+  """The `:tiny,standard` run's pieces (pre-training, the Forgetter): Setup and data."""
+  cfg = tiny_config("tiny,standard")
+  with cfg.unlocked():
+    cfg.methods = ("full", "retrain", "fastntk")
+  p = prepare_lib.prepare(cfg)
+  progress = progress_lib.Progress(str(tmp_path), False)
+  pretrained = pretrain.pretrain_stage(p.cfg, p.model, p.data, str(tmp_path), progress)
+  w_pre, frozen_pre = tr.split(pretrained)
+  setup = run_lib.Setup(cfg=p.cfg, workdir=str(tmp_path), model=p.model, frozen_pre=frozen_pre,
+                        w_pre=w_pre, forgetter=run_lib.make_forgetter(
+                            p.cfg, p.model, frozen_pre, p.data.num_classes),
+                        methods=p.plugins, progress=progress, mesh=None)
+  return setup, p.data
+
+
+def _full_and_fastntk(setup, data):
+  """(tuner, Full, Fast-NTK's params) of seed 0 on `data`, as `run.run_seed` makes them."""
+  w0 = tr.fresh_head(setup.w_pre, setup.model, data.image_shape, 0)
+  tuner = finetune.FineTuner(setup.cfg, setup.model, setup.frozen_pre, w0, data, 0,
+                             forgetter=setup.forgetter,
+                             fit=run_lib.make_fit(setup, data.num_classes), mesh=None)
+  full, _ = tuner.fit(data.train, "full")
+  ctx = run_lib.method_context(setup, tuner, data, 0, fastntk.METHOD, full, w0)
+  params = fastntk.METHOD.run(ctx, methods_lib.block(setup.cfg, fastntk.METHOD)).params
+  return tuner, full, params
+
+
+def test_fastntk_released_bn_statistics_are_independent_of_the_forget_set(tmp_path):
+  """The acceptance test (issue 25): in standard fine-tuning with train-mode BN, D_f replaced
+  by other images (D_r the same) changes Full's running statistics, but not those of
+  Fast-NTK's released model at the same parameters: the harness recomputes them on D_r.
+  (Without the recomputation Fast-NTK kept Full's statistics of D, and this test fails.)"""
+  setup, data_a = _tiny_standard(tmp_path)
+  forget = data_a.forget
+  data_b = dataclasses.replace(data_a, forget=dataclasses.replace(
+      forget, x=np.ascontiguousarray(forget.x[:, :, ::-1] * 0.5 + 0.25)))  # other images
+  tuner_a, full_a, fast_a = _full_and_fastntk(setup, data_a)
+  tuner_b, full_b, _ = _full_and_fastntk(setup, data_b)
+  leaves = lambda tree: [np.asarray(v) for v in jax.tree_util.tree_leaves(tree)]
+  # Full's statistics of D hold D_f: other forget images, other statistics.
+  assert any(not np.allclose(a, b) for a, b in zip(leaves(full_a["batch_stats"]),
+                                                   leaves(full_b["batch_stats"])))
+  released, notes = {}, {}
+  for tag, tuner, data, full in (("a", tuner_a, data_a, full_a), ("b", tuner_b, data_b, full_b)):
+    frozen_full = run_lib.frozen_of(tuner, full)
+    # Fast-NTK at the same parameters, started from this data's Full (as `run_seed` has it),
+    # and Full's parameters of data A: the harness forms their released models.
+    models_of = {"full": (full_a["trainable"], frozen_full), "fastntk": (fast_a, frozen_full)}
+    notes[tag] = run_lib._release_bn_stats(  # pylint: disable=protected-access
+        tuner, data, 0, str(tmp_path / tag), models_of)
+    released[tag] = {name: frozen["batch_stats"] for name, (_, frozen) in models_of.items()}
+  jax.tree_util.tree_map(np.testing.assert_array_equal, released["a"]["fastntk"],
+                         released["b"]["fastntk"])
+  # Full's (the same parameters, recomputed on D) still differ: D is its data.
+  assert any(not np.allclose(a, b) for a, b in zip(leaves(released["a"]["full"]),
+                                                   leaves(released["b"]["full"])))
+  for tag, data in (("a", data_a), ("b", data_b)):
+    assert notes[tag]["fastntk"]["data"] == "D_r" and notes[tag]["full"]["data"] == "D"
+    assert notes[tag]["fastntk"]["rows"] == data.retain.size
+    assert set(notes[tag]["fastntk"]["before"]) == {"ua", "ra", "ta"}
+    # The stage on disk is what the released model carries.
+    restored = run_lib.stages.array_stage(str(tmp_path / tag / "fastntk_bn_stats"),
+                                          full_a["batch_stats"], lambda: 1 / 0)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, restored, released[tag]["fastntk"])
+
+
+def test_linearized_and_frozen_bn_keep_the_pretrained_statistics():
+  """Linearised fine-tuning (f_lin at w0 with the pre-trained statistics) and frozen BN leave
+  every model's statistics as pre-trained, so nothing is recomputed."""
+  for arg, bn_mode in (("tiny", "frozen"), ("tiny,standard", "frozen"),
+                       ("tiny,standard", "train")):
+    cfg = tiny_config(arg)
+    with cfg.unlocked():
+      cfg.finetune.bn_mode = bn_mode
+    stats = {"bn": {"mean": np.zeros(2, np.float32), "var": np.ones(2, np.float32)}}
+    tuner = finetune.FineTuner(cfg, BNHead(), {"params": {}, "batch_stats": stats},
+                               {"head": {}}, None, 0, forgetter=None, fit=None)
+    frozen = {"batch_stats": stats}
+    expected = cfg.finetune.mode == "standard" and bn_mode == "train"
+    assert run_lib.recomputes_bn(tuner) is expected, (arg, bn_mode)
+    if not expected:
+      assert run_lib.released_frozen(tuner, None, "fastntk", None, frozen, 0) is frozen

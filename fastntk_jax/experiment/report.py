@@ -131,6 +131,12 @@ def build_results(cfg, data, model, pretrained, per_seed: dict) -> dict:
           "svc_lift": float(np.mean([sp["svc_lift"] for sp in spreads])),
           "at_chance_seeds": [s for s, r in zip(seeds, runs)
                               if (r.get("mia_efficacy_spread") or {}).get("at_chance")]}
+    notes = [r.get("bn_recompute") for r in runs]
+    if all(notes):  # BN statistics recomputed on the data the method may see (run.py)
+      entry["bn_recompute"] = {
+          **{k: notes[0][k] for k in ("data", "rows", "batch_size")},
+          **{when: {k: _stats([n[when][k] for n in notes]) for k in ("ua", "ra", "ta")}
+             for when in ("before", "after")}}
     methods[name] = entry
     timing["methods"][name] = {"seconds": _stats([r.get("seconds") for r in runs])}
     split = [rte_split(r) for r in runs]
@@ -200,6 +206,7 @@ def markdown(results: dict) -> str:
             "counts as the cap, so a relearn time equal to the cap is a lower bound. Time: "
             "fine-tuning for Full/Retrain, the unlearning step for the others (the training "
             "step compiles once per run, in the first seed).", ""]
+  lines += bn_recompute_lines(results)
   if "fastntk" in results["methods"]:
     f = results["methods"]["fastntk"]
     comp = [d.get("compile_seconds") for d in results["timing"]["fastntk_diagnostics"].values()]
@@ -322,6 +329,30 @@ def markdown(results: dict) -> str:
             f"{results['versions'].get('neural-tangents') or 'not installed (the kernel by JAX)'}"
             ".", ""]
   return "\n".join(lines)
+
+
+def bn_recompute_lines(results: dict) -> list[str]:
+  """results.md's note on the BN running statistics recomputed for every released model
+  (empty when they were not: linearised fine-tuning, BN frozen, no BN)."""
+  done = {name: e["bn_recompute"] for name, e in results["methods"].items()
+          if e.get("bn_recompute")}
+  if not done:
+    return []
+  first = next(iter(done.values()))
+  lines = ["BatchNorm running statistics of every released model (the tables) recomputed on "
+           "the data its method may see (D for Full, D_r for the others), one train-mode pass "
+           f"in batches of {first['batch_size']}: the row-weighted mean of the per-batch "
+           "moments (`train.recompute_batch_stats`). Before it, Full and Retrain had their "
+           "training's running averages and every other method kept Full's, of D = D_r ∪ "
+           "D_f. UA / RA / TA before → after (mean over seeds):", "",
+           "| Method | statistics from | UA | RA | TA |", "|---|---|---|---|---|"]
+  for name, n in done.items():
+    cells = [f"{n['before'][k]['mean']:.1f} → {n['after'][k]['mean']:.1f}"
+             if n["before"][k]["mean"] is not None and n["after"][k]["mean"] is not None
+             else "–" for k in ("ua", "ra", "ta")]
+    lines.append(f"| {_label(name)} | {n['data']} ({n['rows']} rows) | " + " | ".join(cells)
+                 + " |")
+  return lines + [""]
 
 
 def _forget_set_text(results: dict) -> str:

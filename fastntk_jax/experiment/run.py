@@ -18,6 +18,9 @@ Workdir layout:
   seed_<s>/<method>/           trainable params (+ batch_stats) of each method (orbax)
   seed_<s>/<method>.json       that method's metrics
   seed_<s>/<method>_diagnostics.json   what the method reported (solver, timings, ...)
+  seed_<s>/<method>_bn_stats/  the BN running statistics of its released model, recomputed
+                               on the data it may see (standard fine-tuning, BN in train mode)
+  seed_<s>/<method>_bn.json    which data, and UA/RA/TA before the recomputation
   seed_<s>/probe_<kind>.json   linear-probe accuracies
   population/<a|b>_<k>.npz     the population's outputs per chunk of seeds (audits)
   audit/                       the deletions' hash-chained log (`fastntk_jax.audit`)
@@ -188,6 +191,73 @@ def frozen_of(tuner, out: dict) -> dict:
                                  if "batch_stats" in out else {})}
 
 
+def seen_data(name: str, data) -> tuple[str, Any]:
+  """The data the released model of `name` may see: ("D", D's images) for Full, the model
+  trained on D; ("D_r", D_r's images) for Retrain and every unlearning method, whose
+  released model must hold nothing of D_f."""
+  return ("D", data.train.x) if name == "full" else ("D_r", data.retain.x)
+
+
+def recomputes_bn(tuner) -> bool:
+  """Whether released models get their BN running statistics recomputed
+  (`released_frozen`): standard fine-tuning with BN in train mode, where Full's statistics
+  are an average over batches of D. In linearised fine-tuning f_lin keeps the pre-trained
+  statistics, and with BN frozen every model keeps them: no data of D is in them."""
+  return (not tuner.linearized and tuner.cfg.finetune.bn_mode == "train"
+          and "batch_stats" in tuner.frozen_net)
+
+
+def released_frozen(tuner, data, name: str, params, frozen: dict, seed: int) -> dict:
+  """The frozen side of method `name`'s released model with `params`: `frozen`, its BN
+  running statistics recomputed on the data the method may see (`seen_data`) by one
+  train-mode pass in the fine-tuning's batch size (`train.recompute_batch_stats`), when
+  `recomputes_bn`; `frozen` as it is otherwise.
+
+  Invariant: the released statistics of Retrain and of every unlearning method are a
+  function of their params and D_r alone, so D_f leaves no trace in them (Full's statistics
+  of D, where methods start, stay Full's)."""
+  if not recomputes_bn(tuner):
+    return frozen
+  _, x = seen_data(name, data)
+  stats = train_lib.recompute_batch_stats(tuner.net, params, frozen, x,
+                                          batch_size=int(tuner.cfg.finetune.batch_size),
+                                          seed=seed)
+  return {**frozen, "batch_stats": stats}
+
+
+def _release_bn_stats(tuner, data, seed: int, sdir: str, models_of: dict) -> dict:
+  """Replaces, in `models_of` ({name: (params, frozen)}), every model's BN running
+  statistics by those recomputed on the data its method may see (`released_frozen`), each
+  kept as a stage; returns {name: {"data", "rows", "batch_size", "seconds", "before":
+  UA/RA/TA with the statistics it had}} ({} when `recomputes_bn` is False)."""
+  if not recomputes_bn(tuner):
+    return {}
+  cfg, notes = tuner.cfg, {}
+  for name, (params, frozen) in list(models_of.items()):
+    label, x = seen_data(name, data)
+    seconds = {}
+
+    def compute(name=name, params=params, frozen=frozen):
+      start = time.perf_counter()
+      out = released_frozen(tuner, data, name, params, frozen, seed)["batch_stats"]
+      seconds["value"] = time.perf_counter() - start
+      return out
+
+    stats = stages.array_stage(os.path.join(sdir, f"{name}_bn_stats"), frozen["batch_stats"],
+                               compute)
+
+    def before(params=params, frozen=frozen, label=label, x=x):
+      acc = evaluate.accuracies(tuner.net, params, frozen, data,
+                                batch_size=cfg.eval.batch_size)
+      return {"data": label, "rows": int(x.shape[0]),
+              "batch_size": int(cfg.finetune.batch_size), "seconds": seconds.get("value"),
+              "before": {k: acc[k] for k in ("ua", "ra", "ta")}}
+
+    notes[name] = stages.json_stage(os.path.join(sdir, f"{name}_bn.json"), before)
+    models_of[name] = (params, {**frozen, "batch_stats": stats})
+  return notes
+
+
 def certify_deletion(setup, ctx, params, data, diagnostics: dict, retrain,
                      deployed_path: str, measure) -> tuple[dict, Any]:
   """The certificate of a deletion (`Forgetter.certify`), its certified release when
@@ -297,8 +367,10 @@ def run_seed(setup: Setup, data, seed: int) -> dict:
         entries, params = certify_deletion(
             setup, ctx, params, data, diag, retrain["trainable"],
             os.path.relpath(os.path.join(sdir, name), setup.workdir),
-            measure=lambda p: evaluate.accuracies(ctx.net, p, ctx.frozen, data,
-                                                  batch_size=cfg.eval.batch_size))
+            # Each release measured with its own BN statistics (`released_frozen`).
+            measure=lambda p, ctx=ctx: evaluate.accuracies(
+                ctx.net, p, released_frozen(tuner, data, "fastntk", p, ctx.frozen, seed), data,
+                batch_size=cfg.eval.batch_size))
         diag.update(entries)
       wd.atomic_write_json(diag_path, diag)
       return {"trainable": params}
@@ -307,6 +379,9 @@ def run_seed(setup: Setup, data, seed: int) -> dict:
     models_of[name] = (out["trainable"], frozen_full)
     diagnostics[name] = stages.read_json(diag_path, {})
 
+  # The one place where released models are formed: with train-mode BN, each one's running
+  # statistics from the data its method may see (D_r for Retrain and every method; D for Full).
+  bn_notes = _release_bn_stats(tuner, data, seed, sdir, models_of)
   results = {}
   for name, (params, frozen) in models_of.items():
     def compute(name=name, params=params, frozen=frozen):
@@ -317,6 +392,9 @@ def run_seed(setup: Setup, data, seed: int) -> dict:
     results[name] = stages.json_stage(os.path.join(sdir, f"{name}.json"), compute)
     if diagnostics.get(name):
       results[name]["diagnostics"] = diagnostics[name]
+    if name in bn_notes:
+      results[name]["bn_recompute"] = {
+          **bn_notes[name], "after": {k: results[name][k] for k in ("ua", "ra", "ta")}}
     faults.maybe_kill(f"seed{seed}/eval:{name}")
 
   # Distance of every method to Retrain (the golden baseline): parameters and predictions.
@@ -396,8 +474,11 @@ def tuning_stage(setup: Setup, data) -> tuple[Any, dict]:
       measure = lambda params, frozen: tuning.field_metrics(
           tuner.net, params, frozen, seed_data, batch_size=cfg.eval.batch_size,
           subsamples=int(cfg.tuning.mia_subsamples))
+      # Every model measured as it would be released (`released_frozen`).
       lazy.update(w0=w0, tuner=tuner, full=full, measure=measure,
-                  retrain=measure(retrain["trainable"], frozen_of(tuner, retrain)))
+                  retrain=measure(retrain["trainable"], released_frozen(
+                      tuner, seed_data, "retrain", retrain["trainable"],
+                      frozen_of(tuner, retrain), seed)))
     return lazy
 
   searches = {}
@@ -414,7 +495,8 @@ def tuning_stage(setup: Setup, data) -> tuple[Any, dict]:
 
       frozen_full = frozen_of(v["tuner"], v["full"])
       return tuning.search(cfg, method, spaces[method.name], run_trial=run_trial,
-                           measure=lambda p: v["measure"](p, frozen_full),
+                           measure=lambda p: v["measure"](p, released_frozen(
+                               v["tuner"], seed_data, method.name, p, frozen_full, seed)),
                            retrain=v["retrain"])
     searches[method.name] = tuning.run_stage(setup.workdir, method, compute)
     log.info("tuning %s: chose %s", method.name, searches[method.name]["chosen"])
