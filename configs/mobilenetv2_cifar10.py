@@ -13,6 +13,14 @@ Expected (the paper's claim, not measured here): Fast-NTK ≈ Retrain on D_f (�
 few points on D_r and the retain-class test set.
 
 Arguments: `ipc=N` (default 100), `width=W` (width multiplier ×100, default 100), `tiny`.
+
+Backbone without the CIFAR-100 pre-training: chenyaofo's public CIFAR-100 MobileNetV2 is this
+network (load_cifar_mobilenetv2 in fastntk_jax/models/torch_import.py):
+  python -m fastntk_jax.pretrained_files download mobilenetv2_x1_0-cifar100
+  ... --config.pretrain.source=state_dict --config.data.normalization=cifar100
+  --config.pretrain.path=checkpoints/cifar100_mobilenetv2_x1_0-1311f9ff.pt
+(`.pt` needs torch: pip install -e '.[torch]', or convert it once to .npz). Its inputs were
+normalised with CIFAR-100's mean/std, hence `cifar100`, not the `cifar` default.
 """
 
 import os
