@@ -143,10 +143,12 @@ PUBLISHED: dict[str, PublishedFile] = {f.name: f for f in (
             "ViT-B/16 on ImageNet-1k only (timm augreg_in1k): the ViT configs' default"),
     _augreg("vit_s16-i21k_i1k", "S_16-i21k-300ep-lr_0.001-aug_light1-wd_0.03-do_0.0-sd_0.0"
             "--imagenet2012-steps_20k-lr_0.03-res_224.npz",
-            "ViT-S/16, ImageNet-21k fine-tuned on 1k (timm augreg_in21k_ft_in1k): weights=i21k_i1k"),
+            "ViT-S/16, ImageNet-21k fine-tuned on 1k (timm augreg_in21k_ft_in1k): "
+            "weights=i21k_i1k"),
     _augreg("vit_b16-i21k_i1k", "B_16-i21k-300ep-lr_0.001-aug_medium1-wd_0.1-do_0.0-sd_0.0"
             "--imagenet2012-steps_20k-lr_0.01-res_224.npz",
-            "ViT-B/16, ImageNet-21k fine-tuned on 1k (timm augreg_in21k_ft_in1k): weights=i21k_i1k"),
+            "ViT-B/16, ImageNet-21k fine-tuned on 1k (timm augreg_in21k_ft_in1k): "
+            "weights=i21k_i1k"),
     _augreg("vit_s16-i21k", "S_16-i21k-300ep-lr_0.001-aug_light1-wd_0.03-do_0.0-sd_0.0.npz",
             "ViT-S/16 on ImageNet-21k (timm augreg_in21k): weights=i21k"),
     _augreg("vit_b16-i21k", "B_16-i21k-300ep-lr_0.001-aug_medium1-wd_0.1-do_0.0-sd_0.0.npz",
