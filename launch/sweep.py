@@ -4,22 +4,28 @@ Grid (one job per model × setting × seed; `--group-seeds` runs all seeds in on
   Table I   ResNet-110, MobileNetV2 on CIFAR-10 (10 classes), #IPC in CIFAR10_IPC
   Table II  ViT-S/16, ViT-B/16 (prompts) on ImageNet-R, #classes/#IPC in IMAGENET_R_SETTINGS
   appendix  ViT-B/16 on CIFAR-10, #IPC 50 (only with --groups=...,appendix)
-Each job is `python -m fastntk_jax.main --config=configs/<file>.py:<arg>
+Each grid point runs in each fine-tuning mode of `--modes` (MODES: "standard", the paper's
+SGD fine-tuning, and "linearized", the exact mode in which Fast-NTK equals Retrain up to
+round-off; both by default, so that the tables can put them side by side). Each job is
+`python -m fastntk_jax.main --config=configs/<file>.py:<arg>[,linearized]
 --config.seeds='(s,)' --workdir=<root>/<job>`: the config file's own argument picks the
-setting, a config_flags override picks the seed, and every job has its own workdir (jobs
-are independent and individually resumable). The CNN jobs (PRETRAINED_HERE) also get
+setting and the mode, a config_flags override picks the seed, and every job has its own
+workdir, named by model, setting, mode and seeds (jobs are independent and individually
+resumable). The CNN jobs (PRETRAINED_HERE) also get
 --config.pretrain.cache_dir=<root>/pretrain_cache: their CIFAR-100 backbone is trained once
 per model, by the first job, and shared by every seed and #IPC; under SLURM the other jobs
 of that model are submitted with --dependency=afterany on the first one.
 
   python launch/sweep.py --dry-run                            # print every job's command
+  python launch/sweep.py --dry-run --modes=linearized         # the exact mode only
   python launch/sweep.py --backend=local --root=sweep         # run them here, one by one
   python launch/sweep.py --backend=slurm --root=/shared/sweep --sbatch-args='--nodes=2'
   python launch/sweep.py --merge sweep                        # -> sweep.md, sweep.json
 
 Flags that start with --config. (e.g. --config.data.data_dir=/data/tfds) are passed to
 every job. `--merge DIR...` reads every results.json under the given folders, groups them
-by grid point (model, dataset, #classes, #IPC, read from the results themselves), pools
+by grid point and mode (model, dataset, #classes, #IPC, finetune.mode, read from the
+results themselves), pools
 the seeds of a grid point across jobs and writes one markdown table with a row per grid
 point and method (mean ± std over seeds, population std as in results.md).
 """
@@ -47,6 +53,11 @@ CIFAR10_IPC = (100, 500)
 # ImageNet-R (#classes, #IPC), as listed in configs/vit_small_imagenet_r.py.
 IMAGENET_R_SETTINGS = ((20, 20), (20, 50), (50, 20))
 SEEDS = (0, 1, 2)
+# The fine-tuning modes (config.finetune.mode): the paper's SGD fine-tuning, and the exact
+# mode (the network linearised at w0, trained to its ridge minimiser; docs/derivation.md §5),
+# selected by the config files' `linearized` argument.
+MODES = ("standard", "linearized")
+MODE_LABELS = {"standard": "standard", "linearized": "linearised"}
 
 # (group, model name, dataset, config file). The model/dataset names are those that
 # results.json records (config.model.name, config.data.name).
@@ -75,6 +86,9 @@ DATASET_LABELS = {"cifar10": "CIFAR-10", "cifar100": "CIFAR-100", "imagenet_r": 
 METRICS = (("acc_retain", "D_r acc"), ("acc_forget", "D_f acc"),
            ("acc_test_retain", "Test acc (retain cls)"),
            ("acc_test_forget", "Test acc (forget cls)"), ("relearn_epochs", "Relearn (epochs)"))
+# The field's metrics (report.py), merged too: what separates the two modes.
+FIELD_METRICS = (("ua", "UA"), ("ra", "RA"), ("ta", "TA"), ("mia_efficacy", "MIA-Efficacy"),
+                 ("avg_gap", "Avg. Gap"), ("relative_l2_to_retrain", "‖w − w_r‖/‖w_r − w0‖"))
 PROBE_METRICS = ("probe_acc_retain", "probe_acc_forget")
 
 
@@ -88,11 +102,17 @@ class Job:
   num_classes: int
   ipc: int
   seeds: tuple[int, ...]
+  mode: str = "standard"  # one of MODES
 
   @property
   def name(self) -> str:
     seeds = "s" + "-".join(str(s) for s in self.seeds)
-    return f"{self.model}_{self.dataset}_c{self.num_classes}_ipc{self.ipc}_{seeds}"
+    return f"{self.model}_{self.dataset}_c{self.num_classes}_ipc{self.ipc}_{self.mode}_{seeds}"
+
+  @property
+  def config_arg(self) -> str:
+    """The config file's argument: the setting, plus `linearized` in the exact mode."""
+    return self.arg + (",linearized" if self.mode == "linearized" else "")
 
   def main_args(self, root: str, extra: Sequence[str] = ()) -> list[str]:
     """The arguments of `python -m fastntk_jax.main` for this job."""
@@ -102,14 +122,30 @@ class Job:
     # user's (in `extra`) overrides it.
     cache = ([f"--config.pretrain.cache_dir={os.path.join(root, CACHE_FOLDER)}"]
              if self.model in PRETRAINED_HERE else [])
-    return [f"--config={self.config}:{self.arg}", f"--config.seeds={seeds}",
+    return [f"--config={self.config}:{self.config_arg}", f"--config.seeds={seeds}",
             f"--workdir={os.path.join(root, self.name)}", *cache, *extra]
+
+
+def parse_modes(text: str) -> tuple[str, ...]:
+  """"standard,linearized" -> ("standard", "linearized"), in MODES order.
+
+  Raises:
+    ValueError: empty, or a word that is not a mode (the message names the allowed ones).
+  """
+  words = [w.strip() for w in str(text).split(",") if w.strip()]
+  unknown = [w for w in words if w not in MODES]
+  if unknown or not words:
+    raise ValueError(f"--modes={text!r}: " + (f"unknown mode(s) {unknown}" if unknown else
+                                             "no mode") +
+                     f"; choose a comma-separated subset of {','.join(MODES)}")
+  return tuple(m for m in MODES if m in words)
 
 
 def grid(groups: Iterable[str] = DEFAULT_GROUPS, *, seeds: Sequence[int] = SEEDS,
          cifar_ipc: Sequence[int] = CIFAR10_IPC,
          imagenet_r: Sequence[tuple[int, int]] = IMAGENET_R_SETTINGS,
-         models: Optional[Sequence[str]] = None, group_seeds: bool = False) -> list[Job]:
+         models: Optional[Sequence[str]] = None, group_seeds: bool = False,
+         modes: Sequence[str] = MODES) -> list[Job]:
   """The jobs of the paper's tables, in table order.
 
   Args:
@@ -119,13 +155,15 @@ def grid(groups: Iterable[str] = DEFAULT_GROUPS, *, seeds: Sequence[int] = SEEDS
     imagenet_r: (#classes, #IPC) of the ImageNet-R rows.
     models: keep only these model names (None: all).
     group_seeds: one job per grid point running all seeds, instead of one per seed.
+    modes: fine-tuning modes (subset of MODES), each grid point runs in each.
 
   Returns:
-    Jobs, ordered by group, model, setting, seed.
+    Jobs, ordered by group, model, setting, mode, seed.
   """
   unknown = sorted(set(groups) - set(GROUPS))
   if unknown:
     raise ValueError(f"unknown group(s) {unknown}; choose from {list(GROUPS)}")
+  modes = parse_modes(",".join(modes))
   jobs = []
   seed_sets = [tuple(seeds)] if group_seeds else [(s,) for s in seeds]
   for group, model, dataset, config in MODELS:
@@ -138,8 +176,9 @@ def grid(groups: Iterable[str] = DEFAULT_GROUPS, *, seeds: Sequence[int] = SEEDS
     else:
       settings = [(10, n, f"ipc={n}") for n in cifar_ipc]
     for k, n, arg in settings:
-      for s in seed_sets:
-        jobs.append(Job(model, dataset, config, arg, k, n, s))
+      for mode in modes:
+        for s in seed_sets:
+          jobs.append(Job(model, dataset, config, arg, k, n, s, mode))
   return jobs
 
 
@@ -199,20 +238,27 @@ def _find_results(paths: Sequence[str]) -> list[str]:
   return found
 
 
+def result_mode(results: dict) -> str:
+  """The fine-tuning mode a results.json was run in (its config's finetune.mode; results
+  from before the mode existed are "standard")."""
+  return (results["config"].get("finetune") or {}).get("mode") or "standard"
+
+
 def _point(results: dict) -> tuple:
-  """(model, dataset, #classes, #IPC) of a results.json, from its own record."""
+  """(model, dataset, #classes, #IPC, mode) of a results.json, from its own record."""
   cfg = results["config"]
   ipc = cfg["data"].get("images_per_class")
   return (results["model"]["name"], cfg["data"]["name"], int(results["data"]["num_classes"]),
-          ipc if ipc is None else int(ipc))
+          ipc if ipc is None else int(ipc), result_mode(results))
 
 
 def merge(paths: Sequence[str]) -> dict:
-  """Pools the per-seed metrics of every results.json by grid point.
+  """Pools the per-seed metrics of every results.json by grid point and mode.
 
   Returns:
-    {"points": [{"model", "dataset", "num_classes", "ipc", "seeds", "sources",
-    "methods": {method: {metric: {"mean", "std", "per_seed"}}}}, ...]} in sorted order.
+    {"points": [{"model", "dataset", "num_classes", "ipc", "mode", "seeds", "sources",
+    "methods": {method: {metric: {"mean", "std", "per_seed"}}}}, ...]} in sorted order
+    (metrics: METRICS and FIELD_METRICS).
 
   Raises:
     ValueError: a grid point has the same seed in two results (which one is right?), or a
@@ -239,8 +285,8 @@ def merge(paths: Sequence[str]) -> dict:
     entry["sources"].append(path)
     for name, metrics in methods.items():
       entry["labels"].setdefault(name, metrics.get("label", name))
-      run = entry["runs"].setdefault(name, {m: [] for m, _ in METRICS})
-      for m, _ in METRICS:
+      run = entry["runs"].setdefault(name, {m: [] for m, _ in METRICS + FIELD_METRICS})
+      for m, _ in METRICS + FIELD_METRICS:
         per_seed = (metrics.get(m) or {}).get("per_seed") or [None] * len(seeds)
         run[m] += list(per_seed)
     # Table III: the linear probes (Pre-Trained, Random-Init, Fast-NTK) on D_r and D_f.
@@ -253,7 +299,7 @@ def merge(paths: Sequence[str]) -> dict:
   out = []
   for key in sorted(points, key=lambda k: tuple("" if v is None else v for v in k)):
     entry = points[key]
-    model, dataset, k, ipc = key
+    model, dataset, k, ipc, mode = key
     methods = {name: {m: _stats(v) for m, v in run.items()} for name, run in entry["runs"].items()}
     probes = {kind: {m: _stats(v) for m, v in run.items()}
               for kind, run in entry["probes"].items()}
@@ -261,7 +307,7 @@ def merge(paths: Sequence[str]) -> dict:
                                                  "trainable_percent")}
     pre = entry["pretrain"][0] if entry["pretrain"] else None
     out.append({"model": model, "dataset": dataset, "num_classes": k, "ipc": ipc,
-                "seeds": entry["seeds"], "sources": entry["sources"], "methods": methods,
+                "mode": mode, "seeds": entry["seeds"], "sources": entry["sources"], "methods": methods,
                 "labels": entry["labels"],
                 "probes": probes, "params": params,
                 "pretrain": None if pre is None else {
@@ -277,14 +323,15 @@ def _stats(values: list) -> dict:
   return {"mean": float(np.mean(vals)), "std": float(np.std(vals)), "per_seed": values}
 
 
-def _fmt(stat: dict) -> str:
-  return "–" if stat["mean"] is None else f"{stat['mean']:.1f} ± {stat['std']:.1f}"
+def _fmt(stat: dict, digits: int = 1) -> str:
+  return ("–" if stat["mean"] is None
+          else f"{stat['mean']:.{digits}f} ± {stat['std']:.{digits}f}")
 
 
 def markdown(merged: dict) -> str:
-  """One table: a row per grid point and method."""
-  head = ["Model", "Dataset", "#Classes/#IPC", "Method", *(label for _, label in METRICS),
-          "Seeds"]
+  """One table: a row per grid point, mode and method."""
+  head = ["Model", "Dataset", "#Classes/#IPC", "Mode", "Method",
+          *(label for _, label in METRICS), "Avg. Gap", "Seeds"]
   lines = ["# Fast-NTK sweep", "",
            "Mean ± std over seeds (population std). Each row pools the seeds of one grid "
            "point across jobs.", "",
@@ -293,8 +340,10 @@ def markdown(merged: dict) -> str:
     for name in p["methods"]:
       row = [MODEL_LABELS.get(p["model"], p["model"]),
              DATASET_LABELS.get(p["dataset"], p["dataset"]),
-             f"{p['num_classes']}/{p['ipc']}", p.get("labels", {}).get(name, name),
+             f"{p['num_classes']}/{p['ipc']}", MODE_LABELS.get(p["mode"], p["mode"]),
+             p.get("labels", {}).get(name, name),
              *(_fmt(p["methods"][name][m]) for m, _ in METRICS),
+             _fmt(p["methods"][name]["avg_gap"], 2),
              ",".join(str(s) for s in sorted(p["seeds"]))]
       lines.append("| " + " | ".join(row) + " |")
   return "\n".join(lines) + "\n"
@@ -331,6 +380,14 @@ def _pairs(text: str) -> tuple[tuple[int, int], ...]:
   return tuple(out)
 
 
+def modes_arg(text: str) -> tuple[str, ...]:
+  """argparse type of --modes: a clear one-line error for a bad value."""
+  try:
+    return parse_modes(text)
+  except ValueError as e:
+    raise argparse.ArgumentTypeError(str(e).split(": ", 1)[1]) from None
+
+
 def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -342,6 +399,9 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
                   help=f"comma-separated subset of {','.join(GROUPS)}")
   ap.add_argument("--models", default="", help="comma-separated model names to keep")
   ap.add_argument("--seeds", type=_ints, default=SEEDS)
+  ap.add_argument("--modes", type=modes_arg, default=MODES,
+                  help="comma-separated fine-tuning modes, each grid point runs in each: "
+                  f"{','.join(MODES)} (default: both; each job's workdir is named by its mode)")
   ap.add_argument("--cifar-ipc", type=_ints, default=CIFAR10_IPC)
   ap.add_argument("--imagenet-r", type=_pairs, default=IMAGENET_R_SETTINGS,
                   help="comma-separated #classes/#IPC pairs, e.g. 20/20,20/50,50/20")
@@ -375,7 +435,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   jobs = grid([g for g in args.groups.split(",") if g], seeds=args.seeds,
               cifar_ipc=args.cifar_ipc, imagenet_r=args.imagenet_r,
               models=[m for m in args.models.split(",") if m] or None,
-              group_seeds=args.group_seeds)
+              group_seeds=args.group_seeds, modes=args.modes)
   sbatch_args = shlex.split(args.sbatch_args)
   # Absolute, because the jobs run from the repository root, not from here.
   root = os.path.abspath(args.root)

@@ -142,10 +142,16 @@ def test_grid_is_the_papers_tables():
       ("vit_s16", "imagenet_r", 50, 20),
       ("vit_b16", "imagenet_r", 20, 20), ("vit_b16", "imagenet_r", 20, 50),
       ("vit_b16", "imagenet_r", 50, 20)}
-  assert len(jobs) == len(points) * 3 and {j.seeds for j in jobs} == {(0,), (1,), (2,)}
+  # Both fine-tuning modes by default, each job in its own workdir named by its mode.
+  assert len(jobs) == len(points) * 3 * 2 and {j.seeds for j in jobs} == {(0,), (1,), (2,)}
+  assert {j.mode for j in jobs} == {"standard", "linearized"}
   assert len({j.name for j in jobs}) == len(jobs)  # every job has its own workdir
-  grouped = sweep.grid(group_seeds=True)
+  grouped = sweep.grid(group_seeds=True, modes=("standard",))
   assert len(grouped) == len(points) and {j.seeds for j in grouped} == {(0, 1, 2)}
+  assert {j.mode for j in sweep.grid(modes=("linearized",))} == {"linearized"}
+  with pytest.raises(ValueError, match=r"unknown mode\(s\) \['exact'\]; choose a "
+                     "comma-separated subset of standard,linearized"):
+    sweep.grid(modes=("exact",))
   assert {(j.model, j.dataset) for j in sweep.grid(["appendix"])} == {("vit_b16", "cifar10")}
   with pytest.raises(ValueError, match="unknown group"):
     sweep.grid(["tabel1"])
@@ -154,12 +160,13 @@ def test_grid_is_the_papers_tables():
 @pytest.mark.parametrize("job", sweep.grid(["cifar10", "imagenet_r", "appendix"], seeds=(0,)),
                          ids=lambda j: j.name)
 def test_each_job_config_is_the_grid_point(job):
-  """The config file + argument each job passes really selects that model/setting."""
+  """The config file + argument each job passes really selects that model/setting/mode."""
   from fastntk_jax import config as config_lib  # pylint: disable=g-import-not-at-top
-  cfg = config_lib.load_config_file(os.path.join(REPO, job.config) + ":" + job.arg)
+  cfg = config_lib.load_config_file(os.path.join(REPO, job.config) + ":" + job.config_arg)
   assert cfg.model.name == job.model
   assert cfg.data.name == job.dataset
   assert cfg.data.images_per_class == job.ipc
+  assert cfg.finetune.mode == job.mode and f"_{job.mode}_" in job.name
   if job.dataset == "imagenet_r":
     assert cfg.data.num_classes == job.num_classes
 
@@ -174,24 +181,43 @@ def test_sweep_dry_run_prints_exact_commands(tmp_path):
   proc = _run_sweep("--dry-run", f"--root={root}", "--models=vit_s16", "--seeds=0,1",
                     "--imagenet-r=20/50", "--python=python", "--config.data.data_dir=/tfds")
   assert proc.returncode == 0, proc.stderr
+  cmd = "python -m fastntk_jax.main --config=configs/vit_small_imagenet_r.py:classes=20,ipc=50"
   assert proc.stdout.splitlines() == [
       f"cd {shlex.quote(REPO)}",
-      "python -m fastntk_jax.main --config=configs/vit_small_imagenet_r.py:classes=20,ipc=50 "
-      f"'--config.seeds=(0,)' --workdir={root}/vit_s16_imagenet_r_c20_ipc50_s0 "
+      f"{cmd} '--config.seeds=(0,)' --workdir={root}/vit_s16_imagenet_r_c20_ipc50_standard_s0 "
       "--config.data.data_dir=/tfds",
-      "python -m fastntk_jax.main --config=configs/vit_small_imagenet_r.py:classes=20,ipc=50 "
-      f"'--config.seeds=(1,)' --workdir={root}/vit_s16_imagenet_r_c20_ipc50_s1 "
+      f"{cmd} '--config.seeds=(1,)' --workdir={root}/vit_s16_imagenet_r_c20_ipc50_standard_s1 "
       "--config.data.data_dir=/tfds",
+      # the exact mode: the config file's `linearized` argument, its own workdir
+      f"{cmd},linearized '--config.seeds=(0,)' "
+      f"--workdir={root}/vit_s16_imagenet_r_c20_ipc50_linearized_s0 --config.data.data_dir=/tfds",
+      f"{cmd},linearized '--config.seeds=(1,)' "
+      f"--workdir={root}/vit_s16_imagenet_r_c20_ipc50_linearized_s1 --config.data.data_dir=/tfds",
   ]
+  only = _run_sweep("--dry-run", f"--root={root}", "--models=vit_s16", "--seeds=0",
+                    "--imagenet-r=20/50", "--python=python", "--modes=linearized")
+  assert only.returncode == 0, only.stderr
+  assert only.stdout.splitlines()[1:] == [
+      f"{cmd},linearized '--config.seeds=(0,)' "
+      f"--workdir={root}/vit_s16_imagenet_r_c20_ipc50_linearized_s0"]
+
+
+@pytest.mark.parametrize("modes", ["exact", "standard,lin", ","])
+def test_sweep_refuses_a_bad_mode_in_one_line(modes):
+  proc = _run_sweep("--dry-run", f"--modes={modes}")
+  assert proc.returncode == 2 and proc.stdout == ""
+  last = proc.stderr.strip().splitlines()[-1]
+  assert last.startswith("sweep.py: error: argument --modes: ") and "standard,linearized" in last
 
 
 def test_sweep_slurm_dry_run_submits_the_slurm_script(tmp_path):
   root = str(tmp_path / "sw")
   proc = _run_sweep("--dry-run", "--backend=slurm", f"--root={root}", "--models=resnet110",
-                    "--cifar-ipc=100,500", "--group-seeds",
+                    "--cifar-ipc=100,500", "--group-seeds", "--modes=standard",
                     "--sbatch-args=--nodes=2 --partition=gpu")
   assert proc.returncode == 0, proc.stderr
-  first, second = "resnet110_cifar10_c10_ipc100_s0-1-2", "resnet110_cifar10_c10_ipc500_s0-1-2"
+  first = "resnet110_cifar10_c10_ipc100_standard_s0-1-2"
+  second = "resnet110_cifar10_c10_ipc500_standard_s0-1-2"
   cache = f"--config.pretrain.cache_dir={root}/pretrain_cache"
   # One CIFAR-100 pre-training for both #IPC: the first job trains it into the shared cache
   # (and prints its job id), the other waits for that job and finds it there.
@@ -214,7 +240,7 @@ def test_sweep_local_jobs_share_one_pretraining(tmp_path):
   assert proc.returncode == 0, proc.stderr
   cnn = [l for l in proc.stdout.splitlines() if "mobilenetv2" in l]
   vit = [l for l in proc.stdout.splitlines() if "vit_small" in l]
-  assert len(cnn) == 4 and len(vit) == 2
+  assert len(cnn) == 8 and len(vit) == 4  # both modes
   for line in cnn:  # the sweep's cache first, so that the user's own flag (later) wins
     assert f"--config.pretrain.cache_dir={root}/pretrain_cache --config.pretrain.cache_dir=/mine" in line
   assert not any(f"{root}/pretrain_cache" in line for line in vit)  # ViTs load AugReg files
@@ -300,11 +326,30 @@ def test_merge_pools_seeds_of_a_grid_point(tmp_path):
   assert r["mean"] == 91.5 and r["std"] == 0.5
 
   md = sweep.markdown(merged)
-  assert ("| ViT-S/16 | ImageNet-R | 20/50 | Retrain | 90.5 ± 0.5 | 2.5 ± 0.5 | 90.5 ± 0.5 | "
-          "90.5 ± 0.5 | 90.5 ± 0.5 | 0,1 |") in md
-  assert "| ResNet-110 | CIFAR-10 | 10/100 | Fast-NTK | 91.5 ± 0.5 | 1.5 ± 0.5 |" in md
+  assert ("| ViT-S/16 | ImageNet-R | 20/50 | standard | Retrain | 90.5 ± 0.5 | 2.5 ± 0.5 | "
+          "90.5 ± 0.5 | 90.5 ± 0.5 | 90.5 ± 0.5 | – | 0,1 |") in md
+  assert "| ResNet-110 | CIFAR-10 | 10/100 | standard | Fast-NTK | 91.5 ± 0.5 | 1.5 ± 0.5 |" in md
   rows = [l for l in md.splitlines() if l.startswith("| ") and "---" not in l][1:]
   assert len(rows) == 2 * 3  # one row per grid point and method
+
+
+def test_merge_keeps_the_modes_of_a_grid_point_apart(tmp_path):
+  """The same grid point and seed in both modes: two points (no seed clash), each with its
+  mode; the field's metrics merged too."""
+  lin = _results("resnet110", "cifar10", 10, 100, [0, 1], forget_acc=0.0)
+  lin["config"]["finetune"] = {"mode": "linearized"}
+  lin["methods"]["fastntk"]["avg_gap"] = _stat([0.0, 0.0])
+  lin["methods"]["fastntk"]["relative_l2_to_retrain"] = _stat([1e-7, 3e-7])
+  _write(tmp_path / "lin", lin)
+  _write(tmp_path / "std", _results("resnet110", "cifar10", 10, 100, [0, 1], forget_acc=0.0))
+  merged = sweep.merge([str(tmp_path)])
+  by_mode = {p["mode"]: p for p in merged["points"]}
+  assert set(by_mode) == {"standard", "linearized"}
+  assert by_mode["linearized"]["methods"]["fastntk"]["relative_l2_to_retrain"]["mean"] == 2e-7
+  assert by_mode["standard"]["methods"]["fastntk"]["avg_gap"]["mean"] is None
+  md = sweep.markdown(merged)
+  assert "| ResNet-110 | CIFAR-10 | 10/100 | linearised | Fast-NTK |" in md
+  assert "| 0.00 ± 0.00 | 0,1 |" in md
 
 
 def test_merge_cli_writes_table(tmp_path):
@@ -314,7 +359,7 @@ def test_merge_cli_writes_table(tmp_path):
   proc = _run_sweep("--merge", str(tmp_path / "runs"), f"--out={out}")
   assert proc.returncode == 0, proc.stderr
   md = (out / "sweep.md").read_text()
-  assert "| ViT-B/16 | ImageNet-R | 50/20 | Full |" in md and "| 0,2 |" in md
+  assert "| ViT-B/16 | ImageNet-R | 50/20 | standard | Full |" in md and "| 0,2 |" in md
   assert json.loads((out / "sweep.json").read_text())["points"][0]["seeds"] == [0, 2]
 
 
