@@ -1,7 +1,8 @@
-"""Helpers shared by the config files (`configs/*.py`): the `:arg` parser, the tiny test
-modes, the CIFAR pre-training recipe, and the prompted-ViT configs with their published
-AugReg checkpoints. A config file imports this module by its folder (`import common` after
-putting `configs/` on sys.path), so it works from any working directory."""
+"""Helpers shared by the config files (`configs/*.py`): the `:arg` parser, the exact
+(linearised) mode, the tiny test modes, the CIFAR pre-training recipe, digits at the paper's
+architectures, and the prompted-ViT configs with their published AugReg checkpoints. A config
+file imports this module by its folder (`import common` after putting `configs/` on
+sys.path), so it works from any working directory."""
 
 from __future__ import annotations
 
@@ -23,25 +24,31 @@ def paper_methods(c) -> None:
   c.tuning.enabled = False
 
 
-def parse_arg(arg, allowed: dict, choices: dict | None = None) -> dict:
-  """Parses a config file's `:arg` such as "tiny" or "classes=20,ipc=50".
+def parse_arg(arg, allowed: dict, choices: dict | None = None,
+              flags: tuple[str, ...] = ()) -> dict:
+  """Parses a config file's `:arg` such as "tiny", "classes=20,ipc=50" or "ipc=100,linearized".
 
   Args:
-    arg: None, "tiny", or comma-separated key=value pairs (optionally with "tiny").
+    arg: None, or comma-separated parts: "tiny", a word of `flags`, or key=value.
     allowed: {key: default}: an int default takes digits; a str default takes a word, one of
       `choices[key]` when given.
     choices: {key: allowed words} for str-valued keys.
+    flags: bare words the config accepts besides "tiny" (e.g. "linearized", "digits").
 
   Returns:
-    {"tiny": bool, **{key: value}}.
+    {"tiny": bool, **{flag: bool}, **{key: value}}.
+
+  Raises:
+    ValueError: an unknown part, naming every accepted one.
   """
-  out = {"tiny": False, **allowed}
+  out = {"tiny": False, **{f: False for f in flags}, **allowed}
+  words = ("tiny",) + tuple(flags)
   for part in (arg or "").split(","):
     part = part.strip()
     if not part:
       continue
-    if part == "tiny":
-      out["tiny"] = True
+    if part in words:
+      out[part] = True
       continue
     key, _, value = part.partition("=")
     if key in allowed and isinstance(allowed[key], str) and value:
@@ -51,10 +58,41 @@ def parse_arg(arg, allowed: dict, choices: dict | None = None) -> dict:
       out[key] = value
       continue
     if key not in allowed or not value.isdigit():
-      raise ValueError(f"bad config argument {part!r}: expected 'tiny' or key=int with key in "
-                       f"{sorted(allowed)}")
+      raise ValueError(f"bad config argument {part!r}: expected one of {list(words)} or "
+                       f"key=int with key in {sorted(allowed)}")
     out[key] = int(value)
   return out
+
+
+# How linearised fine-tuning reaches its minimiser, per paper config (`linearized`): the
+# closed form where the p x p Grams fit, conjugate gradients where they do not. Closed form
+# holds G_r and G_f (p² float64 each), the factor of G + λI and, for the certificate's exact
+# bound (unlearn/certificate.py, Gram basis), G_r twice more in 80-bit extended precision
+# on the host plus one eigenvalue decomposition (p³): ~7 p² x 8 bytes in all. cg holds a few
+# vectors of p and of n·C.
+CLOSED_FORM, CG = "closed_form", "cg"
+
+
+def linearized(c: ml_collections.ConfigDict, solver: str = CLOSED_FORM) -> None:
+  """The exact mode (docs/derivation.md §5), the one home of its settings: Full and Retrain
+  are the network linearised at w0 trained to its ridge minimiser (squared loss, penalty
+  ½λ‖w − w0‖², λ = unlearn.damping), so Fast-NTK lands on Retrain up to the solver's
+  round-off whatever a learning rate or loss would have done.
+
+  Args:
+    c: the config to change in place.
+    solver: `finetune.linearized_solver`: "closed_form" (from the Gram statistics at w0 that
+      the primal update reuses; memory ~p²) or "cg" (matrix-free; the Fast-NTK update is then
+      the plan's choice, `unlearn.solver="auto"`: the dual while (n·C)² fits).
+  """
+  if solver not in (CLOSED_FORM, CG):
+    raise ValueError(f"linearized solver {solver!r}: use {CLOSED_FORM!r} or {CG!r}")
+  c.finetune.mode = "linearized"
+  c.finetune.linearized_solver = solver
+  c.finetune.bn_mode = "frozen"  # f_lin keeps the pre-trained BN statistics
+  # The update, Full and Retrain solve the same ridge problem; their agreement (Fast-NTK's
+  # distance to Retrain) is as good as the solve's precision (benchmarks/RESULTS.md §7).
+  c.unlearn.solve_dtype = "float64"
 
 
 def tiny_training(c: ml_collections.ConfigDict) -> None:
@@ -96,6 +134,50 @@ def cifar_pretrain_recipe(c: ml_collections.ConfigDict, dataset: str = "cifar100
   t.decay_epochs = (80, 120)
   t.decay_factor = 0.1
   t.warmup_epochs = 1.0
+
+
+# Digits at the paper's CNNs (`:digits` of configs/resnet110_cifar10.py and
+# mobilenetv2_cifar10.py): scikit-learn's 8x8 digits resized to 32x32 with 3 channels
+# (data/sources.py), 80 images per class to pre-train on and 30 per class held out, so that
+# the real ResNet-110 / MobileNetV2 run on real images on a CPU in minutes.
+DIGITS_PRETRAIN_PER_CLASS = 80
+DIGITS_HOLDOUT_PER_CLASS = 30
+
+
+def digits_at_paper_architecture(c: ml_collections.ConfigDict, *, ipc: int,
+                                 pretrain_epochs: int) -> None:
+  """Replaces CIFAR by digits at 32x32x3 (all 10 classes, class 0 forgotten), pre-trained
+  from scratch on the data's own pre-train split (disjoint from D and the hold-out; no
+  CIFAR-100): SGD momentum 0.9, lr 0.05, batch 64, cosine after a 1-epoch warm-up, weight
+  decay 5e-4, cross-entropy, BN in train mode, no augmentation (a flipped digit is another
+  digit). Its hold-out accuracy goes to results.json (`pretrain.test_accuracy`).
+
+  Args:
+    c: a CNN paper config (changed in place).
+    ipc: images per class of D (digits has 174-183 per class; 80 + 30 are taken first).
+    pretrain_epochs: passes over the 800 pre-training images.
+  """
+  c.data.name = "digits"
+  c.data.image_size = 32
+  c.data.normalization = None  # the dataset's default (per-channel mean/std)
+  c.data.images_per_class = ipc
+  c.data.pretrain_per_class = DIGITS_PRETRAIN_PER_CLASS
+  c.data.holdout_per_class = DIGITS_HOLDOUT_PER_CLASS
+  c.pretrain.source = "train"
+  c.pretrain.dataset = ""  # the data's own pre-train split
+  c.pretrain.images_per_class = None
+  t = c.pretrain.train
+  t.epochs = pretrain_epochs
+  t.learning_rate = 0.05
+  t.batch_size = 64
+  t.momentum = 0.9
+  t.weight_decay = 5e-4
+  t.loss = "ce"
+  t.bn_mode = "train"
+  t.augment = "none"
+  t.schedule = "cosine"
+  t.warmup_epochs = 1.0
+  t.decay_epochs = ()
 
 
 def tiny_cifar_cnn(c: ml_collections.ConfigDict) -> None:
@@ -147,7 +229,8 @@ def vit_checkpoint(model: str, weights: str, folder: str = "checkpoints") -> str
 
 
 def vit_prompt_config(model: str, dataset: str, num_classes, ipc: int, npz: str,
-                      tiny: bool, *, random_classes: bool = False) -> ml_collections.ConfigDict:
+                      tiny: bool, *, random_classes: bool = False,
+                      linearized_mode: bool = False) -> ml_collections.ConfigDict:
   """Shared body of the prompted-ViT configs (paper Table II and Appendix B).
 
   Pre-trained weights come from an AugReg/vision_transformer `.npz` (`npz`; head and prompts
@@ -157,6 +240,10 @@ def vit_prompt_config(model: str, dataset: str, num_classes, ipc: int, npz: str,
   `random_classes`: the paper's ImageNet-R sampling, #classes drawn at random and one of them
   forgotten at random, a new draw for every seed (data.class_choice/forget_choice/
   draw_per_seed); otherwise the first #classes and label 0, the same for every seed.
+  `linearized_mode`: the exact mode (`linearized`) by conjugate gradients, since the prompts'
+  p x p Gram (ViT-S/16 p = 44,564: 14.8 GiB in float64; ViT-B/16 89,108: 59.2 GiB) does not
+  fit beside its copies; the Fast-NTK update is the plan's choice (the dual while (n·C)²
+  fits).
   """
   c = config.base_config()
   paper_methods(c)
@@ -178,6 +265,8 @@ def vit_prompt_config(model: str, dataset: str, num_classes, ipc: int, npz: str,
   c.unlearn.batch_size = 32
   c.unlearn.solve_dtype = "float64"
   c.eval.batch_size = 64
+  if linearized_mode:
+    linearized(c, CG)
   if tiny:
     tiny_training(c)
     # In-process tests: x64 would stay on for the tests that follow (test_configs runs the

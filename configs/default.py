@@ -35,6 +35,13 @@ tests (no population, no tuning, the paper's methods and FT).
 Arguments combine: `:standard,samples`.
 """
 
+import os
+import sys
+
+if os.path.dirname(os.path.abspath(__file__)) not in sys.path:  # configs/common.py, beside
+  sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402  pylint: disable=wrong-import-position
+
 from fastntk_jax import config
 from fastntk_jax.config import base_config
 
@@ -47,10 +54,7 @@ def get_config(arg=None):
                      "'klom', 'audit' or a comma-separated combination")
   c = base_config()
   if "standard" not in parts:
-    c.finetune.mode = "linearized"
-    c.finetune.linearized_solver = "closed_form"
-    c.finetune.bn_mode = "frozen"  # f_lin keeps the pre-trained BN statistics
-    c.unlearn.solve_dtype = "float64"
+    common.linearized(c, common.CLOSED_FORM)  # p = 1,322: the Grams are 14 MB
   if "standard" not in parts or "klom" in parts:
     # One Gram pass per seed in closed form (about 2 s a seed here); 96 SGD runs otherwise.
     c.eval.population_seeds = 32

@@ -12,7 +12,32 @@ With p ≈ 47k, `solver="auto"` picks dual for small n·C and cg/dual when p² d
 Expected (the paper's claim, not measured here): Fast-NTK ≈ Retrain on D_f (≈0%) and within a
 few points on D_r and the retain-class test set.
 
-Arguments: `ipc=N` (default 100), `width=W` (width multiplier ×100, default 100), `tiny`.
+Exact mode, `linearized` (docs/derivation.md §5; configs/common.py `linearized`):
+  python -m fastntk_jax.main --config=configs/mobilenetv2_cifar10.py:ipc=100,linearized \
+      --workdir=wd_mbv2_lin
+Full and Retrain are the network linearised at w0 trained to its ridge minimiser, by
+conjugate gradients (finetune.linearized_solver="cg"): p = 46,922 (34,112 BN scale/bias +
+the 12,810 of the head), so one p x p Gram is 16.4 GiB in float64 and the closed form would
+hold ~7 of them (the Grams of D_r and D_f, a factor, the certificate's 80-bit copies:
+~115 GiB) plus p³-order eigenvalue decompositions on the host. cg holds a few vectors of p
+and n·C (under 10 MiB here) and one batch's jvp/vjp activations; its work is a jvp and a vjp
+over D per iteration (~4 forward passes per image), to relative residual 1e-12, at most
+2·min(p, n·C) + 200 iterations (launch/reproduce.py plan counts that cap: an upper bound).
+Fast-NTK's update is the plan's choice (unlearn.solver="auto"): the dual while (n·C)² fits
+(n·C = 10,000 at #IPC 100: 0.75 GiB in float64). The certificate is then matrix-free (a
+gradient and 31 Hessian-vector products over D_r). Measured here (2-core CPU, digits): see
+the README's "Digits at the paper's architectures".
+
+Digits at this architecture, `digits`: as configs/resnet110_cifar10.py's (scikit-learn's
+digits at 32x32x3, MobileNetV2 pre-trained from scratch on 80 digits per class for 6
+epochs, D = #IPC per class, default 5, class 0 forgotten); the README runs
+  python -m fastntk_jax.main --config=configs/mobilenetv2_cifar10.py:digits \
+      --config.eval.relearn.epochs=1 --config.eval.relearn_attack.epochs=0 \
+      --config.eval.probe.epochs=1 --config.unlearn.release_epsilons='()' --workdir=wd_mbv2
+
+Arguments: `ipc=N` (default 100; 5 with `digits`), `width=W` (width multiplier ×100,
+default 100), `linearized`, `digits`, `tiny` (with `digits`: 4 digit classes, no TFDS).
+Arguments combine: `:digits,linearized`.
 
 Backbone without the CIFAR-100 pre-training: chenyaofo's public CIFAR-100 MobileNetV2 is this
 network (load_cifar_mobilenetv2 in fastntk_jax/models/torch_import.py):
@@ -32,14 +57,18 @@ import common  # noqa: E402  pylint: disable=wrong-import-position
 
 from fastntk_jax.config import base_config
 
+# `:digits`: images per class of D and pre-training epochs (see the docstring).
+DIGITS_IPC = 5
+DIGITS_PRETRAIN_EPOCHS = 6
+
 
 def get_config(arg=None):
-  a = common.parse_arg(arg, {"ipc": 100, "width": 100})
+  a = common.parse_arg(arg, {"ipc": None, "width": 100}, flags=("linearized", "digits"))
   c = base_config()
   common.paper_methods(c)
   c.data.name = "cifar10"
   c.data.image_size = 32
-  c.data.images_per_class = a["ipc"]
+  c.data.images_per_class = a["ipc"] or 100
   c.model.name = "mobilenetv2"
   c.model.options = {"width_mult": a["width"] / 100.0}
   # The same pre-training recipe as ResNet-110 (common.cifar_pretrain_recipe; weight decay
@@ -51,9 +80,18 @@ def get_config(arg=None):
   # Float64 solve, as ResNet-110 (whose float32 solve at 5,000 images was 71% off): p here
   # is 5x larger.
   c.unlearn.solve_dtype = "float64"
+  if a["digits"]:
+    common.digits_at_paper_architecture(c, ipc=a["ipc"] or DIGITS_IPC,
+                                        pretrain_epochs=DIGITS_PRETRAIN_EPOCHS)
+  if a["linearized"]:
+    # p = 46,922: one Gram is 16.4 GiB in float64 and the closed form holds ~7 of them
+    # (common.CLOSED_FORM), so conjugate gradients.
+    common.linearized(c, common.CG)
   if a["tiny"]:
     c.unlearn.solve_dtype = "float32"  # in-process tests (see resnet110_cifar10.py)
     common.tiny_cifar_cnn(c)
+    if a["digits"]:  # no TFDS: 4 digit classes, 12 pre-training images each
+      c.data.pretrain_per_class = 12
     # Three of the 17 inverted-residual blocks: seconds to compile, every kind of block kept
     # (stride 1 with and without expansion, stride 2).
     c.model.options = {"width_mult": 0.25, "last_channel": 32,

@@ -21,9 +21,35 @@ Expected (the paper's claim for Table I; not measured here, CIFAR cannot be down
 our CI machines): Fast-NTK's D_f and forget-class test accuracy ≈ 0% like Retrain, D_r and
 retain-class test accuracy within a few points of Retrain, relearn time close to Retrain's.
 
-Arguments: `ipc=N` (#IPC of D, default 100), `tiny` (seconds-long test mode: resnet8 with
-narrow widths, 8x8 images, a 2-epoch pre-training on 2 CIFAR-100 images per class; run
-under tfds.testing.mock_data).
+Exact mode, `linearized` (docs/derivation.md §5; configs/common.py `linearized`):
+  python -m fastntk_jax.main --config=configs/resnet110_cifar10.py:ipc=100,linearized \
+      --workdir=wd_r110_lin
+Full and Retrain are the network linearised at w0 trained to its ridge minimiser (squared
+loss, λ = unlearn.damping, the pre-trained BN statistics, float64 solves), in closed form:
+p = 8,746, so each p x p Gram is 0.57 GiB in float64, and the closed form holds G_r, G_f
+and a Cholesky factor (~2.3 GiB with one Jacobian block of unlearn.batch_size rows). Work:
+one Jacobian pass over D ((1 + C) forward-pass equivalents per image, shared by Full,
+Retrain and Fast-NTK) and p³-order solves, instead of 2 x 40 SGD epochs. The certificate's
+exact bound then runs on the host in float64/80-bit: two more copies of G_r (2.3 GiB) and
+eigenvalue decompositions of the p x p Gram, several minutes per seed on a 2-core CPU
+(measured: benchmarks/RESULTS.md §21). Expected: Fast-NTK at Retrain (Avg. Gap 0.0,
+‖w − w_r‖/‖w_r − w0‖ ≤ 1e-6), as measured on digits below.
+
+Digits at this architecture, `digits` (no downloads; configs/common.py
+`digits_at_paper_architecture`): scikit-learn's digits resized to 32x32x3, ResNet-110
+pre-trained from scratch on 80 digits per class for 6 epochs (SGD, lr 0.05, cosine),
+then D = #IPC digits per class (default 5), class 0 forgotten, 30 hold-out digits per
+class. The README's table ("Digits at the paper's architectures") runs
+  python -m fastntk_jax.main --config=configs/resnet110_cifar10.py:digits,linearized \
+      --config.eval.relearn.epochs=1 --config.eval.relearn_attack.epochs=0 \
+      --config.eval.probe.epochs=1 --config.unlearn.release_epsilons='()' --workdir=wd_r110_lin
+and the same without `linearized` (standard mode); the overrides drop what that table does
+not report (relearn time, the relearning attack, the probes, the release's cost).
+
+Arguments: `ipc=N` (#IPC of D, default 100; 5 with `digits`), `linearized`, `digits`,
+`tiny` (seconds-long test mode: resnet8 with narrow widths, 8x8 images, a 2-epoch
+pre-training on 2 CIFAR-100 images per class; run under tfds.testing.mock_data; with
+`digits`, 4 digit classes and no TFDS). Arguments combine: `:digits,linearized`.
 """
 
 import os
@@ -35,14 +61,18 @@ import common  # noqa: E402  pylint: disable=wrong-import-position
 
 from fastntk_jax.config import base_config
 
+# `:digits`: images per class of D and pre-training epochs (see the docstring).
+DIGITS_IPC = 5
+DIGITS_PRETRAIN_EPOCHS = 6
+
 
 def get_config(arg=None):
-  a = common.parse_arg(arg, {"ipc": 100})
+  a = common.parse_arg(arg, {"ipc": None}, flags=("linearized", "digits"))
   c = base_config()
   common.paper_methods(c)
   c.data.name = "cifar10"
   c.data.image_size = 32
-  c.data.images_per_class = a["ipc"]
+  c.data.images_per_class = a["ipc"] or 100
   c.data.forget_classes = (0,)
   c.model.name = "resnet110"
   c.model.options = {"shortcut": "A"}
@@ -55,11 +85,19 @@ def get_config(arg=None):
   # λ = 1e-2) differed from the float64 one by 71% on the same Grams (benchmarks/RESULTS.md
   # §7); float64 costs 1.6x on the solve, which is ~1% of the update's time.
   c.unlearn.solve_dtype = "float64"
+  if a["digits"]:
+    common.digits_at_paper_architecture(c, ipc=a["ipc"] or DIGITS_IPC,
+                                        pretrain_epochs=DIGITS_PRETRAIN_EPOCHS)
+  if a["linearized"]:
+    # p = 8,746: the Grams (0.57 GiB each in float64) fit anywhere, so the closed form.
+    common.linearized(c, common.CLOSED_FORM)
   if a["tiny"]:
     # The tests run the tiny mode in-process, where x64 would stay switched on for the
     # tests that follow; its float64 path is tested in a subprocess (test_configs.py).
     c.unlearn.solve_dtype = "float32"
     common.tiny_cifar_cnn(c)
+    if a["digits"]:  # no TFDS: 4 digit classes, 12 pre-training images each
+      c.data.pretrain_per_class = 12
     c.model.name = "resnet8"
     c.model.options = {"shortcut": "A", "widths": (4, 8, 8)}
   return c

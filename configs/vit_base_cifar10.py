@@ -12,7 +12,17 @@ ViT configs.
 Expected (the paper's claim, not measured here): Fast-NTK ≈ Retrain on D_f (≈0%), close on
 D_r and the retain-class test set.
 
-Arguments: `ipc=N` (default 50), `weights=i1k|i21k_i1k|i21k` (default i1k), `tiny`.
+Exact mode, `linearized` (configs/common.py `linearized`):
+  python -m fastntk_jax.main --config=configs/vit_base_cifar10.py:ipc=50,linearized \
+      --workdir=wd_vitb_c10_lin
+by conjugate gradients: p = 81,418, one p x p Gram 49.4 GiB in float64 (the closed form does
+not fit); cg: vectors of p and n·C, a jvp and a vjp over D per iteration (~4 x 35.3 GFLOP
+per image), at most 2·min(p, n·C) + 200 iterations (an upper bound, estimated). Fast-NTK's
+update: the plan's dual ((n·C)² = 5,000² in float64: 0.19 GiB), its certificate
+matrix-free.
+
+Arguments: `ipc=N` (default 50), `weights=i1k|i21k_i1k|i21k` (default i1k), `linearized`,
+`tiny`.
 """
 
 import os
@@ -24,8 +34,10 @@ import common  # noqa: E402  pylint: disable=wrong-import-position
 
 
 def get_config(arg=None):
-  a = common.parse_arg(arg, {"ipc": 50, "weights": "i1k"}, {"weights": common.VIT_WEIGHTS})
+  a = common.parse_arg(arg, {"ipc": 50, "weights": "i1k"}, {"weights": common.VIT_WEIGHTS},
+                       flags=("linearized",))
   c = common.vit_prompt_config("vit_b16", "cifar10", None, a["ipc"],
-                               common.vit_checkpoint("vit_b16", a["weights"]), a["tiny"])
+                               common.vit_checkpoint("vit_b16", a["weights"]), a["tiny"],
+                               linearized_mode=a["linearized"])
   c.data.normalization = "vit"
   return c

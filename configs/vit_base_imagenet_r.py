@@ -21,8 +21,18 @@ imagenet21k/ViT-B_16.npz also loads: its `pre_logits` layer is dropped with a lo
 
 Expected (the paper's claim, not measured here): Fast-NTK ≈ Retrain on D_f, close on D_r.
 
+Exact mode, `linearized` (configs/common.py `linearized`):
+  python -m fastntk_jax.main --config=configs/vit_base_imagenet_r.py:classes=20,ipc=50,linearized \
+      --workdir=wd_vitb_20_50_lin
+Full and Retrain are the linearised network's ridge minimiser by conjugate gradients:
+p = 89,108, one p x p Gram 59.2 GiB in float64 (the closed form does not fit); cg holds
+vectors of p and n·C and one batch's jvp/vjp activations, and costs a jvp and a vjp over D
+per iteration (~4 x 35.3 GFLOP per image), at most 2·min(p, n·C) + 200 iterations (an upper
+bound, estimated, not measured). Fast-NTK's update: the plan's dual as above, its
+certificate matrix-free.
+
 Arguments: `classes=K` (default 20), `ipc=N` (default 20), `random=1|0`,
-`weights=i1k|i21k_i1k|i21k`, `tiny`.
+`weights=i1k|i21k_i1k|i21k`, `linearized`, `tiny`.
 """
 
 import os
@@ -35,7 +45,8 @@ import common  # noqa: E402  pylint: disable=wrong-import-position
 
 def get_config(arg=None):
   a = common.parse_arg(arg, {"classes": 20, "ipc": 20, "random": 1, "weights": "i1k"},
-                       {"weights": common.VIT_WEIGHTS})
+                       {"weights": common.VIT_WEIGHTS}, flags=("linearized",))
   return common.vit_prompt_config("vit_b16", "imagenet_r", a["classes"], a["ipc"],
                                   common.vit_checkpoint("vit_b16", a["weights"]), a["tiny"],
-                                  random_classes=bool(a["random"]))
+                                  random_classes=bool(a["random"]),
+                                  linearized_mode=a["linearized"])

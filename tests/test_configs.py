@@ -194,3 +194,90 @@ def test_linearized_mode_refuses_what_it_would_ignore_or_change(field, value, so
   cfg[group][name] = value
   with pytest.raises(ValueError, match=f"{field}=.*linearized"):
     config_lib.validate(cfg)
+
+
+# --------------------------------------------------------------------------------------
+# The exact (linearised) mode of the paper configs, and digits at their architectures.
+# --------------------------------------------------------------------------------------
+
+PAPER_CONFIGS = {"resnet110_cifar10.py": "closed_form", "mobilenetv2_cifar10.py": "cg",
+                 "vit_small_imagenet_r.py": "cg", "vit_base_imagenet_r.py": "cg",
+                 "vit_base_cifar10.py": "cg"}
+LINEARIZED_FIELDS = ("finetune.mode", "finetune.linearized_solver", "finetune.bn_mode",
+                     "unlearn.solve_dtype")
+
+
+def _fields(cfg, names):
+  return {n: cfg[n.split(".")[0]][n.split(".")[1]] for n in names}
+
+
+def _flat(tree, prefix=""):
+  out = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      out.update(_flat(value, f"{prefix}{key}."))
+    else:
+      out[f"{prefix}{key}"] = value
+  return out
+
+
+@pytest.mark.parametrize("name, solver", sorted(PAPER_CONFIGS.items()))
+def test_every_paper_config_has_the_exact_mode(name, solver):
+  """`:linearized` sets the exact mode with the solver its p allows (closed form for
+  ResNet-110's 8,746, cg where a p x p Gram is 15-59 GiB), through the one helper the
+  default uses too (the same settings), and changes nothing else."""
+  standard, exact = load(name), load(name, "linearized")
+  config_lib.validate(exact)
+  assert _fields(exact, LINEARIZED_FIELDS) == {
+      "finetune.mode": "linearized", "finetune.linearized_solver": solver,
+      "finetune.bn_mode": "frozen", "unlearn.solve_dtype": "float64"}
+  default = load("default.py")  # the embedded default is linearised by the same helper
+  assert _fields(default, LINEARIZED_FIELDS[:1] + LINEARIZED_FIELDS[2:]) == _fields(
+      exact, LINEARIZED_FIELDS[:1] + LINEARIZED_FIELDS[2:])
+  flat = lambda c: {k: v for k, v in _flat(c.to_dict()).items() if k not in LINEARIZED_FIELDS}
+  assert flat(standard) == flat(exact)
+  assert standard.finetune.mode == "standard"
+  text = open(os.path.join(ROOT, "configs", name)).read()
+  assert "linearized" in text and "GiB" in text  # the mode's cost, stated
+  # the setting's arguments combine with it, in any order
+  assert load(name, "tiny,linearized").finetune.mode == "linearized"
+
+
+def test_a_bad_config_argument_names_the_accepted_ones():
+  with pytest.raises(ValueError, match=r"bad config argument 'linear': expected one of "
+                     r"\['tiny', 'linearized', 'digits'\] or key=int with key in \['ipc'\]"):
+    load("resnet110_cifar10.py", "ipc=10,linear")
+  with pytest.raises(ValueError, match="'digits'"):
+    load("vit_small_imagenet_r.py", "digits")  # the ViTs load ImageNet weights: no digits
+
+
+@pytest.mark.parametrize("name, model", [("resnet110_cifar10.py", "resnet110"),
+                                         ("mobilenetv2_cifar10.py", "mobilenetv2")])
+def test_digits_at_the_papers_architecture(name, model):
+  """`:digits`: scikit-learn's digits at 32x32x3 through the real network, pre-trained on
+  the data's own pre-train split (no CIFAR), in either mode."""
+  for arg in ("digits", "digits,linearized", "digits,ipc=7"):
+    cfg = load(name, arg)
+    config_lib.validate(cfg)
+    assert cfg.model.name == model and cfg.data.name == "digits"
+    assert cfg.data.image_size == 32 and cfg.data.num_classes is None
+    assert (cfg.pretrain.source, cfg.pretrain.dataset) == ("train", "")
+    assert cfg.data.pretrain_per_class == 80 and cfg.data.holdout_per_class == 30
+    assert cfg.pretrain.train.augment == "none"
+  assert load(name, "digits,ipc=7").data.images_per_class == 7
+  assert load(name, "digits").data.images_per_class == 5
+  assert load(name).data.images_per_class == 100  # CIFAR's #IPC unchanged
+
+
+@pytest.mark.slow
+def test_digits_linearized_runs_exact_end_to_end(tmp_path):
+  """`resnet110_cifar10.py:tiny,digits,linearized` end to end on digits (no TFDS): the
+  closed form from the pre-trained narrow ResNet, and Fast-NTK on Retrain."""
+  cfg = load("resnet110_cifar10.py", "tiny,digits,linearized")
+  run_lib.run(cfg, str(tmp_path), show_progress=False)
+  res = _check(str(tmp_path))
+  assert res["config"]["finetune"]["mode"] == "linearized"
+  assert res["pretrain"]["dataset"] == "digits (pretrain split)"
+  fast = res["methods"]["fastntk"]
+  assert fast["avg_gap"]["mean"] == 0.0
+  assert fast["relative_l2_to_retrain"]["mean"] < 1e-4
