@@ -291,13 +291,7 @@ def fit_collections(model, trained: dict, frozen: dict, split, spec: TrainSpec,
   devices = 1 if mesh is None else int(mesh.size)
   for epoch in range(first_epoch, spec.epochs):
     total, count = 0.0, 0.0
-    batches = batches_lib.iterate_batches(split, spec.batch_size, seed=seed, epoch=epoch,
-                                       remainder="partial" if batch_statistics else "pad")
-    for index, b in enumerate(batches):
-      if spec.augment == "crop_flip":
-        # Drawn from (seed, epoch, batch): a resumed fit sees the same augmented batches.
-        rng = np.random.default_rng([seed, epoch, index, _AUGMENT_STREAM])
-        b = batches_lib.Batch(batches_lib.random_crop_flip(b.x, rng), b.y, b.mask)
+    for b in _epoch_batches(split, spec, seed, epoch, batch_statistics):
       if b.x.shape[0] % devices:
         # A mesh splits a batch evenly: the few rows beyond a multiple of the device count
         # wait for a later epoch (the shuffle differs per epoch).
@@ -320,6 +314,113 @@ def fit_collections(model, trained: dict, frozen: dict, split, spec: TrainSpec,
 
 
 _AUGMENT_STREAM = 0xA46  # the random stream of train-time augmentation
+
+
+def _epoch_batches(split, spec: TrainSpec, seed: int, epoch: int, batch_statistics: bool):
+  """The batches of one epoch of a fit seeded `seed`: shuffled by (seed, epoch), augmented
+  as `spec.augment` asks (drawn from (seed, epoch, batch), so a resumed fit sees the same
+  batches); with train-mode BatchNorm the last batch holds only its real rows."""
+  batches = batches_lib.iterate_batches(split, spec.batch_size, seed=seed, epoch=epoch,
+                                        remainder="partial" if batch_statistics else "pad")
+  for index, b in enumerate(batches):
+    if spec.augment == "crop_flip":
+      rng = np.random.default_rng([seed, epoch, index, _AUGMENT_STREAM])
+      b = batches_lib.Batch(batches_lib.random_crop_flip(b.x, rng), b.y, b.mask)
+    yield b
+
+
+def fit_seeds(model, trainables: PyTree, frozen: dict, split, spec: TrainSpec,
+              num_classes: int, *, seeds) -> tuple[PyTree, Optional[PyTree], np.ndarray]:
+  """`fit` for S seeds at once: one compiled step vmapped over the seeds (a population).
+
+  Seed k's fit is `fit(model, trainables[k], frozen, split, spec, seed=seeds[k])`: the same
+  batch order, augmentation, optimiser and BatchNorm handling, so the result equals S calls
+  of `fit` up to the order of float reductions. The frozen collections (the backbone, the
+  pre-trained BN statistics) are shared, not copied per seed.
+
+  Args:
+    model: the Flax module.
+    trainables: the S initial trainable collections, stacked: every leaf [S, ...].
+    frozen: the other collections, shared by every seed (`batch_stats` are each seed's
+      starting statistics).
+    split: (x, y) numpy arrays.
+    spec: the training protocol (no mesh: a population chunk runs on one device).
+    num_classes: C.
+    seeds: the S seeds (batch order and augmentation of each).
+
+  Returns:
+    (trained params [S, ...], batch_stats [S, ...] after training (None without BN),
+     per-epoch mean training loss [S, epochs]).
+  """
+  seeds = [int(s) for s in seeds]
+  sizes = {np.shape(leaf)[0] for leaf in jax.tree_util.tree_leaves(trainables)}
+  if sizes != {len(seeds)}:
+    raise ValueError(f"fit_seeds: the trainable leaves are stacked over {sorted(sizes)} "
+                     f"seeds, but {len(seeds)} seeds were given")
+  frozen = dict(frozen)
+  batch_stats = frozen.pop("batch_stats", None)
+  if spec.augment not in AUGMENTATIONS:
+    raise ValueError(f"unknown augment {spec.augment!r}; choose one of {AUGMENTATIONS}")
+  if spec.schedule == "constant" and not spec.warmup_epochs:
+    tx, step = _cached_seeds_step(model, dataclasses.replace(spec, epochs=0), num_classes)
+  else:
+    x, _ = split
+    steps_per_epoch = batches_lib.num_batches(len(x), spec.batch_size)
+    tx, step = _cached_seeds_step(model, spec, num_classes, steps_per_epoch)
+  trained = {"trainable": trainables}
+  opt_state = jax.vmap(tx.init)(trained)
+  if batch_stats is not None:  # each seed starts from the same statistics
+    batch_stats = jax.tree_util.tree_map(
+        lambda a: jnp.broadcast_to(a, (len(seeds),) + np.shape(a)), batch_stats)
+  batch_statistics = spec.bn_mode == "train" and batch_stats is not None
+  history = np.zeros((len(seeds), spec.epochs))
+  for epoch in range(spec.epochs):
+    total, count = 0.0, 0.0
+    # Every seed has as many batches of the same shapes (one split): zip and stack them.
+    for bs in zip(*(_epoch_batches(split, spec, s, epoch, batch_statistics) for s in seeds)):
+      x, y, mask = (np.stack(a) for a in zip(*bs))
+      trained, opt_state, batch_stats, loss = step(trained, opt_state, batch_stats, frozen,
+                                                   x, y, mask)
+      weight = mask.sum(axis=1)
+      total = total + np.asarray(loss, np.float64) * weight
+      count = count + weight
+    history[:, epoch] = total / np.maximum(count, 1.0)
+  return trained["trainable"], batch_stats, history
+
+
+def step_memory_bytes(model, spec: TrainSpec, num_classes: int, trainable: PyTree,
+                      frozen: dict, batch_shape: tuple) -> Optional[int]:
+  """Bytes one training step of `spec` holds beyond its inputs (temporaries and outputs:
+  the batch's activations and gradients), by XLA's own count after compiling it; None when
+  the backend does not report it.
+
+  Args:
+    trainable: the trainable collection (one seed's). frozen: the other collections.
+    batch_shape: (batch, H, W, C) of one batch of images.
+  """
+  _, step = _cached_step(model, dataclasses.replace(spec, epochs=0, schedule="constant",
+                                                    warmup_epochs=0.0), num_classes)
+  frozen = dict(frozen)
+  stats = frozen.pop("batch_stats", None)
+  trained = {"trainable": trainable}
+  tx = make_optimizer(spec.optimizer, spec.learning_rate, momentum=spec.momentum,
+                      weight_decay=spec.weight_decay)
+  n = int(batch_shape[0])
+  try:
+    memory = step.lower(trained, tx.init(trained), stats, frozen,
+                        jnp.zeros(batch_shape, jnp.float32), jnp.zeros((n,), jnp.int32),
+                        jnp.ones((n,), jnp.float32)).compile().memory_analysis()
+    return int(memory.temp_size_in_bytes + memory.output_size_in_bytes)
+  except (AttributeError, NotImplementedError, TypeError):
+    return None
+
+
+@functools.lru_cache(maxsize=16)
+def _cached_seeds_step(model, spec: TrainSpec, num_classes: int, steps_per_epoch: int = 0):
+  """`_cached_step`'s optimiser and step, vmapped over seeds (the frozen weights shared)."""
+  tx, step = _cached_step(model, spec, num_classes, steps_per_epoch)
+  batched = jax.jit(jax.vmap(step, in_axes=(0, 0, 0, None, 0, 0, 0)))
+  return tx, batched
 
 
 def restore_training_state(checkpoint_path: Optional[str], state, epochs: int,

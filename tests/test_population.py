@@ -3,6 +3,7 @@ head-factorised tables against the network's Jacobian, and the per-seed audits' 
 (MIA-Efficacy's spread, the relearning attack)."""
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -191,3 +192,74 @@ def test_audits_refuse_a_diverged_model_instead_of_reporting_nan():
   logits["fastntk"][2, 1, 0] = 0.0
   assert set(population.audits(pop, np.array([0, 1, 0]))["per_method"]) == {"fastntk",
                                                                             "retrain"}
+
+
+@pytest.mark.parametrize("bn_mode,augment,schedule", [("train", "crop_flip", "cosine"),
+                                                      ("frozen", "none", "constant")])
+def test_fit_seeds_equals_one_fit_per_seed(bn_mode, augment, schedule):
+  from fastntk_jax import train as train_lib
+  model = models.get_model("resnet8", 3, shortcut="B", widths=(4, 8, 8))
+  w, frozen = tr.split(tr.init_variables(model, SHAPE, 0))
+  rng = np.random.default_rng(2)
+  split = (rng.normal(size=(11,) + SHAPE).astype(np.float32), rng.integers(0, 3, 11))
+  spec = train_lib.TrainSpec(epochs=2, learning_rate=0.05, batch_size=4, bn_mode=bn_mode,
+                             augment=augment, schedule=schedule, warmup_epochs=0.5,
+                             weight_decay=1e-3)
+  seeds = [5, 17]
+  w0s = [tr.fresh_head(w, model, SHAPE, s) for s in seeds]
+  stacked = jax.tree_util.tree_map(lambda *a: jnp.stack(a), *w0s)
+  params, stats, history = train_lib.fit_seeds(model, stacked, frozen, split, spec, 3,
+                                               seeds=seeds)
+  assert history.shape == (2, 2)
+  for i, seed in enumerate(seeds):
+    one, one_stats, one_history = train_lib.fit(model, w0s[i], frozen, split, spec, 3,
+                                                seed=seed)
+    for a, b in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(one)):
+      np.testing.assert_allclose(np.asarray(a[i]), np.asarray(b), atol=2e-5, rtol=1e-5)
+    for a, b in zip(jax.tree_util.tree_leaves(stats), jax.tree_util.tree_leaves(one_stats)):
+      np.testing.assert_allclose(np.asarray(a[i]), np.asarray(b), atol=2e-5, rtol=1e-5)
+    np.testing.assert_allclose(history[i], one_history, rtol=1e-5)
+  # The seeds' batch orders differ: so do their models.
+  assert not np.allclose(np.asarray(params["head"]["kernel"][0]),
+                         np.asarray(params["head"]["kernel"][1]))
+
+
+def test_fit_seeds_refuses_a_stack_of_other_size():
+  from fastntk_jax import train as train_lib
+  model = models.get_model("resnet8", 3, shortcut="B", widths=(4, 8, 8))
+  w, frozen = tr.split(tr.init_variables(model, SHAPE, 0))
+  stacked = jax.tree_util.tree_map(lambda a: jnp.stack([a, a]), w)
+  spec = train_lib.TrainSpec(epochs=1, learning_rate=0.1, batch_size=4)
+  with pytest.raises(ValueError, match="stacked over"):
+    train_lib.fit_seeds(model, stacked, frozen, (np.zeros((4,) + SHAPE, np.float32),
+                                                 np.zeros(4, np.int32)), spec, 3, seeds=[1, 2, 3])
+
+
+def test_sgd_population_equals_the_report_seeds_path(tmp_path):
+  cfg = tiny_config()
+  with cfg.unlocked():
+    cfg.eval.population_seeds = 3
+    cfg.methods = ("full", "retrain", "fastntk", "ft")
+    cfg.finetune.mode = "standard"
+    cfg.finetune.bn_mode = "train"
+  with linalg.enable_x64(True):
+    p = prepare_lib.prepare(cfg)
+    progress = progress_lib.Progress(str(tmp_path), False)
+    pretrained = pretrain.pretrain_stage(p.cfg, p.model, p.data, str(tmp_path), progress)
+    w_pre, frozen_pre = tr.split(pretrained)
+    setup = run_lib.Setup(cfg=p.cfg, workdir=str(tmp_path), model=p.model,
+                          frozen_pre=frozen_pre, w_pre=w_pre, forgetter=run_lib.make_forgetter(
+                              p.cfg, p.model, frozen_pre, p.data.num_classes),
+                          methods=p.plugins, progress=progress, mesh=None)
+    harness = population.Harness(method_context=run_lib.method_context,
+                                 frozen_of=run_lib.frozen_of, make_fit=run_lib.make_fit,
+                                 fine_tuner=finetune.FineTuner)
+    pop = population.build(setup, p.data, harness)
+    assert pop.engine == "batched_sgd"
+    for side, name_b in (("a", None), ("b", "retrain_b")):
+      seed = pop.seeds[side][2]  # the last seed of the chunk: its own batch order
+      reference = population._per_seed(harness, setup, p.data, seed, with_methods=side == "a")
+      for name, (logits, ra, ta) in reference.items():
+        key = name_b or name
+        np.testing.assert_allclose(pop.logits[key][2], logits, atol=1e-4, rtol=0)
+        assert pop.ra[key][2] == pytest.approx(ra) and pop.ta[key][2] == pytest.approx(ta)

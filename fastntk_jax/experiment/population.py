@@ -12,9 +12,15 @@ so the network's features on every row and their Jacobian over the body are comp
 compiled program (`vmap`), then each seed's Full and Retrain (`linear.ridge_solution`) and
 Fast-NTK's update (the Forgetter's `from_gram_stats`) are solved and checked as on the report
 seeds, and the models' logits are one more compiled program. The other
-methods run per seed, their tables primed from the same factors (`linear.put_table`). Any
-other mode, or a model whose head is not its last affine step, runs seed by seed as the
-report seeds do. Each chunk is a resumable stage (`population/<side>_<k>.npz`).
+methods run per seed, their tables primed from the same factors (`linear.put_table`).
+
+SGD fine-tuning (`finetune.mode="standard"`, one device): each chunk's Retrain and Full are
+one vmapped fit each (`train.fit_seeds`: the backbone shared, each seed its own head, batch
+order and BN statistics, the protocol of `FineTuner.fit`), as many seeds a chunk as the
+compiler says fit in CHUNK_BYTES; Fast-NTK and the other methods then run from each seed's
+Full as on the report seeds. Any other mode (cg, serve, a mesh), or a linearised model whose
+head is not its last affine step, runs seed by seed as the report seeds do. Each chunk is a
+resumable stage (`population/<side>_<k>.npz`).
 """
 
 from __future__ import annotations
@@ -55,7 +61,8 @@ class Population:
     logits: {model name: float32 [N, n_f, C]} on D_f; "retrain_b" is seeds B's Retrain.
     ra, ta: {model name: float64 [N]} retain and test accuracies (%) of each model.
     seeds: {"a": [N], "b": [N]} the seeds.
-    engine: "batched" (one compiled program per chunk) or "per_seed".
+    engine: "batched" (linearised: one compiled program per chunk), "batched_sgd" (Full and
+      Retrain of a chunk in one vmapped fit each) or "per_seed".
     seconds: wall time of the models (compilation included): the features once and each
       chunk's own time, also for chunks a resumed run read back from disk.
   """
@@ -313,6 +320,64 @@ def _per_seed(harness: Harness, setup, data, seed: int, with_methods: bool) -> d
 
 
 # ------------------------------------------------------------------------------------------
+# SGD fine-tuning: the seeds' fits vmapped (`train.fit_seeds`).
+# ------------------------------------------------------------------------------------------
+
+
+def sgd_chunk_size(setup, data, n: int) -> int:
+  """Seeds per compiled SGD chunk: as many as fit in CHUNK_BYTES by the compiler's count of
+  one seed's step (`train.step_memory_bytes`), at least one; 8 when the backend does not
+  report it."""
+  spec = train_lib.TrainSpec.from_config(setup.cfg.finetune)
+  per_seed = train_lib.step_memory_bytes(
+      setup.model, spec, data.num_classes, setup.w_pre, setup.frozen_pre,
+      (min(spec.batch_size, data.train.size),) + tuple(data.image_shape))
+  if per_seed is None:
+    return int(min(n, 8))
+  return int(max(1, min(n, CHUNK_BYTES // max(per_seed, 1))))
+
+
+def _sgd_chunk(harness: Harness, setup, data, chunk_seeds, with_methods: bool) -> list:
+  """[{name: (logits on D_f, RA, TA)}] of each seed of the chunk: Retrain (and Full) of
+  every seed in one vmapped fit each (`train.fit_seeds`, bit for bit the protocol of
+  `FineTuner.fit`), then the methods from each seed's Full as on the report seeds."""
+  cfg = setup.cfg
+  s = len(chunk_seeds)
+  heads = fresh_heads(setup.model, data.image_shape, chunk_seeds)
+  body = {k: v for k, v in setup.w_pre.items() if k != linear.HEAD}
+  w0s = {**jax.tree_util.tree_map(lambda a: np.broadcast_to(a, (s,) + np.shape(a)), body),
+         linear.HEAD: heads}
+  spec = train_lib.TrainSpec.from_config(cfg.finetune)
+  take = lambda tree, i: None if tree is None else jax.tree_util.tree_map(lambda a: a[i], tree)
+  fits = {"retrain": data.retain, **({"full": data.train} if with_methods else {})}
+  fitted = {}
+  for tag, split in fits.items():
+    params, stats, _ = train_lib.fit_seeds(setup.model, w0s, setup.frozen_pre, split, spec,
+                                           data.num_classes, seeds=chunk_seeds)
+    fitted[tag] = [{"trainable": take(params, i),
+                    **({"batch_stats": take(stats, i)} if stats is not None else {})}
+                   for i in range(s)]
+  records = []
+  for i, seed in enumerate(chunk_seeds):
+    tuner = harness.fine_tuner(cfg, setup.model, setup.frozen_pre, take(w0s, i), data, seed,
+                               forgetter=setup.forgetter,
+                               fit=harness.make_fit(setup, data.num_classes), mesh=setup.mesh)
+    out = {tag: _accuracy_records(tuner.net, models[i]["trainable"],
+                                  harness.frozen_of(tuner, models[i]), data,
+                                  cfg.eval.batch_size)
+           for tag, models in fitted.items()}
+    if with_methods:
+      full = fitted["full"][i]
+      frozen_full = harness.frozen_of(tuner, full)
+      for name, params in _method_params(harness, setup, data, seed, tuner, full,
+                                         setup.methods).items():
+        out[name] = _accuracy_records(tuner.net, params, frozen_full, data,
+                                      cfg.eval.batch_size)
+    records.append(out)
+  return records
+
+
+# ------------------------------------------------------------------------------------------
 # The stage.
 # ------------------------------------------------------------------------------------------
 
@@ -321,6 +386,12 @@ def batched_engine_applies(cfg) -> bool:
   """Whether the population can take the batched engine (before the model is checked)."""
   return (cfg.finetune.mode == "linearized" and cfg.finetune.linearized_solver == "closed_form"
           and cfg.unlearn.linearize_at == "init" and not cfg.unlearn.serve)
+
+
+def sgd_engine_applies(cfg, mesh=None) -> bool:
+  """Whether Full and Retrain of the population are fitted by SGD vmapped over the seeds:
+  standard fine-tuning on one device (a data mesh splits each seed's batches instead)."""
+  return cfg.finetune.mode == "standard" and (mesh is None or int(mesh.size) == 1)
 
 
 def build(setup, data, harness: Harness) -> Optional[Population]:
@@ -376,10 +447,28 @@ def build(setup, data, harness: Harness) -> Optional[Population]:
           return packed
         chunks.append((side, _npz_stage(os.path.join(pdir, f"{side}_{k}.npz"), compute)))
     engine_name = "batched"
+  elif sgd_engine_applies(cfg, setup.mesh):
+    size = sgd_chunk_size(setup, data, n)
+    log.info("population: %d + %d seeds, SGD fine-tuning vmapped over chunks of %d seeds",
+             n, n, size)
+    for side in ("a", "b"):
+      for k, lo in enumerate(range(0, n, size)):
+        chunk_seeds = seeds[side][lo:lo + size]
+
+        def compute(side=side, chunk_seeds=chunk_seeds, lo=lo):
+          t = time.perf_counter()
+          packed = _pack(_sgd_chunk(harness, setup, data, chunk_seeds,
+                                    with_methods=side == "a"))
+          packed[SECONDS] = np.asarray(time.perf_counter() - t)
+          log.info("population: seeds %s %d-%d of %d in %.1f s", side.upper(), lo + 1,
+                   lo + len(chunk_seeds), n, packed[SECONDS])
+          return packed
+        chunks.append((side, _npz_stage(os.path.join(pdir, f"{side}_{k}.npz"), compute)))
+    engine_name = "batched_sgd"
   else:
-    log.info("population: %d + %d seeds, one at a time (the batched engine needs linearised "
-             "closed-form fine-tuning at w0 and a head that is the network's last affine step)",
-             n, n)
+    log.info("population: %d + %d seeds, one at a time (the batched engines need closed-form "
+             "linearised fine-tuning at w0 with a head that is the network's last affine "
+             "step, or SGD fine-tuning on one device)", n, n)
     for side in ("a", "b"):
       for k, seed in enumerate(seeds[side]):
         def compute(side=side, seed=seed, k=k):

@@ -425,11 +425,18 @@ def audit_lines(results: dict) -> list[str]:
             "cannot exceed log(1e5) = 11.51 (disjoint histograms); at small N even Retrain "
             "against itself sits near it.",
             f"Compute: {n} + {n} seeds, {a['engine']} "
-            + ("(one compiled program per chunk of seeds for Full, Retrain and Fast-NTK; the "
-               "other methods per seed on tables from the same features)"
-               if a["engine"] == "batched" else "(seed by seed)")
+            + ENGINE_TEXT.get(a["engine"], "(seed by seed)")
             + f", {seconds:.0f} s in all, {per_model:.3f} s per model.", ""]
   return lines
+
+
+# How each population engine (`experiment.population`) built its models, for results.md.
+ENGINE_TEXT = {
+    "batched": "(one compiled program per chunk of seeds for Full, Retrain and Fast-NTK; the "
+               "other methods per seed on tables from the same features)",
+    "batched_sgd": "(Full and Retrain of each chunk of seeds in one vmapped SGD fit each; "
+                   "Fast-NTK and the other methods per seed from each seed's Full)",
+}
 
 
 def mia_spread_lines(results: dict) -> list[str]:
