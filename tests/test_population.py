@@ -95,7 +95,8 @@ def tiny_population(tmp_path_factory):
                           methods=p.plugins, progress=progress, mesh=None)
     harness = population.Harness(method_context=run_lib.method_context,
                                  frozen_of=run_lib.frozen_of, make_fit=run_lib.make_fit,
-                                 fine_tuner=finetune.FineTuner)
+                                 fine_tuner=finetune.FineTuner,
+                                 released_frozen=run_lib.released_frozen)
     pop = population.build(setup, p.data, harness)
     reference = {side: population._per_seed(harness, setup, p.data, pop.seeds[side][0],
                                              with_methods=side == "a")
@@ -251,11 +252,21 @@ def test_sgd_population_equals_the_report_seeds_path(tmp_path):
                           frozen_pre=frozen_pre, w_pre=w_pre, forgetter=run_lib.make_forgetter(
                               p.cfg, p.model, frozen_pre, p.data.num_classes),
                           methods=p.plugins, progress=progress, mesh=None)
+    released = []
+
+    def released_frozen(tuner, data, name, params, frozen, seed):
+      released.append((seed, name))
+      return run_lib.released_frozen(tuner, data, name, params, frozen, seed)
+
     harness = population.Harness(method_context=run_lib.method_context,
                                  frozen_of=run_lib.frozen_of, make_fit=run_lib.make_fit,
-                                 fine_tuner=finetune.FineTuner)
+                                 fine_tuner=finetune.FineTuner, released_frozen=released_frozen)
     pop = population.build(setup, p.data, harness)
     assert pop.engine == "batched_sgd"
+    # Every model is evaluated as released: its BN statistics from the data it may see.
+    assert sorted(released) == sorted(
+        [(s, n) for s in pop.seeds["a"] for n in ("full", "retrain", "fastntk", "ft")]
+        + [(s, "retrain") for s in pop.seeds["b"]])
     for side, name_b in (("a", None), ("b", "retrain_b")):
       seed = pop.seeds[side][2]  # the last seed of the chunk: its own batch order
       reference = population._per_seed(harness, setup, p.data, seed, with_methods=side == "a")

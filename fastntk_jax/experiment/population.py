@@ -267,12 +267,16 @@ def _accuracy_records(net, params, frozen, data, batch_size: int):
 class Harness:
   """What the population takes from the harness (`experiment.run`), passed in so that this
   module does not import it: `method_context(setup, tuner, data, seed, method, full, w0)`,
-  `frozen_of(tuner, out)`, `make_fit(setup, num_classes)`, and the fine-tuner class
-  (`experiment.finetune.FineTuner`)."""
+  `frozen_of(tuner, out)`, `make_fit(setup, num_classes)`, the fine-tuner class
+  (`experiment.finetune.FineTuner`) and `released_frozen(tuner, data, name, params, frozen,
+  seed)`: a released model's frozen side, its BN statistics recomputed on the data its
+  method may see, so the population's models are the report seeds' (no D_f in Retrain's or
+  a method's statistics)."""
   method_context: Callable
   frozen_of: Callable
   make_fit: Callable
   fine_tuner: Callable
+  released_frozen: Callable
 
 
 def _method_params(harness: Harness, setup, data, seed: int, tuner, full: dict, methods,
@@ -304,18 +308,32 @@ def _per_seed(harness: Harness, setup, data, seed: int, with_methods: bool) -> d
                              forgetter=setup.forgetter,
                              fit=harness.make_fit(setup, data.num_classes),
                              mesh=setup.mesh)
-  record = lambda out: _accuracy_records(tuner.net, out["trainable"],
-                                         harness.frozen_of(tuner, out), data,
-                                         cfg.eval.batch_size)
   retrain, _ = tuner.fit(data.retain, "retrain")
-  out = {"retrain": record(retrain)}
+  fitted = {"retrain": retrain}
   if with_methods:
-    full, _ = tuner.fit(data.train, "full")
-    out["full"] = record(full)
+    fitted["full"], _ = tuner.fit(data.train, "full")
+  return _records(harness, setup, data, seed, tuner, fitted, with_methods)
+
+
+def _records(harness: Harness, setup, data, seed: int, tuner, fitted: dict,
+             with_methods: bool) -> dict:
+  """{name: (logits on D_f, RA, TA)} of one seed's Retrain (and Full and every method from
+  Full, when `with_methods`), each evaluated as released (`Harness.released_frozen`).
+  `fitted`: {"retrain"[, "full"]: {"trainable"[, "batch_stats"]}}."""
+  cfg = setup.cfg
+
+  def record(name, params, frozen):
+    released = harness.released_frozen(tuner, data, name, params, frozen, seed)
+    return _accuracy_records(tuner.net, params, released, data, cfg.eval.batch_size)
+
+  out = {tag: record(tag, model["trainable"], harness.frozen_of(tuner, model))
+         for tag, model in fitted.items()}
+  if with_methods:
+    full = fitted["full"]
     frozen_full = harness.frozen_of(tuner, full)
     for name, params in _method_params(harness, setup, data, seed, tuner, full,
                                        setup.methods).items():
-      out[name] = _accuracy_records(tuner.net, params, frozen_full, data, cfg.eval.batch_size)
+      out[name] = record(name, params, frozen_full)
   return out
 
 
@@ -362,18 +380,8 @@ def _sgd_chunk(harness: Harness, setup, data, chunk_seeds, with_methods: bool) -
     tuner = harness.fine_tuner(cfg, setup.model, setup.frozen_pre, take(w0s, i), data, seed,
                                forgetter=setup.forgetter,
                                fit=harness.make_fit(setup, data.num_classes), mesh=setup.mesh)
-    out = {tag: _accuracy_records(tuner.net, models[i]["trainable"],
-                                  harness.frozen_of(tuner, models[i]), data,
-                                  cfg.eval.batch_size)
-           for tag, models in fitted.items()}
-    if with_methods:
-      full = fitted["full"][i]
-      frozen_full = harness.frozen_of(tuner, full)
-      for name, params in _method_params(harness, setup, data, seed, tuner, full,
-                                         setup.methods).items():
-        out[name] = _accuracy_records(tuner.net, params, frozen_full, data,
-                                      cfg.eval.batch_size)
-    records.append(out)
+    records.append(_records(harness, setup, data, seed, tuner,
+                            {tag: models[i] for tag, models in fitted.items()}, with_methods))
   return records
 
 

@@ -438,7 +438,7 @@ def population_stage(setup: Setup, data) -> Optional[dict]:
   audits (KLoM, ε-score, U-LiRA); None when off."""
   pop = population.build(setup, data, population.Harness(
       method_context=method_context, frozen_of=frozen_of, make_fit=make_fit,
-      fine_tuner=finetune.FineTuner))
+      fine_tuner=finetune.FineTuner, released_frozen=released_frozen))
   if pop is None:
     return None
   return population.audits(pop, data.forget.y)
