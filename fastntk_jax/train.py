@@ -477,12 +477,59 @@ def accuracy(logits: np.ndarray, labels: np.ndarray) -> Optional[float]:
 
 
 @functools.partial(jax.jit, static_argnums=0)
+def _updated_batch_stats(model, variables, x):
+  """The running statistics after one train-mode step on the batch `x` (nothing trained)."""
+  from fastntk_jax.models.layers import BATCH_STATS  # pylint: disable=g-import-not-at-top
+  _, state = model.apply(variables, x, train=True, mutable=[BATCH_STATS])
+  return state[BATCH_STATS]
+
+
 def _batch_moments(model, variables, x):
-  """{layer path: {"mean": (m,), "var": (v,)}}: the moments each train-mode BatchNorm
-  normalised the batch `x` with (one tuple entry per call of the layer)."""
-  from fastntk_jax.models.layers import BATCH_MOMENTS, BATCH_STATS  # pylint: disable=g-import-not-at-top
-  _, state = model.apply(variables, x, train=True, mutable=[BATCH_STATS, BATCH_MOMENTS])
-  return state.get(BATCH_MOMENTS, {})
+  """The moments (mean, biased variance) each train-mode BatchNorm normalised the batch `x`
+  with, a tree like `variables["batch_stats"]` (float64), for any BatchNorm whose running
+  statistics follow r <- m·r + (1 - m)·b (Flax's, PyTorch's, ours; m its momentum).
+
+  Two train-mode passes (train-mode activations do not depend on the running statistics):
+  from r = 0 the update gives r0 = (1 - m)·b, and from r = r0 it gives r1 = (1 + m)·r0;
+  hence m = r1/r0 - 1 (one m per layer, read off its largest entries) and b = r0 / (1 - m),
+  with relative round-off only, whatever m is and whichever BatchNorm module it is.
+
+  Raises:
+    ValueError: a layer whose update is not of that form (its m differs across channels) or
+      whose m is 1 (it never updates), named.
+  """
+  from fastntk_jax.models.layers import BATCH_STATS  # pylint: disable=g-import-not-at-top
+
+  def updated(stats):
+    return jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64), _updated_batch_stats(
+        model, {**variables, BATCH_STATS: stats}, x))
+
+  zeros = jax.tree_util.tree_map(jnp.zeros_like, variables[BATCH_STATS])
+  r0 = updated(zeros)
+  r1 = updated(jax.tree_util.tree_map(lambda z, a: jnp.asarray(a, z.dtype), zeros, r0))
+
+  def moment(path, a, b):
+    name = jax.tree_util.keystr(path)
+    if not np.any(a):
+      # A variance of 0 in every channel: no update moved it from the zeros (the pass never
+      # reached this layer in train mode, or its momentum is 1); a mean of 0 is a mean.
+      if getattr(path[-1], "key", None) == "var":
+        raise ValueError(f"recompute_batch_stats: the running statistics {name} never moved "
+                         "in a train-mode pass (a layer the pass does not reach in train "
+                         "mode, or momentum 1): there is nothing to recompute them from")
+      return a
+    big = np.abs(a) >= 0.5 * np.max(np.abs(a))
+    m = b[big] / a[big] - 1.0
+    if np.max(m) - np.min(m) > 1e-3 or not np.all(np.isfinite(m)):
+      raise ValueError(f"recompute_batch_stats: the running statistics {name} are not "
+                       "updated as m·r + (1 - m)·batch (their m differs across channels)")
+    keep = 1.0 - float(np.median(m))
+    if keep <= 1e-6:
+      raise ValueError(f"recompute_batch_stats: the running statistics {name} have momentum "
+                       "1: training never updates them, and there is nothing to recompute")
+    return a / keep
+
+  return jax.tree_util.tree_map_with_path(moment, r0, r1)
 
 
 def recompute_batch_stats(model, trainable: PyTree, frozen: dict, x: np.ndarray, *,
@@ -504,11 +551,12 @@ def recompute_batch_stats(model, trainable: PyTree, frozen: dict, x: np.ndarray,
   (and `seed`, `batch_size`) only; not on `frozen["batch_stats"]`, whose values are replaced
   (only its structure and dtypes are kept), nor on `BatchNorm.momentum` (0.9, whose EMA in
   training weights the last batches most and keeps 0.9^K of the statistics it started from).
-  So a model's statistics hold no trace of data outside `x`. The moments are the ones the
-  layer sows (`models.layers.BATCH_MOMENTS`); they are averaged in float64.
+  So a model's statistics hold no trace of data outside `x`. Each batch's moments are read
+  off the layer's own running-statistics update (`_batch_moments`: any BatchNorm updating
+  r <- m·r + (1 - m)·batch, ours or Flax's); they are averaged in float64.
 
   Args:
-    model: a Flax model of `fastntk_jax.models` (its BatchNorm is `models.layers.BatchNorm`).
+    model: a Flax model whose BatchNorm layers keep running statistics in `batch_stats`.
     trainable: its trainable collection (BN scale/bias shape the later layers' inputs).
     frozen: its other collections, with `batch_stats` (from `models.trainable.split`).
     x: [n, ...] inputs, n ≥ 1 (the data the model may see; no augmentation is applied).
@@ -521,7 +569,7 @@ def recompute_batch_stats(model, trainable: PyTree, frozen: dict, x: np.ndarray,
 
   Raises:
     ValueError: no `batch_stats` in `frozen`, no rows in `x`, or a layer with running
-      statistics that the pass did not reach in train mode (named).
+      statistics that no train-mode pass moves (named; `_batch_moments`).
   """
   from fastntk_jax.models.layers import BATCH_STATS  # pylint: disable=g-import-not-at-top
   stats = frozen.get(BATCH_STATS)
@@ -536,19 +584,11 @@ def recompute_batch_stats(model, trainable: PyTree, frozen: dict, x: np.ndarray,
   for b in batches_lib.iterate_batches((x, np.zeros(x.shape[0], np.int32)), batch_size,
                                        seed=seed, remainder="partial"):
     n_k = b.x.shape[0]
-    moments = _batch_moments(model, variables, b.x)
-    for path, calls in jax.tree_util.tree_flatten_with_path(
-        moments, is_leaf=lambda t: isinstance(t, tuple))[0]:
-      # A layer called several times in one forward pass: the mean of its calls' moments.
-      value = np.mean([np.asarray(c, np.float64) for c in calls], axis=0)
+    for path, value in jax.tree_util.tree_flatten_with_path(
+        _batch_moments(model, variables, b.x))[0]:
       key = jax.tree_util.keystr(path)
       sums[key] = sums.get(key, 0.0) + n_k * value
     rows += n_k
-  paths = jax.tree_util.tree_flatten_with_path(stats)[0]
-  missing = [jax.tree_util.keystr(p) for p, _ in paths if jax.tree_util.keystr(p) not in sums]
-  if missing:
-    raise ValueError("recompute_batch_stats: no batch moments reached these running "
-                     f"statistics in train mode: {missing}")
   return jax.tree_util.tree_map_with_path(
       lambda p, old: (sums[jax.tree_util.keystr(p)] / rows).astype(np.asarray(old).dtype),
       stats)

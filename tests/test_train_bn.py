@@ -5,6 +5,7 @@ import dataclasses
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import tiny_config
@@ -132,10 +133,11 @@ def test_recomputed_statistics_equal_a_numpy_pass_with_a_last_partial_batch():
 def test_recomputed_statistics_ignore_momentum_and_the_statistics_they_replace():
   x, w0, frozen = _conv_bn_setup(n=9)
   a = train_lib.recompute_batch_stats(ConvBN(), w0, frozen, x, batch_size=4, seed=1)
-  # Another momentum, other running statistics in: bit for bit the same result.
+  # Another momentum, other running statistics in: the same result up to float round-off.
   other = {**frozen, "batch_stats": jax.tree_util.tree_map(np.zeros_like, frozen["batch_stats"])}
   b = train_lib.recompute_batch_stats(ConvBN(momentum=0.3), w0, other, x, batch_size=4, seed=1)
-  jax.tree_util.tree_map(np.testing.assert_array_equal, a, b)
+  jax.tree_util.tree_map(lambda u, v: np.testing.assert_allclose(u, v, rtol=1e-5, atol=1e-7),
+                         a, b)
   assert jax.tree_util.tree_structure(a) == jax.tree_util.tree_structure(frozen["batch_stats"])
   # One batch: the batch's own moments (what the EMA of training would only approach).
   one = train_lib.recompute_batch_stats(ConvBN(), w0, frozen, x, batch_size=len(x))
@@ -143,6 +145,38 @@ def test_recomputed_statistics_ignore_momentum_and_the_statistics_they_replace()
   ref = _numpy_bn_update(x, kernel, jax.tree_util.tree_map(lambda v: np.asarray(v, np.float64),
                                                            w0), np.arange(len(x)), len(x))
   np.testing.assert_allclose(one["bn1"]["var"], ref["v1"], rtol=2e-5)
+
+
+class _UserBN(nn.Module):
+  """A user's model: Flax's own BatchNorm (momentum 0.99), not the package's."""
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    h = nn.Conv(3, (3, 3), name="conv")(x)
+    h = nn.BatchNorm(use_running_average=not train, momentum=0.99, name="bn")(h)
+    return TrainableDense(2, name="head")(jnp.mean(h, axis=(1, 2)))
+
+
+def test_recompute_takes_any_flax_batchnorm_and_refuses_one_that_never_updates():
+  model = _UserBN()
+  x = np.random.default_rng(3).normal(size=(7, 5, 5, 2)).astype(np.float32)
+  w, frozen = tr.split(model.init(jax.random.PRNGKey(0), x[:1]))
+  stats = train_lib.recompute_batch_stats(model, w, frozen, x, batch_size=len(x))
+  conv = frozen["params"]["conv"]
+  h = np.asarray(nn.Conv(3, (3, 3)).apply({"params": conv}, x), np.float64)
+  np.testing.assert_allclose(stats["bn"]["mean"], h.mean(axis=(0, 1, 2)), rtol=1e-4, atol=1e-6)
+  np.testing.assert_allclose(stats["bn"]["var"], h.var(axis=(0, 1, 2)), rtol=1e-4)
+
+  class Still(nn.Module):  # momentum 1: the running statistics never move
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+      h = nn.BatchNorm(use_running_average=not train, momentum=1.0, name="bn")(x)
+      return TrainableDense(2, name="head")(jnp.mean(h, axis=(1, 2)))
+
+  still = Still()
+  w, frozen = tr.split(still.init(jax.random.PRNGKey(0), x[:1]))
+  with pytest.raises(ValueError, match="never moved"):
+    train_lib.recompute_batch_stats(still, w, frozen, x, batch_size=4)
 
 
 def test_recompute_refuses_a_model_without_statistics_and_an_empty_pass():

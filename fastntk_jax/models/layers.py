@@ -19,10 +19,6 @@ FROZEN_PARAMS = "params"
 BATCH_STATS = "batch_stats"
 # w0, beside the frozen collections, for a model linearised at w0 (`unlearn.linear`).
 LINEARIZATION_POINT = "linearization_point"
-# Where a train-mode BatchNorm sows the moments it normalised a batch with (`BatchNorm`),
-# when the caller makes the collection mutable (`train.recompute_batch_stats`); never a
-# variable of a model.
-BATCH_MOMENTS = "batch_moments"
 
 Initializer = Callable[[jax.Array, tuple, jnp.dtype], jax.Array]
 
@@ -34,10 +30,6 @@ class BatchNorm(nn.Module):
     trainable/scale, trainable/bias: [C] (init 1 and 0): the Fast-NTK parameters of a CNN,
       2*C per layer (paper Appendix A).
     batch_stats/mean, batch_stats/var: [C] (init 0 and 1): running statistics.
-    batch_moments/mean, batch_moments/var: in train mode only, and only when the caller
-      makes `BATCH_MOMENTS` mutable: the batch's own mean and (biased) variance, sown as a
-      tuple with one entry per call (`train.recompute_batch_stats` averages them over a
-      pass, whatever `momentum` is).
 
   Attributes:
     momentum: running = momentum * running + (1 - momentum) * batch (0.9 as Flax/PyTorch's 0.1).
@@ -74,9 +66,6 @@ class BatchNorm(nn.Module):
       if not self.is_initializing():
         ra_mean.value = self.momentum * ra_mean.value + (1.0 - self.momentum) * mean
         ra_var.value = self.momentum * ra_var.value + (1.0 - self.momentum) * var
-        # A no-op unless BATCH_MOMENTS is mutable (never in a training step).
-        self.sow(BATCH_MOMENTS, "mean", mean)
-        self.sow(BATCH_MOMENTS, "var", var)
     else:
       mean, var = ra_mean.value, ra_var.value
     inv = jax.lax.rsqrt(var + self.epsilon) * scale.value
