@@ -274,3 +274,34 @@ def test_sgd_population_equals_the_report_seeds_path(tmp_path):
         key = name_b or name
         np.testing.assert_allclose(pop.logits[key][2], logits, atol=1e-4, rtol=0)
         assert pop.ra[key][2] == pytest.approx(ra) and pop.ta[key][2] == pytest.approx(ta)
+
+
+def _fake_population_chunk(harness, setup, data, chunk_seeds, with_methods):
+  """`_sgd_chunk`'s records, each model's logits its seed (which seed a row holds)."""
+  del harness, setup, data
+  names = ("full", "retrain", "fastntk") if with_methods else ("retrain",)
+  return [{name: (np.full((2, 4), float(seed), np.float32), 50.0, 50.0) for name in names}
+          for seed in chunk_seeds]
+
+
+def test_a_resumed_population_reads_no_chunk_of_other_seeds(tmp_path, monkeypatch):
+  # A run resumed with another chunking (the per-seed engine of a run on several devices,
+  # or the SGD engine's chunk from another backend's count of a step's memory) must not
+  # read `population/<side>_<k>.npz` as the chunk of other seeds: every row is its seed's.
+  import types
+  cfg = tiny_config("tiny,standard")
+  with cfg.unlocked():
+    cfg.eval.population_seeds = 3
+    cfg.methods = ("full", "retrain", "fastntk")
+  monkeypatch.setattr(population, "_sgd_chunk", _fake_population_chunk)
+  monkeypatch.setattr(population, "_per_seed", lambda h, s, d, seed, with_methods:
+                      _fake_population_chunk(h, s, d, [seed], with_methods)[0])
+  for size, devices in ((3, 1), (2, 1), (1, 2), (3, 1)):
+    monkeypatch.setattr(population, "sgd_chunk_size", lambda setup, data, n, size=size: size)
+    setup = types.SimpleNamespace(cfg=cfg, workdir=str(tmp_path), methods=[],
+                                  mesh=None if devices == 1 else types.SimpleNamespace(size=2))
+    pop = population.build(setup, None, None)
+    assert pop.engine == ("batched_sgd" if devices == 1 else "per_seed")
+    for name, side in (("full", "a"), ("retrain", "a"), ("fastntk", "a"), ("retrain_b", "b")):
+      np.testing.assert_array_equal(pop.logits[name][:, 0, 0], pop.seeds[side])
+      assert pop.ra[name].shape == (3,)

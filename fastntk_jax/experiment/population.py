@@ -51,6 +51,7 @@ log = logging.getLogger(__name__)
 # chunk is as many seeds as fit in this many bytes (at least one).
 CHUNK_BYTES = 2 ** 30
 SECONDS = "seconds"  # a chunk's own wall time, stored beside its outputs
+SEEDS = "seeds"  # the seeds of a chunk's rows, stored beside its outputs
 
 
 @dataclasses.dataclass
@@ -93,11 +94,21 @@ def fresh_heads(model, image_shape, seeds) -> dict:
 # ------------------------------------------------------------------------------------------
 
 
-def _npz_stage(path: str, compute) -> dict:
+def _npz_stage(path: str, compute, seeds=None) -> dict:
+  """`compute()`'s outputs, kept at `path`: read back when the file holds them. With `seeds`
+  (the chunk's, in order), a file is read back only when its rows are of those seeds (a run
+  resumed with another chunking: another engine, device count or backend); it is
+  recomputed otherwise."""
   if os.path.exists(path):
     with np.load(path) as z:
-      return {k: z[k] for k in z.files}
+      value = {k: z[k] for k in z.files}
+    if seeds is None or (SEEDS in value and value[SEEDS].tolist() == [int(s) for s in seeds]):
+      return value
+    log.info("population: %s holds other seeds than this chunk's (another chunking): "
+             "recomputed", path)
   value = {k: np.asarray(v) for k, v in compute().items()}
+  if seeds is not None:
+    value[SEEDS] = np.asarray([int(s) for s in seeds], np.int64)
   buf = io.BytesIO()
   np.savez(buf, **value)
   wd.atomic_write_bytes(path, buf.getvalue())
@@ -453,7 +464,8 @@ def build(setup, data, harness: Harness) -> Optional[Population]:
           log.info("population: seeds %s %d-%d of %d in %.1f s", side.upper(), lo + 1,
                    lo + len(chunk_seeds), n, packed[SECONDS])
           return packed
-        chunks.append((side, _npz_stage(os.path.join(pdir, f"{side}_{k}.npz"), compute)))
+        chunks.append((side, _npz_stage(os.path.join(pdir, f"{side}_{k}.npz"), compute,
+                                        chunk_seeds)))
     engine_name = "batched"
   elif sgd_engine_applies(cfg, setup.mesh):
     size = sgd_chunk_size(setup, data, n)
@@ -471,7 +483,8 @@ def build(setup, data, harness: Harness) -> Optional[Population]:
           log.info("population: seeds %s %d-%d of %d in %.1f s", side.upper(), lo + 1,
                    lo + len(chunk_seeds), n, packed[SECONDS])
           return packed
-        chunks.append((side, _npz_stage(os.path.join(pdir, f"{side}_{k}.npz"), compute)))
+        chunks.append((side, _npz_stage(os.path.join(pdir, f"{side}_{k}.npz"), compute,
+                                        chunk_seeds)))
     engine_name = "batched_sgd"
   else:
     log.info("population: %d + %d seeds, one at a time (the batched engines need closed-form "
@@ -485,14 +498,15 @@ def build(setup, data, harness: Harness) -> Optional[Population]:
           packed = _pack([_per_seed(harness, setup, data, seed, with_methods=side == "a")])
           packed[SECONDS] = np.asarray(time.perf_counter() - t)
           return packed
-        chunks.append((side, _npz_stage(os.path.join(pdir, f"{side}_{k}.npz"), compute)))
+        chunks.append((side, _npz_stage(os.path.join(pdir, f"{side}_{k}.npz"), compute,
+                                        [seed])))
     engine_name = "per_seed"
   logits, ra, ta = {}, {}, {}
   # The models' time: each chunk's own, also when a resumed run read it back from disk.
   seconds = sum(float(packed.get(SECONDS, 0.0)) for _, packed in chunks)
   for side, packed in chunks:
     for key, value in packed.items():
-      if key == SECONDS:
+      if key in (SECONDS, SEEDS):
         continue
       name, part = key.rsplit("/", 1)
       name = "retrain_b" if side == "b" else name
