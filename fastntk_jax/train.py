@@ -398,18 +398,18 @@ def step_memory_bytes(model, spec: TrainSpec, num_classes: int, trainable: PyTre
     trainable: the trainable collection (one seed's). frozen: the other collections.
     batch_shape: (batch, H, W, C) of one batch of images.
   """
-  _, step = _cached_step(model, dataclasses.replace(spec, epochs=0, schedule="constant",
-                                                    warmup_epochs=0.0), num_classes)
+  # The step's own optimiser (head_only's masks it): the state it takes.
+  tx, step = _cached_step(model, dataclasses.replace(spec, epochs=0, schedule="constant",
+                                                     warmup_epochs=0.0), num_classes)
   frozen = dict(frozen)
   stats = frozen.pop("batch_stats", None)
   trained = {"trainable": trainable}
-  tx = make_optimizer(spec.optimizer, spec.learning_rate, momentum=spec.momentum,
-                      weight_decay=spec.weight_decay)
   n = int(batch_shape[0])
-  try:
-    memory = step.lower(trained, tx.init(trained), stats, frozen,
+  compiled = step.lower(trained, tx.init(trained), stats, frozen,
                         jnp.zeros(batch_shape, jnp.float32), jnp.zeros((n,), jnp.int32),
-                        jnp.ones((n,), jnp.float32)).compile().memory_analysis()
+                        jnp.ones((n,), jnp.float32)).compile()
+  try:  # only the count may be missing: a step that does not compile is an error
+    memory = compiled.memory_analysis()
     return int(memory.temp_size_in_bytes + memory.output_size_in_bytes)
   except (AttributeError, NotImplementedError, TypeError):
     return None

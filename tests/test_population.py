@@ -305,3 +305,18 @@ def test_a_resumed_population_reads_no_chunk_of_other_seeds(tmp_path, monkeypatc
     for name, side in (("full", "a"), ("retrain", "a"), ("fastntk", "a"), ("retrain_b", "b")):
       np.testing.assert_array_equal(pop.logits[name][:, 0, 0], pop.seeds[side])
       assert pop.ra[name].shape == (3,)
+
+
+@pytest.mark.parametrize("options", [{"head_only": True}, {"optimizer": "adam"}])
+def test_step_memory_bytes_counts_the_step_it_is_asked_about(options):
+  # The step's own optimiser (head_only: its frozen leaves' masked state), not another one
+  # whose state the step cannot take: XLA's count, not "not reported".
+  from fastntk_jax import train as train_lib
+  model = models.get_model("resnet8", 3, shortcut="B", widths=(4, 8, 8))
+  w, frozen = tr.split(tr.init_variables(model, SHAPE, 0))
+  plain = train_lib.TrainSpec(epochs=1, learning_rate=0.1, batch_size=4)
+  spec = train_lib.TrainSpec(epochs=1, learning_rate=0.1, batch_size=4, **options)
+  reference = train_lib.step_memory_bytes(model, plain, 3, w, frozen, (4,) + SHAPE)
+  if reference is None:
+    pytest.skip("this backend does not report a compiled program's memory")
+  assert train_lib.step_memory_bytes(model, spec, 3, w, frozen, (4,) + SHAPE) > 0
