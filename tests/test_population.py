@@ -320,3 +320,55 @@ def test_step_memory_bytes_counts_the_step_it_is_asked_about(options):
   if reference is None:
     pytest.skip("this backend does not report a compiled program's memory")
   assert train_lib.step_memory_bytes(model, spec, 3, w, frozen, (4,) + SHAPE) > 0
+
+
+
+_MESH_RESUME_CHILD = """
+import os, tempfile, types
+import jax, numpy as np
+from fastntk_jax import models, sharding, train
+from fastntk_jax.experiment import pretrain, stages
+from fastntk_jax.models import checkpoints
+from fastntk_jax.models import trainable as tr
+shape = (8, 8, 3)
+model = models.get_model("resnet8", 3, shortcut="B", widths=(4, 8, 8))
+work = tempfile.mkdtemp()
+checkpoints.save_checkpoint(os.path.join(work, "pretrain"),
+                            tr.init_variables(model, shape, 10_000))
+# A resumed run: the backbone and a report seed's Full read back from disk.
+pre = pretrain.pretrain_stage(None, model, types.SimpleNamespace(image_shape=shape), work,
+                              None)
+w, frozen = tr.split(pre)
+path = os.path.join(work, "full")
+stages.array_stage(path, {"trainable": w}, lambda: {"trainable": w})
+full = stages.array_stage(path, {"trainable": w}, None)["trainable"]
+for leaf in jax.tree_util.tree_leaves((pre, full)):  # host arrays, as a fresh run's
+  assert isinstance(leaf, np.ndarray), type(leaf)
+rng = np.random.default_rng(0)
+x, y = rng.normal(size=(6,) + shape).astype(np.float32), rng.integers(0, 3, 6)
+spec = train.TrainSpec(epochs=1, learning_rate=0.05, batch_size=4, bn_mode="train")
+params, stats, _ = train.fit(model, full, frozen, (x, y), spec, 3, seed=1,
+                             mesh=sharding.make_data_mesh())
+# Evaluated as released (its statistics recomputed), as the population's per-seed path does.
+released = {**frozen, "batch_stats": train.recompute_batch_stats(
+    model, params, {**frozen, "batch_stats": stats}, x, batch_size=4)}
+assert np.all(np.isfinite(train.predict(model, params, released, x, batch_size=4)))
+print("OK")
+"""
+
+
+def test_a_run_resumed_on_a_mesh_takes_its_restored_weights_with_the_mesh_fits():
+  # A run on several devices resumed after its pre-training stage (the per-seed population
+  # on a mesh, or a report seed): the backbone and stages read back from disk are host
+  # arrays, as in a fresh run, not arrays committed to one device that no jitted call can
+  # take together with a mesh fit's replicated params and statistics.
+  import os
+  import subprocess
+  import sys
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=(
+      os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2").strip())
+  env["PYTHONPATH"] = repo + os.pathsep + env.get("PYTHONPATH", "")
+  proc = subprocess.run([sys.executable, "-c", _MESH_RESUME_CHILD], env=env, cwd=repo,
+                        capture_output=True, text=True, timeout=300, check=False)
+  assert proc.returncode == 0 and "OK" in proc.stdout, proc.stderr[-3000:]

@@ -299,8 +299,8 @@ def pretrain_stage(cfg, model, data, workdir: str, progress, mesh=None) -> dict:
   path = os.path.join(workdir, "pretrain")
   info_path = os.path.join(workdir, PRETRAIN_INFO)
   init = tr.init_variables(model, data.image_shape, seed=10_000)
-  if os.path.isdir(path):
-    return checkpoints.restore_checkpoint(path, init)
+  if os.path.isdir(path):  # host arrays, as below (not committed to one device)
+    return jax.tree_util.tree_map(np.asarray, checkpoints.restore_checkpoint(path, init))
   source = cfg.pretrain.source
   info = {"source": source}
   if source == "train" and cfg.pretrain.dataset:

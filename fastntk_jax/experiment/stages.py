@@ -21,9 +21,11 @@ PyTree = Any
 def array_stage(path: str, target: PyTree, compute: Callable[[], PyTree]) -> PyTree:
   """Restores the checkpoint at `path` (a folder, complete once it exists) into the structure
   of `target`, or computes the pytree, saves it and removes the stage's periodic checkpoints
-  (`path`.partial, `path`.<k>.partial, `path`_gram_*.state)."""
+  (`path`.partial, `path`.<k>.partial, `path`_gram_*.state). Host (numpy) arrays either
+  way: restored ones are not committed to one device, which a run on a mesh could not mix
+  with its replicated arrays in one jitted call."""
   if os.path.isdir(path):
-    return checkpoints.restore_checkpoint(path, target)
+    return jax.tree_util.tree_map(np.asarray, checkpoints.restore_checkpoint(path, target))
   value = jax.tree_util.tree_map(np.asarray, compute())
   checkpoints.save_checkpoint(path, value, overwrite=True)
   for leftover in ([path + ".partial"] + glob.glob(glob.escape(path) + ".*.partial")
