@@ -341,8 +341,8 @@ def fit_seeds(model, trainables: PyTree, frozen: dict, split, spec: TrainSpec,
   Args:
     model: the Flax module.
     trainables: the S initial trainable collections, stacked: every leaf [S, ...].
-    frozen: the other collections, shared by every seed (`batch_stats` are each seed's
-      starting statistics).
+    frozen: the other collections, unstacked and shared by every seed (its `batch_stats`
+      are every seed's starting statistics).
     split: (x, y) numpy arrays.
     spec: the training protocol (no mesh: a population chunk runs on one device).
     num_classes: C.
@@ -395,8 +395,19 @@ def step_memory_bytes(model, spec: TrainSpec, num_classes: int, trainable: PyTre
   the backend does not report it.
 
   Args:
-    trainable: the trainable collection (one seed's). frozen: the other collections.
+    model: the Flax module.
+    spec: the training protocol (its schedule does not change the count).
+    num_classes: C.
+    trainable: the trainable collection (one seed's, unstacked).
+    frozen: the other collections (with `batch_stats` for a model with BatchNorm).
     batch_shape: (batch, H, W, C) of one batch of images.
+
+  Returns:
+    XLA's temp_size + output_size of the compiled step, in bytes; None when the backend
+    does not report it. The arguments (weights, optimiser state, batch) are not counted.
+
+  Raises:
+    Whatever compiling the step raises (a trainable or frozen tree the model does not take).
   """
   # The step's own optimiser (head_only's masks it): the state it takes.
   tx, step = _cached_step(model, dataclasses.replace(spec, epochs=0, schedule="constant",
