@@ -21,11 +21,13 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 
-# Runs main with the per-seed engine forced (the comparison's baseline).
-_PER_SEED = ("import sys; from fastntk_jax.experiment import population; "
-             "population.sgd_engine_applies = lambda cfg, mesh=None: False; "
-             "from absl import app; from fastntk_jax import cli, main; "
-             "app.run(main.main, argv=['main'] + sys.argv[1:], flags_parser=cli.parse_flags)")
+# Runs main with the engine forced: the CPU takes the per-seed engine unless told.
+_MAIN = ("import sys; from fastntk_jax.experiment import population; "
+         "engine = sys.argv.pop(1); population.SGD_VMAP_ON_CPU = engine == 'batched_sgd'; "
+         "population.sgd_engine_applies = (population.sgd_engine_applies if engine == "
+         "'batched_sgd' else lambda cfg, mesh=None: False); "
+         "from absl import app; from fastntk_jax import cli, main; "
+         "app.run(main.main, argv=['main'] + sys.argv[1:], flags_parser=cli.parse_flags)")
 
 
 def _run(engine: str, seeds: int, workdir: str) -> dict:
@@ -33,8 +35,7 @@ def _run(engine: str, seeds: int, workdir: str) -> dict:
            f"--workdir={workdir}", f"--config.eval.population_seeds={seeds}",
            "--config.seeds=(0,)", "--config.methods=('full','retrain','fastntk')",
            "--config.tuning.enabled=False"]
-  cmd = ([sys.executable, "-c", _PER_SEED] if engine == "per_seed"
-         else [sys.executable, "-m", "fastntk_jax.main"]) + flags
+  cmd = [sys.executable, "-c", _MAIN, engine] + flags
   start = time.perf_counter()
   subprocess.run(cmd, cwd=REPO, check=True, stdout=subprocess.DEVNULL)
   wall = time.perf_counter() - start
@@ -43,7 +44,7 @@ def _run(engine: str, seeds: int, workdir: str) -> dict:
   audits = results["population_audits"]
   return {"engine": audits["engine"], "wall_seconds": wall,
           "population_seconds": results["timing"]["population_seconds"],
-          "klom_p95": {k: v["p95"] for k, v in audits["klom"]["per_method"].items()}}
+          "klom_p95": {k: v["p95"] for k, v in results["klom"]["per_method"].items()}}
 
 
 def main() -> None:

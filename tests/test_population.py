@@ -236,7 +236,8 @@ def test_fit_seeds_refuses_a_stack_of_other_size():
                                                  np.zeros(4, np.int32)), spec, 3, seeds=[1, 2, 3])
 
 
-def test_sgd_population_equals_the_report_seeds_path(tmp_path):
+def test_sgd_population_equals_the_report_seeds_path(tmp_path, monkeypatch):
+  monkeypatch.setattr(population, "SGD_VMAP_ON_CPU", True)
   cfg = tiny_config()
   with cfg.unlocked():
     cfg.eval.population_seeds = 3
@@ -289,6 +290,7 @@ def test_a_resumed_population_reads_no_chunk_of_other_seeds(tmp_path, monkeypatc
   # or the SGD engine's chunk from another backend's count of a step's memory) must not
   # read `population/<side>_<k>.npz` as the chunk of other seeds: every row is its seed's.
   import types
+  monkeypatch.setattr(population, "SGD_VMAP_ON_CPU", True)
   cfg = tiny_config("tiny,standard")
   with cfg.unlocked():
     cfg.eval.population_seeds = 3
@@ -372,3 +374,10 @@ def test_a_run_resumed_on_a_mesh_takes_its_restored_weights_with_the_mesh_fits()
   proc = subprocess.run([sys.executable, "-c", _MESH_RESUME_CHILD], env=env, cwd=repo,
                         capture_output=True, text=True, timeout=300, check=False)
   assert proc.returncode == 0 and "OK" in proc.stdout, proc.stderr[-3000:]
+
+
+def test_the_cpu_takes_the_per_seed_sgd_engine_unless_asked():
+  import types
+  cfg = tiny_config("tiny,standard")
+  assert population.sgd_engine_applies(cfg) == (population.jax.default_backend() != "cpu")
+  assert not population.sgd_engine_applies(cfg, types.SimpleNamespace(size=2))

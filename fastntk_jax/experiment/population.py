@@ -14,8 +14,8 @@ Fast-NTK's update (the Forgetter's `from_gram_stats`) are solved and checked as 
 seeds, and the models' logits are one more compiled program. The other
 methods run per seed, their tables primed from the same factors (`linear.put_table`).
 
-SGD fine-tuning (`finetune.mode="standard"`, one device): each chunk's Retrain and Full are
-one vmapped fit each (`train.fit_seeds`: the backbone shared, each seed its own head, batch
+SGD fine-tuning (`finetune.mode="standard"`, one accelerator; the CPU runs seed by seed,
+`sgd_engine_applies`): each chunk's Retrain and Full are one vmapped fit each (`train.fit_seeds`: the backbone shared, each seed its own head, batch
 order and BN statistics, the protocol of `FineTuner.fit`), as many seeds a chunk as the
 compiler says fit in CHUNK_BYTES; Fast-NTK and the other methods then run from each seed's
 Full as on the report seeds. Any other mode (cg, serve, a mesh), or a linearised model whose
@@ -51,6 +51,9 @@ log = logging.getLogger(__name__)
 # chunk is as many seeds as fit in this many bytes (at least one).
 CHUNK_BYTES = 2 ** 30
 SECONDS = "seconds"  # a chunk's own wall time, stored beside its outputs
+# Whether the SGD engine vmaps the seeds' fits on the CPU too (the tests, the benchmark):
+# off, since there it is slower than one fit per seed (`sgd_engine_applies`).
+SGD_VMAP_ON_CPU = False
 SEEDS = "seeds"  # the seeds of a chunk's rows, stored beside its outputs
 
 
@@ -409,8 +412,11 @@ def batched_engine_applies(cfg) -> bool:
 
 def sgd_engine_applies(cfg, mesh=None) -> bool:
   """Whether Full and Retrain of the population are fitted by SGD vmapped over the seeds:
-  standard fine-tuning on one device (a data mesh splits each seed's batches instead)."""
-  return cfg.finetune.mode == "standard" and (mesh is None or int(mesh.size) == 1)
+  standard fine-tuning on one accelerator (a data mesh splits each seed's batches instead).
+  On the CPU the seeds run one at a time: there XLA's code for the vmapped step ran 2-3x
+  slower than as many separate steps (benchmarks/RESULTS.md §22)."""
+  return (cfg.finetune.mode == "standard" and (mesh is None or int(mesh.size) == 1)
+          and (SGD_VMAP_ON_CPU or jax.default_backend() != "cpu"))
 
 
 def build(setup, data, harness: Harness) -> Optional[Population]:
