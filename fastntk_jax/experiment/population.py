@@ -414,7 +414,7 @@ def sgd_engine_applies(cfg, mesh=None) -> bool:
   """Whether Full and Retrain of the population are fitted by SGD vmapped over the seeds:
   standard fine-tuning on one accelerator (a data mesh splits each seed's batches instead).
   On the CPU the seeds run one at a time: there XLA's code for the vmapped step ran 2-3x
-  slower than as many separate steps (benchmarks/RESULTS.md §22)."""
+  slower than as many separate steps (benchmarks/RESULTS.md §23)."""
   return (cfg.finetune.mode == "standard" and (mesh is None or int(mesh.size) == 1)
           and (SGD_VMAP_ON_CPU or jax.default_backend() != "cpu"))
 
