@@ -270,14 +270,7 @@ def fit_collections(model, trained: dict, frozen: dict, split, spec: TrainSpec,
   """
   frozen = dict(frozen)
   batch_stats = frozen.pop("batch_stats", None)
-  if spec.augment not in AUGMENTATIONS:
-    raise ValueError(f"unknown augment {spec.augment!r}; choose one of {AUGMENTATIONS}")
-  if spec.schedule == "constant" and not spec.warmup_epochs:
-    tx, step = _cached_step(model, dataclasses.replace(spec, epochs=0), num_classes)
-  else:  # the schedule's steps depend on the epochs and on the batches per epoch
-    x, _ = split
-    steps_per_epoch = batches_lib.num_batches(len(x), spec.batch_size)
-    tx, step = _cached_step(model, spec, num_classes, steps_per_epoch)
+  tx, step = _fit_step(_cached_step, model, spec, num_classes, split)
   if mesh is not None:
     from fastntk_jax import sharding  # pylint: disable=g-import-not-at-top
     step = sharding.sharded_train_step(step, mesh)
@@ -314,6 +307,22 @@ def fit_collections(model, trained: dict, frozen: dict, split, spec: TrainSpec,
 
 
 _AUGMENT_STREAM = 0xA46  # the random stream of train-time augmentation
+
+
+def _fit_step(cached: Callable, model, spec: TrainSpec, num_classes: int, split):
+  """(optimiser, compiled step) of a fit of `spec` on `split` from `cached` (`_cached_step`
+  or `_cached_seeds_step`): a schedule's steps depend on the epochs and on the batches per
+  epoch; a constant rate shares one step across fits of any size.
+
+  Raises:
+    ValueError: an unknown `spec.augment`.
+  """
+  if spec.augment not in AUGMENTATIONS:
+    raise ValueError(f"unknown augment {spec.augment!r}; choose one of {AUGMENTATIONS}")
+  if spec.schedule == "constant" and not spec.warmup_epochs:
+    return cached(model, dataclasses.replace(spec, epochs=0), num_classes)
+  x, _ = split
+  return cached(model, spec, num_classes, batches_lib.num_batches(len(x), spec.batch_size))
 
 
 def _epoch_batches(split, spec: TrainSpec, seed: int, epoch: int, batch_statistics: bool):
@@ -359,14 +368,7 @@ def fit_seeds(model, trainables: PyTree, frozen: dict, split, spec: TrainSpec,
                      f"seeds, but {len(seeds)} seeds were given")
   frozen = dict(frozen)
   batch_stats = frozen.pop("batch_stats", None)
-  if spec.augment not in AUGMENTATIONS:
-    raise ValueError(f"unknown augment {spec.augment!r}; choose one of {AUGMENTATIONS}")
-  if spec.schedule == "constant" and not spec.warmup_epochs:
-    tx, step = _cached_seeds_step(model, dataclasses.replace(spec, epochs=0), num_classes)
-  else:
-    x, _ = split
-    steps_per_epoch = batches_lib.num_batches(len(x), spec.batch_size)
-    tx, step = _cached_seeds_step(model, spec, num_classes, steps_per_epoch)
+  tx, step = _fit_step(_cached_seeds_step, model, spec, num_classes, split)
   trained = {"trainable": trainables}
   opt_state = jax.vmap(tx.init)(trained)
   if batch_stats is not None:  # each seed starts from the same statistics
