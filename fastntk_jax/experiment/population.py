@@ -15,9 +15,10 @@ seeds, and the models' logits are one more compiled program. The other
 methods run per seed, their tables primed from the same factors (`linear.put_table`).
 
 SGD fine-tuning (`finetune.mode="standard"`, one accelerator; the CPU runs seed by seed,
-`sgd_engine_applies`): each chunk's Retrain and Full are one vmapped fit each (`train.fit_seeds`: the backbone shared, each seed its own head, batch
-order and BN statistics, the protocol of `FineTuner.fit`), as many seeds a chunk as the
-compiler says fit in CHUNK_BYTES; Fast-NTK and the other methods then run from each seed's
+`sgd_engine_applies`): each chunk's Retrain and Full are one vmapped fit each
+(`train.fit_seeds`: the frozen weights shared; each seed its own trainable collection from
+its own fresh head, batch order and BN statistics, the protocol of `FineTuner.fit`), as many
+seeds a chunk as the compiler says fit in CHUNK_BYTES; Fast-NTK and the other methods then run from each seed's
 Full as on the report seeds. Any other mode (cg, serve, a mesh), or a linearised model whose
 head is not its last affine step, runs seed by seed as the report seeds do. Each chunk is a
 resumable stage (`population/<side>_<k>.npz`).
@@ -434,79 +435,62 @@ def build(setup, data, harness: Harness) -> Optional[Population]:
   if factors is not None and not _factors_hold(setup, data, factors, seeds, n):
     factors = None
   others = [m for m in setup.methods if m.name != "fastntk"]
-  chunks = []
   setup_seconds = time.perf_counter() - start  # the factors and their checks
   if factors is not None:
     engine = _Batched(setup, data, factors, dtype)
     size = _chunk_size(data, tr.count_params(setup.w_pre), dtype, n)
     log.info("population: %d + %d seeds, batched in chunks of %d (features and their "
              "Jacobian computed once)", n, n, size)
-    for side in ("a", "b"):
-      for k, lo in enumerate(range(0, n, size)):
-        chunk_seeds = seeds[side][lo:lo + size]
 
-        def compute(side=side, chunk_seeds=chunk_seeds, lo=lo):
-          t = time.perf_counter()
-          heads = fresh_heads(setup.model, data.image_shape, chunk_seeds)
-          out, full = engine.chunk(heads, with_methods=side == "a")
-          packed = {f"{name}/{part}": v for name, (logits, ra, ta) in out.items()
-                    for part, v in (("logits", logits), ("ra", ra), ("ta", ta))}
-          if side == "a" and others:
-            params = []
-            for i, seed in enumerate(chunk_seeds):
-              w0 = {**engine.body, linear.HEAD: jax.tree_util.tree_map(lambda a: a[i], heads)}
-              tuner = harness.fine_tuner(cfg, setup.model, setup.frozen_pre, w0, data, seed,
-                                         forgetter=setup.forgetter, fit=None, mesh=setup.mesh)
-              full_i = {"trainable": jax.tree_util.tree_map(lambda a: a[i], full)}
-              params.append(_method_params(harness, setup, data, seed, tuner, full_i,
-                                           others, factors=factors))
-            stacked = {m.name: jax.tree_util.tree_map(lambda *a: jnp.stack(a),
-                                                      *[p[m.name] for p in params])
-                       for m in others}
-            packed.update({f"{name}/{part}": v
-                           for name, (logits, ra, ta) in engine.outputs(heads, stacked).items()
-                           for part, v in (("logits", logits), ("ra", ra), ("ta", ta))})
-          packed[SECONDS] = np.asarray(time.perf_counter() - t)
-          log.info("population: seeds %s %d-%d of %d in %.1f s", side.upper(), lo + 1,
-                   lo + len(chunk_seeds), n, packed[SECONDS])
-          return packed
-        chunks.append((side, _npz_stage(os.path.join(pdir, f"{side}_{k}.npz"), compute,
-                                        chunk_seeds)))
+    def chunk_outputs(chunk_seeds, with_methods):
+      heads = fresh_heads(setup.model, data.image_shape, chunk_seeds)
+      out, full = engine.chunk(heads, with_methods=with_methods)
+      if with_methods and others:
+        params = []
+        for i, seed in enumerate(chunk_seeds):
+          w0 = {**engine.body, linear.HEAD: jax.tree_util.tree_map(lambda a: a[i], heads)}
+          tuner = harness.fine_tuner(cfg, setup.model, setup.frozen_pre, w0, data, seed,
+                                     forgetter=setup.forgetter, fit=None, mesh=setup.mesh)
+          full_i = {"trainable": jax.tree_util.tree_map(lambda a: a[i], full)}
+          params.append(_method_params(harness, setup, data, seed, tuner, full_i, others,
+                                       factors=factors))
+        stacked = {m.name: jax.tree_util.tree_map(lambda *a: jnp.stack(a),
+                                                  *[p[m.name] for p in params])
+                   for m in others}
+        out.update(engine.outputs(heads, stacked))
+      return {f"{name}/{part}": v for name, (logits, ra, ta) in out.items()
+              for part, v in (("logits", logits), ("ra", ra), ("ta", ta))}
     engine_name = "batched"
   elif sgd_engine_applies(cfg, setup.mesh):
     size = sgd_chunk_size(setup, data, n)
     log.info("population: %d + %d seeds, SGD fine-tuning vmapped over chunks of %d seeds",
              n, n, size)
-    for side in ("a", "b"):
-      for k, lo in enumerate(range(0, n, size)):
-        chunk_seeds = seeds[side][lo:lo + size]
-
-        def compute(side=side, chunk_seeds=chunk_seeds, lo=lo):
-          t = time.perf_counter()
-          packed = _pack(_sgd_chunk(harness, setup, data, chunk_seeds,
-                                    with_methods=side == "a"))
-          packed[SECONDS] = np.asarray(time.perf_counter() - t)
-          log.info("population: seeds %s %d-%d of %d in %.1f s", side.upper(), lo + 1,
-                   lo + len(chunk_seeds), n, packed[SECONDS])
-          return packed
-        chunks.append((side, _npz_stage(os.path.join(pdir, f"{side}_{k}.npz"), compute,
-                                        chunk_seeds)))
+    chunk_outputs = lambda chunk_seeds, with_methods: _pack(
+        _sgd_chunk(harness, setup, data, chunk_seeds, with_methods=with_methods))
     engine_name = "batched_sgd"
   else:
+    size = 1
     log.info("population: %d + %d seeds, one at a time (the batched engines need closed-form "
              "linearised fine-tuning at w0 with a head that is the network's last affine "
-             "step, or SGD fine-tuning on one device)", n, n)
-    for side in ("a", "b"):
-      for k, seed in enumerate(seeds[side]):
-        def compute(side=side, seed=seed, k=k):
-          log.info("population: seed %s %d of %d", side.upper(), k + 1, n)
-          t = time.perf_counter()
-          packed = _pack([_per_seed(harness, setup, data, seed, with_methods=side == "a")])
-          packed[SECONDS] = np.asarray(time.perf_counter() - t)
-          return packed
-        chunks.append((side, _npz_stage(os.path.join(pdir, f"{side}_{k}.npz"), compute,
-                                        [seed])))
+             "step, or SGD fine-tuning on one accelerator)", n, n)
+    chunk_outputs = lambda chunk_seeds, with_methods: _pack(
+        [_per_seed(harness, setup, data, seed, with_methods=with_methods)
+         for seed in chunk_seeds])
     engine_name = "per_seed"
+  chunks = []
+  for side in ("a", "b"):
+    for k, lo in enumerate(range(0, n, size)):
+      chunk_seeds = seeds[side][lo:lo + size]
+
+      def compute(side=side, chunk_seeds=chunk_seeds, lo=lo):
+        t = time.perf_counter()
+        packed = chunk_outputs(chunk_seeds, side == "a")
+        packed[SECONDS] = np.asarray(time.perf_counter() - t)
+        log.info("population: seeds %s %d-%d of %d in %.1f s", side.upper(), lo + 1,
+                 lo + len(chunk_seeds), n, packed[SECONDS])
+        return packed
+      chunks.append((side, _npz_stage(os.path.join(pdir, f"{side}_{k}.npz"), compute,
+                                      chunk_seeds)))
   logits, ra, ta = {}, {}, {}
   # The models' time: each chunk's own, also when a resumed run read it back from disk.
   seconds = sum(float(packed.get(SECONDS, 0.0)) for _, packed in chunks)
