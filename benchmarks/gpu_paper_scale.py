@@ -18,6 +18,9 @@ class), the served parameters w0 plus noise:
   `finetune`), `--retrain-epochs` of it (default: all), timed per epoch; the ratio
   update / Retrain is of the measured times, with the epochs run stated.
 
+With `--linearized`, ResNet-110 also in linearised mode (`run_linearized`): Full, Retrain
+and Fast-NTK in closed form from one Gram pass, and Fast-NTK's distance to Retrain.
+
 Writes gpu_paper_scale.{json,md}, rewritten after every phase.
 """
 
@@ -117,6 +120,71 @@ def run_model(key: str, args, record: dict, save) -> None:
   save()
 
 
+def run_linearized(key: str, args, record: dict, save) -> None:
+  """Linearised fine-tuning at the paper's scale (`finetune.mode="linearized"`, closed form,
+  the configs' `:linearized`): Full and Retrain are the ridge minimisers of f_lin at w0,
+  solved from the Gram statistics of D_r and D_f (one Jacobian pass each,
+  `Forgetter.accumulate`), and Fast-NTK's update from Full reuses them
+  (`Forgetter.from_gram_stats`, as the pipeline's shared-Gram path). Exact in exact
+  arithmetic: its distance to Retrain is round-off. Records the times (the Grams' apart
+  from their compilation; the solves' and the update's with theirs),
+  finiteness, ‖w_fastntk − w_retrain‖ / ‖w_retrain − w0‖ and the peak device memory."""
+  from fastntk_jax.experiment.methods import fastntk as fastntk_method  # pylint: disable=g-import-not-at-top
+  from fastntk_jax.unlearn import api as unlearn_api  # pylint: disable=g-import-not-at-top
+  from fastntk_jax.unlearn import linear  # pylint: disable=g-import-not-at-top
+  cfg_file, size, classes, _, solve_dtype = MODELS[key]
+  name, n = (QUICK[key][0], args.n) if args.quick else (key, args.n)
+  size = QUICK[key][1] if args.quick else size
+  cfg = config_lib.load_config_file(str(common.REPO_ROOT / "configs" / cfg_file))
+  entry = record.setdefault("models", {}).setdefault(key, {"network": name, "n": n,
+                                                            "image_size": size,
+                                                            "num_classes": classes})
+  model, w0, frozen = _network(name, size, classes)
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(n, size, size, 3)).astype(np.float32)
+  n_forget = n // 10
+  y = np.concatenate([np.zeros(n_forget, np.int32),
+                      rng.integers(1, classes, size=n - n_forget).astype(np.int32)])
+  dtype = jnp.float64 if solve_dtype == "float64" and jax.config.jax_enable_x64 else None
+  forgetter = unlearn_api.make_forgetter(
+      make_apply_fn(model, frozen), num_classes=classes, damping=float(cfg.unlearn.damping),
+      solver="primal", batch_size=args.batch_size, solve_dtype=dtype)
+  out = {"solve_dtype": "float64" if dtype is not None else "float32"}
+  print(f"{key}: linearised Full, Retrain and Fast-NTK, n = {n} ...", flush=True)
+  stats, compile_s = {}, 0.0
+  start = time.perf_counter()
+  for part, rows in (("retain", slice(n_forget, n)), ("forget", slice(0, n_forget))):
+    state, compiled = forgetter.accumulate(w0, x[rows], y[rows],
+                                           chunk_rows=min(n - n_forget, 8 * args.batch_size))
+    compile_s += compiled
+    stats[part] = (state["g"], state["b"])
+  out["grams_s"] = time.perf_counter() - start - compile_s
+  out["compile_s"] = compile_s
+  lam = jnp.asarray(float(cfg.unlearn.damping), stats["retain"][0].dtype)
+  start = time.perf_counter()
+  retrain = linear.ridge_solution(w0, [stats["retain"]], lam)
+  full = linear.ridge_solution(w0, [stats["retain"], stats["forget"]], lam)
+  jax.block_until_ready((retrain, full))
+  out["full_and_retrain_solves_s"] = time.perf_counter() - start
+  plan = fastntk_method.reference_model_plan(
+      forgetter.plan(w0, w0, (x[n_forget:], y[n_forget:]), (x[:n_forget], y[:n_forget]),
+                     traced=True), "gpu_paper_scale: the shared Gram path")
+  start = time.perf_counter()
+  fast, _ = forgetter.from_gram_stats(full, stats["retain"], stats["forget"], plan)
+  jax.block_until_ready(fast)
+  out["update_s"] = time.perf_counter() - start
+  flat = lambda w: np.concatenate([np.ravel(np.asarray(l, np.float64))
+                                   for l in jax.tree_util.tree_leaves(w)])
+  out["finite"] = bool(np.all(np.isfinite(flat(fast))) and np.all(np.isfinite(flat(retrain))))
+  moved = np.linalg.norm(flat(retrain) - flat(w0))
+  out["relative_distance_to_retrain"] = float(np.linalg.norm(flat(fast) - flat(retrain))
+                                              / max(moved, 1e-300))
+  out["peak_device_bytes"] = _peak_device_bytes()
+  entry["linearized"] = out
+  print(f"  {out}", flush=True)
+  save()
+
+
 def write_markdown(record: dict, out) -> None:
   lines = ["# The paper's scale on one device", "",
            "    JAX_ENABLE_X64=1 python -m benchmarks.gpu_paper_scale " + " ".join(record["argv"]),
@@ -137,6 +205,16 @@ def write_markdown(record: dict, out) -> None:
           f"{r.get('protocol_epochs', '?')}) | {common.fmt_g(e.get('update_over_retrain'))} |")
     if "solver_relative_difference" in e:
       lines.append(f"| | | | primal vs dual: {e['solver_relative_difference']:.2e} | | | | | | |")
+    lin = e.get("linearized")
+    if lin:
+      peak = lin.get("peak_device_bytes")
+      lines.append(
+          f"| {e['network']} linearised | {e['n']:,} | {e.get('num_params', '–')} | closed "
+          f"form ({lin['solve_dtype']}) | {lin['finite']} | {common.fmt_s(lin['compile_s'])} "
+          f"| Grams {common.fmt_s(lin['grams_s'])}, Full + Retrain solves "
+          f"{common.fmt_s(lin['full_and_retrain_solves_s'])}, update "
+          f"{common.fmt_s(lin['update_s'])} | {'–' if peak is None else f'{peak / 2**30:.1f}'} "
+          f"| ‖w − w_r‖ / ‖w_r − w0‖ = {lin['relative_distance_to_retrain']:.1e} | |")
   common.atomic_write(out / "gpu_paper_scale.md", "\n".join(lines) + "\n")
 
 
@@ -148,6 +226,8 @@ def main(argv=None):
   ap.add_argument("--batch-size", type=int, default=64, help="Jacobian block (images)")
   ap.add_argument("--retrain-epochs", type=int, default=None,
                   help="default: the protocol's; fewer when the device time is short")
+  ap.add_argument("--linearized", action="store_true",
+                  help="also the linearised closed form (ResNet-110: Full, Retrain, Fast-NTK)")
   ap.add_argument("--quick", action="store_true",
                   help="resnet8 / vit_ti16 at 32x32 (a CPU check of the script itself)")
   args = ap.parse_args(argv)
@@ -164,6 +244,8 @@ def main(argv=None):
 
   for key in args.models.split(","):
     run_model(key, args, record, save)
+    if args.linearized and MODELS[key][4] == "float64":  # the CNN: its p x p Gram fits
+      run_linearized(key, args, record, save)
   print((out / "gpu_paper_scale.md").read_text())
 
 
