@@ -27,8 +27,9 @@ SHAPE = (8, 8, 3)
 
 @pytest.mark.parametrize("name,options", [
     ("resnet8", {"shortcut": "B", "widths": (4, 8, 8)}),
-    ("vit_ti16", {"patch_size": 4, "hidden_size": 8, "num_layers": 1, "num_heads": 2,
-                  "mlp_dim": 8, "prompt_length": 2}),
+    pytest.param("vit_ti16", {"patch_size": 4, "hidden_size": 8, "num_layers": 1,
+                              "num_heads": 2, "mlp_dim": 8, "prompt_length": 2},
+                 marks=pytest.mark.slow),
 ])
 def test_head_factors_equal_the_networks_table(name, options):
   try:
@@ -105,6 +106,7 @@ def tiny_population(tmp_path_factory):
   return pop, reference, audits
 
 
+@pytest.mark.slow
 def test_batched_population_equals_the_report_seeds_path(tiny_population):
   pop, reference, _ = tiny_population
   assert pop.engine == "batched"
@@ -117,6 +119,7 @@ def test_batched_population_equals_the_report_seeds_path(tiny_population):
   assert {v.shape[0] for v in pop.logits.values()} == {3}
 
 
+@pytest.mark.slow
 def test_fastntk_sits_on_the_noise_floor_of_every_audit(tiny_population):
   _, _, audits = tiny_population
   k, per = audits["klom"]["per_method"], audits["per_method"]
@@ -126,8 +129,7 @@ def test_fastntk_sits_on_the_noise_floor_of_every_audit(tiny_population):
   assert audits["num_seeds"] == 3 and audits["engine"] == "batched"
 
 
-def test_population_stages_resume_from_disk(tiny_population, tmp_path):
-  pop, _, _ = tiny_population
+def test_population_stages_resume_from_disk(tmp_path):
   calls = []
   path = str(tmp_path / "a_0.npz")
   value = population._npz_stage(path, lambda: calls.append(1) or {"x/logits": np.ones(2)})
@@ -236,6 +238,7 @@ def test_fit_seeds_refuses_a_stack_of_other_size():
                                                  np.zeros(4, np.int32)), spec, 3, seeds=[1, 2, 3])
 
 
+@pytest.mark.slow
 def test_sgd_population_equals_the_report_seeds_path(tmp_path, monkeypatch):
   monkeypatch.setattr(population, "SGD_VMAP_ON_CPU", True)
   cfg = tiny_config()
@@ -359,6 +362,7 @@ print("OK")
 """
 
 
+@pytest.mark.slow
 def test_a_run_resumed_on_a_mesh_takes_its_restored_weights_with_the_mesh_fits():
   # A run on several devices resumed after its pre-training stage (the per-seed population
   # on a mesh, or a report seed): the backbone and stages read back from disk are host
