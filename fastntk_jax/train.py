@@ -489,60 +489,95 @@ def accuracy(logits: np.ndarray, labels: np.ndarray) -> Optional[float]:
 # ------------------------------------------------------------------------------------------
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _updated_batch_stats(model, variables, x):
-  """The running statistics after one train-mode step on the batch `x` (nothing trained)."""
+def _own_batch_stats(module) -> dict:
+  """The running statistics a bound module holds itself ({name: array}), not its children's."""
   from fastntk_jax.models.layers import BATCH_STATS  # pylint: disable=g-import-not-at-top
-  _, state = model.apply(variables, x, train=True, mutable=[BATCH_STATS])
-  return state[BATCH_STATS]
+  if module.scope is None:
+    return {}
+  stats = module.variables.get(BATCH_STATS, {})
+  return {k: v for k, v in stats.items() if hasattr(v, "shape")}
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _summed_calls(model, variables, x, start):
+  """One train-mode pass on the batch `x` (nothing trained) in which every call of a module
+  holding running statistics starts from `start` (a scalar per leaf, a tree like
+  `variables["batch_stats"]`) and adds what it updated them to onto what its earlier calls
+  added: each leaf ends as Σ_calls (m·start + (1 - m)·b_call) for a BatchNorm updating
+  r <- m·r + (1 - m)·b. Returns (that tree, {module path: its number of calls})."""
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  from fastntk_jax.models.layers import BATCH_STATS  # pylint: disable=g-import-not-at-top
+  counts, active = {}, set()
+
+  def interceptor(next_fun, args, kwargs, context):
+    module = context.module
+    own = _own_batch_stats(module) if context.method_name != "setup" else {}
+    if not own or id(module) in active or not module.is_mutable_collection(BATCH_STATS):
+      return next_fun(*args, **kwargs)
+    path = tuple(module.scope.path)
+    base = functools.reduce(lambda t, k: t[k], path, start)
+    active.add(id(module))
+    try:
+      for k, v in own.items():
+        module.put_variable(BATCH_STATS, k, jnp.full(v.shape, base[k], v.dtype))
+      out = next_fun(*args, **kwargs)
+      after = _own_batch_stats(module)
+      for k, v in own.items():
+        module.put_variable(BATCH_STATS, k, v + after[k])
+    finally:
+      active.discard(id(module))
+    counts[path] = counts.get(path, 0) + 1
+    return out
+
+  zeros = jax.tree_util.tree_map(jnp.zeros_like, variables[BATCH_STATS])
+  with nn.intercept_methods(interceptor):
+    _, state = model.apply({**variables, BATCH_STATS: zeros}, x, train=True,
+                           mutable=[BATCH_STATS])
+  return state[BATCH_STATS], {"/".join(p): jnp.asarray(c, jnp.int32) for p, c in counts.items()}
 
 
 def _batch_moments(model, variables, x):
   """The moments (mean, biased variance) each train-mode BatchNorm normalised the batch `x`
   with, a tree like `variables["batch_stats"]` (float64), for any BatchNorm whose running
-  statistics follow r <- m·r + (1 - m)·b (Flax's, PyTorch's, ours; m its momentum).
+  statistics follow r <- m·r + (1 - m)·b (Flax's, PyTorch's, ours; m its momentum); for a
+  layer called k times in one pass, the mean of its k calls' moments.
 
-  Two train-mode passes (train-mode activations do not depend on the running statistics):
-  from r = 0 the update gives r0 = (1 - m)·b, and from r = r0 it gives r1 = (1 + m)·r0;
-  hence m = r1/r0 - 1 (one m per layer, read off its largest entries) and b = r0 / (1 - m),
-  with relative round-off only, whatever m is and whichever BatchNorm module it is.
+  Two train-mode passes (train-mode activations do not depend on the running statistics),
+  each call of a layer started from a set value s and its updates summed over the calls
+  (`_summed_calls`): from s = 0 they sum to R = (1 - m)·Σ b, from s = S (a scalar per leaf,
+  the largest |R|) to k·m·S + R; hence m per channel, and the mean Σ b / k = R / (k·(1 - m)),
+  with relative round-off only, whatever m is and whichever BatchNorm module it is. A batch
+  of one row (a BatchNorm without spatial axes: variance 0) is a batch like any other.
 
   Raises:
-    ValueError: a layer whose update is not of that form (its m differs across channels) or
-      whose m is 1 (it never updates), named.
+    ValueError: a layer whose update is not of that form (its m differs across channels),
+      whose m is 1 or that no train-mode call reaches (its statistics never move), named.
   """
   from fastntk_jax.models.layers import BATCH_STATS  # pylint: disable=g-import-not-at-top
+  f64 = lambda tree: jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64), tree)
+  scalars = lambda tree, f: jax.tree_util.tree_map(lambda a: jnp.asarray(f(a), a.dtype), tree)
+  stats = variables[BATCH_STATS]
+  total, counts = _summed_calls(model, variables, x, scalars(stats, lambda a: 0.0))
+  total = f64(total)
+  scale = jax.tree_util.tree_map(lambda r: float(np.max(np.abs(r), initial=0.0)) or 1.0, total)
+  shifted = f64(_summed_calls(model, variables, x, jax.tree_util.tree_map(
+      lambda a, s: jnp.asarray(s, a.dtype), stats, scale))[0])
 
-  def updated(stats):
-    return jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64), _updated_batch_stats(
-        model, {**variables, BATCH_STATS: stats}, x))
-
-  zeros = jax.tree_util.tree_map(jnp.zeros_like, variables[BATCH_STATS])
-  r0 = updated(zeros)
-  r1 = updated(jax.tree_util.tree_map(lambda z, a: jnp.asarray(a, z.dtype), zeros, r0))
-
-  def moment(path, a, b):
+  def moment(path, r, b, s):
     name = jax.tree_util.keystr(path)
-    if not np.any(a):
-      # A variance of 0 in every channel: no update moved it from the zeros (the pass never
-      # reached this layer in train mode, or its momentum is 1); a mean of 0 is a mean.
-      if getattr(path[-1], "key", None) == "var":
-        raise ValueError(f"recompute_batch_stats: the running statistics {name} never moved "
-                         "in a train-mode pass (a layer the pass does not reach in train "
-                         "mode, or momentum 1): there is nothing to recompute them from")
-      return a
-    big = np.abs(a) >= 0.5 * np.max(np.abs(a))
-    m = b[big] / a[big] - 1.0
-    if np.max(m) - np.min(m) > 1e-3 or not np.all(np.isfinite(m)):
+    k = int(counts.get("/".join(str(getattr(p, "key", p)) for p in path[:-1]), 0))
+    m = (b - r) / (k * s) if k else np.ones_like(r)
+    if not np.all(np.isfinite(m)) or (m.size and np.max(m) - np.min(m) > 1e-3):
       raise ValueError(f"recompute_batch_stats: the running statistics {name} are not "
                        "updated as m·r + (1 - m)·batch (their m differs across channels)")
-    keep = 1.0 - float(np.median(m))
+    keep = 1.0 - float(np.median(m)) if m.size else 1.0
     if keep <= 1e-6:
-      raise ValueError(f"recompute_batch_stats: the running statistics {name} have momentum "
-                       "1: training never updates them, and there is nothing to recompute")
-    return a / keep
+      raise ValueError(f"recompute_batch_stats: the running statistics {name} never moved "
+                       "in a train-mode pass (a layer the pass does not reach in train "
+                       "mode, or momentum 1): there is nothing to recompute them from")
+    return r / (k * keep)
 
-  return jax.tree_util.tree_map_with_path(moment, r0, r1)
+  return jax.tree_util.tree_map_with_path(moment, total, shifted, scale)
 
 
 def recompute_batch_stats(model, trainable: PyTree, frozen: dict, x: np.ndarray, *,
@@ -565,8 +600,9 @@ def recompute_batch_stats(model, trainable: PyTree, frozen: dict, x: np.ndarray,
   (only its structure and dtypes are kept), nor on `BatchNorm.momentum` (0.9, whose EMA in
   training weights the last batches most and keeps 0.9^K of the statistics it started from).
   So a model's statistics hold no trace of data outside `x`. Each batch's moments are read
-  off the layer's own running-statistics update (`_batch_moments`: any BatchNorm updating
-  r <- m·r + (1 - m)·batch, ours or Flax's); they are averaged in float64.
+  off the layer's own running-statistics update (`_batch_moments`, two train-mode passes per
+  batch: any BatchNorm updating r <- m·r + (1 - m)·batch, ours or Flax's; for a layer called
+  several times in a pass, the mean of its calls' moments); they are averaged in float64.
 
   Args:
     model: a Flax model whose BatchNorm layers keep running statistics in `batch_stats`.

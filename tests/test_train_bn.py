@@ -273,3 +273,50 @@ def test_linearized_and_frozen_bn_keep_the_pretrained_statistics():
     assert run_lib.recomputes_bn(tuner) is expected, (arg, bn_mode)
     if not expected:
       assert run_lib.released_frozen(tuner, None, "fastntk", None, frozen, 0) is frozen
+
+
+def test_recompute_takes_batches_of_one_row_of_a_layer_without_spatial_axes():
+  """A BatchNorm over features only (an MLP's): a batch of one row has variance 0 in every
+  channel (the last partial batch of 5 rows in batches of 4, or a single row); its running
+  statistics still moved (to m·r), so they are recomputed, not refused as never moved."""
+  rng = np.random.default_rng(2)
+  x = rng.normal(loc=1.0, size=(5, 4)).astype(np.float32)
+  model = BNHead()
+  w, frozen = tr.split(model.init(jax.random.PRNGKey(0), x[:1]))
+  seed, bs = 1, 4
+  stats = train_lib.recompute_batch_stats(model, w, frozen, x, batch_size=bs, seed=seed)
+  order = np.random.default_rng([seed, 0]).permutation(len(x))
+  batches = [x[order[:bs]].astype(np.float64), x[order[bs:]].astype(np.float64)]
+  mean = sum(len(b) * b.mean(axis=0) for b in batches) / len(x)
+  var = sum(len(b) * b.var(axis=0) for b in batches) / len(x)
+  np.testing.assert_allclose(stats["bn"]["mean"], mean, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(stats["bn"]["var"], var, rtol=1e-5, atol=1e-6)
+  one = train_lib.recompute_batch_stats(model, w, frozen, x[:1], batch_size=bs)
+  np.testing.assert_allclose(one["bn"]["mean"], x[0], rtol=1e-5)
+  np.testing.assert_array_equal(one["bn"]["var"], np.zeros(4, np.float32))
+
+
+class _SharedBN(nn.Module):
+  """One BatchNorm called twice in a forward pass (on x and on 2x + 1)."""
+  momentum: float = 0.9
+
+  @nn.compact
+  def __call__(self, x, train=False):
+    bn = BatchNorm(self.momentum, name="bn")
+    return TrainableDense(2, name="head")(bn(x, train) + bn(2.0 * x + 1.0, train))
+
+
+def test_a_layer_called_twice_gets_the_mean_of_its_calls_moments_whatever_its_momentum():
+  """The running statistics of a layer called twice per pass are the mean of the two calls'
+  moments (as training's EMA would settle to with both calls weighing alike), not a mix
+  weighted by the momentum: the result does not depend on the momentum."""
+  x = np.random.default_rng(4).normal(size=(6, 3)).astype(np.float32)
+  calls = [x.astype(np.float64), 2.0 * x.astype(np.float64) + 1.0]
+  for momentum in (0.9, 0.3):
+    model = _SharedBN(momentum)
+    w, frozen = tr.split(model.init(jax.random.PRNGKey(0), x[:1]))
+    stats = train_lib.recompute_batch_stats(model, w, frozen, x, batch_size=len(x))
+    np.testing.assert_allclose(stats["bn"]["mean"], np.mean([c.mean(0) for c in calls], 0),
+                               rtol=1e-5, err_msg=str(momentum))
+    np.testing.assert_allclose(stats["bn"]["var"], np.mean([c.var(0) for c in calls], 0),
+                               rtol=1e-5, err_msg=str(momentum))
