@@ -280,6 +280,9 @@ def _format_problem(filename: str, path: str) -> Optional[str]:
 
 def _check_existing(entry: PublishedFile, path: str, expected: Optional[str],
                     against: Optional[str]) -> Downloaded:
+  if not os.path.isfile(path):
+    raise DownloadError(f"{path} is already there but is not a file: move it away to download "
+                        "the checkpoint")
   size = os.path.getsize(path)
   digest = _file_sha256(path)
   if entry.size is not None and size != entry.size:
@@ -288,6 +291,10 @@ def _check_existing(entry: PublishedFile, path: str, expected: Optional[str],
   if expected is not None and digest != expected:
     raise DownloadError(f"{path} is already there but its SHA-256 is {digest}, not {expected} "
                         f"({against}): delete it to download it again")
+  problem = _format_problem(entry.filename, path)
+  if problem:  # checked as a download is (a truncated file, an error page saved by hand)
+    raise DownloadError(f"{path} is already there but is {problem}: delete it to download it "
+                        "again")
   return Downloaded(path, size, digest, against if expected else None, downloaded=False)
 
 
@@ -308,12 +315,13 @@ def download(name: str, *, dest: str = "checkpoints", sha256: Optional[str] = No
 
   Returns:
     The file in place: its path, size, computed SHA-256 and what that was verified against
-    (None when no SHA-256 was known). A file already at the destination is checked, not
-    fetched again.
+    (None when no SHA-256 was known). A file already at the destination is checked (its
+    size, SHA-256 and format, as a download), not fetched again.
 
   Raises:
     DownloadError: an unknown name; a failed or interrupted transfer; a size, MD5 or SHA-256
-      that differs from the published (or given) one; a file that is not of its format. The
+      that differs from the published (or given) one; a file that is not of its format; a
+      --url that is no URL, a destination that cannot be written (all one line). The
       partial file is deleted; a file already at the destination is left untouched.
   """
   import urllib.request  # pylint: disable=g-import-not-at-top
@@ -325,18 +333,22 @@ def download(name: str, *, dest: str = "checkpoints", sha256: Optional[str] = No
                         f"{entry.filename}")
   expected = given or table
   against = "the published SHA-256" if table else "--sha256" if given else None
-  os.makedirs(dest, exist_ok=True)
   target = os.path.join(dest, entry.filename)
-  if os.path.exists(target):
-    return _check_existing(entry, target, expected, against)
+  try:
+    os.makedirs(dest, exist_ok=True)
+    if os.path.lexists(target):
+      return _check_existing(entry, target, expected, against)
+    fd, partial = tempfile.mkstemp(prefix=f".{entry.filename}.", suffix=".part", dir=dest)
+  except OSError as e:  # --dest a file, no permission, ...
+    raise DownloadError(f"cannot write {target}: {type(e).__name__}: {e}") from e
   source = url or entry.url
-  fd, partial = tempfile.mkstemp(prefix=f".{entry.filename}.", suffix=".part", dir=dest)
   try:
     digest, md5 = hashlib.sha256(), hashlib.md5(usedforsecurity=False)
     received = 0
-    request = urllib.request.Request(source, headers={"User-Agent": "fastntk_jax"})
     with os.fdopen(fd, "wb") as out:
       try:
+        # A --url that is no URL is a ValueError here: refused as a failed download.
+        request = urllib.request.Request(source, headers={"User-Agent": "fastntk_jax"})
         with urllib.request.urlopen(request, timeout=timeout) as response:
           length = response.headers.get("Content-Length")
           length = int(length) if length is not None and length.isdigit() else None

@@ -250,3 +250,37 @@ def test_a_missing_published_file_is_named_with_its_download_command(tmp_path):
   with pytest.raises(ValueError, match=f"download it: python -m fastntk_jax.pretrained_files "
                                        f"download {NAME} --dest={tmp_path / 'checkpoints'}"):
     pf.check(cfg)
+
+
+def test_a_file_already_there_that_is_not_of_its_format_is_refused(tmp_path, capsys):
+  """A file already at the destination is checked as a download is: without a known SHA-256
+  a truncated .npz (an interrupted wget) or an error page is refused, not reported 'already
+  there, checked' and kept; it is left untouched."""
+  dest = tmp_path / "d"
+  dest.mkdir()
+  for body in (PAYLOAD[:len(PAYLOAD) // 2], b"<html>404 Not Found</html>"):
+    (dest / FILENAME).write_bytes(body)
+    with pytest.raises(pf.DownloadError, match="already there but is not an .npz archive"):
+      pf.download(NAME, dest=str(dest), progress=None)
+    assert (dest / FILENAME).read_bytes() == body
+    assert pf.main(["download", NAME, f"--dest={dest}", "--quiet"]) == 1
+    assert "delete it to download it again" in capsys.readouterr().err
+  (dest / FILENAME).write_bytes(PAYLOAD)  # a good one still passes
+  assert not pf.download(NAME, dest=str(dest), progress=None).downloaded
+
+
+def test_bad_urls_and_destinations_are_one_line_errors(tmp_path, capsys):
+  """A --url that is no URL, a --dest that is a file and a destination path that is a folder
+  are refused as download errors (exit code 1, one line), not tracebacks; nothing is left."""
+  dest = tmp_path / "d"
+  for url in ("notaurl", "http://[::1"):
+    assert pf.main(["download", NAME, f"--dest={dest}", f"--url={url}", "--quiet"]) == 1
+    assert capsys.readouterr().err.startswith("pretrained_files: error:")
+    assert _left(dest) == []
+  afile = tmp_path / "afile"
+  afile.write_text("x")
+  assert pf.main(["download", NAME, f"--dest={afile}", "--url=file:///nowhere", "--quiet"]) == 1
+  assert capsys.readouterr().err.startswith("pretrained_files: error:")
+  (dest / FILENAME).mkdir()
+  assert pf.main(["download", NAME, f"--dest={dest}", "--quiet"]) == 1
+  assert capsys.readouterr().err.startswith("pretrained_files: error:")
