@@ -551,7 +551,8 @@ def _batch_moments(model, variables, x):
 
   Raises:
     ValueError: a layer whose update is not of that form (its m differs across channels),
-      whose m is 1 or that no train-mode call reaches (its statistics never move), named.
+      whose m is 1 or that no train-mode call reaches (its statistics never move), or whose
+      moments are not finite (a diverged model), named.
   """
   from fastntk_jax.models.layers import BATCH_STATS  # pylint: disable=g-import-not-at-top
   f64 = lambda tree: jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64), tree)
@@ -565,6 +566,9 @@ def _batch_moments(model, variables, x):
 
   def moment(path, r, b, s):
     name = jax.tree_util.keystr(path)
+    if not (np.all(np.isfinite(r)) and np.all(np.isfinite(b))):
+      raise ValueError(f"recompute_batch_stats: non-finite batch moments at {name} (NaN/inf "
+                       "activations: a diverged model, or non-finite inputs)")
     k = int(counts.get("/".join(str(getattr(p, "key", p)) for p in path[:-1]), 0))
     m = (b - r) / (k * s) if k else np.ones_like(r)
     if not np.all(np.isfinite(m)) or (m.size and np.max(m) - np.min(m) > 1e-3):
@@ -617,8 +621,9 @@ def recompute_batch_stats(model, trainable: PyTree, frozen: dict, x: np.ndarray,
     dtypes), numpy arrays.
 
   Raises:
-    ValueError: no `batch_stats` in `frozen`, no rows in `x`, or a layer with running
-      statistics that no train-mode pass moves (named; `_batch_moments`).
+    ValueError: no `batch_stats` in `frozen`, no rows in `x`, a layer with running
+      statistics that no train-mode pass moves, or non-finite moments (a diverged model)
+      (named; `_batch_moments`).
   """
   from fastntk_jax.models.layers import BATCH_STATS  # pylint: disable=g-import-not-at-top
   stats = frozen.get(BATCH_STATS)

@@ -320,3 +320,19 @@ def test_a_layer_called_twice_gets_the_mean_of_its_calls_moments_whatever_its_mo
                                rtol=1e-5, err_msg=str(momentum))
     np.testing.assert_allclose(stats["bn"]["var"], np.mean([c.var(0) for c in calls], 0),
                                rtol=1e-5, err_msg=str(momentum))
+
+
+def test_a_diverged_model_is_named_not_blamed_on_its_batchnorm():
+  """A method whose parameters diverged (NaN) gives non-finite batch moments: the error says
+  so and names the method, instead of calling its BatchNorm one that is not updated as
+  m·r + (1 - m)·batch."""
+  import types  # pylint: disable=g-import-not-at-top
+  x, w0, frozen = _conv_bn_setup(n=6)
+  bad = jax.tree_util.tree_map(lambda a: np.full_like(a, np.nan), w0)
+  with pytest.raises(ValueError, match="non-finite"):
+    train_lib.recompute_batch_stats(ConvBN(), bad, frozen, x, batch_size=4)
+  cfg = types.SimpleNamespace(finetune=types.SimpleNamespace(bn_mode="train", batch_size=4))
+  tuner = types.SimpleNamespace(net=ConvBN(), cfg=cfg, linearized=False, frozen_net=frozen)
+  data = types.SimpleNamespace(retain=types.SimpleNamespace(x=x), train=types.SimpleNamespace(x=x))
+  with pytest.raises(ValueError, match="max_loss.*non-finite"):
+    run_lib.released_frozen(tuner, data, "max_loss", bad, frozen, 0)

@@ -219,9 +219,12 @@ def released_frozen(tuner, data, name: str, params, frozen: dict, seed: int) -> 
   if not recomputes_bn(tuner):
     return frozen
   _, x = seen_data(name, data)
-  stats = train_lib.recompute_batch_stats(tuner.net, params, frozen, x,
-                                          batch_size=int(tuner.cfg.finetune.batch_size),
-                                          seed=seed)
+  try:
+    stats = train_lib.recompute_batch_stats(tuner.net, params, frozen, x,
+                                            batch_size=int(tuner.cfg.finetune.batch_size),
+                                            seed=seed)
+  except ValueError as e:  # which model: e.g. a method whose parameters diverged
+    raise ValueError(f"{name}'s released model (seed {seed}): {e}") from e
   return {**frozen, "batch_stats": stats}
 
 
