@@ -335,3 +335,14 @@ def test_config_refuses_a_state_dict_for_a_vit_before_any_work():
   with pytest.raises(ValueError, match="imports PyTorch CIFAR ResNets and MobileNetV2s, not "
                                        "model.name='vit_s16'"):
     config_lib.validate(cfg)
+
+
+def test_a_refusal_of_a_state_dict_in_memory_reads_as_a_sentence():
+  """The refusal's first line names where the state dict came from: a file by its path, a
+  mapping passed in as 'in memory' (it read 'PyTorch state dict the given state dict does
+  not match the model')."""
+  model = get_model("mobilenetv2", 10, width_mult=0.5)
+  sd = _state_dict(0.5, 100)
+  del sd["features.0.1.running_var"]
+  msg = _refusal(sd, _nan_init(model))
+  assert msg.startswith("PyTorch state dict (in memory) does not match the model (MobileNetV2")

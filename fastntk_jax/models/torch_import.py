@@ -288,7 +288,7 @@ class _Tree:
 
 
 def _where(path_or_dict) -> str:
-  return "the given state dict" if isinstance(path_or_dict, Mapping) else repr(
+  return "(in memory)" if isinstance(path_or_dict, Mapping) else repr(
       os.fspath(path_or_dict))
 
 
