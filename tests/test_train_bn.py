@@ -336,3 +336,16 @@ def test_a_diverged_model_is_named_not_blamed_on_its_batchnorm():
   data = types.SimpleNamespace(retain=types.SimpleNamespace(x=x), train=types.SimpleNamespace(x=x))
   with pytest.raises(ValueError, match="max_loss.*non-finite"):
     run_lib.released_frozen(tuner, data, "max_loss", bad, frozen, 0)
+
+
+def test_recompute_takes_frozen_dicts():
+  """Variables as Flax's FrozenDicts (what `flax.core.freeze`, and older Flax's `init`, give)
+  recompute to the statistics of plain dicts (the two passes' trees were matched against
+  the FrozenDict and failed: 'Custom node type mismatch')."""
+  import flax  # pylint: disable=g-import-not-at-top
+  x, w0, frozen = _conv_bn_setup(n=6)
+  plain = train_lib.recompute_batch_stats(ConvBN(), w0, frozen, x, batch_size=4)
+  frozen_dicts = train_lib.recompute_batch_stats(ConvBN(), flax.core.freeze(w0),
+                                                 flax.core.freeze(frozen), x, batch_size=4)
+  jax.tree_util.tree_map(np.testing.assert_array_equal, flax.core.unfreeze(frozen_dicts),
+                         plain)
