@@ -554,10 +554,10 @@ def _batch_moments(model, variables, x):
       whose m is 1 or that no train-mode call reaches (its statistics never move), or whose
       moments are not finite (a diverged model), named.
   """
+  import flax  # pylint: disable=g-import-not-at-top
   from fastntk_jax.models.layers import BATCH_STATS  # pylint: disable=g-import-not-at-top
   f64 = lambda tree: jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64), tree)
   scalars = lambda tree, f: jax.tree_util.tree_map(lambda a: jnp.asarray(f(a), a.dtype), tree)
-  import flax  # pylint: disable=g-import-not-at-top
   stats = flax.core.unfreeze(variables[BATCH_STATS])  # plain dicts, as the passes return
   total, counts = _summed_calls(model, variables, x, scalars(stats, lambda a: 0.0))
   total = f64(total)
