@@ -148,6 +148,9 @@ STAGES = {
     "evaluation": "every method: inference, relearning to its 100-epoch cap (an upper "
                   "bound) and the relearning attack on D_r",
     "linear_probe": "three linear probes",
+    "bn_recompute": "standard CNNs with train-mode BN: every released model's running "
+                    "statistics recomputed on the data its method may see (two train-mode "
+                    "passes each, and per evaluation of the release's cost)",
     "pretrain": "CIFAR-100 pre-training (160 epochs)",
     "pretrain_augment": "its crop + flip on the host",
 }
@@ -261,6 +264,11 @@ def job_stages(job, *, cg_iters: Optional[int] = None) -> tuple[dict, dict, Opti
                                          step + attack) * tf
   # three probes (fresh head on D over a frozen backbone: forward passes)
   stages["linear_probe"] = 3 * (cfg.eval.probe.epochs * d + d) * f * tf
+  if mode == "standard" and ft.bn_mode == "train" and not job.model.startswith("vit"):
+    # run._release_bn_stats: every released model's BN statistics from two train-mode
+    # passes over the data its method may see (D for Full, D_r otherwise), and again for
+    # each evaluation of the certified release's cost (train._batch_moments).
+    stages["bn_recompute"] = (2 * ((len(METHODS) - 1) * d_r + d) + 2 * evals * d_r) * f * tf
   if job.model in MEASURED_FASTNTK and mode == "standard":
     n_ref, seconds, source = MEASURED_FASTNTK[job.model]
     measured["fastntk"] = (seconds * d / n_ref, source)  # Jacobians: linear in n
@@ -463,6 +471,16 @@ def table3(points) -> list[str]:
   return lines
 
 
+# The (dataset, models) each table holds: a result elsewhere has no place in them.
+TABLE_PLACES = (("cifar10", ("resnet110", "mobilenetv2")), ("imagenet_r", ("vit_s16", "vit_b16")),
+                ("cifar10", ("vit_b16",)))
+
+
+def _placed(point: dict) -> bool:
+  return any(point["dataset"] == ds and point["model"] in models
+             for ds, models in TABLE_PLACES)
+
+
 def tables_markdown(merged: dict) -> str:
   points = merged["points"]
   out = ["# Fast-NTK: the paper's tables from our runs", ""]
@@ -474,6 +492,13 @@ def tables_markdown(merged: dict) -> str:
   appendix = [p for p in points if p["dataset"] == "cifar10" and p["model"].startswith("vit")]
   if appendix:
     out += results_table("Appendix B: ViT-B/16 on CIFAR-10", points, "cifar10", ("vit_b16",))
+  left = merged.get("left_out") or []
+  if left:
+    out += ["## Results in no table of the paper", ""]
+    out += [f"- {p['model']} on {p['dataset']} ({p['num_classes']} classes, {p['ipc']} per "
+            f"class), {MODE_LABELS.get(p['mode'], p['mode'])}: {', '.join(p['sources'])}"
+            for p in left]
+    out += [""]
   return "\n".join(out)
 
 
@@ -490,6 +515,16 @@ def write_tables(paths: Sequence[str], out_dir: str, modes: Sequence[str] = MODE
   if not merged["points"]:
     raise ValueError(f"no results in mode(s) {list(modes)} under {list(paths)} (found: "
                      f"{found}); pass --modes={','.join(found)}")
+  merged["left_out"] = [p for p in merged["points"] if not _placed(p)]
+  if len(merged["left_out"]) == len(merged["points"]):
+    raise ValueError(
+        "no result under " + str(list(paths)) + " has a place in the paper's tables (Table I: "
+        "ResNet-110/MobileNetV2 on CIFAR-10; II and III: ViTs on ImageNet-R; Appendix B: "
+        "ViT-B/16 on CIFAR-10); found: " + "; ".join(
+            f"{p['model']} on {p['dataset']}" for p in merged["left_out"]))
+  for p in merged["left_out"]:
+    print(f"reproduce: {p['model']} on {p['dataset']} ({', '.join(p['sources'])}) has no place "
+          "in the paper's tables; listed at the end of tables.md", file=sys.stderr)
   merged["modes"] = [m for m in MODES if m in modes]
   merged["paper_table3"] = {f"{m}_{k}_{n}": v for (m, k, n), v in PAPER_TABLE3.items()}
   os.makedirs(out_dir, exist_ok=True)

@@ -261,3 +261,33 @@ def test_run_is_the_sweep_with_the_shared_pretraining(tmp_path):
   one = _cli("run", "--dry-run", f"--root={tmp_path}", "--models=resnet110", "--seeds=0",
              "--cifar-ipc=100", "--python=python", "--modes=standard")
   assert len(one.stdout.splitlines()[1:]) == 1 and "_standard_s0" in one.stdout
+
+
+def test_the_plan_counts_the_released_models_bn_recomputation_in_standard_mode():
+  """In standard mode with train-mode BN (the CNN configs) every released model's running
+  statistics are recomputed (`run._release_bn_stats`): a stage of the plan; none in
+  linearised mode, whose models keep the pre-trained statistics."""
+  jobs = repro.sweep.grid(("cifar10",), seeds=(0,), cifar_ipc=(100,),
+                          models=("resnet110",), modes=("standard", "linearized"))
+  by_mode = {job.mode: repro.job_stages(job)[0] for job in jobs}
+  assert by_mode["standard"]["bn_recompute"] > 0
+  assert "bn_recompute" not in by_mode["linearized"]
+  assert "bn_recompute" in repro.STAGES
+
+
+def test_tables_name_the_results_they_leave_out(tmp_path):
+  """Results of no paper table (e.g. the paper's configs on digits) are named, not dropped
+  silently: listed at the end of tables.md beside the placed ones, an error when none has
+  a place."""
+  runs = tmp_path / "runs"
+  _write(runs / "r110_digits_standard",
+         _in_mode(_results("resnet110", "digits", 10, 100, [0], 0.0), "standard", 1.0, 0.1))
+  proc = _cli("tables", str(runs), f"--out={tmp_path / 'out'}")
+  assert proc.returncode == 2 and "resnet110 on digits" in proc.stderr, proc.stderr
+  _write(runs / "r110_cifar_standard",
+         _in_mode(_results("resnet110", "cifar10", 10, 100, [0], 0.0), "standard", 1.0, 0.1))
+  proc = _cli("tables", str(runs), f"--out={tmp_path / 'out'}")
+  assert proc.returncode == 0, proc.stderr
+  assert "resnet110 on digits" in proc.stderr
+  md = (tmp_path / "out" / "tables.md").read_text()
+  assert "## Results in no table of the paper" in md and "r110_digits_standard" in md
