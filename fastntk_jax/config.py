@@ -81,8 +81,7 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.pretrain = ml_collections.ConfigDict()
   # "train" (see `dataset`) | "npz" (a vision_transformer/AugReg ViT .npz) | "state_dict" (a
-  # PyTorch CIFAR ResNet or chenyaofo CIFAR MobileNetV2 state dict, models/torch_import.py:
-  # .pt/.pth with torch installed, or .npz/.safetensors) |
+  # PyTorch CIFAR ResNet/MobileNetV2 state dict: .pt/.pth/.npz/.safetensors, torch_import) |
   # "checkpoint" (this project's orbax folder, e.g. another workdir's pretrain/) | "none"
   c.pretrain.source = "train"
   c.pretrain.path = ""  # file/folder for source="npz"/"state_dict"/"checkpoint"
@@ -297,11 +296,9 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   if cfg.pretrain.source in ("npz", "state_dict", "checkpoint") and not cfg.pretrain.path:
     raise ValueError(f"config.pretrain.path must name the file for pretrain.source="
                      f"{cfg.pretrain.source!r}")
-  if cfg.pretrain.source == "state_dict" and not (cfg.model.name.startswith("resnet")
-                                                  or cfg.model.name == "mobilenetv2"):
-    raise ValueError(f"config.pretrain.source='state_dict' imports PyTorch CIFAR ResNets and "
-                     f"MobileNetV2s, not model.name={cfg.model.name!r}; a ViT loads an AugReg "
-                     "file: pretrain.source='npz' (python -m fastntk_jax.pretrained_files --list)")
+  if cfg.pretrain.source == "state_dict" and not cfg.model.name.startswith(("resnet", "mobilenet")):
+    raise ValueError(f"config.pretrain.source='state_dict' imports PyTorch CIFAR ResNets and Mobile"
+                     f"NetV2s, not model.name={cfg.model.name!r}; a ViT: pretrain.source='npz'")
   _check_patterns("pretrain.dont_load", cfg.pretrain.dont_load)
   if cfg.pretrain.images_per_class is not None:  # None = every image of pretrain.dataset
     _positive("pretrain.images_per_class", cfg.pretrain.images_per_class, integer=True)
@@ -391,9 +388,8 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     raise ValueError(f"config.unlearn.serve=True needs unlearn.damping > 0 (got {u.damping}): "
                      "requests downdate the Cholesky factor of G + λI, which λ keeps definite")
   _positive("eval.relearn_threshold", cfg.eval.relearn_threshold, integer=False)
-  for field in ("batch_size", "mia_subsamples"):
-    _positive(f"eval.{field}", cfg.eval[field], integer=True)
-  _positive("eval.population_seeds", cfg.eval.population_seeds, integer=True, allow_zero=True)
+  for field, zero in (("batch_size", False), ("mia_subsamples", False), ("population_seeds", True)):
+    _positive(f"eval.{field}", cfg.eval[field], integer=True, allow_zero=zero)
   if cfg.eval.population_seeds in (1, 2):  # U-LiRA: 2 shadow models and 1 target a side
     raise ValueError(f"config.eval.population_seeds={cfg.eval.population_seeds}: the audits "
                      "need at least 3 models a side (0 turns them off)")
@@ -504,23 +500,21 @@ def ignored_fields(cfg) -> list[str]:
   notes = []
   ft = cfg.finetune
   if ft.mode == "linearized":
-    notes.append(f"finetune.linearized_solver={ft.linearized_solver!r}: Full and Retrain are "
-                 "the linearised model's ridge minimisers, solved, not trained, so "
-                 "finetune.epochs, learning_rate, batch_size, optimizer, momentum, schedule, "
-                 "warmup_epochs, decay_epochs and decay_factor are not used")
+    notes.append(f"finetune.linearized_solver={ft.linearized_solver!r}: Full and Retrain are the "
+                 "linearised model's ridge minimisers, solved, not trained, so finetune.epochs, "
+                 "learning_rate, batch_size, optimizer, momentum, schedule, warmup_epochs, "
+                 "decay_epochs and decay_factor are not used")
   if not cfg.unlearn.serve:
     notes.append("unlearn.serve=False: unlearn.jacobian_cache_gib is not used")
   if not cfg.unlearn.certified:
-    notes.append("unlearn.certified=False: the released model carries no noise, so "
-                 "unlearn.epsilon is not used (results still give the release's cost at "
-                 "unlearn.release_epsilons and unlearn.delta)")
+    notes.append("unlearn.certified=False: the released model carries no noise, so unlearn.eps"
+                 "ilon is not used (the release's cost at unlearn.release_epsilons is reported)")
   notes.append("tuning.enabled=True: every field a method's grid covers (results.md, 'Fair "
                "tuning') is chosen on the validation seed tuning.seed, whatever its block "
                "says; tuning.enabled=False runs the blocks as written" if cfg.tuning.enabled
                else "tuning.enabled=False: every method runs its block as written, so "
                "tuning.seed, max_trials and mia_subsamples are not used")
   if "fastntk" not in cfg.methods:
-    notes.append("config.methods has no 'fastntk': nothing is certified or logged, so "
-                 "unlearn.certify_threshold, release_epsilons, delta and signing_key are not "
-                 "used")
+    notes.append("config.methods has no 'fastntk': nothing is certified or logged, so unlearn."
+                 "certify_threshold, release_epsilons, delta and signing_key are not used")
   return notes

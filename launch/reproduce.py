@@ -265,9 +265,9 @@ def job_stages(job, *, cg_iters: Optional[int] = None) -> tuple[dict, dict, Opti
   # three probes (fresh head on D over a frozen backbone: forward passes)
   stages["linear_probe"] = 3 * (cfg.eval.probe.epochs * d + d) * f * tf
   if mode == "standard" and ft.bn_mode == "train" and not job.model.startswith("vit"):
-    # run._release_bn_stats: every released model's BN statistics from two train-mode
+    # finetune.release_bn_stats: every released model's BN statistics from two train-mode
     # passes over the data its method may see (D for Full, D_r otherwise), and again for
-    # each evaluation of the certified release's cost (train._batch_moments).
+    # each evaluation of the certified release's cost (batch_stats._batch_moments).
     stages["bn_recompute"] = (2 * ((len(METHODS) - 1) * d_r + d) + 2 * evals * d_r) * f * tf
   if job.model in MEASURED_FASTNTK and mode == "standard":
     n_ref, seconds, source = MEASURED_FASTNTK[job.model]

@@ -120,6 +120,12 @@ ONE_CONCEPT = {
     "fastntk_jax.unlearn.certificate": "the certificate: its two bases (Gram statistics with "
                                        "a rounding-error analysis; matrix-free), the witness, "
                                        "the reference distances",
+    "fastntk_jax.models.torch_import": "PyTorch checkpoints: reading state dicts (.pt, .npz, "
+                                       ".safetensors) and mapping the CIFAR ResNets' and "
+                                       "MobileNetV2's names and layouts onto ours",
+    "fastntk_jax.experiment.population": "a population of models over seeds: its three "
+                                         "engines (linearised batched, SGD vmapped, per "
+                                         "seed), resumable chunks, and its audits",
 }
 
 

@@ -97,7 +97,7 @@ def tiny_population(tmp_path_factory):
     harness = population.Harness(method_context=run_lib.method_context,
                                  frozen_of=run_lib.frozen_of, make_fit=run_lib.make_fit,
                                  fine_tuner=finetune.FineTuner,
-                                 released_frozen=run_lib.released_frozen)
+                                 released_frozen=finetune.released_frozen)
     pop = population.build(setup, p.data, harness)
     reference = {side: population._per_seed(harness, setup, p.data, pop.seeds[side][0],
                                              with_methods=side == "a")
@@ -260,7 +260,7 @@ def test_sgd_population_equals_the_report_seeds_path(tmp_path, monkeypatch):
 
     def released_frozen(tuner, data, name, params, frozen, seed):
       released.append((seed, name))
-      return run_lib.released_frozen(tuner, data, name, params, frozen, seed)
+      return finetune.released_frozen(tuner, data, name, params, frozen, seed)
 
     harness = population.Harness(method_context=run_lib.method_context,
                                  frozen_of=run_lib.frozen_of, make_fit=run_lib.make_fit,
@@ -331,7 +331,7 @@ def test_step_memory_bytes_counts_the_step_it_is_asked_about(options):
 _MESH_RESUME_CHILD = """
 import os, tempfile, types
 import jax, numpy as np
-from fastntk_jax import models, sharding, train
+from fastntk_jax import batch_stats, models, sharding, train
 from fastntk_jax.experiment import pretrain, stages
 from fastntk_jax.models import checkpoints
 from fastntk_jax.models import trainable as tr
@@ -355,7 +355,7 @@ spec = train.TrainSpec(epochs=1, learning_rate=0.05, batch_size=4, bn_mode="trai
 params, stats, _ = train.fit(model, full, frozen, (x, y), spec, 3, seed=1,
                              mesh=sharding.make_data_mesh())
 # Evaluated as released (its statistics recomputed), as the population's per-seed path does.
-released = {**frozen, "batch_stats": train.recompute_batch_stats(
+released = {**frozen, "batch_stats": batch_stats.recompute_batch_stats(
     model, params, {**frozen, "batch_stats": stats}, x, batch_size=4)}
 assert np.all(np.isfinite(train.predict(model, params, released, x, batch_size=4)))
 print("OK")

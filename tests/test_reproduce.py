@@ -265,7 +265,7 @@ def test_run_is_the_sweep_with_the_shared_pretraining(tmp_path):
 
 def test_the_plan_counts_the_released_models_bn_recomputation_in_standard_mode():
   """In standard mode with train-mode BN (the CNN configs) every released model's running
-  statistics are recomputed (`run._release_bn_stats`): a stage of the plan; none in
+  statistics are recomputed (`finetune.release_bn_stats`): a stage of the plan; none in
   linearised mode, whose models keep the pre-trained statistics."""
   jobs = repro.sweep.grid(("cifar10",), seeds=(0,), cifar_ipc=(100,),
                           models=("resnet110",), modes=("standard", "linearized"))

@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 from conftest import tiny_config
 
+from fastntk_jax import batch_stats
 from fastntk_jax import train as train_lib
+from fastntk_jax.experiment import evaluate
 from fastntk_jax.experiment import finetune
 from fastntk_jax.experiment import methods as methods_lib
 from fastntk_jax.experiment import prepare as prepare_lib
@@ -59,8 +61,8 @@ def test_frozen_bn_still_pads_and_masks():
 
 
 # ------------------------------------------------------------------------------------------
-# The released model's running statistics (`train.recompute_batch_stats`, the harness's
-# `run._release_bn_stats`): from the data its method may see, never Full's of D.
+# The released model's running statistics (`batch_stats.recompute_batch_stats`, the harness's
+# `finetune.release_bn_stats`): from the data its method may see, never Full's of D.
 # ------------------------------------------------------------------------------------------
 
 
@@ -113,7 +115,7 @@ def _conv_bn_setup(n=10):
 def test_recomputed_statistics_equal_a_numpy_pass_with_a_last_partial_batch():
   x, w0, frozen = _conv_bn_setup(n=10)
   seed, bs = 4, 4  # batches of 4, 4 and 2 rows
-  stats = train_lib.recompute_batch_stats(ConvBN(), w0, frozen, x, batch_size=bs, seed=seed)
+  stats = batch_stats.recompute_batch_stats(ConvBN(), w0, frozen, x, batch_size=bs, seed=seed)
   order = np.random.default_rng([seed, 0]).permutation(len(x))  # `iterate_batches`' shuffle
   ref = _numpy_bn_update(x, np.asarray(frozen["params"]["conv"]["kernel"], np.float64),
                          jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64), w0),
@@ -132,15 +134,15 @@ def test_recomputed_statistics_equal_a_numpy_pass_with_a_last_partial_batch():
 
 def test_recomputed_statistics_ignore_momentum_and_the_statistics_they_replace():
   x, w0, frozen = _conv_bn_setup(n=9)
-  a = train_lib.recompute_batch_stats(ConvBN(), w0, frozen, x, batch_size=4, seed=1)
+  a = batch_stats.recompute_batch_stats(ConvBN(), w0, frozen, x, batch_size=4, seed=1)
   # Another momentum, other running statistics in: the same result up to float round-off.
   other = {**frozen, "batch_stats": jax.tree_util.tree_map(np.zeros_like, frozen["batch_stats"])}
-  b = train_lib.recompute_batch_stats(ConvBN(momentum=0.3), w0, other, x, batch_size=4, seed=1)
+  b = batch_stats.recompute_batch_stats(ConvBN(momentum=0.3), w0, other, x, batch_size=4, seed=1)
   jax.tree_util.tree_map(lambda u, v: np.testing.assert_allclose(u, v, rtol=1e-5, atol=1e-7),
                          a, b)
   assert jax.tree_util.tree_structure(a) == jax.tree_util.tree_structure(frozen["batch_stats"])
   # One batch: the batch's own moments (what the EMA of training would only approach).
-  one = train_lib.recompute_batch_stats(ConvBN(), w0, frozen, x, batch_size=len(x))
+  one = batch_stats.recompute_batch_stats(ConvBN(), w0, frozen, x, batch_size=len(x))
   kernel = np.asarray(frozen["params"]["conv"]["kernel"], np.float64)
   ref = _numpy_bn_update(x, kernel, jax.tree_util.tree_map(lambda v: np.asarray(v, np.float64),
                                                            w0), np.arange(len(x)), len(x))
@@ -161,7 +163,7 @@ def test_recompute_takes_any_flax_batchnorm_and_refuses_one_that_never_updates()
   model = _UserBN()
   x = np.random.default_rng(3).normal(size=(7, 5, 5, 2)).astype(np.float32)
   w, frozen = tr.split(model.init(jax.random.PRNGKey(0), x[:1]))
-  stats = train_lib.recompute_batch_stats(model, w, frozen, x, batch_size=len(x))
+  stats = batch_stats.recompute_batch_stats(model, w, frozen, x, batch_size=len(x))
   conv = frozen["params"]["conv"]
   h = np.asarray(nn.Conv(3, (3, 3)).apply({"params": conv}, x), np.float64)
   np.testing.assert_allclose(stats["bn"]["mean"], h.mean(axis=(0, 1, 2)), rtol=1e-4, atol=1e-6)
@@ -176,15 +178,15 @@ def test_recompute_takes_any_flax_batchnorm_and_refuses_one_that_never_updates()
   still = Still()
   w, frozen = tr.split(still.init(jax.random.PRNGKey(0), x[:1]))
   with pytest.raises(ValueError, match="never moved"):
-    train_lib.recompute_batch_stats(still, w, frozen, x, batch_size=4)
+    batch_stats.recompute_batch_stats(still, w, frozen, x, batch_size=4)
 
 
 def test_recompute_refuses_a_model_without_statistics_and_an_empty_pass():
   x, w0, frozen = _conv_bn_setup(n=4)
   with pytest.raises(ValueError, match="no BatchNorm running statistics"):
-    train_lib.recompute_batch_stats(ConvBN(), w0, {"params": frozen["params"]}, x, batch_size=2)
+    batch_stats.recompute_batch_stats(ConvBN(), w0, {"params": frozen["params"]}, x, batch_size=2)
   with pytest.raises(ValueError, match="no rows"):
-    train_lib.recompute_batch_stats(ConvBN(), w0, frozen, x[:0], batch_size=2)
+    batch_stats.recompute_batch_stats(ConvBN(), w0, frozen, x[:0], batch_size=2)
 
 
 def _tiny_standard(tmp_path):
@@ -239,8 +241,9 @@ def test_fastntk_released_bn_statistics_are_independent_of_the_forget_set(tmp_pa
     # Fast-NTK at the same parameters, started from this data's Full (as `run_seed` has it),
     # and Full's parameters of data A: the harness forms their released models.
     models_of = {"full": (full_a["trainable"], frozen_full), "fastntk": (fast_a, frozen_full)}
-    notes[tag] = run_lib._release_bn_stats(  # pylint: disable=protected-access
-        tuner, data, 0, str(tmp_path / tag), models_of)
+    notes[tag] = finetune.release_bn_stats(
+        tuner, data, 0, str(tmp_path / tag), models_of,
+        measure=lambda p, fr: evaluate.accuracies(tuner.net, p, fr, data, batch_size=32))
     released[tag] = {name: frozen["batch_stats"] for name, (_, frozen) in models_of.items()}
   jax.tree_util.tree_map(np.testing.assert_array_equal, released["a"]["fastntk"],
                          released["b"]["fastntk"])
@@ -270,9 +273,9 @@ def test_linearized_and_frozen_bn_keep_the_pretrained_statistics():
                                {"head": {}}, None, 0, forgetter=None, fit=None)
     frozen = {"batch_stats": stats}
     expected = cfg.finetune.mode == "standard" and bn_mode == "train"
-    assert run_lib.recomputes_bn(tuner) is expected, (arg, bn_mode)
+    assert finetune.recomputes_bn(tuner) is expected, (arg, bn_mode)
     if not expected:
-      assert run_lib.released_frozen(tuner, None, "fastntk", None, frozen, 0) is frozen
+      assert finetune.released_frozen(tuner, None, "fastntk", None, frozen, 0) is frozen
 
 
 def test_recompute_takes_batches_of_one_row_of_a_layer_without_spatial_axes():
@@ -284,14 +287,14 @@ def test_recompute_takes_batches_of_one_row_of_a_layer_without_spatial_axes():
   model = BNHead()
   w, frozen = tr.split(model.init(jax.random.PRNGKey(0), x[:1]))
   seed, bs = 1, 4
-  stats = train_lib.recompute_batch_stats(model, w, frozen, x, batch_size=bs, seed=seed)
+  stats = batch_stats.recompute_batch_stats(model, w, frozen, x, batch_size=bs, seed=seed)
   order = np.random.default_rng([seed, 0]).permutation(len(x))
   batches = [x[order[:bs]].astype(np.float64), x[order[bs:]].astype(np.float64)]
   mean = sum(len(b) * b.mean(axis=0) for b in batches) / len(x)
   var = sum(len(b) * b.var(axis=0) for b in batches) / len(x)
   np.testing.assert_allclose(stats["bn"]["mean"], mean, rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(stats["bn"]["var"], var, rtol=1e-5, atol=1e-6)
-  one = train_lib.recompute_batch_stats(model, w, frozen, x[:1], batch_size=bs)
+  one = batch_stats.recompute_batch_stats(model, w, frozen, x[:1], batch_size=bs)
   np.testing.assert_allclose(one["bn"]["mean"], x[0], rtol=1e-5)
   np.testing.assert_array_equal(one["bn"]["var"], np.zeros(4, np.float32))
 
@@ -315,7 +318,7 @@ def test_a_layer_called_twice_gets_the_mean_of_its_calls_moments_whatever_its_mo
   for momentum in (0.9, 0.3):
     model = _SharedBN(momentum)
     w, frozen = tr.split(model.init(jax.random.PRNGKey(0), x[:1]))
-    stats = train_lib.recompute_batch_stats(model, w, frozen, x, batch_size=len(x))
+    stats = batch_stats.recompute_batch_stats(model, w, frozen, x, batch_size=len(x))
     np.testing.assert_allclose(stats["bn"]["mean"], np.mean([c.mean(0) for c in calls], 0),
                                rtol=1e-5, err_msg=str(momentum))
     np.testing.assert_allclose(stats["bn"]["var"], np.mean([c.var(0) for c in calls], 0),
@@ -330,12 +333,12 @@ def test_a_diverged_model_is_named_not_blamed_on_its_batchnorm():
   x, w0, frozen = _conv_bn_setup(n=6)
   bad = jax.tree_util.tree_map(lambda a: np.full_like(a, np.nan), w0)
   with pytest.raises(ValueError, match="non-finite"):
-    train_lib.recompute_batch_stats(ConvBN(), bad, frozen, x, batch_size=4)
+    batch_stats.recompute_batch_stats(ConvBN(), bad, frozen, x, batch_size=4)
   cfg = types.SimpleNamespace(finetune=types.SimpleNamespace(bn_mode="train", batch_size=4))
   tuner = types.SimpleNamespace(net=ConvBN(), cfg=cfg, linearized=False, frozen_net=frozen)
   data = types.SimpleNamespace(retain=types.SimpleNamespace(x=x), train=types.SimpleNamespace(x=x))
   with pytest.raises(ValueError, match="max_loss.*non-finite"):
-    run_lib.released_frozen(tuner, data, "max_loss", bad, frozen, 0)
+    finetune.released_frozen(tuner, data, "max_loss", bad, frozen, 0)
 
 
 def test_recompute_takes_frozen_dicts():
@@ -344,8 +347,8 @@ def test_recompute_takes_frozen_dicts():
   the FrozenDict and failed: 'Custom node type mismatch')."""
   import flax  # pylint: disable=g-import-not-at-top
   x, w0, frozen = _conv_bn_setup(n=6)
-  plain = train_lib.recompute_batch_stats(ConvBN(), w0, frozen, x, batch_size=4)
-  frozen_dicts = train_lib.recompute_batch_stats(ConvBN(), flax.core.freeze(w0),
+  plain = batch_stats.recompute_batch_stats(ConvBN(), w0, frozen, x, batch_size=4)
+  frozen_dicts = batch_stats.recompute_batch_stats(ConvBN(), flax.core.freeze(w0),
                                                  flax.core.freeze(frozen), x, batch_size=4)
   jax.tree_util.tree_map(np.testing.assert_array_equal, flax.core.unfreeze(frozen_dicts),
                          plain)

@@ -10,12 +10,15 @@ memory ~ p + n·C, for collections whose p² does not fit).
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Any, Callable, Optional
 
 import jax.numpy as jnp
 
+from fastntk_jax import batch_stats
 from fastntk_jax import train as train_lib
+from fastntk_jax.experiment import stages
 from fastntk_jax.models.layers import LINEARIZATION_POINT
 from fastntk_jax.unlearn import linear
 
@@ -97,3 +100,80 @@ class FineTuner:
     if stats is not None and not self.linearized:
       out["batch_stats"] = stats
     return out, time.perf_counter() - start
+
+
+# ------------------------------------------------------------------------------------------
+# The released models' BatchNorm statistics: from the data each method may see.
+# ------------------------------------------------------------------------------------------
+
+
+def seen_data(name: str, data) -> tuple[str, Any]:
+  """The data the released model of `name` may see: ("D", D's images) for Full, the model
+  trained on D; ("D_r", D_r's images) for Retrain and every unlearning method, whose
+  released model must hold nothing of D_f."""
+  return ("D", data.train.x) if name == "full" else ("D_r", data.retain.x)
+
+
+def recomputes_bn(tuner) -> bool:
+  """Whether released models get their BN running statistics recomputed
+  (`released_frozen`): standard fine-tuning with BN in train mode, where Full's statistics
+  are an average over batches of D. In linearised fine-tuning f_lin keeps the pre-trained
+  statistics, and with BN frozen every model keeps them: no data of D is in them."""
+  return (not tuner.linearized and tuner.cfg.finetune.bn_mode == "train"
+          and "batch_stats" in tuner.frozen_net)
+
+
+def released_frozen(tuner, data, name: str, params, frozen: dict, seed: int) -> dict:
+  """The frozen side of method `name`'s released model with `params`: `frozen`, its BN
+  running statistics recomputed on the data the method may see (`seen_data`) by one
+  train-mode pass in the fine-tuning's batch size (`batch_stats.recompute_batch_stats`), when
+  `recomputes_bn`; `frozen` as it is otherwise.
+
+  Invariant: the released statistics of Retrain and of every unlearning method are a
+  function of their params and D_r alone, so D_f leaves no trace in them (Full's statistics
+  of D, where methods start, stay Full's)."""
+  if not recomputes_bn(tuner):
+    return frozen
+  _, x = seen_data(name, data)
+  try:
+    stats = batch_stats.recompute_batch_stats(tuner.net, params, frozen, x,
+                                            batch_size=int(tuner.cfg.finetune.batch_size),
+                                            seed=seed)
+  except ValueError as e:  # which model: e.g. a method whose parameters diverged
+    raise ValueError(f"{name}'s released model (seed {seed}): {e}") from e
+  return {**frozen, "batch_stats": stats}
+
+
+def release_bn_stats(tuner, data, seed: int, sdir: str, models_of: dict, *,
+                     measure: Callable) -> dict:
+  """Replaces, in `models_of` ({name: (params, frozen)}), every model's BN running
+  statistics by those recomputed on the data its method may see (`released_frozen`), each
+  kept as a stage; returns {name: {"data", "rows", "batch_size", "seconds", "before":
+  UA/RA/TA with the statistics it had}} ({} when `recomputes_bn` is False).
+  `measure(params, frozen) -> {"ua", "ra", "ta", ...}` evaluates a model
+  (`evaluate.accuracies`)."""
+  if not recomputes_bn(tuner):
+    return {}
+  cfg, notes = tuner.cfg, {}
+  for name, (params, frozen) in list(models_of.items()):
+    label, x = seen_data(name, data)
+    seconds = {}
+
+    def compute(name=name, params=params, frozen=frozen):
+      start = time.perf_counter()
+      out = released_frozen(tuner, data, name, params, frozen, seed)["batch_stats"]
+      seconds["value"] = time.perf_counter() - start
+      return out
+
+    stats = stages.array_stage(os.path.join(sdir, f"{name}_bn_stats"), frozen["batch_stats"],
+                               compute)
+
+    def before(params=params, frozen=frozen, label=label, x=x):
+      acc = measure(params, frozen)
+      return {"data": label, "rows": int(x.shape[0]),
+              "batch_size": int(cfg.finetune.batch_size), "seconds": seconds.get("value"),
+              "before": {k: acc[k] for k in ("ua", "ra", "ta")}}
+
+    notes[name] = stages.json_stage(os.path.join(sdir, f"{name}_bn.json"), before)
+    models_of[name] = (params, {**frozen, "batch_stats": stats})
+  return notes

@@ -342,7 +342,7 @@ def bn_recompute_lines(results: dict) -> list[str]:
   lines = ["BatchNorm running statistics of every released model (the tables) recomputed on "
            "the data its method may see (D for Full, D_r for the others), one train-mode pass "
            f"in batches of {first['batch_size']}: the row-weighted mean of the per-batch "
-           "moments (`train.recompute_batch_stats`). Before it, Full and Retrain had their "
+           "moments (`batch_stats.recompute_batch_stats`). Before it, Full and Retrain had their "
            "training's running averages and every other method kept Full's, of D = D_r ∪ "
            "D_f. UA / RA / TA before → after (mean over seeds):", "",
            "| Method | statistics from | UA | RA | TA |", "|---|---|---|---|---|"]

@@ -191,76 +191,6 @@ def frozen_of(tuner, out: dict) -> dict:
                                  if "batch_stats" in out else {})}
 
 
-def seen_data(name: str, data) -> tuple[str, Any]:
-  """The data the released model of `name` may see: ("D", D's images) for Full, the model
-  trained on D; ("D_r", D_r's images) for Retrain and every unlearning method, whose
-  released model must hold nothing of D_f."""
-  return ("D", data.train.x) if name == "full" else ("D_r", data.retain.x)
-
-
-def recomputes_bn(tuner) -> bool:
-  """Whether released models get their BN running statistics recomputed
-  (`released_frozen`): standard fine-tuning with BN in train mode, where Full's statistics
-  are an average over batches of D. In linearised fine-tuning f_lin keeps the pre-trained
-  statistics, and with BN frozen every model keeps them: no data of D is in them."""
-  return (not tuner.linearized and tuner.cfg.finetune.bn_mode == "train"
-          and "batch_stats" in tuner.frozen_net)
-
-
-def released_frozen(tuner, data, name: str, params, frozen: dict, seed: int) -> dict:
-  """The frozen side of method `name`'s released model with `params`: `frozen`, its BN
-  running statistics recomputed on the data the method may see (`seen_data`) by one
-  train-mode pass in the fine-tuning's batch size (`train.recompute_batch_stats`), when
-  `recomputes_bn`; `frozen` as it is otherwise.
-
-  Invariant: the released statistics of Retrain and of every unlearning method are a
-  function of their params and D_r alone, so D_f leaves no trace in them (Full's statistics
-  of D, where methods start, stay Full's)."""
-  if not recomputes_bn(tuner):
-    return frozen
-  _, x = seen_data(name, data)
-  try:
-    stats = train_lib.recompute_batch_stats(tuner.net, params, frozen, x,
-                                            batch_size=int(tuner.cfg.finetune.batch_size),
-                                            seed=seed)
-  except ValueError as e:  # which model: e.g. a method whose parameters diverged
-    raise ValueError(f"{name}'s released model (seed {seed}): {e}") from e
-  return {**frozen, "batch_stats": stats}
-
-
-def _release_bn_stats(tuner, data, seed: int, sdir: str, models_of: dict) -> dict:
-  """Replaces, in `models_of` ({name: (params, frozen)}), every model's BN running
-  statistics by those recomputed on the data its method may see (`released_frozen`), each
-  kept as a stage; returns {name: {"data", "rows", "batch_size", "seconds", "before":
-  UA/RA/TA with the statistics it had}} ({} when `recomputes_bn` is False)."""
-  if not recomputes_bn(tuner):
-    return {}
-  cfg, notes = tuner.cfg, {}
-  for name, (params, frozen) in list(models_of.items()):
-    label, x = seen_data(name, data)
-    seconds = {}
-
-    def compute(name=name, params=params, frozen=frozen):
-      start = time.perf_counter()
-      out = released_frozen(tuner, data, name, params, frozen, seed)["batch_stats"]
-      seconds["value"] = time.perf_counter() - start
-      return out
-
-    stats = stages.array_stage(os.path.join(sdir, f"{name}_bn_stats"), frozen["batch_stats"],
-                               compute)
-
-    def before(params=params, frozen=frozen, label=label, x=x):
-      acc = evaluate.accuracies(tuner.net, params, frozen, data,
-                                batch_size=cfg.eval.batch_size)
-      return {"data": label, "rows": int(x.shape[0]),
-              "batch_size": int(cfg.finetune.batch_size), "seconds": seconds.get("value"),
-              "before": {k: acc[k] for k in ("ua", "ra", "ta")}}
-
-    notes[name] = stages.json_stage(os.path.join(sdir, f"{name}_bn.json"), before)
-    models_of[name] = (params, {**frozen, "batch_stats": stats})
-  return notes
-
-
 def certify_deletion(setup, ctx, params, data, diagnostics: dict, retrain,
                      deployed_path: str, measure) -> tuple[dict, Any]:
   """The certificate of a deletion (`Forgetter.certify`), its certified release when
@@ -372,7 +302,7 @@ def run_seed(setup: Setup, data, seed: int) -> dict:
             os.path.relpath(os.path.join(sdir, name), setup.workdir),
             # Each release measured with its own BN statistics (`released_frozen`).
             measure=lambda p, ctx=ctx: evaluate.accuracies(
-                ctx.net, p, released_frozen(tuner, data, "fastntk", p, ctx.frozen, seed), data,
+                ctx.net, p, finetune.released_frozen(tuner, data, "fastntk", p, ctx.frozen, seed), data,
                 batch_size=cfg.eval.batch_size))
         diag.update(entries)
       wd.atomic_write_json(diag_path, diag)
@@ -384,7 +314,9 @@ def run_seed(setup: Setup, data, seed: int) -> dict:
 
   # The one place where released models are formed: with train-mode BN, each one's running
   # statistics from the data its method may see (D_r for Retrain and every method; D for Full).
-  bn_notes = _release_bn_stats(tuner, data, seed, sdir, models_of)
+  bn_notes = finetune.release_bn_stats(
+      tuner, data, seed, sdir, models_of, measure=lambda p, fr: evaluate.accuracies(
+          tuner.net, p, fr, data, batch_size=cfg.eval.batch_size))
   results = {}
   for name, (params, frozen) in models_of.items():
     def compute(name=name, params=params, frozen=frozen):
@@ -441,7 +373,7 @@ def population_stage(setup: Setup, data) -> Optional[dict]:
   audits (KLoM, ε-score, U-LiRA); None when off."""
   pop = population.build(setup, data, population.Harness(
       method_context=method_context, frozen_of=frozen_of, make_fit=make_fit,
-      fine_tuner=finetune.FineTuner, released_frozen=released_frozen))
+      fine_tuner=finetune.FineTuner, released_frozen=finetune.released_frozen))
   if pop is None:
     return None
   return population.audits(pop, data.forget.y)
@@ -479,7 +411,7 @@ def tuning_stage(setup: Setup, data) -> tuple[Any, dict]:
           subsamples=int(cfg.tuning.mia_subsamples))
       # Every model measured as it would be released (`released_frozen`).
       lazy.update(w0=w0, tuner=tuner, full=full, measure=measure,
-                  retrain=measure(retrain["trainable"], released_frozen(
+                  retrain=measure(retrain["trainable"], finetune.released_frozen(
                       tuner, seed_data, "retrain", retrain["trainable"],
                       frozen_of(tuner, retrain), seed)))
     return lazy
@@ -498,7 +430,7 @@ def tuning_stage(setup: Setup, data) -> tuple[Any, dict]:
 
       frozen_full = frozen_of(v["tuner"], v["full"])
       return tuning.search(cfg, method, spaces[method.name], run_trial=run_trial,
-                           measure=lambda p: v["measure"](p, released_frozen(
+                           measure=lambda p: v["measure"](p, finetune.released_frozen(
                                v["tuner"], seed_data, method.name, p, frozen_full, seed)),
                            retrain=v["retrain"])
     searches[method.name] = tuning.run_stage(setup.workdir, method, compute)
