@@ -61,10 +61,11 @@ def _network(name: str, image_size: int, classes: int):
   return model, w0, frozen
 
 
-def run_model(key: str, args, record: dict, save) -> None:
-  cfg_file, size, classes, solvers, solve_dtype = MODELS[key]
-  name = key
-  n = args.n
+def _workload(key: str, args, record: dict):
+  """(config, record entry, model, w0, frozen, x, y, n_forget) of model `key`: n random
+  inputs, the first 10% of class 0 (forgotten), the rest of the other classes."""
+  cfg_file, size, classes, _, _ = MODELS[key]
+  name, n = key, args.n
   if args.quick:
     name, size = QUICK[key]
   cfg = config_lib.load_config_file(str(common.REPO_ROOT / "configs" / cfg_file))
@@ -77,6 +78,13 @@ def run_model(key: str, args, record: dict, save) -> None:
   n_forget = n // 10
   y = np.concatenate([np.zeros(n_forget, np.int32),
                       rng.integers(1, classes, size=n - n_forget).astype(np.int32)])
+  return cfg, entry, model, w0, frozen, x, y, n_forget
+
+
+def run_model(key: str, args, record: dict, save) -> None:
+  _, _, classes, solvers, solve_dtype = MODELS[key]
+  cfg, entry, model, w0, frozen, x, y, n_forget = _workload(key, args, record)
+  n = args.n
   retain, forget = (x[n_forget:], y[n_forget:]), (x[:n_forget], y[:n_forget])
   apply_fn = make_apply_fn(model, frozen)
   params = common.perturb(w0, 1e-2, 1)
@@ -132,19 +140,9 @@ def run_linearized(key: str, args, record: dict, save) -> None:
   from fastntk_jax.experiment.methods import fastntk as fastntk_method  # pylint: disable=g-import-not-at-top
   from fastntk_jax.unlearn import api as unlearn_api  # pylint: disable=g-import-not-at-top
   from fastntk_jax.unlearn import linear  # pylint: disable=g-import-not-at-top
-  cfg_file, size, classes, _, solve_dtype = MODELS[key]
-  name, n = (QUICK[key][0], args.n) if args.quick else (key, args.n)
-  size = QUICK[key][1] if args.quick else size
-  cfg = config_lib.load_config_file(str(common.REPO_ROOT / "configs" / cfg_file))
-  entry = record.setdefault("models", {}).setdefault(key, {"network": name, "n": n,
-                                                            "image_size": size,
-                                                            "num_classes": classes})
-  model, w0, frozen = _network(name, size, classes)
-  rng = np.random.default_rng(0)
-  x = rng.normal(size=(n, size, size, 3)).astype(np.float32)
-  n_forget = n // 10
-  y = np.concatenate([np.zeros(n_forget, np.int32),
-                      rng.integers(1, classes, size=n - n_forget).astype(np.int32)])
+  _, _, classes, _, solve_dtype = MODELS[key]
+  cfg, entry, model, w0, frozen, x, y, n_forget = _workload(key, args, record)
+  n = args.n
   dtype = jnp.float64 if solve_dtype == "float64" and jax.config.jax_enable_x64 else None
   forgetter = unlearn_api.make_forgetter(
       make_apply_fn(model, frozen), num_classes=classes, damping=float(cfg.unlearn.damping),
