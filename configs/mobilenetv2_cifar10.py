@@ -29,8 +29,8 @@ gradient and 31 Hessian-vector products over D_r). Measured here (2-core CPU, di
 the README's "Digits at the paper's architectures".
 
 Digits at this architecture, `digits`: as configs/resnet110_cifar10.py's (scikit-learn's
-digits at 32x32x3, MobileNetV2 pre-trained from scratch on 80 digits per class for 6
-epochs, D = #IPC per class, default 5, class 0 forgotten); the README runs
+digits at 32x32x3, MobileNetV2 pre-trained from scratch on 50 digits per class for 8
+epochs (AdamW), D = #IPC per class, default 5, class 0 forgotten); the README runs
   python -m fastntk_jax.main --config=configs/mobilenetv2_cifar10.py:digits \
       --config.eval.relearn.epochs=1 --config.eval.relearn_attack.epochs=0 \
       --config.eval.probe.epochs=1 --config.unlearn.release_epsilons='()' --workdir=wd_mbv2
@@ -59,7 +59,7 @@ from fastntk_jax.config import base_config
 
 # `:digits`: images per class of D and pre-training epochs (see the docstring).
 DIGITS_IPC = 5
-DIGITS_PRETRAIN_EPOCHS = 6
+DIGITS_PRETRAIN_EPOCHS = 8
 
 
 def get_config(arg=None):

@@ -32,12 +32,12 @@ one Jacobian pass over D ((1 + C) forward-pass equivalents per image, shared by 
 Retrain and Fast-NTK) and p³-order solves, instead of 2 x 40 SGD epochs. The certificate's
 exact bound then runs on the host in float64/80-bit: two more copies of G_r (2.3 GiB) and
 eigenvalue decompositions of the p x p Gram, several minutes per seed on a 2-core CPU
-(measured: benchmarks/RESULTS.md §21). Expected: Fast-NTK at Retrain (Avg. Gap 0.0,
+(measured: benchmarks/RESULTS.md §22). Expected: Fast-NTK at Retrain (Avg. Gap 0.0,
 ‖w − w_r‖/‖w_r − w0‖ ≤ 1e-6), as measured on digits below.
 
 Digits at this architecture, `digits` (no downloads; configs/common.py
 `digits_at_paper_architecture`): scikit-learn's digits resized to 32x32x3, ResNet-110
-pre-trained from scratch on 80 digits per class for 6 epochs (SGD, lr 0.05, cosine),
+pre-trained from scratch on 50 digits per class for 8 epochs (AdamW, lr 1e-3, cosine),
 then D = #IPC digits per class (default 5), class 0 forgotten, 30 hold-out digits per
 class. The README's table ("Digits at the paper's architectures") runs
   python -m fastntk_jax.main --config=configs/resnet110_cifar10.py:digits,linearized \
@@ -63,7 +63,7 @@ from fastntk_jax.config import base_config
 
 # `:digits`: images per class of D and pre-training epochs (see the docstring).
 DIGITS_IPC = 5
-DIGITS_PRETRAIN_EPOCHS = 6
+DIGITS_PRETRAIN_EPOCHS = 8
 
 
 def get_config(arg=None):

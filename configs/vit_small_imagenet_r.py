@@ -28,7 +28,7 @@ Full and Retrain are the network linearised at w0 trained to its ridge minimiser
 gradients: p = 44,564 (20 classes), so one p x p Gram is 14.8 GiB in float64: the closed
 form would hold three or four on the device, and its certificate's exact bound two 80-bit
 copies (59 GiB) and p³-order eigenvalue decompositions on the host (hours, estimated by p³
-from benchmarks/RESULTS.md §21); cg holds vectors of p and n·C (under 10 MiB) and
+from benchmarks/RESULTS.md §22); cg holds vectors of p and n·C (under 10 MiB) and
 one batch's jvp/vjp activations, and costs a jvp and a vjp over D per iteration (~4
 forward passes of 9.28 GFLOP per image) for at most 2·min(p, n·C) + 200 iterations (the cap
 `launch/reproduce.py plan` counts: an estimate, an upper bound, not measured at this size).

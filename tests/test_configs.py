@@ -262,7 +262,7 @@ def test_digits_at_the_papers_architecture(name, model):
     assert cfg.model.name == model and cfg.data.name == "digits"
     assert cfg.data.image_size == 32 and cfg.data.num_classes is None
     assert (cfg.pretrain.source, cfg.pretrain.dataset) == ("train", "")
-    assert cfg.data.pretrain_per_class == 80 and cfg.data.holdout_per_class == 30
+    assert cfg.data.pretrain_per_class == 50 and cfg.data.holdout_per_class == 30
     assert cfg.pretrain.train.augment == "none"
   assert load(name, "digits,ipc=7").data.images_per_class == 7
   assert load(name, "digits").data.images_per_class == 5
