@@ -33,7 +33,7 @@ Retrain and Fast-NTK) and p³-order solves, instead of 2 x 40 SGD epochs. The ce
 exact bound then runs on the host in float64/80-bit: two more copies of G_r (2.3 GiB) and
 eigenvalue decompositions of the p x p Gram, several minutes per seed on a 2-core CPU
 (measured: benchmarks/RESULTS.md §22). Expected: Fast-NTK at Retrain (Avg. Gap 0.0,
-‖w − w_r‖/‖w_r − w0‖ ≤ 1e-6), as measured on digits below.
+‖w − w_r‖/‖w_r − w0‖ of order 1e-6), as measured on digits below.
 
 Digits at this architecture, `digits` (no downloads; configs/common.py
 `digits_at_paper_architecture`): scikit-learn's digits resized to 32x32x3, ResNet-110
@@ -44,7 +44,11 @@ class. The README's table ("Digits at the paper's architectures") runs
       --config.eval.relearn.epochs=1 --config.eval.relearn_attack.epochs=0 \
       --config.eval.probe.epochs=1 --config.unlearn.release_epsilons='()' --workdir=wd_r110_lin
 and the same without `linearized` (standard mode); the overrides drop what that table does
-not report (relearn time, the relearning attack, the probes, the release's cost).
+not report (relearn time, the relearning attack, the probes, the release's cost). Measured
+(lean stack, 2-core CPU under load, 3 seeds): backbone hold-out accuracy 96.7%; linearised
+58 min: Full TA 74.6, Fast-NTK = Retrain on UA/RA/TA/MIA-Efficacy (Avg. Gap 0.00),
+‖w − w_r‖/‖w_r − w0‖ 1.3e-6; standard 58 min: Full TA 26.3 (40 SGD steps on 50 images do
+not fit D), Fast-NTK's Avg. Gap 8.7, distance 0.20.
 
 Arguments: `ipc=N` (#IPC of D, default 100; 5 with `digits`), `linearized`, `digits`,
 `tiny` (seconds-long test mode: resnet8 with narrow widths, 8x8 images, a 2-epoch
