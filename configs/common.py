@@ -70,7 +70,7 @@ def parse_arg(arg, allowed: dict, choices: dict | None = None,
 # bound (unlearn/certificate.py, Gram basis), G_r twice more in 80-bit extended precision
 # on the host plus one eigenvalue decomposition (p³): ~7 p² x 8 bytes in all. cg holds a few
 # vectors of p and of n·C.
-CLOSED_FORM, CG = "closed_form", "cg"
+CLOSED_FORM, DUAL, CG = "closed_form", "dual", "cg"
 
 
 def linearized(c: ml_collections.ConfigDict, solver: str = CLOSED_FORM) -> None:
@@ -82,11 +82,12 @@ def linearized(c: ml_collections.ConfigDict, solver: str = CLOSED_FORM) -> None:
   Args:
     c: the config to change in place.
     solver: `finetune.linearized_solver`: "closed_form" (from the Gram statistics at w0 that
-      the primal update reuses; memory ~p²) or "cg" (matrix-free; the Fast-NTK update is then
-      the plan's choice, `unlearn.solver="auto"`: the dual while (n·C)² fits).
+      the primal update reuses; memory ~p²), "dual" (from the kernel over the set's n·C
+      outputs; memory (n·C)²) or "cg" (matrix-free); with the last two the Fast-NTK update
+      is the plan's choice, `unlearn.solver="auto"`: the dual while (n·C)² fits.
   """
-  if solver not in (CLOSED_FORM, CG):
-    raise ValueError(f"linearized solver {solver!r}: use {CLOSED_FORM!r} or {CG!r}")
+  if solver not in (CLOSED_FORM, DUAL, CG):
+    raise ValueError(f"linearized solver {solver!r}: use {CLOSED_FORM!r}, {DUAL!r} or {CG!r}")
   c.finetune.mode = "linearized"
   c.finetune.linearized_solver = solver
   c.finetune.bn_mode = "frozen"  # f_lin keeps the pre-trained BN statistics

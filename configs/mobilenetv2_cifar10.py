@@ -86,7 +86,7 @@ def get_config(arg=None):
   if a["linearized"]:
     # p = 46,922: one Gram is 16.4 GiB in float64 and the closed form holds ~7 of them
     # (common.CLOSED_FORM), so conjugate gradients.
-    common.linearized(c, common.CG)
+    common.linearized(c, common.DUAL)
   if a["tiny"]:
     c.unlearn.solve_dtype = "float32"  # in-process tests (see resnet110_cifar10.py)
     common.tiny_cifar_cnn(c)

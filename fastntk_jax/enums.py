@@ -164,10 +164,15 @@ class LinearizedSolver(str, enum.Enum):
 
   CLOSED_FORM: w0 + (G + λI)⁻¹ Jᵀ E from the Gram the primal solver builds (one Jacobian pass;
     memory p²).
+  DUAL: the same minimiser as w0 + Jᵀ(Θ + λI)⁻¹E from the kernel over the n·C outputs of the
+    set (memory (n·C)², one kernel pass and one vjp; for collections whose p² does not fit
+    while (n·C)² does), refused when its precision rule fails.
   CG: the same minimiser by conjugate gradients with jvp/vjp matvecs (memory ~ p + n·C, for
-    collections whose p² does not fit), to the update's cg tolerance or refused.
+    collections where neither p² nor (n·C)² fits; a jvp and a vjp over the set per
+    iteration), to the update's cg tolerance or refused.
   """
   CLOSED_FORM = "closed_form"
+  DUAL = "dual"
   CG = "cg"
 
 

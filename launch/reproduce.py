@@ -221,8 +221,9 @@ def job_stages(job, *, cg_iters: Optional[int] = None) -> tuple[dict, dict, Opti
   ft = cfg.finetune
   mode = ft.mode
   closed_form = mode == "linearized" and ft.linearized_solver == "closed_form"
-  cg = mode == "linearized" and not closed_form
-  dual = 2 * (d * c) ** 2 * p  # the dual's kernel products (the plan's choice for the ViTs)
+  dual_fit = mode == "linearized" and ft.linearized_solver == "dual"
+  kernel = lambda n: 2 * (n * c) ** 2 * p  # a kernel's products over n images' n·C outputs
+  dual = kernel(d)  # the dual update's (the plan's choice for the ViTs)
   jac = (1 + c) * f  # one image's Jacobian: a forward and C backward passes
   stages, measured = {}, {}
   if mode == "standard":
@@ -234,6 +235,10 @@ def job_stages(job, *, cg_iters: Optional[int] = None) -> tuple[dict, dict, Opti
     stages["full"] = (d * jac + 2.0 * d * c * p * p + p ** 3 / 3) * tf
     stages["retrain"] = p ** 3 / 3 * tf
     stages["fastntk"] = p ** 3 * tf  # Schur solves on the shared Grams
+  elif dual_fit:  # Jᵀ(Θ + λI)⁻¹E: residuals, Jacobians and the kernel's products, one vjp
+    stages["full"] = (d * (c + 3) * f + kernel(d) + (d * c) ** 3 / 3) * tf
+    stages["retrain"] = (d_r * (c + 3) * f + kernel(d_r) + (d_r * c) ** 3 / 3) * tf
+    stages["fastntk"] = (d * (c + 2) * f + dual) * tf
   else:  # cg on the linearised objective: a jvp and a vjp (~4 F) per image and iteration
     stages["full"] = cg_iterations(p, d * c, cg_iters) * d * 4 * f * tf
     stages["retrain"] = cg_iterations(p, d_r * c, cg_iters) * d_r * 4 * f * tf

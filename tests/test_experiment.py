@@ -152,14 +152,15 @@ def test_workdir_of_another_config_is_refused(tiny_run):
   assert open(os.path.join(workdir, "results.json")).read() == before
 
 
-def test_linearized_fine_tuning_by_conjugate_gradients_equals_the_closed_form(tiny_run,
-                                                                               tmp_path):
-  """`finetune.linearized_solver='cg'` (matrix-free, for collections whose p² does not fit)
-  reaches the ridge minimisers the closed form solves for, and Fast-NTK lands on Retrain.
-  (Its predecessor, 'optax', failed after pre-training and was never near the minimiser.)"""
+@pytest.mark.parametrize("solver", ["cg", "dual"])
+def test_linearized_fine_tuning_by_cg_or_the_dual_equals_the_closed_form(tiny_run, tmp_path,
+                                                                          solver):
+  """`finetune.linearized_solver='cg'` (matrix-free) and `'dual'` (the kernel over the set),
+  for collections whose p² does not fit, reach the ridge minimisers the closed form solves
+  for, and Fast-NTK lands on Retrain."""
   cfg = tiny()
   with cfg.unlocked():
-    cfg.finetune.linearized_solver = "cg"
+    cfg.finetune.linearized_solver = solver
     cfg.methods = ("full", "retrain", "fastntk")
     cfg.eval.relearn.epochs = 1
     cfg.eval.probe.epochs = 1

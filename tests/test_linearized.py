@@ -9,6 +9,7 @@ import pytest
 from jax.flatten_util import ravel_pytree
 from x64 import enable_x64
 
+from fastntk_jax import linalg
 from fastntk_jax import train as train_lib
 from fastntk_jax import unlearn
 from fastntk_jax.models import trainable as tr
@@ -61,6 +62,47 @@ def test_fastntk_on_linearized_full_equals_linearized_retrain(solver):
     # contexts (eager vs jitted), amplified by the solve's condition number. A wrong update,
     # or training the network instead of f_lin, is O(1) off.
     assert np.linalg.norm(_flat(new) - _flat(w_retrain)) / learned < 1e-5
+
+
+@pytest.mark.parametrize("solver", ["dual", "cg"])
+def test_ridge_solution_by_dual_and_cg_equals_the_closed_form(solver):
+  """`Forgetter.ridge_solution` (what linearised fine-tuning reaches when p² does not fit):
+  the dual Jᵀ(Θ + λI)⁻¹E and cg in parameter space both equal the closed form from Gram
+  statistics, w0 + (G + λI)⁻¹JᵀE, and an independent LU solve of it (float64)."""
+  with enable_x64():
+    apply_fn, w0, retain, forget = _problem()
+    lam = 1e-2
+    x = jnp.concatenate([retain[0], forget[0]])
+    y = jnp.concatenate([retain[1], forget[1]])
+    g, b = ntk.gram_stats(apply_fn, w0, x, y, num_classes=C, batch_size=None,
+                          dtype=jnp.float64)
+    reference = _flat(w0) + linalg.reference_ridge_solve(g, b, lam)
+    forgetter = unlearn.make_forgetter(apply_fn, num_classes=C, damping=lam, batch_size=5,
+                                       solve_dtype=jnp.float64)
+    got, info = forgetter.ridge_solution(w0, [retain, forget], solver=solver)
+    learned = np.linalg.norm(reference - _flat(w0))
+    assert learned > 1e-2
+    # As above: the float64 network's evaluation differs ~1e-8 between contexts, amplified by
+    # κ (measured 3.7e-6 dual, 8e-7 cg); a wrong solution is O(1) off.
+    assert np.linalg.norm(_flat(got) - reference) / learned < 1e-5
+    assert bool(info.finite) and bool(info.converged)
+    if solver == "dual":  # κ of Θ + λI over the 16·3 outputs, exactly
+      assert np.isfinite(float(info.condition_number))
+
+
+def test_ridge_solution_refuses_the_primal_and_an_ill_conditioned_dual():
+  """The primal closed form lives on Gram statistics (`linear.ridge_solution`); a dual whose
+  κ·ε > 1 in the solve dtype is refused, not returned."""
+  apply_fn, w0, retain, forget = _problem()
+  apply32 = lambda w, xx: apply_fn(w, xx).astype(jnp.float32)
+  w32 = jax.tree_util.tree_map(lambda l: l.astype(jnp.float32), w0)
+  r32 = (retain[0].astype(jnp.float32), retain[1])
+  forgetter = unlearn.make_forgetter(apply32, num_classes=C, damping=1e-2)
+  with pytest.raises(ValueError, match="primal"):
+    forgetter.ridge_solution(w32, [r32], solver="primal")
+  tiny = unlearn.make_forgetter(apply32, num_classes=C, damping=1e-12, solve_dtype=jnp.float32)
+  with pytest.raises(linalg.SolveError, match="condition number|singular|non-finite"):
+    tiny.ridge_solution(w32, [r32], solver="dual")
 
 
 @pytest.mark.slow

@@ -4,8 +4,9 @@
 protocol). `"linearized"` fine-tunes the network linearised at w0 (docs/derivation.md §5) to
 its ridge minimiser (squared loss, penalty ½λ‖w − w0‖², λ the update's): in closed form
 (`linearized_solver="closed_form"`: from the Gram statistics at w0, one Jacobian pass, which
-the Fast-NTK update then reuses; memory p²) or by conjugate gradients (`"cg"`: matrix-free,
-memory ~ p + n·C, for collections whose p² does not fit).
+the Fast-NTK update then reuses; memory p²), from the kernel over the set's n·C outputs
+(`"dual"`: memory (n·C)², for collections whose p² does not fit) or by conjugate gradients
+(`"cg"`: matrix-free, memory ~ p + n·C, where neither fits).
 """
 
 from __future__ import annotations
@@ -87,10 +88,11 @@ class FineTuner:
       params = linear.ridge_solution(self.w0, [g for g, _ in parts],
                                      jnp.asarray(cfg.unlearn.damping, parts[0][0][0].dtype))
       return {"trainable": params}, sum(t for _, t in parts) + time.perf_counter() - solve_start
-    if self.linearized:  # the minimiser by cg, matrix-free
+    if self.linearized:  # the minimiser from the kernel over the set (dual), or by cg
       parts = [(data.retain.x, data.retain.y)] + (
           [(data.forget.x, data.forget.y)] if tag == "full" else [])
-      params, _ = self.forgetter.cg_ridge_solution(self.w0, parts)
+      params, _ = self.forgetter.ridge_solution(self.w0, parts,
+                                                solver=cfg.finetune.linearized_solver)
       return {"trainable": params}, time.perf_counter() - start
     spec = train_lib.TrainSpec.from_config(cfg.finetune)
     name = f"seed{self.seed}/{tag}"

@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fastntk_jax import enums
 from fastntk_jax import linalg
 from fastntk_jax import ntk
 from fastntk_jax import sharding
@@ -68,9 +69,11 @@ class Forgetter(NamedTuple):
     gram_stats(w_lin, x, y, row_weights=None) -> (G [p, p], b [p]) in the solve dtype.
     from_gram_stats(params, stats_retain, stats_forget, plan) -> (params, SolveInfo), checked.
   The linearised model's own minimiser (what linearised fine-tuning reaches):
-    cg_ridge_solution(w_lin, parts) -> (params, SolveInfo): w_lin + (JᵀJ + λI)⁻¹JᵀE over the
-      samples of `parts` [(x, y), ...] by conjugate gradients (memory ~ p + n·C), to the cg
-      tolerance or refused (`SolveError`).
+    ridge_solution(w_lin, parts, *, solver="cg") -> (params, SolveInfo): w_lin +
+      (JᵀJ + λI)⁻¹JᵀE over the samples of `parts` [(x, y), ...], by "cg" (conjugate
+      gradients, memory ~ p + n·C; refused unconverged) or "dual" (Jᵀ(Θ + λI)⁻¹E from the
+      kernel over the parts' n·C outputs, memory (n·C)²; refused when κ·ε > 1), refused
+      non-finite (`SolveError`).
   Host-side drivers (timed, resumable):
     forget_with_diagnostics(params_init, params, retain, forget, *, plan=None) ->
       (params, Diagnostics): compiled and run, compilation timed apart.
@@ -98,7 +101,7 @@ class Forgetter(NamedTuple):
   check: Callable
   gram_stats: Callable
   from_gram_stats: Callable
-  cg_ridge_solution: Callable
+  ridge_solution: Callable
   forget_with_diagnostics: Callable
   accumulate: Callable
   diagnostics: Callable
@@ -267,21 +270,37 @@ def make_forgetter(apply_fn: ApplyFn, *, num_classes: int, damping=1e-2,
     check(info, plan)
     return ntk.apply_delta(params, delta, opts.step_scale), info
 
-  def cg_ridge_solution(w_lin, parts):
+  def ridge_solution(w_lin, parts, *, solver=Solver.CG):
     parts = [validate.check_split(f"parts[{k}]", part, c) for k, part in enumerate(parts)]
+    solver = enums.parse(Solver, solver, name="ridge_solution solver")
+    if solver not in (Solver.DUAL, Solver.CG):
+      raise ValueError(f"ridge_solution solver {solver.value!r}: use 'dual' or 'cg' (the "
+                       "closed form from Gram statistics is `linear.ridge_solution`)")
     dtype = solve_dtype_of(w_lin)
     budget = lambda dim: plan_lib.cg_iteration_budget(dim, opts.cg_maxiter)
-    step, info = solvers.cg_ridge_solution(apply_fn, w_lin, parts, opts.damping,
-                                           num_classes=c, dtype=dtype,
-                                           batch_size=opts.batch_size, cg_tol=opts.cg_tol,
-                                           cg_maxiter=budget)
-    tol = solvers.default_cg_tol(dtype) if opts.cg_tol is None else opts.cg_tol
+    step, info = solvers.ridge_solution(
+        apply_fn, w_lin, parts, opts.damping, num_classes=c, solver=solver, dtype=dtype,
+        batch_size=opts.batch_size, kernel_impl=ntk.resolve_implementation(opts.kernel_impl),
+        cg_tol=opts.cg_tol, cg_maxiter=budget, with_condition=solver == Solver.DUAL)
+    what = f"the linearised model's ridge solution ({solver.value})"
     linalg.runtime_check(
-        info.converged & info.finite, SolveError,
-        f"the linearised model's ridge solution by cg did not reach its tolerance {tol:.1e} "
-        "(relative residual {}, damping {}): raise cg_maxiter, increase the damping, or use "
-        "the closed form (finetune.linearized_solver='closed_form')", info.relative_residual,
+        info.finite, SolveError,
+        f"{what} is non-finite (damping {{}}): {linalg.precision_remedy(dtype)}",
         jnp.asarray(opts.damping))
+    if solver == Solver.DUAL:
+      x0 = parts[0][0]
+      logits = jax.eval_shape(apply_fn, w_lin,
+                              jax.ShapeDtypeStruct((1,) + x0.shape[1:], x0.dtype))
+      linalg.check_precision(info.kappa, dtype, logits.dtype, what=what,
+                             damping=opts.damping)
+    else:
+      tol = solvers.default_cg_tol(dtype) if opts.cg_tol is None else opts.cg_tol
+      linalg.runtime_check(
+          info.converged, SolveError,
+          f"{what} did not reach its tolerance {tol:.1e} (relative residual {{}}, damping {{}}): "
+          "raise cg_maxiter, increase the damping, or use the dual or the closed form "
+          "(finetune.linearized_solver='dual' or 'closed_form')", info.relative_residual,
+          jnp.asarray(opts.damping))
     return ntk.apply_delta(w_lin, step), info
 
   def diagnostics(plan, info, *, params, new_params, seconds, compile_seconds,
@@ -401,7 +420,7 @@ def make_forgetter(apply_fn: ApplyFn, *, num_classes: int, damping=1e-2,
 
   return Forgetter(options=opts, plan=plan_fn, forget=forget_fn,
                    forget_with_info=forget_with_info, check=check, gram_stats=gram_stats,
-                   from_gram_stats=from_gram_stats, cg_ridge_solution=cg_ridge_solution,
+                   from_gram_stats=from_gram_stats, ridge_solution=ridge_solution,
                    forget_with_diagnostics=forget_with_diagnostics, accumulate=accumulate,
                    diagnostics=diagnostics, certify=certify, init=init,
                    serve=stream.forget_request, serve_with_diagnostics=serve_with_diagnostics,

@@ -242,22 +242,63 @@ def ridge_update(apply_fn: ApplyFn, w_lin: PyTree, retain, forget, damping, *,
       network=(apply_fn, w_lin))
 
 
-@linalg.full_precision
-def cg_ridge_solution(apply_fn: ApplyFn, w_lin: PyTree, parts, damping, *, num_classes: int,
-                      dtype, batch_size: Optional[int] = 256, cg_tol: Optional[float] = None,
-                      cg_maxiter: Callable[[int], int] = lambda dim: 2 * dim + 200):
-  """The minimiser of the linearised ridge objective over the samples of `parts`, matrix-free:
-  w_lin + (JᵀJ + λI)⁻¹JᵀE by conjugate gradients (no validation).
+def _dual_ridge(apply_s, w_s, parts, lam, *, num_classes, batch_size, dtype, kernel_impl,
+                with_condition):
+  """(G + λI)⁻¹ JᵀE = Jᵀ(Θ + λI)⁻¹E over the samples of `parts` (push-through identity), from
+  the kernel over them (`ntk.empirical_kernel`, blocked) and one vjp: memory (n·C)².
 
   Returns:
-    (the step (G + λI)⁻¹JᵀE flat [p] in `dtype`, SolveInfo: its true relative residual and
-     whether it converged).
+    (the solution [p], SolveInfo of Θ + λI).
+  """
+  x = jnp.concatenate([jnp.asarray(x) for x, _ in parts], axis=0)
+  y = jnp.concatenate([jnp.asarray(y) for _, y in parts], axis=0)
+  e = ntk.residuals(apply_s, w_s, x, y, num_classes=num_classes, batch_size=batch_size,
+                    dtype=dtype).reshape(-1)
+  theta = ntk.kernel_to_matrix(ntk.empirical_kernel(
+      apply_s, w_s, x, x, batch_size=batch_size, implementation=kernel_impl)).astype(dtype)
+  alpha, info = linalg.ridge_solve(theta, e, lam, with_condition=with_condition)
+  step = ravel_pytree(ntk.vjp_rows(apply_s, w_s, x, alpha.reshape(-1, num_classes),
+                                   batch_size=batch_size))[0].astype(dtype)
+  return step, info._replace(finite=jnp.all(jnp.isfinite(step)))
+
+
+@linalg.full_precision
+def ridge_solution(apply_fn: ApplyFn, w_lin: PyTree, parts, damping, *, num_classes: int,
+                   solver: Solver, dtype, batch_size: Optional[int] = 256,
+                   kernel_impl: KernelImplementation = KernelImplementation.JAX,
+                   cg_tol: Optional[float] = None,
+                   cg_maxiter: Callable[[int], int] = lambda dim: 2 * dim + 200,
+                   with_condition: bool = False):
+  """The minimiser of the linearised ridge objective over the samples of `parts` (what
+  linearised fine-tuning reaches): the step w − w_lin = (JᵀJ + λI)⁻¹JᵀE (no validation).
+
+  Args:
+    apply_fn, w_lin: as `ridge_update`. parts: [(x [n_k, ...], y [n_k] int), ...].
+    damping: λ. num_classes: C. dtype: the solve dtype (the network runs in it).
+    solver: DUAL (Jᵀ(Θ + λI)⁻¹E from the kernel over the parts' n·C outputs: memory (n·C)²,
+      one kernel and one vjp pass) or CG (conjugate gradients in parameter space, matrix-free:
+      memory ~ p + n·C, a jvp and a vjp over the samples per iteration).
+    batch_size, kernel_impl (DUAL), cg_tol and cg_maxiter (CG): as `ridge_update`.
+    with_condition: DUAL: compute κ(Θ + λI) exactly (an O((n·C)³) eigensolve).
+
+  Returns:
+    (the step flat [p] in `dtype`, in the ravel order of `w_lin`; SolveInfo: DUAL: κ or its
+     bound from the Cholesky factor; CG: its true relative residual and whether it converged).
   """
   apply_s, w_s = in_dtype(apply_fn, w_lin, dtype)
+  lam, dtype = jnp.asarray(damping, dtype), jnp.dtype(dtype)
+  solver = Solver(solver)
+  if solver == Solver.DUAL:
+    return _dual_ridge(apply_s, w_s, parts, lam, num_classes=num_classes,
+                       batch_size=batch_size, dtype=dtype, kernel_impl=kernel_impl,
+                       with_condition=with_condition)
+  if solver != Solver.CG:
+    raise ValueError(f"ridge_solution: solver {solver.value!r}: use 'dual' or 'cg' (the primal "
+                     "closed form is `linear.ridge_solution` on Gram statistics)")
   tol = default_cg_tol(dtype) if cg_tol is None else cg_tol
-  step, residual, ok = _cg_ridge(apply_s, w_s, parts, jnp.asarray(damping, dtype),
-                                 num_classes=num_classes, batch_size=batch_size,
-                                 dtype=jnp.dtype(dtype), cg_tol=tol, cg_maxiter=cg_maxiter)
+  step, residual, ok = _cg_ridge(apply_s, w_s, parts, lam, num_classes=num_classes,
+                                 batch_size=batch_size, dtype=dtype, cg_tol=tol,
+                                 cg_maxiter=cg_maxiter)
   nan = jnp.asarray(jnp.nan, dtype)
   return step, linalg.SolveInfo(nan, nan, residual, ok, jnp.all(jnp.isfinite(step)))
 
