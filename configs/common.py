@@ -65,7 +65,10 @@ def parse_arg(arg, allowed: dict, choices: dict | None = None,
 
 
 # How linearised fine-tuning reaches its minimiser, per paper config (`linearized`): the
-# closed form where the p x p Grams fit, conjugate gradients where they do not. Closed form
+# closed form where the p x p Grams fit, the dual (the kernel over D's n·C outputs, (n·C)²)
+# where they do not, conjugate gradients where neither fits (cg's work, a jvp and a vjp over
+# D per iteration for up to 2·min(p, n·C) + 200 iterations, exceeds the dual's kernel pass
+# by orders of magnitude at the paper's sizes). Closed form
 # holds G_r and G_f (p² float64 each), the factor of G + λI and, for the certificate's exact
 # bound (unlearn/certificate.py, Gram basis), G_r twice more in 80-bit extended precision
 # on the host plus one eigenvalue decomposition (p³): ~7 p² x 8 bytes in all. cg holds a few
@@ -270,7 +273,7 @@ def vit_prompt_config(model: str, dataset: str, num_classes, ipc: int, npz: str,
   c.unlearn.solve_dtype = "float64"
   c.eval.batch_size = 64
   if linearized_mode:
-    linearized(c, CG)
+    linearized(c, DUAL)
   if tiny:
     tiny_training(c)
     # In-process tests: x64 would stay on for the tests that follow (test_configs runs the

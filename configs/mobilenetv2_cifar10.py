@@ -15,16 +15,18 @@ few points on D_r and the retain-class test set.
 Exact mode, `linearized` (docs/derivation.md §5; configs/common.py `linearized`):
   python -m fastntk_jax.main --config=configs/mobilenetv2_cifar10.py:ipc=100,linearized \
       --workdir=wd_mbv2_lin
-Full and Retrain are the network linearised at w0 trained to its ridge minimiser, by
-conjugate gradients (finetune.linearized_solver="cg"): p = 46,922 (34,112 BN scale/bias +
-the 12,810 of the head), so one p x p Gram is 16.4 GiB in float64 and the closed form would
-hold ~7 of them (the Grams of D_r and D_f, a factor, the certificate's 80-bit copies:
-~115 GiB) plus p³-order eigenvalue decompositions on the host. cg holds a few vectors of p
-and n·C (under 10 MiB here) and one batch's jvp/vjp activations; its work is a jvp and a vjp
-over D per iteration (~4 forward passes per image), to relative residual 1e-12, at most
-2·min(p, n·C) + 200 iterations (launch/reproduce.py plan counts that cap: an upper bound).
-Fast-NTK's update is the plan's choice (unlearn.solver="auto"): the dual while (n·C)² fits
-(n·C = 10,000 at #IPC 100: 0.75 GiB in float64). The certificate is then matrix-free (a
+Full and Retrain are the network linearised at w0 trained to its ridge minimiser, from the
+kernel over the set's n·C outputs (finetune.linearized_solver="dual": w0 + Jᵀ(Θ + λI)⁻¹E):
+p = 46,922 (34,112 BN scale/bias + the 12,810 of the head), so one p x p Gram is 16.4 GiB
+in float64 and the closed form would hold ~7 of them (the Grams of D_r and D_f, a factor,
+the certificate's 80-bit copies: ~115 GiB) plus p³-order eigenvalue decompositions on the
+host, while the kernel is (n·C)² (n·C = 10,000 at #IPC 100: 0.75 GiB in float64), from the
+Jacobians of D (a forward and C backward passes per image) and one vjp. Conjugate gradients
+(`--config.finetune.linearized_solver=cg`, matrix-free) cost a jvp and a vjp over D per
+iteration for up to 2·min(p, n·C) + 200 iterations: measured 8.2 s an iteration at 50
+digits on this 2-core CPU (benchmarks/results/issue25/cg_iteration_mobilenetv2_50.json), so
+hours where the dual takes minutes. Fast-NTK's update is the plan's choice
+(unlearn.solver="auto"): the dual while (n·C)² fits. The certificate is then matrix-free (a
 gradient and 31 Hessian-vector products over D_r). Measured here (2-core CPU, digits): see
 the README's "Digits at the paper's architectures".
 

@@ -15,11 +15,12 @@ D_r and the retain-class test set.
 Exact mode, `linearized` (configs/common.py `linearized`):
   python -m fastntk_jax.main --config=configs/vit_base_cifar10.py:ipc=50,linearized \
       --workdir=wd_vitb_c10_lin
-by conjugate gradients: p = 81,418, one p x p Gram 49.4 GiB in float64 (the closed form does
-not fit); cg: vectors of p and n·C, a jvp and a vjp over D per iteration (~4 x 35.3 GFLOP
-per image), at most 2·min(p, n·C) + 200 iterations (an upper bound, estimated). Fast-NTK's
-update: the plan's dual ((n·C)² = 5,000² in float64: 0.19 GiB), its certificate
-matrix-free.
+from the kernel over D's n·C outputs (finetune.linearized_solver="dual"): p = 81,418, one
+p x p Gram 49.4 GiB in float64 (the closed form does not fit), while the kernel is
+(n·C)² = 5,000² in float64: 0.19 GiB, from the Jacobians of D (a forward and C backward
+passes of 35.3 GFLOP per image) and one vjp. Fast-NTK's update: the plan's dual on the same
+kernel sizes, its certificate matrix-free. `--config.finetune.linearized_solver=cg` is the
+matrix-free alternative (a jvp and a vjp over D per iteration, up to 2·min(p, n·C) + 200).
 
 Arguments: `ipc=N` (default 50), `weights=i1k|i21k_i1k|i21k` (default i1k), `linearized`,
 `tiny`.

@@ -24,12 +24,13 @@ Expected (the paper's claim, not measured here): Fast-NTK ≈ Retrain on D_f, cl
 Exact mode, `linearized` (configs/common.py `linearized`):
   python -m fastntk_jax.main --config=configs/vit_base_imagenet_r.py:classes=20,ipc=50,linearized \
       --workdir=wd_vitb_20_50_lin
-Full and Retrain are the linearised network's ridge minimiser by conjugate gradients:
-p = 89,108, one p x p Gram 59.2 GiB in float64 (the closed form does not fit); cg holds
-vectors of p and n·C and one batch's jvp/vjp activations, and costs a jvp and a vjp over D
-per iteration (~4 x 35.3 GFLOP per image), at most 2·min(p, n·C) + 200 iterations (an upper
-bound, estimated, not measured). Fast-NTK's update: the plan's dual as above, its
-certificate matrix-free.
+Full and Retrain are the linearised network's ridge minimiser from the kernel over D's n·C
+outputs (finetune.linearized_solver="dual"): p = 89,108, one p x p Gram 59.2 GiB in float64
+(the closed form does not fit), the kernel (n·C)² as above (20 GB in float64 at 50/20, with
+an eigenvalue decomposition for κ: an 80 GB device), from the Jacobians of D and one vjp.
+Fast-NTK's update: the plan's dual as above, its certificate matrix-free. Where (n·C)² does
+not fit, `--config.finetune.linearized_solver=cg` (vectors of p and n·C; a jvp and a vjp
+over D per iteration, ~4 x 35.3 GFLOP per image, up to 2·min(p, n·C) + 200 iterations).
 
 Arguments: `classes=K` (default 20), `ipc=N` (default 20), `random=1|0`,
 `weights=i1k|i21k_i1k|i21k`, `linearized`, `tiny`.

@@ -24,16 +24,17 @@ D_r accuracy close to Retrain's; Table III's linear probe of Fast-NTK near 0% on
 Exact mode, `linearized` (configs/common.py `linearized`):
   python -m fastntk_jax.main --config=configs/vit_small_imagenet_r.py:classes=20,ipc=50,linearized \
       --workdir=wd_vits_20_50_lin
-Full and Retrain are the network linearised at w0 trained to its ridge minimiser by conjugate
-gradients: p = 44,564 (20 classes), so one p x p Gram is 14.8 GiB in float64: the closed
-form would hold three or four on the device, and its certificate's exact bound two 80-bit
-copies (59 GiB) and p³-order eigenvalue decompositions on the host (hours, estimated by p³
-from benchmarks/RESULTS.md §22); cg holds vectors of p and n·C (under 10 MiB) and
-one batch's jvp/vjp activations, and costs a jvp and a vjp over D per iteration (~4
-forward passes of 9.28 GFLOP per image) for at most 2·min(p, n·C) + 200 iterations (the cap
-`launch/reproduce.py plan` counts: an estimate, an upper bound, not measured at this size).
-Fast-NTK's update is the plan's dual ((n·C)² in float64: 0.5 GiB at 20/20, 3.0 GiB at
-20/50, 18.6 GiB at 50/20), its certificate matrix-free.
+Full and Retrain are the network linearised at w0 trained to its ridge minimiser, from the
+kernel over D's n·C outputs (finetune.linearized_solver="dual"): p = 44,564 (20 classes), so
+one p x p Gram is 14.8 GiB in float64: the closed form would hold three or four on the
+device, and its certificate's exact bound two 80-bit copies (59 GiB) and p³-order eigenvalue
+decompositions on the host (hours, estimated by p³ from benchmarks/RESULTS.md §22); the
+kernel is (n·C)² in float64: 0.5 GiB at 20/20, 3.0 GiB at 20/50, 18.6 GiB at 50/20, from the
+Jacobians of D (a forward and C backward passes of 9.28 GFLOP per image) and one vjp.
+Fast-NTK's update is the plan's dual on the same kernel sizes, its certificate matrix-free.
+`--config.finetune.linearized_solver=cg` is the matrix-free alternative (a jvp and a vjp
+over D per iteration for up to 2·min(p, n·C) + 200 iterations: the cap `launch/reproduce.py
+plan` counts).
 
 Arguments: `classes=K` (default 20), `ipc=N` (default 20), `random=1|0` (default 1),
 `weights=i1k|i21k_i1k|i21k`, `linearized`, `tiny` (2-layer 16-wide ViT on 32x32 images,

@@ -59,8 +59,8 @@ def finetune_group(epochs, lr, batch_size, **kwargs) -> ml_collections.ConfigDic
   # equals Retrain exactly; BN uses the pre-trained statistics; docs/derivation.md §5).
   c.mode = "standard"
   # linearized mode, how Full and Retrain reach the ridge minimiser: "closed_form" (w0 +
-  # (G + λI)⁻¹JᵀE, one Jacobian pass, memory p²) | "cg" (conjugate gradients with jvp/vjp,
-  # memory ~ p + n·C, for collections whose p² does not fit). The loop fields above are unused.
+  # (G + λI)⁻¹JᵀE, memory p²) | "dual" (w0 + Jᵀ(Θ + λI)⁻¹E, memory (n·C)²) | "cg" (jvp/vjp
+  # conjugate gradients, memory ~ p + n·C, where neither fits). The loop fields above unused.
   c.linearized_solver = "closed_form"
   return c
 

@@ -136,12 +136,14 @@ MODE_LABELS = sweep.MODE_LABELS
 # What each stage of a job is, for the plan's legend.
 STAGES = {
     "full": "Full: fine-tuning on D (standard: SGD epochs; linearised: the Gram pass over D "
-            "and a p x p solve, or cg's jvp/vjp iterations)",
+            "and a p x p solve, the dual's kernel over D's n·C outputs and an (n·C)² "
+            "solve, or cg's jvp/vjp iterations)",
     "retrain": "Retrain: the same on D_r (closed form: a solve on the Grams Full computed)",
-    "fastntk": "Fast-NTK's update (standard and cg: Jacobians of D, the dual's kernel "
-               "products for the ViTs; closed form: a solve on the shared Grams)",
+    "fastntk": "Fast-NTK's update (standard, dual and cg: Jacobians of D, the dual's kernel "
+               "products for the ViTs and the linearised mode; closed form: a solve on the "
+               "shared Grams)",
     "certificate": "the certificate of Fast-NTK's deletion on the device: matrix-free "
-                   "gradient and 31 Hessian-vector products over D_r (standard, cg), and the "
+                   "gradient and 31 Hessian-vector products over D_r (standard, dual, cg), and the "
                    "release's cost (4 evaluations of D and the test split)",
     "certificate_host": "the certificate's exact bound on the host (closed form only)",
     "max_loss": "Max Loss", "random_label": "Random Label",
@@ -349,12 +351,13 @@ def plan_markdown(rows: Sequence[Row], pretrains: Sequence[Row], rate: float) ->
   lines += [f"| | **total** | | | | | **{_h(total_lo)}–{_h(total_hi)}** | | |", "",
             "Stages (every one is in the hours):", ""]
   lines += [f"- `{name}`: {what}" for name, what in STAGES.items()]
-  lines += ["", "Linearised mode: the CNNs' Full and Retrain in closed form for ResNet-110 "
-            "(p = 8,746) and by cg for MobileNetV2 and the ViTs (p = 34k-89k, whose p x p "
-            "Grams do not fit beside their copies; configs/common.py); cg counts its "
-            "iteration cap 2·min(p, n·C) + 200 unless --cg-iterations says otherwise: an "
-            "upper bound, which dominates those rows (cg stops at relative residual 1e-12, "
-            "in iterations no run here has measured at these sizes). Evaluation counts relearning to its cap of 100 epochs for every "
+  lines += ["", "Linearised mode: Full and Retrain in closed form for ResNet-110 "
+            "(p = 8,746) and by the dual for MobileNetV2 and the ViTs (p = 34k-89k, whose p x "
+            "p Grams do not fit beside their copies, while the kernel over D's n·C outputs "
+            "does; configs/common.py). A config set to cg (finetune.linearized_solver=cg) "
+            "counts its iteration cap 2·min(p, n·C) + 200 unless --cg-iterations says "
+            "otherwise: an upper bound, which dominates such rows. Evaluation counts "
+            "relearning to its cap of 100 epochs for every "
             "method (an upper bound). The ViTs' Fast-NTK adds the dual solver's kernel "
             "products 2(n·C)²p at the same rate (they run in float64). Host-side stages do not "
             "scale with the GPU. Override the throughput with --tflops.", ""]

@@ -181,7 +181,7 @@ def _tiny_vit_variables(cfg, classes):
 @pytest.mark.parametrize("field, value", [("finetune.weight_decay", 1e-3),
                                           ("finetune.augment", "crop_flip"),
                                           ("unlearn.linearize_at", "trained")])
-@pytest.mark.parametrize("solver", ["closed_form", "cg"])
+@pytest.mark.parametrize("solver", ["closed_form", "dual", "cg"])
 def test_linearized_mode_refuses_what_it_would_ignore_or_change(field, value, solver):
   """Both solvers of the linearised objective ignore weight decay and augmentation; an update
   linearised at the trained params uses another model's Jacobian than f_lin's J(w0). All are
@@ -200,9 +200,9 @@ def test_linearized_mode_refuses_what_it_would_ignore_or_change(field, value, so
 # The exact (linearised) mode of the paper configs, and digits at their architectures.
 # --------------------------------------------------------------------------------------
 
-PAPER_CONFIGS = {"resnet110_cifar10.py": "closed_form", "mobilenetv2_cifar10.py": "cg",
-                 "vit_small_imagenet_r.py": "cg", "vit_base_imagenet_r.py": "cg",
-                 "vit_base_cifar10.py": "cg"}
+PAPER_CONFIGS = {"resnet110_cifar10.py": "closed_form", "mobilenetv2_cifar10.py": "dual",
+                 "vit_small_imagenet_r.py": "dual", "vit_base_imagenet_r.py": "dual",
+                 "vit_base_cifar10.py": "dual"}
 LINEARIZED_FIELDS = ("finetune.mode", "finetune.linearized_solver", "finetune.bn_mode",
                      "unlearn.solve_dtype")
 
@@ -224,7 +224,7 @@ def _flat(tree, prefix=""):
 @pytest.mark.parametrize("name, solver", sorted(PAPER_CONFIGS.items()))
 def test_every_paper_config_has_the_exact_mode(name, solver):
   """`:linearized` sets the exact mode with the solver its p allows (closed form for
-  ResNet-110's 8,746, cg where a p x p Gram is 15-59 GiB), through the one helper the
+  ResNet-110's 8,746, the dual where a p x p Gram is 15-59 GiB), through the one helper the
   default uses too (the same settings), and changes nothing else."""
   standard, exact = load(name), load(name, "linearized")
   config_lib.validate(exact)

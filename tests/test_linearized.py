@@ -64,10 +64,11 @@ def test_fastntk_on_linearized_full_equals_linearized_retrain(solver):
     assert np.linalg.norm(_flat(new) - _flat(w_retrain)) / learned < 1e-5
 
 
-@pytest.mark.parametrize("solver", ["dual", "cg"])
-def test_ridge_solution_by_dual_and_cg_equals_the_closed_form(solver):
+@pytest.mark.parametrize("solver,batch_size", [("dual", 5), ("dual", None), ("cg", 5)])
+def test_ridge_solution_by_dual_and_cg_equals_the_closed_form(solver, batch_size):
   """`Forgetter.ridge_solution` (what linearised fine-tuning reaches when p² does not fit):
-  the dual Jᵀ(Θ + λI)⁻¹E and cg in parameter space both equal the closed form from Gram
+  the dual Jᵀ(Θ + λI)⁻¹E (with the Jacobian rows kept, 16 samples in blocks of 5, or the
+  kernel in one block) and cg in parameter space all equal the closed form from Gram
   statistics, w0 + (G + λI)⁻¹JᵀE, and an independent LU solve of it (float64)."""
   with enable_x64():
     apply_fn, w0, retain, forget = _problem()
@@ -77,8 +78,8 @@ def test_ridge_solution_by_dual_and_cg_equals_the_closed_form(solver):
     g, b = ntk.gram_stats(apply_fn, w0, x, y, num_classes=C, batch_size=None,
                           dtype=jnp.float64)
     reference = _flat(w0) + linalg.reference_ridge_solve(g, b, lam)
-    forgetter = unlearn.make_forgetter(apply_fn, num_classes=C, damping=lam, batch_size=5,
-                                       solve_dtype=jnp.float64)
+    forgetter = unlearn.make_forgetter(apply_fn, num_classes=C, damping=lam,
+                                       batch_size=batch_size, solve_dtype=jnp.float64)
     got, info = forgetter.ridge_solution(w0, [retain, forget], solver=solver)
     learned = np.linalg.norm(reference - _flat(w0))
     assert learned > 1e-2

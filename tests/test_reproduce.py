@@ -100,15 +100,20 @@ def test_plan_of_both_modes_counts_every_stage(tmp_path):
       assert r["measured"]["pretrain_augment"][0] > 0
   by = {(r["model"], r["ipc"], r["mode"]): r for r in runs if r["dataset"] == "cifar10"}
   # ResNet-110 linearised: the closed form, whose certificate's exact bound runs on the host
-  # (measured at its p); MobileNetV2 linearised: cg (no host stage), at cg's iteration cap.
+  # (measured at its p); MobileNetV2 linearised: the dual (no host stage).
   lin = by[("resnet110", 100, "linearized")]
   assert lin["measured"]["certificate_host"][0] == pytest.approx(3 * repro.CERTIFICATE_HOST[1])
   assert "certificate_host" not in by[("resnet110", 100, "standard")]["stages"]
   assert "certificate_host" not in by[("mobilenetv2", 100, "linearized")]["stages"]
   mbv2 = by[("mobilenetv2", 100, "linearized")]
   f = 0.181e9 * 1e-12
-  cap = 2 * min(repro.TRAINABLE["mobilenetv2"](10), 1000 * 10) + 200
-  assert mbv2["stages"]["full"] == pytest.approx(3 * cap * 1000 * 4 * f)
+  p = repro.TRAINABLE["mobilenetv2"](10)
+  # The dual on D (1,000 images, n·C = 10,000): residuals, a vjp and the Jacobians (C + 3
+  # forward passes an image), the kernel's products 2(n·C)²p and its (n·C)³/3 factorisation.
+  assert mbv2["stages"]["full"] == pytest.approx(
+      3 * (1000 * 13 * 0.181e9 + 2 * 10_000 ** 2 * p + 10_000 ** 3 / 3) * 1e-12)
+  assert mbv2["stages"]["retrain"] == pytest.approx(
+      3 * (900 * 13 * 0.181e9 + 2 * 9_000 ** 2 * p + 9_000 ** 3 / 3) * 1e-12)
   # The certificate: matrix-free in the standard mode (5 + 4·31 forward passes per D_r
   # image), and the release's 4 evaluations of D and the test split in both.
   std = by[("mobilenetv2", 100, "standard")]
@@ -120,10 +125,25 @@ def test_plan_of_both_modes_counts_every_stage(tmp_path):
   assert "- `certificate_host`:" in text and "- `pretrain_augment`:" in text
   only = _cli("plan", "--modes=linearized", "--groups=cifar10").stdout
   assert "| linearised |" in only and "| standard |" not in only
-  fewer = _cli("plan", "--modes=linearized", "--groups=cifar10", "--cg-iterations=100", "--json")
-  mb = next(r for r in json.loads(fewer.stdout) if r["model"] == "mobilenetv2" and r["jobs"]
-            and r["ipc"] == 100)
-  assert mb["stages"]["full"] == pytest.approx(3 * 100 * 1000 * 4 * f)
+
+
+def test_plan_counts_cg_at_its_cap_or_the_iterations_given(monkeypatch):
+  """A linearised job set to cg counts cg's iteration cap 2·min(p, n·C) + 200 (an upper
+  bound) of a jvp and a vjp (~4 forward passes) per image of D, or `cg_iters`."""
+  job = next(j for j in repro.sweep.grid(("cifar10",), seeds=(0,), modes=("linearized",))
+             if j.model == "mobilenetv2" and j.ipc == 100)
+  load = repro._cfg  # pylint: disable=protected-access
+
+  def with_cg(j):
+    cfg = load(j)
+    cfg.finetune.linearized_solver = "cg"
+    return cfg
+
+  monkeypatch.setattr(repro, "_cfg", with_cg)
+  f = 0.181e9 * 1e-12
+  cap = 2 * min(repro.TRAINABLE["mobilenetv2"](10), 1000 * 10) + 200
+  assert repro.job_stages(job)[0]["full"] == pytest.approx(cap * 1000 * 4 * f)
+  assert repro.job_stages(job, cg_iters=100)[0]["full"] == pytest.approx(100 * 1000 * 4 * f)
 
 
 @pytest.mark.parametrize("command", ["plan", "tables"])

@@ -289,10 +289,15 @@ def make_forgetter(apply_fn: ApplyFn, *, num_classes: int, damping=1e-2,
         jnp.asarray(opts.damping))
     if solver == Solver.DUAL:
       x0 = parts[0][0]
-      logits = jax.eval_shape(apply_fn, w_lin,
-                              jax.ShapeDtypeStruct((1,) + x0.shape[1:], x0.dtype))
-      linalg.check_precision(info.kappa, dtype, logits.dtype, what=what,
-                             damping=opts.damping)
+      source = jnp.dtype(jax.eval_shape(
+          apply_fn, w_lin, jax.ShapeDtypeStruct((1,) + x0.shape[1:], x0.dtype)).dtype)
+      if solvers.dual_keeps_rows(sum(len(x) for x, _ in parts), opts.batch_size):
+        # kept rows carry the round-off of the params' own dtypes (not widened), as the plan's
+        for leaf in jax.tree_util.tree_leaves(ntk.rows_params(w_lin)):
+          if (jnp.issubdtype(leaf.dtype, jnp.floating)
+              and jnp.finfo(leaf.dtype).eps > jnp.finfo(source).eps):
+            source = jnp.dtype(leaf.dtype)
+      linalg.check_precision(info.kappa, dtype, source, what=what, damping=opts.damping)
     else:
       tol = solvers.default_cg_tol(dtype) if opts.cg_tol is None else opts.cg_tol
       linalg.runtime_check(

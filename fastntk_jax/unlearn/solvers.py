@@ -242,23 +242,43 @@ def ridge_update(apply_fn: ApplyFn, w_lin: PyTree, retain, forget, damping, *,
       network=(apply_fn, w_lin))
 
 
+def dual_keeps_rows(num_samples: int, batch_size: Optional[int]) -> bool:
+  """Whether `ridge_solution`'s dual keeps the set's Jacobian rows ([n·C, p] in the network's
+  own dtype): when the set spans several blocks, as the update's plan does
+  (`Plan.keep_jacobian_rows`), since the blocked kernel would take every column block's
+  Jacobians once per row block."""
+  return batch_size is not None and num_samples > batch_size
+
+
 def _dual_ridge(apply_s, w_s, parts, lam, *, num_classes, batch_size, dtype, kernel_impl,
-                with_condition):
+                with_condition, network):
   """(G + λI)⁻¹ JᵀE = Jᵀ(Θ + λI)⁻¹E over the samples of `parts` (push-through identity), from
-  the kernel over them (`ntk.empirical_kernel`, blocked) and one vjp: memory (n·C)².
+  the kernel over them and one vjp: memory (n·C)², plus n·C·p when `dual_keeps_rows` (the
+  rows then taken once, with the network in its own dtypes as `_delta_dual_rows`).
 
   Returns:
     (the solution [p], SolveInfo of Θ + λI).
   """
   x = jnp.concatenate([jnp.asarray(x) for x, _ in parts], axis=0)
   y = jnp.concatenate([jnp.asarray(y) for _, y in parts], axis=0)
-  e = ntk.residuals(apply_s, w_s, x, y, num_classes=num_classes, batch_size=batch_size,
-                    dtype=dtype).reshape(-1)
-  theta = ntk.kernel_to_matrix(ntk.empirical_kernel(
-      apply_s, w_s, x, x, batch_size=batch_size, implementation=kernel_impl)).astype(dtype)
-  alpha, info = linalg.ridge_solve(theta, e, lam, with_condition=with_condition)
-  step = ravel_pytree(ntk.vjp_rows(apply_s, w_s, x, alpha.reshape(-1, num_classes),
-                                   batch_size=batch_size))[0].astype(dtype)
+  if dual_keeps_rows(x.shape[0], batch_size):
+    apply_fn, w_lin = network
+    apply_n = lambda w, xx: apply_fn(w, xx).astype(dtype)
+    j = ntk.jacobian_rows(apply_n, ntk.rows_params(w_lin), x, batch_size=batch_size,
+                          flatten=True)
+    e = ntk.residuals(apply_n, w_lin, x, y, num_classes=num_classes, batch_size=batch_size,
+                      dtype=dtype).reshape(-1)
+    alpha, info = linalg.ridge_solve(linalg.rows_product(j, j, dtype), e, lam,
+                                     with_condition=with_condition)
+    step = linalg.rows_rmatvec(j, alpha, dtype)
+  else:
+    e = ntk.residuals(apply_s, w_s, x, y, num_classes=num_classes, batch_size=batch_size,
+                      dtype=dtype).reshape(-1)
+    theta = ntk.kernel_to_matrix(ntk.empirical_kernel(
+        apply_s, w_s, x, x, batch_size=batch_size, implementation=kernel_impl)).astype(dtype)
+    alpha, info = linalg.ridge_solve(theta, e, lam, with_condition=with_condition)
+    step = ravel_pytree(ntk.vjp_rows(apply_s, w_s, x, alpha.reshape(-1, num_classes),
+                                     batch_size=batch_size))[0].astype(dtype)
   return step, info._replace(finite=jnp.all(jnp.isfinite(step)))
 
 
@@ -276,7 +296,7 @@ def ridge_solution(apply_fn: ApplyFn, w_lin: PyTree, parts, damping, *, num_clas
     apply_fn, w_lin: as `ridge_update`. parts: [(x [n_k, ...], y [n_k] int), ...].
     damping: λ. num_classes: C. dtype: the solve dtype (the network runs in it).
     solver: DUAL (Jᵀ(Θ + λI)⁻¹E from the kernel over the parts' n·C outputs: memory (n·C)²,
-      one kernel and one vjp pass) or CG (conjugate gradients in parameter space, matrix-free:
+      one kernel and one vjp pass; n·C·p more where `dual_keeps_rows`) or CG (conjugate gradients in parameter space, matrix-free:
       memory ~ p + n·C, a jvp and a vjp over the samples per iteration).
     batch_size, kernel_impl (DUAL), cg_tol and cg_maxiter (CG): as `ridge_update`.
     with_condition: DUAL: compute κ(Θ + λI) exactly (an O((n·C)³) eigensolve).
@@ -291,7 +311,7 @@ def ridge_solution(apply_fn: ApplyFn, w_lin: PyTree, parts, damping, *, num_clas
   if solver == Solver.DUAL:
     return _dual_ridge(apply_s, w_s, parts, lam, num_classes=num_classes,
                        batch_size=batch_size, dtype=dtype, kernel_impl=kernel_impl,
-                       with_condition=with_condition)
+                       with_condition=with_condition, network=(apply_fn, w_lin))
   if solver != Solver.CG:
     raise ValueError(f"ridge_solution: solver {solver.value!r}: use 'dual' or 'cg' (the primal "
                      "closed form is `linear.ridge_solution` on Gram statistics)")
