@@ -22,8 +22,19 @@ passes of 35.3 GFLOP per image) and one vjp. Fast-NTK's update: the plan's dual 
 kernel sizes, its certificate matrix-free. `--config.finetune.linearized_solver=cg` is the
 matrix-free alternative (a jvp and a vjp over D per iteration, up to 2·min(p, n·C) + 200).
 
-Arguments: `ipc=N` (default 50), `weights=i1k|i21k_i1k|i21k` (default i1k), `linearized`,
-`tiny`.
+A small prompted ViT on digits, `digits` (no downloads; configs/common.py
+`digits_at_paper_architecture`): this config's protocol (K/V prompts in every block + head
+trainable, 20 epochs of SGD at lr 0.01, batch 32; or `linearized`) on a ViT of 2 blocks,
+width 32, patch 4, 2 heads, MLP 64, 4 prompts per block (p = 842: 512 prompt numbers + the
+head's 330), pre-trained from scratch with AdamW for 30 epochs on 50 digits per class, on
+scikit-learn's digits at 32x32x3, #IPC 5, class 0 forgotten. The README's table ("Digits at
+the paper's architectures") runs
+  python -m fastntk_jax.main --config=configs/vit_base_cifar10.py:digits[,linearized] \
+      --config.eval.relearn.epochs=1 --config.eval.relearn_attack.epochs=0 \
+      --config.eval.probe.epochs=1 --config.unlearn.release_epsilons='()' --workdir=wd_vit
+
+Arguments: `ipc=N` (default 50; 5 with `digits`), `weights=i1k|i21k_i1k|i21k` (default i1k),
+`linearized`, `digits`, `tiny`.
 """
 
 import os
@@ -34,11 +45,30 @@ if os.path.dirname(os.path.abspath(__file__)) not in sys.path:  # configs/common
 import common  # noqa: E402  pylint: disable=wrong-import-position
 
 
+# `:digits`: images per class of D, pre-training epochs, and the small ViT (see the docstring).
+DIGITS_IPC = 5
+DIGITS_PRETRAIN_EPOCHS = 30
+DIGITS_VIT = {"patch_size": 4, "hidden_size": 32, "num_layers": 2, "num_heads": 2,
+              "mlp_dim": 64, "prompt_length": 4}
+
+
 def get_config(arg=None):
-  a = common.parse_arg(arg, {"ipc": 50, "weights": "i1k"}, {"weights": common.VIT_WEIGHTS},
-                       flags=("linearized",))
-  c = common.vit_prompt_config("vit_b16", "cifar10", None, a["ipc"],
+  a = common.parse_arg(arg, {"ipc": None, "weights": "i1k"}, {"weights": common.VIT_WEIGHTS},
+                       flags=("linearized", "digits"))
+  c = common.vit_prompt_config("vit_b16", "cifar10", None, a["ipc"] or 50,
                                common.vit_checkpoint("vit_b16", a["weights"]), a["tiny"],
                                linearized_mode=a["linearized"])
   c.data.normalization = "vit"
+  if a["digits"]:
+    common.digits_at_paper_architecture(c, ipc=a["ipc"] or DIGITS_IPC,
+                                        pretrain_epochs=DIGITS_PRETRAIN_EPOCHS)
+    c.pretrain.path = ""
+    c.pretrain.train.weight_decay = 1e-4  # as benchmarks/linearized_models.py's ViT
+    c.model.name = "vit_ti16"  # the ViT family; its size from DIGITS_VIT
+    c.model.options = dict(DIGITS_VIT)
+    if a["tiny"]:  # no TFDS: 4 digit classes, 12 pre-training images each, 2 epochs
+      c.data.num_classes = 4
+      c.data.pretrain_per_class = 12
+      c.data.images_per_class = 2
+      c.pretrain.train.epochs = 2
   return c
