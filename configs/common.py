@@ -247,10 +247,10 @@ def vit_prompt_config(model: str, dataset: str, num_classes, ipc: int, npz: str,
   `random_classes`: the paper's ImageNet-R sampling, #classes drawn at random and one of them
   forgotten at random, a new draw for every seed (data.class_choice/forget_choice/
   draw_per_seed); otherwise the first #classes and label 0, the same for every seed.
-  `linearized_mode`: the exact mode (`linearized`) by conjugate gradients, since the prompts'
-  p x p Gram (ViT-S/16 p = 44,564: 14.8 GiB in float64; ViT-B/16 89,108: 59.2 GiB) does not
-  fit beside its copies; the Fast-NTK update is the plan's choice (the dual while (n·C)²
-  fits).
+  `linearized_mode`: the exact mode (`linearized`) by the dual (the kernel over D's n·C
+  outputs), since the prompts' p x p Gram (ViT-S/16 p = 44,564: 14.8 GiB in float64;
+  ViT-B/16 89,108: 59.2 GiB) does not fit beside its copies; the Fast-NTK update is the
+  plan's choice (the dual while (n·C)² fits).
   """
   c = config.base_config()
   paper_methods(c)

@@ -11,7 +11,8 @@ relative distance ‖w − w_r‖ / ‖w_r − w0‖ (mean, and max over seeds),
 import json
 import sys
 
-LABELS = {"resnet110": "ResNet-110", "mobilenetv2": "MobileNetV2"}
+LABELS = {"resnet110": "ResNet-110", "mobilenetv2": "MobileNetV2",
+          "vit_ti16": "prompted ViT (2 blocks, width 32)"}
 
 
 def fmt(stat, digits=1):
