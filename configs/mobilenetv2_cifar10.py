@@ -87,7 +87,7 @@ def get_config(arg=None):
                                         pretrain_epochs=DIGITS_PRETRAIN_EPOCHS)
   if a["linearized"]:
     # p = 46,922: one Gram is 16.4 GiB in float64 and the closed form holds ~7 of them
-    # (common.CLOSED_FORM), so conjugate gradients.
+    # (common.CLOSED_FORM), so the dual (the kernel over D's n·C outputs).
     common.linearized(c, common.DUAL)
   if a["tiny"]:
     c.unlearn.solve_dtype = "float32"  # in-process tests (see resnet110_cifar10.py)

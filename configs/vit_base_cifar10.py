@@ -60,6 +60,9 @@ def get_config(arg=None):
                                linearized_mode=a["linearized"])
   c.data.normalization = "vit"
   if a["digits"]:
+    if a["weights"] != "i1k":
+      raise ValueError(f"vit_base_cifar10.py: weights={a['weights']} with digits: the small "
+                       "ViT is pre-trained from scratch on digits, not loaded")
     common.digits_at_paper_architecture(c, ipc=a["ipc"] or DIGITS_IPC,
                                         pretrain_epochs=DIGITS_PRETRAIN_EPOCHS)
     c.pretrain.path = ""

@@ -26,8 +26,9 @@ Exact mode, `linearized` (configs/common.py `linearized`):
       --workdir=wd_vitb_20_50_lin
 Full and Retrain are the linearised network's ridge minimiser from the kernel over D's n·C
 outputs (finetune.linearized_solver="dual"): p = 89,108, one p x p Gram 59.2 GiB in float64
-(the closed form does not fit), the kernel (n·C)² as above (20 GB in float64 at 50/20, with
-an eigenvalue decomposition for κ: an 80 GB device), from the Jacobians of D and one vjp.
+(the closed form does not fit), the kernel (n·C)² as above (20 GB in float64 at 50/20, and
+as much for its Cholesky factor, plus D's Jacobian rows kept in float32, 17.8 GB: an 80 GB
+device), from the Jacobians of D and one vjp.
 Fast-NTK's update: the plan's dual as above, its certificate matrix-free. Where (n·C)² does
 not fit, `--config.finetune.linearized_solver=cg` (vectors of p and n·C; a jvp and a vjp
 over D per iteration, ~4 x 35.3 GFLOP per image, up to 2·min(p, n·C) + 200 iterations).

@@ -215,7 +215,7 @@ class SolveInfo(NamedTuple):
   condition_number: 2-norm κ of the matrix inverted (dual: Θ_rr+λI, primal: G+λI); inf when
     round-off made it indefinite; NaN when not computed (cg, or `with_condition=False`).
   condition_estimate: a lower bound on κ of every matrix factorised, (max L_ii / min L_ii)²
-    of its Cholesky factor L (O(p), always computed; NaN for cg).
+    of its Cholesky factor L (O(p), always computed); for cg, `cg_condition_estimate`.
   relative_residual: cg: max over its solves of the true ‖A x - b‖/‖b‖ recomputed at the end
     (it also carries the round-off of evaluating A); 0 for the direct solvers.
   converged: cg stopped on its tolerance, not on its iteration cap, and its true residual is
@@ -475,28 +475,54 @@ def conjugate_gradients(matvec: Callable, b: jnp.ndarray, *, tol: float, maxiter
   does not).
 
   Returns:
-    (x, converged: True iff it stopped on the tolerance, iterations: int32).
+    (x, converged: True iff it stopped on the tolerance, iterations: int32, spread [2]:
+     Gershgorin's upper and lower bounds on the eigenvalues of the Lanczos tridiagonal T
+     that cg's coefficients define (T_kk = 1/α_k + β_{k-1}/α_{k-1}, T_k,k+1 = √β_k/α_k),
+     whose extreme eigenvalues approach λ_max(A) and λ_min(A) from inside; free, and
+     `cg_condition_estimate` turns them into κ).
   """
   threshold = (tol ** 2) * jnp.vdot(b, b)
 
   def cond(state):
-    _, _, _, gamma, k, broke = state
+    _, _, _, gamma, k, broke, _, _ = state
     return (gamma > threshold) & (k < maxiter) & ~broke
 
   def body(state):
-    x, r, p, gamma, k, _ = state
+    x, r, p, gamma, k, _, spread, previous = state
     ap = matvec(p)
     curvature = jnp.vdot(p, ap)
     broke = ~(curvature > 0)
     alpha = jnp.where(broke, 0.0, gamma / jnp.where(broke, 1.0, curvature))
     x, r = x + alpha * p, r - alpha * ap
     gamma_next = jnp.where(broke, gamma, jnp.vdot(r, r))
-    return x, r, r + (gamma_next / gamma) * p, gamma_next, k + 1, broke
+    beta = gamma_next / gamma
+    alpha_prev, beta_prev = previous[0], previous[1]
+    safe = jnp.where(broke, 1.0, alpha)
+    diagonal = 1.0 / safe + beta_prev / alpha_prev
+    radius = jnp.sqrt(beta_prev) / alpha_prev + jnp.sqrt(beta) / safe
+    spread = jnp.where(broke, spread, jnp.stack([jnp.fmax(spread[0], diagonal + radius),
+                                                 jnp.fmin(spread[1], diagonal - radius)]))
+    previous = jnp.where(broke, previous, jnp.stack([safe, beta]))
+    return (x, r, r + beta * p, gamma_next, k + 1, broke, spread, previous)
 
   init = (jnp.zeros_like(b), b, b, jnp.vdot(b, b), jnp.zeros((), jnp.int32),
-          jnp.asarray(False))
-  x, _, _, gamma, k, _ = jax.lax.while_loop(cond, body, init)
-  return x, gamma <= threshold, k
+          jnp.asarray(False), jnp.asarray([0.0, jnp.inf], b.dtype),
+          jnp.asarray([1.0, 0.0], b.dtype))
+  x, _, _, gamma, k, _, spread, _ = jax.lax.while_loop(cond, body, init)
+  return x, gamma <= threshold, k, spread
+
+
+def cg_condition_estimate(spread, damping) -> jnp.ndarray:
+  """κ of a damped system G + λI (G positive semi-definite: a Gram or a kernel) that cg
+  solved, from `conjugate_gradients`' spread [upper, lower]: the upper bound over λ, the
+  smallest eigenvalue's lower bound, attained wherever G is rank-deficient (p > n·C in
+  parameter space); with λ = 0, over the lower bound (inf when that is not positive). The
+  precision rule (`check_precision`) applies to it as to the direct solvers' estimates:
+  cg's residual test alone cannot see that round-off in the matvec is amplified by up to
+  1/λ."""
+  spread = jnp.asarray(spread)
+  floor = jnp.where(damping > 0, damping, spread[1])
+  return jnp.where(floor > 0, spread[0] / jnp.where(floor > 0, floor, 1.0), jnp.inf)
 
 
 # --------------------------------------------------------------------------------------

@@ -62,10 +62,18 @@ def test_conjugate_gradients_converges_counts_and_stops_on_its_cap():
     b = np.random.default_rng(3).normal(size=20)
     solve = jax.jit(lambda b, maxiter: linalg.conjugate_gradients(
         lambda v: jnp.asarray(a) @ v, b, tol=1e-10, maxiter=maxiter), static_argnums=1)
-    x, converged, steps = solve(jnp.asarray(b), 200)
+    x, converged, steps, top = solve(jnp.asarray(b), 200)
     np.testing.assert_allclose(np.asarray(x), np.linalg.solve(a, b), rtol=1e-6)
     assert bool(converged) and 1 <= int(steps) <= 200
-    _, converged, steps = solve(jnp.asarray(b), 3)
+    # Gershgorin's bounds on the Lanczos tridiagonal cg built bracket its Ritz values, which
+    # approach A's extreme eigenvalues (numpy's, here) once the Krylov space spans them
+    eig = np.linalg.eigvalsh(a)
+    assert eig[-1] * (1 - 1e-8) <= float(top[0]) <= 3 * eig[-1]
+    assert float(top[1]) <= eig[0] * (1 + 1e-6)
+    np.testing.assert_allclose(linalg.cg_condition_estimate(top, 0.5), top[0] / 0.5)
+    assert float(linalg.cg_condition_estimate(jnp.asarray([2.0, -1.0]), 0.0)) == np.inf
+    np.testing.assert_allclose(linalg.cg_condition_estimate(jnp.asarray([2.0, 0.5]), 0.0), 4)
+    _, converged, steps, _ = solve(jnp.asarray(b), 3)
     assert not bool(converged) and int(steps) == 3
 
 

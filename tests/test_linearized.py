@@ -93,7 +93,9 @@ def test_ridge_solution_by_dual_and_cg_equals_the_closed_form(solver, batch_size
 
 def test_ridge_solution_refuses_the_primal_and_an_ill_conditioned_dual():
   """The primal closed form lives on Gram statistics (`linear.ridge_solution`); a dual whose
-  κ·ε > 1 in the solve dtype is refused, not returned."""
+  κ·ε > 1 in the solve dtype is refused, not returned; so is cg's (its κ from the Lanczos
+  coefficients over λ), which before returned a result 0.99 off with a residual that passed
+  its test; empty parts, parts of different shapes and integer params leaves are named."""
   apply_fn, w0, retain, forget = _problem()
   apply32 = lambda w, xx: apply_fn(w, xx).astype(jnp.float32)
   w32 = jax.tree_util.tree_map(lambda l: l.astype(jnp.float32), w0)
@@ -104,6 +106,19 @@ def test_ridge_solution_refuses_the_primal_and_an_ill_conditioned_dual():
   tiny = unlearn.make_forgetter(apply32, num_classes=C, damping=1e-12, solve_dtype=jnp.float32)
   with pytest.raises(linalg.SolveError, match="condition number|singular|non-finite"):
     tiny.ridge_solution(w32, [r32], solver="dual")
+  with pytest.raises(linalg.SolveError, match="condition number|singular|non-finite"):
+    tiny.ridge_solution(w32, [r32], solver="cg")
+  # under jit too: the refusal runs with the computation (`linalg.runtime_check`)
+  with pytest.raises(jax.errors.JaxRuntimeError, match="SolveError.*condition number"):
+    jax.jit(lambda w: tiny.ridge_solution(w, [r32], solver="cg")[0])(w32)
+  with pytest.raises(ValueError, match="parts is empty"):
+    forgetter.ridge_solution(w32, [], solver="dual")
+  with pytest.raises(ValueError, match="per-sample shape"):
+    forgetter.ridge_solution(w32, [r32, (r32[0][:, :2], r32[1])], solver="cg")
+  with pytest.raises(TypeError, match="floating-point"):
+    forgetter.ridge_solution({**w32, "step": jnp.zeros((), jnp.int32)}, [r32], solver="dual")
+  with pytest.raises(ValueError, match="'dual' or 'cg'"):
+    forgetter.ridge_solution(w32, [r32], solver="auto")
 
 
 @pytest.mark.slow

@@ -72,8 +72,9 @@ class Forgetter(NamedTuple):
     ridge_solution(w_lin, parts, *, solver="cg") -> (params, SolveInfo): w_lin +
       (JᵀJ + λI)⁻¹JᵀE over the samples of `parts` [(x, y), ...], by "cg" (conjugate
       gradients, memory ~ p + n·C; refused unconverged) or "dual" (Jᵀ(Θ + λI)⁻¹E from the
-      kernel over the parts' n·C outputs, memory (n·C)²; refused when κ·ε > 1), refused
-      non-finite (`SolveError`).
+      kernel over the parts' n·C outputs, memory (n·C)² for it and its Cholesky factor, κ
+      the factor's bound, no eigensolve), refused when κ·ε > 1 (cg: κ from its Lanczos
+      coefficients) or non-finite (`SolveError`).
   Host-side drivers (timed, resumable):
     forget_with_diagnostics(params_init, params, retain, forget, *, plan=None) ->
       (params, Diagnostics): compiled and run, compilation timed apart.
@@ -271,34 +272,50 @@ def make_forgetter(apply_fn: ApplyFn, *, num_classes: int, damping=1e-2,
     return ntk.apply_delta(params, delta, opts.step_scale), info
 
   def ridge_solution(w_lin, parts, *, solver=Solver.CG):
+    if str(getattr(solver, "value", solver)) not in (Solver.DUAL.value, Solver.CG.value):
+      raise ValueError(f"ridge_solution solver {solver!r}: use 'dual' or 'cg' (the closed "
+                       "form from Gram statistics is `linear.ridge_solution`)")
+    solver = Solver(getattr(solver, "value", solver))
+    validate.check_params(w_lin, w_lin)
+    if not parts:
+      raise ValueError("ridge_solution: parts is empty; give at least one (x, y) split")
     parts = [validate.check_split(f"parts[{k}]", part, c) for k, part in enumerate(parts)]
-    solver = enums.parse(Solver, solver, name="ridge_solution solver")
-    if solver not in (Solver.DUAL, Solver.CG):
-      raise ValueError(f"ridge_solution solver {solver.value!r}: use 'dual' or 'cg' (the "
-                       "closed form from Gram statistics is `linear.ridge_solution`)")
+    shapes = {tuple(x.shape[1:]) for x, _ in parts}
+    if len(shapes) > 1:
+      raise ValueError(f"ridge_solution: the parts' inputs differ in per-sample shape: "
+                       f"{sorted(shapes)}")
+    n = sum(x.shape[0] for x, _ in parts)
+    validate.allowed_solvers(solver, opts.damping, num_params=ntk.num_params(w_lin),
+                             num_outputs=n * c, cg_budget=plan_lib.cg_iteration_budget(
+                                 n * c, opts.cg_maxiter), cg_dim=0)
+    if (solver == Solver.CG and validate.is_concrete(opts.damping)
+        and float(opts.damping) == 0.0 and ntk.num_params(w_lin) > n * c):
+      raise ValueError(f"ridge_solution: damping=0 leaves cg's parameter-space system "
+                       f"singular (p={ntk.num_params(w_lin)} > n*C={n * c}); use damping > 0 "
+                       "or solver='dual'")
     dtype = solve_dtype_of(w_lin)
     budget = lambda dim: plan_lib.cg_iteration_budget(dim, opts.cg_maxiter)
     step, info = solvers.ridge_solution(
         apply_fn, w_lin, parts, opts.damping, num_classes=c, solver=solver, dtype=dtype,
         batch_size=opts.batch_size, kernel_impl=ntk.resolve_implementation(opts.kernel_impl),
-        cg_tol=opts.cg_tol, cg_maxiter=budget, with_condition=solver == Solver.DUAL)
+        cg_tol=opts.cg_tol, cg_maxiter=budget, with_condition=False)
     what = f"the linearised model's ridge solution ({solver.value})"
     linalg.runtime_check(
         info.finite, SolveError,
         f"{what} is non-finite (damping {{}}): {linalg.precision_remedy(dtype)}",
         jnp.asarray(opts.damping))
-    if solver == Solver.DUAL:
-      x0 = parts[0][0]
-      source = jnp.dtype(jax.eval_shape(
-          apply_fn, w_lin, jax.ShapeDtypeStruct((1,) + x0.shape[1:], x0.dtype)).dtype)
-      if solvers.dual_keeps_rows(sum(len(x) for x, _ in parts), opts.batch_size):
-        # kept rows carry the round-off of the params' own dtypes (not widened), as the plan's
-        for leaf in jax.tree_util.tree_leaves(ntk.rows_params(w_lin)):
-          if (jnp.issubdtype(leaf.dtype, jnp.floating)
-              and jnp.finfo(leaf.dtype).eps > jnp.finfo(source).eps):
-            source = jnp.dtype(leaf.dtype)
-      linalg.check_precision(info.kappa, dtype, source, what=what, damping=opts.damping)
-    else:
+    x0 = parts[0][0]
+    source = jnp.dtype(jax.eval_shape(
+        apply_fn, w_lin, jax.ShapeDtypeStruct((1,) + x0.shape[1:], x0.dtype)).dtype)
+    if solver == Solver.DUAL and solvers.dual_keeps_rows(n, opts.batch_size):
+      # kept rows carry the round-off of the params' own dtypes (not widened), as the plan's
+      for leaf in jax.tree_util.tree_leaves(ntk.rows_params(w_lin)):
+        if (jnp.issubdtype(leaf.dtype, jnp.floating)
+            and jnp.finfo(leaf.dtype).eps > jnp.finfo(source).eps):
+          source = jnp.dtype(leaf.dtype)
+    # κ: the dual's from its Cholesky factor, cg's `linalg.cg_condition_estimate`
+    linalg.check_precision(info.kappa, dtype, source, what=what, damping=opts.damping)
+    if solver == Solver.CG:
       tol = solvers.default_cg_tol(dtype) if opts.cg_tol is None else opts.cg_tol
       linalg.runtime_check(
           info.converged, SolveError,
@@ -450,9 +467,9 @@ def check_solve(info: linalg.SolveInfo, plan: plan_lib.Plan, damping, cg_tol=Non
       info.finite, SolveError,
       f"{what} is non-finite (damping {{}}): the system is singular or overflows in "
       f"{dtype.name}; {linalg.precision_remedy(dtype)}", jnp.asarray(damping))
-  if plan.solver != Solver.CG:
-    linalg.check_precision(info.kappa, dtype, plan.logits_dtype, what=what, damping=damping)
-  else:
+  # cg's κ is `linalg.cg_condition_estimate`: one rule for every solver
+  linalg.check_precision(info.kappa, dtype, plan.logits_dtype, what=what, damping=damping)
+  if plan.solver == Solver.CG:
     tol = solvers.default_cg_tol(dtype) if cg_tol is None else cg_tol
     linalg.runtime_check(
         info.converged, SolveError,

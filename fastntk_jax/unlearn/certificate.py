@@ -512,7 +512,7 @@ def _matrix_free(apply_fn, params_init, params, retain, *, num_classes, damping,
     if d is None:  # conjugate gradients on H d = ∇L_r(w), matrix-free, in one program
       cg = jax.jit(lambda w0, x, g: linalg.conjugate_gradients(
           lambda v: hvp(w0, x, v), g, tol=float(witness_tol), maxiter=int(witness_iterations)))
-      d, _, steps = cg(w0, x, grad)
+      d, _, steps, _ = cg(w0, x, grad)
       steps = int(steps)
     # The residual is recomputed, not taken from the recursion: the bound must hold for d.
     residual = float(jnp.linalg.norm(grad - jax.jit(hvp)(w0, x, d)))

@@ -146,7 +146,8 @@ def _cg_ridge(apply_s, w_s, parts, lam, *, num_classes, batch_size, dtype, cg_to
 
   Returns:
     (the solution [p], its true relative residual, converged: tolerance reached within the
-     iteration cap and the true residual at most sqrt(tol)).
+     iteration cap and the true residual at most sqrt(tol), κ's estimate
+     (`linalg.cg_condition_estimate`)).
   """
   flat0, unravel = ravel_pytree(w_s)
   jv = lambda x, v: ntk.jvp_rows(apply_s, w_s, x, unravel(v.astype(flat0.dtype)),
@@ -156,11 +157,12 @@ def _cg_ridge(apply_s, w_s, parts, lam, *, num_classes, batch_size, dtype, cg_to
   rhs = sum(jtu(x, ntk.residuals(apply_s, w_s, x, y, num_classes=num_classes,
                                  batch_size=batch_size, dtype=dtype)) for x, y in parts)
   matvec = lambda v: sum(jtu(x, jv(x, v)) for x, _ in parts) + lam * v
-  solution, ok, _ = linalg.conjugate_gradients(matvec, rhs, tol=cg_tol,
-                                               maxiter=cg_maxiter(rhs.size))
+  solution, ok, _, top = linalg.conjugate_gradients(matvec, rhs, tol=cg_tol,
+                                                    maxiter=cg_maxiter(rhs.size))
   residual = (jnp.linalg.norm(matvec(solution) - rhs)
               / jnp.maximum(jnp.linalg.norm(rhs), jnp.finfo(dtype).tiny))
-  return solution, residual, ok & (residual <= cg_tol ** 0.5)
+  return (solution, residual, ok & (residual <= cg_tol ** 0.5),
+          linalg.cg_condition_estimate(top, lam))
 
 
 def _delta_cg(apply_s, w_s, retain, forget, lam, *, num_classes, batch_size, dtype, cg_tol,
@@ -174,24 +176,27 @@ def _delta_cg(apply_s, w_s, retain, forget, lam, *, num_classes, batch_size, dty
                                  batch_size=batch_size)
   jtu = lambda x, u: ravel_pytree(ntk.vjp_rows(apply_s, w_s, x, u,
                                                batch_size=batch_size))[0].astype(dtype)
-  residual_norms, converged = [], []
+  residual_norms, converged, kappas = [], [], []
 
   def solve(matvec, rhs):
-    x, ok, _ = linalg.conjugate_gradients(matvec, rhs, tol=cg_tol,
-                                          maxiter=cg_maxiter(rhs.size))
+    x, ok, _, top = linalg.conjugate_gradients(matvec, rhs, tol=cg_tol,
+                                               maxiter=cg_maxiter(rhs.size))
     residual = (jnp.linalg.norm(matvec(x) - rhs)
                 / jnp.maximum(jnp.linalg.norm(rhs), jnp.finfo(dtype).tiny))
     residual_norms.append(residual)
     converged.append(ok & (residual <= cg_tol ** 0.5))
+    kappas.append(linalg.cg_condition_estimate(top, lam))
     return x
 
   if p <= (n_r + n_f) * num_classes:  # parameter space: (JᵀJ + λI) x = JᵀE
     ridge = lambda parts: _cg_ridge(apply_s, w_s, parts, lam, num_classes=num_classes,
                                     batch_size=batch_size, dtype=dtype, cg_tol=cg_tol,
                                     cg_maxiter=cg_maxiter)
-    (x_only_r, res_r, ok_r), (x_all, res_all, ok_all) = ridge([retain]), ridge([retain, forget])
+    (x_only_r, res_r, ok_r, k_r), (x_all, res_all, ok_all, k_all) = (ridge([retain]),
+                                                                     ridge([retain, forget]))
     residual_norms += [res_r, res_all]
     converged += [ok_r, ok_all]
+    kappas += [k_r, k_all]
     delta = x_only_r - x_all
   else:  # output space: (Θ + λI) α = E, Δ = J_rᵀα_r - Jᵀα
     theta = lambda u: jnp.concatenate(
@@ -200,7 +205,8 @@ def _delta_cg(apply_s, w_s, retain, forget, lam, *, num_classes, batch_size, dty
     alpha = solve(lambda u: theta(u) + lam * u, jnp.concatenate([e_r, e_f], axis=0))
     delta = jtu(x_r, alpha_r) - jtu(x_r, alpha[:n_r]) - jtu(x_f, alpha[n_r:])
   nan = jnp.asarray(jnp.nan, dtype)
-  return delta, linalg.SolveInfo(nan, nan, jnp.max(jnp.stack(residual_norms)),
+  return delta, linalg.SolveInfo(nan, jnp.max(jnp.stack(kappas)),
+                                 jnp.max(jnp.stack(residual_norms)),
                                  jnp.all(jnp.stack(converged)), jnp.all(jnp.isfinite(delta)))
 
 
@@ -316,11 +322,11 @@ def ridge_solution(apply_fn: ApplyFn, w_lin: PyTree, parts, damping, *, num_clas
     raise ValueError(f"ridge_solution: solver {solver.value!r}: use 'dual' or 'cg' (the primal "
                      "closed form is `linear.ridge_solution` on Gram statistics)")
   tol = default_cg_tol(dtype) if cg_tol is None else cg_tol
-  step, residual, ok = _cg_ridge(apply_s, w_s, parts, lam, num_classes=num_classes,
-                                 batch_size=batch_size, dtype=dtype, cg_tol=tol,
-                                 cg_maxiter=cg_maxiter)
+  step, residual, ok, kappa = _cg_ridge(apply_s, w_s, parts, lam, num_classes=num_classes,
+                                        batch_size=batch_size, dtype=dtype, cg_tol=tol,
+                                        cg_maxiter=cg_maxiter)
   nan = jnp.asarray(jnp.nan, dtype)
-  return step, linalg.SolveInfo(nan, nan, residual, ok, jnp.all(jnp.isfinite(step)))
+  return step, linalg.SolveInfo(nan, kappa, residual, ok, jnp.all(jnp.isfinite(step)))
 
 
 def accumulate_chunks(stats_fn: Callable, x, y, *, chunk_rows: int, state: dict,
