@@ -516,13 +516,13 @@ def cg_condition_estimate(spread, damping) -> jnp.ndarray:
   """κ of a damped system G + λI (G positive semi-definite: a Gram or a kernel) that cg
   solved, from `conjugate_gradients`' spread [upper, lower]: the upper bound over λ, the
   smallest eigenvalue's lower bound, attained wherever G is rank-deficient (p > n·C in
-  parameter space); with λ = 0, over the lower bound (inf when that is not positive). The
-  precision rule (`check_precision`) applies to it as to the direct solvers' estimates:
-  cg's residual test alone cannot see that round-off in the matvec is amplified by up to
-  1/λ."""
+  parameter space). The precision rule (`check_precision`) applies to it as to the direct
+  solvers' estimates: cg's residual test alone cannot see that round-off in the matvec is
+  amplified by up to 1/λ. With λ = 0 (a consistent system cg solves in output space, to its
+  minimum-norm solution) the smallest eigenvalue has no bound: NaN, unknown, and cg's
+  residual test is the check that remains."""
   spread = jnp.asarray(spread)
-  floor = jnp.where(damping > 0, damping, spread[1])
-  return jnp.where(floor > 0, spread[0] / jnp.where(floor > 0, floor, 1.0), jnp.inf)
+  return jnp.where(damping > 0, spread[0] / jnp.where(damping > 0, damping, 1.0), jnp.nan)
 
 
 # --------------------------------------------------------------------------------------

@@ -87,8 +87,17 @@ def test_ridge_solution_by_dual_and_cg_equals_the_closed_form(solver, batch_size
     # κ (measured 3.7e-6 dual, 8e-7 cg); a wrong solution is O(1) off.
     assert np.linalg.norm(_flat(got) - reference) / learned < 1e-5
     assert bool(info.finite) and bool(info.converged)
-    if solver == "dual":  # κ of Θ + λI over the 16·3 outputs, exactly
-      assert np.isfinite(float(info.condition_number))
+    # κ's estimate, against numpy's eigenvalues: the dual's from its Cholesky factor (no
+    # eigensolve), a lower bound on κ(Θ + λI); cg's, Gershgorin's bound on its Lanczos
+    # tridiagonal over λ, near λ_max(G + λI)/λ
+    assert np.isnan(float(info.condition_number))
+    if solver == "dual":
+      theta_eigs = np.linalg.eigvalsh(np.asarray(ntk.kernel_to_matrix(ntk.empirical_kernel(
+          apply_fn, w0, x, x, batch_size=None))) + lam * np.eye(x.shape[0] * C))
+      assert 1 <= float(info.condition_estimate) <= theta_eigs[-1] / theta_eigs[0] * 1.0001
+    else:
+      g_eigs = np.linalg.eigvalsh(np.asarray(g)) + lam
+      assert 0.5 * g_eigs[-1] / lam <= float(info.condition_estimate) <= 3 * g_eigs[-1] / lam
 
 
 def test_ridge_solution_refuses_the_primal_and_an_ill_conditioned_dual():

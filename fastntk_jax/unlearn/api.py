@@ -314,7 +314,8 @@ def make_forgetter(apply_fn: ApplyFn, *, num_classes: int, damping=1e-2,
             and jnp.finfo(leaf.dtype).eps > jnp.finfo(source).eps):
           source = jnp.dtype(leaf.dtype)
     # κ: the dual's from its Cholesky factor, cg's `linalg.cg_condition_estimate`
-    linalg.check_precision(info.kappa, dtype, source, what=what, damping=opts.damping)
+    linalg.check_precision(_rule_kappa(info, solver), dtype, source, what=what,
+                           damping=opts.damping)
     if solver == Solver.CG:
       tol = solvers.default_cg_tol(dtype) if opts.cg_tol is None else opts.cg_tol
       linalg.runtime_check(
@@ -456,6 +457,15 @@ def _distance(a: PyTree, b: PyTree) -> float:
   return float(np.linalg.norm(flat(a) - flat(b)))
 
 
+def _rule_kappa(info: linalg.SolveInfo, solver: Solver):
+  """The κ the precision rule judges: `info.kappa`; for cg its estimate, and 1 (nothing to
+  judge: its residual test remains) where that is unknown (NaN: damping 0)."""
+  if solver != Solver.CG:
+    return info.kappa
+  estimate = jnp.asarray(info.condition_estimate)
+  return jnp.where(jnp.isnan(estimate), 1.0, estimate)
+
+
 def check_solve(info: linalg.SolveInfo, plan: plan_lib.Plan, damping, cg_tol=None) -> None:
   """Raises `SolveError` for a non-finite update, a direct solve that fails the precision rule
   (`linalg.check_precision`: κ·ε > 1, ε of the solve dtype or of the logits when narrower; a
@@ -468,7 +478,8 @@ def check_solve(info: linalg.SolveInfo, plan: plan_lib.Plan, damping, cg_tol=Non
       f"{what} is non-finite (damping {{}}): the system is singular or overflows in "
       f"{dtype.name}; {linalg.precision_remedy(dtype)}", jnp.asarray(damping))
   # cg's κ is `linalg.cg_condition_estimate`: one rule for every solver
-  linalg.check_precision(info.kappa, dtype, plan.logits_dtype, what=what, damping=damping)
+  linalg.check_precision(_rule_kappa(info, plan.solver), dtype, plan.logits_dtype, what=what,
+                         damping=damping)
   if plan.solver == Solver.CG:
     tol = solvers.default_cg_tol(dtype) if cg_tol is None else cg_tol
     linalg.runtime_check(
