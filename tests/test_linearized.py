@@ -128,6 +128,14 @@ def test_ridge_solution_refuses_the_primal_and_an_ill_conditioned_dual():
     forgetter.ridge_solution({**w32, "step": jnp.zeros((), jnp.int32)}, [r32], solver="dual")
   with pytest.raises(ValueError, match="'dual' or 'cg'"):
     forgetter.ridge_solution(w32, [r32], solver="auto")
+  # damping 0, refused before any pass: p = 40 < n·C = 48 leaves the kernel singular; cg's
+  # parameter-space system is singular where p > n·C (2 samples: 6 outputs)
+  undamped = unlearn.make_forgetter(apply32, num_classes=C, damping=0.0)
+  f32 = (forget[0].astype(jnp.float32), forget[1])
+  with pytest.raises(ValueError, match="damping=0"):
+    undamped.ridge_solution(w32, [r32, f32], solver="dual")
+  with pytest.raises(ValueError, match="damping=0"):
+    undamped.ridge_solution(w32, [(r32[0][:2], r32[1][:2])], solver="cg")
 
 
 @pytest.mark.slow
