@@ -305,14 +305,10 @@ def make_forgetter(apply_fn: ApplyFn, *, num_classes: int, damping=1e-2,
         f"{what} is non-finite (damping {{}}): {linalg.precision_remedy(dtype)}",
         jnp.asarray(opts.damping))
     x0 = parts[0][0]
-    source = jnp.dtype(jax.eval_shape(
-        apply_fn, w_lin, jax.ShapeDtypeStruct((1,) + x0.shape[1:], x0.dtype)).dtype)
-    if solver == Solver.DUAL and solvers.dual_keeps_rows(n, opts.batch_size):
-      # kept rows carry the round-off of the params' own dtypes (not widened), as the plan's
-      for leaf in jax.tree_util.tree_leaves(ntk.rows_params(w_lin)):
-        if (jnp.issubdtype(leaf.dtype, jnp.floating)
-            and jnp.finfo(leaf.dtype).eps > jnp.finfo(source).eps):
-          source = jnp.dtype(leaf.dtype)
+    source = plan_lib.round_off_dtype(
+        jax.eval_shape(apply_fn, w_lin,
+                       jax.ShapeDtypeStruct((1,) + x0.shape[1:], x0.dtype)).dtype, w_lin,
+        keep_rows=solver == Solver.DUAL and solvers.dual_keeps_rows(n, opts.batch_size))
     # κ: the dual's from its Cholesky factor, cg's `linalg.cg_condition_estimate`
     linalg.check_precision(_rule_kappa(info, solver), dtype, source, what=what,
                            damping=opts.damping)

@@ -303,6 +303,19 @@ class Plan:
     return (self.num_retain + self.num_forget) * self.num_classes
 
 
+def round_off_dtype(logits_dtype, w_lin, *, keep_rows: bool):
+  """The dtype whose round-off the kernel carries: the logits'; with kept Jacobian rows,
+  taken with the params in their own dtypes, at least float32 (`ntk.rows_params`, not
+  widened to the solve dtype), the narrowest of those leaves' as well."""
+  source = jnp.dtype(logits_dtype)
+  if keep_rows:
+    for leaf in jax.tree_util.tree_leaves(ntk.rows_params(w_lin)):
+      dt = jnp.dtype(getattr(leaf, "dtype", jnp.float32))
+      if jnp.issubdtype(dt, jnp.floating) and jnp.finfo(dt).eps > jnp.finfo(source).eps:
+        source = dt
+  return source
+
+
 def make_plan(apply_fn: ApplyFn, w_lin: PyTree, retain, forget, *, options,
               solve_dtype, traced: bool) -> Plan:
   """Chooses the solver for validated inputs (`validate.check_split` / `check_params` done).
@@ -377,15 +390,7 @@ def make_plan(apply_fn: ApplyFn, w_lin: PyTree, retain, forget, *, options,
   if not jnp.issubdtype(logits.dtype, jnp.floating):
     raise TypeError(f"apply_fn returns {logits.dtype} logits: they must be floating point "
                     "(an integer output has no derivative)")
-  logits_dtype = jnp.dtype(logits.dtype)
-  if keep_rows:
-    # Kept rows are taken with the params in their own dtypes, at least float32 (not widened
-    # to the solve dtype): they carry the round-off of the narrowest such leaf as well as
-    # the logits'.
-    for leaf in rows_leaves:
-      dt = jnp.dtype(getattr(leaf, "dtype", jnp.float32))
-      if jnp.issubdtype(dt, jnp.floating) and jnp.finfo(dt).eps > jnp.finfo(logits_dtype).eps:
-        logits_dtype = dt
+  logits_dtype = round_off_dtype(logits.dtype, w_lin, keep_rows=keep_rows)
   log.info("ntk_forget: solver=%s (%s); p=%d, n*C=%d", name, reason, p, (n_r + n_f) * c)
   return Plan(solver=solver, reason=reason, num_params=p, num_retain=n_r, num_forget=n_f,
               num_classes=c, solve_dtype=jnp.dtype(solve_dtype), kernel=kernel,
