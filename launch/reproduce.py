@@ -138,10 +138,11 @@ STAGES = {
     "full": "Full: fine-tuning on D (standard: SGD epochs; linearised: the Gram pass over D "
             "and a p x p solve, the dual's kernel over D's n·C outputs and an (n·C)² "
             "solve, or cg's jvp/vjp iterations)",
-    "retrain": "Retrain: the same on D_r (closed form: a solve on the Grams Full computed)",
-    "fastntk": "Fast-NTK's update (standard, dual and cg: Jacobians of D, the dual's kernel "
-               "products for the ViTs and the linearised mode; closed form: a solve on the "
-               "shared Grams)",
+    "retrain": "Retrain: the same on D_r (closed form and dual: a solve on the Grams or the "
+               "kernel Full computed)",
+    "fastntk": "Fast-NTK's update (standard and cg: Jacobians of D, the dual's kernel "
+               "products for the ViTs; closed form and dual: solves on the shared Grams or "
+               "kernel)",
     "certificate": "the certificate of Fast-NTK's deletion on the device: matrix-free "
                    "gradient and 31 Hessian-vector products over D_r (standard, dual, cg), and the "
                    "release's cost (4 evaluations of D and the test split)",
@@ -237,10 +238,11 @@ def job_stages(job, *, cg_iters: Optional[int] = None) -> tuple[dict, dict, Opti
     stages["full"] = (d * jac + 2.0 * d * c * p * p + p ** 3 / 3) * tf
     stages["retrain"] = p ** 3 / 3 * tf
     stages["fastntk"] = p ** 3 * tf  # Schur solves on the shared Grams
-  elif dual_fit:  # Jᵀ(Θ + λI)⁻¹E: residuals, Jacobians and the kernel's products, one vjp
-    stages["full"] = (d * (c + 3) * f + kernel(d) + (d * c) ** 3 / 3) * tf
-    stages["retrain"] = (d_r * (c + 3) * f + kernel(d_r) + (d_r * c) ** 3 / 3) * tf
-    stages["fastntk"] = (d * (c + 2) * f + dual) * tf
+  elif dual_fit:  # D's kernel statistics once (residuals, Jacobian rows, the kernel's
+    # products), then Jᵀ(Θ + λI)⁻¹E for D and D_r and Eq. (1) from them
+    stages["full"] = (d * (c + 2) * f + kernel(d) + (d * c) ** 3 / 3) * tf
+    stages["retrain"] = (d_r * c) ** 3 / 3 * tf
+    stages["fastntk"] = ((d_r * c) ** 3 / 3 + (d_f * c) ** 3 / 3) * tf  # Schur solves
   else:  # cg on the linearised objective: a jvp and a vjp (~4 F) per image and iteration
     stages["full"] = cg_iterations(p, d * c, cg_iters) * d * 4 * f * tf
     stages["retrain"] = cg_iterations(p, d_r * c, cg_iters) * d_r * 4 * f * tf

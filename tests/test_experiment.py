@@ -164,10 +164,16 @@ def test_linearized_fine_tuning_by_cg_or_the_dual_equals_the_closed_form(tiny_ru
     cfg.methods = ("full", "retrain", "fastntk")
     cfg.eval.relearn.epochs = 1
     cfg.eval.probe.epochs = 1
-  out = run_lib.run(cfg, str(tmp_path), show_progress=False)["methods"]
+  results = run_lib.run(cfg, str(tmp_path), show_progress=False)
+  out = results["methods"]
   # cg stops at its tolerance (1e-12 on the recursive residual in float64, the true one at
   # most its square root), and the update's Grams come through the float32 network: 2e-5.
-  assert out["fastntk"]["relative_l2_to_retrain"]["mean"] < 1e-4
+  # The dual's Full, Retrain and update share D's kernel statistics: one linearised model,
+  # apart to the float32 params' rounding.
+  bound = {"cg": 1e-4, "dual": 1e-6}[solver]
+  assert out["fastntk"]["relative_l2_to_retrain"]["mean"] < bound
+  reason = results["timing"]["fastntk_diagnostics"]["0"]["reason"]
+  assert ("kernel statistics shared" in reason) == (solver == "dual"), reason
   closed = tiny_run[1]["methods"]
   for key in ("ua", "ra", "ta"):  # seed 0 of the shared (closed-form) run
     assert out["fastntk"][key]["mean"] == closed["fastntk"]["per_seed"]["0"][key], key

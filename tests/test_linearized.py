@@ -138,6 +138,56 @@ def test_ridge_solution_refuses_the_primal_and_an_ill_conditioned_dual():
     undamped.ridge_solution(w32, [(r32[0][:2], r32[1][:2])], solver="cg")
 
 
+def test_full_retrain_and_the_update_from_one_set_of_kernel_statistics():
+  """Linearised fine-tuning in the dual: Full, Retrain and Eq. (1) solved from D's kernel
+  statistics (`Forgetter.kernel_stats`, taken once through the float32 network) define one
+  linearised model: Full and Retrain equal the closed form from Gram statistics of the same
+  float32 rows (an independent LU solve), and the update lands on that Retrain to the
+  rounding of the float32 params (solves through separate passes of the network would differ
+  by the network's round-off times κ)."""
+  with enable_x64():
+    apply_fn, w0, retain, forget = _problem(n_r=12, n_f=4)
+    apply32 = lambda w, xx: apply_fn(w, xx).astype(jnp.float32)
+    w32 = jax.tree_util.tree_map(lambda l: l.astype(jnp.float32), w0)
+    r32, f32 = ((a.astype(jnp.float32), b) for a, b in (retain, forget))
+    lam = 1e-3
+    forgetter = unlearn.make_forgetter(apply32, num_classes=C, damping=lam, batch_size=5,
+                                       solve_dtype=jnp.float64)
+    x = jnp.concatenate([r32[0], f32[0]])
+    y = jnp.concatenate([r32[1], f32[1]])
+    stats = forgetter.kernel_stats(w32, x, y)
+    assert stats.rows.dtype == jnp.float32 and stats.kernel.dtype == jnp.float64
+    # independent: the Grams and right-hand sides of the same float32 rows, by numpy
+    j = np.asarray(stats.rows, np.float64)
+    e = np.asarray(ntk.residuals(apply32, w32, x, y, num_classes=C, batch_size=None,
+                                 dtype=jnp.float64)).reshape(-1)
+    np.testing.assert_allclose(np.asarray(stats.residuals), e, rtol=1e-6, atol=1e-7)
+    m_r = r32[0].shape[0] * C
+    w_full = linear.kernel_ridge_solution(w32, stats, lam)
+    w_retrain = linear.kernel_ridge_solution(w32, stats, lam, outputs=m_r)
+    e = np.asarray(stats.residuals, np.float64)
+    for got, rows in ((w_full, slice(None)), (w_retrain, slice(0, m_r))):
+      ref = _flat(w32) + linalg.reference_ridge_solve(j[rows].T @ j[rows], j[rows].T @ e[rows],
+                                                      lam)
+      scale = np.linalg.norm(ref - _flat(w32))
+      assert scale > 1e-2
+      # the float32 params' rounding (2⁻²⁴ relative per entry) is all that separates them
+      assert np.linalg.norm(_flat(got) - ref) / scale < 1e-6
+    plan = forgetter.plan(w32, w_full, r32, f32)
+    new, info = forgetter.from_kernel_stats(w_full, stats, r32[0].shape[0], plan)
+    learned = np.linalg.norm(_flat(w_retrain) - _flat(w32))
+    assert np.linalg.norm(_flat(new) - _flat(w_retrain)) / learned < 1e-6
+    assert bool(info.finite) and float(info.condition_number) > 1
+    with pytest.raises(ValueError, match="num_retain"):
+      forgetter.from_kernel_stats(w_full, stats, 16, plan)
+    with pytest.raises(TypeError, match="KernelStats"):
+      forgetter.from_kernel_stats(w_full, tuple(stats), 12, plan)
+    with pytest.raises(ValueError, match="outputs"):
+      linear.kernel_ridge_solution(w32, stats, lam, outputs=0)
+    with pytest.raises(linalg.SolveError):  # singular in float64: p = 40 < n·C = 48
+      linear.kernel_ridge_solution(w32, stats, 1e-30)
+
+
 @pytest.mark.slow
 def test_optax_on_f_lin_approaches_the_closed_form():
   """The optax loop on f_lin with the update's penalty (λ/n) converges to the ridge solution."""

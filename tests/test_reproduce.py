@@ -108,12 +108,15 @@ def test_plan_of_both_modes_counts_every_stage(tmp_path):
   mbv2 = by[("mobilenetv2", 100, "linearized")]
   f = 0.181e9 * 1e-12
   p = repro.TRAINABLE["mobilenetv2"](10)
-  # The dual on D (1,000 images, n·C = 10,000): residuals, a vjp and the Jacobians (C + 3
-  # forward passes an image), the kernel's products 2(n·C)²p and its (n·C)³/3 factorisation.
+  # The dual on D (1,000 images, n·C = 10,000): D's kernel statistics once, residuals and
+  # Jacobian rows (C + 2 forward passes an image) and the kernel's products 2(n·C)²p, and
+  # its (n·C)³/3 factorisation; Retrain factorises D_r's block of that kernel, Fast-NTK
+  # D_r's and the Schur complement's.
   assert mbv2["stages"]["full"] == pytest.approx(
-      3 * (1000 * 13 * 0.181e9 + 2 * 10_000 ** 2 * p + 10_000 ** 3 / 3) * 1e-12)
-  assert mbv2["stages"]["retrain"] == pytest.approx(
-      3 * (900 * 13 * 0.181e9 + 2 * 9_000 ** 2 * p + 9_000 ** 3 / 3) * 1e-12)
+      3 * (1000 * 12 * 0.181e9 + 2 * 10_000 ** 2 * p + 10_000 ** 3 / 3) * 1e-12)
+  assert mbv2["stages"]["retrain"] == pytest.approx(3 * 9_000 ** 3 / 3 * 1e-12)
+  assert mbv2["stages"]["fastntk"] == pytest.approx(
+      3 * (9_000 ** 3 / 3 + 1_000 ** 3 / 3) * 1e-12)
   # The certificate: matrix-free in the standard mode (5 + 4·31 forward passes per D_r
   # image), and the release's 4 evaluations of D and the test split in both.
   std = by[("mobilenetv2", 100, "standard")]

@@ -15,6 +15,7 @@ import os
 import time
 from typing import Any, Callable, Optional
 
+import jax
 import jax.numpy as jnp
 
 from fastntk_jax import batch_stats
@@ -35,6 +36,8 @@ class FineTuner:
     frozen_net: its frozen collections (with w0 under LINEARIZATION_POINT when linearised).
     closed_form: Full and Retrain are the linearised model's ridge minimisers, solved from
       the Gram statistics at w0 (`gram`), which the Fast-NTK update may then reuse.
+    dual: the same minimisers solved from the kernel statistics of D at w0 (`kernel`),
+      which the Fast-NTK update may then reuse.
   """
 
   def __init__(self, cfg, model, frozen_pre: dict, w0: PyTree, data, seed: int, *,
@@ -54,10 +57,12 @@ class FineTuner:
     ft = cfg.finetune
     self.linearized = ft.mode == "linearized"
     self.closed_form = self.linearized and ft.linearized_solver == "closed_form"
+    self.dual = self.linearized and ft.linearized_solver == "dual"
     self.net = linear.Linearized(model) if self.linearized else model
     self.frozen_net = ({**frozen_pre, LINEARIZATION_POINT: w0} if self.linearized
                        else frozen_pre)
     self._grams = {}
+    self._kernel = None
     self.compile_seconds = 0.0  # spent compiling the Gram statistics' computation
 
   def gram(self, part: str):
@@ -77,9 +82,32 @@ class FineTuner:
     (retain, seconds_r), (forget, seconds_f) = self.gram("retain"), self.gram("forget")
     return (retain, forget), (seconds_r, seconds_f), self.compile_seconds
 
+  def kernel(self):
+    """(the `KernelStats` of D at w0, D_r's samples first, and the seconds they took),
+    computed once (`Forgetter.kernel_stats`: D's Jacobian rows kept, n·C·p numbers in the
+    network's dtype, and Θ over D): Full, Retrain and the Fast-NTK update are then solved
+    from the same numbers, so they define one linearised model to the solve's precision
+    (separate passes would each carry the network's round-off, which κ(Θ_rr + λI)
+    amplifies)."""
+    if self._kernel is None:
+      data = self.data
+      start = time.perf_counter()
+      stats = jax.block_until_ready(self.forgetter.kernel_stats(
+          self.w0, jnp.concatenate([jnp.asarray(data.retain.x), jnp.asarray(data.forget.x)]),
+          jnp.concatenate([jnp.asarray(data.retain.y), jnp.asarray(data.forget.y)])))
+      self._kernel = (stats, time.perf_counter() - start)
+    return self._kernel
+
+  def shared_kernel(self):
+    """What the Fast-NTK update reuses in the dual (`methods.Context.kernel`): (the
+    `KernelStats` of D with D_r first, #samples of D_r, seconds they took)."""
+    stats, seconds = self.kernel()
+    return stats, self.data.retain.size, seconds
+
   def fit(self, split, tag: str, checkpoint_path: Optional[str] = None) -> tuple[dict, float]:
     """Fine-tunes on `split` (a `data.Split`: D for tag "full", D_r for "retrain"); returns
-    ({"trainable"[, "batch_stats"]}, seconds)."""
+    ({"trainable"[, "batch_stats"]}, seconds). In the dual, Full's seconds count D's kernel
+    statistics and Retrain's their share for D_r's rows (n_r / n), each plus its solve."""
     cfg, data = self.cfg, self.data
     start = time.perf_counter()
     if self.closed_form:
@@ -88,7 +116,18 @@ class FineTuner:
       params = linear.ridge_solution(self.w0, [g for g, _ in parts],
                                      jnp.asarray(cfg.unlearn.damping, parts[0][0][0].dtype))
       return {"trainable": params}, sum(t for _, t in parts) + time.perf_counter() - solve_start
-    if self.linearized:  # the minimiser from the kernel over the set (dual), or by cg
+    if self.dual:  # from D's kernel statistics: all of them (Full), D_r's rows (Retrain)
+      stats, seconds = self.kernel()
+      n_r, n = data.retain.size, data.retain.size + data.forget.size
+      solve_start = time.perf_counter()
+      params = linear.kernel_ridge_solution(
+          self.w0, stats, cfg.unlearn.damping,
+          outputs=None if tag == "full" else n_r * data.num_classes)
+      params = jax.block_until_ready(params)
+      # Retrain's share of the statistics: D_r's rows (their Jacobians dominate the cost).
+      share = 1.0 if tag == "full" else n_r / n
+      return {"trainable": params}, share * seconds + time.perf_counter() - solve_start
+    if self.linearized:  # the minimiser by cg
       parts = [(data.retain.x, data.retain.y)] + (
           [(data.forget.x, data.forget.y)] if tag == "full" else [])
       params, _ = self.forgetter.ridge_solution(self.w0, parts,

@@ -181,7 +181,8 @@ def method_context(setup: Setup, tuner, data, seed: int, method, full: dict, w0,
       seed=seed, net=tuner.net, frozen=frozen_full, w0=w0, full=full["trainable"], data=data,
       linearized=tuner.linearized, forgetter=setup.forgetter, fit=fit,
       fit_objective=fit_objective,
-      grams=tuner.shared_grams if _shares_grams(setup.cfg, tuner) else None, folder=folder,
+      grams=tuner.shared_grams if _shares_grams(setup.cfg, tuner) else None,
+      kernel=tuner.shared_kernel if _shares_kernel(setup.cfg, tuner) else None, folder=folder,
       workdir=setup.workdir if record else None, record=record, mesh=setup.mesh)
 
 
@@ -346,6 +347,12 @@ def _shares_grams(cfg, tuner) -> bool:
   and Retrain linearised at w0 in closed form were solved from exactly the statistics the
   primal update needs, so the update reuses them (and counts their time as its own)."""
   return tuner.closed_form and cfg.unlearn.linearize_at == "init"
+
+
+def _shares_kernel(cfg, tuner) -> bool:
+  """Whether Fast-NTK takes D's kernel statistics from the fine-tuning of the same seed
+  (linearised at w0 in the dual), as `_shares_grams` for the closed form."""
+  return tuner.dual and cfg.unlearn.linearize_at == "init"
 
 
 def _probes(setup: Setup, data, seed: int, w0, models_of: dict, fit, sdir: str) -> dict:

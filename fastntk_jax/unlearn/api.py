@@ -68,6 +68,10 @@ class Forgetter(NamedTuple):
   The primal update from Gram statistics summed elsewhere (pure, jit-able):
     gram_stats(w_lin, x, y, row_weights=None) -> (G [p, p], b [p]) in the solve dtype.
     from_gram_stats(params, stats_retain, stats_forget, plan) -> (params, SolveInfo), checked.
+  The dual update from kernel statistics taken elsewhere (D's Jacobian rows kept):
+    kernel_stats(w_lin, x, y) -> `solvers.KernelStats` (J [n·C, p], E [n·C], Θ [n·C, n·C]).
+    from_kernel_stats(params, stats, num_retain, plan) -> (params, SolveInfo), checked: Eq.
+      (1) with the first `num_retain` samples of `stats` as D_r, the rest as D_f.
   The linearised model's own minimiser (what linearised fine-tuning reaches):
     ridge_solution(w_lin, parts, *, solver="cg") -> (params, SolveInfo): w_lin +
       (JᵀJ + λI)⁻¹JᵀE over the samples of `parts` [(x, y), ...], by "cg" (conjugate
@@ -102,6 +106,8 @@ class Forgetter(NamedTuple):
   check: Callable
   gram_stats: Callable
   from_gram_stats: Callable
+  kernel_stats: Callable
+  from_kernel_stats: Callable
   ridge_solution: Callable
   forget_with_diagnostics: Callable
   accumulate: Callable
@@ -268,6 +274,35 @@ def make_forgetter(apply_fn: ApplyFn, *, num_classes: int, damping=1e-2,
     delta, info = solvers.primal_delta(
         *(jnp.asarray(a, dtype) for a in (*stats_retain, *stats_forget)),
         jnp.asarray(opts.damping, dtype), with_condition=True)
+    check(info, plan)
+    return ntk.apply_delta(params, delta, opts.step_scale), info
+
+  def kernel_stats(w_lin, x, y):
+    validate.check_params(w_lin, w_lin)
+    x, y = validate.check_split("kernel_stats", (x, y), c)
+    return solvers.kernel_stats(apply_fn, w_lin, x, y, num_classes=c,
+                                batch_size=opts.batch_size, dtype=solve_dtype_of(w_lin))
+
+  def from_kernel_stats(params, stats, num_retain, plan):
+    p = ntk.num_params(params)
+    if not isinstance(stats, solvers.KernelStats):
+      raise TypeError(f"stats must be the KernelStats of Forgetter.kernel_stats, got "
+                      f"{type(stats).__name__}")
+    m = stats.residuals.shape[0]
+    if (stats.rows.shape != (m, p) or stats.kernel.shape != (m, m) or m % c
+        or not 0 < int(num_retain) * c < m):
+      raise ValueError(f"from_kernel_stats: statistics of shapes rows {stats.rows.shape}, "
+                       f"residuals {stats.residuals.shape}, kernel {stats.kernel.shape} with "
+                       f"num_retain={num_retain} do not fit params of size p = {p} and C = {c} "
+                       "(need rows [n·C, p], kernel [n·C, n·C], 0 < num_retain < n)")
+    if not isinstance(plan, plan_lib.Plan) or plan.num_params != p:
+      raise ValueError("plan must be the Plan of these params (Forgetter.plan)")
+    dtype = plan.solve_dtype
+    if jnp.dtype(stats.residuals.dtype) != jnp.dtype(dtype):
+      raise ValueError(f"from_kernel_stats: the statistics are in {stats.residuals.dtype}, "
+                       f"the plan solves in {jnp.dtype(dtype).name}")
+    delta, info = solvers.kernel_delta(
+        stats, int(num_retain) * c, jnp.asarray(opts.damping, dtype), with_condition=True)
     check(info, plan)
     return ntk.apply_delta(params, delta, opts.step_scale), info
 
@@ -439,7 +474,8 @@ def make_forgetter(apply_fn: ApplyFn, *, num_classes: int, damping=1e-2,
 
   return Forgetter(options=opts, plan=plan_fn, forget=forget_fn,
                    forget_with_info=forget_with_info, check=check, gram_stats=gram_stats,
-                   from_gram_stats=from_gram_stats, ridge_solution=ridge_solution,
+                   from_gram_stats=from_gram_stats, kernel_stats=kernel_stats,
+                   from_kernel_stats=from_kernel_stats, ridge_solution=ridge_solution,
                    forget_with_diagnostics=forget_with_diagnostics, accumulate=accumulate,
                    diagnostics=diagnostics, certify=certify, init=init,
                    serve=stream.forget_request, serve_with_diagnostics=serve_with_diagnostics,

@@ -23,7 +23,7 @@ network's Jacobians, kernels and Gram statistics are `fastntk_jax.ntk`'s.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -76,41 +76,98 @@ def _delta_primal(apply_s, w_s, retain, forget, lam, *, num_classes, batch_size,
   return primal_delta(*stats(retain), *stats(forget), lam, with_condition=with_condition)
 
 
+class KernelStats(NamedTuple):
+  """The dual's statistics of a set S at w_lin, outputs sample-major (m = n·C rows): what
+  the Jacobian rows of S determine, so that every ridge solve and Eq. (1) over S and its
+  leading samples (D_r before D_f) are taken from one set of numbers.
+
+  Attributes:
+    rows: J_S [m, p] in the network's own dtype (`ntk.rows_params`).
+    residuals: E_S = one_hot(Y_S) - f(w_lin, X_S) flattened, [m] in the solve dtype.
+    kernel: Θ_SS = J_S J_Sᵀ [m, m] in the solve dtype, undamped.
+  """
+  rows: jnp.ndarray
+  residuals: jnp.ndarray
+  kernel: jnp.ndarray
+
+
+@linalg.full_precision
+def kernel_stats(apply_fn: ApplyFn, w_lin: PyTree, x, y, *, num_classes: int,
+                 batch_size: Optional[int], dtype) -> KernelStats:
+  """The `KernelStats` of the samples (x [n, ...], y [n]) at `w_lin` (no validation).
+
+  The network runs in its own dtypes, as for the chunked Grams (`ntk.gram_stats`): widened
+  params would run the whole network in `dtype` (several times slower on CPUs, and twice the
+  rows' memory); each row is exact to the rounding of the params' and logits' dtypes (the
+  plan's `logits_dtype`), and every product of rows is taken in `dtype`. The rows are taken
+  in one call (one compiled block step) and never sliced (a slice is a copy)."""
+  dtype = jnp.dtype(dtype)
+  apply_n = lambda w, xx: apply_fn(w, xx).astype(dtype)
+  j = ntk.jacobian_rows(apply_n, ntk.rows_params(w_lin), x, batch_size=batch_size,
+                        flatten=True)
+  e = ntk.residuals(apply_n, w_lin, x, y, num_classes=num_classes, batch_size=batch_size,
+                    dtype=dtype).reshape(-1)
+  return KernelStats(j, e, linalg.rows_product(j, j, dtype))
+
+
+def _padded(v, before: int, after: int):
+  return jnp.concatenate([jnp.zeros((before,), v.dtype), v, jnp.zeros((after,), v.dtype)])
+
+
+@linalg.full_precision
+def kernel_ridge_step(stats: KernelStats, lam, *, outputs: Optional[int] = None,
+                      with_condition: bool = False) -> tuple[jnp.ndarray, linalg.SolveInfo]:
+  """J_Sᵀ(Θ_SS + λI)⁻¹E_S = (J_SᵀJ_S + λI)⁻¹J_SᵀE_S (push-through identity) over the first
+  `outputs` rows of `stats` (S: its leading samples; None: all of them).
+
+  Returns:
+    (the step [p] in the solve dtype, SolveInfo of Θ_SS + λI).
+  """
+  m_all = stats.residuals.shape[0]
+  m = m_all if outputs is None else int(outputs)
+  dtype = stats.residuals.dtype
+  alpha, info = linalg.ridge_solve(stats.kernel[:m, :m], stats.residuals[:m], lam,
+                                   with_condition=with_condition)
+  step = linalg.rows_rmatvec(stats.rows, _padded(alpha, 0, m_all - m), dtype)
+  return step, info._replace(finite=jnp.all(jnp.isfinite(step)))
+
+
+@linalg.full_precision
+def kernel_delta(stats: KernelStats, retain_outputs: int, lam, *,
+                 with_condition: bool = False) -> tuple[jnp.ndarray, linalg.SolveInfo]:
+  """Eq. (1) in the dual (`linalg.schur_delta`) from the `KernelStats` of D, whose first
+  `retain_outputs` rows are D_r's and the others D_f's: every kernel block and P J_fᵀ are
+  products of the kept rows, so no sample's Jacobian is taken twice.
+
+  Returns:
+    (Δ = w_r - w_D [p] in the solve dtype, SolveInfo: κ of Θ_rr + λI).
+  """
+  j, e, dtype = stats.rows, stats.residuals, stats.residuals.dtype
+  m_r = int(retain_outputs)
+  m_f = e.shape[0] - m_r
+  k_rr = linalg.plus_diagonal(stats.kernel[:m_r, :m_r], lam)
+  blocks = (k_rr, stats.kernel[:m_r, m_r:], linalg.plus_diagonal(stats.kernel[m_r:, m_r:], lam))
+  delta, estimates = linalg.schur_delta(
+      *blocks, e[:m_r], e[m_r:],
+      pull_forget=lambda z: linalg.rows_rmatvec(j, _padded(z, m_r, 0), dtype),
+      push_retain=lambda u: linalg.rows_matvec(j, u, dtype)[:m_r],
+      pull_retain=lambda v: linalg.rows_rmatvec(j, _padded(v, 0, m_f), dtype))
+  del blocks
+  return delta, linalg.direct_info(delta, k_rr, with_condition, estimates)
+
+
 def _delta_dual_rows(apply_fn, w_lin, retain, forget, lam, *, num_classes, batch_size, dtype,
                      with_condition):
   """The dual with the Jacobian rows of D computed once and kept ([n·C, p] in the network's
-  dtype): every kernel block and P J_fᵀ are products of those rows, so no sample's Jacobian
-  is taken twice (the blocked kernel takes a column block's once per row block)."""
+  dtype, `kernel_stats`): the blocked kernel would take a column block's once per row
+  block."""
   (x_r, y_r), (x_f, y_f) = retain, forget
-  c, m_r = num_classes, x_r.shape[0] * num_classes
-  # The network runs in its own dtypes, as for the chunked Grams (`ntk.gram_stats`): widened
-  # params would run the whole network in `dtype` (several times slower on CPUs, and twice
-  # the rows' memory); each row is exact to the rounding of the params' and logits' dtypes
-  # (the plan's `logits_dtype`, which the precision check uses), and every product of rows
-  # is taken in `dtype`. D's rows are taken in one call (one compiled block step) and never
-  # sliced (a slice is a copy).
-  apply_n = lambda w, x: apply_fn(w, x).astype(dtype)
-  x = jnp.concatenate([x_r, x_f], axis=0)
-  j = ntk.jacobian_rows(apply_n, ntk.rows_params(w_lin), x, batch_size=batch_size,
-                        flatten=True)
-  e = ntk.residuals(apply_n, w_lin, x, jnp.concatenate([y_r, y_f]), num_classes=c,
-                    batch_size=batch_size, dtype=dtype).reshape(-1)
-  k = linalg.plus_diagonal(linalg.rows_product(j, j, dtype), lam)     # Θ + λI over D
-  k_rr = k[:m_r, :m_r]
-  blocks = (k_rr, k[:m_r, m_r:], k[m_r:, m_r:])
-  del k
-  m_f = blocks[2].shape[0]
-  pad = lambda v, before: jnp.concatenate([jnp.zeros((m_r,), dtype), v] if before
-                                          else [v, jnp.zeros((m_f,), dtype)])
-  delta, estimates = linalg.schur_delta(
-      *blocks, e[:m_r], e[m_r:],
-      pull_forget=lambda z: linalg.rows_rmatvec(j, pad(z, True), dtype),
-      push_retain=lambda u: linalg.rows_matvec(j, u, dtype)[:m_r],
-      pull_retain=lambda v: linalg.rows_rmatvec(j, pad(v, False), dtype))
+  stats = kernel_stats(apply_fn, w_lin, jnp.concatenate([x_r, x_f], axis=0),
+                       jnp.concatenate([y_r, y_f]), num_classes=num_classes,
+                       batch_size=batch_size, dtype=dtype)
   # Called eagerly, the rows are freed before κ's eigensolve (its own copy of Θ_rr+λI and
   # workspace): at ViT-S/16 with 1,000 images they take 3.6 GB.
-  del j, blocks
-  return delta, linalg.direct_info(delta, k_rr, with_condition, estimates)
+  return kernel_delta(stats, x_r.shape[0] * num_classes, lam, with_condition=with_condition)
 
 
 def _delta_dual(apply_s, w_s, retain, forget, lam, *, num_classes, batch_size, dtype,
@@ -260,7 +317,7 @@ def _dual_ridge(apply_s, w_s, parts, lam, *, num_classes, batch_size, dtype, ker
                 with_condition, network):
   """(G + λI)⁻¹ JᵀE = Jᵀ(Θ + λI)⁻¹E over the samples of `parts` (push-through identity), from
   the kernel over them and one vjp: memory (n·C)², plus n·C·p when `dual_keeps_rows` (the
-  rows then taken once, with the network in its own dtypes as `_delta_dual_rows`).
+  rows then taken once, with the network in its own dtypes: `kernel_stats`).
 
   Returns:
     (the solution [p], SolveInfo of Θ + λI).
@@ -268,23 +325,16 @@ def _dual_ridge(apply_s, w_s, parts, lam, *, num_classes, batch_size, dtype, ker
   x = jnp.concatenate([jnp.asarray(x) for x, _ in parts], axis=0)
   y = jnp.concatenate([jnp.asarray(y) for _, y in parts], axis=0)
   if dual_keeps_rows(x.shape[0], batch_size):
-    apply_fn, w_lin = network
-    apply_n = lambda w, xx: apply_fn(w, xx).astype(dtype)
-    j = ntk.jacobian_rows(apply_n, ntk.rows_params(w_lin), x, batch_size=batch_size,
-                          flatten=True)
-    e = ntk.residuals(apply_n, w_lin, x, y, num_classes=num_classes, batch_size=batch_size,
-                      dtype=dtype).reshape(-1)
-    alpha, info = linalg.ridge_solve(linalg.rows_product(j, j, dtype), e, lam,
-                                     with_condition=with_condition)
-    step = linalg.rows_rmatvec(j, alpha, dtype)
-  else:
-    e = ntk.residuals(apply_s, w_s, x, y, num_classes=num_classes, batch_size=batch_size,
-                      dtype=dtype).reshape(-1)
-    theta = ntk.kernel_to_matrix(ntk.empirical_kernel(
-        apply_s, w_s, x, x, batch_size=batch_size, implementation=kernel_impl)).astype(dtype)
-    alpha, info = linalg.ridge_solve(theta, e, lam, with_condition=with_condition)
-    step = ravel_pytree(ntk.vjp_rows(apply_s, w_s, x, alpha.reshape(-1, num_classes),
-                                     batch_size=batch_size))[0].astype(dtype)
+    stats = kernel_stats(*network, x, y, num_classes=num_classes, batch_size=batch_size,
+                         dtype=dtype)
+    return kernel_ridge_step(stats, lam, with_condition=with_condition)
+  e = ntk.residuals(apply_s, w_s, x, y, num_classes=num_classes, batch_size=batch_size,
+                    dtype=dtype).reshape(-1)
+  theta = ntk.kernel_to_matrix(ntk.empirical_kernel(
+      apply_s, w_s, x, x, batch_size=batch_size, implementation=kernel_impl)).astype(dtype)
+  alpha, info = linalg.ridge_solve(theta, e, lam, with_condition=with_condition)
+  step = ravel_pytree(ntk.vjp_rows(apply_s, w_s, x, alpha.reshape(-1, num_classes),
+                                   batch_size=batch_size))[0].astype(dtype)
   return step, info._replace(finite=jnp.all(jnp.isfinite(step)))
 
 

@@ -11,6 +11,8 @@ pre-trained BatchNorm statistics, docs/derivation.md §1):
     give the cold time and the request's latency apart.
   * Gram statistics shared with linearised fine-tuning (closed form at w0): the primal solve
     from them (`Forgetter.from_gram_stats`); their seconds count as the update's.
+  * D's kernel statistics shared with linearised fine-tuning in the dual (at w0): Eq. (1)
+    from them (`Forgetter.from_kernel_stats`); their seconds count as the update's.
   * primal: the Gram statistics summed in chunks of `unlearn.checkpoint_rows` samples
     (`Forgetter.accumulate`), each saved atomically, so a preempted run resumes
     mid-accumulation; with a mesh each chunk's rows are split over the devices.
@@ -38,13 +40,14 @@ log = logging.getLogger(__name__)
 STATE_OF_D = "fastntk_state_of_D.state"
 
 
-def reference_model_plan(plan, reason: str):
-  """The plan of a primal update whose reference is the linearised model its own Gram
-  statistics define (Full and Retrain solved from the same ones): the round-off of the
-  network's narrower logits shapes that model alike for every method and is no error of the
-  update; only the solve's precision is (the precision rule says so)."""
-  return dataclasses.replace(plan, solver=Solver.PRIMAL, kernel=None, keep_jacobian_rows=False,
-                             logits_dtype=None, reason=reason)
+def reference_model_plan(plan, reason: str, solver: Solver = Solver.PRIMAL):
+  """The plan of a primal (or dual) update whose reference is the linearised model its own
+  Gram (or kernel) statistics define (Full and Retrain solved from the same ones): the
+  round-off of the network's narrower logits shapes that model alike for every method and is
+  no error of the update; only the solve's precision is (the precision rule says so)."""
+  return dataclasses.replace(plan, solver=solver, kernel=None,
+                             keep_jacobian_rows=solver == Solver.DUAL, logits_dtype=None,
+                             reason=reason)
 
 
 def _from_shared_grams(ctx: methods.Context, plan, tag: str):
@@ -68,6 +71,25 @@ def _from_shared_grams(ctx: methods.Context, plan, tag: str):
       compile_seconds=compile_seconds,
       extra={"precompute_seconds": seconds_r + seconds_f,
              "per_request_seconds": solve + seconds_f})
+
+
+def _from_shared_kernel(ctx: methods.Context, plan, tag: str):
+  reason = (plan.reason if plan.solver == Solver.DUAL else
+            "auto: dual, the solver whose kernel statistics the linearised Full/Retrain computed")
+  plan = reference_model_plan(plan, reason + "; D's kernel statistics shared with the "
+                              "linearised Full/Retrain", solver=Solver.DUAL)
+  log.info("%s: solver=dual (%s)", tag, plan.reason)
+  stats, num_retain, seconds_d = ctx.kernel()
+  start = time.perf_counter()
+  new, info = ctx.forgetter.from_kernel_stats(ctx.full, stats, num_retain, plan)
+  new = jax.block_until_ready(new)
+  solve = time.perf_counter() - start
+  share_f = 1.0 - num_retain / ctx.data.train.size  # D_f's rows of D's statistics
+  return new, ctx.forgetter.diagnostics(
+      plan, info, params=ctx.full, new_params=new, seconds=solve + seconds_d,
+      compile_seconds=0.0,
+      extra={"precompute_seconds": seconds_d,
+             "per_request_seconds": solve + share_f * seconds_d})
 
 
 def _chunked_primal(ctx: methods.Context, block, plan, tag: str):
@@ -148,8 +170,12 @@ def run(ctx: methods.Context, block) -> methods.Result:
   plan = ctx.forgetter.plan(ctx.w0, ctx.full, retain, forget, traced=True)
   shared = ctx.grams is not None and (plan.solver == Solver.PRIMAL
                                       or Solver(block.solver) == Solver.AUTO)
+  shared_kernel = ctx.kernel is not None and (plan.solver == Solver.DUAL
+                                              or Solver(block.solver) == Solver.AUTO)
   if shared:
     new, diag = _from_shared_grams(ctx, plan, tag)
+  elif shared_kernel:
+    new, diag = _from_shared_kernel(ctx, plan, tag)
   elif plan.solver == Solver.PRIMAL:
     new, diag = _chunked_primal(ctx, block, plan, tag)
   else:
