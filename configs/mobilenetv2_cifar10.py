@@ -76,6 +76,9 @@ def get_config(arg=None):
   # The same pre-training recipe as ResNet-110 (common.cifar_pretrain_recipe; weight decay
   # 5e-4, as the common CIFAR MobileNetV2 code, instead of ImageNet's 4e-5).
   common.cifar_pretrain_recipe(c, "cifar100")
+  # BN statistics recomputed after pre-training, not the EMA training left: stale EMA
+  # statistics cripple the backbone of a short pre-training (benchmarks/RESULTS.md §22).
+  c.pretrain.batch_stats = "recompute"
   c.finetune.epochs = 40
   c.finetune.learning_rate = 0.002
   c.unlearn.batch_size = 128

@@ -100,6 +100,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.pretrain.images_per_class = ml_collections.config_dict.placeholder(int)  # None = all
   c.pretrain.train = train_group(epochs=30, lr=0.05, batch_size=64, loss="ce", bn_mode="train")
   c.pretrain.train.weight_decay = 5e-4
+  c.pretrain.batch_stats = "running"  # BN: "running" (the EMA) | "recompute" (on pretrain images)
 
   # PEFT fine-tuning of the trainable collection (Full on D, Retrain on D_r; same protocol).
   # Squared loss, a small learning rate and BN in train mode keep standard fine-tuning close
@@ -139,13 +140,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.unlearn.delta = 1e-5  # and its δ
   # The ε whose accuracy cost (UA/RA/TA with and without noise) results report, at delta.
   c.unlearn.release_epsilons = (0.1, 1.0, 10.0)
-  # The Ed25519 key that signs each record of the deletion log, kept outside the workdir
-  # (created on first use, mode 0600). "" = $FASTNTK_AUDIT_KEY or
-  # ~/.config/fastntk_jax/audit_ed25519.pem.
+  # The Ed25519 key that signs each record of the deletion log, kept outside the workdir (created on
+  # first use, mode 0600). "" = $FASTNTK_AUDIT_KEY or ~/.config/fastntk_jax/audit_ed25519.pem.
   c.unlearn.signing_key = ""
 
-  # The blocks of the method plug-ins (fastntk_jax/experiment/methods/<name>.py; Fast-NTK's
-  # is `unlearn`).
+  # The method plug-ins' blocks (fastntk_jax/experiment/methods/<name>.py; Fast-NTK's: `unlearn`).
   c.baselines = ml_collections.ConfigDict()
   # Max Loss: gradient ascent on D_f from Full.
   c.baselines.max_loss = train_group(epochs=5, lr=0.01, batch_size=64, loss="ce")
@@ -300,6 +299,7 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     raise ValueError(f"config.pretrain.source='state_dict' imports PyTorch CIFAR ResNets and Mobile"
                      f"NetV2s, not model.name={cfg.model.name!r}; a ViT: pretrain.source='npz'")
   _check_patterns("pretrain.dont_load", cfg.pretrain.dont_load)
+  _choice("pretrain.batch_stats", cfg.pretrain.batch_stats, enums.values(enums.PretrainBatchStats))
   if cfg.pretrain.images_per_class is not None:  # None = every image of pretrain.dataset
     _positive("pretrain.images_per_class", cfg.pretrain.images_per_class, integer=True)
   if cfg.data.draw_per_seed and cfg.pretrain.source == "train" and not cfg.pretrain.dataset:

@@ -114,6 +114,18 @@ class BNMode(str, enum.Enum):
   TRAIN = "train"
 
 
+class PretrainBatchStats(str, enum.Enum):
+  """Which BatchNorm running statistics a pre-trained backbone keeps (`pretrain.batch_stats`).
+
+  RUNNING: the exponential moving averages training left (momentum 0.9: the last batches
+    weigh most, so they can be stale after a short pre-training).
+  RECOMPUTE: recomputed after pre-training in one train-mode pass over the pre-training
+    images (`batch_stats.recompute_batch_stats`, the pre-training's batch size).
+  """
+  RUNNING = "running"
+  RECOMPUTE = "recompute"
+
+
 class ModelName(str, enum.Enum):
   """The models `fastntk_jax.models.get_model` builds (`models.MODEL_NAMES` lists the values).
 

@@ -267,3 +267,148 @@ def test_report_records_the_backbone():
                                            "cache_hit": True}
   text = " ".join(report.pretrain_lines(results))
   assert "test accuracy 71.50%** on cifar100/test (10,000 images)" in text
+
+
+# ------------------------------------------------------------------ BatchNorm statistics
+
+
+def test_pretrain_batch_stats_is_validated():
+  c = _cfg("default.py")
+  c.pretrain.batch_stats = "foo"
+  with pytest.raises(ValueError, match=r"config\.pretrain\.batch_stats='foo' is not valid; "
+                     r"allowed: \['running', 'recompute'\]"):
+    config_lib.validate(c)
+  c.pretrain.batch_stats = "recompute"
+  config_lib.validate(c)
+
+
+def test_cache_key_names_batch_stats_only_when_recomputed():
+  """"running" (the default) keys a backbone as before the knob (existing cache entries are
+  still hit); "recompute" is another backbone, with another key."""
+  import hashlib  # pylint: disable=g-import-not-at-top
+  a = _cfg("resnet110_cifar10.py", "ipc=100")
+  assert a.pretrain.batch_stats == "running"
+  key, digest = pretraining.cache_key(a, 32, "cifar")
+  assert "batch_stats" not in key
+  assert digest == hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+  # The key this config had before the knob existed (cache entries on disk carry it).
+  assert digest == "befcef47340fc9215e11d0760f1fb27941a1b1c512cbf53bdb9ad030f999f030"
+  a.pretrain.batch_stats = "recompute"
+  other, other_digest = pretraining.cache_key(a, 32, "cifar")
+  assert other["batch_stats"] == "recompute" and other_digest != digest
+  assert {k: v for k, v in other.items() if k != "batch_stats"} == key
+
+
+def test_settle_batch_stats_keeps_the_chosen_statistics_and_warns_when_stale(monkeypatch,
+                                                                             caplog):
+  import logging  # pylint: disable=g-import-not-at-top
+  scores = {"ema": 10.0, "recomputed": 90.0}
+  monkeypatch.setattr(pretraining.bn_stats, "recompute_batch_stats",
+                      lambda model, trainable, frozen, x, batch_size, seed: "recomputed")
+  monkeypatch.setattr(pretraining, "accuracy",
+                      lambda model, variables, split, batch_size: scores[variables["batch_stats"]])
+  cfg = _cfg("default.py")
+  variables = {"trainable": {}, "params": {}, "batch_stats": "ema"}
+  x = np.zeros((7, 2, 2, 3), np.float32)
+  with caplog.at_level(logging.WARNING, logger="fastntk_jax.experiment.pretrain"):
+    kept, info = pretraining.settle_batch_stats(cfg, None, variables, x, None, 4, 8)
+  assert kept["batch_stats"] == "ema"
+  assert info == {"batch_stats": "running", "test_accuracy": 10.0,
+                  "test_accuracy_running_stats": 10.0, "test_accuracy_recomputed_stats": 90.0}
+  assert "pretrain.batch_stats='recompute'" in caplog.text and "90.00%" in caplog.text
+  caplog.clear()
+  cfg.pretrain.batch_stats = "recompute"
+  with caplog.at_level(logging.WARNING, logger="fastntk_jax.experiment.pretrain"):
+    kept, info = pretraining.settle_batch_stats(cfg, None, variables, x, None, 4, 8)
+  assert kept["batch_stats"] == "recomputed" and info["test_accuracy"] == 90.0
+  assert info["batch_stats"] == "recompute" and not caplog.text
+  # Less than 5 points apart: no warning.
+  scores["recomputed"] = 14.0
+  cfg.pretrain.batch_stats = "running"
+  with caplog.at_level(logging.WARNING, logger="fastntk_jax.experiment.pretrain"):
+    pretraining.settle_batch_stats(cfg, None, variables, x, None, 4, 8)
+  assert not caplog.text
+  # No BatchNorm: the model as it is, its accuracy alone.
+  monkeypatch.setattr(pretraining, "accuracy", lambda *a: 50.0)
+  plain = {"trainable": {}, "params": {}}
+  assert pretraining.settle_batch_stats(cfg, None, plain, x, None, 4, 8) == (
+      plain, {"test_accuracy": 50.0})
+
+
+class _NoProgress:
+  def epochs(self, tag, total):
+    del tag, total
+    return None
+
+
+def _assert_trees_equal(a, b):
+  assert jax.tree_util.tree_structure(a) == jax.tree_util.tree_structure(b)
+  for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+@pytest.mark.parametrize("mode", ["running", "recompute"])
+@pytest.mark.parametrize("where", ["pretrain_split", "cache"])
+def test_pretrain_keeps_the_batch_stats_the_config_asks_for(tmp_path, monkeypatch, mode, where):
+  """A real (tiny) pre-training, on the data's own pre-train split (`pretrain_stage`) or on
+  another dataset into the shared cache (`train_backbone`): "running" saves the statistics
+  training left, "recompute" those `recompute_batch_stats` gives for the trained weights on
+  the pre-training images; both record the test accuracy with either."""
+  from fastntk_jax import batch_stats as bn_stats  # pylint: disable=g-import-not-at-top
+  from fastntk_jax.data import splits  # pylint: disable=g-import-not-at-top
+  from fastntk_jax.models import get_model  # pylint: disable=g-import-not-at-top
+  cfg = _cfg("resnet110_cifar10.py", "tiny,digits")
+  cfg.model.options = {"shortcut": "A", "widths": (2, 2, 2)}
+  cfg.pretrain.batch_stats = mode
+  if where == "cache":
+    cfg.pretrain.dataset = "digits"
+    cfg.pretrain.images_per_class = 5
+    cfg.pretrain.cache_dir = str(tmp_path / "cache")
+  config_lib.validate(cfg)
+  data = data_lib.load_unlearning_data(cfg.data)
+  model = get_model(cfg.model.name, data.num_classes, **dict(cfg.model.options))
+  fitted = []  # what training returned: (trained collections, running statistics)
+  fit = train_lib.fit_collections
+
+  def recording_fit(*args, **kwargs):
+    out = fit(*args, **kwargs)
+    fitted.append(out)
+    return out
+
+  monkeypatch.setattr(train_lib, "fit_collections", recording_fit)
+  workdir = str(tmp_path / "wd")
+  variables = pretraining.pretrain_stage(cfg, model, data, workdir, _NoProgress())
+  assert len(fitted) == 1
+  trained, running, _ = fitted[0]
+  info = pretraining.pretrain_info(workdir)
+  if where == "cache":  # the pre-trained model itself (its own head), from the cache entry
+    pre_model = pretraining.pretrain_model(cfg)
+    pre_vars, cached_info, cache = pretraining.load_or_train(
+        cfg, None, 8, data.config.normalization, cfg.pretrain.cache_dir)
+    assert cache["cache_hit"] and cached_info == {k: v for k, v in info.items()
+                                                 if k not in ("cache_entry", "cache_hit",
+                                                              "cache_key")}
+    pre_x = splits.load_unlearning_data(pretraining.pretrain_data_config(
+        cfg, 8, data.config.normalization)).train.x
+    _assert_trees_equal(pre_vars["batch_stats"], variables["batch_stats"])
+  else:
+    pre_model, pre_vars, pre_x = model, variables, data.pretrain.x
+  _assert_trees_equal({k: pre_vars[k] for k in trained}, trained)
+  frozen = {k: v for k, v in pre_vars.items() if k != "trainable"}
+  recomputed = bn_stats.recompute_batch_stats(
+      pre_model, pre_vars["trainable"], frozen, pre_x,
+      batch_size=cfg.pretrain.train.batch_size, seed=pretraining.RECOMPUTE_SEED)
+  assert not all(np.allclose(a, b) for a, b in zip(jax.tree_util.tree_leaves(recomputed),
+                                                   jax.tree_util.tree_leaves(running)))
+  _assert_trees_equal(variables["batch_stats"], recomputed if mode == "recompute" else running)
+  # A resumed run restores the same statistics from the workdir's checkpoint.
+  again = pretraining.pretrain_stage(cfg, model, data, workdir, _NoProgress())
+  _assert_trees_equal(again["batch_stats"], variables["batch_stats"])
+  assert info["batch_stats"] == mode
+  kept = "recomputed" if mode == "recompute" else "running"
+  assert info["test_accuracy"] == info[f"test_accuracy_{kept}_stats"]
+  test = (splits.load_unlearning_data(pretraining.pretrain_data_config(
+      cfg, 8, data.config.normalization)).test if where == "cache" else data.test)
+  for stats, name in ((running, "running"), (recomputed, "recomputed")):
+    assert info[f"test_accuracy_{name}_stats"] == pretraining.accuracy(
+        pre_model, {**pre_vars, "batch_stats": stats}, test, 64)

@@ -4,18 +4,25 @@ its accuracy on that dataset's test split and a cache that shares one pre-traini
 every run that needs the same backbone; or loaded (a ViT `.npz`, a PyTorch state dict, a
 checkpoint); or random.
 
+A backbone trained here keeps the BatchNorm running statistics training left (the EMA,
+`pretrain.batch_stats="running"`) or, with `"recompute"`, statistics recomputed in one
+train-mode pass over the pre-training images (`settle_batch_stats`, before anything is
+saved); the test accuracy with both is recorded either way, and a warning names the knob when
+the recomputed ones score clearly higher (the EMA of a short pre-training can be stale).
+
 The cache (`load_or_train`, config `pretrain.cache_dir`) is content-addressed: an entry's
 name ends in the SHA-256 of the pre-training config (`cache_key`: model and its options,
 dataset, #images per class, image size, normalisation, data seed, the whole training recipe,
-the init seed and `CACHE_VERSION`), so every seed and every config (#IPC 100 or 500, ...)
-with the same backbone finds the same entry, and a change of recipe gets a new one. An entry
-holds:
+the init seed, `pretrain.batch_stats` unless "running", and `CACHE_VERSION`), so every seed
+and every config (#IPC 100 or 500, ...) with the same backbone finds the same entry, and a
+change of recipe gets a new one. An entry holds:
 
   <cache_dir>/<model>_<dataset>_<key[:16]>/
     key.json        the pre-training config the key hashes (checked on every hit)
-    variables/      the pre-trained model on the pre-training dataset, its own head included
-                    (orbax; written atomically)
-    info.json       test accuracy, recipe, loss, seconds (written after variables/)
+    variables/      the pre-trained model on the pre-training dataset, its own head included,
+                    its BatchNorm statistics as `pretrain.batch_stats` asks (orbax; atomic)
+    info.json       test accuracy (with the running and the recomputed BatchNorm statistics
+                    too), recipe, loss, seconds (written after variables/)
     train.partial   the training state while training (resumable, removed when complete)
     lock            a file lock (fcntl.flock): one run trains, the others wait for it; the
                     kernel releases it if the trainer dies, and the next one resumes from
@@ -37,6 +44,7 @@ from typing import Any, Callable, Optional
 import jax
 import numpy as np
 
+from fastntk_jax import batch_stats as bn_stats
 from fastntk_jax import models
 from fastntk_jax import train as train_lib
 from fastntk_jax import workdir as wd
@@ -49,6 +57,10 @@ log = logging.getLogger(__name__)
 
 CACHE_VERSION = 1  # bump when the pre-training code changes what a key produces
 INIT_SEED = 10_001  # the backbone's init and batch-order seed (as before the cache)
+RECOMPUTE_SEED = 0  # shuffles the pre-training images into the recompute pass's batches
+# pretrain.batch_stats="running" warns when the recomputed statistics score this many
+# points of test accuracy more.
+STALE_STATS_POINTS = 5.0
 _INFO = "info.json"
 _KEY = "key.json"
 _VARIABLES = "variables"
@@ -99,6 +111,10 @@ def cache_key(cfg, image_size: int, normalization: str) -> tuple[dict, str]:
       "train": _plain(cfg.pretrain.train),
       "init_seed": INIT_SEED,
   }
+  # Only when not the default: the keys (and cache entries) of "running" backbones stay
+  # those of before the knob, and a "recompute" backbone never hits a "running" one's entry.
+  if cfg.pretrain.batch_stats != "running":
+    key["batch_stats"] = cfg.pretrain.batch_stats
   text = json.dumps(key, sort_keys=True)
   return key, hashlib.sha256(text.encode()).hexdigest()
 
@@ -114,6 +130,50 @@ def accuracy(model, variables: dict, split, batch_size: int) -> Optional[float]:
   trainable, frozen = _split_variables(variables)
   logits = train_lib.predict(model, trainable, frozen, split.x, batch_size=batch_size)
   return train_lib.accuracy(logits, split.y)
+
+
+def settle_batch_stats(cfg, model, variables: dict, train_x, test, batch_size: int,
+                       eval_batch_size: int) -> tuple[dict, dict]:
+  """The BatchNorm running statistics a freshly pre-trained backbone keeps.
+
+  Recomputes them from the pre-training images alone (`batch_stats.recompute_batch_stats`,
+  one train-mode pass in batches of the pre-training's `batch_size`, shuffled by
+  `RECOMPUTE_SEED`), evaluates the test split with the running (EMA) and the recomputed ones,
+  and keeps the ones `cfg.pretrain.batch_stats` names ("running" | "recompute"). With
+  "running", a warning names the knob when the recomputed ones score `STALE_STATS_POINTS` or
+  more above them. A model without `batch_stats` is returned as it is, with its test accuracy
+  alone.
+
+  Args:
+    cfg: the run's config. model: the pre-trained model. variables: its variables (with
+      `trainable`). train_x: the pre-training images. test: the `Split` it is evaluated on.
+    batch_size: the pre-training's. eval_batch_size: the evaluation's.
+
+  Returns:
+    (the variables with the statistics kept, the info entries: `test_accuracy` (with the kept
+    statistics) and, with `batch_stats`, `batch_stats` (the mode),
+    `test_accuracy_running_stats` and `test_accuracy_recomputed_stats`).
+  """
+  if "batch_stats" not in variables:
+    return variables, {"test_accuracy": accuracy(model, variables, test, eval_batch_size)}
+  mode = cfg.pretrain.batch_stats
+  trainable, frozen = _split_variables(variables)
+  stats = bn_stats.recompute_batch_stats(model, trainable, frozen, train_x,
+                                         batch_size=batch_size, seed=RECOMPUTE_SEED)
+  recomputed = {**variables, "batch_stats": stats}
+  running_acc = accuracy(model, variables, test, eval_batch_size)
+  recomputed_acc = accuracy(model, recomputed, test, eval_batch_size)
+  info = {"batch_stats": mode, "test_accuracy_running_stats": running_acc,
+          "test_accuracy_recomputed_stats": recomputed_acc}
+  if mode == "recompute":
+    return recomputed, {**info, "test_accuracy": recomputed_acc}
+  if (running_acc is not None and recomputed_acc is not None
+      and recomputed_acc - running_acc >= STALE_STATS_POINTS):
+    log.warning("the pre-trained backbone's BatchNorm running statistics look stale: test "
+                "accuracy %.2f%% with them, %.2f%% with them recomputed on the %d pre-training "
+                "images; set pretrain.batch_stats='recompute' to keep the recomputed ones",
+                running_acc, recomputed_acc, len(train_x))
+  return variables, {**info, "test_accuracy": running_acc}
 
 
 def _abstract_variables(model, image_shape) -> dict:
@@ -132,7 +192,8 @@ def train_backbone(cfg, spec, image_size: int, normalization: str, *,
                    checkpoint_path: Optional[str] = None, eval_batch_size: int = 256,
                    mesh=None) -> tuple[dict, dict]:
   """Trains the task's architecture on `cfg.pretrain.dataset` (its own head) with `spec`,
-  then evaluates it on that dataset's test split.
+  then evaluates it on that dataset's test split (keeping the BatchNorm statistics
+  `cfg.pretrain.batch_stats` asks for: `settle_batch_stats`).
 
   Args:
     cfg: the experiment config (model, pretrain.*, data.data_dir/manual_dir/seed).
@@ -145,7 +206,8 @@ def train_backbone(cfg, spec, image_size: int, normalization: str, *,
 
   Returns:
     (variables of the pre-trained model with its own head, info dict: dataset, recipe,
-    #classes, #train/#test images, final training loss, test accuracy, seconds).
+    #classes, #train/#test images, final training loss, test accuracy, seconds and, for a
+    model with BatchNorm, `batch_stats` and the test accuracy with either statistics).
   """
   start = time.perf_counter()
   pre_data = splits.load_unlearning_data(pretrain_data_config(cfg, image_size, normalization))
@@ -163,7 +225,9 @@ def train_backbone(cfg, spec, image_size: int, normalization: str, *,
     variables["batch_stats"] = stats
   variables = jax.tree_util.tree_map(np.asarray, variables)
   test = pre_data.test
-  test_acc = accuracy(model, variables, test, eval_batch_size)
+  variables, settled = settle_batch_stats(cfg, model, variables, train.x, test, spec.batch_size,
+                                          eval_batch_size)
+  test_acc = settled.pop("test_accuracy")
   info = {
       "source": "train",
       "dataset": cfg.pretrain.dataset,
@@ -175,6 +239,7 @@ def train_backbone(cfg, spec, image_size: int, normalization: str, *,
       "final_train_loss": float(history[-1]) if history else None,
       "epochs": int(spec.epochs),
       "recipe": spec.describe(),
+      **settled,  # batch_stats and the test accuracy with either statistics
       "seconds": time.perf_counter() - start,
   }
   log.info("pre-trained %s on %s (%d images, %s): test accuracy %.2f%% on %s (%d images)",
@@ -286,8 +351,10 @@ PRETRAIN_INFO = "pretrain.json"
 
 def pretrain_stage(cfg, model, data, workdir: str, progress, mesh=None) -> dict:
   """The backbone every method starts from: trained here or in the shared cache, loaded, or
-  random. What it is (and, when trained, its test accuracy) goes to `pretrain.json`
-  (`pretrain_info`), written before the checkpoint, so a resumed run still reports it.
+  random. What it is (and, when trained, its test accuracy, with both BatchNorm statistics
+  where it has them: `settle_batch_stats`, which also replaces the running ones by recomputed
+  ones with `pretrain.batch_stats="recompute"`) goes to `pretrain.json` (`pretrain_info`),
+  written before the checkpoint, so a resumed run still reports it and keeps the statistics.
 
   Args:
     cfg: the run's config. model: the task's model. data: the task's `UnlearningData`.
@@ -334,10 +401,11 @@ def pretrain_stage(cfg, model, data, workdir: str, progress, mesh=None) -> dict:
     if stats is not None:
       variables["batch_stats"] = stats
     test = data.test  # the task's hold-out: same classes, same head
+    variables, settled = settle_batch_stats(cfg, model, variables, data.pretrain.x, test,
+                                            spec.batch_size, cfg.eval.batch_size)
     info.update(dataset=f"{data.config.name} (pretrain split)", train_images=data.pretrain.size,
                 test_split=f"{test.source} (hold-out)", test_images=test.size,
-                test_accuracy=accuracy(model, variables, test, cfg.eval.batch_size),
-                final_train_loss=float(history[-1]) if history else None,
+                **settled, final_train_loss=float(history[-1]) if history else None,
                 epochs=spec.epochs, recipe=spec.describe(),
                 seconds=time.perf_counter() - start)
   elif source == "npz":
