@@ -328,6 +328,20 @@ def test_settle_batch_stats_keeps_the_chosen_statistics_and_warns_when_stale(mon
   with caplog.at_level(logging.WARNING, logger="fastntk_jax.experiment.pretrain"):
     pretraining.settle_batch_stats(cfg, None, variables, x, None, 4, 8)
   assert not caplog.text
+  # Statistics that cannot be recomputed (no train-mode pass moves them): "running" keeps
+  # its own and says so; "recompute" is refused, naming the knob.
+  def cannot(*args, **kwargs):
+    raise ValueError("the running statistics never moved")
+  monkeypatch.setattr(pretraining.bn_stats, "recompute_batch_stats", cannot)
+  scores["recomputed"] = 90.0
+  with caplog.at_level(logging.WARNING, logger="fastntk_jax.experiment.pretrain"):
+    kept, info = pretraining.settle_batch_stats(cfg, None, variables, x, None, 4, 8)
+  assert kept is variables and info["test_accuracy_recomputed_stats"] is None
+  assert info["test_accuracy"] == 10.0 and "cannot be recomputed" in caplog.text
+  cfg.pretrain.batch_stats = "recompute"
+  with pytest.raises(ValueError, match="pretrain.batch_stats='recompute': .*never moved"):
+    pretraining.settle_batch_stats(cfg, None, variables, x, None, 4, 8)
+  cfg.pretrain.batch_stats = "running"
   # No BatchNorm: the model as it is, its accuracy alone.
   monkeypatch.setattr(pretraining, "accuracy", lambda *a: 50.0)
   plain = {"trainable": {}, "params": {}}

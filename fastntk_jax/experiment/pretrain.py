@@ -158,8 +158,18 @@ def settle_batch_stats(cfg, model, variables: dict, train_x, test, batch_size: i
     return variables, {"test_accuracy": accuracy(model, variables, test, eval_batch_size)}
   mode = cfg.pretrain.batch_stats
   trainable, frozen = _split_variables(variables)
-  stats = bn_stats.recompute_batch_stats(model, trainable, frozen, train_x,
-                                         batch_size=batch_size, seed=RECOMPUTE_SEED)
+  try:
+    stats = bn_stats.recompute_batch_stats(model, trainable, frozen, train_x,
+                                           batch_size=batch_size, seed=RECOMPUTE_SEED)
+  except ValueError as e:  # e.g. statistics no train-mode pass moves (BN frozen in training)
+    if mode == "recompute":
+      raise ValueError(f"pretrain.batch_stats='recompute': {e}") from e
+    log.warning("the pre-trained backbone's BatchNorm statistics cannot be recomputed (%s); "
+                "keeping the running ones", e)
+    running_acc = accuracy(model, variables, test, eval_batch_size)
+    return variables, {"batch_stats": mode, "test_accuracy": running_acc,
+                       "test_accuracy_running_stats": running_acc,
+                       "test_accuracy_recomputed_stats": None}
   recomputed = {**variables, "batch_stats": stats}
   running_acc = accuracy(model, variables, test, eval_batch_size)
   recomputed_acc = accuracy(model, recomputed, test, eval_batch_size)
