@@ -163,8 +163,8 @@ def test_full_retrain_and_the_update_from_one_set_of_kernel_statistics():
                                  dtype=jnp.float64)).reshape(-1)
     np.testing.assert_allclose(np.asarray(stats.residuals), e, rtol=1e-6, atol=1e-7)
     m_r = r32[0].shape[0] * C
-    w_full = linear.kernel_ridge_solution(w32, stats, lam)
-    w_retrain = linear.kernel_ridge_solution(w32, stats, lam, outputs=m_r)
+    w_full = forgetter.ridge_from_kernel_stats(w32, stats)
+    w_retrain = forgetter.ridge_from_kernel_stats(w32, stats, num_samples=r32[0].shape[0])
     e = np.asarray(stats.residuals, np.float64)
     for got, rows in ((w_full, slice(None)), (w_retrain, slice(0, m_r))):
       ref = _flat(w32) + linalg.reference_ridge_solve(j[rows].T @ j[rows], j[rows].T @ e[rows],
@@ -182,10 +182,14 @@ def test_full_retrain_and_the_update_from_one_set_of_kernel_statistics():
       forgetter.from_kernel_stats(w_full, stats, 16, plan)
     with pytest.raises(TypeError, match="KernelStats"):
       forgetter.from_kernel_stats(w_full, tuple(stats), 12, plan)
-    with pytest.raises(ValueError, match="outputs"):
-      linear.kernel_ridge_solution(w32, stats, lam, outputs=0)
+    with pytest.raises(ValueError, match="num_samples"):
+      forgetter.ridge_from_kernel_stats(w32, stats, num_samples=0)
+    with pytest.raises(ValueError, match="do not fit params"):
+      forgetter.ridge_from_kernel_stats({"w": jnp.zeros(3, jnp.float32)}, stats)
+    undamped = unlearn.make_forgetter(apply32, num_classes=C, damping=1e-30, batch_size=5,
+                                      solve_dtype=jnp.float64)
     with pytest.raises(linalg.SolveError):  # singular in float64: p = 40 < n·C = 48
-      linear.kernel_ridge_solution(w32, stats, 1e-30)
+      undamped.ridge_from_kernel_stats(w32, stats)
 
 
 @pytest.mark.slow

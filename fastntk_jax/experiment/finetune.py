@@ -83,7 +83,7 @@ class FineTuner:
     return (retain, forget), (seconds_r, seconds_f), self.compile_seconds
 
   def kernel(self):
-    """(the `KernelStats` of D at w0, D_r's samples first, and the seconds they took),
+    """(the kernel statistics of D at w0, D_r's samples first, and the seconds they took),
     computed once (`Forgetter.kernel_stats`: D's Jacobian rows kept, n·C·p numbers in the
     network's dtype, and Θ over D): Full, Retrain and the Fast-NTK update are then solved
     from the same numbers, so they define one linearised model to the solve's precision
@@ -100,7 +100,7 @@ class FineTuner:
 
   def shared_kernel(self):
     """What the Fast-NTK update reuses in the dual (`methods.Context.kernel`): (the
-    `KernelStats` of D with D_r first, #samples of D_r, seconds they took)."""
+    kernel statistics of D with D_r first, #samples of D_r, seconds they took)."""
     stats, seconds = self.kernel()
     return stats, self.data.retain.size, seconds
 
@@ -120,9 +120,8 @@ class FineTuner:
       stats, seconds = self.kernel()
       n_r, n = data.retain.size, data.retain.size + data.forget.size
       solve_start = time.perf_counter()
-      params = linear.kernel_ridge_solution(
-          self.w0, stats, cfg.unlearn.damping,
-          outputs=None if tag == "full" else n_r * data.num_classes)
+      params = self.forgetter.ridge_from_kernel_stats(
+          self.w0, stats, num_samples=None if tag == "full" else n_r)
       params = jax.block_until_ready(params)
       # Retrain's share of the statistics: D_r's rows (their Jacobians dominate the cost).
       share = 1.0 if tag == "full" else n_r / n

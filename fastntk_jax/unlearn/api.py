@@ -68,10 +68,15 @@ class Forgetter(NamedTuple):
   The primal update from Gram statistics summed elsewhere (pure, jit-able):
     gram_stats(w_lin, x, y, row_weights=None) -> (G [p, p], b [p]) in the solve dtype.
     from_gram_stats(params, stats_retain, stats_forget, plan) -> (params, SolveInfo), checked.
-  The dual update from kernel statistics taken elsewhere (D's Jacobian rows kept):
-    kernel_stats(w_lin, x, y) -> `solvers.KernelStats` (J [n·C, p], E [n·C], Θ [n·C, n·C]).
+  The dual from kernel statistics taken once (D's Jacobian rows kept, D_r's first):
+    kernel_stats(w_lin, x, y) -> `solvers.KernelStats` (J [n·C, p] in the network's dtype,
+      E [n·C] and Θ = JJᵀ [n·C, n·C] in the solve dtype).
     from_kernel_stats(params, stats, num_retain, plan) -> (params, SolveInfo), checked: Eq.
       (1) with the first `num_retain` samples of `stats` as D_r, the rest as D_f.
+    ridge_from_kernel_stats(w_lin, stats, *, num_samples=None) -> params, checked: w_lin +
+      J_Sᵀ(Θ_SS + λI)⁻¹E_S, S the first `num_samples` samples (None: all), refused when κ·ε > 1
+      in the solve dtype or non-finite (`SolveError`); the statistics define the linearised
+      model, so its precision is the solve's.
   The linearised model's own minimiser (what linearised fine-tuning reaches):
     ridge_solution(w_lin, parts, *, solver="cg") -> (params, SolveInfo): w_lin +
       (JᵀJ + λI)⁻¹JᵀE over the samples of `parts` [(x, y), ...], by "cg" (conjugate
@@ -108,6 +113,7 @@ class Forgetter(NamedTuple):
   from_gram_stats: Callable
   kernel_stats: Callable
   from_kernel_stats: Callable
+  ridge_from_kernel_stats: Callable
   ridge_solution: Callable
   forget_with_diagnostics: Callable
   accumulate: Callable
@@ -283,18 +289,40 @@ def make_forgetter(apply_fn: ApplyFn, *, num_classes: int, damping=1e-2,
     return solvers.kernel_stats(apply_fn, w_lin, x, y, num_classes=c,
                                 batch_size=opts.batch_size, dtype=solve_dtype_of(w_lin))
 
-  def from_kernel_stats(params, stats, num_retain, plan):
-    p = ntk.num_params(params)
+  def check_kernel_stats(stats, p):
     if not isinstance(stats, solvers.KernelStats):
       raise TypeError(f"stats must be the KernelStats of Forgetter.kernel_stats, got "
                       f"{type(stats).__name__}")
     m = stats.residuals.shape[0]
-    if (stats.rows.shape != (m, p) or stats.kernel.shape != (m, m) or m % c
-        or not 0 < int(num_retain) * c < m):
-      raise ValueError(f"from_kernel_stats: statistics of shapes rows {stats.rows.shape}, "
-                       f"residuals {stats.residuals.shape}, kernel {stats.kernel.shape} with "
-                       f"num_retain={num_retain} do not fit params of size p = {p} and C = {c} "
-                       "(need rows [n·C, p], kernel [n·C, n·C], 0 < num_retain < n)")
+    if stats.rows.shape != (m, p) or stats.kernel.shape != (m, m) or m % c:
+      raise ValueError(f"kernel statistics of shapes rows {stats.rows.shape}, residuals "
+                       f"{stats.residuals.shape}, kernel {stats.kernel.shape} do not fit "
+                       f"params of size p = {p} and C = {c} (need rows [n·C, p], residuals "
+                       "[n·C], kernel [n·C, n·C])")
+    return m // c
+
+  def ridge_from_kernel_stats(w_lin, stats, *, num_samples=None):
+    validate.check_params(w_lin, w_lin)
+    n = check_kernel_stats(stats, ntk.num_params(w_lin))
+    if num_samples is not None and not 0 < int(num_samples) <= n:
+      raise ValueError(f"ridge_from_kernel_stats: num_samples={num_samples} must be in "
+                       f"[1, {n}] (the statistics' samples)")
+    dtype = stats.residuals.dtype
+    step, info = solvers.kernel_ridge_step(
+        stats, jnp.asarray(opts.damping, dtype),
+        outputs=None if num_samples is None else int(num_samples) * c)
+    linalg.check_precision(jnp.where(info.finite, info.kappa, jnp.nan), dtype,
+                           what="the linearised model's ridge solution (dual, from kernel "
+                           "statistics)", damping=opts.damping)
+    return ntk.apply_delta(w_lin, step)
+
+  def from_kernel_stats(params, stats, num_retain, plan):
+    p = ntk.num_params(params)
+    n = check_kernel_stats(stats, p)
+    if not 0 < int(num_retain) < n:
+      raise ValueError(f"from_kernel_stats: num_retain={num_retain} must be in [1, {n - 1}] "
+                       f"(the statistics hold {n} samples: D_r's first, then D_f's, at least "
+                       "one of each)")
     if not isinstance(plan, plan_lib.Plan) or plan.num_params != p:
       raise ValueError("plan must be the Plan of these params (Forgetter.plan)")
     dtype = plan.solve_dtype
@@ -475,7 +503,8 @@ def make_forgetter(apply_fn: ApplyFn, *, num_classes: int, damping=1e-2,
   return Forgetter(options=opts, plan=plan_fn, forget=forget_fn,
                    forget_with_info=forget_with_info, check=check, gram_stats=gram_stats,
                    from_gram_stats=from_gram_stats, kernel_stats=kernel_stats,
-                   from_kernel_stats=from_kernel_stats, ridge_solution=ridge_solution,
+                   from_kernel_stats=from_kernel_stats,
+                   ridge_from_kernel_stats=ridge_from_kernel_stats, ridge_solution=ridge_solution,
                    forget_with_diagnostics=forget_with_diagnostics, accumulate=accumulate,
                    diagnostics=diagnostics, certify=certify, init=init,
                    serve=stream.forget_request, serve_with_diagnostics=serve_with_diagnostics,

@@ -6,7 +6,7 @@
 L_D's minimiser is w_D, L_{D_r}'s is w_r, and the Fast-NTK update maps the first to the
 second exactly. `linearize` gives f_lin for any `apply_fn`; `ridge_solution` gives the
 minimiser in closed form from the Gram statistics the primal solver uses (one Jacobian pass
-instead of epochs of training), `kernel_ridge_solution` from the dual's kernel statistics; `Linearized` wraps a Flax model so the training and evaluation
+instead of epochs of training); `Linearized` wraps a Flax model so the training and evaluation
 code (`fastntk_jax.train`) runs on f_lin unchanged.
 """
 
@@ -64,38 +64,6 @@ def ridge_solution(w0: PyTree, stats: Sequence[tuple], damping) -> PyTree:
   step, info = linalg.ridge_solve(g, b, damping)
   linalg.check_precision(jnp.where(info.finite, info.kappa, jnp.nan), g.dtype,
                          what="the ridge solution of the linearised model", damping=damping)
-  return ntk.apply_delta(w0, step)
-
-
-def kernel_ridge_solution(w0: PyTree, stats, damping, *, outputs=None) -> PyTree:
-  """argmin L_S from the dual's statistics: w0 + J_Sᵀ(Θ_SS + λI)⁻¹E_S, S the leading
-  samples of `stats` (`solvers.kernel_ridge_step`).
-
-  Args:
-    w0: the linearisation point.
-    stats: `solvers.KernelStats` at w0 of a set whose leading samples are S (e.g. D with
-      D_r first: all of it for Full, D_r's rows for Retrain).
-    damping: λ (the same as the update's).
-    outputs: S's number of rows in `stats` (n_S·C); None: all of them.
-
-  Returns:
-    Pytree like `w0`.
-
-  Raises:
-    SolveError: Θ_SS + λI is not positive definite, the step is not finite, or κ·ε > 1
-      (`linalg.check_precision` in the solve dtype: the statistics define the linearised
-      model every method is measured on).
-  """
-  from fastntk_jax.unlearn import solvers  # pylint: disable=g-import-not-at-top
-  m = stats.residuals.shape[0]
-  if outputs is not None and not 0 < int(outputs) <= m:
-    raise ValueError(f"kernel_ridge_solution: outputs={outputs} must be in [1, {m}] (the "
-                     "statistics' rows)")
-  dtype = stats.residuals.dtype
-  step, info = solvers.kernel_ridge_step(stats, jnp.asarray(damping, dtype), outputs=outputs)
-  linalg.check_precision(jnp.where(info.finite, info.kappa, jnp.nan), dtype,
-                         what="the ridge solution of the linearised model (dual)",
-                         damping=damping)
   return ntk.apply_delta(w0, step)
 
 

@@ -57,9 +57,10 @@ class Context:
       stats = (G, b) as `Forgetter.gram_stats` gives them: the Gram statistics at w0 that
       linearised fine-tuning in closed form solved Full and Retrain from, the seconds each
       took and their compilation; None in other modes.
-    kernel: `() -> (stats, num_retain, seconds)`: the `unlearn.solvers.KernelStats` of D at
-      w0 (D_r's `num_retain` samples first) that linearised fine-tuning in the dual solved
-      Full and Retrain from, and the seconds they took; None in other modes.
+    kernel: `() -> (stats, num_retain, seconds)`: the kernel statistics of D at w0
+      (`Forgetter.kernel_stats`, D_r's `num_retain` samples first) that linearised
+      fine-tuning in the dual solved Full and Retrain from, and the seconds they took; None
+      in other modes.
     folder: the seed's folder for a method's resumable files (None: keep none).
     workdir: the run's folder (its audit log), None in the KLoM population.
     record: whether this is a reported seed (certificates and the audit log), not a model
