@@ -90,8 +90,27 @@ class WorkdirConflictError(ValueError):
   """The workdir holds results of a different config."""
 
 
-def claim(workdir: str, cfg: ml_collections.ConfigDict) -> None:
-  """Records `cfg` in `workdir`, or checks that the one recorded there is the same.
+def _with_added_fields(theirs, mine, defaults):
+  """`theirs` with every field it lacks taken from `mine` where `mine` holds that field's
+  default (`defaults`): a field added to the config after the workdir was started, left at
+  its default, changes nothing the workdir holds."""
+  if not (isinstance(theirs, dict) and isinstance(mine, dict) and isinstance(defaults, dict)):
+    return theirs
+  out = dict(theirs)
+  for k, v in mine.items():
+    if k not in theirs:
+      if k in defaults and defaults[k] == v:
+        out[k] = v
+    else:
+      out[k] = _with_added_fields(theirs[k], v, defaults.get(k))
+  return out
+
+
+def claim(workdir: str, cfg: ml_collections.ConfigDict,
+          defaults: Optional[ml_collections.ConfigDict] = None) -> None:
+  """Records `cfg` in `workdir`, or checks that the one recorded there is the same: the same
+  but for fields the recorded config lacks and `cfg` holds at their value in `defaults` (the
+  base config: fields added since the workdir was started, at their defaults).
 
   Raises:
     WorkdirConflictError: the workdir was started with another config; results are never
@@ -111,6 +130,8 @@ def claim(workdir: str, cfg: ml_collections.ConfigDict) -> None:
     if not isinstance(theirs, dict):
       raise WorkdirConflictError(f"workdir {workdir!r}: its {CONFIG_FILE} holds a "
                                  f"{type(theirs).__name__}, not a config; use a new --workdir")
+    if defaults is not None:
+      theirs = _with_added_fields(theirs, mine, config_dict(defaults))
     if theirs != mine:
       diffs = _diff(theirs, mine)
       raise WorkdirConflictError(

@@ -182,14 +182,55 @@ def test_full_retrain_and_the_update_from_one_set_of_kernel_statistics():
       forgetter.from_kernel_stats(w_full, stats, 16, plan)
     with pytest.raises(TypeError, match="KernelStats"):
       forgetter.from_kernel_stats(w_full, tuple(stats), 12, plan)
-    with pytest.raises(ValueError, match="num_samples"):
-      forgetter.ridge_from_kernel_stats(w32, stats, num_samples=0)
+    for bad in (0, 17, 2.9, True):  # samples, as num_retain (an int, not rows)
+      with pytest.raises(ValueError, match="num_samples"):
+        forgetter.ridge_from_kernel_stats(w32, stats, num_samples=bad)
+    with pytest.raises(ValueError, match="num_retain"):
+      forgetter.from_kernel_stats(w_full, stats, 2.7, plan)
+    other = forgetter.plan(w32, w_full, (r32[0][:4], r32[1][:4]), f32)
+    with pytest.raises(ValueError, match="plan was made for other inputs"):
+      forgetter.from_kernel_stats(w_full, stats, 12, other)
+    wide = unlearn.make_forgetter(apply32, num_classes=C + 1, damping=lam)
+    with pytest.raises(ValueError, match="num_classes=4"):
+      wide.kernel_stats(w32, x, y)
     with pytest.raises(ValueError, match="do not fit params"):
       forgetter.ridge_from_kernel_stats({"w": jnp.zeros(3, jnp.float32)}, stats)
     undamped = unlearn.make_forgetter(apply32, num_classes=C, damping=1e-30, batch_size=5,
                                       solve_dtype=jnp.float64)
     with pytest.raises(linalg.SolveError):  # singular in float64: p = 40 < n·C = 48
       undamped.ridge_from_kernel_stats(w32, stats)
+
+
+def test_solves_from_kernel_statistics_are_judged_by_their_condition_not_a_loose_bound():
+  """A float32 solve whose true κ·ε exceeds 1 is refused: Full/Retrain from the statistics
+  judge κ by power iterations (the factor's diagonal alone was 10x low, and a 0.4-off result
+  passed), and the update by its exact κ as the dual it is, whatever solver the plan chose
+  (a cg plan let the loose bound judge it)."""
+  from flax import linen as nn  # pylint: disable=g-import-not-at-top
+
+  class MLP(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return nn.Dense(C)(nn.tanh(nn.Dense(5)(x)))
+
+  net = MLP()
+  x = jax.random.normal(jax.random.PRNGKey(0), (24, 4))
+  y = jax.random.randint(jax.random.PRNGKey(1), (24,), 0, C)
+  w = net.init(jax.random.PRNGKey(0), x[:1])["params"]
+  apply = lambda p, xx: net.apply({"params": p}, xx)
+  forgetter = unlearn.make_forgetter(apply, num_classes=C, damping=3e-6, batch_size=None)
+  stats = forgetter.kernel_stats(w, x, y)
+  j = np.asarray(stats.rows, np.float64)
+  true = np.linalg.cond(j @ j.T + 3e-6 * np.eye(j.shape[0]))
+  assert true * np.finfo(np.float32).eps > 1  # no digit of a float32 solve can be trusted
+  with pytest.raises(linalg.SolveError, match="condition number"):
+    forgetter.ridge_from_kernel_stats(w, stats)
+  cg = unlearn.make_forgetter(apply, num_classes=C, damping=3e-6, batch_size=None,
+                              solver="cg")
+  plan = cg.plan(w, w, (x[:20], y[:20]), (x[20:], y[20:]))
+  assert plan.solver == unlearn.Solver.CG
+  with pytest.raises(linalg.SolveError, match="dual solve.*condition number"):
+    cg.from_kernel_stats(w, stats, 20, plan)
 
 
 @pytest.mark.slow

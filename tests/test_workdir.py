@@ -83,3 +83,30 @@ def test_a_failed_atomic_write_leaves_neither_the_file_nor_a_temporary(tmp_path,
   with pytest.raises(OSError, match="No space"):
     wd.atomic_write_text(str(tmp_path / "results.json"), "{}")
   assert os.listdir(tmp_path) == []
+
+
+def test_a_workdir_started_before_a_field_existed_resumes_when_it_is_at_its_default(tmp_path):
+  """A config field added after a workdir was started (absent from its config.json) changes
+  nothing there when the run leaves it at its default; set otherwise, it is a conflict that
+  names it. Fields the workdir holds are compared as before."""
+  import json  # pylint: disable=g-import-not-at-top
+  from fastntk_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+  cfg, defaults = config_lib.base_config(), config_lib.base_config()
+  workdir = str(tmp_path / "w")
+  wd.claim(workdir, cfg, defaults)
+  path = os.path.join(workdir, wd.CONFIG_FILE)
+  with open(path) as f:
+    stored = json.load(f)
+  del stored["pretrain"]["batch_stats"]  # as written before the field existed
+  with open(path, "w") as f:
+    json.dump(stored, f)
+  wd.claim(workdir, cfg, defaults)
+  with pytest.raises(wd.WorkdirConflictError, match="pretrain.batch_stats"):
+    wd.claim(workdir, cfg)  # without the defaults: every difference counts
+  cfg.pretrain.batch_stats = "recompute"
+  with pytest.raises(wd.WorkdirConflictError, match="pretrain.batch_stats"):
+    wd.claim(workdir, cfg, defaults)
+  cfg.pretrain.batch_stats = "running"
+  cfg.unlearn.damping = 0.5
+  with pytest.raises(wd.WorkdirConflictError, match="unlearn.damping"):
+    wd.claim(workdir, cfg, defaults)

@@ -104,6 +104,12 @@ class FineTuner:
     stats, seconds = self.kernel()
     return stats, self.data.retain.size, seconds
 
+  def release_shared(self):
+    """Frees the statistics shared with the Fast-NTK update (the Grams, p² each, or D's
+    Jacobian rows and kernel, n·C·p and (n·C)²) once every method has run; asked again,
+    they are recomputed (the same numbers)."""
+    self._grams, self._kernel = {}, None
+
   def fit(self, split, tag: str, checkpoint_path: Optional[str] = None) -> tuple[dict, float]:
     """Fine-tunes on `split` (a `data.Split`: D for tag "full", D_r for "retrain"); returns
     ({"trainable"[, "batch_stats"]}, seconds). In the dual, Full's seconds count D's kernel

@@ -312,6 +312,7 @@ def run_seed(setup: Setup, data, seed: int) -> dict:
     out = stages.array_stage(os.path.join(sdir, name), {"trainable": w0}, compute)
     models_of[name] = (out["trainable"], frozen_full)
     diagnostics[name] = stages.read_json(diag_path, {})
+  tuner.release_shared()  # every method has run: the evaluation needs no statistics of D
 
   # The one place where released models are formed: with train-mode BN, each one's running
   # statistics from the data its method may see (D_r for Retrain and every method; D for Full).
@@ -473,7 +474,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, *, show_progress: bool = T
                                     workdir=workdir)
            if "fastntk" in p.cfg.methods else None)
     with wd.hold(workdir, exclusive=jax.process_index() == 0):
-      wd.claim(workdir, p.cfg)
+      wd.claim(workdir, p.cfg, config_lib.base_config())
       if on_ready is not None:
         on_ready()
       for note in config_lib.ignored_fields(p.cfg):

@@ -72,7 +72,9 @@ class Forgetter(NamedTuple):
     kernel_stats(w_lin, x, y) -> `solvers.KernelStats` (J [n·C, p] in the network's dtype,
       E [n·C] and Θ = JJᵀ [n·C, n·C] in the solve dtype).
     from_kernel_stats(params, stats, num_retain, plan) -> (params, SolveInfo), checked: Eq.
-      (1) with the first `num_retain` samples of `stats` as D_r, the rest as D_f.
+      (1) with the first `num_retain` samples of `stats` as D_r, the rest as D_f; judged as
+      the dual that ran (κ exact, in the solve dtype: the statistics define the model),
+      whatever solver `plan` (made for these inputs) chose.
     ridge_from_kernel_stats(w_lin, stats, *, num_samples=None) -> params, checked: w_lin +
       J_Sᵀ(Θ_SS + λI)⁻¹E_S, S the first `num_samples` samples (None: all), refused when κ·ε > 1
       in the solve dtype or non-finite (`SolveError`); the statistics define the linearised
@@ -286,6 +288,7 @@ def make_forgetter(apply_fn: ApplyFn, *, num_classes: int, damping=1e-2,
   def kernel_stats(w_lin, x, y):
     validate.check_params(w_lin, w_lin)
     x, y = validate.check_split("kernel_stats", (x, y), c)
+    validate.check_logits(apply_fn, w_lin, x, c)
     return solvers.kernel_stats(apply_fn, w_lin, x, y, num_classes=c,
                                 batch_size=opts.batch_size, dtype=solve_dtype_of(w_lin))
 
@@ -304,9 +307,11 @@ def make_forgetter(apply_fn: ApplyFn, *, num_classes: int, damping=1e-2,
   def ridge_from_kernel_stats(w_lin, stats, *, num_samples=None):
     validate.check_params(w_lin, w_lin)
     n = check_kernel_stats(stats, ntk.num_params(w_lin))
-    if num_samples is not None and not 0 < int(num_samples) <= n:
-      raise ValueError(f"ridge_from_kernel_stats: num_samples={num_samples} must be in "
-                       f"[1, {n}] (the statistics' samples)")
+    if num_samples is not None and (
+        isinstance(num_samples, bool) or not isinstance(num_samples, (int, np.integer))
+        or not 0 < num_samples <= n):
+      raise ValueError(f"ridge_from_kernel_stats: num_samples={num_samples!r} must be an int "
+                       f"in [1, {n}] (the statistics' samples) or None")
     dtype = stats.residuals.dtype
     step, info = solvers.kernel_ridge_step(
         stats, jnp.asarray(opts.damping, dtype),
@@ -319,19 +324,27 @@ def make_forgetter(apply_fn: ApplyFn, *, num_classes: int, damping=1e-2,
   def from_kernel_stats(params, stats, num_retain, plan):
     p = ntk.num_params(params)
     n = check_kernel_stats(stats, p)
-    if not 0 < int(num_retain) < n:
-      raise ValueError(f"from_kernel_stats: num_retain={num_retain} must be in [1, {n - 1}] "
-                       f"(the statistics hold {n} samples: D_r's first, then D_f's, at least "
-                       "one of each)")
-    if not isinstance(plan, plan_lib.Plan) or plan.num_params != p:
+    if (isinstance(num_retain, bool) or not isinstance(num_retain, (int, np.integer))
+        or not 0 < num_retain < n):
+      raise ValueError(f"from_kernel_stats: num_retain={num_retain!r} must be an int in "
+                       f"[1, {n - 1}] (the statistics hold {n} samples: D_r's first, then "
+                       "D_f's, at least one of each)")
+    if not isinstance(plan, plan_lib.Plan):
       raise ValueError("plan must be the Plan of these params (Forgetter.plan)")
-    dtype = plan.solve_dtype
-    if jnp.dtype(stats.residuals.dtype) != jnp.dtype(dtype):
-      raise ValueError(f"from_kernel_stats: the statistics are in {stats.residuals.dtype}, "
-                       f"the plan solves in {jnp.dtype(dtype).name}")
+    have = (p, int(num_retain), n - int(num_retain), c, jnp.dtype(stats.residuals.dtype))
+    want = (plan.num_params, plan.num_retain, plan.num_forget, plan.num_classes,
+            jnp.dtype(plan.solve_dtype))
+    if have != want:
+      raise ValueError(f"from_kernel_stats: the plan was made for other inputs or options: "
+                       f"(p, n_r, n_f, C, solve dtype) = {want} in the plan, {have} here")
+    # Judged as what ran, the dual, on the linearised model these statistics define: its
+    # exact κ (the eigensolve below) in the solve dtype, whatever the plan had chosen.
+    judged = dataclasses.replace(plan, solver=Solver.DUAL, kernel=None,
+                                 keep_jacobian_rows=True, logits_dtype=None)
     delta, info = solvers.kernel_delta(
-        stats, int(num_retain) * c, jnp.asarray(opts.damping, dtype), with_condition=True)
-    check(info, plan)
+        stats, int(num_retain) * c, jnp.asarray(opts.damping, plan.solve_dtype),
+        with_condition=True)
+    check(info, judged)
     return ntk.apply_delta(params, delta, opts.step_scale), info
 
   def ridge_solution(w_lin, parts, *, solver=Solver.CG):

@@ -438,10 +438,7 @@ def certify(apply_fn: Callable, params_init: PyTree, params: PyTree, retain, *,
   dtype = validate.check_float_dtype("dtype", dtype)
   x, y = validate.check_split("retain", retain, num_classes)
   validate.check_params(params_init, params)
-  out = jax.eval_shape(apply_fn, params_init, jnp.asarray(x)[:1])
-  if getattr(out, "shape", None) != (1, num_classes):
-    raise ValueError(f"apply_fn must return logits [n, num_classes={num_classes}]; on one "
-                     f"input it returned shape {getattr(out, 'shape', type(out).__name__)}")
+  validate.check_logits(apply_fn, params_init, jnp.asarray(x), num_classes)
   if (isinstance(witness_iterations, bool)
       or not isinstance(witness_iterations, (int, np.integer)) or witness_iterations < 0):
     raise ValueError(f"witness_iterations must be an int >= 0, got {witness_iterations!r}")

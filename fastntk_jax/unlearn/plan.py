@@ -383,10 +383,7 @@ def make_plan(apply_fn: ApplyFn, w_lin: PyTree, retain, forget, *, options,
     kernel = ntk.resolve_implementation(options.kernel_impl)
   else:
     kernel = None
-  logits = jax.eval_shape(apply_fn, w_lin, jax.ShapeDtypeStruct((1,) + x_r.shape[1:], x_r.dtype))
-  if logits.shape != (1, c):
-    raise ValueError(f"apply_fn(params, x[:1]) returned shape {logits.shape}; expected "
-                     f"(1, num_classes={c}): logits must be [n, C]")
+  logits = validate.check_logits(apply_fn, w_lin, x_r, c)
   if not jnp.issubdtype(logits.dtype, jnp.floating):
     raise TypeError(f"apply_fn returns {logits.dtype} logits: they must be floating point "
                     "(an integer output has no derivative)")

@@ -121,13 +121,14 @@ def kernel_ridge_step(stats: KernelStats, lam, *, outputs: Optional[int] = None,
   `outputs` rows of `stats` (S: its leading samples; None: all of them).
 
   Returns:
-    (the step [p] in the solve dtype, SolveInfo of Θ_SS + λI).
+    (the step [p] in the solve dtype, SolveInfo of Θ_SS + λI: κ's estimate from the factor
+     and from power iterations, `linalg.power_condition`).
   """
   m_all = stats.residuals.shape[0]
   m = m_all if outputs is None else int(outputs)
   dtype = stats.residuals.dtype
   alpha, info = linalg.ridge_solve(stats.kernel[:m, :m], stats.residuals[:m], lam,
-                                   with_condition=with_condition)
+                                   with_condition=with_condition, power_estimate=True)
   step = linalg.rows_rmatvec(stats.rows, _padded(alpha, 0, m_all - m), dtype)
   return step, info._replace(finite=jnp.all(jnp.isfinite(step)))
 
@@ -332,7 +333,8 @@ def _dual_ridge(apply_s, w_s, parts, lam, *, num_classes, batch_size, dtype, ker
                     dtype=dtype).reshape(-1)
   theta = ntk.kernel_to_matrix(ntk.empirical_kernel(
       apply_s, w_s, x, x, batch_size=batch_size, implementation=kernel_impl)).astype(dtype)
-  alpha, info = linalg.ridge_solve(theta, e, lam, with_condition=with_condition)
+  alpha, info = linalg.ridge_solve(theta, e, lam, with_condition=with_condition,
+                                   power_estimate=True)
   step = ravel_pytree(ntk.vjp_rows(apply_s, w_s, x, alpha.reshape(-1, num_classes),
                                    batch_size=batch_size))[0].astype(dtype)
   return step, info._replace(finite=jnp.all(jnp.isfinite(step)))

@@ -362,10 +362,7 @@ def init_forget_state(apply_fn: ApplyFn, params_init: PyTree, *, train, num_clas
   n, p, c = x.shape[0], ntk.num_params(params_init), opts.num_classes
   validate.allowed_solvers(Solver.PRIMAL, damping, num_params=p, num_outputs=n * c,
                            cg_budget=0, cg_dim=0)
-  out = jax.eval_shape(apply_fn, params_init, jax.ShapeDtypeStruct((1,) + x.shape[1:], x.dtype))
-  if out.shape != (1, c):
-    raise ValueError(f"apply_fn(params, x[:1]) returned shape {out.shape}; expected "
-                     f"(1, num_classes={c}): logits must be [n, C]")
+  validate.check_logits(apply_fn, params_init, x, c)
   sdtype = opts.solve_dtype or validate.default_solve_dtype(params_init)
   cache_bytes = n * c * p * sdtype.itemsize
   if cache_jacobian is None:

@@ -202,6 +202,21 @@ def check_positive_int(name: str, value, *, allow_none: bool = False) -> Optiona
   return int(value)
 
 
+def check_logits(apply_fn, params: PyTree, x, num_classes: int):
+  """The shape and dtype of `apply_fn(params, x[:1])` (traced abstractly, no computation).
+
+  Raises:
+    ValueError: it is not [1, num_classes] (logits must be [n, C]).
+  """
+  out = jax.eval_shape(apply_fn, params, jax.ShapeDtypeStruct((1,) + tuple(x.shape[1:]),
+                                                              x.dtype))
+  if getattr(out, "shape", None) != (1, num_classes):
+    raise ValueError(f"apply_fn(params, x[:1]) returned shape "
+                     f"{getattr(out, 'shape', type(out).__name__)}; expected (1, num_classes="
+                     f"{num_classes}): logits must be [n, C]")
+  return out
+
+
 def check_damping(damping) -> None:
   """λ must be a real, finite number >= 0: checked now when concrete, when the computation
   runs when traced."""
