@@ -118,9 +118,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.unlearn.step_scale = 1.0  # 1.0 = the exact update
   c.unlearn.solve_dtype = "float32"  # "float32" | "float64" (float64 enables jax x64)
   # True: Fast-NTK as a deletion request served on the state of D (Gram, Cholesky factor and
-  # ridge solution at w0 over all of D, `unlearn.stream`), built once per seed and kept in
-  # the workdir; results give the cold time (building it) and the request's latency apart.
-  # False: the one-shot update (the same parameters up to round-off).
+  # ridge solution at w0 over D, `unlearn.stream`), built once per seed, kept in the workdir;
+  # results give its cold time and the request's latency apart. False: the one-shot update.
   c.unlearn.serve = False
   # serve: keep D's Jacobian rows (n·C·p numbers in the solve dtype) when they take at most
   # this many GiB; a request then needs no backward pass and subtracts the very rows summed
@@ -129,9 +128,8 @@ def base_config() -> ml_collections.ConfigDict:
   # A forget sample listed twice, or also in D_r, is refused; 0 compares inputs exactly, > 0
   # also inputs of the same label within this distance in every entry (near-duplicates).
   c.unlearn.duplicate_tolerance = 0.0
-  # Certified removal (unlearn.release, docs/certified_removal.md). A deletion counts as
-  # certified when its bound on ‖w − w_r‖ is at most this fraction of ‖w_r − w0‖ (w_r the
-  # retrain of the linearised model); above it the audit says it is not certified.
+  # Certified removal (unlearn.release, docs/certified_removal.md): a deletion is certified
+  # when its bound on ‖w − w_r‖ is at most this fraction of ‖w_r − w0‖ (w_r: f_lin's retrain).
   c.unlearn.certify_threshold = 1e-3
   # True: Fast-NTK's released model is w + N(0, σ²I) with σ calibrated to the certificate's
   # bound, (epsilon, delta)-indistinguishable from the retrain released the same way.
@@ -504,6 +502,8 @@ def ignored_fields(cfg) -> list[str]:
                  "linearised model's ridge minimisers, solved, not trained, so finetune.epochs, "
                  "learning_rate, batch_size, optimizer, momentum, schedule, warmup_epochs, "
                  "decay_epochs and decay_factor are not used")
+  elif ft.linearized_solver != "closed_form":  # set, but standard mode trains by SGD
+    notes.append("finetune.mode='standard': finetune.linearized_solver is not used")
   if not cfg.unlearn.serve:
     notes.append("unlearn.serve=False: unlearn.jacobian_cache_gib is not used")
   if not cfg.unlearn.certified:

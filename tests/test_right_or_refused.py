@@ -101,7 +101,12 @@ def test_fields_the_closed_form_does_not_use_are_named():
   for field in ("finetune.epochs", "learning_rate", "batch_size", "optimizer"):
     assert field in closed, closed
   assert not [n for n in config_lib.ignored_fields(tiny_config("tiny,standard"))
-              if "closed_form" in n]
+              if "closed_form" in n or "linearized_solver" in n]
+  dual_in_standard = tiny_config("tiny,standard")
+  with dual_in_standard.unlocked():
+    dual_in_standard.finetune.linearized_solver = "dual"
+  assert ("finetune.mode='standard': finetune.linearized_solver is not used"
+          in config_lib.ignored_fields(dual_in_standard))
   assert any("unlearn.epsilon is not used" in n for n in notes)
   certified = tiny_config()
   with certified.unlocked():
