@@ -85,17 +85,14 @@ def base_config() -> ml_collections.ConfigDict:
   # "checkpoint" (this project's orbax folder, e.g. another workdir's pretrain/) | "none"
   c.pretrain.source = "train"
   c.pretrain.path = ""  # file/folder for source="npz"/"state_dict"/"checkpoint"
-  # source="npz"/"state_dict": regular expressions (full match) of parameter names kept at
-  # their fresh init instead of loaded (the head: the public one is for another label set).
+  # source="npz"/"state_dict": parameter-name regexes (full match) kept at init, not loaded.
   c.pretrain.dont_load = ("head/.*",)
-  # source="train" with a `dataset`: a folder shared by runs (every seed, every config with
-  # the same backbone) holding each pre-trained backbone once, under a key computed from
-  # the pre-training config (model, dataset, image size, normalisation, recipe); concurrent
-  # runs wait on a file lock for the one that trains. "" = pre-train in the workdir.
+  # source="train" with a `dataset`: a folder shared by runs holding each pre-trained backbone
+  # once, keyed by its pre-training config (model, dataset, size, normalisation, recipe);
+  # concurrent runs wait on a file lock for the one that trains. "" = pre-train in the workdir.
   c.pretrain.cache_dir = ""
-  # source="train": "" trains on the experiment data's own pretrain split; a dataset name
-  # ("cifar100", ...) trains on that dataset's train split (all its classes, with its own
-  # head) and transfers everything but the head, as the paper pre-trains on CIFAR-100.
+  # source="train": "" trains on the data's own pretrain split; a dataset name ("cifar100",
+  # ...) on that dataset's train split (its own head), then transfers all but the head.
   c.pretrain.dataset = ""
   c.pretrain.images_per_class = ml_collections.config_dict.placeholder(int)  # None = all
   c.pretrain.train = train_group(epochs=30, lr=0.05, batch_size=64, loss="ce", bn_mode="train")
@@ -298,6 +295,9 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
                      f"NetV2s, not model.name={cfg.model.name!r}; a ViT: pretrain.source='npz'")
   _check_patterns("pretrain.dont_load", cfg.pretrain.dont_load)
   _choice("pretrain.batch_stats", cfg.pretrain.batch_stats, enums.values(enums.PretrainBatchStats))
+  if cfg.pretrain.batch_stats == "recompute" and cfg.pretrain.train.bn_mode != "train":
+    raise ValueError("config.pretrain.batch_stats='recompute' needs pretrain.train.bn_mode="
+                     "'train' (frozen BN learns the weights for the statistics they have)")
   if cfg.pretrain.images_per_class is not None:  # None = every image of pretrain.dataset
     _positive("pretrain.images_per_class", cfg.pretrain.images_per_class, integer=True)
   if cfg.data.draw_per_seed and cfg.pretrain.source == "train" and not cfg.pretrain.dataset:

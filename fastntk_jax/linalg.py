@@ -354,16 +354,17 @@ def diagonal_condition(chol: jnp.ndarray) -> jnp.ndarray:
 POWER_ITERATIONS = 30
 
 
-def power_condition(matrix: jnp.ndarray, chol: jnp.ndarray, *,
+def power_condition(matvec: Callable[[jnp.ndarray], jnp.ndarray], chol: jnp.ndarray, *,
                     iterations: int = POWER_ITERATIONS) -> jnp.ndarray:
-  """A lower bound on κ of a symmetric positive definite `matrix` (full, both triangles) with
-  lower Cholesky factor `chol`, from power iterations: λ_max by `matrix`, 1/λ_min by its
-  inverse (`cho_solve`), from one fixed start. Each Rayleigh quotient lies inside the
-  spectrum, so the ratio never exceeds κ; it approaches κ as the iterations converge (far
-  closer than `diagonal_condition`, which can miss κ by orders of magnitude). NaN when the
-  factor is not finite."""
-  m = matrix.shape[0]
-  start = 1.0 + 0.5 * jnp.cos(jnp.arange(m, dtype=matrix.dtype))  # not orthogonal to much
+  """An estimate of κ of a symmetric positive definite A, given as `matvec` (v -> A v), with
+  lower Cholesky factor `chol`, from power iterations: λ_max by A, 1/λ_min by A⁻¹
+  (`cho_solve`), from one fixed start. In exact arithmetic each Rayleigh quotient lies inside
+  the spectrum, so the ratio is a lower bound on κ that approaches it as the iterations
+  converge (far closer than `diagonal_condition`, which can miss κ several-fold); in
+  floating point, where κ·ε nears 1, the solves' round-off can carry it above κ (the
+  precision rule then refuses sooner). NaN when the factor is not finite."""
+  m = chol.shape[0]
+  start = 1.0 + 0.5 * jnp.cos(jnp.arange(m, dtype=chol.dtype))  # not orthogonal to much
   start = start / jnp.linalg.norm(start)
 
   def iterate(apply):
@@ -373,7 +374,7 @@ def power_condition(matrix: jnp.ndarray, chol: jnp.ndarray, *,
     v = jax.lax.fori_loop(0, iterations, body, start)
     return jnp.vdot(v, apply(v))
 
-  top = iterate(lambda v: matrix @ v)
+  top = iterate(matvec)
   inverse_top = iterate(lambda v: cho_solve(chol, v))
   return top * inverse_top
 
@@ -421,16 +422,18 @@ def ridge_factor(gram: jnp.ndarray, damping) -> jnp.ndarray:
 @full_precision
 def ridge_solve(gram: jnp.ndarray, rhs: jnp.ndarray, damping, *,
                 with_condition: bool = False,
-                power_estimate: bool = False) -> tuple[jnp.ndarray, SolveInfo]:
+                power_estimate: bool = True) -> tuple[jnp.ndarray, SolveInfo]:
   """x = (G + λI)⁻¹ b: the ridge solve from Gram statistics, the package's one.
 
   Args:
-    gram: G [p, p], symmetric positive semi-definite (only its lower triangle is read).
+    gram: G [p, p], symmetric positive semi-definite (the factorisation reads its lower
+      triangle; `power_estimate` all of it).
     rhs: b [p] (or [p, k]).
     damping: λ >= 0 (scalar, may be traced).
     with_condition: also compute κ(G + λI) exactly (an O(p³) eigensolve).
-    power_estimate: κ's estimate also from power iterations (`power_condition`, O(p²) each;
-      G must then hold both triangles), not only the factor's diagonal.
+    power_estimate: κ's estimate also from power iterations (`power_condition`: 2 x 30
+      products with G (both its triangles then read) and solves, O(p²) each, no copy of G),
+      not only from the factor's diagonal.
 
   Returns:
     (x like `rhs`, SolveInfo of G + λI). Nothing is checked here: pass `info.kappa` to
@@ -440,7 +443,7 @@ def ridge_solve(gram: jnp.ndarray, rhs: jnp.ndarray, damping, *,
   x = cho_solve(chol, rhs)
   estimates = [diagonal_condition(chol)]
   if power_estimate:
-    estimates.append(power_condition(plus_diagonal(gram, damping), chol))
+    estimates.append(power_condition(lambda v: gram @ v + damping * v, chol))
   matrix = (gram + damping * jnp.eye(gram.shape[0], dtype=gram.dtype) if with_condition
             else gram)
   return x, direct_info(x, matrix, with_condition, estimates)

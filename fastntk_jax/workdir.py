@@ -131,7 +131,11 @@ def claim(workdir: str, cfg: ml_collections.ConfigDict,
       raise WorkdirConflictError(f"workdir {workdir!r}: its {CONFIG_FILE} holds a "
                                  f"{type(theirs).__name__}, not a config; use a new --workdir")
     if defaults is not None:
-      theirs = _with_added_fields(theirs, mine, config_dict(defaults))
+      filled = _with_added_fields(theirs, mine, config_dict(defaults))
+      if filled == mine and filled != theirs:
+        # Recorded, so that a later change of those defaults is a conflict, not a mix.
+        atomic_write_json(path, filled)
+      theirs = filled
     if theirs != mine:
       diffs = _diff(theirs, mine)
       raise WorkdirConflictError(

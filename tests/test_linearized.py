@@ -205,7 +205,7 @@ def test_solves_from_kernel_statistics_are_judged_by_their_condition_not_a_loose
   """A float32 solve whose true κ·ε exceeds 1 is refused: Full/Retrain from the statistics
   judge κ by power iterations (the factor's diagonal alone was 10x low, and a 0.4-off result
   passed), and the update by its exact κ as the dual it is, whatever solver the plan chose
-  (a cg plan let the loose bound judge it)."""
+  (a cg plan let the loose bound judge it); the primal from Gram statistics alike.""" 
   from flax import linen as nn  # pylint: disable=g-import-not-at-top
 
   class MLP(nn.Module):
@@ -231,6 +231,18 @@ def test_solves_from_kernel_statistics_are_judged_by_their_condition_not_a_loose
   assert plan.solver == unlearn.Solver.CG
   with pytest.raises(linalg.SolveError, match="dual solve.*condition number"):
     cg.from_kernel_stats(w, stats, 20, plan)
+  # the primal from Gram statistics alike: judged as the primal it runs (its exact κ)
+  # (8 + 4 samples: 36 outputs < p = 43, so λ sets κ(G + λI) as it sets the dual's)
+  grams = [cg.gram_stats(w, xx, yy) for xx, yy in ((x[:8], y[:8]), (x[8:12], y[8:12]))]
+  plan = cg.plan(w, w, (x[:8], y[:8]), (x[8:12], y[8:12]))
+  with pytest.raises(linalg.SolveError, match="primal solve.*condition number"):
+    cg.from_gram_stats(w, grams[0], grams[1], plan)
+  with enable_x64():
+    plan64 = unlearn.make_forgetter(apply, num_classes=C, damping=1e-2, batch_size=None,
+                                    solve_dtype=jnp.float64).plan(w, w, (x[:20], y[:20]),
+                                                                  (x[20:], y[20:]))
+    with pytest.raises(ValueError, match="narrower than the plan's solve dtype float64"):
+      cg.from_gram_stats(w, grams[0], grams[1], plan64)
 
 
 @pytest.mark.slow

@@ -101,6 +101,14 @@ def test_a_workdir_started_before_a_field_existed_resumes_when_it_is_at_its_defa
   with open(path, "w") as f:
     json.dump(stored, f)
   wd.claim(workdir, cfg, defaults)
+  with open(path) as f:  # the field is recorded at the value the resumed run used
+    assert json.load(f)["pretrain"]["batch_stats"] == "running"
+  changed = config_lib.base_config()
+  changed.pretrain.batch_stats = "recompute"  # a later version changing that default
+  with pytest.raises(wd.WorkdirConflictError, match="pretrain.batch_stats"):
+    wd.claim(workdir, changed, changed)
+  with open(path, "w") as f:  # as written before the field existed, again
+    json.dump(stored, f)
   with pytest.raises(wd.WorkdirConflictError, match="pretrain.batch_stats"):
     wd.claim(workdir, cfg)  # without the defaults: every difference counts
   cfg.pretrain.batch_stats = "recompute"

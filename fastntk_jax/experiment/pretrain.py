@@ -380,14 +380,6 @@ def pretrain_stage(cfg, model, data, workdir: str, progress, mesh=None) -> dict:
     return jax.tree_util.tree_map(np.asarray, checkpoints.restore_checkpoint(path, init))
   source = cfg.pretrain.source
   info = {"source": source}
-  if (source == "train" and cfg.pretrain.batch_stats == "recompute"
-      and cfg.pretrain.train.bn_mode != "train"):
-    # Frozen BN trains the weights against the statistics they start with: recomputing them
-    # afterwards would change the function the backbone learnt, not refresh a stale average.
-    raise ValueError(f"pretrain.batch_stats='recompute' recomputes the statistics a train-mode "
-                     f"pre-training left; pretrain.train.bn_mode="
-                     f"{cfg.pretrain.train.bn_mode!r} trained the weights against the "
-                     "statistics they have: use pretrain.batch_stats='running'")
   if source == "train" and cfg.pretrain.dataset:
     spec = train_lib.TrainSpec.from_config(cfg.pretrain.train)
     size, norm = data.image_shape[0], data.config.normalization

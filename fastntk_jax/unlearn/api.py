@@ -279,10 +279,18 @@ def make_forgetter(apply_fn: ApplyFn, *, num_classes: int, damping=1e-2,
     if not isinstance(plan, plan_lib.Plan) or plan.num_params != p:
       raise ValueError("plan must be the Plan of these params (Forgetter.plan)")
     dtype = plan.solve_dtype
+    narrower = [str(jnp.result_type(a)) for a in (*stats_retain, *stats_forget)
+                if jnp.dtype(jnp.result_type(a)).itemsize < jnp.dtype(dtype).itemsize]
+    if narrower:
+      raise ValueError(f"from_gram_stats: statistics in {sorted(set(narrower))}, narrower than "
+                       f"the plan's solve dtype {jnp.dtype(dtype).name}: their round-off would "
+                       "pass for the solve's; accumulate them in the solve dtype (gram_stats)")
     delta, info = solvers.primal_delta(
         *(jnp.asarray(a, dtype) for a in (*stats_retain, *stats_forget)),
         jnp.asarray(opts.damping, dtype), with_condition=True)
-    check(info, plan)
+    # Judged as what ran, the primal solve (its exact κ), whatever solver the plan chose.
+    check(info, dataclasses.replace(plan, solver=Solver.PRIMAL, kernel=None,
+                                    keep_jacobian_rows=False))
     return ntk.apply_delta(params, delta, opts.step_scale), info
 
   def kernel_stats(w_lin, x, y):

@@ -128,7 +128,7 @@ def kernel_ridge_step(stats: KernelStats, lam, *, outputs: Optional[int] = None,
   m = m_all if outputs is None else int(outputs)
   dtype = stats.residuals.dtype
   alpha, info = linalg.ridge_solve(stats.kernel[:m, :m], stats.residuals[:m], lam,
-                                   with_condition=with_condition, power_estimate=True)
+                                   with_condition=with_condition)
   step = linalg.rows_rmatvec(stats.rows, _padded(alpha, 0, m_all - m), dtype)
   return step, info._replace(finite=jnp.all(jnp.isfinite(step)))
 
@@ -333,8 +333,7 @@ def _dual_ridge(apply_s, w_s, parts, lam, *, num_classes, batch_size, dtype, ker
                     dtype=dtype).reshape(-1)
   theta = ntk.kernel_to_matrix(ntk.empirical_kernel(
       apply_s, w_s, x, x, batch_size=batch_size, implementation=kernel_impl)).astype(dtype)
-  alpha, info = linalg.ridge_solve(theta, e, lam, with_condition=with_condition,
-                                   power_estimate=True)
+  alpha, info = linalg.ridge_solve(theta, e, lam, with_condition=with_condition)
   step = ravel_pytree(ntk.vjp_rows(apply_s, w_s, x, alpha.reshape(-1, num_classes),
                                    batch_size=batch_size))[0].astype(dtype)
   return step, info._replace(finite=jnp.all(jnp.isfinite(step)))
