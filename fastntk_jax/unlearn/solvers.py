@@ -166,9 +166,16 @@ def _delta_dual_rows(apply_fn, w_lin, retain, forget, lam, *, num_classes, batch
   stats = kernel_stats(apply_fn, w_lin, jnp.concatenate([x_r, x_f], axis=0),
                        jnp.concatenate([y_r, y_f]), num_classes=num_classes,
                        batch_size=batch_size, dtype=dtype)
-  # Called eagerly, the rows are freed before κ's eigensolve (its own copy of Θ_rr+λI and
-  # workspace): at ViT-S/16 with 1,000 images they take 3.6 GB.
-  return kernel_delta(stats, x_r.shape[0] * num_classes, lam, with_condition=with_condition)
+  m_r = x_r.shape[0] * num_classes
+  delta, info = kernel_delta(stats, m_r, lam)
+  if with_condition:
+    # Called eagerly, the rows are freed before κ's eigensolve (its own copy of Θ_rr+λI and
+    # workspace): at ViT-S/16 with 1,000 images they take 3.6 GB.
+    kernel = stats.kernel
+    del stats
+    info = info._replace(condition_number=linalg.condition_number(
+        linalg.plus_diagonal(kernel[:m_r, :m_r], lam)))
+  return delta, info
 
 
 def _delta_dual(apply_s, w_s, retain, forget, lam, *, num_classes, batch_size, dtype,
